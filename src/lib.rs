@@ -1,0 +1,38 @@
+//! # qpunch
+//!
+//! Punch a hole through NATs and firewalls with a small UDP probe exchange, then hand the
+//! *same* socket to a QUIC endpoint ([quinn]) so two peers get encrypted, reliable,
+//! multiplexed streams straight across the traversed path.
+//!
+//! The layers, bottom up:
+//! - [`wire`]: the probe/reply datagram format (sans-IO).
+//! - [`punch`]: the punch state machine (sans-IO: datagrams and time in, datagrams out).
+//! - [`socket`]: the one UDP socket, shared by probes and QUIC after hand-over.
+//! - [`driver`]: the tokio loop that runs the state machine on a socket.
+//! - [`identity`], [`known_peers`], [`tls`]: who a peer is, and pinning it.
+//! - [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
+//! - [`transfer`]: verified file transfer on a connection.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use qpunch::{identity::Identity, node::{self, NodeConfig}, punch::PunchConfig};
+//! let config = NodeConfig::new(Identity::generate()?, b"my-app/1", false);
+//! let peer = "198.51.100.7:9199".parse()?;
+//! // Punch, then hand the same socket to QUIC.
+//! let (node, punched) = node::punch_and_hand_over(peer, config, PunchConfig::default()).await?;
+//! let conn = node.connect(punched.peer, Some("…fingerprint…".parse()?)).await?;
+//! let (mut send, _recv) = conn.connection.open_bi().await?;
+//! send.write_all(b"hello").await?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod driver;
+pub mod identity;
+pub mod known_peers;
+pub mod node;
+pub mod punch;
+pub mod socket;
+pub mod tls;
+pub mod transfer;
+pub mod wire;

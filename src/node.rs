@@ -1,0 +1,243 @@
+//! A QUIC endpoint built on the punched socket: connect, accept, and keep punching.
+//!
+//! A [`Node`] owns one [`DemuxSocket`] and one quinn endpoint on it. Both roles live in
+//! one node (it can accept *and* connect) because in peer-to-peer use either side may
+//! dial, and after a rendezvous both do at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::driver::{self, DriveError};
+use crate::identity::{Fingerprint, Identity};
+use crate::punch::{PunchConfig, Punched};
+use crate::socket::{DemuxSocket, SocketStats};
+use crate::tls::{self, TlsError};
+
+/// How often an idle connection sends a keep-alive: far below the ~30 s UDP mapping
+/// timeout of strict NATs (the seed's router kept holes > 5 minutes; many keep 30 s).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// How long a silent connection lives before it is declared dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything needed to build a [`Node`].
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This peer's identity, presented in every handshake.
+    pub identity: Identity,
+    /// Application protocols (ALPN) spoken, e.g. [`crate::transfer::ALPN`].
+    pub alpn: Vec<Vec<u8>>,
+    /// Accept incoming connections (a receiver); a pure sender leaves this off.
+    pub accept: bool,
+}
+
+impl NodeConfig {
+    /// A configuration for `identity` speaking `alpn`.
+    pub fn new(identity: Identity, alpn: &[u8], accept: bool) -> Self {
+        NodeConfig {
+            identity,
+            alpn: vec![alpn.to_vec()],
+            accept,
+        }
+    }
+}
+
+/// Errors from building a node or connecting.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Socket setup failed.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// quinn refused to start the connection (e.g. address family mismatch).
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection or handshake failed.
+    #[error("connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The peer proved a different key than the pinned one.
+    #[error("peer identity mismatch: expected {expected}, but the peer presented {actual}")]
+    PeerMismatch {
+        /// The pinned fingerprint.
+        expected: Fingerprint,
+        /// What the peer presented.
+        actual: Fingerprint,
+    },
+    /// The handshake finished without a usable peer certificate (should not happen).
+    #[error("peer presented no identity")]
+    NoPeerIdentity,
+    /// Punching failed.
+    #[error(transparent)]
+    Punch(#[from] DriveError),
+}
+
+/// An authenticated connection: the quinn connection and who is on the other end.
+#[derive(Debug, Clone)]
+pub struct PeerConnection {
+    /// The QUIC connection; open your own streams on it.
+    pub connection: quinn::Connection,
+    /// The key the peer proved in the handshake.
+    pub fingerprint: Fingerprint,
+}
+
+/// One socket, one QUIC endpoint, one identity.
+#[derive(Debug)]
+pub struct Node {
+    endpoint: quinn::Endpoint,
+    socket: Arc<DemuxSocket>,
+    config: NodeConfig,
+}
+
+impl Node {
+    /// Hand a bound (and possibly already punched) socket to QUIC. The socket is moved,
+    /// not re-bound, so the local port and its NAT mapping survive. Must be called inside
+    /// a tokio runtime.
+    pub fn new(socket: std::net::UdpSocket, config: NodeConfig) -> Result<Self, NodeError> {
+        socket.set_nonblocking(true)?;
+        let socket = DemuxSocket::new(socket)?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        // Keep bit 0x40 set on every QUIC packet, so the first byte tells QUIC from probes.
+        endpoint_config.grease_quic_bit(false);
+        let server = if config.accept {
+            let crypto = tls::server_crypto(&config.identity, &config.alpn)?;
+            let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            server.transport_config(transport());
+            // The path was proven by the punch or the peer's reachability; a Retry
+            // round-trip would add latency and nothing here needs address validation.
+            Some(server)
+        } else {
+            None
+        };
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            server,
+            socket.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        Ok(Node {
+            endpoint,
+            socket,
+            config,
+        })
+    }
+
+    /// The local address: the same port the socket had before hand-over.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// This node's fingerprint.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.config.identity.fingerprint()
+    }
+
+    /// The underlying quinn endpoint, for applications that want full control.
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// Probe and malformed-datagram counters of the shared socket.
+    pub fn socket_stats(&self) -> SocketStats {
+        self.socket.stats()
+    }
+
+    /// Punch to the first answering candidate through the live socket (no hand-over
+    /// needed): the hook for rendezvous, new peers and path changes.
+    pub async fn punch(
+        &self,
+        candidates: Vec<SocketAddr>,
+        config: PunchConfig,
+    ) -> Result<Punched, NodeError> {
+        Ok(driver::punch_demux(&self.socket, candidates, config).await?)
+    }
+
+    /// Connect to `peer` and require its key to match `expected` (any key when `None`:
+    /// the caller then decides, e.g. trust on first use). On a mismatch the handshake is
+    /// aborted before any application data is exchanged.
+    pub async fn connect(
+        &self,
+        peer: SocketAddr,
+        expected: Option<Fingerprint>,
+    ) -> Result<PeerConnection, NodeError> {
+        let (crypto, seen) =
+            tls::client_crypto(&self.config.identity, expected, &self.config.alpn)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(transport());
+        let connecting = self.endpoint.connect_with(client, peer, tls::SERVER_NAME)?;
+        let connection = match connecting.await {
+            Ok(connection) => connection,
+            Err(e) => {
+                return Err(match (expected, seen.get()) {
+                    (Some(expected), Some(actual)) if expected != actual => {
+                        NodeError::PeerMismatch { expected, actual }
+                    }
+                    _ => NodeError::Connection(e),
+                });
+            }
+        };
+        let fingerprint = tls::peer_fingerprint(&connection).ok_or(NodeError::NoPeerIdentity)?;
+        Ok(PeerConnection {
+            connection,
+            fingerprint,
+        })
+    }
+
+    /// Wait for the next incoming connection and complete its handshake. `None` once the
+    /// endpoint is closed.
+    pub async fn accept(&self) -> Option<Result<PeerConnection, NodeError>> {
+        let incoming = self.endpoint.accept().await?;
+        Some(
+            async {
+                let connection = incoming.await?;
+                let fingerprint =
+                    tls::peer_fingerprint(&connection).ok_or(NodeError::NoPeerIdentity)?;
+                Ok(PeerConnection {
+                    connection,
+                    fingerprint,
+                })
+            }
+            .await,
+        )
+    }
+
+    /// Close every connection and wait (briefly) until peers were told.
+    pub async fn close(&self) {
+        self.endpoint.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Transport tuning shared by both roles.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(Some(
+        IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt"),
+    ));
+    // Room for many files in parallel on one connection.
+    transport.max_concurrent_bidi_streams(1024u32.into());
+    Arc::new(transport)
+}
+
+/// Bind an ephemeral socket fitting `peer`'s address family, punch to it, and hand the
+/// same socket to a new node: the sender's whole direct-mode set-up in one call.
+pub async fn punch_and_hand_over(
+    peer: SocketAddr,
+    config: NodeConfig,
+    punch: PunchConfig,
+) -> Result<(Node, Punched), NodeError> {
+    let any: SocketAddr = if peer.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = crate::socket::bind(any)?;
+    socket.set_nonblocking(true)?;
+    let raw = tokio::net::UdpSocket::from_std(socket)?;
+    let punched = driver::punch(&raw, vec![peer], punch).await?;
+    // Same file descriptor, same port: only the owner changes.
+    let socket = raw.into_std()?;
+    Ok((Node::new(socket, config)?, punched))
+}

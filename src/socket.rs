@@ -1,0 +1,266 @@
+//! The one UDP socket: bound and tuned here, shared by probes and QUIC after hand-over.
+//!
+//! The NAT mapping that a punch opens belongs to one local port, so the socket that
+//! punched must be the socket QUIC uses. [`DemuxSocket`] wraps quinn's own socket (keeping
+//! its GSO/GRO batching) and splits traffic by the first byte of each datagram
+//! (RFC 9443): QUIC always sets bit 0x40 (greasing is turned off in [`crate::node`]),
+//! probes start with 0x01 or 0x02. Probes are answered right here, inside quinn's receive
+//! path, so a running endpoint keeps answering late or repeated probes, and replies to
+//! probes *we* send are handed to whoever is punching ([`DemuxSocket::subscribe`]).
+
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, UdpSocket};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::sync::broadcast;
+
+use crate::punch::Responder;
+use crate::wire::{self, Class, Message};
+
+/// Kernel send/receive buffer size requested for the socket. quinn does not size them,
+/// and the default (~200 KiB) caps throughput at high rates: 4 MiB roughly doubles it.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Bind a UDP socket tuned for bulk QUIC: large kernel buffers, and dual-stack when bound
+/// to the IPv6 wildcard so `[::]` also serves IPv4 peers.
+pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Ignore failure: some systems are IPv6-only by policy.
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: the kernel clamps to net.core.{r,w}mem_max without root.
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind UDP {addr}: {e}")))?;
+    Ok(socket.into())
+}
+
+/// Counters of what the demultiplexer saw. Never reset.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SocketStats {
+    /// Valid probes answered.
+    pub probes_answered: u64,
+    /// Probe replies handed to punchers.
+    pub replies_routed: u64,
+    /// Non-QUIC datagrams that were not valid probes or replies: dropped.
+    pub malformed_dropped: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    answered: AtomicU64,
+    routed: AtomicU64,
+    malformed: AtomicU64,
+}
+
+/// A reply to one of our probes: where it came from and its bytes.
+pub type ProbeReply = (SocketAddr, Vec<u8>);
+
+/// A quinn [`AsyncUdpSocket`] that also speaks the probe protocol on the same port.
+pub struct DemuxSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    responder: Mutex<Responder>,
+    replies: broadcast::Sender<ProbeReply>,
+    counters: Counters,
+}
+
+impl fmt::Debug for DemuxSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DemuxSocket")
+            .field("inner", &self.inner)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl DemuxSocket {
+    /// Wrap a bound socket (it must be inside a tokio runtime). The socket is moved, not
+    /// re-bound: its local port, and so any NAT mapping made through it, is kept.
+    pub fn new(socket: UdpSocket) -> io::Result<Arc<Self>> {
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
+        let (replies, _) = broadcast::channel(64);
+        Ok(Arc::new(DemuxSocket {
+            inner,
+            responder: Mutex::new(Responder::default()),
+            replies,
+            counters: Counters::default(),
+        }))
+    }
+
+    /// Receive every probe reply that arrives from now on (for a punch in progress).
+    pub fn subscribe(&self) -> broadcast::Receiver<ProbeReply> {
+        self.replies.subscribe()
+    }
+
+    /// Send one probe datagram, waiting while the socket's send buffer is full.
+    pub async fn send_probe(&self, destination: SocketAddr, contents: &[u8]) -> io::Result<()> {
+        let destination = self.map_family(destination);
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size: None,
+            src_ip: None,
+        };
+        let mut poller = self.inner.clone().create_io_poller();
+        loop {
+            match self.inner.try_send(&transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// What the demultiplexer has seen so far.
+    pub fn stats(&self) -> SocketStats {
+        SocketStats {
+            probes_answered: self.counters.answered.load(Ordering::Relaxed),
+            replies_routed: self.counters.routed.load(Ordering::Relaxed),
+            malformed_dropped: self.counters.malformed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// An IPv4 destination on a dual-stack IPv6 socket must be written as IPv4-mapped.
+    fn map_family(&self, addr: SocketAddr) -> SocketAddr {
+        match (self.inner.local_addr(), addr) {
+            (Ok(SocketAddr::V6(_)), SocketAddr::V4(v4)) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            _ => addr,
+        }
+    }
+
+    /// Handle one non-QUIC datagram: answer a probe, route a reply, or count it dropped.
+    fn handle_probe_datagram(
+        &self,
+        from: SocketAddr,
+        local_ip: Option<std::net::IpAddr>,
+        data: &[u8],
+    ) {
+        match Message::decode(data) {
+            Ok(Message::Probe { .. }) => {
+                let reply = self
+                    .responder
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .handle_datagram(from, data);
+                if let Some(reply) = reply {
+                    let transmit = Transmit {
+                        destination: reply.destination,
+                        ecn: None,
+                        contents: &reply.contents,
+                        segment_size: None,
+                        // Answer from the address the probe was sent to (multi-homed hosts).
+                        src_ip: local_ip,
+                    };
+                    // Best effort, like any UDP: a lost reply is covered by the prober's resend.
+                    if let Err(e) = self.inner.try_send(&transmit) {
+                        tracing::debug!(%from, "probe reply not sent: {e}");
+                    } else {
+                        self.counters.answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ok(Message::Reply { .. }) => {
+                self.counters.routed.fetch_add(1, Ordering::Relaxed);
+                // No subscriber means nobody is punching: the reply is simply late.
+                let _ = self.replies.send((from, data.to_vec()));
+            }
+            Err(e) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(%from, "dropped non-QUIC datagram: {e}");
+            }
+        }
+    }
+
+    /// Remove probe segments from one received buffer (which may hold several GRO
+    /// segments of `stride` bytes), handling each; returns the QUIC bytes left.
+    fn filter_buffer(&self, buf: &mut [u8], meta: &RecvMeta) -> usize {
+        let stride = meta.stride.max(1);
+        let mut write = 0;
+        let mut read = 0;
+        while read < meta.len {
+            let end = (read + stride).min(meta.len);
+            if wire::classify(&buf[read..end]) == Class::Quic {
+                buf.copy_within(read..end, write);
+                write += end - read;
+            } else {
+                self.handle_probe_datagram(meta.addr, meta.dst_ip, &buf[read..end]);
+            }
+            read = end;
+        }
+        write
+    }
+}
+
+impl AsyncUdpSocket for DemuxSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let n = match self.inner.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            // Compact the batch: keep QUIC datagrams, in order, at the front.
+            let mut kept = 0;
+            for i in 0..n {
+                let len = self.filter_buffer(&mut bufs[i], &meta[i]);
+                if len == 0 {
+                    continue;
+                }
+                if kept != i {
+                    let (front, back) = bufs.split_at_mut(i);
+                    front[kept][..len].copy_from_slice(&back[0][..len]);
+                    meta[kept] = meta[i];
+                }
+                meta[kept].len = len;
+                kept += 1;
+            }
+            if kept > 0 {
+                return Poll::Ready(Ok(kept));
+            }
+            // Only probes arrived: poll again, which either yields more or registers
+            // the waker with the reactor.
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}

@@ -1,0 +1,484 @@
+//! The receiving side: decide, write to `NAME.part`, verify, then name the file.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::names;
+use super::{
+    Decision, Decisions, FileHeader, FileOffer, FileReport, FileResult, Manifest, Observer,
+    Outcome, TransferError, codes, is_hash_hex, read_frame, stream_error, write_frame,
+};
+use crate::identity::Fingerprint;
+use crate::node::PeerConnection;
+
+/// Bytes handed from the network to the disk writer at a time (at most).
+const CHUNK: usize = 1 << 20;
+/// Chunks queued per file between network and disk: bounds memory per transfer.
+const QUEUE: usize = 8;
+/// How long a connected sender may take to send its manifest.
+const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks a human (or any policy) whether to take offered files.
+pub trait Consent: Send + Sync {
+    /// One answer per file in `files`, in order: `true` accepts. Runs on a blocking
+    /// thread, so it may wait for a person to type.
+    fn decide(&self, sender: Fingerprint, files: &[FileOffer]) -> Vec<bool>;
+}
+
+/// Who may send files. There is deliberately no "accept strangers silently" default:
+/// the caller picks one.
+#[derive(Clone)]
+pub enum Policy {
+    /// Accept every file from everyone (`--yes`).
+    AcceptAll,
+    /// Accept files only from these keys (`--allow`); others are refused before they can
+    /// offer anything.
+    Allow(Vec<Fingerprint>),
+    /// Ask for each batch.
+    Ask(Arc<dyn Consent>),
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Policy::AcceptAll => f.write_str("AcceptAll"),
+            Policy::Allow(list) => f.debug_tuple("Allow").field(list).finish(),
+            Policy::Ask(_) => f.write_str("Ask(..)"),
+        }
+    }
+}
+
+/// Where and how received files are stored.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// Directory files are written into; nothing is ever written outside it.
+    pub out_dir: PathBuf,
+    /// Replace existing files instead of choosing `name (1).ext`.
+    pub overwrite: bool,
+    /// Who may send.
+    pub policy: Policy,
+}
+
+/// Serves incoming transfers; share one across connections so that concurrent files
+/// never pick the same destination.
+#[derive(Debug)]
+pub struct Receiver {
+    options: ReceiveOptions,
+    /// Destinations reserved by transfers in progress.
+    taken: Mutex<HashSet<PathBuf>>,
+}
+
+/// An accepted file: where it goes and what it must hash to.
+struct Plan {
+    offer: FileOffer,
+    dest: PathBuf,
+}
+
+impl Receiver {
+    /// A receiver storing into `options.out_dir`, which must exist.
+    pub fn new(options: ReceiveOptions) -> Result<Arc<Self>, TransferError> {
+        let meta = std::fs::metadata(&options.out_dir).map_err(|source| TransferError::OutDir {
+            path: options.out_dir.display().to_string(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(TransferError::OutDir {
+                path: options.out_dir.display().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+            });
+        }
+        Ok(Arc::new(Receiver {
+            options,
+            taken: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// Serve one batch from an authenticated connection: check the sender, read the
+    /// manifest, decide, receive the accepted files in parallel. Returns one report per
+    /// offered file.
+    pub async fn handle(
+        &self,
+        peer: &PeerConnection,
+        observer: Arc<dyn Observer>,
+    ) -> Result<Vec<FileReport>, TransferError> {
+        let conn = &peer.connection;
+        if let Policy::Allow(list) = &self.options.policy
+            && !list.contains(&peer.fingerprint)
+        {
+            let reason = format!("sender {} is not on the allow list", peer.fingerprint);
+            conn.close(codes::NOT_ALLOWED.into(), reason.as_bytes());
+            return Err(TransferError::NotAllowed(reason));
+        }
+        let (mut control_send, mut control_recv) =
+            match tokio::time::timeout(MANIFEST_TIMEOUT, conn.accept_bi()).await {
+                Ok(streams) => streams.map_err(stream_error)?,
+                Err(_) => return Err(TransferError::protocol("sender offered nothing")),
+            };
+        let Manifest { files } = read_frame(&mut control_recv).await?;
+        if files.len() > super::MAX_FILES {
+            conn.close(codes::PROTOCOL.into(), b"too many files");
+            return Err(TransferError::protocol("too many files offered"));
+        }
+        let (decisions, plans, mut reports) = self.decide(peer.fingerprint, files).await;
+        for report in reports.values() {
+            observer.finished(report);
+        }
+        write_frame(&mut control_send, &Decisions { decisions }).await?;
+
+        let result = self
+            .receive_accepted(conn, plans, &observer, &mut reports)
+            .await;
+        // Release reservations whatever happened: the files either exist now or not.
+        let mut reports: Vec<FileReport> = reports.into_values().collect();
+        reports.sort_by_key(|r| r.id);
+        result.map(|()| reports)
+    }
+
+    /// Turn a manifest into decisions: safe names, consent, then reserved destinations.
+    async fn decide(
+        &self,
+        sender: Fingerprint,
+        files: Vec<FileOffer>,
+    ) -> (Vec<Decision>, HashMap<u32, Plan>, HashMap<u32, FileReport>) {
+        let mut decisions = Vec::with_capacity(files.len());
+        let mut reports = HashMap::new();
+        let mut seen_ids = HashSet::new();
+        // First pass: what is acceptable at all.
+        let mut candidates = Vec::new();
+        for mut offer in files {
+            let problem = if !seen_ids.insert(offer.id) {
+                Some("duplicate file id".to_string())
+            } else if !is_hash_hex(&offer.blake3) {
+                Some("malformed hash".to_string())
+            } else {
+                match names::sanitize(&offer.name) {
+                    Ok(safe) => {
+                        offer.name = safe;
+                        None
+                    }
+                    Err(e) => Some(format!(
+                        "unsafe file name {}: {e}",
+                        names::display_safe(&offer.name)
+                    )),
+                }
+            };
+            match problem {
+                Some(reason) => {
+                    reports.insert(offer.id, declined(&offer, &reason));
+                    decisions.push(Decision::Decline {
+                        id: offer.id,
+                        reason,
+                    });
+                }
+                None => {
+                    decisions.push(Decision::Accept {
+                        id: offer.id,
+                        offset: 0,
+                    });
+                    candidates.push(offer);
+                }
+            }
+        }
+        // Second pass: consent, for what survived.
+        let verdicts = match &self.options.policy {
+            Policy::Ask(consent) if !candidates.is_empty() => {
+                let consent = consent.clone();
+                let offers = candidates.clone();
+                tokio::task::spawn_blocking(move || consent.decide(sender, &offers))
+                    .await
+                    .unwrap_or_default()
+            }
+            _ => vec![true; candidates.len()],
+        };
+        let mut plans = HashMap::new();
+        for (i, offer) in candidates.into_iter().enumerate() {
+            let reason = if verdicts.get(i).copied().unwrap_or(false) {
+                match self.reserve(&offer.name) {
+                    Ok(dest) => {
+                        plans.insert(offer.id, Plan { offer, dest });
+                        continue;
+                    }
+                    Err(e) => format!("cannot store it: {e}"),
+                }
+            } else {
+                "declined by the receiver".to_string()
+            };
+            reports.insert(offer.id, declined(&offer, &reason));
+            if let Some(d) = decisions
+                .iter_mut()
+                .find(|d| matches!(d, Decision::Accept { id, .. } if *id == offer.id))
+            {
+                *d = Decision::Decline {
+                    id: offer.id,
+                    reason,
+                };
+            }
+        }
+        (decisions, plans, reports)
+    }
+
+    fn reserve(&self, name: &str) -> std::io::Result<PathBuf> {
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let dest =
+            names::choose_destination(&self.options.out_dir, name, self.options.overwrite, &taken)?;
+        taken.insert(dest.clone());
+        Ok(dest)
+    }
+
+    fn release(&self, dest: &Path) {
+        self.taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(dest);
+    }
+
+    /// Accept one stream per planned file and receive them concurrently.
+    async fn receive_accepted(
+        &self,
+        conn: &quinn::Connection,
+        mut plans: HashMap<u32, Plan>,
+        observer: &Arc<dyn Observer>,
+        reports: &mut HashMap<u32, FileReport>,
+    ) -> Result<(), TransferError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut outcome = Ok(());
+        let mut expected = plans.len();
+        while expected > 0 {
+            let (send, mut recv) = match conn.accept_bi().await {
+                Ok(streams) => streams,
+                Err(e) => {
+                    outcome = Err(stream_error(e));
+                    break;
+                }
+            };
+            let header: FileHeader = match read_frame(&mut recv).await {
+                Ok(h) => h,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            };
+            let Some(plan) = plans.remove(&header.id) else {
+                // Unknown or repeated id: refuse that stream, keep serving the others.
+                let _ = recv.stop(codes::DECLINED.into());
+                continue;
+            };
+            expected -= 1;
+            if header.offset != 0 {
+                outcome = Err(TransferError::protocol(
+                    "file stream at an offset that was not offered",
+                ));
+                plans.insert(header.id, plan);
+                break;
+            }
+            let observer = observer.clone();
+            let overwrite = self.options.overwrite;
+            tasks.spawn(async move {
+                let report = receive_file(plan, send, recv, overwrite, &*observer).await;
+                observer.finished(&report);
+                report
+            });
+        }
+        // Files that never got a stream (connection lost) fail, and free their names.
+        for plan in plans.into_values() {
+            self.release(&plan.dest);
+            let report = failed(&plan.offer, "the sender never sent it");
+            observer.finished(&report);
+            reports.insert(plan.offer.id, report);
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let report = joined.expect("receive task panicked");
+            if let Some(dest) = &report.saved_as {
+                self.release(&self.options.out_dir.join(dest));
+            }
+            reports.insert(report.id, report);
+        }
+        outcome
+    }
+}
+
+fn declined(offer: &FileOffer, reason: &str) -> FileReport {
+    FileReport {
+        id: offer.id,
+        name: offer.name.clone(),
+        size: offer.size,
+        blake3: offer.blake3.clone(),
+        saved_as: None,
+        outcome: Outcome::Declined(reason.to_string()),
+    }
+}
+
+fn failed(offer: &FileOffer, reason: &str) -> FileReport {
+    FileReport {
+        outcome: Outcome::Failed(reason.to_string()),
+        ..declined(offer, reason)
+    }
+}
+
+/// Receive one file's bytes into `.part`, verify, rename, and tell the sender.
+async fn receive_file(
+    plan: Plan,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    overwrite: bool,
+    observer: &dyn Observer,
+) -> FileReport {
+    let Plan { offer, dest } = plan;
+    let part = names::part_path(&dest);
+    observer.started(offer.id, &offer.name, offer.size);
+    let outcome = store(&offer, &dest, &part, &mut recv, overwrite, observer).await;
+    let (result, report) = match outcome {
+        Ok(hash) => {
+            let saved_as = dest.file_name().map(|n| n.to_string_lossy().into_owned());
+            let result = FileResult {
+                id: offer.id,
+                verified: true,
+                blake3: hash,
+                saved_as: saved_as.clone(),
+                error: None,
+            };
+            let report = FileReport {
+                saved_as,
+                outcome: Outcome::Verified,
+                ..declined(&offer, "")
+            };
+            (result, report)
+        }
+        Err((hash, why)) => {
+            // Never leave a partial file behind looking like anything but garbage.
+            let _ = std::fs::remove_file(&part);
+            let _ = recv.stop(codes::DECLINED.into());
+            let result = FileResult {
+                id: offer.id,
+                verified: false,
+                blake3: hash.clone(),
+                saved_as: None,
+                error: Some(why.clone()),
+            };
+            (
+                result,
+                FileReport {
+                    blake3: hash,
+                    ..failed(&offer, &why)
+                },
+            )
+        }
+    };
+    // If the sender is gone it cannot read the verdict; the local report stands.
+    if write_frame(&mut send, &result).await.is_ok() {
+        let _ = send.finish();
+    }
+    report
+}
+
+/// Write the stream to `part` while hashing; on a full, matching file, move it to
+/// `dest`. Returns the hash received, or that hash (possibly empty) and the reason.
+async fn store(
+    offer: &FileOffer,
+    dest: &Path,
+    part: &Path,
+    recv: &mut quinn::RecvStream,
+    overwrite: bool,
+    observer: &dyn Observer,
+) -> Result<String, (String, String)> {
+    let fail = |why: String| (String::new(), why);
+    // create_new: the destination chooser made sure no `.part` exists, so finding one now
+    // means something else is writing it; never follow or clobber it.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(!overwrite)
+        .create(true)
+        .truncate(true)
+        .open(part)
+        .map_err(|e| fail(format!("cannot create {}: {e}", part.display())))?;
+    // Disk and hashing run on a blocking thread (another core), fed through a bounded
+    // queue, with buffers recycled back so steady state allocates nothing.
+    let (to_disk, from_net) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUE + 2);
+    let writer = tokio::task::spawn_blocking(move || write_and_hash(file, from_net, recycle));
+
+    let mut received: u64 = 0;
+    let mut failure = None;
+    loop {
+        let mut buf = recycled
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+        buf.resize(CHUNK, 0);
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => {
+                received += n as u64;
+                if received > offer.size {
+                    failure = Some(format!(
+                        "sender sent more than the offered {} bytes",
+                        offer.size
+                    ));
+                    break;
+                }
+                buf.truncate(n);
+                observer.progress(offer.id, n as u64);
+                if to_disk.send(buf).await.is_err() {
+                    break; // writer failed; its error is reported below
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                failure = Some(format!("transfer interrupted: {e}"));
+                break;
+            }
+        }
+    }
+    drop(to_disk);
+    let (hash, write_error) = writer.await.expect("writer panicked");
+    let hash = hash.to_hex().to_string();
+    if let Some(e) = write_error {
+        return Err((hash, format!("cannot write {}: {e}", part.display())));
+    }
+    if let Some(why) = failure {
+        return Err((hash, why));
+    }
+    if received != offer.size {
+        return Err((hash, format!("got {received} of {} bytes", offer.size)));
+    }
+    if hash != offer.blake3 {
+        return Err((
+            hash,
+            "BLAKE3 mismatch: the file arrived corrupted or changed".into(),
+        ));
+    }
+    let (part_owned, dest_owned) = (part.to_path_buf(), dest.to_path_buf());
+    tokio::task::spawn_blocking(move || names::commit_part(&part_owned, &dest_owned, overwrite))
+        .await
+        .expect("rename panicked")
+        .map_err(|e| {
+            (
+                hash.clone(),
+                format!("cannot name the file {}: {e}", dest.display()),
+            )
+        })?;
+    Ok(hash)
+}
+
+/// Blocking: write every chunk, hash it, fsync. Returns the hash of what was written and
+/// the first write error, if any.
+fn write_and_hash(
+    mut file: std::fs::File,
+    mut chunks: mpsc::Receiver<Vec<u8>>,
+    recycle: std::sync::mpsc::SyncSender<Vec<u8>>,
+) -> (blake3::Hash, Option<std::io::Error>) {
+    use std::io::Write;
+    let mut hasher = blake3::Hasher::new();
+    while let Some(chunk) = chunks.blocking_recv() {
+        hasher.update(&chunk);
+        if let Err(e) = file.write_all(&chunk) {
+            return (hasher.finalize(), Some(e));
+        }
+        let _ = recycle.try_send(chunk);
+    }
+    // Durable before it is called complete.
+    let synced = file.sync_all().err();
+    (hasher.finalize(), synced)
+}

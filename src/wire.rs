@@ -1,0 +1,488 @@
+//! The probe datagram format.
+//!
+//! Probes and replies travel on the *same* UDP socket that QUIC uses afterwards,
+//! because the NAT mapping we punch belongs to that socket: a second socket would
+//! get a different mapping and the hole would be useless. So every incoming
+//! datagram must be told apart by its first byte (RFC 9443): QUIC always sets the
+//! fixed bit `0x40` (we disable greasing it), while our type bytes live in
+//! `0..=3`, like STUN's.
+//!
+//! | bytes              | field          | notes                                          |
+//! |--------------------|----------------|------------------------------------------------|
+//! | 0                  | type           | `0x01` probe, `0x02` reply                     |
+//! | 1..5               | magic          | [`MAGIC`], `b"qpch"`                           |
+//! | 5                  | version        | [`VERSION`]                                    |
+//! | 6..18              | txid           | chosen by the prober, echoed by the reply      |
+//! | 18 (reply)         | family         | `4` or `6`, in the clear                       |
+//! | 19..21 (reply)     | port           | u16 big-endian, XOR the first 2 bytes of magic |
+//! | 21..25/37 (reply)  | address        | 4 or 16 bytes, XOR `magic ‖ txid`              |
+//! | next               | greeting len   | one byte                                       |
+//! | next               | greeting       | UTF-8, any text                                |
+//!
+//! The observed address is XORed (STUN's XOR-MAPPED-ADDRESS trick) because some
+//! NATs "helpfully" rewrite anything in a payload that looks like their own
+//! address. The greeting is there for humans staring at packet captures.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Wire format version; bumped on any incompatible change so old peers fail loudly.
+pub const VERSION: u8 = 1;
+
+/// Marks our datagrams, so stray traffic in the `0..=3` first-byte range is rejected.
+pub const MAGIC: [u8; 4] = *b"qpch";
+
+/// Largest datagram we accept. Real messages are under 64 bytes; refusing
+/// anything bigger bounds the work spent on junk.
+pub const MAX_DATAGRAM: usize = 256;
+
+/// Greeting carried by probes ("I'm home~"), as in the classic Go hole-punching demo.
+pub const PROBE_GREETING: &str = "ただいま~";
+
+/// Greeting carried by replies ("welcome back~").
+pub const REPLY_GREETING: &str = "お帰り~";
+
+/// Transaction id: lets a prober match a reply to the exact probe it answers.
+pub type TxId = [u8; 12];
+
+const TYPE_PROBE: u8 = 0x01;
+const TYPE_REPLY: u8 = 0x02;
+const QUIC_FIXED_BIT: u8 = 0x40;
+const FAMILY_V4: u8 = 4;
+const FAMILY_V6: u8 = 6;
+
+/// What the first byte says the datagram is, so a shared socket can route it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// The QUIC fixed bit is set: hand it to the QUIC endpoint.
+    Quic,
+    /// Anything else, including empty datagrams: hand it to [`Message::decode`],
+    /// which rejects (and lets the caller count) whatever is not really ours.
+    Probe,
+}
+
+/// Routes a datagram by its first byte, without parsing the rest.
+pub fn classify(datagram: &[u8]) -> Class {
+    match datagram.first() {
+        Some(byte) if byte & QUIC_FIXED_BIT != 0 => Class::Quic,
+        _ => Class::Probe,
+    }
+}
+
+/// A decoded probe datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// "Can you hear me?" Sent by the side punching the hole.
+    Probe {
+        /// Echoed by the reply.
+        txid: TxId,
+    },
+    /// "Yes, and this is where you came from." Sent back to the probe's source.
+    Reply {
+        /// The txid of the probe being answered.
+        txid: TxId,
+        /// The probe's source address as the responder saw it: the prober's
+        /// public (server-reflexive) address. IPv6 flow info and scope id are
+        /// not carried; they mean nothing outside the responder's host.
+        observed: SocketAddr,
+    },
+}
+
+/// Why a datagram is not a valid [`Message`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum WireError {
+    /// Zero-length datagram.
+    #[error("empty datagram")]
+    Empty,
+    /// Longer than [`MAX_DATAGRAM`].
+    #[error("datagram of {0} bytes exceeds the {max}-byte limit", max = MAX_DATAGRAM)]
+    TooLong(usize),
+    /// The first byte has the QUIC fixed bit set: this belongs to QUIC.
+    #[error("first byte has the QUIC fixed bit set")]
+    NotProbe,
+    /// A type byte we do not know.
+    #[error("unknown message type {0:#04x}")]
+    UnknownType(u8),
+    /// Bytes 1..5 are not [`MAGIC`].
+    #[error("bad magic")]
+    BadMagic,
+    /// A version other than [`VERSION`].
+    #[error("unsupported version {0}")]
+    UnsupportedVersion(u8),
+    /// The datagram ends before a field it announces.
+    #[error("datagram truncated")]
+    Truncated,
+    /// The reply's address family is neither 4 nor 6.
+    #[error("bad address family {0}")]
+    BadAddressFamily(u8),
+    /// The greeting is not valid UTF-8.
+    #[error("greeting is not valid UTF-8")]
+    BadGreeting,
+    /// Bytes left over after the greeting.
+    #[error("trailing bytes after the greeting")]
+    TrailingBytes,
+}
+
+impl Message {
+    /// Appends the encoding to `out`, so callers can reuse one buffer.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let (kind, txid) = match self {
+            Message::Probe { txid } => (TYPE_PROBE, txid),
+            Message::Reply { txid, .. } => (TYPE_REPLY, txid),
+        };
+        out.push(kind);
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(txid);
+        let greeting = match self {
+            Message::Probe { .. } => PROBE_GREETING,
+            Message::Reply { txid, observed } => {
+                encode_address(out, txid, *observed);
+                REPLY_GREETING
+            }
+        };
+        out.push(greeting.len() as u8);
+        out.extend_from_slice(greeting.as_bytes());
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        self.encode(&mut out);
+        out
+    }
+
+    /// Parses one datagram. Never panics and never allocates, whatever the input,
+    /// because the input comes straight off the network.
+    pub fn decode(datagram: &[u8]) -> Result<Message, WireError> {
+        let first = *datagram.first().ok_or(WireError::Empty)?;
+        if first & QUIC_FIXED_BIT != 0 {
+            return Err(WireError::NotProbe);
+        }
+        if datagram.len() > MAX_DATAGRAM {
+            return Err(WireError::TooLong(datagram.len()));
+        }
+        let mut r = Reader { rest: datagram };
+        let is_reply = match r.byte()? {
+            TYPE_PROBE => false,
+            TYPE_REPLY => true,
+            other => return Err(WireError::UnknownType(other)),
+        };
+        if r.array()? != MAGIC {
+            return Err(WireError::BadMagic);
+        }
+        let version = r.byte()?;
+        if version != VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let txid: TxId = r.array()?;
+        let message = if is_reply {
+            let observed = decode_address(&mut r, &txid)?;
+            Message::Reply { txid, observed }
+        } else {
+            Message::Probe { txid }
+        };
+        let len = r.byte()?;
+        let greeting = r.take(len.into())?;
+        std::str::from_utf8(greeting).map_err(|_| WireError::BadGreeting)?;
+        if !r.rest.is_empty() {
+            return Err(WireError::TrailingBytes);
+        }
+        Ok(message)
+    }
+
+    /// The transaction id, whichever kind of message this is.
+    pub fn txid(&self) -> TxId {
+        match self {
+            Message::Probe { txid } | Message::Reply { txid, .. } => *txid,
+        }
+    }
+}
+
+/// `MAGIC ‖ txid`: the 16-byte mask for the observed address.
+fn xor_key(txid: &TxId) -> [u8; 16] {
+    let mut key = [0; 16];
+    key[..4].copy_from_slice(&MAGIC);
+    key[4..].copy_from_slice(txid);
+    key
+}
+
+/// XORs `bytes` with the first `N` bytes of `key`. Its own inverse.
+fn xor<const N: usize>(mut bytes: [u8; N], key: &[u8; 16]) -> [u8; N] {
+    for (b, k) in bytes.iter_mut().zip(key) {
+        *b ^= k;
+    }
+    bytes
+}
+
+fn port_mask() -> u16 {
+    u16::from_be_bytes([MAGIC[0], MAGIC[1]])
+}
+
+fn encode_address(out: &mut Vec<u8>, txid: &TxId, addr: SocketAddr) {
+    let key = xor_key(txid);
+    let port = (addr.port() ^ port_mask()).to_be_bytes();
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out.push(FAMILY_V4);
+            out.extend_from_slice(&port);
+            out.extend_from_slice(&xor(ip.octets(), &key));
+        }
+        IpAddr::V6(ip) => {
+            out.push(FAMILY_V6);
+            out.extend_from_slice(&port);
+            out.extend_from_slice(&xor(ip.octets(), &key));
+        }
+    }
+}
+
+fn decode_address(r: &mut Reader<'_>, txid: &TxId) -> Result<SocketAddr, WireError> {
+    let key = xor_key(txid);
+    let family = r.byte()?;
+    if family != FAMILY_V4 && family != FAMILY_V6 {
+        return Err(WireError::BadAddressFamily(family));
+    }
+    let port = u16::from_be_bytes(r.array()?) ^ port_mask();
+    let ip = if family == FAMILY_V4 {
+        IpAddr::V4(Ipv4Addr::from(xor(r.array()?, &key)))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(xor(r.array()?, &key)))
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// A cursor whose reads fail with [`WireError::Truncated`] instead of panicking.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let (head, tail) = self.rest.split_at_checked(n).ok_or(WireError::Truncated)?;
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let (head, tail) = self
+            .rest
+            .split_first_chunk::<N>()
+            .ok_or(WireError::Truncated)?;
+        self.rest = tail;
+        Ok(*head)
+    }
+
+    fn byte(&mut self) -> Result<u8, WireError> {
+        let [b] = self.array()?;
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TXID: TxId = *b"0123456789ab";
+
+    fn reply_v4() -> Message {
+        Message::Reply {
+            txid: TXID,
+            observed: "203.0.113.7:40000".parse().unwrap(),
+        }
+    }
+
+    /// Offset of the greeting length byte in an encoded IPv4 reply.
+    const V4_GREETING_AT: usize = 18 + 1 + 2 + 4;
+
+    #[test]
+    fn classify_routes_by_fixed_bit() {
+        assert_eq!(classify(&[]), Class::Probe);
+        assert_eq!(classify(&[0x01]), Class::Probe);
+        assert_eq!(classify(&[0x03, 0xff]), Class::Probe);
+        assert_eq!(classify(&[0xc0]), Class::Quic);
+        assert_eq!(classify(&[0x40]), Class::Quic);
+        assert_eq!(
+            classify(&Message::Probe { txid: TXID }.to_vec()),
+            Class::Probe
+        );
+    }
+
+    #[test]
+    fn probe_layout_matches_the_table() {
+        let bytes = Message::Probe { txid: TXID }.to_vec();
+        assert_eq!(bytes[0], 0x01);
+        assert_eq!(&bytes[1..5], b"qpch");
+        assert_eq!(bytes[5], VERSION);
+        assert_eq!(&bytes[6..18], &TXID);
+        assert_eq!(usize::from(bytes[18]), PROBE_GREETING.len());
+        assert_eq!(&bytes[19..], PROBE_GREETING.as_bytes());
+    }
+
+    #[test]
+    fn reply_address_is_not_in_the_clear() {
+        let bytes = reply_v4().to_vec();
+        assert_eq!(bytes[0], 0x02);
+        assert_eq!(bytes[18], 4);
+        assert_ne!(&bytes[19..21], &40000u16.to_be_bytes());
+        assert_ne!(&bytes[21..25], &[203, 0, 113, 7]);
+        assert_eq!(&bytes[V4_GREETING_AT + 1..], REPLY_GREETING.as_bytes());
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_kept_as_ipv6() {
+        let observed: SocketAddr = "[::ffff:192.0.2.1]:9".parse().unwrap();
+        let msg = Message::Reply {
+            txid: TXID,
+            observed,
+        };
+        assert_eq!(msg.to_vec()[18], 6);
+        assert_eq!(Message::decode(&msg.to_vec()), Ok(msg));
+    }
+
+    #[test]
+    fn txid_accessor() {
+        assert_eq!(Message::Probe { txid: TXID }.txid(), TXID);
+        assert_eq!(reply_v4().txid(), TXID);
+    }
+
+    #[test]
+    fn error_empty() {
+        assert_eq!(Message::decode(&[]), Err(WireError::Empty));
+    }
+
+    #[test]
+    fn error_too_long() {
+        let mut bytes = Message::Probe { txid: TXID }.to_vec();
+        bytes.resize(MAX_DATAGRAM + 1, 0);
+        assert_eq!(Message::decode(&bytes), Err(WireError::TooLong(257)));
+    }
+
+    #[test]
+    fn error_not_probe() {
+        assert_eq!(Message::decode(&[0xc3, 0, 0]), Err(WireError::NotProbe));
+    }
+
+    #[test]
+    fn error_unknown_type() {
+        let mut bytes = Message::Probe { txid: TXID }.to_vec();
+        bytes[0] = 0x03;
+        assert_eq!(Message::decode(&bytes), Err(WireError::UnknownType(3)));
+        assert_eq!(Message::decode(&[0x00]), Err(WireError::UnknownType(0)));
+    }
+
+    #[test]
+    fn error_bad_magic() {
+        let mut bytes = Message::Probe { txid: TXID }.to_vec();
+        bytes[2] = b'X';
+        assert_eq!(Message::decode(&bytes), Err(WireError::BadMagic));
+    }
+
+    #[test]
+    fn error_unsupported_version() {
+        let mut bytes = Message::Probe { txid: TXID }.to_vec();
+        bytes[5] = 2;
+        assert_eq!(
+            Message::decode(&bytes),
+            Err(WireError::UnsupportedVersion(2))
+        );
+    }
+
+    #[test]
+    fn error_truncated() {
+        let bytes = reply_v4().to_vec();
+        assert_eq!(Message::decode(&bytes[..1]), Err(WireError::Truncated));
+        assert_eq!(Message::decode(&bytes[..20]), Err(WireError::Truncated));
+        assert_eq!(
+            Message::decode(&bytes[..bytes.len() - 1]),
+            Err(WireError::Truncated)
+        );
+    }
+
+    #[test]
+    fn error_bad_address_family() {
+        let mut bytes = reply_v4().to_vec();
+        bytes[18] = 5;
+        assert_eq!(Message::decode(&bytes), Err(WireError::BadAddressFamily(5)));
+    }
+
+    #[test]
+    fn error_bad_greeting() {
+        let mut bytes = reply_v4().to_vec();
+        bytes[V4_GREETING_AT + 1] = 0xff;
+        assert_eq!(Message::decode(&bytes), Err(WireError::BadGreeting));
+    }
+
+    #[test]
+    fn any_utf8_greeting_is_accepted() {
+        let mut bytes = Message::Probe { txid: TXID }.to_vec();
+        bytes.truncate(18);
+        bytes.extend_from_slice(&[2, b'h', b'i']);
+        assert_eq!(Message::decode(&bytes), Ok(Message::Probe { txid: TXID }));
+        bytes.truncate(18);
+        bytes.push(0);
+        assert_eq!(Message::decode(&bytes), Ok(Message::Probe { txid: TXID }));
+    }
+
+    #[test]
+    fn error_trailing_bytes() {
+        let mut bytes = reply_v4().to_vec();
+        bytes.push(0);
+        assert_eq!(Message::decode(&bytes), Err(WireError::TrailingBytes));
+    }
+
+    #[test]
+    fn encode_appends() {
+        let mut out = vec![0xaa];
+        Message::Probe { txid: TXID }.encode(&mut out);
+        assert_eq!(out[0], 0xaa);
+        assert_eq!(&out[1..], Message::Probe { txid: TXID }.to_vec());
+    }
+
+    fn any_addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<Ipv4Addr>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(ip.into(), p)),
+            (any::<Ipv6Addr>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(ip.into(), p)),
+        ]
+    }
+
+    fn any_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            any::<TxId>().prop_map(|txid| Message::Probe { txid }),
+            (any::<TxId>(), any_addr())
+                .prop_map(|(txid, observed)| Message::Reply { txid, observed }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(msg in any_message()) {
+            let bytes = msg.to_vec();
+            prop_assert!(bytes.len() <= MAX_DATAGRAM);
+            prop_assert_eq!(classify(&bytes), Class::Probe);
+            prop_assert_eq!(Message::decode(&bytes), Ok(msg));
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Message::decode(&bytes);
+        }
+
+        #[test]
+        fn decode_never_panics_near_valid(msg in any_message(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut bytes = msg.to_vec();
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+            if let Ok(decoded) = Message::decode(&bytes) {
+                prop_assert_eq!(Message::decode(&decoded.to_vec()), Ok(decoded));
+            }
+        }
+
+        #[test]
+        fn every_truncation_is_an_error(msg in any_message()) {
+            let bytes = msg.to_vec();
+            for len in 0..bytes.len() {
+                prop_assert!(Message::decode(&bytes[..len]).is_err(), "prefix of {} bytes decoded", len);
+            }
+        }
+    }
+}
