@@ -1,0 +1,126 @@
+//! The `qpunch` command line: argument parsing and the glue between library and terminal.
+
+mod demo;
+mod receive;
+mod send;
+mod ui;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use qpunch::identity::{Fingerprint, Identity, config_dir};
+
+/// Default UDP port of a receiver.
+pub const DEFAULT_PORT: u16 = 9199;
+
+/// Punch through NATs and send files directly, over QUIC.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    output: Output,
+}
+
+/// Output options shared by every command.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct Output {
+    /// One JSON object per line on stdout instead of text and progress bars.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars or messages, only errors.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// More logging on stderr (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Listen for senders and store the files they send.
+    Receive(receive::ReceiveArgs),
+    /// Punch a hole to a receiver and send it files.
+    Send(send::SendArgs),
+    /// Print this machine's identity fingerprint (alone, for scripts).
+    Id,
+    /// Send a generated file to yourself over loopback: the whole flow, with progress.
+    Demo(demo::DemoArgs),
+}
+
+/// Parse arguments, run, and map the result to an exit status.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.output.verbose);
+    // One thread for the QUIC and network work (quinn is fastest without cross-thread
+    // hand-offs); disk and hashing run on tokio's blocking pool, i.e. on other cores.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let ui = ui::Ui::new(cli.output.json, cli.output.quiet);
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Receive(args) => receive::run(args, ui.clone()).await,
+            Command::Send(args) => send::run(args, ui.clone()).await,
+            Command::Demo(args) => demo::run(args, ui.clone()).await,
+            Command::Id => {
+                println!("{}", load_identity()?.fingerprint());
+                Ok(true)
+            }
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            ui.error(&format!("{e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "qpunch=debug,info",
+        _ => "qpunch=trace,debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// This machine's identity, created on first use.
+fn load_identity() -> anyhow::Result<Identity> {
+    let dir = config_dir()?;
+    Ok(Identity::load_or_create(&dir)?)
+}
+
+/// The known_peers file of the config directory.
+fn known_peers_path() -> anyhow::Result<PathBuf> {
+    Ok(config_dir()?.join(qpunch::known_peers::FILE))
+}
+
+/// Parse a duration like `10s`, `500ms` or a plain number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs > 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err("must be positive".into());
+    }
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Parse a fingerprint argument.
+fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
+    s.parse()
+        .map_err(|e: qpunch::identity::IdentityError| e.to_string())
+}

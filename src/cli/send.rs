@@ -1,0 +1,196 @@
+//! `qpunch send FILE... --to HOST[:PORT]`: punch, hand over, pin, stream, verify.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use qpunch::identity::Fingerprint;
+use qpunch::known_peers::KnownPeers;
+use qpunch::node::{self, Node, NodeConfig, NodeError, PeerConnection};
+use qpunch::punch::PunchConfig;
+use qpunch::transfer::{self, Outgoing};
+
+use super::ui::{Event, FileProgress, Side, Ui};
+use super::{DEFAULT_PORT, known_peers_path, load_identity, parse_duration, parse_fingerprint};
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Files to send (in parallel, over one connection).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// The receiver: HOST or HOST:PORT (port 9199 when omitted).
+    #[arg(long)]
+    to: String,
+    /// The receiver's fingerprint (from its `qpunch receive` banner). Without it, the
+    /// first fingerprint seen is trusted and remembered in known_peers.
+    #[arg(long, value_parser = parse_fingerprint)]
+    peer: Option<Fingerprint>,
+    /// Give up punching after this long (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    punch_timeout: Duration,
+}
+
+pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
+    let outgoing = args
+        .files
+        .iter()
+        .map(|path| {
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if !meta.is_file() {
+                bail!(
+                    "{} is not a regular file (directories are not supported yet)",
+                    path.display()
+                );
+            }
+            Ok(Outgoing::from_path(path)?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let identity = load_identity()?;
+    let (key, target) = resolve(&args.to).await?;
+
+    // Whose key do we expect? An explicit --peer wins; else what we saw here before.
+    let mut known = KnownPeers::load(known_peers_path()?)?;
+    let remembered = known.get(&key);
+    let expected = args.peer.or(remembered);
+
+    ui.say(&format!("punching to {target} ..."));
+    let punch = PunchConfig {
+        timeout: args.punch_timeout,
+        ..PunchConfig::default()
+    };
+    let config = NodeConfig::new(identity, transfer::ALPN, false);
+    let (node, punched) = node::punch_and_hand_over(target, config, punch)
+        .await
+        .with_context(|| {
+            format!("no answer from {target}: is `qpunch receive` running there, and UDP open?")
+        })?;
+    let local = node.local_addr()?;
+    ui.event(
+        Event::Punched {
+            peer: punched.peer.to_string(),
+            local_addr: local.to_string(),
+            reflexive_addr: canonical(punched.reflexive).to_string(),
+            rtt_ms: punched.rtt.as_secs_f64() * 1000.0,
+        },
+        Some(format!(
+            "hole punched: {} answered in {:.1} ms; it sees us as {}",
+            punched.peer,
+            punched.rtt.as_secs_f64() * 1000.0,
+            canonical(punched.reflexive)
+        )),
+    );
+
+    let peer = match node.connect(punched.peer, expected).await {
+        Ok(peer) => peer,
+        Err(NodeError::PeerMismatch { expected, actual }) => {
+            node.close().await;
+            if args.peer.is_some() {
+                bail!(
+                    "the receiver at {key} presented identity {actual}, not the --peer {expected} you asked for; refusing to send"
+                );
+            }
+            bail!(changed_identity_warning(
+                &key,
+                expected,
+                actual,
+                known.path()
+            ));
+        }
+        Err(e) => return Err(e).context(format!("QUIC connection to {} failed", punched.peer)),
+    };
+    if remembered.is_none() {
+        known.remember(&key, peer.fingerprint)?;
+        if args.peer.is_none() {
+            ui.say(&format!(
+                "trusting {key} as {} on first use (remembered in {})",
+                peer.fingerprint,
+                known.path().display()
+            ));
+        }
+    }
+    report_connected(&ui, &node, &peer)?;
+
+    let progress = FileProgress::new(ui.clone(), Side::Sending);
+    let result = transfer::send_files(&peer.connection, outgoing, progress.clone()).await;
+    peer.connection.close(transfer::codes::DONE.into(), b"done");
+    node.close().await;
+    let reports = result?;
+    let verified = reports.iter().filter(|r| r.is_verified()).count();
+    if verified == reports.len() {
+        ui.say(&format!("all {verified} file(s) delivered and verified"));
+    } else {
+        ui.say(&format!(
+            "{verified} of {} file(s) delivered and verified",
+            reports.len()
+        ));
+    }
+    Ok(progress.all_verified() && verified == reports.len())
+}
+
+pub fn report_connected(ui: &Ui, node: &Node, peer: &PeerConnection) -> anyhow::Result<()> {
+    ui.event(
+        Event::Connected {
+            peer: peer.connection.remote_address().to_string(),
+            fingerprint: peer.fingerprint,
+            path: "direct",
+            local_addr: node.local_addr()?.to_string(),
+        },
+        Some(format!(
+            "connected to {} (identity {}), encrypted with TLS 1.3 over QUIC",
+            peer.connection.remote_address(),
+            peer.fingerprint
+        )),
+    );
+    Ok(())
+}
+
+/// ssh-style refusal when a remembered peer shows a different key.
+fn changed_identity_warning(
+    key: &str,
+    expected: Fingerprint,
+    actual: Fingerprint,
+    path: &std::path::Path,
+) -> String {
+    format!(
+        "\n@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+         @    WARNING: REMOTE PEER IDENTIFICATION HAS CHANGED!     @\n\
+         @@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+         IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n\
+         The receiver at {key} presented identity\n    {actual}\n\
+         but {path} remembers it as\n    {expected}\n\
+         Nothing was sent. If the receiver really has a new identity, check it with its owner,\n\
+         then remove the line for {key} from {path} (or pass --peer {actual}).",
+        path = path.display()
+    )
+}
+
+/// IPv4-mapped IPv6 addresses (from dual-stack sockets) shown as plain IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Resolve `--to` into the name remembered in known_peers and a socket address.
+async fn resolve(to: &str) -> anyhow::Result<(String, SocketAddr)> {
+    if let Ok(addr) = to.parse::<SocketAddr>() {
+        return Ok((addr.to_string(), addr));
+    }
+    let bare = to.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        let addr = SocketAddr::new(ip, DEFAULT_PORT);
+        return Ok((addr.to_string(), addr));
+    }
+    let name = match to.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => to.to_string(),
+        _ => format!("{to}:{DEFAULT_PORT}"),
+    };
+    let addr = tokio::net::lookup_host(&name)
+        .await
+        .with_context(|| format!("cannot resolve {name}"))?
+        .next()
+        .with_context(|| format!("{name} has no address"))?;
+    Ok((name, addr))
+}

@@ -1,0 +1,274 @@
+//! What the user sees: progress bars and messages on stderr, or JSON events on stdout.
+
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use qpunch::identity::Fingerprint;
+use qpunch::transfer::names::display_safe;
+use qpunch::transfer::{Consent, FileOffer, FileReport, Observer, Outcome};
+use serde::Serialize;
+
+/// One line of `--json` output.
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The receiver is ready.
+    Listening {
+        addrs: Vec<String>,
+        port: u16,
+        fingerprint: Fingerprint,
+    },
+    /// The probe exchange proved a path.
+    Punched {
+        peer: String,
+        local_addr: String,
+        reflexive_addr: String,
+        rtt_ms: f64,
+    },
+    /// An authenticated QUIC connection is up.
+    Connected {
+        peer: String,
+        fingerprint: Fingerprint,
+        path: &'static str,
+        local_addr: String,
+    },
+    /// A file arrived verified (receiver).
+    Received {
+        name: String,
+        bytes: u64,
+        blake3: String,
+        saved_as: String,
+        from: Fingerprint,
+    },
+    /// A file was delivered and verified by the receiver (sender).
+    Sent {
+        name: String,
+        bytes: u64,
+        blake3: String,
+        saved_as: String,
+    },
+    /// A file was declined by the receiver.
+    Declined { name: String, reason: String },
+    /// Something failed.
+    Error { message: String },
+    /// Counters of the shared socket, at exit.
+    Stats {
+        probes_answered: u64,
+        malformed_dropped: u64,
+    },
+}
+
+/// Output mode plus the progress bars.
+pub struct Ui {
+    json: bool,
+    quiet: bool,
+    multi: MultiProgress,
+    /// Serializes consent prompts (several senders may arrive at once).
+    prompt: Mutex<()>,
+}
+
+impl Ui {
+    pub fn new(json: bool, quiet: bool) -> Arc<Self> {
+        let target = if json || quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
+        Arc::new(Ui {
+            json,
+            quiet,
+            multi: MultiProgress::with_draw_target(target),
+            prompt: Mutex::new(()),
+        })
+    }
+
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// Emit an event: a JSON line in `--json` mode, else the human text (if any).
+    pub fn event(&self, event: Event, human: Option<String>) {
+        if self.json {
+            let line = serde_json::to_string(&event).expect("events serialize");
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        } else if let Some(text) = human {
+            self.say(&text);
+        }
+    }
+
+    /// A human message on stderr (suppressed by --quiet and --json).
+    pub fn say(&self, text: &str) {
+        if !self.quiet && !self.json {
+            self.multi.suspend(|| eprintln!("{text}"));
+        }
+    }
+
+    /// An error: JSON event, or stderr even when quiet.
+    pub fn error(&self, message: &str) {
+        if self.json {
+            self.event(
+                Event::Error {
+                    message: message.to_string(),
+                },
+                None,
+            );
+        } else {
+            self.multi.suspend(|| eprintln!("error: {message}"));
+        }
+    }
+
+    fn bar(&self, name: &str, size: u64) -> ProgressBar {
+        let bar = self.multi.add(ProgressBar::new(size));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:24!} [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(display_safe(name));
+        bar
+    }
+}
+
+/// Which side an observer reports for.
+#[derive(Clone, Copy)]
+pub enum Side {
+    Sending,
+    Receiving(Fingerprint),
+}
+
+/// Progress bars and events for the files of one connection.
+pub struct FileProgress {
+    ui: Arc<Ui>,
+    side: Side,
+    bars: Mutex<HashMap<u32, ProgressBar>>,
+    /// Whether any file ended unverified.
+    pub failures: Mutex<Vec<String>>,
+}
+
+impl FileProgress {
+    pub fn new(ui: Arc<Ui>, side: Side) -> Arc<Self> {
+        Arc::new(FileProgress {
+            ui,
+            side,
+            bars: Mutex::new(HashMap::new()),
+            failures: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn all_verified(&self) -> bool {
+        self.failures.lock().unwrap().is_empty()
+    }
+}
+
+impl Observer for FileProgress {
+    fn started(&self, id: u32, name: &str, size: u64) {
+        let bar = self.ui.bar(name, size);
+        self.bars.lock().unwrap().insert(id, bar);
+    }
+
+    fn progress(&self, id: u32, bytes: u64) {
+        if let Some(bar) = self.bars.lock().unwrap().get(&id) {
+            bar.inc(bytes);
+        }
+    }
+
+    fn finished(&self, report: &FileReport) {
+        if let Some(bar) = self.bars.lock().unwrap().remove(&id_of(report)) {
+            bar.finish_and_clear();
+        }
+        let name = display_safe(&report.name);
+        let saved = report
+            .saved_as
+            .as_deref()
+            .map(display_safe)
+            .unwrap_or_default();
+        match (&report.outcome, self.side) {
+            (Outcome::Verified, Side::Sending) => self.ui.event(
+                Event::Sent {
+                    name: report.name.clone(),
+                    bytes: report.size,
+                    blake3: report.blake3.clone(),
+                    saved_as: report.saved_as.clone().unwrap_or_default(),
+                },
+                Some(format!(
+                    "sent {name} ({}), verified by the receiver as {saved}",
+                    HumanBytes(report.size)
+                )),
+            ),
+            (Outcome::Verified, Side::Receiving(from)) => self.ui.event(
+                Event::Received {
+                    name: report.name.clone(),
+                    bytes: report.size,
+                    blake3: report.blake3.clone(),
+                    saved_as: report.saved_as.clone().unwrap_or_default(),
+                    from,
+                },
+                Some(format!(
+                    "received {saved} ({}), BLAKE3 {} verified",
+                    HumanBytes(report.size),
+                    &report.blake3[..16]
+                )),
+            ),
+            (Outcome::Declined(reason), _) => {
+                self.failures.lock().unwrap().push(report.name.clone());
+                self.ui.event(
+                    Event::Declined {
+                        name: report.name.clone(),
+                        reason: reason.clone(),
+                    },
+                    Some(format!("declined {name}: {reason}")),
+                );
+            }
+            (Outcome::Failed(why), _) => {
+                self.failures.lock().unwrap().push(report.name.clone());
+                self.ui.error(&format!("{name}: {why}"));
+            }
+        }
+    }
+}
+
+fn id_of(report: &FileReport) -> u32 {
+    report.id
+}
+
+/// Asks at the terminal before accepting files.
+pub struct TerminalConsent {
+    pub ui: Arc<Ui>,
+}
+
+impl TerminalConsent {
+    /// Whether a person can be asked at all.
+    pub fn available() -> bool {
+        std::io::stdin().is_terminal()
+    }
+}
+
+impl Consent for TerminalConsent {
+    fn decide(&self, sender: Fingerprint, files: &[FileOffer]) -> Vec<bool> {
+        let _one_at_a_time = self.ui.prompt.lock().unwrap();
+        let total: u64 = files.iter().map(|f| f.size).sum();
+        let answer = self.ui.multi.suspend(|| {
+            eprintln!(
+                "\n{sender} wants to send you {} file(s), {} in all:",
+                files.len(),
+                HumanBytes(total)
+            );
+            for f in files {
+                eprintln!("  {}  ({})", display_safe(&f.name), HumanBytes(f.size));
+            }
+            eprint!("Accept? [y/N] ");
+            let _ = std::io::stderr().flush();
+            let mut line = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut line);
+            line
+        });
+        let yes = matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+        vec![yes; files.len()]
+    }
+}
