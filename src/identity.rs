@@ -341,6 +341,19 @@ mod tests {
         assert!(err.to_string().contains("damaged"), "{err}");
     }
 
+    /// The published test-only fixture in `certs/` must keep its fingerprint: if this
+    /// changes, the fingerprint algorithm changed and every user's `known_peers` and
+    /// `--peer` pins would break.
+    #[test]
+    fn fixture_fingerprint_is_stable() {
+        let id = Identity::from_pem(
+            include_str!("../certs/test-only.crt"),
+            include_str!("../certs/test-only.key"),
+        )
+        .unwrap();
+        assert_eq!(id.fingerprint().to_string(), "rkuyixiuzn3g6fimwckvmzw6hi3r62kx");
+    }
+
     #[test]
     fn mismatched_key_is_refused() {
         let a = generate_pem().unwrap();

@@ -20,6 +20,11 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// How long a silent connection lives before it is declared dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Per-stream receive window: one file can have this much in flight.
+const STREAM_WINDOW: u32 = 16 << 20;
+/// Connection receive window: the most a receiver buffers across all streams.
+const CONNECTION_WINDOW: u32 = 64 << 20;
+
 /// Everything needed to build a [`Node`].
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -218,6 +223,12 @@ fn transport() -> Arc<quinn::TransportConfig> {
     ));
     // Room for many files in parallel on one connection.
     transport.max_concurrent_bidi_streams(1024u32.into());
+    // Flow-control windows sized for bulk transfer: quinn's defaults (1.25 MB per stream)
+    // stall a fast path on STREAM_DATA_BLOCKED. The connection window bounds what a
+    // receiver buffers in total, however many files are in flight.
+    transport.stream_receive_window(STREAM_WINDOW.into());
+    transport.receive_window(CONNECTION_WINDOW.into());
+    transport.send_window(u64::from(CONNECTION_WINDOW));
     Arc::new(transport)
 }
 

@@ -116,6 +116,7 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
 
     let progress = FileProgress::new(ui.clone(), Side::Sending);
     let result = transfer::send_files(&peer.connection, outgoing, progress.clone()).await;
+    tracing::debug!(stats = ?peer.connection.stats(), "connection statistics");
     peer.connection.close(transfer::codes::DONE.into(), b"done");
     node.close().await;
     let reports = result?;
