@@ -68,8 +68,17 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     announce(&ui, &node)?;
 
     let ok = if args.once {
-        let incoming = node.accept().await.context("endpoint closed")?;
-        serve(incoming, &receiver, &ui, &node).await
+        // Ctrl-C drops the transfer in flight, which removes its `.part` files.
+        tokio::select! {
+            ok = async {
+                let incoming = node.accept().await.context("endpoint closed")?;
+                anyhow::Ok(serve(incoming, &receiver, &ui, &node).await)
+            } => ok?,
+            _ = tokio::signal::ctrl_c() => {
+                ui.say("interrupted");
+                false
+            }
+        }
     } else {
         let mut tasks = tokio::task::JoinSet::new();
         loop {

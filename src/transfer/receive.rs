@@ -17,6 +17,9 @@ use crate::node::PeerConnection;
 
 /// Bytes handed from the network to the disk writer at a time (at most).
 const CHUNK: usize = 1 << 20;
+/// Bytes gathered before a buffer goes to disk (and the progress bar moves): large
+/// enough for efficient writes, small enough that slow links still show progress.
+const GATHER: usize = 256 << 10;
 /// Chunks queued per file between network and disk: bounds memory per transfer.
 const QUEUE: usize = 8;
 /// How long a connected sender may take to send its manifest.
@@ -349,8 +352,6 @@ async fn receive_file(
             (result, report)
         }
         Err((hash, why)) => {
-            // Never leave a partial file behind looking like anything but garbage.
-            let _ = std::fs::remove_file(&part);
             let _ = recv.stop(codes::DECLINED.into());
             let result = FileResult {
                 id: offer.id,
@@ -395,6 +396,9 @@ async fn store(
         .truncate(true)
         .open(part)
         .map_err(|e| fail(format!("cannot create {}: {e}", part.display())))?;
+    // Removes the `.part` on every early exit, including this future being dropped
+    // (Ctrl-C, connection teardown), so no partial file outlives a failed transfer.
+    let mut guard = PartGuard(Some(part.to_path_buf()));
     // Disk and hashing run on a blocking thread (another core), fed through a bounded
     // queue, with buffers recycled back so steady state allocates nothing.
     let (to_disk, from_net) = mpsc::channel::<Vec<u8>>(QUEUE);
@@ -403,32 +407,42 @@ async fn store(
 
     let mut received: u64 = 0;
     let mut failure = None;
-    loop {
+    let mut finished = false;
+    while !finished {
         let mut buf = recycled
             .try_recv()
             .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-        buf.resize(CHUNK, 0);
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => {
-                received += n as u64;
-                if received > offer.size {
-                    failure = Some(format!(
-                        "sender sent more than the offered {} bytes",
-                        offer.size
-                    ));
+        buf.clear();
+        // Gather frames (~1.2 KB each) into large buffers without zero-filling, so the
+        // disk thread sees few, large writes.
+        while buf.len() < GATHER {
+            match recv.read_chunk(CHUNK - buf.len(), true).await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => {
+                    finished = true;
                     break;
                 }
-                buf.truncate(n);
-                observer.progress(offer.id, n as u64);
-                if to_disk.send(buf).await.is_err() {
-                    break; // writer failed; its error is reported below
+                Err(e) => {
+                    failure = Some(format!("transfer interrupted: {e}"));
+                    finished = true;
+                    break;
                 }
             }
-            Ok(None) => break,
-            Err(e) => {
-                failure = Some(format!("transfer interrupted: {e}"));
-                break;
-            }
+        }
+        if buf.is_empty() {
+            break;
+        }
+        received += buf.len() as u64;
+        if received > offer.size {
+            failure = Some(format!(
+                "sender sent more than the offered {} bytes",
+                offer.size
+            ));
+            break;
+        }
+        observer.progress(offer.id, buf.len() as u64);
+        if to_disk.send(buf).await.is_err() {
+            break; // writer failed; its error is reported below
         }
     }
     drop(to_disk);
@@ -459,7 +473,19 @@ async fn store(
                 format!("cannot name the file {}: {e}", dest.display()),
             )
         })?;
+    guard.0 = None; // the part file is now the destination
     Ok(hash)
+}
+
+/// Deletes a `.part` file when dropped, unless disarmed by setting it to `None`.
+struct PartGuard(Option<PathBuf>);
+
+impl Drop for PartGuard {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Blocking: write every chunk, hash it, fsync. Returns the hash of what was written and

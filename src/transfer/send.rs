@@ -78,6 +78,7 @@ pub async fn send_files(
             super::MAX_FILES
         )));
     }
+    let hashing = std::time::Instant::now();
     let mut offers = Vec::with_capacity(files.len());
     for (id, file) in files.iter().enumerate() {
         let (size, blake3) = hash_file(&file.path).await?;
@@ -89,6 +90,7 @@ pub async fn send_files(
         });
     }
 
+    tracing::debug!(elapsed = ?hashing.elapsed(), files = offers.len(), "hashed");
     let (mut control_send, mut control_recv) = connection.open_bi().await.map_err(stream_error)?;
     write_frame(
         &mut control_send,
