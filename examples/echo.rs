@@ -20,10 +20,19 @@ const ALPN: &[u8] = b"qpunch-echo/1";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["server", port] => {
             let node = server_node(format!("0.0.0.0:{port}").parse()?)?;
-            println!("echo server on {} with fingerprint {}", node.local_addr()?, node.fingerprint());
+            println!(
+                "echo server on {} with fingerprint {}",
+                node.local_addr()?,
+                node.fingerprint()
+            );
             serve(node).await
         }
         ["client", addr, fp] => {
@@ -43,19 +52,30 @@ async fn main() -> anyhow::Result<()> {
 
 fn server_node(addr: SocketAddr) -> anyhow::Result<Node> {
     let socket = qpunch::socket::bind(addr)?;
-    Ok(Node::new(socket, NodeConfig::new(Identity::generate()?, ALPN, true))?)
+    Ok(Node::new(
+        socket,
+        NodeConfig::new(Identity::generate()?, ALPN, true),
+    )?)
 }
 
 /// Accept connections; echo every stream back, line by line.
 async fn serve(node: Node) -> anyhow::Result<()> {
     while let Some(incoming) = node.accept().await {
         let peer = incoming?;
-        println!("[server] {} connected as {}", peer.connection.remote_address(), peer.fingerprint);
+        println!(
+            "[server] {} connected as {}",
+            peer.connection.remote_address(),
+            peer.fingerprint
+        );
         tokio::spawn(async move {
             while let Ok((mut send, recv)) = peer.connection.accept_bi().await {
                 let mut lines = BufReader::new(recv).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if send.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                    if send
+                        .write_all(format!("{line}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -74,7 +94,10 @@ async fn client<R: tokio::io::AsyncBufRead + Unpin>(
 ) -> anyhow::Result<()> {
     let config = NodeConfig::new(Identity::generate()?, ALPN, false);
     let (node, punched) = node::punch_and_hand_over(server, config, PunchConfig::default()).await?;
-    println!("[client] punched to {} (we are {} to it)", punched.peer, punched.reflexive);
+    println!(
+        "[client] punched to {} (we are {} to it)",
+        punched.peer, punched.reflexive
+    );
     let peer = node.connect(punched.peer, Some(fp)).await?;
     let (mut send, recv) = peer.connection.open_bi().await?;
     let mut echoes = BufReader::new(recv).lines();

@@ -18,7 +18,12 @@ use tokio::net::UdpSocket;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["server", port] => server(UdpSocket::bind(("0.0.0.0", port.parse()?)).await?).await,
         ["client", addr] => client(addr.parse()?).await,
         [] => {
@@ -43,7 +48,10 @@ async fn server(socket: UdpSocket) -> anyhow::Result<()> {
             println!("Ignored {n} bytes from {from} (not a probe)");
             continue;
         };
-        println!("Received a packet from: {from}\n\tSays: {}", wire::PROBE_GREETING);
+        println!(
+            "Received a packet from: {from}\n\tSays: {}",
+            wire::PROBE_GREETING
+        );
         socket.send_to(&reply.contents, reply.destination).await?;
         println!("Sent reply to {from}\n\tReply: {}", wire::REPLY_GREETING);
     }
@@ -51,8 +59,16 @@ async fn server(socket: UdpSocket) -> anyhow::Result<()> {
 
 /// Probe the server (resending on a backoff) until a reply proves the path.
 async fn client(server: SocketAddr) -> anyhow::Result<()> {
-    let socket = UdpSocket::bind(if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).await?;
-    println!("Trying to punch a hole to {server}\n\tSending: {}", wire::PROBE_GREETING);
+    let socket = UdpSocket::bind(if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .await?;
+    println!(
+        "Trying to punch a hole to {server}\n\tSending: {}",
+        wire::PROBE_GREETING
+    );
     let punched = qpunch::driver::punch(&socket, vec![server], PunchConfig::default()).await?;
     println!(
         "Received a UDP packet back from {}\n\tResponse: {}",

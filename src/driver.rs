@@ -1,4 +1,4 @@
-//! The thin tokio layer that runs the sans-IO [`Puncher`](crate::punch::Puncher).
+//! The thin tokio layer that runs the sans-IO [`crate::punch::Puncher`].
 //!
 //! All decisions (when to resend, which reply counts, when to give up) live in the state
 //! machine; this module only moves datagrams and sleeps until the machine's next

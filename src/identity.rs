@@ -351,7 +351,10 @@ mod tests {
             include_str!("../certs/test-only.key"),
         )
         .unwrap();
-        assert_eq!(id.fingerprint().to_string(), "rkuyixiuzn3g6fimwckvmzw6hi3r62kx");
+        assert_eq!(
+            id.fingerprint().to_string(),
+            "rkuyixiuzn3g6fimwckvmzw6hi3r62kx"
+        );
     }
 
     #[test]

@@ -188,6 +188,11 @@ impl DemuxSocket {
     /// Remove probe segments from one received buffer (which may hold several GRO
     /// segments of `stride` bytes), handling each; returns the QUIC bytes left.
     fn filter_buffer(&self, buf: &mut [u8], meta: &RecvMeta) -> usize {
+        if meta.len == 0 {
+            // An empty datagram is nobody's: count it with the other garbage.
+            self.handle_probe_datagram(meta.addr, meta.dst_ip, &[]);
+            return 0;
+        }
         let stride = meta.stride.max(1);
         let mut write = 0;
         let mut read = 0;

@@ -1,0 +1,152 @@
+//! The shared socket after hand-over: probes are still answered, a live node can punch
+//! to new peers, and garbage is dropped and counted, all while QUIC keeps working.
+
+use std::time::Duration;
+
+use qpunch::identity::Identity;
+use qpunch::node::{Node, NodeConfig, PeerConnection};
+use qpunch::punch::PunchConfig;
+
+const ALPN: &[u8] = b"qpunch-test/1";
+
+fn node(accept: bool) -> Node {
+    let socket = qpunch::socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    Node::new(
+        socket,
+        NodeConfig::new(Identity::generate().unwrap(), ALPN, accept),
+    )
+    .unwrap()
+}
+
+fn quick() -> PunchConfig {
+    PunchConfig {
+        timeout: Duration::from_secs(5),
+        ..PunchConfig::default()
+    }
+}
+
+/// Round-trip a message on a fresh stream, proving the connection still carries data.
+async fn echo_once(client: &PeerConnection, server: &PeerConnection, msg: &[u8]) {
+    let (mut send, mut recv) = client.connection.open_bi().await.unwrap();
+    send.write_all(msg).await.unwrap();
+    send.finish().unwrap();
+    let (mut s_send, mut s_recv) = server.connection.accept_bi().await.unwrap();
+    let got = s_recv.read_to_end(1 << 20).await.unwrap();
+    s_send.write_all(&got).await.unwrap();
+    s_send.finish().unwrap();
+    assert_eq!(recv.read_to_end(1 << 20).await.unwrap(), msg);
+}
+
+async fn connected_pair() -> (Node, Node, PeerConnection, PeerConnection) {
+    let server = node(true);
+    let client = node(false);
+    let target = server.local_addr().unwrap();
+    let fp = server.fingerprint();
+    let (c, s) = tokio::join!(client.connect(target, Some(fp)), server.accept());
+    let (c, s) = (c.unwrap(), s.unwrap().unwrap());
+    assert_eq!(s.fingerprint, client.fingerprint());
+    (server, client, c, s)
+}
+
+#[tokio::test]
+async fn probes_are_answered_after_hand_over() {
+    let (server, _client, c, s) = connected_pair().await;
+    let target = server.local_addr().unwrap();
+
+    // A late prober on a raw socket still gets its reply from the QUIC socket.
+    let raw = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let punched = qpunch::driver::punch(&raw, vec![target], quick())
+        .await
+        .unwrap();
+    assert_eq!(punched.peer, target);
+    assert_eq!(punched.reflexive, raw.local_addr().unwrap());
+    assert!(server.socket_stats().probes_answered >= 1);
+
+    echo_once(&c, &s, b"still flowing").await;
+}
+
+#[tokio::test]
+async fn live_nodes_punch_each_other_then_connect() {
+    // Both sockets are already QUIC endpoints: punching goes through the demultiplexer.
+    let a = node(true);
+    let b = node(true);
+    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    let (from_a, from_b) = tokio::join!(
+        a.punch(vec![b_addr], quick()),
+        b.punch(vec![a_addr], quick())
+    );
+    let (from_a, from_b) = (from_a.unwrap(), from_b.unwrap());
+    assert_eq!(from_a.peer, b_addr);
+    assert_eq!(from_a.reflexive, a_addr);
+    assert_eq!(from_b.peer, a_addr);
+    assert_eq!(
+        a.local_addr().unwrap(),
+        a_addr,
+        "punching must not move the port"
+    );
+
+    let (c, s) = tokio::join!(a.connect(b_addr, Some(b.fingerprint())), b.accept());
+    let (c, s) = (c.unwrap(), s.unwrap().unwrap());
+    assert_eq!(c.fingerprint, b.fingerprint());
+    assert_eq!(s.fingerprint, a.fingerprint());
+    echo_once(&c, &s, b"hello from a punched pair").await;
+}
+
+#[tokio::test]
+async fn garbage_is_dropped_and_counted_without_hurting_quic() {
+    let (server, _client, c, s) = connected_pair().await;
+    let target = server.local_addr().unwrap();
+    let before = server.socket_stats().malformed_dropped;
+
+    let raw = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let bad: [&[u8]; 5] = [
+        b"",
+        &[0x01],
+        b"\x01qpch\x01short",
+        b"\x02qpch\x09aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        &[0x03; 300],
+    ];
+    for datagram in bad {
+        raw.send_to(datagram, target).await.unwrap();
+    }
+    // Datagrams are processed when the endpoint reads; a stream round trip forces that.
+    echo_once(&c, &s, b"after garbage").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.socket_stats().malformed_dropped < before + bad.len() as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "garbage not counted: {:?}",
+            server.socket_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.socket_stats().probes_answered, 0);
+}
+
+#[tokio::test]
+async fn wrong_pin_aborts_the_handshake() {
+    let server = node(true);
+    let client = node(false);
+    let target = server.local_addr().unwrap();
+    let impostor = Identity::generate().unwrap().fingerprint();
+    let accept = tokio::spawn(async move {
+        let r = server.accept().await;
+        (r.map(|r| r.is_ok()), server)
+    });
+    match client.connect(target, Some(impostor)).await {
+        Err(qpunch::node::NodeError::PeerMismatch { expected, actual }) => {
+            assert_eq!(expected, impostor);
+            assert_ne!(actual, impostor);
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    let (accepted, _server) = tokio::time::timeout(Duration::from_secs(5), accept)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        accepted,
+        Some(false),
+        "server must not complete a handshake with a refused client"
+    );
+}
