@@ -133,16 +133,16 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
 }
 
 pub fn report_connected(ui: &Ui, node: &Node, peer: &PeerConnection) -> anyhow::Result<()> {
+    let remote = canonical(peer.connection.remote_address());
     ui.event(
         Event::Connected {
-            peer: peer.connection.remote_address().to_string(),
+            peer: remote.to_string(),
             fingerprint: peer.fingerprint,
             path: "direct",
             local_addr: node.local_addr()?.to_string(),
         },
         Some(format!(
-            "connected to {} (identity {}), encrypted with TLS 1.3 over QUIC",
-            peer.connection.remote_address(),
+            "connected to {remote} (identity {}), encrypted with TLS 1.3 over QUIC",
             peer.fingerprint
         )),
     );
@@ -170,7 +170,7 @@ fn changed_identity_warning(
 }
 
 /// IPv4-mapped IPv6 addresses (from dual-stack sockets) shown as plain IPv4.
-fn canonical(addr: SocketAddr) -> SocketAddr {
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
