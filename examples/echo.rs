@@ -93,7 +93,8 @@ async fn client<R: tokio::io::AsyncBufRead + Unpin>(
     mut input: tokio::io::Lines<R>,
 ) -> anyhow::Result<()> {
     let config = NodeConfig::new(Identity::generate()?, ALPN, false);
-    let (node, punched) = node::punch_and_hand_over(server, config, PunchConfig::default()).await?;
+    let node::HandOver { node, punched, .. } =
+        node::punch_and_hand_over(server, config, PunchConfig::default()).await?;
     println!(
         "[client] punched to {} (we are {} to it)",
         punched.peer, punched.reflexive

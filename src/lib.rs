@@ -19,7 +19,8 @@
 //! let config = NodeConfig::new(Identity::generate()?, b"my-app/1", false);
 //! let peer = "198.51.100.7:9199".parse()?;
 //! // Punch, then hand the same socket to QUIC.
-//! let (node, punched) = node::punch_and_hand_over(peer, config, PunchConfig::default()).await?;
+//! let node::HandOver { node, punched, .. } =
+//!     node::punch_and_hand_over(peer, config, PunchConfig::default()).await?;
 //! let conn = node.connect(punched.peer, Some("…fingerprint…".parse()?)).await?;
 //! let (mut send, _recv) = conn.connection.open_bi().await?;
 //! send.write_all(b"hello").await?;

@@ -232,13 +232,25 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(transport)
 }
 
+/// What [`punch_and_hand_over`] produced.
+#[derive(Debug)]
+pub struct HandOver {
+    /// The QUIC node now owning the socket.
+    pub node: Node,
+    /// The path the punch proved.
+    pub punched: Punched,
+    /// The socket's local address *while punching*, read before hand-over, so callers
+    /// can check (and show) that QUIC kept the port the NAT mapping belongs to.
+    pub punched_from: SocketAddr,
+}
+
 /// Bind an ephemeral socket fitting `peer`'s address family, punch to it, and hand the
 /// same socket to a new node: the sender's whole direct-mode set-up in one call.
 pub async fn punch_and_hand_over(
     peer: SocketAddr,
     config: NodeConfig,
     punch: PunchConfig,
-) -> Result<(Node, Punched), NodeError> {
+) -> Result<HandOver, NodeError> {
     let any: SocketAddr = if peer.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -247,8 +259,13 @@ pub async fn punch_and_hand_over(
     let socket = crate::socket::bind(any)?;
     socket.set_nonblocking(true)?;
     let raw = tokio::net::UdpSocket::from_std(socket)?;
+    let punched_from = raw.local_addr()?;
     let punched = driver::punch(&raw, vec![peer], punch).await?;
     // Same file descriptor, same port: only the owner changes.
     let socket = raw.into_std()?;
-    Ok((Node::new(socket, config)?, punched))
+    Ok(HandOver {
+        node: Node::new(socket, config)?,
+        punched,
+        punched_from,
+    })
 }

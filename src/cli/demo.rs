@@ -63,9 +63,11 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
 
     let started = Instant::now();
     let config = NodeConfig::new(sender_id, transfer::ALPN, false);
-    let (sending, punched) =
-        node::punch_and_hand_over(target, config, PunchConfig::default()).await?;
-    let local = sending.local_addr()?;
+    let node::HandOver {
+        node: sending,
+        punched,
+        punched_from: local,
+    } = node::punch_and_hand_over(target, config, PunchConfig::default()).await?;
     ui.event(
         Event::Punched {
             peer: punched.peer.to_string(),

@@ -63,12 +63,18 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         ..PunchConfig::default()
     };
     let config = NodeConfig::new(identity, transfer::ALPN, false);
-    let (node, punched) = node::punch_and_hand_over(target, config, punch)
+    let node::HandOver {
+        node,
+        punched,
+        punched_from,
+    } = node::punch_and_hand_over(target, config, punch)
         .await
         .with_context(|| {
             format!("no answer from {target}: is `qpunch receive` running there, and UDP open?")
         })?;
-    let local = node.local_addr()?;
+    // The address the probes left from, read before hand-over: `connected` shows the
+    // QUIC socket's, and the two ports must agree.
+    let local = punched_from;
     ui.event(
         Event::Punched {
             peer: punched.peer.to_string(),

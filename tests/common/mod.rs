@@ -76,6 +76,8 @@ pub struct Proc {
     /// Every stdout line that was not JSON.
     pub text: Vec<String>,
     stderr: Arc<Mutex<String>>,
+    /// Disconnects when the stderr reader has read everything (the pipe closed).
+    stderr_done: mpsc::Receiver<()>,
 }
 
 impl Proc {
@@ -107,9 +109,11 @@ impl Proc {
             // Dropping `tx` tells the reader that stdout is closed.
         });
         let stderr = Arc::new(Mutex::new(String::new()));
+        let (done, stderr_done) = mpsc::channel::<()>();
         {
             let stderr = stderr.clone();
             thread::spawn(move || {
+                let _done = done;
                 for line in BufReader::new(stderr_pipe).lines() {
                     let Ok(line) = line else { break };
                     let mut all = stderr.lock().unwrap();
@@ -125,6 +129,7 @@ impl Proc {
             events: Vec::new(),
             text: Vec::new(),
             stderr,
+            stderr_done,
         }
     }
 
@@ -211,7 +216,9 @@ impl Proc {
     }
 
     fn into_finished(mut self, status: ExitStatus) -> Finished {
-        // The stderr thread ends with the process; take what it has.
+        // The process has exited, so its stderr pipe closes: wait for the reader to
+        // take everything (bounded, in case something else still holds the pipe).
+        let _ = self.stderr_done.recv_timeout(SHORT);
         let stderr = std::mem::take(&mut *self.stderr.lock().unwrap());
         Finished {
             name: self.name.clone(),

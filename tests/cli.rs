@@ -1,0 +1,521 @@
+//! End-to-end tests of the `qpunch` binary over real loopback UDP, QUIC and TLS.
+//!
+//! Each process role gets its own `QPUNCH_HOME`; receivers bind 127.0.0.1 on a port
+//! chosen by the kernel and announce it in their `listening` event.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::UdpSocket;
+use std::path::Path;
+use std::thread;
+
+use common::*;
+use rand::{Rng, RngExt, SeedableRng};
+use serde_json::Value;
+
+/// The port of a `host:port` string from an event.
+fn port_of(addr: &Value) -> u16 {
+    let addr = addr.as_str().expect("address string");
+    let (_, port) = addr.rsplit_once(':').expect("host:port");
+    port.parse().expect("port number")
+}
+
+/// Check that the sender's `sent` and the receiver's `received` event for `name` agree
+/// with the file on disk, and return the receiver's `saved_as`.
+fn check_delivery(
+    sender: &Finished,
+    receiver: &Finished,
+    name: &str,
+    source: &Path,
+    out: &Path,
+    sender_fp: &str,
+) -> String {
+    let source_hash = blake3_file(source);
+    let size = fs::metadata(source).unwrap().len();
+    let sent: Vec<_> = sender
+        .all("sent")
+        .into_iter()
+        .filter(|e| e["name"] == name)
+        .collect();
+    let received: Vec<_> = receiver
+        .all("received")
+        .into_iter()
+        .filter(|e| e["name"] == name)
+        .collect();
+    assert_eq!(sent.len(), 1, "one sent event for {name}\n{sender:#?}");
+    assert_eq!(
+        received.len(),
+        1,
+        "one received event for {name}\n{receiver:#?}"
+    );
+    let (sent, received) = (sent[0], received[0]);
+    let saved_as = received["saved_as"].as_str().expect("saved_as").to_string();
+    assert_eq!(
+        sent["saved_as"], received["saved_as"],
+        "{sent} vs {received}"
+    );
+    assert_eq!(sent["bytes"], size, "{sent}");
+    assert_eq!(received["bytes"], size, "{received}");
+    assert_eq!(sent["blake3"], source_hash.as_str(), "{sent}");
+    assert_eq!(received["blake3"], source_hash.as_str(), "{received}");
+    assert_eq!(received["from"], sender_fp, "{received}");
+    let stored = out.join(&saved_as);
+    assert_eq!(fs::metadata(&stored).unwrap().len(), size, "{stored:?}");
+    assert_eq!(blake3_file(&stored), source_hash, "{stored:?} on disk");
+    saved_as
+}
+
+/// Case 1: Files of 0 B, 1 B and 64 MiB in one send arrive verified under their own names.
+#[test]
+fn three_sizes_in_one_send_arrive_verified() {
+    let (rhome, shome) = (Home::new(), Home::new());
+    let (src, out) = (tempdir(), tempdir());
+    let empty = src.path().join("empty.bin");
+    let one = src.path().join("one.bin");
+    let big = src.path().join("big.bin");
+    random_file(&empty, 0, 1);
+    random_file(&one, 1, 2);
+    random_file(&big, 64 * MIB, 3);
+    let sender_fp = qpunch_id(shome.path());
+
+    let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
+    let sender = send(
+        shome.path(),
+        &[&empty, &one, &big],
+        receiver.port,
+        &["--peer", &receiver.fingerprint],
+        LONG,
+    );
+    let received = receiver.proc.finish(LONG);
+    sender.assert_success();
+    received.assert_success();
+
+    for (name, path) in [("empty.bin", &empty), ("one.bin", &one), ("big.bin", &big)] {
+        let saved_as = check_delivery(&sender, &received, name, path, out.path(), &sender_fp);
+        assert_eq!(saved_as, name);
+    }
+    assert_eq!(sender.all("sent").len(), 3, "{sender:#?}");
+    assert_eq!(received.all("received").len(), 3, "{received:#?}");
+    assert!(sender.all("declined").is_empty() && sender.all("error").is_empty());
+    // Exactly the three files: no `.part` left behind, nothing else written.
+    assert_eq!(
+        list_dir(out.path()),
+        names(&["empty.bin", "one.bin", "big.bin"])
+    );
+    // Both sides saw each other's keys.
+    assert_eq!(sender.one("connected")["fingerprint"], receiver.fingerprint);
+    assert_eq!(received.one("connected")["fingerprint"], sender_fp);
+}
+
+/// Case 2: The socket that punched is the socket QUIC uses: same local port.
+#[test]
+fn punched_port_survives_hand_over_to_quic() {
+    let (rhome, shome) = (Home::new(), Home::new());
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("f.bin");
+    random_file(&file, 4096, 4);
+
+    let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
+    let sender = send(shome.path(), &[&file], receiver.port, &[], SHORT);
+    let received = receiver.proc.finish(SHORT);
+    sender.assert_success();
+    received.assert_success();
+
+    let punched = sender.one("punched");
+    let connected = sender.one("connected");
+    let punched_port = port_of(&punched["local_addr"]);
+    assert_ne!(punched_port, 0, "{punched}");
+    assert_eq!(
+        punched_port,
+        port_of(&connected["local_addr"]),
+        "{punched} vs {connected}"
+    );
+    assert_eq!(connected["path"], "direct", "{connected}");
+    assert_eq!(punched["peer"], format!("127.0.0.1:{}", receiver.port));
+    // The receiver saw probes and QUIC from that same port, and reported it back.
+    assert_eq!(
+        punched["reflexive_addr"],
+        format!("127.0.0.1:{punched_port}")
+    );
+    assert_eq!(
+        received.one("connected")["peer"],
+        format!("127.0.0.1:{punched_port}")
+    );
+    assert!(punched["rtt_ms"].as_f64().expect("rtt_ms") >= 0.0);
+    assert!(received.one("stats")["probes_answered"].as_u64().unwrap() >= 1);
+}
+
+/// Case 3: `--peer` naming another identity: the handshake is refused and nothing is sent.
+#[test]
+fn wrong_peer_fingerprint_is_refused() {
+    let (rhome, shome, other) = (Home::new(), Home::new(), Home::new());
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("secret.txt");
+    random_file(&file, 1000, 5);
+    let wrong = qpunch_id(other.path());
+
+    let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
+    assert_ne!(wrong, receiver.fingerprint);
+    let sender = send(
+        shome.path(),
+        &[&file],
+        receiver.port,
+        &["--peer", &wrong],
+        SHORT,
+    );
+    let received = receiver.proc.kill();
+    sender.assert_failure();
+
+    let message = sender.messages();
+    assert!(
+        message.contains(&wrong),
+        "names the expected key: {message}"
+    );
+    assert!(
+        message.contains(&receiver.fingerprint),
+        "names the presented key: {message}"
+    );
+    assert!(message.contains("--peer"), "{message}");
+    assert!(message.contains("refusing"), "{message}");
+    assert!(sender.all("connected").is_empty(), "{sender:#?}");
+    assert!(sender.all("sent").is_empty(), "{sender:#?}");
+    assert!(received.all("received").is_empty(), "{received:#?}");
+    assert_eq!(list_dir(out.path()), BTreeSet::new());
+}
+
+/// Case 4: A receiver with `--allow` for someone else refuses this sender.
+#[test]
+fn sender_not_on_allow_list_is_refused() {
+    let (rhome, shome, other) = (Home::new(), Home::new(), Home::new());
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("unwanted.txt");
+    random_file(&file, 1000, 6);
+    let sender_fp = qpunch_id(shome.path());
+    let allowed = qpunch_id(other.path());
+    assert_ne!(sender_fp, allowed);
+
+    let receiver = Receiver::start(
+        rhome.path(),
+        out.path(),
+        0,
+        &["--allow", &allowed, "--once"],
+    );
+    let sender = send(
+        shome.path(),
+        &[&file],
+        receiver.port,
+        &["--peer", &receiver.fingerprint],
+        SHORT,
+    );
+    let received = receiver.proc.finish(SHORT);
+    sender.assert_failure();
+    received.assert_failure();
+
+    let message = sender.messages().to_lowercase();
+    assert!(
+        message.contains("does not accept") || message.contains("not allowed"),
+        "{message}"
+    );
+    assert!(sender.all("sent").is_empty(), "{sender:#?}");
+    assert!(received.all("received").is_empty(), "{received:#?}");
+    assert!(
+        received.messages().contains(&sender_fp),
+        "the receiver says whom it refused\n{received:#?}"
+    );
+    assert_eq!(list_dir(out.path()), BTreeSet::new());
+}
+
+/// Case 5: No terminal and neither `--yes` nor `--allow`: refuse to start at all.
+#[test]
+fn receiver_without_tty_or_policy_refuses_to_start() {
+    let home = Home::new();
+    let out = tempdir();
+    for json in [true, false] {
+        let mut args = vec![
+            "receive",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--out",
+            s(out.path()),
+            "--once",
+        ];
+        if json {
+            args.push("--json");
+        }
+        let finished = Proc::spawn("receiver", home.path(), &args).finish(SHORT);
+        assert!(!finished.status.success(), "{finished:#?}");
+        assert!(finished.all("listening").is_empty(), "{finished:#?}");
+        let message = finished.messages();
+        assert!(message.contains("--yes"), "{message}");
+        assert!(message.contains("--allow"), "{message}");
+        if json {
+            finished.assert_json_only();
+            assert_eq!(finished.all("error").len(), 1, "{finished:#?}");
+        } else {
+            assert!(finished.stderr.contains("--yes"), "{finished:#?}");
+        }
+    }
+    assert_eq!(list_dir(out.path()), BTreeSet::new());
+}
+
+/// Case 6: Trust on first use, then a changed identity on the same address is refused.
+#[test]
+fn changed_receiver_identity_is_refused_after_first_use() {
+    let (first_home, second_home, shome) = (Home::new(), Home::new(), Home::new());
+    let (src, out1, out2) = (tempdir(), tempdir(), tempdir());
+    let file = src.path().join("hello.txt");
+    random_file(&file, 2000, 7);
+    let known_peers = shome.path().join("known_peers");
+
+    // First contact, no --peer: accepted and remembered.
+    let first = Receiver::start(first_home.path(), out1.path(), 0, &["--yes", "--once"]);
+    let (port, first_fp) = (first.port, first.fingerprint.clone());
+    let sender = send(shome.path(), &[&file], port, &[], SHORT);
+    first.proc.finish(SHORT).assert_success();
+    sender.assert_success();
+    assert_eq!(list_dir(out1.path()), names(&["hello.txt"]));
+    let remembered = fs::read_to_string(&known_peers).expect("known_peers written");
+    assert!(
+        remembered
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == [format!("127.0.0.1:{port}").as_str(), first_fp.as_str()]),
+        "known_peers: {remembered:?}"
+    );
+
+    // Same address, new identity.
+    let second = Receiver::start(second_home.path(), out2.path(), port, &["--yes", "--once"]);
+    assert_ne!(second.fingerprint, first_fp);
+    let sender = send(shome.path(), &[&file], port, &[], SHORT);
+    let received = second.proc.kill();
+    sender.assert_failure();
+    let message = sender.messages();
+    assert!(
+        message.contains("REMOTE PEER IDENTIFICATION HAS CHANGED"),
+        "{message}"
+    );
+    assert!(message.contains(&first_fp), "{message}");
+    assert!(message.contains(&second.fingerprint), "{message}");
+    assert!(sender.all("sent").is_empty(), "{sender:#?}");
+    assert!(received.all("received").is_empty(), "{received:#?}");
+    assert_eq!(list_dir(out2.path()), BTreeSet::new());
+    // The pin is unchanged: the new key was not remembered.
+    assert_eq!(
+        fs::read_to_string(&known_peers).unwrap(),
+        remembered,
+        "known_peers must not change"
+    );
+}
+
+/// Spray datagrams at `port` from a separate socket: random junk of random length, and
+/// some that look like probes/replies (type byte, magic) but are corrupted. Returns how
+/// many of the datagrams sent were not QUIC-classed (non-empty, fixed bit 0x40 clear).
+fn spray(port: u16, count: usize, seed: u64) -> u64 {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind spray socket");
+    let target = format!("127.0.0.1:{port}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut non_quic = 0;
+    for i in 0..count {
+        let datagram: Vec<u8> = if i.is_multiple_of(5) {
+            corrupted_probe(&mut rng, i / 5)
+        } else {
+            let len = rng.random_range(0..1500);
+            let mut d = vec![0u8; len];
+            rng.fill_bytes(&mut d);
+            d
+        };
+        if datagram.first().is_some_and(|b| b & 0x40 == 0) {
+            non_quic += 1;
+        }
+        // Loopback may drop some under load; that is fine, UDP is allowed to.
+        let _ = socket.send_to(&datagram, &target);
+    }
+    non_quic
+}
+
+/// A datagram that starts like a probe (0x01) or reply (0x02) with the magic `qpch`,
+/// then breaks one rule of the format.
+fn corrupted_probe(rng: &mut impl Rng, variant: usize) -> Vec<u8> {
+    let kind = if rng.random_bool(0.5) { 0x01 } else { 0x02 };
+    let mut d = vec![kind];
+    d.extend_from_slice(b"qpch");
+    let mut txid = [0u8; 12];
+    rng.fill_bytes(&mut txid);
+    match variant % 6 {
+        // Unsupported version.
+        0 => {
+            d.push(0xEE);
+            d.extend_from_slice(&txid);
+            d.push(0);
+        }
+        // Truncated inside the txid.
+        1 => {
+            d.push(1);
+            d.extend_from_slice(&txid[..5]);
+        }
+        // A greeting length pointing past the end.
+        2 => {
+            d.push(1);
+            d.extend_from_slice(&txid);
+            if kind == 0x02 {
+                d.extend_from_slice(&[4, 0, 0, 1, 2, 3, 4]);
+            }
+            d.push(200);
+            d.extend_from_slice(b"short");
+        }
+        // Invalid UTF-8 greeting.
+        3 => {
+            d.push(1);
+            d.extend_from_slice(&txid);
+            if kind == 0x02 {
+                d.extend_from_slice(&[4, 0, 0, 1, 2, 3, 4]);
+            }
+            d.extend_from_slice(&[2, 0xFF, 0xFE]);
+        }
+        // Trailing bytes after an empty greeting.
+        4 => {
+            d.push(1);
+            d.extend_from_slice(&txid);
+            if kind == 0x02 {
+                d.extend_from_slice(&[4, 0, 0, 1, 2, 3, 4]);
+            }
+            d.push(0);
+            d.extend_from_slice(b"trailing junk");
+        }
+        // Over the size limit.
+        _ => {
+            d.push(1);
+            d.extend_from_slice(&txid);
+            d.push(0);
+            d.resize(300 + rng.random_range(0..1000), 0xAA);
+        }
+    }
+    // Sometimes also flip the magic itself.
+    if variant.is_multiple_of(7) {
+        d[1 + rng.random_range(0..4usize)] ^= 0x20;
+    }
+    d
+}
+
+/// Case 7: Junk datagrams at the receiver's port during a 64 MiB transfer are dropped and
+/// counted; the transfer still completes verified.
+#[test]
+fn spray_of_junk_datagrams_does_not_disturb_transfer() {
+    const SPRAY: usize = 10_000;
+    let (rhome, shome) = (Home::new(), Home::new());
+    let (src, out) = (tempdir(), tempdir());
+    let big = src.path().join("big.bin");
+    random_file(&big, 64 * MIB, 8);
+    let sender_fp = qpunch_id(shome.path());
+
+    let mut receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
+    let port = receiver.port;
+    let sender = spawn_send(
+        shome.path(),
+        &[&big],
+        port,
+        &["--peer", &receiver.fingerprint],
+    );
+    // Start spraying once the QUIC connection is up, i.e. while the file is moving.
+    receiver.proc.wait_event("connected", SHORT);
+    let sprayer = thread::spawn(move || spray(port, SPRAY, 9));
+    let non_quic = sprayer.join().expect("spray thread");
+    let sender = sender.finish(LONG);
+    let received = receiver.proc.finish(LONG);
+    sender.assert_success();
+    received.assert_success();
+
+    let saved_as = check_delivery(&sender, &received, "big.bin", &big, out.path(), &sender_fp);
+    assert_eq!(saved_as, "big.bin");
+    assert_eq!(list_dir(out.path()), names(&["big.bin"]));
+    let stats = received.one("stats");
+    let dropped = stats["malformed_dropped"]
+        .as_u64()
+        .expect("malformed_dropped");
+    eprintln!("spray: {SPRAY} datagrams, {non_quic} non-QUIC, {dropped} counted as malformed");
+    assert!(dropped > 0, "junk was seen and dropped: {stats}");
+    assert!(
+        dropped <= non_quic,
+        "cannot drop more non-QUIC datagrams ({dropped}) than were sent ({non_quic})"
+    );
+}
+
+/// Case 8: An existing file is kept (the new one gets ` (1)`), unless `--overwrite`.
+#[test]
+fn existing_file_is_not_overwritten_unless_asked() {
+    let (rhome, shome) = (Home::new(), Home::new());
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("a.txt");
+    let original = b"the user's own a.txt, not to be touched\n";
+    fs::write(out.path().join("a.txt"), original).unwrap();
+    let sender_fp = qpunch_id(shome.path());
+
+    // Without --overwrite: saved as "a (1).txt".
+    random_file(&file, 10_000, 10);
+    let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
+    let sender = send(shome.path(), &[&file], receiver.port, &[], SHORT);
+    let received = receiver.proc.finish(SHORT);
+    sender.assert_success();
+    received.assert_success();
+    let saved_as = check_delivery(&sender, &received, "a.txt", &file, out.path(), &sender_fp);
+    assert_eq!(saved_as, "a (1).txt");
+    assert_eq!(fs::read(out.path().join("a.txt")).unwrap(), original);
+    assert_eq!(list_dir(out.path()), names(&["a.txt", "a (1).txt"]));
+    let first_copy = fs::read(out.path().join("a (1).txt")).unwrap();
+
+    // With --overwrite: a.txt itself is replaced, the numbered copy left alone.
+    random_file(&file, 20_000, 11);
+    let receiver = Receiver::start(
+        rhome.path(),
+        out.path(),
+        0,
+        &["--yes", "--once", "--overwrite"],
+    );
+    let sender = send(shome.path(), &[&file], receiver.port, &[], SHORT);
+    let received = receiver.proc.finish(SHORT);
+    sender.assert_success();
+    received.assert_success();
+    let saved_as = check_delivery(&sender, &received, "a.txt", &file, out.path(), &sender_fp);
+    assert_eq!(saved_as, "a.txt");
+    assert_eq!(
+        fs::read(out.path().join("a.txt")).unwrap(),
+        fs::read(&file).unwrap()
+    );
+    assert_eq!(fs::read(out.path().join("a (1).txt")).unwrap(), first_copy);
+    assert_eq!(list_dir(out.path()), names(&["a.txt", "a (1).txt"]));
+}
+
+/// Case 9: `qpunch id` is stable, distinct per home, and the key file is private.
+#[test]
+fn id_is_stable_and_key_is_private() {
+    let (home, other) = (Home::new(), Home::new());
+    let first = qpunch_id(home.path());
+    let second = qpunch_id(home.path());
+    assert_eq!(first, second);
+    assert_ne!(
+        first,
+        qpunch_id(other.path()),
+        "a new home is a new identity"
+    );
+    assert!(home.path().join("identity.crt").is_file());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = home.path().join("identity.key");
+        let mode = fs::metadata(&key)
+            .expect("identity.key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key:?} mode {mode:o}");
+        let dir_mode = fs::metadata(home.path()).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o077, 0, "config dir mode {dir_mode:o}");
+    }
+    // A receiver announces the same identity.
+    let out = tempdir();
+    let receiver = Receiver::start(home.path(), out.path(), 0, &["--yes"]);
+    assert_eq!(receiver.fingerprint, first);
+}
