@@ -278,7 +278,7 @@ fn bench() -> anyhow::Result<bool> {
         qpunch_samples.iter().all(|s| s.ok) && baseline_samples.iter().flatten().all(|s| s.ok);
     let q = stats(&qpunch_samples, bytes);
     println!(
-        "qpunch (QUIC, TLS 1.3 TLS13_AES_256_GCM_SHA384 via rustls/ring, send+receive processes): {}; {}",
+        "qpunch (QUIC, TLS 1.3 TLS13_AES_128_GCM_SHA256 (preferred) via rustls/ring, send+receive processes): {}; {}",
         describe(q),
         cpu_summary(&qpunch_samples, bytes)
     );

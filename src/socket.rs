@@ -199,7 +199,11 @@ impl DemuxSocket {
         while read < meta.len {
             let end = (read + stride).min(meta.len);
             if wire::classify(&buf[read..end]) == Class::Quic {
-                buf.copy_within(read..end, write);
+                // Only move bytes once a probe segment has been cut out before them:
+                // the common all-QUIC buffer is left untouched.
+                if write != read {
+                    buf.copy_within(read..end, write);
+                }
                 write += end - read;
             } else {
                 self.handle_probe_datagram(meta.addr, meta.dst_ip, &buf[read..end]);

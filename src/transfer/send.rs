@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
 
 use super::{
     Decision, Decisions, FileHeader, FileOffer, FileReport, FileResult, Manifest, Observer,
@@ -13,6 +12,8 @@ use super::{
 
 /// Bytes read from disk per chunk handed to QUIC.
 const CHUNK: usize = 1 << 20;
+/// Chunks read ahead of the network: bounds the sender's memory per file.
+const READ_AHEAD: usize = 4;
 
 /// A file to send and the name to offer for it.
 #[derive(Debug, Clone)]
@@ -180,17 +181,10 @@ async fn send_one(
     offset: u64,
     observer: &dyn Observer,
 ) -> Result<FileResult, TransferError> {
-    let file_error = |source| TransferError::File {
+    let file = std::fs::File::open(path).map_err(|source| TransferError::File {
         path: path.display().to_string(),
         source,
-    };
-    let mut file = tokio::fs::File::open(path).await.map_err(file_error)?;
-    if offset > 0 {
-        use tokio::io::AsyncSeekExt;
-        file.seek(std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(file_error)?;
-    }
+    })?;
     let (mut send, mut recv) = connection.open_bi().await.map_err(stream_error)?;
     write_frame(
         &mut send,
@@ -202,31 +196,19 @@ async fn send_one(
     .await?;
     observer.started(offer.id, &offer.name, offer.size);
 
-    // Read ahead on the blocking pool while QUIC sends the previous chunk.
-    let mut remaining = offer.size - offset;
-    let mut reader = file.take(remaining);
-    while remaining > 0 {
-        let mut buf = Vec::with_capacity(CHUNK.min(remaining as usize));
-        let n = (&mut reader)
-            .take(CHUNK as u64)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(file_error)?;
-        if n == 0 {
-            // The file shrank since it was hashed: the receiver would reject it anyway.
-            return Err(TransferError::File {
-                path: path.display().to_string(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "file changed while sending",
-                ),
-            });
-        }
-        remaining -= n as u64;
-        send.write_chunk(Bytes::from(buf))
-            .await
-            .map_err(stream_error)?;
-        observer.progress(offer.id, n as u64);
+    // Disk reads run on a blocking thread, a few chunks ahead, so the QUIC thread only
+    // packetizes and encrypts.
+    let (chunks, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let length = offer.size - offset;
+    tokio::task::spawn_blocking(move || read_chunks(file, offset, length, chunks));
+    while let Some(chunk) = next.recv().await {
+        let chunk = chunk.map_err(|source| TransferError::File {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let n = chunk.len() as u64;
+        send.write_chunk(chunk).await.map_err(stream_error)?;
+        observer.progress(offer.id, n);
     }
     send.finish()
         .map_err(|e| TransferError::protocol(e.to_string()))?;
@@ -235,4 +217,38 @@ async fn send_one(
         return Err(TransferError::protocol("verdict for a different file"));
     }
     Ok(result)
+}
+
+/// Blocking: read `length` bytes from `offset` in [`CHUNK`]s into `out`. A file that
+/// ends early (it shrank since it was hashed) is an error: the receiver would reject it.
+fn read_chunks(
+    mut file: std::fs::File,
+    offset: u64,
+    length: u64,
+    out: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    use std::io::{Read, Seek};
+    let mut remaining = length;
+    let result = (|| {
+        file.seek(std::io::SeekFrom::Start(offset))?;
+        while remaining > 0 {
+            let want = CHUNK.min(remaining as usize);
+            let mut buf = Vec::with_capacity(want);
+            let n = (&mut file).take(want as u64).read_to_end(&mut buf)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file changed while sending",
+                ));
+            }
+            remaining -= n as u64;
+            if out.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                return Ok(()); // the sending side gave up
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = out.blocking_send(Err(e));
+    }
 }
