@@ -22,6 +22,8 @@ const CHUNK: usize = 1 << 20;
 const GATHER: usize = 256 << 10;
 /// Chunks queued per file between network and disk: bounds memory per transfer.
 const QUEUE: usize = 8;
+/// Streams for unknown or repeated file ids tolerated per batch before giving up.
+const MAX_STRAY_STREAMS: usize = 16;
 /// How long a connected sender may take to send its manifest.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -135,7 +137,6 @@ impl Receiver {
         let result = self
             .receive_accepted(conn, plans, &observer, &mut reports)
             .await;
-        // Release reservations whatever happened: the files either exist now or not.
         let mut reports: Vec<FileReport> = reports.into_values().collect();
         reports.sort_by_key(|r| r.id);
         result.map(|()| reports)
@@ -250,6 +251,7 @@ impl Receiver {
         let mut tasks = tokio::task::JoinSet::new();
         let mut outcome = Ok(());
         let mut expected = plans.len();
+        let mut strays = 0;
         while expected > 0 {
             let (send, mut recv) = match conn.accept_bi().await {
                 Ok(streams) => streams,
@@ -266,8 +268,16 @@ impl Receiver {
                 }
             };
             let Some(plan) = plans.remove(&header.id) else {
-                // Unknown or repeated id: refuse that stream, keep serving the others.
+                // Unknown or repeated id: refuse that stream, keep serving the others,
+                // but not forever.
                 let _ = recv.stop(codes::DECLINED.into());
+                strays += 1;
+                if strays > MAX_STRAY_STREAMS {
+                    outcome = Err(TransferError::protocol(
+                        "too many streams for files not accepted",
+                    ));
+                    break;
+                }
                 continue;
             };
             expected -= 1;
@@ -281,9 +291,10 @@ impl Receiver {
             let observer = observer.clone();
             let overwrite = self.options.overwrite;
             tasks.spawn(async move {
+                let dest = plan.dest.clone();
                 let report = receive_file(plan, send, recv, overwrite, &*observer).await;
                 observer.finished(&report);
-                report
+                (dest, report)
             });
         }
         // Files that never got a stream (connection lost) fail, and free their names.
@@ -294,10 +305,9 @@ impl Receiver {
             reports.insert(plan.offer.id, report);
         }
         while let Some(joined) = tasks.join_next().await {
-            let report = joined.expect("receive task panicked");
-            if let Some(dest) = &report.saved_as {
-                self.release(&self.options.out_dir.join(dest));
-            }
+            // Verified or not, the name is free again: the file exists now, or it does not.
+            let (dest, report) = joined.expect("receive task panicked");
+            self.release(&dest);
             reports.insert(report.id, report);
         }
         outcome

@@ -1,0 +1,176 @@
+//! A partial or corrupted file is never passed off as complete: a peer speaking the
+//! protocol by hand offers one hash and sends other bytes, or fewer bytes than offered.
+//! The receiver must report the failure, leave no file and no `.part`, and free the
+//! name for the next sender.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qpunch::identity::Identity;
+use qpunch::node::{Node, NodeConfig, PeerConnection};
+use qpunch::transfer::{
+    self, Decision, Decisions, FileHeader, FileOffer, FileResult, Manifest, Outgoing, Policy,
+    Quiet, ReceiveOptions, Receiver,
+};
+
+fn node(accept: bool) -> Node {
+    let socket = qpunch::socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let id = Identity::generate().unwrap();
+    Node::new(socket, NodeConfig::new(id, transfer::ALPN, accept)).unwrap()
+}
+
+async fn write_frame<T: serde::Serialize>(send: &mut quinn::SendStream, value: &T) {
+    let body = serde_json::to_vec(value).unwrap();
+    send.write_all(&(body.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    send.write_all(&body).await.unwrap();
+}
+
+async fn read_frame<T: serde::de::DeserializeOwned>(recv: &mut quinn::RecvStream) -> T {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    recv.read_exact(&mut body).await.unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Offer `offered_size` bytes hashing to `offered_hash`, then send `payload`; return
+/// the receiver's verdict.
+async fn lying_send(
+    peer: &PeerConnection,
+    offered_size: u64,
+    offered_hash: String,
+    payload: &[u8],
+) -> FileResult {
+    let conn = &peer.connection;
+    let (mut control, mut answers) = conn.open_bi().await.unwrap();
+    let offer = FileOffer {
+        id: 0,
+        name: "data.bin".into(),
+        size: offered_size,
+        blake3: offered_hash,
+    };
+    write_frame(&mut control, &Manifest { files: vec![offer] }).await;
+    let Decisions { decisions } = read_frame(&mut answers).await;
+    assert_eq!(decisions, vec![Decision::Accept { id: 0, offset: 0 }]);
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &FileHeader { id: 0, offset: 0 }).await;
+    send.write_all(payload).await.unwrap();
+    send.finish().unwrap();
+    read_frame(&mut recv).await
+}
+
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn corrupted_and_truncated_files_are_never_kept() {
+    tokio::time::timeout(Duration::from_secs(60), run())
+        .await
+        .expect("in time");
+}
+
+async fn run() {
+    let out = tempfile::tempdir().unwrap();
+    let receiver = Receiver::new(ReceiveOptions {
+        out_dir: out.path().to_path_buf(),
+        overwrite: false,
+        policy: Policy::AcceptAll,
+    })
+    .unwrap();
+    let server = Arc::new(node(true));
+    let target = server.local_addr().unwrap();
+    let fp = server.fingerprint();
+    let serving = {
+        let (server, receiver) = (server.clone(), receiver.clone());
+        tokio::spawn(async move {
+            let mut batches = Vec::new();
+            for _ in 0..3 {
+                let peer = server.accept().await.unwrap().unwrap();
+                batches.push(receiver.handle(&peer, Arc::new(Quiet)).await.unwrap());
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), peer.connection.closed()).await;
+            }
+            batches
+        })
+    };
+
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + 3) as u8).collect();
+    let real_hash = blake3::hash(&payload).to_hex().to_string();
+    let wrong_hash = blake3::hash(b"something else").to_hex().to_string();
+
+    // 1. The right size, the wrong hash.
+    let client = node(false);
+    let peer = client.connect(target, Some(fp)).await.unwrap();
+    let verdict = lying_send(&peer, payload.len() as u64, wrong_hash, &payload).await;
+    assert!(!verdict.verified);
+    assert_eq!(
+        verdict.blake3, real_hash,
+        "receiver reports what it actually got"
+    );
+    assert!(
+        verdict.error.as_deref().unwrap_or("").contains("mismatch"),
+        "{verdict:?}"
+    );
+    assert!(verdict.saved_as.is_none());
+    peer.connection.close(0u32.into(), b"");
+    assert_eq!(
+        entries(out.path()),
+        Vec::<String>::new(),
+        "no file, no .part"
+    );
+
+    // 2. The right hash, but the stream ends early.
+    let peer = client.connect(target, Some(fp)).await.unwrap();
+    let verdict = lying_send(
+        &peer,
+        payload.len() as u64,
+        real_hash.clone(),
+        &payload[..40_000],
+    )
+    .await;
+    assert!(!verdict.verified);
+    assert!(
+        verdict
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("40000 of 100000"),
+        "{verdict:?}"
+    );
+    peer.connection.close(0u32.into(), b"");
+    assert_eq!(
+        entries(out.path()),
+        Vec::<String>::new(),
+        "no file, no .part"
+    );
+
+    // 3. An honest sender gets the name the failed attempts had reserved.
+    let src = tempfile::tempdir().unwrap();
+    let path = src.path().join("data.bin");
+    std::fs::write(&path, &payload).unwrap();
+    let peer = client.connect(target, Some(fp)).await.unwrap();
+    let reports = transfer::send_files(
+        &peer.connection,
+        vec![Outgoing::from_path(&path).unwrap()],
+        Arc::new(Quiet),
+    )
+    .await
+    .unwrap();
+    peer.connection.close(0u32.into(), b"");
+    assert!(reports[0].is_verified(), "{reports:?}");
+    assert_eq!(reports[0].saved_as.as_deref(), Some("data.bin"));
+    assert_eq!(entries(out.path()), vec!["data.bin".to_string()]);
+    assert_eq!(std::fs::read(out.path().join("data.bin")).unwrap(), payload);
+
+    let batches = serving.await.unwrap();
+    let outcomes: Vec<bool> = batches.iter().map(|b| b[0].is_verified()).collect();
+    assert_eq!(outcomes, vec![false, false, true]);
+}
