@@ -50,16 +50,12 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let target = receiving.local_addr()?;
     ui.say(&format!("receiver listening on {target} as {receiver_fp}"));
 
-    let receiver_task = {
-        let ui = ui.clone();
-        tokio::spawn(async move {
-            let peer = receiving.accept().await.context("no sender")??;
-            let reports = receiver.handle(&peer, Arc::new(transfer::Quiet)).await?;
-            let _ = peer.connection.closed().await;
-            let _ = ui;
-            anyhow::Ok((reports, receiving.socket_stats()))
-        })
-    };
+    let receiver_task = tokio::spawn(async move {
+        let peer = receiving.accept().await.context("no sender")??;
+        let reports = receiver.handle(&peer, Arc::new(transfer::Quiet)).await?;
+        let _ = peer.connection.closed().await;
+        anyhow::Ok((reports, receiving.socket_stats()))
+    });
 
     let started = Instant::now();
     let config = NodeConfig::new(sender_id, transfer::ALPN, false);
@@ -76,7 +72,7 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             rtt_ms: punched.rtt.as_secs_f64() * 1000.0,
         },
         Some(format!(
-            "probe \"ただいま~\" answered with \"お帰り~\" from {} in {:.2} ms: NAT traversed; socket {} handed to QUIC",
+            "probe \"ただいま~\" answered with \"お帰り~\" from {} in {:.2} ms: the path is open; socket {} handed to QUIC",
             punched.peer,
             punched.rtt.as_secs_f64() * 1000.0,
             local
@@ -94,7 +90,7 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     peer.connection.close(transfer::codes::DONE.into(), b"done");
     sending.close().await;
     let elapsed = started.elapsed();
-    let (received, _stats) = receiver_task.await.context("receiver crashed")??;
+    let (received, stats) = receiver_task.await.context("receiver crashed")??;
 
     let report = reports.first().context("no report")?;
     if !report.is_verified() || !received.iter().all(|r| r.is_verified()) {
@@ -109,6 +105,10 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     ensure!(
         local.port() == sending.local_addr()?.port(),
         "port changed at hand-over"
+    );
+    ensure!(
+        stats.probes_answered >= 1,
+        "the receiver never answered a probe"
     );
     let rate = args.size as f64 / elapsed.as_secs_f64();
     ui.say(&format!(

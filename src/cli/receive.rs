@@ -71,8 +71,15 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         // Ctrl-C drops the transfer in flight, which removes its `.part` files.
         tokio::select! {
             ok = async {
-                let incoming = node.accept().await.context("endpoint closed")?;
-                anyhow::Ok(serve(incoming, &receiver, &ui, &node).await)
+                // A failed handshake (a scanner, a sender that refused our key) is not
+                // "the one transfer": keep waiting for a sender that gets through.
+                let peer = loop {
+                    match node.accept().await.context("endpoint closed")? {
+                        Ok(peer) => break peer,
+                        Err(e) => ui.error(&format!("incoming connection failed: {e}")),
+                    }
+                };
+                anyhow::Ok(serve(Ok(peer), &receiver, &ui, &node).await)
             } => ok?,
             _ = tokio::signal::ctrl_c() => {
                 ui.say("interrupted");
