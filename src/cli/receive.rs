@@ -172,12 +172,9 @@ fn announce(ui: &Ui, node: &Node) -> anyhow::Result<()> {
             port: local.port(),
             fingerprint: fp,
         },
-        Some(text),
+        None,
     );
-    if !ui.json() {
-        // The banner is what a user copies from: put it on stdout even in quiet mode.
-        println!();
-    }
+    ui.output(&text);
     Ok(())
 }
 

@@ -84,10 +84,6 @@ impl Ui {
         })
     }
 
-    pub fn json(&self) -> bool {
-        self.json
-    }
-
     /// Emit an event: a JSON line in `--json` mode, else the human text (if any).
     pub fn event(&self, event: Event, human: Option<String>) {
         if self.json {
@@ -97,6 +93,14 @@ impl Ui {
             let _ = out.flush();
         } else if let Some(text) = human {
             self.say(&text);
+        }
+    }
+
+    /// A command's primary result on stdout (e.g. the receiver's banner), so it can be
+    /// piped or copied; suppressed by --quiet and --json like other messages.
+    pub fn output(&self, text: &str) {
+        if !self.quiet && !self.json {
+            self.multi.suspend(|| println!("{text}"));
         }
     }
 
