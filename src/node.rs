@@ -34,6 +34,10 @@ pub struct NodeConfig {
     pub alpn: Vec<Vec<u8>>,
     /// Accept incoming connections (a receiver); a pure sender leaves this off.
     pub accept: bool,
+    /// Interval of QUIC keep-alives on idle connections, which also keep the NAT
+    /// mapping alive; `None` disables them (then an idle hole closes after the NAT's
+    /// UDP timeout). Defaults to [`KEEP_ALIVE`].
+    pub keep_alive: Option<Duration>,
 }
 
 impl NodeConfig {
@@ -43,6 +47,7 @@ impl NodeConfig {
             identity,
             alpn: vec![alpn.to_vec()],
             accept,
+            keep_alive: Some(KEEP_ALIVE),
         }
     }
 }
@@ -108,7 +113,7 @@ impl Node {
         let server = if config.accept {
             let crypto = tls::server_crypto(&config.identity, &config.alpn)?;
             let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            server.transport_config(transport());
+            server.transport_config(transport(config.keep_alive));
             // The path was proven by the punch or the peer's reachability; a Retry
             // round-trip would add latency and nothing here needs address validation.
             Some(server)
@@ -169,7 +174,7 @@ impl Node {
         let (crypto, seen) =
             tls::client_crypto(&self.config.identity, expected, &self.config.alpn)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(transport());
+        client.transport_config(transport(self.config.keep_alive));
         let connecting = self.endpoint.connect_with(client, peer, tls::SERVER_NAME)?;
         let connection = match connecting.await {
             Ok(connection) => connection,
@@ -215,9 +220,9 @@ impl Node {
 }
 
 /// Transport tuning shared by both roles.
-fn transport() -> Arc<quinn::TransportConfig> {
+fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.keep_alive_interval(keep_alive);
     transport.max_idle_timeout(Some(
         IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt"),
     ));

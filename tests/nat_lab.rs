@@ -514,3 +514,134 @@ fn nat_rebinding_mid_transfer() {
         mib_per_s(size, elapsed)
     );
 }
+
+/// Bind a UDP socket inside namespace `ns`: a thread enters the namespace, binds, and
+/// hands the socket back. A socket stays in the namespace it was created in, so the rest
+/// of the test drives it from this process like any other socket.
+fn bind_in(ns: &str, addr: &str) -> std::net::UdpSocket {
+    use std::os::fd::AsRawFd;
+    let (path, addr) = (format!("/var/run/netns/{ns}"), addr.parse().unwrap());
+    std::thread::spawn(move || {
+        let handle = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on a valid namespace descriptor; affects only this short-lived thread.
+        let rc = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        qpunch::socket::bind(addr).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Punch from the client namespace to a node in the public one, connect (pinned), and
+/// prove the connection with one client-opened stream. Returns both ends.
+async fn connect_through_nat(
+    lab: &Lab,
+    server: &qpunch::node::Node,
+    keep_alive: Option<Duration>,
+) -> (
+    qpunch::node::Node,
+    qpunch::node::PeerConnection,
+    qpunch::node::PeerConnection,
+) {
+    use qpunch::node::{Node, NodeConfig};
+    let target = server.local_addr().unwrap();
+    let raw = bind_in(&lab.client(), "0.0.0.0:0");
+    raw.set_nonblocking(true).unwrap();
+    let raw = tokio::net::UdpSocket::from_std(raw).unwrap();
+    let punched = qpunch::driver::punch(&raw, vec![target], Default::default())
+        .await
+        .expect("punch through the NAT");
+    assert_eq!(punched.reflexive.ip().to_string(), ROUTER_WAN_IP);
+    let mut config = NodeConfig::new(
+        qpunch::identity::Identity::generate().unwrap(),
+        b"qpunch-lab/1",
+        false,
+    );
+    config.keep_alive = keep_alive;
+    let client = Node::new(raw.into_std().unwrap(), config).unwrap();
+    let (c, s) = tokio::join!(
+        client.connect(punched.peer, Some(server.fingerprint())),
+        server.accept()
+    );
+    let (c, s) = (c.unwrap(), s.unwrap().unwrap());
+    let (mut send, _recv) = c.connection.open_bi().await.unwrap();
+    send.write_all(b"hello").await.unwrap();
+    let (_s_send, mut s_recv) = s.connection.accept_bi().await.unwrap();
+    let mut hello = [0u8; 5];
+    s_recv.read_exact(&mut hello).await.unwrap();
+    assert_eq!(&hello, b"hello");
+    (client, c, s)
+}
+
+/// Whether a stream the *server* opens after `idle` reaches the client: that direction
+/// only works while the NAT still holds the client's mapping.
+async fn server_reaches_client_after(
+    client: &qpunch::node::PeerConnection,
+    server: &qpunch::node::PeerConnection,
+    idle: Duration,
+) -> bool {
+    tokio::time::sleep(idle).await;
+    let (mut send, _recv) = server.connection.open_bi().await.unwrap();
+    send.write_all(b"still there?").await.unwrap();
+    let arrived = tokio::time::timeout(Duration::from_secs(3), async {
+        let (_send, mut recv) = client.connection.accept_bi().await.unwrap();
+        let mut buf = [0u8; 12];
+        recv.read_exact(&mut buf).await.unwrap();
+        buf == *b"still there?"
+    })
+    .await;
+    arrived.unwrap_or(false)
+}
+
+/// QUIC keep-alives hold the NAT hole open: with a router that forgets idle UDP
+/// mappings after 2 s, a connection idle for 6 s still carries server-to-client data
+/// when keep-alives run, and (the control) does not when they are off.
+#[test]
+fn keepalive_holds_the_hole_open_while_idle() {
+    if !lab::require(
+        "keepalive_holds_the_hole_open_while_idle",
+        &["ip", "nft", "sysctl"],
+    ) {
+        return;
+    }
+    let lab = Lab::new("ka", Nat::Cone);
+    lab.exec(
+        &lab.router(),
+        "sysctl",
+        &[
+            "-qw",
+            "net.netfilter.nf_conntrack_udp_timeout=2",
+            "net.netfilter.nf_conntrack_udp_timeout_stream=2",
+        ],
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use qpunch::node::{Node, NodeConfig};
+        let server = Node::new(
+            bind_in(&lab.public(), &format!("{PUBLIC_IP}:0")),
+            NodeConfig::new(
+                qpunch::identity::Identity::generate().unwrap(),
+                b"qpunch-lab/1",
+                true,
+            ),
+        )
+        .unwrap();
+        let idle = Duration::from_secs(6);
+
+        let (_node, c, s) =
+            connect_through_nat(&lab, &server, Some(Duration::from_millis(500))).await;
+        assert!(
+            server_reaches_client_after(&c, &s, idle).await,
+            "with keep-alives the hole must stay open"
+        );
+
+        let (_node, c, s) = connect_through_nat(&lab, &server, None).await;
+        assert!(
+            !server_reaches_client_after(&c, &s, idle).await,
+            "control: without keep-alives the router must have closed the hole"
+        );
+    });
+}
