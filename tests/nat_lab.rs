@@ -1,8 +1,8 @@
 //! The NAT lab: `qpunch` end to end through real Linux NATs built from network namespaces
 //! and nftables (see `nat_lab/lab.rs` for the topology).
 //!
-//! Needs root, iproute2 (`ip`, `tc`), nftables (`nft`), conntrack-tools (`conntrack`) and
-//! python3. Without them each test prints a loud SKIPPED message and passes, unless the
+//! Needs root, iproute2 (`ip`, `tc`), nftables (`nft`), conntrack-tools (`conntrack`),
+//! procps (`sysctl`) and python3. Without them each test prints a loud SKIPPED message and passes, unless the
 //! `CI` environment variable is set: then it fails.
 
 #[path = "nat_lab/lab.rs"]
