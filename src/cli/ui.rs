@@ -171,6 +171,17 @@ impl FileProgress {
 }
 
 impl Observer for FileProgress {
+    fn hashing(&self, _id: u32, name: &str, size: u64) {
+        // Only worth a line when it takes noticeable time.
+        if size >= 256 << 20 {
+            self.ui.say(&format!(
+                "hashing {} ({}) ...",
+                display_safe(name),
+                HumanBytes(size)
+            ));
+        }
+    }
+
     fn started(&self, id: u32, name: &str, size: u64) {
         let bar = self.ui.bar(name, size);
         self.bars.lock().unwrap().insert(id, bar);

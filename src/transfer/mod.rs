@@ -156,6 +156,8 @@ impl FileReport {
 
 /// Callbacks for progress displays and event logs. All have empty defaults.
 pub trait Observer: Send + Sync {
+    /// A file is about to be hashed before it is offered (large files take a moment).
+    fn hashing(&self, _id: u32, _name: &str, _size: u64) {}
     /// A file's bytes start to move.
     fn started(&self, _id: u32, _name: &str, _size: u64) {}
     /// `bytes` more bytes of file `id` moved.

@@ -82,6 +82,8 @@ pub async fn send_files(
     let hashing = std::time::Instant::now();
     let mut offers = Vec::with_capacity(files.len());
     for (id, file) in files.iter().enumerate() {
+        let size = std::fs::metadata(&file.path).map_or(0, |m| m.len());
+        observer.hashing(id as u32, &file.name, size);
         let (size, blake3) = hash_file(&file.path).await?;
         offers.push(FileOffer {
             id: id as u32,
