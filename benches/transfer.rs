@@ -498,13 +498,7 @@ fn run_qpunch(ctx: &Ctx) -> anyhow::Result<Sample> {
     let (recv_lines, send_lines) = (receiver.finish_stdout(), sender.finish_stdout());
     let (recv_err, send_err) = (receiver.finish_stderr(), sender.finish_stderr());
     let secs = waited?;
-    let mut problems = Vec::new();
-    for (p, err) in [(&receiver, &recv_err), (&sender, &send_err)] {
-        let status = p.status.expect("waited");
-        if !status.success() {
-            problems.push(format!("{} exited with {status}: {}", p.name, err.trim()));
-        }
-    }
+    let mut problems = exit_problems(&[(&receiver, &recv_err), (&sender, &send_err)]);
     for line in recv_lines.iter().chain(&send_lines) {
         if line.contains("\"error\"") {
             problems.push(line.clone());
@@ -586,13 +580,7 @@ fn run_socat(ctx: &Ctx) -> anyhow::Result<Sample> {
     let [mut server, mut client] = procs;
     let (server_err, client_err) = (server.finish_stderr(), client.finish_stderr());
     let secs = waited?;
-    let mut problems = Vec::new();
-    for (p, err) in [(&server, &server_err), (&client, &client_err)] {
-        let status = p.status.expect("waited");
-        if !status.success() {
-            problems.push(format!("{} exited with {status}: {}", p.name, err.trim()));
-        }
-    }
+    let mut problems = exit_problems(&[(&server, &server_err), (&client, &client_err)]);
     if let Err(e) = verify(ctx, &dst) {
         problems.push(format!("{e:#}"));
     }
@@ -662,13 +650,7 @@ fn run_rust(ctx: &Ctx) -> anyhow::Result<Sample> {
     let client_out = client.finish_stdout();
     let (server_err, client_err) = (server.finish_stderr(), client.finish_stderr());
     let secs = waited?;
-    let mut problems = Vec::new();
-    for (p, err) in [(&server, &server_err), (&client, &client_err)] {
-        let status = p.status.expect("waited");
-        if !status.success() {
-            problems.push(format!("{} exited with {status}: {}", p.name, err.trim()));
-        }
-    }
+    let mut problems = exit_problems(&[(&server, &server_err), (&client, &client_err)]);
     if let Err(e) = verify(ctx, &dst) {
         problems.push(format!("{e:#}"));
     }
@@ -711,6 +693,17 @@ fn procs_of(procs: &[&Proc]) -> Vec<ProcTimes> {
 }
 
 /// The output must have the source's size and BLAKE3.
+/// One line per process that did not exit successfully, with its stderr.
+fn exit_problems(procs: &[(&Proc, &String)]) -> Vec<String> {
+    procs
+        .iter()
+        .filter_map(|(p, err)| {
+            let status = p.status.expect("waited");
+            (!status.success()).then(|| format!("{} exited with {status}: {}", p.name, err.trim()))
+        })
+        .collect()
+}
+
 fn verify(ctx: &Ctx, path: &Path) -> anyhow::Result<()> {
     let size = std::fs::metadata(path)
         .with_context(|| format!("no output file {}", path.display()))?
