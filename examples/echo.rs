@@ -110,6 +110,6 @@ async fn client<R: tokio::io::AsyncBufRead + Unpin>(
     }
     send.finish()?;
     peer.connection.close(0u32.into(), b"bye");
-    node.close().await;
+    node.close(node::CLOSE_LINGER).await;
     Ok(())
 }

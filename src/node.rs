@@ -17,6 +17,10 @@ use crate::tls::{self, TlsError};
 /// How often an idle connection sends a keep-alive: far below the ~30 s UDP mapping
 /// timeout of strict NATs (the seed's router kept holes > 5 minutes; many keep 30 s).
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// A linger long enough for [`Node::close`] to complete the QUIC draining period.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Enough for a CONNECTION_CLOSE to be written to the socket, not for the drain.
+pub const QUICK_LINGER: Duration = Duration::from_millis(10);
 /// How long a silent connection lives before it is declared dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -212,10 +216,16 @@ impl Node {
         )
     }
 
-    /// Close every connection and wait (briefly) until peers were told.
-    pub async fn close(&self) {
+    /// Close every connection, then wait up to `linger` for the close to reach peers.
+    ///
+    /// A full QUIC drain lasts three probe timeouts (~80 ms even on loopback, because
+    /// of the peer's ack delay); it only matters if the close is lost, and then the peer
+    /// learns from its idle timeout instead. A caller whose peer has already confirmed
+    /// everything (as the file sender has) can use a few milliseconds; [`CLOSE_LINGER`]
+    /// waits for the full drain.
+    pub async fn close(&self, linger: Duration) {
         self.endpoint.close(0u32.into(), b"bye");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(linger, self.endpoint.wait_idle()).await;
     }
 }
 

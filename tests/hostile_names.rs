@@ -88,7 +88,7 @@ async fn run() {
         let reports = receiver.handle(&peer, Arc::new(Quiet)).await;
         // Let the sender read the verdicts and close first.
         let _ = tokio::time::timeout(Duration::from_secs(10), peer.connection.closed()).await;
-        receiving.close().await;
+        receiving.close(node::CLOSE_LINGER).await;
         reports
     });
 
@@ -117,7 +117,7 @@ async fn run() {
         .await
         .expect("send_files");
     conn.connection.close(transfer::codes::DONE.into(), b"done");
-    sending.close().await;
+    sending.close(node::CLOSE_LINGER).await;
     let received = receiving_task
         .await
         .expect("receiver task")

@@ -88,7 +88,7 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     )
     .await?;
     peer.connection.close(transfer::codes::DONE.into(), b"done");
-    sending.close().await;
+    sending.close(node::QUICK_LINGER).await;
     let elapsed = started.elapsed();
     let (received, stats) = receiver_task.await.context("receiver crashed")??;
 

@@ -104,7 +104,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         }
         true
     };
-    node.close().await;
+    node.close(qpunch::node::QUICK_LINGER).await;
     let stats = node.socket_stats();
     ui.event(
         Event::Stats {

@@ -93,7 +93,7 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let peer = match node.connect(punched.peer, expected).await {
         Ok(peer) => peer,
         Err(NodeError::PeerMismatch { expected, actual }) => {
-            node.close().await;
+            node.close(node::QUICK_LINGER).await;
             if args.peer.is_some() {
                 bail!(
                     "the receiver at {key} presented identity {actual}, not the --peer {expected} you asked for; refusing to send"
@@ -124,7 +124,7 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let result = transfer::send_files(&peer.connection, outgoing, progress.clone()).await;
     tracing::debug!(stats = ?peer.connection.stats(), "connection statistics");
     peer.connection.close(transfer::codes::DONE.into(), b"done");
-    node.close().await;
+    node.close(node::QUICK_LINGER).await;
     let reports = result?;
     let verified = reports.iter().filter(|r| r.is_verified()).count();
     if verified == reports.len() {
