@@ -211,3 +211,37 @@ fn bind_addr(bind: &str, port: u16) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("--bind {bind:?} is not an IP address"))?;
     Ok(SocketAddr::new(ip, port))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_takes_an_ip_or_a_full_address() {
+        assert_eq!(
+            bind_addr("0.0.0.0", 9199).unwrap().to_string(),
+            "0.0.0.0:9199"
+        );
+        assert_eq!(bind_addr("[::]", 9199).unwrap().to_string(), "[::]:9199");
+        assert_eq!(bind_addr("::", 7).unwrap().to_string(), "[::]:7");
+        assert_eq!(
+            bind_addr("127.0.0.1:5000", 9199).unwrap().to_string(),
+            "127.0.0.1:5000"
+        );
+        assert!(bind_addr("example.com", 9199).is_err());
+    }
+
+    #[test]
+    fn announced_addresses_carry_the_port_and_put_loopback_last() {
+        let specific: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        assert_eq!(reachable_addrs(specific), vec![specific]);
+        let any: SocketAddr = "0.0.0.0:4000".parse().unwrap();
+        let addrs = reachable_addrs(any);
+        assert!(!addrs.is_empty());
+        assert!(addrs.iter().all(|a| a.port() == 4000 && a.is_ipv4()));
+        let first_loopback = addrs.iter().position(|a| a.ip().is_loopback());
+        if let Some(i) = first_loopback {
+            assert!(addrs[i..].iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+        }
+    }
+}

@@ -201,3 +201,37 @@ async fn resolve(to: &str) -> anyhow::Result<(String, SocketAddr)> {
         .with_context(|| format!("{name} has no address"))?;
     Ok((name, addr))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn to_accepts_addresses_with_and_without_port() {
+        let cases = [
+            ("127.0.0.1:4000", "127.0.0.1:4000"),
+            ("127.0.0.1", "127.0.0.1:9199"),
+            ("[::1]:4000", "[::1]:4000"),
+            ("[::1]", "[::1]:9199"),
+            ("::1", "[::1]:9199"),
+        ];
+        for (to, want) in cases {
+            let (key, addr) = resolve(to).await.unwrap();
+            assert_eq!(addr.to_string(), want, "{to}");
+            assert_eq!(key, want, "known_peers key for {to}");
+        }
+        // Names keep the form the user typed (plus the default port) as their key.
+        let (key, addr) = resolve("localhost").await.unwrap();
+        assert_eq!(key, "localhost:9199");
+        assert_eq!(addr.port(), 9199);
+        assert!(addr.ip().is_loopback());
+    }
+
+    #[test]
+    fn reflexive_addresses_print_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:198.51.100.1]:5000".parse().unwrap();
+        assert_eq!(canonical(mapped).to_string(), "198.51.100.1:5000");
+        let v6: SocketAddr = "[2001:db8::1]:5000".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+    }
+}
