@@ -18,10 +18,15 @@
 //! | 21..25/37 (reply)  | address        | 4 or 16 bytes, XOR `magic ‖ txid`              |
 //! | next               | greeting len   | one byte                                       |
 //! | next               | greeting       | UTF-8, any text                                |
+//! | rest (probe)       | padding        | zero bytes up to [`PROBE_LEN`]                 |
 //!
 //! The observed address is XORed (STUN's XOR-MAPPED-ADDRESS trick) because some
 //! NATs "helpfully" rewrite anything in a payload that looks like their own
 //! address. The greeting is there for humans staring at packet captures.
+//!
+//! Probes are padded so that a reply is never larger than the probe that caused it:
+//! anyone may probe a listening peer, with a forged source address too, and the
+//! padding keeps a peer from being used to amplify traffic toward a victim.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -34,6 +39,10 @@ pub const MAGIC: [u8; 4] = *b"qpch";
 /// Largest datagram we accept. Real messages are under 64 bytes; refusing
 /// anything bigger bounds the work spent on junk.
 pub const MAX_DATAGRAM: usize = 256;
+
+/// Minimum probe length: at least as long as the largest reply (48 bytes, IPv6), so
+/// answering a probe never sends more bytes than it received.
+pub const PROBE_LEN: usize = 64;
 
 /// Greeting carried by probes ("I'm home~"), as in the classic Go hole-punching demo.
 pub const PROBE_GREETING: &str = "ただいま~";
@@ -117,14 +126,18 @@ pub enum WireError {
     /// The greeting is not valid UTF-8.
     #[error("greeting is not valid UTF-8")]
     BadGreeting,
-    /// Bytes left over after the greeting.
+    /// Bytes left over after the greeting (for probes: padding that is not zero).
     #[error("trailing bytes after the greeting")]
     TrailingBytes,
+    /// A probe shorter than [`PROBE_LEN`]: answering it could amplify traffic.
+    #[error("probe of {0} bytes is not padded to {len}", len = PROBE_LEN)]
+    Unpadded(usize),
 }
 
 impl Message {
     /// Appends the encoding to `out`, so callers can reuse one buffer.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
         let (kind, txid) = match self {
             Message::Probe { txid } => (TYPE_PROBE, txid),
             Message::Reply { txid, .. } => (TYPE_REPLY, txid),
@@ -142,6 +155,9 @@ impl Message {
         };
         out.push(greeting.len() as u8);
         out.extend_from_slice(greeting.as_bytes());
+        if let Message::Probe { .. } = self {
+            out.resize(out.len().max(start + PROBE_LEN), 0);
+        }
     }
 
     /// Encodes into a fresh buffer.
@@ -184,10 +200,16 @@ impl Message {
         let len = r.byte()?;
         let greeting = r.take(len.into())?;
         std::str::from_utf8(greeting).map_err(|_| WireError::BadGreeting)?;
-        if !r.rest.is_empty() {
-            return Err(WireError::TrailingBytes);
+        match message {
+            Message::Reply { .. } if !r.rest.is_empty() => Err(WireError::TrailingBytes),
+            Message::Probe { .. } if r.rest.iter().any(|&b| b != 0) => {
+                Err(WireError::TrailingBytes)
+            }
+            Message::Probe { .. } if datagram.len() < PROBE_LEN => {
+                Err(WireError::Unpadded(datagram.len()))
+            }
+            _ => Ok(message),
         }
-        Ok(message)
     }
 
     /// The transaction id, whichever kind of message this is.
@@ -315,7 +337,36 @@ mod tests {
         assert_eq!(bytes[5], VERSION);
         assert_eq!(&bytes[6..18], &TXID);
         assert_eq!(usize::from(bytes[18]), PROBE_GREETING.len());
-        assert_eq!(&bytes[19..], PROBE_GREETING.as_bytes());
+        let end = 19 + PROBE_GREETING.len();
+        assert_eq!(&bytes[19..end], PROBE_GREETING.as_bytes());
+        assert_eq!(bytes.len(), PROBE_LEN);
+        assert!(bytes[end..].iter().all(|&b| b == 0), "zero padding");
+    }
+
+    #[test]
+    fn replies_are_never_larger_than_probes() {
+        let largest = Message::Reply {
+            txid: TXID,
+            observed: "[2001:db8::1]:65535".parse().unwrap(),
+        };
+        let probe = Message::Probe { txid: TXID }.to_vec();
+        assert!(largest.to_vec().len() <= probe.len());
+    }
+
+    #[test]
+    fn error_unpadded_probe() {
+        let bytes = Message::Probe { txid: TXID }.to_vec();
+        let unpadded = &bytes[..19 + PROBE_GREETING.len()];
+        assert_eq!(
+            Message::decode(unpadded),
+            Err(WireError::Unpadded(unpadded.len()))
+        );
+        let mut dirty = bytes.clone();
+        *dirty.last_mut().unwrap() = 1;
+        assert_eq!(Message::decode(&dirty), Err(WireError::TrailingBytes));
+        let mut longer = bytes;
+        longer.extend_from_slice(&[0; 10]);
+        assert_eq!(Message::decode(&longer), Ok(Message::Probe { txid: TXID }));
     }
 
     #[test]
@@ -417,9 +468,11 @@ mod tests {
         let mut bytes = Message::Probe { txid: TXID }.to_vec();
         bytes.truncate(18);
         bytes.extend_from_slice(&[2, b'h', b'i']);
+        bytes.resize(PROBE_LEN, 0);
         assert_eq!(Message::decode(&bytes), Ok(Message::Probe { txid: TXID }));
         bytes.truncate(18);
         bytes.push(0);
+        bytes.resize(PROBE_LEN, 0);
         assert_eq!(Message::decode(&bytes), Ok(Message::Probe { txid: TXID }));
     }
 
