@@ -236,8 +236,10 @@ fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
     transport.max_idle_timeout(Some(
         IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt"),
     ));
-    // Room for many files in parallel on one connection.
-    transport.max_concurrent_bidi_streams(1024u32.into());
+    // Streams a peer may have open at once. Each incoming file holds a file descriptor,
+    // a disk thread and its buffers, so this bounds what one sender can make a receiver
+    // commit (the file sender itself uses far fewer).
+    transport.max_concurrent_bidi_streams(64u32.into());
     // Flow-control windows sized for bulk transfer: quinn's defaults (1.25 MB per stream)
     // stall a fast path on STREAM_DATA_BLOCKED. The connection window bounds what a
     // receiver buffers in total, however many files are in flight.

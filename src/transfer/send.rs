@@ -12,6 +12,8 @@ use super::{
 
 /// Bytes read from disk per chunk handed to QUIC.
 const CHUNK: usize = 1 << 20;
+/// Files streamed at the same time on one connection.
+const PARALLEL_FILES: usize = 8;
 /// Chunks read ahead of the network: bounds the sender's memory per file.
 const READ_AHEAD: usize = 4;
 
@@ -111,13 +113,21 @@ pub async fn send_files(
 
     let mut reports: Vec<Option<FileReport>> = vec![None; offers.len()];
     let mut tasks = tokio::task::JoinSet::new();
+    // A few files at a time: enough to overlap one file's tail with the next one's
+    // start, without thousands of open files and read-ahead buffers at once.
+    let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL_FILES));
     for (offer, decision) in offers.into_iter().zip(decisions) {
         match decision {
             Decision::Accept { id, offset } if id == offer.id && offset <= offer.size => {
                 let connection = connection.clone();
                 let path = files[id as usize].path.clone();
                 let observer = observer.clone();
+                let slots = slots.clone();
                 tasks.spawn(async move {
+                    let _slot = slots
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore is never closed");
                     let result = send_one(&connection, &path, &offer, offset, &*observer).await;
                     (offer, result)
                 });
