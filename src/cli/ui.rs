@@ -274,8 +274,12 @@ impl Consent for TerminalConsent {
                 files.len(),
                 HumanBytes(total)
             );
-            for f in files {
+            const SHOWN: usize = 20;
+            for f in files.iter().take(SHOWN) {
                 eprintln!("  {}  ({})", display_safe(&f.name), HumanBytes(f.size));
+            }
+            if files.len() > SHOWN {
+                eprintln!("  ... and {} more", files.len() - SHOWN);
             }
             eprint!("Accept? [y/N] ");
             let _ = std::io::stderr().flush();
