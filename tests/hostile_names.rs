@@ -74,6 +74,7 @@ async fn run() {
         out_dir: out.clone(),
         overwrite: false,
         policy: Policy::AcceptAll,
+        stall_timeout: transfer::STALL_TIMEOUT,
     })
     .unwrap();
     let sender_id = Identity::generate().unwrap();

@@ -83,6 +83,7 @@ async fn run() {
         out_dir: out.path().to_path_buf(),
         overwrite: false,
         policy: Policy::AcceptAll,
+        stall_timeout: Duration::from_secs(1),
     })
     .unwrap();
     let server = Arc::new(node(true));
@@ -92,11 +93,11 @@ async fn run() {
         let (server, receiver) = (server.clone(), receiver.clone());
         tokio::spawn(async move {
             let mut batches = Vec::new();
-            for _ in 0..3 {
+            for _ in 0..5 {
                 let peer = server.accept().await.unwrap().unwrap();
-                batches.push(receiver.handle(&peer, Arc::new(Quiet)).await.unwrap());
+                batches.push(receiver.handle(&peer, Arc::new(Quiet)).await);
                 let _ =
-                    tokio::time::timeout(Duration::from_secs(5), peer.connection.closed()).await;
+                    tokio::time::timeout(Duration::from_secs(1), peer.connection.closed()).await;
             }
             batches
         })
@@ -170,7 +171,60 @@ async fn run() {
     assert_eq!(entries(out.path()), vec!["data.bin".to_string()]);
     assert_eq!(std::fs::read(out.path().join("data.bin")).unwrap(), payload);
 
+    // 4. A sender that stalls mid-file: the receiver gives up after its stall timeout
+    //    (1 s here) instead of waiting on a connection kept alive by keep-alives.
+    let peer = client.connect(target, Some(fp)).await.unwrap();
+    let (mut control, mut answers) = peer.connection.open_bi().await.unwrap();
+    let offer = FileOffer {
+        id: 0,
+        name: "slow.bin".into(),
+        size: payload.len() as u64,
+        blake3: real_hash.clone(),
+    };
+    write_frame(&mut control, &Manifest { files: vec![offer] }).await;
+    let _: Decisions = read_frame(&mut answers).await;
+    let (mut send, mut recv) = peer.connection.open_bi().await.unwrap();
+    write_frame(&mut send, &FileHeader { id: 0, offset: 0 }).await;
+    send.write_all(&payload[..10]).await.unwrap();
+    let started = std::time::Instant::now();
+    let verdict: FileResult = read_frame(&mut recv).await;
+    assert!(!verdict.verified);
+    assert!(
+        verdict
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("sent nothing"),
+        "{verdict:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    peer.connection.close(0u32.into(), b"");
+    assert_eq!(
+        entries(out.path()),
+        vec!["data.bin".to_string()],
+        "no slow.bin, no .part"
+    );
+
+    // 5. A sender whose files are accepted but who never opens a file stream.
+    let peer2 = client.connect(target, Some(fp)).await.unwrap();
+    let (mut control, mut answers) = peer2.connection.open_bi().await.unwrap();
+    let offer = FileOffer {
+        id: 0,
+        name: "never.bin".into(),
+        size: 5,
+        blake3: real_hash.clone(),
+    };
+    write_frame(&mut control, &Manifest { files: vec![offer] }).await;
+    let _: Decisions = read_frame(&mut answers).await;
+
     let batches = serving.await.unwrap();
-    let outcomes: Vec<bool> = batches.iter().map(|b| b[0].is_verified()).collect();
-    assert_eq!(outcomes, vec![false, false, true]);
+    drop(peer2);
+    let outcomes: Vec<bool> = batches[..4]
+        .iter()
+        .map(|b| b.as_ref().unwrap()[0].is_verified())
+        .collect();
+    assert_eq!(outcomes, vec![false, false, true, false]);
+    let err = batches[4].as_ref().unwrap_err();
+    assert!(err.to_string().contains("sent nothing"), "{err}");
+    assert_eq!(entries(out.path()), vec!["data.bin".to_string()]);
 }

@@ -44,6 +44,7 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         out_dir: out_dir.clone(),
         overwrite: false,
         policy: Policy::Allow(vec![sender_id.fingerprint()]),
+        stall_timeout: transfer::STALL_TIMEOUT,
     })?;
     let socket = qpunch::socket::bind("127.0.0.1:0".parse()?)?;
     let receiving = Node::new(socket, NodeConfig::new(receiver_id, transfer::ALPN, true))?;

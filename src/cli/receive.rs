@@ -57,6 +57,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         out_dir: args.out.clone(),
         overwrite: args.overwrite,
         policy,
+        stall_timeout: transfer::STALL_TIMEOUT,
     })?;
     let bind = bind_addr(&args.bind, args.port)?;
     let identity = load_identity()?;

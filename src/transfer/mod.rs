@@ -25,7 +25,7 @@ mod send;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-pub use receive::{Consent, Policy, ReceiveOptions, Receiver};
+pub use receive::{Consent, Policy, ReceiveOptions, Receiver, STALL_TIMEOUT};
 pub use send::{Outgoing, hash_file, send_files};
 
 /// The ALPN protocol id of file transfer.

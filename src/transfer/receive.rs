@@ -66,7 +66,13 @@ pub struct ReceiveOptions {
     pub overwrite: bool,
     /// Who may send.
     pub policy: Policy,
+    /// Give up on a sender that moves no data for this long while a file is due (the
+    /// connection's keep-alives alone would hold a `--once` receiver forever).
+    pub stall_timeout: Duration,
 }
+
+/// Default [`ReceiveOptions::stall_timeout`].
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves incoming transfers; share one across connections so that concurrent files
 /// never pick the same destination.
@@ -252,18 +258,37 @@ impl Receiver {
         let mut outcome = Ok(());
         let mut expected = plans.len();
         let mut strays = 0;
+        let stall = self.options.stall_timeout;
         while expected > 0 {
-            let (send, mut recv) = match conn.accept_bi().await {
+            // While files are in flight, waiting for the next stream is normal (the sender
+            // streams a few at a time); with none in flight, silence is a stall.
+            let accepted = tokio::select! {
+                accepted = conn.accept_bi() => accepted,
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    self.reap(joined, reports);
+                    continue;
+                }
+                _ = tokio::time::sleep(stall), if tasks.is_empty() => {
+                    outcome = Err(stalled(stall));
+                    break;
+                }
+            };
+            let (send, mut recv) = match accepted {
                 Ok(streams) => streams,
                 Err(e) => {
                     outcome = Err(stream_error(e));
                     break;
                 }
             };
-            let header: FileHeader = match read_frame(&mut recv).await {
-                Ok(h) => h,
-                Err(e) => {
+            let header: FileHeader = match tokio::time::timeout(stall, read_frame(&mut recv)).await
+            {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
                     outcome = Err(e);
+                    break;
+                }
+                Err(_) => {
+                    outcome = Err(stalled(stall));
                     break;
                 }
             };
@@ -292,7 +317,7 @@ impl Receiver {
             let overwrite = self.options.overwrite;
             tasks.spawn(async move {
                 let dest = plan.dest.clone();
-                let report = receive_file(plan, send, recv, overwrite, &*observer).await;
+                let report = receive_file(plan, send, recv, overwrite, stall, &*observer).await;
                 observer.finished(&report);
                 (dest, report)
             });
@@ -305,13 +330,29 @@ impl Receiver {
             reports.insert(plan.offer.id, report);
         }
         while let Some(joined) = tasks.join_next().await {
-            // Verified or not, the name is free again: the file exists now, or it does not.
-            let (dest, report) = joined.expect("receive task panicked");
-            self.release(&dest);
-            reports.insert(report.id, report);
+            self.reap(joined, reports);
         }
         outcome
     }
+
+    /// Record a finished file. Verified or not, its name is free again: the file exists
+    /// now, or it does not.
+    fn reap(
+        &self,
+        joined: Result<(PathBuf, FileReport), tokio::task::JoinError>,
+        reports: &mut HashMap<u32, FileReport>,
+    ) {
+        let (dest, report) = joined.expect("receive task panicked");
+        self.release(&dest);
+        reports.insert(report.id, report);
+    }
+}
+
+fn stalled(after: Duration) -> TransferError {
+    TransferError::protocol(format!(
+        "the sender sent nothing for {} s",
+        after.as_secs_f64()
+    ))
 }
 
 fn declined(offer: &FileOffer, reason: &str) -> FileReport {
@@ -338,12 +379,13 @@ async fn receive_file(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     overwrite: bool,
+    stall: Duration,
     observer: &dyn Observer,
 ) -> FileReport {
     let Plan { offer, dest } = plan;
     let part = names::part_path(&dest);
     observer.started(offer.id, &offer.name, offer.size);
-    let outcome = store(&offer, &dest, &part, &mut recv, overwrite, observer).await;
+    let outcome = store(&offer, &dest, &part, &mut recv, overwrite, stall, observer).await;
     let (result, report) = match outcome {
         Ok(hash) => {
             let saved_as = dest.file_name().map(|n| n.to_string_lossy().into_owned());
@@ -394,6 +436,7 @@ async fn store(
     part: &Path,
     recv: &mut quinn::RecvStream,
     overwrite: bool,
+    stall: Duration,
     observer: &dyn Observer,
 ) -> Result<String, (String, String)> {
     let fail = |why: String| (String::new(), why);
@@ -422,7 +465,15 @@ async fn store(
         let mut batch = Vec::new();
         let mut gathered = 0;
         while gathered < GATHER {
-            match recv.read_chunk(CHUNK, true).await {
+            let Ok(read) = tokio::time::timeout(stall, recv.read_chunk(CHUNK, true)).await else {
+                failure = Some(format!(
+                    "the sender sent nothing for {} s",
+                    stall.as_secs_f64()
+                ));
+                finished = true;
+                break;
+            };
+            match read {
                 Ok(Some(chunk)) => {
                     gathered += chunk.bytes.len();
                     batch.push(chunk.bytes);
