@@ -124,12 +124,16 @@ impl Receiver {
             conn.close(codes::NOT_ALLOWED.into(), reason.as_bytes());
             return Err(TransferError::NotAllowed(reason));
         }
-        let (mut control_send, mut control_recv) =
-            match tokio::time::timeout(MANIFEST_TIMEOUT, conn.accept_bi()).await {
-                Ok(streams) => streams.map_err(stream_error)?,
+        let offered = async {
+            let (send, mut recv) = conn.accept_bi().await.map_err(stream_error)?;
+            let manifest: Manifest = read_frame(&mut recv).await?;
+            Ok::<_, TransferError>((send, manifest))
+        };
+        let (mut control_send, Manifest { files }) =
+            match tokio::time::timeout(MANIFEST_TIMEOUT, offered).await {
+                Ok(offered) => offered?,
                 Err(_) => return Err(TransferError::protocol("sender offered nothing")),
             };
-        let Manifest { files } = read_frame(&mut control_recv).await?;
         if files.len() > super::MAX_FILES {
             conn.close(codes::PROTOCOL.into(), b"too many files");
             return Err(TransferError::protocol("too many files offered"));
