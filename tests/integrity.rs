@@ -35,6 +35,27 @@ async fn read_frame<T: serde::de::DeserializeOwned>(recv: &mut quinn::RecvStream
     serde_json::from_slice(&body).unwrap()
 }
 
+/// Offer one file (id 0) by hand and check it is accepted. The control stream is
+/// returned so it stays open while the caller goes on.
+async fn offer_one(
+    conn: &quinn::Connection,
+    name: &str,
+    size: u64,
+    blake3: String,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut control, mut answers) = conn.open_bi().await.unwrap();
+    let offer = FileOffer {
+        id: 0,
+        name: name.into(),
+        size,
+        blake3,
+    };
+    write_frame(&mut control, &Manifest { files: vec![offer] }).await;
+    let Decisions { decisions } = read_frame(&mut answers).await;
+    assert_eq!(decisions, vec![Decision::Accept { id: 0, offset: 0 }]);
+    (control, answers)
+}
+
 /// Offer `offered_size` bytes hashing to `offered_hash`, then send `payload`; return
 /// the receiver's verdict.
 async fn lying_send(
@@ -44,16 +65,7 @@ async fn lying_send(
     payload: &[u8],
 ) -> FileResult {
     let conn = &peer.connection;
-    let (mut control, mut answers) = conn.open_bi().await.unwrap();
-    let offer = FileOffer {
-        id: 0,
-        name: "data.bin".into(),
-        size: offered_size,
-        blake3: offered_hash,
-    };
-    write_frame(&mut control, &Manifest { files: vec![offer] }).await;
-    let Decisions { decisions } = read_frame(&mut answers).await;
-    assert_eq!(decisions, vec![Decision::Accept { id: 0, offset: 0 }]);
+    let _control = offer_one(conn, "data.bin", offered_size, offered_hash).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     write_frame(&mut send, &FileHeader { id: 0, offset: 0 }).await;
     send.write_all(payload).await.unwrap();
@@ -174,15 +186,13 @@ async fn run() {
     // 4. A sender that stalls mid-file: the receiver gives up after its stall timeout
     //    (1 s here) instead of waiting on a connection kept alive by keep-alives.
     let peer = client.connect(target, Some(fp)).await.unwrap();
-    let (mut control, mut answers) = peer.connection.open_bi().await.unwrap();
-    let offer = FileOffer {
-        id: 0,
-        name: "slow.bin".into(),
-        size: payload.len() as u64,
-        blake3: real_hash.clone(),
-    };
-    write_frame(&mut control, &Manifest { files: vec![offer] }).await;
-    let _: Decisions = read_frame(&mut answers).await;
+    let _control = offer_one(
+        &peer.connection,
+        "slow.bin",
+        payload.len() as u64,
+        real_hash.clone(),
+    )
+    .await;
     let (mut send, mut recv) = peer.connection.open_bi().await.unwrap();
     write_frame(&mut send, &FileHeader { id: 0, offset: 0 }).await;
     send.write_all(&payload[..10]).await.unwrap();
@@ -207,15 +217,7 @@ async fn run() {
 
     // 5. A sender whose files are accepted but who never opens a file stream.
     let peer2 = client.connect(target, Some(fp)).await.unwrap();
-    let (mut control, mut answers) = peer2.connection.open_bi().await.unwrap();
-    let offer = FileOffer {
-        id: 0,
-        name: "never.bin".into(),
-        size: 5,
-        blake3: real_hash.clone(),
-    };
-    write_frame(&mut control, &Manifest { files: vec![offer] }).await;
-    let _: Decisions = read_frame(&mut answers).await;
+    let _control2 = offer_one(&peer2.connection, "never.bin", 5, real_hash.clone()).await;
 
     let batches = serving.await.unwrap();
     drop(peer2);
