@@ -151,8 +151,6 @@ pub struct FileProgress {
     ui: Arc<Ui>,
     side: Side,
     bars: Mutex<HashMap<u32, ProgressBar>>,
-    /// Whether any file ended unverified.
-    pub failures: Mutex<Vec<String>>,
 }
 
 impl FileProgress {
@@ -161,12 +159,7 @@ impl FileProgress {
             ui,
             side,
             bars: Mutex::new(HashMap::new()),
-            failures: Mutex::new(Vec::new()),
         })
-    }
-
-    pub fn all_verified(&self) -> bool {
-        self.failures.lock().unwrap().is_empty()
     }
 }
 
@@ -194,7 +187,7 @@ impl Observer for FileProgress {
     }
 
     fn finished(&self, report: &FileReport) {
-        if let Some(bar) = self.bars.lock().unwrap().remove(&id_of(report)) {
+        if let Some(bar) = self.bars.lock().unwrap().remove(&report.id) {
             bar.finish_and_clear();
         }
         let name = display_safe(&report.name);
@@ -231,7 +224,6 @@ impl Observer for FileProgress {
                 )),
             ),
             (Outcome::Declined(reason), _) => {
-                self.failures.lock().unwrap().push(report.name.clone());
                 self.ui.event(
                     Event::Declined {
                         name: report.name.clone(),
@@ -241,15 +233,10 @@ impl Observer for FileProgress {
                 );
             }
             (Outcome::Failed(why), _) => {
-                self.failures.lock().unwrap().push(report.name.clone());
                 self.ui.error(&format!("{name}: {why}"));
             }
         }
     }
-}
-
-fn id_of(report: &FileReport) -> u32 {
-    report.id
 }
 
 /// Asks at the terminal before accepting files.
