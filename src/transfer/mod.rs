@@ -148,6 +148,18 @@ pub struct FileReport {
 }
 
 impl FileReport {
+    /// A report on `offer` (its id, name, size and offered hash).
+    fn new(offer: &FileOffer, saved_as: Option<String>, outcome: Outcome) -> Self {
+        FileReport {
+            id: offer.id,
+            name: offer.name.clone(),
+            size: offer.size,
+            blake3: offer.blake3.clone(),
+            saved_as,
+            outcome,
+        }
+    }
+
     /// Whether the file arrived verified.
     pub fn is_verified(&self) -> bool {
         self.outcome == Outcome::Verified

@@ -352,29 +352,21 @@ impl Receiver {
     }
 }
 
+/// Why a transfer was given up when the sender went quiet.
+fn stall_message(after: Duration) -> String {
+    format!("the sender sent nothing for {} s", after.as_secs_f64())
+}
+
 fn stalled(after: Duration) -> TransferError {
-    TransferError::protocol(format!(
-        "the sender sent nothing for {} s",
-        after.as_secs_f64()
-    ))
+    TransferError::protocol(stall_message(after))
 }
 
 fn declined(offer: &FileOffer, reason: &str) -> FileReport {
-    FileReport {
-        id: offer.id,
-        name: offer.name.clone(),
-        size: offer.size,
-        blake3: offer.blake3.clone(),
-        saved_as: None,
-        outcome: Outcome::Declined(reason.to_string()),
-    }
+    FileReport::new(offer, None, Outcome::Declined(reason.to_string()))
 }
 
 fn failed(offer: &FileOffer, reason: &str) -> FileReport {
-    FileReport {
-        outcome: Outcome::Failed(reason.to_string()),
-        ..declined(offer, reason)
-    }
+    FileReport::new(offer, None, Outcome::Failed(reason.to_string()))
 }
 
 /// Receive one file's bytes into `.part`, verify, rename, and tell the sender.
@@ -400,11 +392,7 @@ async fn receive_file(
                 saved_as: saved_as.clone(),
                 error: None,
             };
-            let report = FileReport {
-                saved_as,
-                outcome: Outcome::Verified,
-                ..declined(&offer, "")
-            };
+            let report = FileReport::new(&offer, saved_as, Outcome::Verified);
             (result, report)
         }
         Err((hash, why)) => {
@@ -470,10 +458,7 @@ async fn store(
         let mut gathered = 0;
         while gathered < GATHER {
             let Ok(read) = tokio::time::timeout(stall, recv.read_chunk(CHUNK, true)).await else {
-                failure = Some(format!(
-                    "the sender sent nothing for {} s",
-                    stall.as_secs_f64()
-                ));
+                failure = Some(stall_message(stall));
                 finished = true;
                 break;
             };

@@ -133,7 +133,7 @@ pub async fn send_files(
                 });
             }
             Decision::Decline { id, reason } if id == offer.id => {
-                let report = report(&offer, None, Outcome::Declined(reason));
+                let report = FileReport::new(&offer, None, Outcome::Declined(reason));
                 observer.finished(&report);
                 reports[offer.id as usize] = Some(report);
             }
@@ -149,19 +149,19 @@ pub async fn send_files(
         let (offer, result) = joined.expect("send task panicked");
         let report = match result {
             Ok(result) if result.verified && result.blake3 == offer.blake3 => {
-                report(&offer, result.saved_as, Outcome::Verified)
+                FileReport::new(&offer, result.saved_as, Outcome::Verified)
             }
             Ok(result) => {
                 let why = result
                     .error
                     .unwrap_or_else(|| "receiver could not verify the file".into());
-                report(&offer, None, Outcome::Failed(why))
+                FileReport::new(&offer, None, Outcome::Failed(why))
             }
             // Losing the connection fails every file still in flight: report it once, as
             // the connection error, rather than as many per-file failures.
             Err(TransferError::Connection(e)) => return Err(TransferError::Connection(e)),
             Err(TransferError::NotAllowed(e)) => return Err(TransferError::NotAllowed(e)),
-            Err(e) => report(&offer, None, Outcome::Failed(e.to_string())),
+            Err(e) => FileReport::new(&offer, None, Outcome::Failed(e.to_string())),
         };
         observer.finished(&report);
         reports[offer.id as usize] = Some(report);
@@ -172,17 +172,6 @@ pub async fn send_files(
         .into_iter()
         .map(|r| r.expect("every file reported"))
         .collect())
-}
-
-fn report(offer: &FileOffer, saved_as: Option<String>, outcome: Outcome) -> FileReport {
-    FileReport {
-        id: offer.id,
-        name: offer.name.clone(),
-        size: offer.size,
-        blake3: offer.blake3.clone(),
-        saved_as,
-        outcome,
-    }
 }
 
 /// Stream one accepted file from `offset` and read the receiver's verdict.
