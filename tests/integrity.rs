@@ -73,6 +73,14 @@ async fn lying_send(
     read_frame(&mut recv).await
 }
 
+/// The receiver refused the file, saved nothing, and said why.
+fn assert_refused(verdict: &FileResult, why: &str) {
+    assert!(!verdict.verified, "{verdict:?}");
+    assert!(verdict.saved_as.is_none(), "{verdict:?}");
+    let error = verdict.error.as_deref().unwrap_or("");
+    assert!(error.contains(why), "expected {why:?} in {verdict:?}");
+}
+
 fn entries(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -123,16 +131,11 @@ async fn run() {
     let client = node(false);
     let peer = client.connect(target, Some(fp)).await.unwrap();
     let verdict = lying_send(&peer, payload.len() as u64, wrong_hash, &payload).await;
-    assert!(!verdict.verified);
+    assert_refused(&verdict, "mismatch");
     assert_eq!(
         verdict.blake3, real_hash,
         "receiver reports what it actually got"
     );
-    assert!(
-        verdict.error.as_deref().unwrap_or("").contains("mismatch"),
-        "{verdict:?}"
-    );
-    assert!(verdict.saved_as.is_none());
     peer.connection.close(0u32.into(), b"");
     assert_eq!(
         entries(out.path()),
@@ -149,15 +152,7 @@ async fn run() {
         &payload[..40_000],
     )
     .await;
-    assert!(!verdict.verified);
-    assert!(
-        verdict
-            .error
-            .as_deref()
-            .unwrap_or("")
-            .contains("40000 of 100000"),
-        "{verdict:?}"
-    );
+    assert_refused(&verdict, "40000 of 100000");
     peer.connection.close(0u32.into(), b"");
     assert_eq!(
         entries(out.path()),
@@ -198,15 +193,7 @@ async fn run() {
     send.write_all(&payload[..10]).await.unwrap();
     let started = std::time::Instant::now();
     let verdict: FileResult = read_frame(&mut recv).await;
-    assert!(!verdict.verified);
-    assert!(
-        verdict
-            .error
-            .as_deref()
-            .unwrap_or("")
-            .contains("sent nothing"),
-        "{verdict:?}"
-    );
+    assert_refused(&verdict, "sent nothing");
     assert!(started.elapsed() >= Duration::from_millis(900));
     peer.connection.close(0u32.into(), b"");
     assert_eq!(
