@@ -16,8 +16,8 @@ use qpunch::node::{self, Node, NodeConfig};
 use qpunch::punch::PunchConfig;
 use qpunch::transfer::{self, Outgoing, Policy, ReceiveOptions, Receiver};
 
-use super::send::report_connected;
-use super::ui::{Event, FileProgress, Side, Ui};
+use super::send::{report_connected, report_punched};
+use super::ui::{FileProgress, Side, Ui};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -65,20 +65,7 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         punched,
         punched_from: local,
     } = node::punch_and_hand_over(target, config, PunchConfig::default()).await?;
-    ui.event(
-        Event::Punched {
-            peer: punched.peer.to_string(),
-            local_addr: local.to_string(),
-            reflexive_addr: punched.reflexive.to_string(),
-            rtt_ms: punched.rtt.as_secs_f64() * 1000.0,
-        },
-        Some(format!(
-            "probe \"ただいま~\" answered with \"お帰り~\" from {} in {:.2} ms: the path is open; socket {} handed to QUIC",
-            punched.peer,
-            punched.rtt.as_secs_f64() * 1000.0,
-            local
-        )),
-    );
+    report_punched(&ui, &punched, local);
     let peer = sending.connect(punched.peer, Some(receiver_fp)).await?;
     report_connected(&ui, &sending, &peer)?;
     let progress = FileProgress::new(ui.clone(), Side::Sending);

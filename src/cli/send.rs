@@ -10,7 +10,7 @@ use clap::Args;
 use qpunch::identity::Fingerprint;
 use qpunch::known_peers::KnownPeers;
 use qpunch::node::{self, Node, NodeConfig, NodeError, PeerConnection};
-use qpunch::punch::PunchConfig;
+use qpunch::punch::{PunchConfig, Punched};
 use qpunch::transfer::{self, Outgoing};
 
 use super::ui::{Event, FileProgress, Side, Ui};
@@ -72,23 +72,7 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         .with_context(|| {
             format!("no answer from {target}: is `qpunch receive` running there, and UDP open?")
         })?;
-    // The address the probes left from, read before hand-over: `connected` shows the
-    // QUIC socket's, and the two ports must agree.
-    let local = punched_from;
-    ui.event(
-        Event::Punched {
-            peer: punched.peer.to_string(),
-            local_addr: local.to_string(),
-            reflexive_addr: canonical(punched.reflexive).to_string(),
-            rtt_ms: punched.rtt.as_secs_f64() * 1000.0,
-        },
-        Some(format!(
-            "hole punched: {} answered in {:.1} ms; it sees us as {}",
-            punched.peer,
-            punched.rtt.as_secs_f64() * 1000.0,
-            canonical(punched.reflexive)
-        )),
-    );
+    report_punched(&ui, &punched, punched_from);
 
     let peer = match node.connect(punched.peer, expected).await {
         Ok(peer) => peer,
@@ -136,6 +120,28 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         ));
     }
     Ok(verified == reports.len())
+}
+
+/// The `punched` event. `from` is the socket's address while punching, read before
+/// hand-over: `connected` shows the QUIC socket's, and the two ports must agree.
+pub fn report_punched(ui: &Ui, punched: &Punched, from: SocketAddr) {
+    let rtt_ms = punched.rtt.as_secs_f64() * 1000.0;
+    let reflexive = canonical(punched.reflexive);
+    ui.event(
+        Event::Punched {
+            peer: punched.peer.to_string(),
+            local_addr: from.to_string(),
+            reflexive_addr: reflexive.to_string(),
+            rtt_ms,
+        },
+        Some(format!(
+            "hole punched: \"{}\" answered with \"{}\" by {} in {rtt_ms:.2} ms; it sees us as \
+             {reflexive}; socket {from} handed to QUIC",
+            qpunch::wire::PROBE_GREETING,
+            qpunch::wire::REPLY_GREETING,
+            punched.peer,
+        )),
+    );
 }
 
 pub fn report_connected(ui: &Ui, node: &Node, peer: &PeerConnection) -> anyhow::Result<()> {
