@@ -282,20 +282,27 @@ pub struct Responder {
     stats: ResponderStats,
 }
 
+/// The answer to probe `txid` from `from`: sent back to the address the probe came from,
+/// carrying that address, so the prober learns how it looks from here. For callers
+/// that have already decoded the probe (the shared socket does, to route datagrams).
+pub fn reply_to(from: SocketAddr, txid: TxId) -> Transmit {
+    Transmit {
+        destination: from,
+        contents: Message::Reply {
+            txid,
+            observed: from,
+        }
+        .to_vec(),
+    }
+}
+
 impl Responder {
     /// The reply to send, if `datagram` is a valid probe.
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<Transmit> {
         match Message::decode(datagram) {
             Ok(Message::Probe { txid }) => {
                 self.stats.answered += 1;
-                Some(Transmit {
-                    destination: from,
-                    contents: Message::Reply {
-                        txid,
-                        observed: from,
-                    }
-                    .to_vec(),
-                })
+                Some(reply_to(from, txid))
             }
             Ok(Message::Reply { .. }) => {
                 self.stats.ignored += 1;

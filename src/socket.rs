@@ -12,15 +12,15 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::broadcast;
 
-use crate::punch::Responder;
+use crate::punch::reply_to;
 use crate::wire::{self, Class, Message};
 
 /// Kernel send/receive buffer size requested for the socket. quinn does not size them,
@@ -69,7 +69,6 @@ pub type ProbeReply = (SocketAddr, Vec<u8>);
 /// A quinn [`AsyncUdpSocket`] that also speaks the probe protocol on the same port.
 pub struct DemuxSocket {
     inner: Arc<dyn AsyncUdpSocket>,
-    responder: Mutex<Responder>,
     replies: broadcast::Sender<ProbeReply>,
     counters: Counters,
 }
@@ -91,7 +90,6 @@ impl DemuxSocket {
         let (replies, _) = broadcast::channel(64);
         Ok(Arc::new(DemuxSocket {
             inner,
-            responder: Mutex::new(Responder::default()),
             replies,
             counters: Counters::default(),
         }))
@@ -150,27 +148,21 @@ impl DemuxSocket {
         data: &[u8],
     ) {
         match Message::decode(data) {
-            Ok(Message::Probe { .. }) => {
-                let reply = self
-                    .responder
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .handle_datagram(from, data);
-                if let Some(reply) = reply {
-                    let transmit = Transmit {
-                        destination: reply.destination,
-                        ecn: None,
-                        contents: &reply.contents,
-                        segment_size: None,
-                        // Answer from the address the probe was sent to (multi-homed hosts).
-                        src_ip: local_ip,
-                    };
-                    // Best effort, like any UDP: a lost reply is covered by the prober's resend.
-                    if let Err(e) = self.inner.try_send(&transmit) {
-                        tracing::debug!(%from, "probe reply not sent: {e}");
-                    } else {
-                        self.counters.answered.fetch_add(1, Ordering::Relaxed);
-                    }
+            Ok(Message::Probe { txid }) => {
+                let reply = reply_to(from, txid);
+                let transmit = Transmit {
+                    destination: reply.destination,
+                    ecn: None,
+                    contents: &reply.contents,
+                    segment_size: None,
+                    // Answer from the address the probe was sent to (multi-homed hosts).
+                    src_ip: local_ip,
+                };
+                // Best effort, like any UDP: a lost reply is covered by the prober's resend.
+                if let Err(e) = self.inner.try_send(&transmit) {
+                    tracing::debug!(%from, "probe reply not sent: {e}");
+                } else {
+                    self.counters.answered.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Ok(Message::Reply { .. }) => {
