@@ -80,7 +80,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
                         Err(e) => ui.error(&format!("incoming connection failed: {e}")),
                     }
                 };
-                anyhow::Ok(serve(Ok(peer), &receiver, &ui, &node).await)
+                anyhow::Ok(serve(peer, &receiver, &ui, &node).await)
             } => ok?,
             _ = tokio::signal::ctrl_c() => {
                 ui.say("interrupted");
@@ -92,9 +92,14 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         loop {
             tokio::select! {
                 incoming = node.accept() => {
-                    let Some(incoming) = incoming else { break };
-                    let (receiver, ui, node) = (receiver.clone(), ui.clone(), node.clone());
-                    tasks.spawn(async move { serve(incoming, &receiver, &ui, &node).await });
+                    match incoming {
+                        None => break,
+                        Some(Ok(peer)) => {
+                            let (receiver, ui, node) = (receiver.clone(), ui.clone(), node.clone());
+                            tasks.spawn(async move { serve(peer, &receiver, &ui, &node).await });
+                        }
+                        Some(Err(e)) => ui.error(&format!("incoming connection failed: {e}")),
+                    }
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = tokio::signal::ctrl_c() => {
@@ -118,24 +123,12 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
 }
 
 /// Serve one connection; true when every offered file arrived verified.
-async fn serve(
-    incoming: Result<PeerConnection, qpunch::node::NodeError>,
-    receiver: &Receiver,
-    ui: &Arc<Ui>,
-    node: &Node,
-) -> bool {
-    let peer = match incoming {
-        Ok(peer) => peer,
-        Err(e) => {
-            ui.error(&format!("incoming connection failed: {e}"));
-            return false;
-        }
-    };
+async fn serve(peer: PeerConnection, receiver: &Receiver, ui: &Arc<Ui>, node: &Node) -> bool {
     if report_connected(ui, node, &peer).is_err() {
         return false;
     }
     let progress = FileProgress::new(ui.clone(), Side::Receiving(peer.fingerprint));
-    let ok = match receiver.handle(&peer, progress.clone()).await {
+    let ok = match receiver.handle(&peer, progress).await {
         Ok(reports) => reports.iter().all(|r| r.is_verified()),
         Err(e) => {
             ui.error(&format!("transfer from {} failed: {e}", peer.fingerprint));
