@@ -72,7 +72,7 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let reports = transfer::send_files(
         &peer.connection,
         vec![Outgoing::from_path(&source)?],
-        progress.clone(),
+        progress,
     )
     .await?;
     peer.connection.close(transfer::codes::DONE.into(), b"done");

@@ -105,7 +105,7 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     report_connected(&ui, &node, &peer)?;
 
     let progress = FileProgress::new(ui.clone(), Side::Sending);
-    let result = transfer::send_files(&peer.connection, outgoing, progress.clone()).await;
+    let result = transfer::send_files(&peer.connection, outgoing, progress).await;
     tracing::debug!(stats = ?peer.connection.stats(), "connection statistics");
     peer.connection.close(transfer::codes::DONE.into(), b"done");
     node.close(node::QUICK_LINGER).await;
