@@ -7,11 +7,15 @@
 //! The layers, bottom up:
 //! - [`wire`]: the probe/reply datagram format (sans-IO).
 //! - [`punch`]: the punch state machine (sans-IO: datagrams and time in, datagrams out).
-//! - [`socket`]: the one UDP socket, shared by probes and QUIC after hand-over.
+//! - [`socket`]: the one UDP socket, shared by probes and QUIC after hand-over;
+//!   [`ratelimit`] rations its answers to strangers.
 //! - [`driver`]: the tokio loop that runs the state machine on a socket.
 //! - [`identity`], [`known_peers`], [`tls`]: who a peer is, and pinning it.
 //! - [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
+//! - [`server`]: the accept loop of every listening peer: budgets, concurrent
+//!   handshakes, shutdown and drain.
 //! - [`transfer`]: verified file transfer on a connection.
+//! - [`text`]: making peer-controlled text safe for terminals.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,7 +37,10 @@ pub mod identity;
 pub mod known_peers;
 pub mod node;
 pub mod punch;
+pub mod ratelimit;
+pub mod server;
 pub mod socket;
+pub mod text;
 pub mod tls;
 pub mod transfer;
 pub mod wire;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::driver::{self, DriveError};
 use crate::identity::{Fingerprint, Identity};
 use crate::punch::{PunchConfig, Punched};
+use crate::ratelimit::RateConfig;
 use crate::socket::{DemuxSocket, SocketStats};
 use crate::tls::{self, TlsError};
 
@@ -23,11 +24,20 @@ pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 pub const QUICK_LINGER: Duration = Duration::from_millis(10);
 /// How long a silent connection lives before it is declared dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long [`Node::accept`] waits for a handshake to complete.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Per-stream receive window: one file can have this much in flight.
 const STREAM_WINDOW: u32 = 16 << 20;
-/// Connection receive window: the most a receiver buffers across all streams.
-const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Connection receive window once a connection is trusted (see
+/// [`PeerConnection::open_windows`]): the most it can make us buffer across all streams.
+pub const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Connection receive window of an incoming connection until the application trusts it:
+/// a stranger can make us buffer at most this much, however many streams it opens.
+pub const GUARDED_WINDOW: u32 = 64 << 10;
+/// Bidirectional streams an incoming connection may open until it is trusted: enough for
+/// a control stream (and one spare), not for a swarm of unread streams.
+pub const GUARDED_STREAMS: u32 = 2;
 
 /// Everything needed to build a [`Node`].
 #[derive(Debug, Clone)]
@@ -42,6 +52,8 @@ pub struct NodeConfig {
     /// mapping alive; `None` disables them (then an idle hole closes after the NAT's
     /// UDP timeout). Defaults to [`KEEP_ALIVE`].
     pub keep_alive: Option<Duration>,
+    /// How fast the socket answers probes, per source and in total.
+    pub probe_rate: RateConfig,
 }
 
 impl NodeConfig {
@@ -52,6 +64,7 @@ impl NodeConfig {
             alpn: vec![alpn.to_vec()],
             accept,
             keep_alive: Some(KEEP_ALIVE),
+            probe_rate: RateConfig::default(),
         }
     }
 }
@@ -68,9 +81,13 @@ pub enum NodeError {
     /// quinn refused to start the connection (e.g. address family mismatch).
     #[error("cannot connect: {0}")]
     Connect(#[from] quinn::ConnectError),
-    /// The connection or handshake failed.
-    #[error("connection failed: {0}")]
+    /// The connection or handshake failed. The peer may have chosen the close reason, so
+    /// it is shown escaped.
+    #[error("connection failed: {}", crate::text::peer(&.0.to_string()))]
     Connection(#[from] quinn::ConnectionError),
+    /// The handshake did not complete in time.
+    #[error("handshake not completed within {0:?}")]
+    HandshakeTimeout(Duration),
     /// The peer proved a different key than the pinned one.
     #[error("peer identity mismatch: expected {expected}, but the peer presented {actual}")]
     PeerMismatch {
@@ -96,6 +113,21 @@ pub struct PeerConnection {
     pub fingerprint: Fingerprint,
 }
 
+impl PeerConnection {
+    /// Lift the guard on an incoming connection once the application trusts it: grow the
+    /// receive window to [`CONNECTION_WINDOW`] and allow `streams` concurrent
+    /// bidirectional streams.
+    ///
+    /// Incoming connections start guarded ([`GUARDED_WINDOW`], [`GUARDED_STREAMS`], no
+    /// unidirectional streams, no datagrams): the handshake proves a key, not good intent,
+    /// and a stranger with a throwaway key must not be able to make us buffer megabytes.
+    pub fn open_windows(&self, streams: u32) {
+        self.connection.set_receive_window(CONNECTION_WINDOW.into());
+        self.connection
+            .set_max_concurrent_bi_streams(streams.into());
+    }
+}
+
 /// One socket, one QUIC endpoint, one identity.
 #[derive(Debug)]
 pub struct Node {
@@ -110,16 +142,19 @@ impl Node {
     /// a tokio runtime.
     pub fn new(socket: std::net::UdpSocket, config: NodeConfig) -> Result<Self, NodeError> {
         socket.set_nonblocking(true)?;
-        let socket = DemuxSocket::new(socket)?;
+        let socket = DemuxSocket::with_rate(socket, config.probe_rate)?;
         let mut endpoint_config = quinn::EndpointConfig::default();
         // Keep bit 0x40 set on every QUIC packet, so the first byte tells QUIC from probes.
         endpoint_config.grease_quic_bit(false);
         let server = if config.accept {
             let crypto = tls::server_crypto(&config.identity, &config.alpn)?;
             let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            server.transport_config(transport(config.keep_alive));
-            // The path was proven by the punch or the peer's reachability; a Retry
-            // round-trip would add latency and nothing here needs address validation.
+            server.transport_config(guarded_transport(config.keep_alive));
+            // Connection attempts waiting for the application: beyond this many quinn
+            // refuses at once. The server's own budgets (see `crate::server`) are smaller.
+            server.max_incoming(1024);
+            server.incoming_buffer_size(64 << 10);
+            server.incoming_buffer_size_total(8 << 20);
             Some(server)
         } else {
             None
@@ -198,13 +233,19 @@ impl Node {
         })
     }
 
-    /// Wait for the next incoming connection and complete its handshake. `None` once the
-    /// endpoint is closed.
+    /// Wait for the next incoming connection and complete its handshake (within
+    /// `HANDSHAKE_TIMEOUT`). `None` once the endpoint is closed.
+    ///
+    /// This handles one connection attempt at a time, which suits a quick tool or a test.
+    /// Anything listening for strangers should run a [`crate::server::Server`] instead:
+    /// it handshakes concurrently, with budgets, so one stalled client cannot block others.
     pub async fn accept(&self) -> Option<Result<PeerConnection, NodeError>> {
         let incoming = self.endpoint.accept().await?;
         Some(
             async {
-                let connection = incoming.await?;
+                let connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming.accept()?)
+                    .await
+                    .map_err(|_| NodeError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
                 let fingerprint =
                     tls::peer_fingerprint(&connection).ok_or(NodeError::NoPeerIdentity)?;
                 Ok(PeerConnection {
@@ -229,9 +270,27 @@ impl Node {
     }
 }
 
-/// Transport tuning shared by both roles.
+/// Transport for connections we accept: as [`transport`], but guarded until the application
+/// calls [`PeerConnection::open_windows`].
+fn guarded_transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
+    let mut transport = base_transport(keep_alive);
+    transport.max_concurrent_bidi_streams(GUARDED_STREAMS.into());
+    transport.receive_window(GUARDED_WINDOW.into());
+    Arc::new(transport)
+}
+
+/// Transport for connections we dial: the peer was chosen (and pinned), so the windows are
+/// open from the start.
 fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
+    Arc::new(base_transport(keep_alive))
+}
+
+/// Transport tuning shared by both roles.
+fn base_transport(keep_alive: Option<Duration>) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
+    // Neither unidirectional streams nor datagrams are used: a peer gets none to fill.
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.datagram_receive_buffer_size(None);
     transport.keep_alive_interval(keep_alive);
     transport.max_idle_timeout(Some(
         IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt"),
@@ -246,7 +305,7 @@ fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
     transport.stream_receive_window(STREAM_WINDOW.into());
     transport.receive_window(CONNECTION_WINDOW.into());
     transport.send_window(u64::from(CONNECTION_WINDOW));
-    Arc::new(transport)
+    transport
 }
 
 /// What [`punch_and_hand_over`] produced.

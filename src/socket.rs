@@ -12,15 +12,17 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::broadcast;
 
 use crate::punch::reply_to;
+use crate::ratelimit::{RateConfig, RateLimiter};
 use crate::wire::{self, Class, Message};
 
 /// Kernel send/receive buffer size requested for the socket. quinn does not size them,
@@ -50,6 +52,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
 pub struct SocketStats {
     /// Valid probes answered.
     pub probes_answered: u64,
+    /// Valid probes not answered because their source (or everyone) exceeded the reply
+    /// rate (see [`crate::ratelimit`]).
+    pub probes_limited: u64,
     /// Probe replies handed to punchers.
     pub replies_routed: u64,
     /// Non-QUIC datagrams that were not valid probes or replies: dropped.
@@ -59,6 +64,7 @@ pub struct SocketStats {
 #[derive(Default)]
 struct Counters {
     answered: AtomicU64,
+    limited: AtomicU64,
     routed: AtomicU64,
     malformed: AtomicU64,
 }
@@ -71,6 +77,8 @@ pub struct DemuxSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     replies: broadcast::Sender<ProbeReply>,
     counters: Counters,
+    /// Replies are rationed per source: probes are unauthenticated and may be forged.
+    limiter: Mutex<RateLimiter>,
 }
 
 impl fmt::Debug for DemuxSocket {
@@ -86,12 +94,18 @@ impl DemuxSocket {
     /// Wrap a bound socket (it must be inside a tokio runtime). The socket is moved, not
     /// re-bound: its local port, and so any NAT mapping made through it, is kept.
     pub fn new(socket: UdpSocket) -> io::Result<Arc<Self>> {
+        Self::with_rate(socket, RateConfig::default())
+    }
+
+    /// Like [`new`](Self::new), with explicit limits on how fast probes are answered.
+    pub fn with_rate(socket: UdpSocket, rate: RateConfig) -> io::Result<Arc<Self>> {
         let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
         let (replies, _) = broadcast::channel(64);
         Ok(Arc::new(DemuxSocket {
             inner,
             replies,
             counters: Counters::default(),
+            limiter: Mutex::new(RateLimiter::new(rate, Instant::now())),
         }))
     }
 
@@ -125,6 +139,7 @@ impl DemuxSocket {
     pub fn stats(&self) -> SocketStats {
         SocketStats {
             probes_answered: self.counters.answered.load(Ordering::Relaxed),
+            probes_limited: self.counters.limited.load(Ordering::Relaxed),
             replies_routed: self.counters.routed.load(Ordering::Relaxed),
             malformed_dropped: self.counters.malformed.load(Ordering::Relaxed),
         }
@@ -149,6 +164,10 @@ impl DemuxSocket {
     ) {
         match Message::decode(data) {
             Ok(Message::Probe { txid }) => {
+                if !self.may_answer(from) {
+                    self.counters.limited.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 let reply = reply_to(from, txid);
                 let transmit = Transmit {
                     destination: reply.destination,
@@ -175,6 +194,12 @@ impl DemuxSocket {
                 tracing::trace!(%from, "dropped non-QUIC datagram: {e}");
             }
         }
+    }
+
+    /// Whether `from` may get one more probe reply now (token buckets, see [`RateLimiter`]).
+    fn may_answer(&self, from: SocketAddr) -> bool {
+        let mut limiter = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        limiter.allow(Instant::now(), from.ip())
     }
 
     /// Remove probe segments from one received buffer (which may hold several GRO

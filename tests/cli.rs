@@ -209,8 +209,16 @@ fn sender_not_on_allow_list_is_refused() {
         &["--peer", &receiver.fingerprint],
         SHORT,
     );
-    let received = receiver.proc.finish(SHORT);
     sender.assert_failure();
+    // A refused stranger is not "the one" transfer: `--once` keeps waiting for it.
+    let mut proc = receiver.proc;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        proc.running(),
+        "a stranger ended --once\n{}",
+        proc.diagnostics()
+    );
+    let received = proc.interrupt(SHORT);
     received.assert_failure();
 
     let message = sender.messages().to_lowercase();

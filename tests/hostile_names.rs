@@ -70,13 +70,7 @@ async fn run() {
     let receiving = Node::new(socket, NodeConfig::new(receiver_id, transfer::ALPN, true)).unwrap();
     let target = receiving.local_addr().unwrap();
     assert!(target.ip().is_loopback() && target.port() != 0, "{target}");
-    let receiver = Receiver::new(ReceiveOptions {
-        out_dir: out.clone(),
-        overwrite: false,
-        policy: Policy::AcceptAll,
-        stall_timeout: transfer::STALL_TIMEOUT,
-    })
-    .unwrap();
+    let receiver = Receiver::new(ReceiveOptions::new(&out, Policy::AcceptAll)).unwrap();
     let sender_id = Identity::generate().unwrap();
     let sender_fp = sender_id.fingerprint();
     let receiving_task = tokio::spawn(async move {

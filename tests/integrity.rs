@@ -3,6 +3,8 @@
 //! The receiver must report the failure, leave no file and no `.part`, and free the
 //! name for the next sender.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,12 +84,7 @@ fn assert_refused(verdict: &FileResult, why: &str) {
 }
 
 fn entries(dir: &std::path::Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
+    common::list_dir(dir).into_iter().collect()
 }
 
 #[tokio::test]
@@ -100,10 +97,8 @@ async fn corrupted_and_truncated_files_are_never_kept() {
 async fn run() {
     let out = tempfile::tempdir().unwrap();
     let receiver = Receiver::new(ReceiveOptions {
-        out_dir: out.path().to_path_buf(),
-        overwrite: false,
-        policy: Policy::AcceptAll,
         stall_timeout: Duration::from_secs(1),
+        ..ReceiveOptions::new(out.path(), Policy::AcceptAll)
     })
     .unwrap();
     let server = Arc::new(node(true));

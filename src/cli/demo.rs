@@ -16,6 +16,7 @@ use qpunch::node::{self, Node, NodeConfig};
 use qpunch::punch::PunchConfig;
 use qpunch::transfer::{self, Outgoing, Policy, ReceiveOptions, Receiver};
 
+use super::parse_size;
 use super::send::{report_connected, report_punched};
 use super::ui::{FileProgress, Side, Ui};
 
@@ -40,12 +41,10 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
 
     let (receiver_id, sender_id) = (Identity::generate()?, Identity::generate()?);
     let receiver_fp = receiver_id.fingerprint();
-    let receiver = Receiver::new(ReceiveOptions {
-        out_dir: out_dir.clone(),
-        overwrite: false,
-        policy: Policy::Allow(vec![sender_id.fingerprint()]),
-        stall_timeout: transfer::STALL_TIMEOUT,
-    })?;
+    let receiver = Receiver::new(ReceiveOptions::new(
+        &out_dir,
+        Policy::Allow(vec![sender_id.fingerprint()]),
+    ))?;
     let socket = qpunch::socket::bind("127.0.0.1:0".parse()?)?;
     let receiving = Node::new(socket, NodeConfig::new(receiver_id, transfer::ALPN, true))?;
     let target = receiving.local_addr()?;
@@ -128,32 +127,9 @@ fn generate(path: &std::path::Path, size: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Parse `123`, `64k`, `256M`, `1G` (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult = match c.to_ascii_lowercase() {
-                'k' => 1u64 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                _ => return Err(format!("unknown size suffix {c:?}")),
-            };
-            (&s[..i], mult)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| "size too large".to_string())
-}
-
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use crate::cli::parse_size;
 
     #[test]
     fn sizes_use_binary_suffixes() {
@@ -165,5 +141,10 @@ mod tests {
         assert!(parse_size("12x").is_err());
         assert!(parse_size("M").is_err());
         assert!(parse_size("99999999999G").is_err());
+        assert_eq!(parse_size("4KiB"), Ok(4 << 10));
+        assert_eq!(parse_size("64 kb"), Ok(64 << 10));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("4KiBs").is_err());
     }
 }

@@ -8,12 +8,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use qpunch::identity::Fingerprint;
-use qpunch::node::{Node, NodeConfig, PeerConnection};
-use qpunch::transfer::{self, Policy, ReceiveOptions, Receiver};
+use qpunch::node::{Node, NodeConfig, NodeError, PeerConnection};
+use qpunch::server::{Limits, Server};
+use qpunch::transfer::{
+    self, FileReport, Observer, Policy, ReceiveEvents, ReceiveOptions, Receiver, TransferError,
+};
 
 use super::send::report_connected;
 use super::ui::{Event, FileProgress, Side, TerminalConsent, Ui};
-use super::{DEFAULT_PORT, load_identity, parse_fingerprint};
+use super::{DEFAULT_PORT, load_identity, parse_duration, parse_fingerprint, parse_size};
 
 #[derive(Debug, Args)]
 pub struct ReceiveArgs {
@@ -23,21 +26,40 @@ pub struct ReceiveArgs {
     /// Address to bind: an IP (e.g. 0.0.0.0, or [::] for IPv6 and IPv4) or IP:PORT.
     #[arg(long, default_value = "0.0.0.0")]
     bind: String,
-    /// Directory to store files in.
-    #[arg(long, default_value = ".")]
-    out: PathBuf,
+    /// Directory to store files in [default: your Downloads folder's "qpunch" subfolder].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Accept every file from every sender without asking.
     #[arg(long, short = 'y')]
     yes: bool,
     /// Accept files only from this sender fingerprint, without asking (repeatable).
     #[arg(long, value_parser = parse_fingerprint)]
     allow: Vec<Fingerprint>,
-    /// Serve exactly one sender, then exit (status 0 only if every file verified).
+    /// Serve exactly one accepted transfer, then exit (status 0 only if every file verified).
     #[arg(long)]
     once: bool,
     /// Replace existing files instead of saving as "name (1).ext".
     #[arg(long)]
     overwrite: bool,
+    /// Keep file names that start with "." (by default ".x" is saved as "_x").
+    #[arg(long)]
+    allow_dotfiles: bool,
+    /// Most connections served at once, handshakes included.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Most connections at once from one IP address (or IPv6 /64).
+    #[arg(long, default_value_t = Limits::default().max_per_ip)]
+    max_per_ip: usize,
+    /// Abandon a QUIC handshake that takes longer than this.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// Give up on a sender that moves no data for this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    stall_timeout: Duration,
+    /// Cut off a sender slower than this many bytes per second (averaged over windows of
+    /// twice --stall-timeout), e.g. 4KiB.
+    #[arg(long, default_value = "4KiB", value_parser = parse_size)]
+    min_rate: u64,
 }
 
 pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
@@ -53,12 +75,15 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
              Pass --yes to accept files from anyone, or --allow FINGERPRINT to accept a known sender"
         );
     };
-    let receiver = Receiver::new(ReceiveOptions {
-        out_dir: args.out.clone(),
-        overwrite: args.overwrite,
-        policy,
-        stall_timeout: transfer::STALL_TIMEOUT,
-    })?;
+    let out = match args.out.clone() {
+        Some(out) => out,
+        None => {
+            let out = default_out_dir()?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            out
+        }
+    };
     let bind = bind_addr(&args.bind, args.port)?;
     let identity = load_identity()?;
     let socket = qpunch::socket::bind(bind)?;
@@ -66,89 +91,117 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         socket,
         NodeConfig::new(identity, transfer::ALPN, true),
     )?);
-    announce(&ui, &node)?;
+    let events = Arc::new(Events {
+        ui: ui.clone(),
+        node: node.clone(),
+    });
+    let receiver = Receiver::with_events(
+        ReceiveOptions {
+            overwrite: args.overwrite,
+            stall_timeout: args.stall_timeout,
+            min_rate: args.min_rate,
+            allow_dotfiles: args.allow_dotfiles,
+            once: args.once,
+            ..ReceiveOptions::new(&out, policy)
+        },
+        events,
+    )?;
+    announce(&ui, &node, &out)?;
 
-    let ok = if args.once {
-        // Ctrl-C drops the transfer in flight, which removes its `.part` files.
+    let limits = Limits {
+        max_connections: args.max_connections,
+        max_per_ip: args.max_per_ip,
+        handshake_timeout: args.handshake_timeout,
+        ..Limits::default()
+    };
+    let server = Server::new(node.clone(), receiver.clone(), limits);
+    let server_stats = server.stats();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
+    let once = args.once;
+    let stop = async {
+        // Cancel-safe: every branch only waits for a signal or a value.
         tokio::select! {
-            ok = async {
-                // A failed handshake (a scanner, a sender that refused our key) is not
-                // "the one transfer": keep waiting for a sender that gets through.
-                let peer = loop {
-                    match node.accept().await.context("endpoint closed")? {
-                        Ok(peer) => break peer,
-                        Err(e) => ui.error(&format!("incoming connection failed: {e}")),
-                    }
-                };
-                anyhow::Ok(serve(peer, &receiver, &ui, &node).await)
-            } => ok?,
+            ok = receiver.finished_once(), if once => ok,
             _ = tokio::signal::ctrl_c() => {
                 ui.say("interrupted");
                 false
             }
-        }
-    } else {
-        let mut tasks = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                incoming = node.accept() => {
-                    match incoming {
-                        None => break,
-                        Some(Ok(peer)) => {
-                            let (receiver, ui, node) = (receiver.clone(), ui.clone(), node.clone());
-                            tasks.spawn(async move { serve(peer, &receiver, &ui, &node).await });
-                        }
-                        Some(Err(e)) => ui.error(&format!("incoming connection failed: {e}")),
-                    }
-                }
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                _ = tokio::signal::ctrl_c() => {
-                    ui.say("stopping");
-                    break;
-                }
+            _ = terminate.recv() => {
+                ui.say("terminated");
+                false
             }
         }
-        true
     };
+    // The server stops accepting when `stop` completes, then waits for its handlers: a
+    // transfer interrupted by a signal is cut short (its partial files removed).
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    server
+        .run(async {
+            let _ = tx.send(stop.await);
+        })
+        .await;
+    let ok = rx.await.unwrap_or(false);
     node.close(qpunch::node::QUICK_LINGER).await;
-    let stats = node.socket_stats();
     ui.event(
         Event::Stats {
-            probes_answered: stats.probes_answered,
-            malformed_dropped: stats.malformed_dropped,
+            socket: node.socket_stats(),
+            server: Some(server_stats.get()),
         },
         None,
     );
-    Ok(ok)
+    // Without --once a receiver runs until told to stop: that is success.
+    Ok(!once || ok)
 }
 
-/// Serve one connection; true when every offered file arrived verified.
-async fn serve(peer: PeerConnection, receiver: &Receiver, ui: &Arc<Ui>, node: &Node) -> bool {
-    if report_connected(ui, node, &peer).is_err() {
-        return false;
+/// The receiver's events, rendered.
+struct Events {
+    ui: Arc<Ui>,
+    node: Arc<Node>,
+}
+
+impl ReceiveEvents for Events {
+    fn connected(&self, peer: &PeerConnection) -> Arc<dyn Observer> {
+        let _ = report_connected(&self.ui, &self.node, peer);
+        FileProgress::new(self.ui.clone(), Side::Receiving(peer.fingerprint))
     }
-    let progress = FileProgress::new(ui.clone(), Side::Receiving(peer.fingerprint));
-    let ok = match receiver.handle(&peer, progress).await {
-        Ok(reports) => reports.iter().all(|r| r.is_verified()),
-        Err(e) => {
-            ui.error(&format!("transfer from {} failed: {e}", peer.fingerprint));
-            false
+
+    fn finished(&self, peer: &PeerConnection, outcome: &Result<Vec<FileReport>, TransferError>) {
+        if let Err(e) = outcome {
+            self.ui
+                .error(&format!("transfer from {} failed: {e}", peer.fingerprint));
         }
-    };
-    // Let the sender read the verdicts and close first; don't wait forever.
-    let _ = tokio::time::timeout(Duration::from_secs(5), peer.connection.closed()).await;
-    tracing::debug!(stats = ?node.socket_stats(), "socket counters");
-    ok
+        tracing::debug!(stats = ?self.node.socket_stats(), "socket counters");
+    }
+
+    fn handshake_failed(&self, remote: SocketAddr, error: &NodeError) {
+        // Scanners and strangers are counted in `stats`, not printed one by one.
+        tracing::info!(%remote, "incoming connection failed: {error}");
+    }
+}
+
+/// `$XDG_DOWNLOAD_DIR` (or the platform's Downloads folder) + `/qpunch`: a folder of its
+/// own, so that a sender can never drop files into the directory `receive` happens to be
+/// started from (a home directory, a project).
+fn default_out_dir() -> anyhow::Result<PathBuf> {
+    let downloads = std::env::var_os("XDG_DOWNLOAD_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(dirs::download_dir)
+        .or_else(|| dirs::home_dir().map(|home| home.join("Downloads")))
+        .context("cannot find a Downloads folder: pass --out DIR")?;
+    Ok(downloads.join("qpunch"))
 }
 
 /// Print how to reach this receiver.
-fn announce(ui: &Ui, node: &Node) -> anyhow::Result<()> {
+fn announce(ui: &Ui, node: &Node, out: &std::path::Path) -> anyhow::Result<()> {
     let local = node.local_addr()?;
     let addrs = reachable_addrs(local);
     let fp = node.fingerprint();
     let mut text = format!(
-        "qpunch is receiving on UDP port {}\n  identity: {fp}\n",
-        local.port()
+        "qpunch is receiving on UDP port {} into {}\n  identity: {fp}\n",
+        local.port(),
+        out.display()
     );
     for addr in &addrs {
         text.push_str(&format!("  address:  {addr}\n"));

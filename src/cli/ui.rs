@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qpunch::identity::Fingerprint;
+use qpunch::text::terminal;
 use qpunch::transfer::names::display_safe;
 use qpunch::transfer::{Consent, FileOffer, FileReport, Observer, Outcome};
 use serde::Serialize;
@@ -53,10 +54,12 @@ pub enum Event {
     Declined { name: String, reason: String },
     /// Something failed.
     Error { message: String },
-    /// Counters of the shared socket, at exit.
+    /// Counters of the shared socket and the server, at exit.
     Stats {
-        probes_answered: u64,
-        malformed_dropped: u64,
+        #[serde(flatten)]
+        socket: qpunch::socket::SocketStats,
+        #[serde(flatten, skip_serializing_if = "Option::is_none")]
+        server: Option<qpunch::server::ServerStats>,
     },
 }
 
@@ -87,7 +90,7 @@ impl Ui {
     /// Emit an event: a JSON line in `--json` mode, else the human text (if any).
     pub fn event(&self, event: Event, human: Option<String>) {
         if self.json {
-            let line = serde_json::to_string(&event).expect("events serialize");
+            let line = json_safe(&serde_json::to_string(&event).expect("events serialize"));
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
             let _ = out.flush();
@@ -100,6 +103,7 @@ impl Ui {
     /// piped or copied; suppressed by --quiet and --json like other messages.
     pub fn output(&self, text: &str) {
         if !self.quiet && !self.json {
+            let text = terminal(text);
             self.multi.suspend(|| println!("{text}"));
         }
     }
@@ -107,6 +111,7 @@ impl Ui {
     /// A human message on stderr (suppressed by --quiet and --json).
     pub fn say(&self, text: &str) {
         if !self.quiet && !self.json {
+            let text = terminal(text);
             self.multi.suspend(|| eprintln!("{text}"));
         }
     }
@@ -121,6 +126,7 @@ impl Ui {
                 None,
             );
         } else {
+            let message = terminal(message);
             self.multi.suspend(|| eprintln!("error: {message}"));
         }
     }
@@ -137,6 +143,24 @@ impl Ui {
         bar.set_message(display_safe(name));
         bar
     }
+}
+
+/// A JSON line made safe for a terminal: every control or format character inside a
+/// string becomes a `\uXXXX` escape (serde_json leaves C1 controls and bidi characters
+/// raw, which is valid JSON but not harmless on a terminal). The JSON means the same.
+fn json_safe(line: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(line.len());
+    for c in line.chars() {
+        if !qpunch::text::is_unsafe(c) {
+            out.push(c);
+        } else {
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+        }
+    }
+    out
 }
 
 /// Which side an observer reports for.
@@ -253,8 +277,10 @@ impl TerminalConsent {
 
 impl Consent for TerminalConsent {
     fn decide(&self, sender: Fingerprint, files: &[FileOffer]) -> Vec<bool> {
-        let _one_at_a_time = self.ui.prompt.lock().unwrap();
-        let total: u64 = files.iter().map(|f| f.size).sum();
+        let _one_at_a_time = self.ui.prompt.lock().unwrap_or_else(|e| e.into_inner());
+        // The receiver refuses offers larger than its free space before asking, but a
+        // sum of peer-chosen sizes is never trusted not to wrap.
+        let total = files.iter().fold(0u64, |sum, f| sum.saturating_add(f.size));
         let answer = self.ui.multi.suspend(|| {
             eprintln!(
                 "\n{sender} wants to send you {} file(s), {} in all:",

@@ -21,12 +21,20 @@
 
 pub mod names;
 mod receive;
+mod reserve;
 mod send;
+mod store;
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-pub use receive::{Consent, Policy, ReceiveOptions, Receiver, STALL_TIMEOUT};
+pub use receive::{
+    Consent, FILE_STREAMS, MANIFEST_BUDGET, MIN_RATE, NoEvents, Policy, ReceiveEvents,
+    ReceiveOptions, Receiver, STALL_TIMEOUT,
+};
 pub use send::{Outgoing, hash_file, send_files};
+pub use store::{DISK_JOBS, PARTIAL_DIR};
 
 /// The ALPN protocol id of file transfer.
 pub const ALPN: &[u8] = b"qpunch-files/1";
@@ -46,6 +54,8 @@ pub mod codes {
     pub const PROTOCOL: u32 = 2;
     /// The receiver declined the stream's file or failed to store it.
     pub const DECLINED: u32 = 3;
+    /// The receiver is shutting down.
+    pub const SHUTDOWN: u32 = 4;
 }
 
 /// One file as offered by the sender.
@@ -185,16 +195,19 @@ pub struct Quiet;
 impl Observer for Quiet {}
 
 /// Connection-level failures of a transfer (per-file failures are [`Outcome`]s).
+///
+/// Messages may carry text the peer chose (close reasons, what a parser quoted): they are
+/// escaped when displayed (see [`crate::text`]).
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
     /// The receiver's policy does not accept this sender at all.
-    #[error("the receiver does not accept files from this sender ({0})")]
+    #[error("the receiver does not accept files from this sender ({})", crate::text::peer(.0))]
     NotAllowed(String),
     /// The peer sent something that breaks the protocol.
-    #[error("protocol error: {0}")]
+    #[error("protocol error: {}", crate::text::peer(.0))]
     Protocol(String),
     /// The connection failed.
-    #[error("connection lost: {0}")]
+    #[error("connection lost: {}", crate::text::peer(&.0.to_string()))]
     Connection(#[from] quinn::ConnectionError),
     /// A local file could not be read.
     #[error("{path}: {source}")]
@@ -295,16 +308,50 @@ async fn write_frame<T: Serialize>(
 
 /// Read one length-prefixed JSON frame of at most [`MAX_FRAME`] bytes.
 async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, TransferError> {
+    read_frame_limited(recv, MAX_FRAME, None).await
+}
+
+/// Read one length-prefixed JSON frame of at most `max` bytes.
+///
+/// Memory grows with the bytes that actually arrive, not with the length a peer claims;
+/// with a `budget`, the claimed length is first taken from that shared semaphore (in
+/// bytes) and given back once the frame is parsed, so many peers claiming large frames at
+/// once wait for each other instead of adding up.
+async fn read_frame_limited<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    budget: Option<&Arc<tokio::sync::Semaphore>>,
+) -> Result<T, TransferError> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await.map_err(stream_error)?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(TransferError::protocol(format!(
-            "frame of {len} bytes exceeds {MAX_FRAME}"
+            "frame of {len} bytes exceeds {max}"
         )));
     }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(stream_error)?;
+    let _permit = match budget {
+        // `len <= max <= MAX_FRAME` fits a u32.
+        Some(budget) => Some(
+            budget
+                .clone()
+                .acquire_many_owned(len as u32)
+                .await
+                .map_err(TransferError::protocol)?,
+        ),
+        None => None,
+    };
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    while body.len() < len {
+        match recv
+            .read_chunk(len - body.len(), true)
+            .await
+            .map_err(stream_error)?
+        {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(TransferError::protocol("stream ended inside a frame")),
+        }
+    }
     serde_json::from_slice(&body).map_err(|e| TransferError::protocol(format!("bad frame: {e}")))
 }
 

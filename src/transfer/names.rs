@@ -134,7 +134,7 @@ fn is_format(c: char) -> bool {
 }
 
 /// Whether [`display_safe`] must escape `c`.
-fn needs_display_escape(c: char) -> bool {
+pub(crate) fn needs_display_escape(c: char) -> bool {
     is_forbidden_in_name(c) || is_format(c)
 }
 
@@ -191,8 +191,9 @@ fn is_reserved(name: &str) -> bool {
 /// that is harmless on Linux could be a path on Windows. Anything that looks
 /// like an *attack* rather than a directory prefix (absolute paths, `..`
 /// anywhere, control characters anywhere) is rejected outright instead of
-/// being repaired, so a hostile peer is noticed. Leading dots are allowed:
-/// `.bashrc` stays inside the download directory like any other name.
+/// being repaired, so a hostile peer is noticed. Leading dots are allowed here:
+/// `.bashrc` stays inside the download directory like any other name, and whether a
+/// hidden file may be created there is the receiver's policy (see [`undot`]).
 ///
 /// Checks run in this order, which decides the error for names with several
 /// problems: empty, NUL/control characters, absolute, bare `.`/`..`, any `..`
@@ -235,6 +236,19 @@ pub fn sanitize(raw: &str) -> Result<String, NameError> {
         return Err(NameError::Reserved(name.to_owned()));
     }
     Ok(name.to_owned())
+}
+
+/// A sanitized name made visible: a leading `.` becomes `_` (`.bash_aliases` is stored as
+/// `_bash_aliases`).
+///
+/// Receivers do this unless told otherwise, because a hidden file is where a planted
+/// payload does harm: a `.bash_aliases` or `.profile` accepted with `--yes` into a home
+/// directory would run at the next login, and nobody sees it in a plain `ls`.
+pub fn undot(name: &str) -> String {
+    match name.strip_prefix('.') {
+        Some(rest) => format!("_{rest}"),
+        None => name.to_owned(),
+    }
 }
 
 /// Printable form for terminals/logs: escapes every control/format char as
@@ -389,13 +403,29 @@ pub fn choose_destination(
     overwrite: bool,
     taken: &HashSet<PathBuf>,
 ) -> io::Result<PathBuf> {
+    choose_destination_from(dir, name, overwrite, taken, 0).map(|(path, _)| path)
+}
+
+/// [`choose_destination`] starting at candidate number `start` (0 is the name itself), and
+/// also returning the number chosen.
+///
+/// A caller that reserves many files of one name (a hostile manifest can offer 10,000
+/// files all called `a`) passes the number after the last one it handed out, so each
+/// choice costs a step instead of a scan over every earlier candidate.
+pub fn choose_destination_from(
+    dir: &Path,
+    name: &str,
+    overwrite: bool,
+    taken: &HashSet<PathBuf>,
+    start: u32,
+) -> io::Result<(PathBuf, u32)> {
     if sanitize(name).as_deref() != Ok(name) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("not a sanitized file name: {:?}", display_safe(name)),
         ));
     }
-    for n in 0..MAX_TRIES {
+    for n in start..start.saturating_add(MAX_TRIES) {
         let cand = candidate_name(name, n);
         // Defensive: shortening must never produce an unsafe name.
         if sanitize(&cand).as_deref() != Ok(cand.as_str()) {
@@ -406,7 +436,7 @@ pub fn choose_destination(
             continue;
         }
         if overwrite || !(occupied(&path)? || occupied(&part_path(&path))?) {
-            return Ok(path);
+            return Ok((path, n));
         }
     }
     Err(io::Error::new(

@@ -133,6 +133,7 @@ pub async fn send_files(
                 });
             }
             Decision::Decline { id, reason } if id == offer.id => {
+                let reason = crate::text::peer(&reason);
                 let report = FileReport::new(&offer, None, Outcome::Declined(reason));
                 observer.finished(&report);
                 reports[offer.id as usize] = Some(report);
@@ -148,13 +149,16 @@ pub async fn send_files(
     while let Some(joined) = tasks.join_next().await {
         let (offer, result) = joined.expect("send task panicked");
         let report = match result {
+            // Everything in a verdict is the receiver's text: escaped before anyone sees it.
             Ok(result) if result.verified && result.blake3 == offer.blake3 => {
-                FileReport::new(&offer, result.saved_as, Outcome::Verified)
+                let saved_as = result.saved_as.as_deref().map(crate::text::peer);
+                FileReport::new(&offer, saved_as, Outcome::Verified)
             }
             Ok(result) => {
-                let why = result
-                    .error
-                    .unwrap_or_else(|| "receiver could not verify the file".into());
+                let why = result.error.as_deref().map_or_else(
+                    || "receiver could not verify the file".into(),
+                    crate::text::peer,
+                );
                 FileReport::new(&offer, None, Outcome::Failed(why))
             }
             // Losing the connection fails every file still in flight: report it once, as

@@ -206,6 +206,20 @@ impl Proc {
         self.into_finished(status)
     }
 
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Send SIGINT (as Ctrl-C would), then collect what it printed until it exits.
+    pub fn interrupt(self, timeout: Duration) -> Finished {
+        // SAFETY: a plain syscall on a child we own and have not reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGINT);
+        }
+        self.finish(timeout)
+    }
+
     /// Kill the process (if still running) and collect what it printed.
     pub fn kill(mut self) -> Finished {
         let _ = self.child.kill();
@@ -411,18 +425,36 @@ pub fn blake3_file(path: &Path) -> String {
     hasher.finalize().to_hex().to_string()
 }
 
-/// Names of the entries of a directory.
+/// Names of the entries of a receiver's directory. The receiver's private partial
+/// directory is not listed itself, but anything left inside it is, as
+/// `.qpunch-partial/NAME`, so "nothing left behind" covers partial files too.
 pub fn list_dir(dir: &Path) -> BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read_dir {dir:?}: {e}"))
-        .map(|entry| {
-            entry
-                .expect("dir entry")
-                .file_name()
-                .into_string()
-                .expect("UTF-8 name")
-        })
-        .collect()
+    let read = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("read_dir {dir:?}: {e}"))
+            .map(|entry| {
+                entry
+                    .expect("dir entry")
+                    .file_name()
+                    .into_string()
+                    .expect("UTF-8 name")
+            })
+            .collect()
+    };
+    let partial = qpunch::transfer::PARTIAL_DIR;
+    let mut names = BTreeSet::new();
+    for name in read(dir) {
+        if name == partial {
+            names.extend(
+                read(&dir.join(partial))
+                    .into_iter()
+                    .map(|inner| format!("{partial}/{inner}")),
+            );
+        } else {
+            names.insert(name);
+        }
+    }
+    names
 }
 
 /// A set of names, for comparing with [`list_dir`].

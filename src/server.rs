@@ -1,0 +1,374 @@
+//! Serving strangers: the accept loop every listening qpunch runs.
+//!
+//! A receiver listens on a public port, and so will the rendezvous and the relay: anyone
+//! may connect, forge source addresses, start handshakes and never finish them, or open
+//! connections by the hundred. The shape follows mini-redis's `server.rs`:
+//!
+//! - a [`Server`] whose listener takes a permit from a semaphore for each connection (the
+//!   global budget) and a slot in a per-address table (the per-source budget); a connection
+//!   over either budget is refused at once, before any handshake work, rather than left
+//!   queued inside quinn where its client would wait for a timeout;
+//! - one handler task per connection, **handshake included**, so a stalled handshake holds
+//!   only its own task, for at most [`Limits::handshake_timeout`]; while many handshakes are
+//!   half-open, new clients must first prove their address with a QUIC Retry, so forged
+//!   sources cannot fill the table;
+//! - a shutdown broadcast every handler listens to, and a drain: [`Server::run`] returns only
+//!   when every handler has finished.
+//!
+//! What a connection is *for* is the [`Service`]'s business (files, rendezvous, relay).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, broadcast, mpsc};
+
+use crate::node::{Node, NodeError, PeerConnection};
+use crate::ratelimit::source_key;
+use crate::tls;
+
+/// Budgets of one [`Server`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once, handshakes included; more are refused.
+    pub max_connections: usize,
+    /// Connections from one source at once (an IPv4 address, or an IPv6 /64).
+    pub max_per_ip: usize,
+    /// A handshake that has not completed after this long is abandoned.
+    pub handshake_timeout: Duration,
+    /// Half-open handshakes beyond which clients must first pass a QUIC Retry (address
+    /// validation: a forged source cannot answer it, so it cannot hold a slot).
+    pub retry_above: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            max_per_ip: 32,
+            handshake_timeout: Duration::from_secs(5),
+            retry_above: 16,
+        }
+    }
+}
+
+/// What the listener has done so far. Never reset.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ServerStats {
+    /// Connections that completed the handshake and were handed to the service.
+    pub connections_accepted: u64,
+    /// Connection attempts refused by a budget (global or per source).
+    pub connections_refused: u64,
+    /// Connection attempts asked to validate their address first (QUIC Retry).
+    pub retries_sent: u64,
+    /// Handshakes that failed or timed out.
+    pub handshakes_failed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    retried: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// A cheap handle on a server's counters, readable after the server is gone.
+#[derive(Debug, Clone, Default)]
+pub struct StatsHandle(Arc<Counters>);
+
+impl StatsHandle {
+    /// The counters now.
+    pub fn get(&self) -> ServerStats {
+        let c = &self.0;
+        ServerStats {
+            connections_accepted: c.accepted.load(Ordering::Relaxed),
+            connections_refused: c.refused.load(Ordering::Relaxed),
+            retries_sent: c.retried.load(Ordering::Relaxed),
+            handshakes_failed: c.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a server does with each authenticated connection.
+pub trait Service: Send + Sync + 'static {
+    /// Serve `peer` until done, or until `shutdown` fires (then return promptly).
+    fn serve(
+        self: Arc<Self>,
+        peer: PeerConnection,
+        shutdown: Shutdown,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// A connection attempt from `remote` failed before authentication (handshake error or
+    /// timeout). Called for every failure, so keep it cheap; the default only logs.
+    fn handshake_failed(&self, remote: SocketAddr, error: &NodeError) {
+        tracing::debug!(%remote, "handshake failed: {error}");
+    }
+}
+
+/// Tells a handler that the server is shutting down (mini-redis's `Shutdown`).
+#[derive(Debug)]
+pub struct Shutdown {
+    is_shutdown: bool,
+    notify: broadcast::Receiver<()>,
+}
+
+impl Shutdown {
+    /// A listener on `notify`: it fires when every sender is dropped.
+    fn new(notify: broadcast::Receiver<()>) -> Self {
+        Shutdown {
+            is_shutdown: false,
+            notify,
+        }
+    }
+
+    /// Whether shutdown has been seen.
+    pub fn is_shutdown(&self) -> bool {
+        self.is_shutdown
+    }
+
+    /// Wait for the shutdown notice. Cancel-safe: it only waits on a broadcast receiver,
+    /// which loses nothing when the wait is dropped.
+    pub async fn recv(&mut self) {
+        if self.is_shutdown {
+            return;
+        }
+        // Only the "all senders dropped" close is ever sent.
+        let _ = self.notify.recv().await;
+        self.is_shutdown = true;
+    }
+}
+
+/// The accept loop over one [`Node`], with its budgets, serving connections with `S`.
+pub struct Server<S: Service> {
+    node: Arc<Node>,
+    service: Arc<S>,
+    limits: Limits,
+    stats: StatsHandle,
+}
+
+impl<S: Service> Server<S> {
+    /// A server for `service` on `node`'s endpoint (the node must accept connections).
+    pub fn new(node: Arc<Node>, service: Arc<S>, limits: Limits) -> Self {
+        Server {
+            node,
+            service,
+            limits,
+            stats: StatsHandle::default(),
+        }
+    }
+
+    /// A handle on the counters, usable after [`run`](Self::run) consumed the server.
+    pub fn stats(&self) -> StatsHandle {
+        self.stats.clone()
+    }
+
+    /// Accept and serve connections until `shutdown` completes (or the endpoint closes),
+    /// then tell every handler to stop and wait for all of them to finish.
+    pub async fn run(self, shutdown: impl Future) {
+        let (notify_shutdown, _) = broadcast::channel(1);
+        let (shutdown_complete_tx, mut shutdown_complete_rx) = mpsc::channel::<()>(1);
+        let mut listener = Listener {
+            node: self.node,
+            service: self.service,
+            limits: self.limits,
+            stats: self.stats,
+            permits: Arc::new(Semaphore::new(self.limits.max_connections)),
+            per_source: Arc::new(PerSource::default()),
+            half_open: Arc::new(AtomicUsize::new(0)),
+            notify_shutdown,
+            shutdown_complete_tx,
+        };
+        tokio::select! {
+            // Cancel-safe: dropping the accept loop loses no connection (quinn keeps queued
+            // attempts; the endpoint is closed by the caller), and handlers are separate tasks.
+            () = listener.run() => {}
+            _ = shutdown => {}
+        }
+        let Listener {
+            notify_shutdown,
+            shutdown_complete_tx,
+            ..
+        } = listener;
+        // Dropping the only sender wakes every handler's `Shutdown::recv`; each handler holds
+        // a clone of `shutdown_complete_tx`, so the channel closes when the last one ends.
+        drop(notify_shutdown);
+        drop(shutdown_complete_tx);
+        let _ = shutdown_complete_rx.recv().await;
+    }
+}
+
+/// Concurrent connections per source.
+#[derive(Debug, Default)]
+struct PerSource(Mutex<HashMap<IpAddr, usize>>);
+
+impl PerSource {
+    /// A slot for `ip`, or `None` when it already has `max` connections.
+    fn claim(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let key = source_key(ip);
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = map.entry(key).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            table: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One connection's place in [`PerSource`]; freed on drop, so no path can leak it.
+struct SourceSlot {
+    table: Arc<PerSource>,
+    key: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = map.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Counts a handshake as half-open while alive.
+struct HalfOpen(Arc<AtomicUsize>);
+
+impl HalfOpen {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        HalfOpen(count.clone())
+    }
+}
+
+impl Drop for HalfOpen {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Listener<S: Service> {
+    node: Arc<Node>,
+    service: Arc<S>,
+    limits: Limits,
+    stats: StatsHandle,
+    permits: Arc<Semaphore>,
+    per_source: Arc<PerSource>,
+    half_open: Arc<AtomicUsize>,
+    notify_shutdown: broadcast::Sender<()>,
+    shutdown_complete_tx: mpsc::Sender<()>,
+}
+
+impl<S: Service> Listener<S> {
+    async fn run(&mut self) {
+        let counters = self.stats.0.clone();
+        while let Some(incoming) = self.node.endpoint().accept().await {
+            let remote = incoming.remote_address();
+            if !incoming.remote_address_validated()
+                && incoming.may_retry()
+                && self.half_open.load(Ordering::Relaxed) >= self.limits.retry_above
+            {
+                // The client comes back with a token only if it really owns `remote`.
+                if incoming.retry().is_ok() {
+                    counters.retried.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+            let slot = self.per_source.claim(remote.ip(), self.limits.max_per_ip);
+            let permit = self.permits.clone().try_acquire_owned().ok();
+            let (Some(slot), Some(permit)) = (slot, permit) else {
+                tracing::debug!(%remote, "connection refused: over budget");
+                counters.refused.fetch_add(1, Ordering::Relaxed);
+                incoming.refuse();
+                continue;
+            };
+            let handler = Handler {
+                incoming,
+                service: self.service.clone(),
+                limits: self.limits,
+                counters: counters.clone(),
+                half_open: self.half_open.clone(),
+                shutdown: Shutdown::new(self.notify_shutdown.subscribe()),
+                _permit: permit,
+                _slot: slot,
+                _done: self.shutdown_complete_tx.clone(),
+            };
+            tokio::spawn(handler.run());
+        }
+    }
+}
+
+/// One connection, from the first packet to the end of its service.
+struct Handler<S: Service> {
+    incoming: quinn::Incoming,
+    service: Arc<S>,
+    limits: Limits,
+    counters: Arc<Counters>,
+    half_open: Arc<AtomicUsize>,
+    shutdown: Shutdown,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: SourceSlot,
+    /// Dropped last, when the handler ends: the drain waits for every clone.
+    _done: mpsc::Sender<()>,
+}
+
+impl<S: Service> Handler<S> {
+    async fn run(self) {
+        let Handler {
+            incoming,
+            service,
+            limits,
+            counters,
+            half_open,
+            mut shutdown,
+            ..
+        } = self;
+        let remote = incoming.remote_address();
+        let handshake = {
+            let _half_open = HalfOpen::enter(&half_open);
+            let connecting = async { Ok::<_, NodeError>(incoming.accept()?.await?) };
+            tokio::select! {
+                // Cancel-safe: dropping the handshake abandons it, which is the point.
+                r = tokio::time::timeout(limits.handshake_timeout, connecting) => r,
+                () = shutdown.recv() => return,
+            }
+        };
+        let peer = match handshake {
+            Ok(Ok(connection)) => match tls::peer_fingerprint(&connection) {
+                Some(fingerprint) => PeerConnection {
+                    connection,
+                    fingerprint,
+                },
+                None => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    service.handshake_failed(remote, &NodeError::NoPeerIdentity);
+                    return;
+                }
+            },
+            Ok(Err(e)) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                service.handshake_failed(remote, &e);
+                return;
+            }
+            Err(_) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                service.handshake_failed(
+                    remote,
+                    &NodeError::HandshakeTimeout(limits.handshake_timeout),
+                );
+                return;
+            }
+        };
+        counters.accepted.fetch_add(1, Ordering::Relaxed);
+        service.serve(peer, shutdown).await;
+    }
+}
