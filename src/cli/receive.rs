@@ -115,6 +115,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     ui.event(
         Event::Stats {
             probes_answered: stats.probes_answered,
+            legacy_answered: stats.legacy_answered,
             malformed_dropped: stats.malformed_dropped,
         },
         None,
