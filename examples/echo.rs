@@ -95,10 +95,10 @@ async fn client<R: tokio::io::AsyncBufRead + Unpin>(
     let config = NodeConfig::new(Identity::generate()?, ALPN, false);
     let node::HandOver { node, punched, .. } =
         node::punch_and_hand_over(server, config, PunchConfig::default()).await?;
-    println!(
-        "[client] punched to {} (we are {} to it)",
-        punched.peer, punched.reflexive
-    );
+    match punched.reflexive {
+        Some(us) => println!("[client] punched to {} (we are {us} to it)", punched.peer),
+        None => println!("[client] punched to {}", punched.peer),
+    }
     let peer = node.connect(punched.peer, Some(fp)).await?;
     let (mut send, recv) = peer.connection.open_bi().await?;
     let mut echoes = BufReader::new(recv).lines();

@@ -8,6 +8,11 @@
 //! The client sends "ただいま~" (a probe); the server answers "お帰り~" to the address the
 //! datagram came from, carrying that address back. The reply getting through proves the
 //! NAT opened a hole, and tells the client its public (reflexive) address.
+//!
+//! Both sides also speak with the original Go program (`tests/seed/main.go`): this server
+//! answers the Go client's bare "ただいま~" with a bare "お帰り~", and this client accepts the
+//! Go server's bare "お帰り~" from the address it probed (which then cannot tell it its
+//! reflexive address).
 
 use std::net::SocketAddr;
 
@@ -75,11 +80,14 @@ async fn client(server: SocketAddr) -> anyhow::Result<()> {
         punched.peer,
         wire::REPLY_GREETING
     );
-    println!(
-        "The server sees us as {} (round trip {:.2} ms)",
-        punched.reflexive,
-        punched.rtt.as_secs_f64() * 1e3
-    );
+    let rtt_ms = punched.rtt.as_secs_f64() * 1e3;
+    match punched.reflexive {
+        Some(us) => println!("The server sees us as {us} (round trip {rtt_ms:.2} ms)"),
+        None => println!(
+            "A plain reply ({} method), like the Go demo server's: it does not say how it sees us",
+            punched.method.as_str()
+        ),
+    }
     // The same socket could now be handed to QUIC: see the `echo` example.
     println!("Success: NAT traversed! ^-^");
     Ok(())

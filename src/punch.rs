@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::wire::{Message, TxId};
+use crate::wire::{self, Legacy, Message, TxId};
 
 /// How many sent probes we remember. Replies to older probes are ignored, which
 /// bounds memory no matter how many candidates or rounds there are.
@@ -62,16 +62,46 @@ pub struct Transmit {
     pub contents: Vec<u8>,
 }
 
+/// How a punch proved its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Method {
+    /// A qpunch reply echoed the txid of one of our probes: the peer speaks qpunch's
+    /// probe protocol and told us our reflexive address.
+    Probe,
+    /// The exact reply of the classic Go demo ([`wire::LEGACY_REPLY`]) came back from
+    /// an address we probed. It proves the path only: it carries no txid (so anyone
+    /// who can forge that source address could fake it) and no observed address, and
+    /// such a peer does not speak qpunch. Identity is still checked by TLS pinning.
+    Legacy,
+}
+
+impl Method {
+    /// A short stable name, as in the CLI's `--json` output: `direct`, `legacy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Probe => "direct",
+            Method::Legacy => "legacy",
+        }
+    }
+}
+
 /// Success: the path that answered, which is the one QUIC should use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Punched {
-    /// Source of the reply. May differ from every candidate (a peer-reflexive
-    /// address, in ICE terms), and it is the address that actually works.
+    /// Source of the reply. For [`Method::Probe`] it may differ from every candidate
+    /// (a peer-reflexive address, in ICE terms), and it is the address that actually
+    /// works; for [`Method::Legacy`] it is always one of the candidates.
     pub peer: SocketAddr,
-    /// Our own public address, as the peer observed it.
-    pub reflexive: SocketAddr,
+    /// Our own public address as the peer observed it; `None` when the reply does
+    /// not say ([`Method::Legacy`]).
+    pub reflexive: Option<SocketAddr>,
+    /// What proved the path.
+    pub method: Method,
     /// Time from sending the answered probe to receiving its reply. Each probe
     /// has its own txid, so retransmissions cannot skew this (Karn's problem).
+    /// A legacy reply cannot say which probe it answers: then this is measured from
+    /// the latest probe to that address, a lower bound.
     pub rtt: Duration,
     /// Probing rounds started, including the first.
     pub attempts: u32,
@@ -96,7 +126,8 @@ pub struct PunchStats {
     /// Probes handed to the driver.
     pub probes_sent: u64,
     /// Well-formed datagrams that were not an answer to an outstanding probe:
-    /// unknown or forgotten txids, probes, replies after we finished.
+    /// unknown or forgotten txids, probes, replies after we finished, and the Go
+    /// demo's reply from an address we did not probe.
     pub replies_ignored: u64,
     /// Datagrams that failed to decode.
     pub malformed: u64,
@@ -128,6 +159,7 @@ pub struct Puncher {
 #[derive(Debug)]
 struct SentProbe {
     txid: TxId,
+    to: SocketAddr,
     at: Instant,
 }
 
@@ -171,7 +203,11 @@ impl Puncher {
         if self.sent.len() == SENT_CAP {
             self.sent.pop_front();
         }
-        self.sent.push_back(SentProbe { txid, at: now });
+        self.sent.push_back(SentProbe {
+            txid,
+            to: destination,
+            at: now,
+        });
         self.stats.probes_sent += 1;
         Some(Transmit {
             destination,
@@ -211,29 +247,47 @@ impl Puncher {
     /// of our probes, which finishes punching successfully. Anything else is
     /// counted in [`stats`](Self::stats) and ignored; never panics.
     ///
-    /// The reply's source is not checked against the candidates: NATs may remap
+    /// A qpunch reply's source is not checked against the candidates: NATs may remap
     /// the peer's port, and the txid already proves the reply answers our probe.
+    ///
+    /// The Go demo's reply ([`wire::LEGACY_REPLY`]) carries nothing to match, so it
+    /// counts ([`Method::Legacy`]) only when it comes from exactly an address we sent a
+    /// probe to (IPv4-mapped IPv6 and plain IPv4 compare equal, for dual-stack sockets).
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) -> bool {
-        let (txid, observed) = match Message::decode(datagram) {
-            Ok(Message::Reply { txid, observed }) => (txid, observed),
-            Ok(Message::Probe { .. }) => {
+        let (at, reflexive, method) = match wire::legacy(datagram) {
+            Some(Legacy::Reply) => {
+                // The latest probe to that address: the reply answers it or an earlier one.
+                let probe = self.sent.iter().rev().find(|p| same_endpoint(p.to, from));
+                (probe.map(|p| p.at), None, Method::Legacy)
+            }
+            Some(Legacy::Probe) => {
                 self.stats.replies_ignored += 1;
                 return false;
             }
-            Err(_) => {
-                self.stats.malformed += 1;
-                return false;
-            }
+            None => match Message::decode(datagram) {
+                Ok(Message::Reply { txid, observed }) => {
+                    let probe = self.sent.iter().find(|p| p.txid == txid);
+                    (probe.map(|p| p.at), Some(observed), Method::Probe)
+                }
+                Ok(Message::Probe { .. }) => {
+                    self.stats.replies_ignored += 1;
+                    return false;
+                }
+                Err(_) => {
+                    self.stats.malformed += 1;
+                    return false;
+                }
+            },
         };
-        let probe = self.sent.iter().find(|p| p.txid == txid);
-        let (None, Some(probe)) = (&self.outcome, probe) else {
+        let (None, Some(at)) = (&self.outcome, at) else {
             self.stats.replies_ignored += 1;
             return false;
         };
         self.outcome = Some(Ok(Punched {
             peer: from,
-            reflexive: observed,
-            rtt: now.saturating_duration_since(probe.at),
+            reflexive,
+            method,
+            rtt: now.saturating_duration_since(at),
             attempts: self.rounds,
         }));
         true
@@ -260,11 +314,19 @@ impl Puncher {
     }
 }
 
+/// The same IP (IPv4-mapped IPv6 counts as IPv4) and port. Flow info and scope id
+/// are not compared: the kernel fills them in on receipt, a candidate may lack them.
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
+}
+
 /// Counters for the answering side.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResponderStats {
     /// Probes answered.
     pub answered: u64,
+    /// The Go demo's probes ([`wire::LEGACY_PROBE`]) answered.
+    pub legacy_answered: u64,
     /// Datagrams that failed to decode.
     pub malformed: u64,
     /// Well-formed datagrams that need no answer (replies).
@@ -275,8 +337,9 @@ pub struct ResponderStats {
 /// by a flood of probes.
 ///
 /// Every valid probe is answered to the address it came from with a reply
-/// echoing the txid and carrying that address as `observed`. A reply is at most
-/// a few bytes larger than a probe, so this is a poor amplifier.
+/// echoing the txid and carrying that address as `observed`; the Go demo's probe
+/// gets the Go demo's reply. A reply is never larger than the probe it answers, so
+/// this cannot amplify traffic toward a forged source.
 #[derive(Debug, Default)]
 pub struct Responder {
     stats: ResponderStats,
@@ -296,9 +359,30 @@ pub fn reply_to(from: SocketAddr, txid: TxId) -> Transmit {
     }
 }
 
+/// The answer to the Go demo's probe from `from`: its exact reply ([`wire::LEGACY_REPLY`],
+/// 10 bytes for 13), back to the address the probe came from. It cannot carry a txid or
+/// the observed address: the demo's client expects exactly these bytes.
+pub fn legacy_reply_to(from: SocketAddr) -> Transmit {
+    Transmit {
+        destination: from,
+        contents: wire::LEGACY_REPLY.to_vec(),
+    }
+}
+
 impl Responder {
-    /// The reply to send, if `datagram` is a valid probe.
+    /// The reply to send, if `datagram` is a valid probe (ours or the Go demo's).
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<Transmit> {
+        match wire::legacy(datagram) {
+            Some(Legacy::Probe) => {
+                self.stats.legacy_answered += 1;
+                return Some(legacy_reply_to(from));
+            }
+            Some(Legacy::Reply) => {
+                self.stats.ignored += 1;
+                return None;
+            }
+            None => {}
+        }
         match Message::decode(datagram) {
             Ok(Message::Probe { txid }) => {
                 self.stats.answered += 1;
@@ -439,7 +523,8 @@ mod tests {
         assert_eq!(punched.rtt, ms(150));
         assert_eq!(punched.attempts, 2);
         assert_eq!(punched.peer, peer);
-        assert_eq!(punched.reflexive, addr("198.51.100.9:7"));
+        assert_eq!(punched.reflexive, Some(addr("198.51.100.9:7")));
+        assert_eq!(punched.method, Method::Probe);
     }
 
     #[test]
@@ -494,6 +579,142 @@ mod tests {
         assert!(!p.handle_datagram(t0 + ms(6), peer, &answer), "duplicate");
         assert_eq!(p.outcome().cloned(), done);
         assert_eq!(p.stats().replies_ignored, 1);
+    }
+
+    #[test]
+    fn legacy_reply_from_a_probed_address_proves_the_path() {
+        let t0 = Instant::now();
+        let (go_server, other) = (addr("198.51.100.2:9199"), addr("198.51.100.3:9199"));
+        let mut p = Puncher::new(vec![other, go_server], PunchConfig::default(), t0, BASE);
+        assert_eq!(drain(&mut p, t0).len(), 2);
+        p.handle_timeout(t0 + ms(100));
+        assert_eq!(drain(&mut p, t0 + ms(100)).len(), 2);
+        assert!(p.handle_datagram(t0 + ms(130), go_server, wire::LEGACY_REPLY));
+        let Some(Ok(punched)) = p.outcome() else {
+            panic!("not punched: {:?}", p.outcome())
+        };
+        assert_eq!(punched.method, Method::Legacy);
+        assert_eq!(punched.peer, go_server);
+        assert_eq!(punched.reflexive, None, "a legacy reply does not say");
+        // No txid: measured from the latest probe to that address, a lower bound.
+        assert_eq!(punched.rtt, ms(30));
+        assert_eq!(punched.attempts, 2);
+        assert_eq!(p.stats().replies_ignored, 0);
+        // A repeat (the Go server answers every probe) changes nothing.
+        assert!(!p.handle_datagram(t0 + ms(140), go_server, wire::LEGACY_REPLY));
+        assert_eq!(p.stats().replies_ignored, 1);
+    }
+
+    #[test]
+    fn legacy_reply_from_an_unprobed_address_is_ignored() {
+        let t0 = Instant::now();
+        let candidate = addr("198.51.100.2:9199");
+        let mut p = Puncher::new(
+            vec![candidate, addr("198.51.100.4:1")],
+            PunchConfig::default(),
+            t0,
+            BASE,
+        );
+        // Only the first candidate has been probed so far.
+        assert!(p.poll_transmit(t0).is_some());
+        let unprobed = [
+            addr("198.51.100.2:9200"),  // right host, other port
+            addr("198.51.100.3:9199"),  // other host, right port
+            addr("198.51.100.4:1"),     // a candidate, but not probed yet
+            addr("[2001:db8::2]:9199"), // other family
+        ];
+        for from in unprobed {
+            assert!(
+                !p.handle_datagram(t0 + ms(5), from, wire::LEGACY_REPLY),
+                "{from}"
+            );
+        }
+        assert_eq!(p.outcome(), None);
+        assert_eq!(p.stats().replies_ignored, unprobed.len() as u64);
+    }
+
+    #[test]
+    fn legacy_reply_to_a_dual_stack_socket_matches_its_ipv4_candidate() {
+        let t0 = Instant::now();
+        let candidate = addr("198.51.100.2:9199");
+        let mut p = Puncher::new(vec![candidate], PunchConfig::default(), t0, BASE);
+        drain(&mut p, t0);
+        let mapped = addr("[::ffff:198.51.100.2]:9199");
+        assert!(p.handle_datagram(t0 + ms(1), mapped, wire::LEGACY_REPLY));
+        assert!(matches!(
+            p.outcome(),
+            Some(Ok(Punched {
+                method: Method::Legacy,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn near_legacy_datagrams_do_not_count() {
+        let t0 = Instant::now();
+        let peer = addr("198.51.100.2:9199");
+        let mut p = Puncher::new(vec![peer], PunchConfig::default(), t0, BASE);
+        drain(&mut p, t0);
+        let mut extra = wire::LEGACY_REPLY.to_vec();
+        extra.push(0);
+        // Ten bytes, but not the greeting; the greeting, but not alone; the probe.
+        let near: [&[u8]; 4] = [
+            b"0123456789",
+            &wire::LEGACY_REPLY[..9],
+            &extra,
+            wire::LEGACY_PROBE,
+        ];
+        for datagram in near {
+            assert!(
+                !p.handle_datagram(t0 + ms(1), peer, datagram),
+                "{datagram:x?}"
+            );
+        }
+        assert_eq!(p.outcome(), None);
+        let stats = p.stats();
+        assert_eq!((stats.malformed, stats.replies_ignored), (3, 1));
+    }
+
+    #[test]
+    fn legacy_reply_before_any_probe_is_ignored() {
+        let t0 = Instant::now();
+        let peer = addr("198.51.100.2:9199");
+        let mut p = Puncher::new(vec![peer], PunchConfig::default(), t0, BASE);
+        assert!(!p.handle_datagram(t0, peer, wire::LEGACY_REPLY));
+        assert_eq!(p.outcome(), None);
+        assert_eq!(p.stats().replies_ignored, 1);
+    }
+
+    #[test]
+    fn method_names_match_the_json_output() {
+        assert_eq!(Method::Probe.as_str(), "direct");
+        assert_eq!(Method::Legacy.as_str(), "legacy");
+    }
+
+    #[test]
+    fn responder_answers_the_go_demo_with_its_own_reply() {
+        let mut r = Responder::default();
+        let from = addr("203.0.113.7:40000");
+        let t = r.handle_datagram(from, wire::LEGACY_PROBE).unwrap();
+        assert_eq!(t.destination, from);
+        assert_eq!(t.contents, wire::LEGACY_REPLY);
+        assert!(
+            t.contents.len() < wire::LEGACY_PROBE.len(),
+            "never amplifies"
+        );
+        assert_eq!(r.handle_datagram(from, wire::LEGACY_REPLY), None);
+        assert_eq!(r.handle_datagram(from, &wire::LEGACY_PROBE[..12]), None);
+        let stats = r.stats();
+        assert_eq!(
+            (
+                stats.legacy_answered,
+                stats.answered,
+                stats.ignored,
+                stats.malformed
+            ),
+            (1, 0, 1, 1)
+        );
     }
 
     #[test]
@@ -579,7 +800,8 @@ mod tests {
         let Some(Ok(punched)) = p.outcome() else {
             panic!("{:?}", p.outcome())
         };
-        assert_eq!(punched.reflexive, nat.public);
+        assert_eq!(punched.reflexive, Some(nat.public));
+        assert_eq!(punched.method, Method::Probe);
         assert_eq!(punched.peer, server);
         assert_eq!(punched.rtt, 2 * one_way);
         assert_eq!(punched.attempts, 2);

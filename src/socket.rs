@@ -4,13 +4,15 @@
 //! punched must be the socket QUIC uses. [`DemuxSocket`] wraps quinn's own socket (keeping
 //! its GSO/GRO batching) and splits traffic by the first byte of each datagram
 //! (RFC 9443): QUIC always sets bit 0x40 (greasing is turned off in [`crate::node`]),
-//! probes start with 0x01 or 0x02. Probes are answered right here, inside quinn's receive
-//! path, so a running endpoint keeps answering late or repeated probes, and replies to
-//! probes *we* send are handed to whoever is punching ([`DemuxSocket::subscribe`]).
+//! probes start with 0x01 or 0x02, and the classic Go demo's two exact datagrams are
+//! recognised before that (see [`crate::wire`]). Probes are answered right here, inside
+//! quinn's receive path, so a running endpoint keeps answering late or repeated probes,
+//! and replies to probes *we* send are handed to whoever is punching
+//! ([`DemuxSocket::subscribe`]).
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,9 +23,9 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::broadcast;
 
-use crate::punch::reply_to;
+use crate::punch::{self, reply_to};
 use crate::ratelimit::{RateConfig, RateLimiter};
-use crate::wire::{self, Class, Message};
+use crate::wire::{self, Class, Legacy, Message};
 
 /// Kernel send/receive buffer size requested for the socket. quinn does not size them,
 /// and the default (~200 KiB) caps throughput at high rates: 4 MiB roughly doubles it.
@@ -52,10 +54,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
 pub struct SocketStats {
     /// Valid probes answered.
     pub probes_answered: u64,
-    /// Valid probes not answered because their source (or everyone) exceeded the reply
-    /// rate (see [`crate::ratelimit`]).
+    /// The Go demo's probes ([`wire::LEGACY_PROBE`]) answered with its reply.
+    pub legacy_answered: u64,
+    /// Valid probes (ours or the Go demo's) not answered because their source (or
+    /// everyone) exceeded the reply rate (see [`crate::ratelimit`]).
     pub probes_limited: u64,
-    /// Probe replies handed to punchers.
+    /// Probe replies (the Go demo's included) handed to punchers.
     pub replies_routed: u64,
     /// Non-QUIC datagrams that were not valid probes or replies: dropped.
     pub malformed_dropped: u64,
@@ -64,6 +68,7 @@ pub struct SocketStats {
 #[derive(Default)]
 struct Counters {
     answered: AtomicU64,
+    legacy_answered: AtomicU64,
     limited: AtomicU64,
     routed: AtomicU64,
     malformed: AtomicU64,
@@ -139,6 +144,7 @@ impl DemuxSocket {
     pub fn stats(&self) -> SocketStats {
         SocketStats {
             probes_answered: self.counters.answered.load(Ordering::Relaxed),
+            legacy_answered: self.counters.legacy_answered.load(Ordering::Relaxed),
             probes_limited: self.counters.limited.load(Ordering::Relaxed),
             replies_routed: self.counters.routed.load(Ordering::Relaxed),
             malformed_dropped: self.counters.malformed.load(Ordering::Relaxed),
@@ -155,43 +161,72 @@ impl DemuxSocket {
         }
     }
 
-    /// Handle one non-QUIC datagram: answer a probe, route a reply, or count it dropped.
+    /// Handle one non-QUIC datagram of class `class`: answer a probe, route a reply, or
+    /// count it dropped.
     fn handle_probe_datagram(
         &self,
+        class: Class,
         from: SocketAddr,
-        local_ip: Option<std::net::IpAddr>,
+        local_ip: Option<IpAddr>,
         data: &[u8],
     ) {
-        match Message::decode(data) {
-            Ok(Message::Probe { txid }) => {
-                if !self.may_answer(from) {
-                    self.counters.limited.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                let reply = reply_to(from, txid);
-                let transmit = Transmit {
-                    destination: reply.destination,
-                    ecn: None,
-                    contents: &reply.contents,
-                    segment_size: None,
-                    // Answer from the address the probe was sent to (multi-homed hosts).
-                    src_ip: local_ip,
-                };
-                // Best effort, like any UDP: a lost reply is covered by the prober's resend.
-                if let Err(e) = self.inner.try_send(&transmit) {
-                    tracing::debug!(%from, "probe reply not sent: {e}");
-                } else {
-                    self.counters.answered.fetch_add(1, Ordering::Relaxed);
+        match class {
+            Class::Legacy(Legacy::Probe) => {
+                if self.answer(&punch::legacy_reply_to(from), local_ip) {
+                    self.counters
+                        .legacy_answered
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Ok(Message::Reply { .. }) => {
-                self.counters.routed.fetch_add(1, Ordering::Relaxed);
-                // No subscriber means nobody is punching: the reply is simply late.
-                let _ = self.replies.send((from, data.to_vec()));
-            }
+            // A Go demo server's answer to our probe: the puncher decides if it counts.
+            Class::Legacy(Legacy::Reply) => self.route(from, data),
+            // (`Quic` is never passed here; the decoder would refuse it.)
+            Class::Probe | Class::Quic => match Message::decode(data) {
+                Ok(Message::Probe { txid }) => {
+                    if self.answer(&reply_to(from, txid), local_ip) {
+                        self.counters.answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(Message::Reply { .. }) => self.route(from, data),
+                Err(e) => {
+                    self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::trace!(%from, "dropped non-QUIC datagram: {e}");
+                }
+            },
+        }
+    }
+
+    /// Hand a reply to whoever is punching.
+    fn route(&self, from: SocketAddr, data: &[u8]) {
+        self.counters.routed.fetch_add(1, Ordering::Relaxed);
+        // No subscriber means nobody is punching: the reply is simply late.
+        let _ = self.replies.send((from, data.to_vec()));
+    }
+
+    /// Send an answer to a probe (ours or the Go demo's); true if it was sent.
+    ///
+    /// Every datagram this socket sends unasked goes through here, so this is where the
+    /// rate limit applies: answers are never larger than the probes that caused them, but
+    /// probes may carry forged sources, and a flood would otherwise cost as many answers.
+    fn answer(&self, reply: &punch::Transmit, local_ip: Option<IpAddr>) -> bool {
+        if !self.may_answer(reply.destination) {
+            self.counters.limited.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let transmit = Transmit {
+            destination: reply.destination,
+            ecn: None,
+            contents: &reply.contents,
+            segment_size: None,
+            // Answer from the address the probe was sent to (multi-homed hosts).
+            src_ip: local_ip,
+        };
+        // Best effort, like any UDP: a lost reply is covered by the prober's resend.
+        match self.inner.try_send(&transmit) {
+            Ok(()) => true,
             Err(e) => {
-                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::trace!(%from, "dropped non-QUIC datagram: {e}");
+                tracing::debug!(to = %reply.destination, "probe reply not sent: {e}");
+                false
             }
         }
     }
@@ -207,7 +242,7 @@ impl DemuxSocket {
     fn filter_buffer(&self, buf: &mut [u8], meta: &RecvMeta) -> usize {
         if meta.len == 0 {
             // An empty datagram is nobody's: count it with the other garbage.
-            self.handle_probe_datagram(meta.addr, meta.dst_ip, &[]);
+            self.handle_probe_datagram(Class::Probe, meta.addr, meta.dst_ip, &[]);
             return 0;
         }
         let stride = meta.stride.max(1);
@@ -215,15 +250,16 @@ impl DemuxSocket {
         let mut read = 0;
         while read < meta.len {
             let end = (read + stride).min(meta.len);
-            if wire::classify(&buf[read..end]) == Class::Quic {
-                // Only move bytes once a probe segment has been cut out before them:
-                // the common all-QUIC buffer is left untouched.
-                if write != read {
-                    buf.copy_within(read..end, write);
+            match wire::classify(&buf[read..end]) {
+                Class::Quic => {
+                    // Only move bytes once a probe segment has been cut out before them:
+                    // the common all-QUIC buffer is left untouched.
+                    if write != read {
+                        buf.copy_within(read..end, write);
+                    }
+                    write += end - read;
                 }
-                write += end - read;
-            } else {
-                self.handle_probe_datagram(meta.addr, meta.dst_ip, &buf[read..end]);
+                class => self.handle_probe_datagram(class, meta.addr, meta.dst_ip, &buf[read..end]),
             }
             read = end;
         }

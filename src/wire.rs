@@ -3,7 +3,8 @@
 //! Probes and replies travel on the *same* UDP socket that QUIC uses afterwards,
 //! because the NAT mapping we punch belongs to that socket: a second socket would
 //! get a different mapping and the hole would be useless. So every incoming
-//! datagram must be told apart by its first byte (RFC 9443): QUIC always sets the
+//! datagram must be told apart ([`classify`]): first the two exact datagrams of the
+//! classic Go demo (below), then by first byte (RFC 9443): QUIC always sets the
 //! fixed bit `0x40` (we disable greasing it), while our type bytes live in
 //! `0..=3`, like STUN's.
 //!
@@ -27,6 +28,40 @@
 //! Probes are padded so that a reply is never larger than the probe that caused it:
 //! anyone may probe a listening peer, with a forged source address too, and the
 //! padding keeps a peer from being used to amplify traffic toward a victim.
+//!
+//! ## The Go demo's datagrams
+//!
+//! | datagram           | bytes | contents     | sent by                                       |
+//! |--------------------|-------|--------------|-----------------------------------------------|
+//! | [`LEGACY_PROBE`]   | 13    | "ただいま~"  | the demo client, once, to the server          |
+//! | [`LEGACY_REPLY`]   | 10    | "お帰り~"    | the demo server, to the source of *any* datagram |
+//!
+//! The seed of this project is a Go program whose client sends the bare UTF-8 text
+//! "ただいま~" and whose server answers "お帰り~" to the source of every datagram. qpunch
+//! speaks with it both ways ([`Class::Legacy`]): a legacy probe is answered with the
+//! legacy reply (10 < 13 bytes, so never an amplifier), and a legacy reply to our probe
+//! proves the path, though it carries neither a txid nor an observed address (see
+//! [`crate::punch::Puncher::handle_datagram`]).
+//!
+//! Both start with `0xE3` (the first byte of "た" and "お"), which has the QUIC fixed bit
+//! and the long-header bit set, so the first byte alone would send them to QUIC. They
+//! are recognised only as *exact* whole datagrams, and no QUIC packet is 10 or 13 bytes
+//! long:
+//! - a long-header packet with a packet number (Initial, 0-RTT, Handshake) is
+//!   header-protected, and RFC 9001 §5.4.2 samples 16 bytes starting 4 bytes into the
+//!   packet number field, which follows at least 1 (first byte) + 4 (version) + 1 + 1
+//!   (the two connection id lengths; the ids may be empty) + 1 (the Length varint)
+//!   bytes: at least 8 + 4 + 16 = 28 bytes;
+//! - a Retry packet ends with a 16-byte integrity tag after that same 7-byte prefix:
+//!   at least 23 bytes;
+//! - a short-header packet (and a stateless reset, which mimics one) is at least 21
+//!   bytes, "short header packets that are smaller than 21 bytes are never valid"
+//!   (RFC 9000 §10.3), and has bit `0x80` clear anyway;
+//! - only a Version Negotiation packet may be shorter, but its version field (bytes
+//!   1..5) is zero, while these datagrams have `81 9F E3 81` and `81 8A E5 B8` there.
+//!
+//! A datagram may coalesce several QUIC packets, but each one is at least that long: a
+//! datagram that is exactly one of these two is never QUIC.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -50,6 +85,20 @@ pub const PROBE_GREETING: &str = "ただいま~";
 /// Greeting carried by replies ("welcome back~").
 pub const REPLY_GREETING: &str = "お帰り~";
 
+/// The classic Go demo client's probe: exactly the 13 bytes of "ただいま~", nothing else.
+pub const LEGACY_PROBE: &[u8] = PROBE_GREETING.as_bytes();
+
+/// The classic Go demo server's reply: exactly the 10 bytes of "お帰り~", nothing else.
+pub const LEGACY_REPLY: &[u8] = REPLY_GREETING.as_bytes();
+
+/// No QUIC packet but Version Negotiation is shorter than this (see the module docs).
+const MIN_QUIC_PACKET: usize = 21;
+
+// Neither legacy datagram can be mistaken for a QUIC packet (see the module docs).
+const _: () = assert!(LEGACY_PROBE.len() == 13 && LEGACY_REPLY.len() == 10);
+const _: () = assert!(LEGACY_PROBE.len() < MIN_QUIC_PACKET && LEGACY_REPLY.len() < MIN_QUIC_PACKET);
+const _: () = assert!(LEGACY_REPLY.len() < LEGACY_PROBE.len(), "no amplification");
+
 /// Transaction id: lets a prober match a reply to the exact probe it answers.
 pub type TxId = [u8; 12];
 
@@ -59,7 +108,7 @@ const QUIC_FIXED_BIT: u8 = 0x40;
 const FAMILY_V4: u8 = 4;
 const FAMILY_V6: u8 = 6;
 
-/// What the first byte says the datagram is, so a shared socket can route it.
+/// Where a datagram on the shared socket belongs, so the socket can route it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
     /// The QUIC fixed bit is set: hand it to the QUIC endpoint.
@@ -67,13 +116,39 @@ pub enum Class {
     /// Anything else, including empty datagrams: hand it to [`Message::decode`],
     /// which rejects (and lets the caller count) whatever is not really ours.
     Probe,
+    /// Exactly one of the Go demo's datagrams.
+    Legacy(Legacy),
 }
 
-/// Routes a datagram by its first byte, without parsing the rest.
+/// One of the two datagrams of the classic Go demo (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Legacy {
+    /// [`LEGACY_PROBE`]: answer it with [`LEGACY_REPLY`].
+    Probe,
+    /// [`LEGACY_REPLY`]: an answer to one of our probes, from a Go demo server.
+    Reply,
+}
+
+/// Routes a datagram: the Go demo's exact datagrams first, then by the first byte,
+/// without parsing the rest.
 pub fn classify(datagram: &[u8]) -> Class {
+    if let Some(legacy) = legacy(datagram) {
+        return Class::Legacy(legacy);
+    }
     match datagram.first() {
         Some(byte) if byte & QUIC_FIXED_BIT != 0 => Class::Quic,
         _ => Class::Probe,
+    }
+}
+
+/// Whether `datagram` is, byte for byte and nothing more, one of the Go demo's.
+pub fn legacy(datagram: &[u8]) -> Option<Legacy> {
+    if datagram == LEGACY_PROBE {
+        Some(Legacy::Probe)
+    } else if datagram == LEGACY_REPLY {
+        Some(Legacy::Reply)
+    } else {
+        None
     }
 }
 
@@ -330,6 +405,55 @@ mod tests {
     }
 
     #[test]
+    fn legacy_datagrams_are_the_go_demos_exact_bytes() {
+        // From the Go program: `msg := "ただいま~"` and `reply := "お帰り~"`, sent as is.
+        assert_eq!(
+            LEGACY_PROBE,
+            b"\xe3\x81\x9f\xe3\x81\xa0\xe3\x81\x84\xe3\x81\xbe~"
+        );
+        assert_eq!(LEGACY_REPLY, b"\xe3\x81\x8a\xe5\xb8\xb0\xe3\x82\x8a~");
+        assert_eq!(classify(LEGACY_PROBE), Class::Legacy(Legacy::Probe));
+        assert_eq!(classify(LEGACY_REPLY), Class::Legacy(Legacy::Reply));
+        assert_eq!(legacy(LEGACY_PROBE), Some(Legacy::Probe));
+        assert_eq!(legacy(LEGACY_REPLY), Some(Legacy::Reply));
+        // Without the exact-match rule their first byte would route them to QUIC,
+        // and our own decoder rightly refuses them.
+        assert_eq!(LEGACY_PROBE[0] & QUIC_FIXED_BIT, QUIC_FIXED_BIT);
+        assert_eq!(Message::decode(LEGACY_PROBE), Err(WireError::NotProbe));
+        assert_eq!(Message::decode(LEGACY_REPLY), Err(WireError::NotProbe));
+    }
+
+    #[test]
+    fn only_the_exact_legacy_datagrams_are_legacy() {
+        for exact in [LEGACY_PROBE, LEGACY_REPLY] {
+            let mut longer = exact.to_vec();
+            longer.push(b'\n');
+            let mut other = exact.to_vec();
+            *other.last_mut().unwrap() = b'!';
+            let near: [&[u8]; 4] = [&exact[..exact.len() - 1], &exact[1..], &longer, &other];
+            for datagram in near {
+                assert_eq!(legacy(datagram), None, "{datagram:x?}");
+                // Back to first-byte routing (0xE3 → QUIC, 0x81 → probe decoder).
+                let by_first_byte = if datagram[0] == 0xe3 {
+                    Class::Quic
+                } else {
+                    Class::Probe
+                };
+                assert_eq!(classify(datagram), by_first_byte, "{datagram:x?}");
+            }
+        }
+        // Right length, wrong bytes: a 10-byte non-greeting is not a reply.
+        let ten = b"\xe3\x81\x8aabcdefg";
+        assert_eq!(legacy(ten), None);
+        assert_eq!(classify(ten), Class::Quic);
+        assert_eq!(legacy(&[0u8; 13]), None);
+        assert_eq!(classify(&[0u8; 13]), Class::Probe);
+        // A qpunch probe carries the same greeting, but inside its own format.
+        let probe = Message::Probe { txid: TXID }.to_vec();
+        assert_eq!(classify(&probe), Class::Probe);
+    }
+
+    #[test]
     fn probe_layout_matches_the_table() {
         let bytes = Message::Probe { txid: TXID }.to_vec();
         assert_eq!(bytes[0], 0x01);
@@ -512,6 +636,7 @@ mod tests {
             let bytes = msg.to_vec();
             prop_assert!(bytes.len() <= MAX_DATAGRAM);
             prop_assert_eq!(classify(&bytes), Class::Probe);
+            prop_assert_eq!(legacy(&bytes), None);
             prop_assert_eq!(Message::decode(&bytes), Ok(msg));
         }
 

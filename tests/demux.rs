@@ -59,7 +59,8 @@ async fn probes_are_answered_after_hand_over() {
         .await
         .unwrap();
     assert_eq!(punched.peer, target);
-    assert_eq!(punched.reflexive, raw.local_addr().unwrap());
+    assert_eq!(punched.reflexive, Some(raw.local_addr().unwrap()));
+    assert_eq!(punched.method, qpunch::punch::Method::Probe);
     assert!(server.socket_stats().probes_answered >= 1);
 
     echo_once(&c, &s, b"still flowing").await;
@@ -77,7 +78,7 @@ async fn live_nodes_punch_each_other_then_connect() {
     );
     let (from_a, from_b) = (from_a.unwrap(), from_b.unwrap());
     assert_eq!(from_a.peer, b_addr);
-    assert_eq!(from_a.reflexive, a_addr);
+    assert_eq!(from_a.reflexive, Some(a_addr));
     assert_eq!(from_b.peer, a_addr);
     assert_eq!(
         a.local_addr().unwrap(),

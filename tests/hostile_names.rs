@@ -97,7 +97,10 @@ async fn run() {
         .await
         .expect("punch");
     assert_eq!(punched.peer, target);
-    assert_eq!(punched_from.port(), punched.reflexive.port());
+    let reflexive = punched
+        .reflexive
+        .expect("a qpunch reply carries the reflexive address");
+    assert_eq!(punched_from.port(), reflexive.port());
     assert_eq!(
         sending.local_addr().unwrap().port(),
         punched_from.port(),

@@ -2,11 +2,14 @@
 //! and nftables (see `nat_lab/lab.rs` for the topology).
 //!
 //! Needs root, iproute2 (`ip`, `tc`), nftables (`nft`), conntrack-tools (`conntrack`),
-//! procps (`sysctl`) and python3. Without them each test prints a loud SKIPPED message and passes, unless the
-//! `CI` environment variable is set: then it fails.
+//! procps (`sysctl`) and python3 (and `go` for the seed's Go program). Without them each
+//! test prints a loud SKIPPED message and passes, unless the `CI` environment variable is
+//! set: then it fails.
 
 #[path = "nat_lab/lab.rs"]
 mod lab;
+#[path = "seed/mod.rs"]
+mod seed;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -551,7 +554,10 @@ async fn connect_through_nat(
     let punched = qpunch::driver::punch(&raw, vec![target], Default::default())
         .await
         .expect("punch through the NAT");
-    assert_eq!(punched.reflexive.ip().to_string(), ROUTER_WAN_IP);
+    let reflexive = punched
+        .reflexive
+        .expect("a qpunch reply carries the reflexive address");
+    assert_eq!(reflexive.ip().to_string(), ROUTER_WAN_IP);
     let mut config = NodeConfig::new(
         qpunch::identity::Identity::generate().unwrap(),
         b"qpunch-lab/1",
@@ -644,4 +650,86 @@ fn keepalive_holds_the_hole_open_while_idle() {
             "control: without keep-alives the router must have closed the hole"
         );
     });
+}
+
+/// The seed's own scenario through a real NAT, with its own Go program on one side:
+/// the Go client behind the cone NAT gets its "Success: NAT traversed! ^-^" from a public
+/// `qpunch receive`, and a qpunch punch from behind the NAT is answered by the public Go
+/// server, which sees it come from the router's WAN address (method Legacy).
+#[test]
+fn seed_go_program_through_a_cone_nat_both_ways() {
+    const TEST: &str = "seed_go_program_through_a_cone_nat_both_ways";
+    if !lab::require(TEST, &[]) {
+        return;
+    }
+    let Some(go) = seed::build(TEST) else {
+        return;
+    };
+    let lab = Lab::new("go", Nat::Cone);
+    let ip = lab::tool("ip").unwrap();
+    let in_ns = |ns: &str, args: &[&str]| {
+        let mut cmd = std::process::Command::new(&ip);
+        cmd.args(["netns", "exec", ns]).arg(go.bin()).args(args);
+        go.spawn_with(&mut cmd)
+    };
+
+    // Go client (behind the NAT) -> qpunch receive (public).
+    let mut rx = PublicReceiver::start(&lab);
+    let port = RECEIVER_PORT.to_string();
+    let (status, printed) =
+        in_ns(&lab.client(), &["-port", &port, PUBLIC_IP]).wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "Go client: {status}\n{printed}");
+    for line in [
+        format!("Received a UDP packet back from {PUBLIC_IP}:{RECEIVER_PORT}\n"),
+        "\tResponse: お帰り~\n".to_string(),
+        "Success: NAT traversed! ^-^\n".to_string(),
+    ] {
+        assert!(
+            printed.contains(&line),
+            "Go client lacks {line:?}:\n{printed}"
+        );
+    }
+    // SAFETY: kill(2) on our own child (`ip netns exec` execs qpunch), not yet reaped.
+    let rc = unsafe { libc::kill(rx.proc.pid() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0, "kill -INT: {}", std::io::Error::last_os_error());
+    let (_, rest) = rx.proc.wait_exit(Duration::from_secs(20));
+    let stats = rest
+        .iter()
+        .find(|v| v["event"] == "stats")
+        .unwrap_or_else(|| panic!("no stats event\n{}", rx.proc.describe()));
+    assert_eq!(stats["legacy_answered"], 1, "{stats}");
+
+    // qpunch punch (behind the NAT) -> Go server (public).
+    let go_port = 9299;
+    let mut go_server = in_ns(&lab.public(), &["-port", &go_port.to_string()]);
+    go_server.wait_for(
+        &format!("Listening on :{go_port}\n"),
+        Duration::from_secs(20),
+    );
+    let target: SocketAddr = format!("{PUBLIC_IP}:{go_port}").parse().unwrap();
+    let raw = bind_in(&lab.client(), "0.0.0.0:0");
+    raw.set_nonblocking(true).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let punched = runtime.block_on(async {
+        let raw = tokio::net::UdpSocket::from_std(raw).unwrap();
+        qpunch::driver::punch(&raw, vec![target], Default::default()).await
+    });
+    let punched = punched.expect("punch through the NAT to the Go server");
+    assert_eq!(punched.method, qpunch::punch::Method::Legacy, "{punched:?}");
+    assert_eq!(punched.peer, target, "{punched:?}");
+    assert_eq!(punched.reflexive, None, "{punched:?}");
+    // The Go server answered the NAT's public side, not 10.0.1.2.
+    go_server.wait_for(
+        &format!("Sent reply to {ROUTER_WAN_IP}:"),
+        Duration::from_secs(20),
+    );
+    let seen = go_server.output();
+    assert!(
+        seen.contains(&format!("Received a packet from: {ROUTER_WAN_IP}:"))
+            && !seen.contains(CLIENT_IP),
+        "{seen}"
+    );
 }

@@ -10,11 +10,16 @@ use clap::Args;
 use qpunch::identity::Fingerprint;
 use qpunch::known_peers::KnownPeers;
 use qpunch::node::{self, Node, NodeConfig, NodeError, PeerConnection};
-use qpunch::punch::{PunchConfig, Punched};
+use qpunch::punch::{Method, PunchConfig, Punched};
 use qpunch::transfer::{self, Outgoing};
 
 use super::ui::{Event, FileProgress, Side, Ui};
 use super::{DEFAULT_PORT, known_peers_path, load_identity, parse_duration, parse_fingerprint};
+
+/// How long to wait for a QUIC handshake with a peer that answered like the Go demo. Such
+/// a peer has already shown it is not qpunch (a qpunch receiver answers probes with
+/// qpunch replies), and quinn would otherwise wait out the whole idle timeout.
+const LEGACY_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 pub struct SendArgs {
@@ -74,7 +79,22 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         })?;
     report_punched(&ui, &punched, punched_from);
 
-    let peer = match node.connect(punched.peer, expected).await {
+    // A legacy punch proved the path, not the peer: TLS pinning below decides as always.
+    let legacy = punched.method == Method::Legacy;
+    let connecting = node.connect(punched.peer, expected);
+    let connected = if legacy {
+        match tokio::time::timeout(LEGACY_HANDSHAKE_TIMEOUT, connecting).await {
+            Ok(connected) => connected,
+            Err(_) => {
+                node.close(node::QUICK_LINGER).await;
+                let why = format!("no QUIC handshake within {LEGACY_HANDSHAKE_TIMEOUT:?}");
+                bail!(not_qpunch(punched.peer, &why));
+            }
+        }
+    } else {
+        connecting.await
+    };
+    let peer = match connected {
         Ok(peer) => peer,
         Err(NodeError::PeerMismatch { expected, actual }) => {
             node.close(node::QUICK_LINGER).await;
@@ -90,6 +110,7 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
                 known.path()
             ));
         }
+        Err(e) if legacy => bail!(not_qpunch(punched.peer, &e)),
         Err(e) => return Err(e).context(format!("QUIC connection to {} failed", punched.peer)),
     };
     if remembered.is_none() {
@@ -126,22 +147,43 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
 /// hand-over: `connected` shows the QUIC socket's, and the two ports must agree.
 pub fn report_punched(ui: &Ui, punched: &Punched, from: SocketAddr) {
     let rtt_ms = punched.rtt.as_secs_f64() * 1000.0;
-    let reflexive = canonical(punched.reflexive);
+    let reflexive = punched.reflexive.map(canonical);
+    let (probe, reply) = (qpunch::wire::PROBE_GREETING, qpunch::wire::REPLY_GREETING);
+    let peer = punched.peer;
+    let answer = match reflexive {
+        Some(reflexive) => format!(
+            "\"{probe}\" answered with \"{reply}\" by {peer} in {rtt_ms:.2} ms; it sees us as \
+             {reflexive}"
+        ),
+        // Only a legacy reply leaves it unknown.
+        None => format!(
+            "{peer} answered \"{probe}\" with a plain \"{reply}\" in {rtt_ms:.2} ms, like the Go \
+             hole-punching demo (it does not say how it sees us)"
+        ),
+    };
     ui.event(
         Event::Punched {
-            peer: punched.peer.to_string(),
+            peer: peer.to_string(),
+            method: punched.method.as_str(),
             local_addr: from.to_string(),
-            reflexive_addr: reflexive.to_string(),
+            reflexive_addr: reflexive.map(|r| r.to_string()),
             rtt_ms,
         },
         Some(format!(
-            "hole punched: \"{}\" answered with \"{}\" by {} in {rtt_ms:.2} ms; it sees us as \
-             {reflexive}; socket {from} handed to QUIC",
-            qpunch::wire::PROBE_GREETING,
-            qpunch::wire::REPLY_GREETING,
-            punched.peer,
+            "hole punched ({}): {answer}; socket {from} handed to QUIC",
+            punched.method.as_str()
         )),
     );
+}
+
+/// Why a peer that punched like the Go demo cannot take files; `why` is what QUIC saw.
+fn not_qpunch(peer: SocketAddr, why: &dyn std::fmt::Display) -> String {
+    format!(
+        "{peer} answered like the Go hole-punching demo (a plain \"{}\") but does not speak \
+         QUIC/qpunch ({why}). The UDP path is open, yet nothing there can receive files: \
+         run `qpunch receive` on that machine",
+        qpunch::wire::REPLY_GREETING
+    )
 }
 
 pub fn report_connected(ui: &Ui, node: &Node, peer: &PeerConnection) -> anyhow::Result<()> {

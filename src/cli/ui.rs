@@ -21,11 +21,13 @@ pub enum Event {
         port: u16,
         fingerprint: Fingerprint,
     },
-    /// The probe exchange proved a path.
+    /// The probe exchange proved a path. `method`: `direct` (a qpunch reply) or
+    /// `legacy` (the Go demo's plain reply, which does not carry `reflexive_addr`).
     Punched {
         peer: String,
+        method: &'static str,
         local_addr: String,
-        reflexive_addr: String,
+        reflexive_addr: Option<String>,
         rtt_ms: f64,
     },
     /// An authenticated QUIC connection is up.
