@@ -83,10 +83,24 @@ pub struct Proc {
 impl Proc {
     /// Start `qpunch ARGS...` with `QPUNCH_HOME=home`, stdin from /dev/null (not a TTY).
     pub fn spawn(name: &str, home: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
+        Self::spawn_with(name, home, args, |_| {})
+    }
+
+    /// Like [`Proc::spawn`], with `configure` adjusting the command first (environment,
+    /// working directory).
+    pub fn spawn_with(
+        name: &str,
+        home: &Path,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
+        let mut command = Command::new(BIN);
+        command
             .args(args)
             .env("QPUNCH_HOME", home)
-            .env_remove("RUST_LOG")
+            .env_remove("RUST_LOG");
+        configure(&mut command);
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -180,6 +194,44 @@ impl Proc {
                 ),
             }
         }
+    }
+
+    /// Wait for a non-JSON stdout line satisfying `wanted` (lines read before are also
+    /// searched) and return it. Panics at `timeout`.
+    pub fn wait_text(&mut self, wanted: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        if let Some(line) = self.text.iter().find(|l| wanted(l)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(Line::Json(v)) => self.events.push(v),
+                Ok(Line::Text(t)) => {
+                    self.text.push(t.clone());
+                    if wanted(&t) {
+                        return t;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "stdout closed before the expected line\n{}",
+                        self.diagnostics()
+                    )
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("timed out waiting for a line\n{}", self.diagnostics())
+                }
+            }
+        }
+    }
+
+    /// Send signal `signal` (e.g. `libc::SIGINT`) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the pid of a child we own and have not reaped yet (it is
+        // reaped only by `finish`, `kill` or `Drop`, which take or drop `self`).
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.child.id());
     }
 
     /// Whether an event of kind `kind` was already read.
