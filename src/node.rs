@@ -82,9 +82,10 @@ pub enum NodeError {
     #[error("cannot connect: {0}")]
     Connect(#[from] quinn::ConnectError),
     /// The connection or handshake failed. The peer may have chosen the close reason, so
-    /// it is shown escaped.
+    /// it is shown escaped, and the quinn error is deliberately not exposed as the
+    /// `source()`: error-chain printers (anyhow's `{:#}`) would print it raw.
     #[error("connection failed: {}", crate::text::peer(&.0.to_string()))]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(quinn::ConnectionError),
     /// The handshake did not complete in time.
     #[error("handshake not completed within {0:?}")]
     HandshakeTimeout(Duration),
@@ -102,6 +103,12 @@ pub enum NodeError {
     /// Punching failed.
     #[error(transparent)]
     Punch(#[from] DriveError),
+}
+
+impl From<quinn::ConnectionError> for NodeError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        NodeError::Connection(e)
+    }
 }
 
 /// An authenticated connection: the quinn connection and who is on the other end.

@@ -296,7 +296,9 @@ impl<S: Service> Listener<S> {
                 service: self.service.clone(),
                 limits: self.limits,
                 counters: counters.clone(),
-                half_open: self.half_open.clone(),
+                // Counted from here, not from when the task first runs: a burst of
+                // Initials is accepted in one go, before any handler has started.
+                half_open: HalfOpen::enter(&self.half_open),
                 shutdown: Shutdown::new(self.notify_shutdown.subscribe()),
                 _permit: permit,
                 _slot: slot,
@@ -313,7 +315,7 @@ struct Handler<S: Service> {
     service: Arc<S>,
     limits: Limits,
     counters: Arc<Counters>,
-    half_open: Arc<AtomicUsize>,
+    half_open: HalfOpen,
     shutdown: Shutdown,
     _permit: tokio::sync::OwnedSemaphorePermit,
     _slot: SourceSlot,
@@ -334,7 +336,7 @@ impl<S: Service> Handler<S> {
         } = self;
         let remote = incoming.remote_address();
         let handshake = {
-            let _half_open = HalfOpen::enter(&half_open);
+            let _half_open = half_open;
             let connecting = async { Ok::<_, NodeError>(incoming.accept()?.await?) };
             tokio::select! {
                 // Cancel-safe: dropping the handshake abandons it, which is the point.

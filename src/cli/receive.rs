@@ -199,7 +199,7 @@ fn announce(ui: &Ui, node: &Node, out: &std::path::Path) -> anyhow::Result<()> {
     let addrs = reachable_addrs(local);
     let fp = node.fingerprint();
     let mut text = format!(
-        "qpunch is receiving on UDP port {} into {}\n  identity: {fp}\n",
+        "qpunch is receiving on UDP port {}\n  saving to: {}\n  identity: {fp}\n",
         local.port(),
         out.display()
     );

@@ -206,9 +206,10 @@ pub enum TransferError {
     /// The peer sent something that breaks the protocol.
     #[error("protocol error: {}", crate::text::peer(.0))]
     Protocol(String),
-    /// The connection failed.
+    /// The connection failed. Not exposed as `source()`, so that error-chain printers
+    /// cannot print the peer's close reason raw.
     #[error("connection lost: {}", crate::text::peer(&.0.to_string()))]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(quinn::ConnectionError),
     /// A local file could not be read.
     #[error("{path}: {source}")]
     File {
@@ -225,6 +226,12 @@ pub enum TransferError {
         /// The underlying error.
         source: std::io::Error,
     },
+}
+
+impl From<quinn::ConnectionError> for TransferError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        TransferError::Connection(e)
+    }
 }
 
 impl TransferError {
@@ -311,12 +318,17 @@ async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result
     read_frame_limited(recv, MAX_FRAME, None).await
 }
 
+/// Frames up to this size are read without taking budget (see [`read_frame_limited`]):
+/// every honest manifest of a few hundred files fits, so strangers holding the budget
+/// with big claims cannot delay ordinary senders.
+const FREE_FRAME: usize = 64 << 10;
+
 /// Read one length-prefixed JSON frame of at most `max` bytes.
 ///
 /// Memory grows with the bytes that actually arrive, not with the length a peer claims;
-/// with a `budget`, the claimed length is first taken from that shared semaphore (in
-/// bytes) and given back once the frame is parsed, so many peers claiming large frames at
-/// once wait for each other instead of adding up.
+/// with a `budget`, a claimed length above [`FREE_FRAME`] is first taken from that shared
+/// semaphore (in bytes) and given back once the frame is parsed, so many peers claiming
+/// large frames at once wait for each other instead of adding up.
 async fn read_frame_limited<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
@@ -332,14 +344,14 @@ async fn read_frame_limited<T: DeserializeOwned>(
     }
     let _permit = match budget {
         // `len <= max <= MAX_FRAME` fits a u32.
-        Some(budget) => Some(
+        Some(budget) if len > FREE_FRAME => Some(
             budget
                 .clone()
                 .acquire_many_owned(len as u32)
                 .await
                 .map_err(TransferError::protocol)?,
         ),
-        None => None,
+        _ => None,
     };
     let mut body = Vec::with_capacity(len.min(64 << 10));
     while body.len() < len {

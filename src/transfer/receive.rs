@@ -40,10 +40,10 @@ const MAX_STRAY_STREAMS: usize = 16;
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest file-stream header accepted (it is a few dozen bytes).
 const MAX_HEADER: usize = 4 << 10;
-/// Manifest bytes being read at once across all connections: a manifest may be up to
-/// [`super::MAX_FRAME`], so a few strangers claiming big manifests cannot make us buffer
-/// hundreds of megabytes; a sender that cannot get budget in time is told the receiver is
-/// busy.
+/// Bytes of large manifests being read at once across all connections: a manifest may be
+/// up to [`super::MAX_FRAME`], so strangers claiming big manifests cannot make us buffer
+/// hundreds of megabytes. Manifests up to 64 KiB (a few hundred files) need no budget, so
+/// such claims never delay an ordinary sender.
 pub const MANIFEST_BUDGET: usize = 32 << 20;
 /// Files one sender may stream at once once accepted (the sender uses 8).
 pub const FILE_STREAMS: u32 = 16;
