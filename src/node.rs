@@ -129,7 +129,13 @@ impl PeerConnection {
     /// unidirectional streams, no datagrams): the handshake proves a key, not good intent,
     /// and a stranger with a throwaway key must not be able to make us buffer megabytes.
     pub fn open_windows(&self, streams: u32) {
-        self.connection.set_receive_window(CONNECTION_WINDOW.into());
+        self.open_windows_to(CONNECTION_WINDOW, streams);
+    }
+
+    /// [`open_windows`](Self::open_windows) with an explicit receive window (in bytes), for
+    /// servers that share a memory budget among many trusted connections.
+    pub fn open_windows_to(&self, window: u32, streams: u32) {
+        self.connection.set_receive_window(window.into());
         self.connection
             .set_max_concurrent_bi_streams(streams.into());
     }

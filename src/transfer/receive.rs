@@ -47,6 +47,14 @@ const MAX_HEADER: usize = 4 << 10;
 pub const MANIFEST_BUDGET: usize = 32 << 20;
 /// Files one sender may stream at once once accepted (the sender uses 8).
 pub const FILE_STREAMS: u32 = 16;
+/// Receive windows granted at once across all accepted senders. A window is what a sender
+/// may make us buffer when the disk is slower than the network, so with `--yes` and a
+/// crowd of senders it must not be 64 MiB each: the first senders get full windows
+/// ([`crate::node::CONNECTION_WINDOW`]), later ones what is left, down to
+/// [`MIN_WINDOW`] (still enough for a few MB/s per sender on a LAN).
+pub const WINDOW_BUDGET: usize = 256 << 20;
+/// The smallest receive window an accepted sender gets, budget or not.
+pub const MIN_WINDOW: u32 = 256 << 10;
 /// Default [`ReceiveOptions::stall_timeout`].
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default [`ReceiveOptions::min_rate`]: 4 KiB/s.
@@ -152,6 +160,8 @@ pub struct Receiver {
     /// Consent prompts, one at a time; waiting for a turn holds no thread.
     prompts: tokio::sync::Mutex<()>,
     manifest_budget: Arc<Semaphore>,
+    /// Receive windows of accepted senders, in KiB (see [`WINDOW_BUDGET`]).
+    window_budget: Arc<Semaphore>,
     /// `Some(ok)` once the `--once` transfer has ended.
     once_done: watch::Sender<Option<bool>>,
     once_claimed: std::sync::atomic::AtomicBool,
@@ -208,6 +218,7 @@ impl Receiver {
             disk: Disk::default(),
             prompts: tokio::sync::Mutex::new(()),
             manifest_budget: Arc::new(Semaphore::new(MANIFEST_BUDGET)),
+            window_budget: Arc::new(Semaphore::new(WINDOW_BUDGET >> 10)),
             once_done: watch::Sender::new(None),
             once_claimed: false.into(),
             events,
@@ -294,16 +305,29 @@ impl Receiver {
             // The plans (and with them the reserved names) are dropped here.
             return (Err(e), claimed);
         }
-        if !plans.is_empty() {
-            // The sender is accepted: room for its files.
-            peer.open_windows(FILE_STREAMS + 1);
-        }
+        // The sender is accepted: room for its files, from the shared window budget. The
+        // permit lives as long as this batch.
+        let _window = (!plans.is_empty()).then(|| self.open_windows(peer));
         let result = self
             .receive_accepted(conn, plans, &observer, &mut reports)
             .await;
         let mut reports: Vec<FileReport> = reports.into_values().collect();
         reports.sort_by_key(|r| r.id);
         (result.map(|()| reports), claimed)
+    }
+
+    /// Grow an accepted sender's receive window as far as [`WINDOW_BUDGET`] allows.
+    fn open_windows(&self, peer: &PeerConnection) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let full = crate::node::CONNECTION_WINDOW >> 10;
+        let permit = [full, full / 4, full / 16]
+            .into_iter()
+            .find_map(|kib| self.window_budget.clone().try_acquire_many_owned(kib).ok());
+        let window = permit
+            .as_ref()
+            .map_or(MIN_WINDOW, |p| p.num_permits() as u32 * 1024)
+            .max(MIN_WINDOW);
+        peer.open_windows_to(window, FILE_STREAMS + 1);
+        permit
     }
 
     fn claim_once(&self) -> bool {
