@@ -11,6 +11,7 @@
 //!   [`ratelimit`] rations its answers to strangers.
 //! - [`driver`]: the tokio loop that runs the state machine on a socket.
 //! - [`identity`], [`known_peers`], [`tls`]: who a peer is, and pinning it.
+//! - [`traverse`]: simultaneous punching between two NATed peers (sans-IO).
 //! - [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
 //! - [`server`]: the accept loop of every listening peer: budgets, concurrent
 //!   handshakes, shutdown and drain.
@@ -43,4 +44,5 @@ pub mod socket;
 pub mod text;
 pub mod tls;
 pub mod transfer;
+pub mod traverse;
 pub mod wire;
