@@ -12,6 +12,7 @@
 //! - [`identity`], [`known_peers`], [`tls`]: who a peer is, and pinning it.
 //! - [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
 //! - [`transfer`]: verified file transfer on a connection.
+//! - [`meet`]: one-time codes and the PAKE, to find a peer through an untrusted rendezvous.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,6 +32,7 @@
 pub mod driver;
 pub mod identity;
 pub mod known_peers;
+pub mod meet;
 pub mod node;
 pub mod punch;
 pub mod socket;
