@@ -90,6 +90,12 @@ impl Fingerprint {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// A fingerprint from its raw bytes, as carried in binary messages
+    /// ([`crate::meet::pake::Hello`]).
+    pub const fn from_bytes(bytes: [u8; FINGERPRINT_LEN]) -> Self {
+        Fingerprint(bytes)
+    }
 }
 
 impl fmt::Display for Fingerprint {

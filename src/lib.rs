@@ -17,6 +17,7 @@
 //!   handshakes, shutdown and drain.
 //! - [`transfer`]: verified file transfer on a connection.
 //! - [`text`]: making peer-controlled text safe for terminals.
+//! - [`meet`]: one-time codes and the PAKE, to find a peer through an untrusted rendezvous.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,6 +37,7 @@
 pub mod driver;
 pub mod identity;
 pub mod known_peers;
+pub mod meet;
 pub mod node;
 pub mod punch;
 pub mod ratelimit;

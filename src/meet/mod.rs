@@ -1,0 +1,17 @@
+//! Meet by code: find a peer through an untrusted rendezvous with a short one-time code.
+//!
+//! `qpunch receive` prints a code like `7-clockwork-crossover`; the other person types it
+//! into `qpunch send`. The **nameplate** (`7`) is public and is all the rendezvous sees: it
+//! pairs the two peers and relays their messages. The **words** are a secret that never
+//! leaves either machine: both peers run a PAKE (SPAKE2) keyed by the whole code, so they
+//! end up with shared keys that the rendezvous, or anyone guessing the code, cannot
+//! compute. Under those keys each peer sends a sealed hello: its TLS fingerprint and its
+//! addresses. The QUIC handshake then pins that fingerprint, so a rendezvous that lies can
+//! only make the meeting fail, never insert itself.
+//!
+//! - [`code`]: the codes, their word list, lenient parsing with typo help.
+//! - [`pake`]: the PAKE, the sealed hello, and key confirmation over an existing
+//!   connection. Sans-IO: bytes in, bytes out, randomness injected.
+
+pub mod code;
+pub mod pake;
