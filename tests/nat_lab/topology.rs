@@ -55,14 +55,17 @@ pub const PUBLIC_V4_ALT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
 pub const PUBLIC_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 /// Sites are numbered 1..=9 (198.51.100.10 and .11 belong to the public host).
 pub const MAX_SITES: usize = 9;
+/// Frames a site link's TAP devices (or veth) buffer toward the delay element.
+const TAP_QUEUE: u32 = 4096;
 
 /// How a site's router treats IPv4 (its IPv6 firewall is the same for all but
 /// [`Nat::UdpBlocked`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Nat {
-    /// An open peer: masquerade keeping ports, plus DNAT of every inbound UDP port
-    /// 1024-65535 to the first client (like a port-forward / DMZ host). Unsolicited
-    /// datagrams to the WAN address reach that client.
+    /// An open peer: masquerade keeping ports, plus DNAT of every inbound UDP and TCP
+    /// port 1024-65535 to the first client (like a DMZ host). Unsolicited datagrams to
+    /// the WAN address reach that client, and so do TCP connections (which a path
+    /// benchmark needs to compare kernel TCP with qpunch between two sites).
     Open,
     /// Plain `masquerade`: keeps the source port, one mapping per local socket
     /// (endpoint-independent mapping), port-restricted filtering; new inbound to the
@@ -280,7 +283,9 @@ impl Site {
         };
         let (dnat, dnat_accept) = match nat {
             Nat::Open => (
-                format!("iifname \"wan0\" udp dport 1024-65535 dnat to {first}"),
+                format!(
+                    "iifname \"wan0\" meta l4proto {{ tcp, udp }} th dport 1024-65535 dnat to {first}"
+                ),
                 "iifname \"wan0\" oifname \"lan0\" ct status dnat accept",
             ),
             _ => (String::new(), ""),
@@ -582,6 +587,12 @@ impl Topology {
                 ));
             }
         }
+        for site in sites.iter().filter(|s| s.delay.is_some()) {
+            // A TAP's ring holds txqueuelen frames (500: 60 ms at 100 Mbit/s) while its
+            // forwarder sleeps; on a busy machine make sure a descheduled forwarder
+            // does not turn into loss the test did not ask for.
+            cmds.push(format!("link set {} txqueuelen {TAP_QUEUE}", site.port));
+        }
         for port in std::iter::once("pub").chain(sites.iter().map(|s| s.port.as_str())) {
             cmds.push(format!("link set {port} master br0"));
             cmds.push(format!("link set {port} up"));
@@ -601,6 +612,7 @@ impl Topology {
         for site in &sites {
             let mut cmds = vec![
                 "link set lo up".to_string(),
+                format!("link set wan0 txqueuelen {TAP_QUEUE}"),
                 format!("addr add {}/24 dev wan0", site.wan_v4),
                 "link set wan0 up".into(),
                 "link add lan0 type bridge mcast_snooping 0".into(),
