@@ -1,5 +1,5 @@
 //! The NAT lab: `qpunch` end to end through real Linux NATs built from network namespaces
-//! and nftables (see `nat_lab/lab.rs` for the topology).
+//! and nftables (see `nat_lab/lab.rs` for [`Lab`], a one-site `nat_lab/topology.rs`).
 //!
 //! Needs root, iproute2 (`ip`, `tc`), nftables (`nft`), conntrack-tools (`conntrack`),
 //! procps (`sysctl`) and python3 (and `go` for the seed's Go program). Without them each
@@ -324,9 +324,8 @@ fn nat_drops_unsolicited_datagrams() {
         return;
     }
     let lab = Lab::new("n", Nat::Cone);
-    // A second public host address, to test filtering by address as well as port.
-    let other_ip = "198.51.100.11";
-    lab.ip(&lab.public(), &format!("addr add {other_ip}/24 dev eth0"));
+    // The public host's second address, to test filtering by address as well as port.
+    let other_ip = &lab::PUBLIC_V4_ALT.to_string();
     let client_port = 40404;
     let wan_target = format!("{ROUTER_WAN_IP}:{client_port}");
 
@@ -518,21 +517,9 @@ fn nat_rebinding_mid_transfer() {
     );
 }
 
-/// Bind a UDP socket inside namespace `ns`: a thread enters the namespace, binds, and
-/// hands the socket back. A socket stays in the namespace it was created in, so the rest
-/// of the test drives it from this process like any other socket.
+/// Bind a UDP socket inside namespace `ns` (it stays there; the test drives it from here).
 fn bind_in(ns: &str, addr: &str) -> std::net::UdpSocket {
-    use std::os::fd::AsRawFd;
-    let (path, addr) = (format!("/var/run/netns/{ns}"), addr.parse().unwrap());
-    std::thread::spawn(move || {
-        let handle = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on a valid namespace descriptor; affects only this short-lived thread.
-        let rc = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        qpunch::socket::bind(addr).unwrap()
-    })
-    .join()
-    .unwrap()
+    lab::bind_udp_in(ns, addr.parse().unwrap())
 }
 
 /// Punch from the client namespace to a node in the public one, connect (pinned), and

@@ -1,380 +1,148 @@
-//! A throw-away network of Linux namespaces with a netfilter NAT router, for end-to-end
-//! tests of `qpunch` through real NATs.
+//! The NAT lab: throw-away networks of Linux namespaces with netfilter NAT routers, for
+//! end-to-end tests of `qpunch` through real NATs and firewalls.
 //!
-//! ```text
-//!   {p}-pub  eth0 198.51.100.10/24 ──┐
-//!                                    ├── br0 in {p}-inet ("the internet", 198.51.100.0/24)
-//!   {p}-rtr  wan0 198.51.100.1/24 ───┘
-//!            lan0 10.0.1.1/24 ──────── eth0 10.0.1.2/24 in {p}-cli (default route via .1)
-//! ```
-//!
-//! The router masquerades on wan0, forwards lan→wan and only established/related wan→lan,
-//! and drops new inbound connections addressed to itself (like a home router; otherwise an
-//! unsolicited probe would create a conntrack entry that makes the router re-map the
-//! client's flow to another port). Nothing here ever routes outside the lab's namespaces.
+//! - [`topology`]: the builder. A public host and any number of sites (router + LAN
+//!   of clients), each with its own NAT behaviour, IPv6 prefix and firewall, and link
+//!   impairments (delay, rate, loss). Its docs draw the network and list every address.
+//! - [`delay`]: the user-space delay element (TAP devices + forwarder threads).
+//! - [`netns`]: namespace plumbing, [`require`], and [`in_netns`] to run this process's
+//!   own code (sockets, tokio, whole `qpunch` nodes) inside a namespace.
+//! - [`Lab`]: the original one-site lab (public host, one router, one client) as a thin
+//!   wrapper over a one-site [`Topology`], and [`Proc`], a child process speaking JSON
+//!   lines.
 //!
 //! Every namespace name carries a unique prefix (pid + counter), so tests can run in
-//! parallel threads; [`Lab`]'s `Drop` kills what runs inside and deletes the namespaces,
-//! also when the test panics. [`Proc`] kills its child on drop.
+//! parallel threads; dropping a [`Topology`] (or [`Lab`]) stops its delay elements, kills
+//! what runs inside and deletes the namespaces, also when the test panics. [`Proc`] kills
+//! its child on drop. Nothing here ever routes outside the lab's namespaces.
 
 #![allow(dead_code)]
 
+#[path = "delay.rs"]
+pub mod delay;
+#[path = "netns.rs"]
+pub mod netns;
+#[path = "topology.rs"]
+pub mod topology;
+
 use std::collections::VecDeque;
-use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[allow(unused_imports)] // each test file uses a subset
+pub use delay::{DelayLink, DelayStats, DirectionStats};
+#[allow(unused_imports)]
+pub use netns::{
+    bind_udp_in, block_on_in_netns, in_netns, require, run, spawn_in_netns, tool, tool_path,
+};
+#[allow(unused_imports)]
+pub use topology::{
+    Host, LossCounters, MAX_SITES, Nat, PUBLIC_V4, PUBLIC_V4_ALT, PUBLIC_V6, Rate, Site, SiteSpec,
+    Topology,
+};
+
 /// The public receiver host.
 pub const PUBLIC_IP: &str = "198.51.100.10";
-/// The router's WAN (the NAT's public address).
+/// [`Lab`]'s router WAN (the NAT's public address): site A's.
 pub const ROUTER_WAN_IP: &str = "198.51.100.1";
-/// The router's LAN side.
+/// [`Lab`]'s router LAN side.
 pub const ROUTER_LAN_IP: &str = "10.0.1.1";
-/// The client behind the NAT.
+/// [`Lab`]'s client behind the NAT.
 pub const CLIENT_IP: &str = "10.0.1.2";
 
-/// Serializes namespace creation and deletion: the first `ip netns add` sets up the
-/// shared /run/netns mount, which must not race.
-static SETUP: Mutex<()> = Mutex::new(());
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// Find a tool on PATH (and in the sbin directories, which a PATH may lack).
-pub fn tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-fn tool_path(name: &str) -> PathBuf {
-    tool(name).unwrap_or_else(|| panic!("{name} not found"))
-}
-
-/// Effective uid from /proc (no libc dependency).
-fn euid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
-
-/// Check that this test can build a lab: root, the tools, and namespaces actually work.
-/// Returns `false` (after a loud message) when the test should be skipped; panics instead
-/// when the `CI` environment variable is set, because CI must run these tests.
-pub fn require(test: &str, tools: &[&str]) -> bool {
-    let reason = (|| {
-        if euid() != Some(0) {
-            return Some("not running as root".to_string());
-        }
-        let missing: Vec<&str> = ["ip", "nft"]
-            .iter()
-            .chain(tools)
-            .copied()
-            .filter(|t| tool(t).is_none())
-            .collect();
-        if !missing.is_empty() {
-            return Some(format!("missing tools: {}", missing.join(", ")));
-        }
-        // Root in a container without CAP_NET_ADMIN/CAP_SYS_ADMIN cannot make namespaces.
-        let probe = format!("qpk{}p{}", std::process::id(), next_id());
-        let _guard = SETUP.lock().unwrap_or_else(|e| e.into_inner());
-        let out = Command::new(tool_path("ip"))
-            .args(["netns", "add", &probe])
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {
-                let _ = Command::new(tool_path("ip"))
-                    .args(["netns", "del", &probe])
-                    .output();
-                None
-            }
-            Ok(o) => Some(format!(
-                "cannot create a network namespace: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Err(e) => Some(format!("cannot run ip: {e}")),
-        }
-    })();
-    let Some(reason) = reason else { return true };
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: CI is set, so the NAT lab must run, but: {reason}");
-    }
-    // Straight to the stderr handle: libtest captures `eprintln!` of passing tests, and
-    // a skip must be visible in a normal `cargo test` run.
-    let stars = "*".repeat(78);
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n{stars}\n{test}: SKIPPED (needs root + nftables/iproute2/conntrack): {reason}\n{stars}"
-    );
-    false
-}
-
-fn next_id() -> u32 {
-    COUNTER.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Run a command to completion; panic with its output when it fails.
-pub fn run<I, S>(program: impl AsRef<OsStr>, args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    run_stdin(program, args, None)
-}
-
-fn run_stdin<I, S>(program: impl AsRef<OsStr>, args: I, stdin: Option<&str>) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let mut cmd = Command::new(program.as_ref());
-    cmd.args(args);
-    let shown = format!("{cmd:?}");
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    if !out.status.success() {
-        panic!(
-            "{shown} failed ({}):\n{}{}{}",
-            out.status,
-            stdin.map(|s| format!("stdin:\n{s}\n")).unwrap_or_default(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
-}
-
-/// How the router maps ports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Nat {
-    /// Plain `masquerade`: keeps the source port, one mapping per local socket
-    /// (endpoint-independent mapping), port-restricted filtering.
-    Cone,
-    /// `masquerade fully-random`: a new random port for every destination (symmetric).
-    Symmetric,
-}
-
-impl Nat {
-    fn rule(self) -> &'static str {
-        match self {
-            Nat::Cone => "oifname \"wan0\" masquerade",
-            Nat::Symmetric => "oifname \"wan0\" masquerade fully-random",
-        }
-    }
-}
-
-/// The namespaces of one test. Dropping it tears everything down.
+/// The original lab: one site (router + one client) and the public host.
+///
+/// ```text
+///   {p}-pub  eth0 198.51.100.10/24 (and .11) ─┐
+///                                              ├── br0 in {p}-inet ("the internet")
+///   {p}-ra   wan0 198.51.100.1/24 ────────────┘
+///            lan0 10.0.1.1/24 ──────── eth0 10.0.1.2/24 in {p}-a0 (default route via .1)
+/// ```
+///
+/// The router masquerades on wan0, forwards lan→wan and only established/related
+/// wan→lan, and drops new inbound connections addressed to itself (like a home router;
+/// otherwise an unsolicited probe would create a conntrack entry that makes the router
+/// re-map the client's flow to another port).
 pub struct Lab {
+    /// `qp{pid}{tag}{n}`: every namespace is `{prefix}-{role}`.
     pub prefix: String,
-    namespaces: Vec<String>,
+    topology: Topology,
 }
 
 impl Lab {
     /// Build the topology with a router of the given kind. `tag` (a few letters) makes
     /// names readable in `ip netns list` when a test is being debugged.
     pub fn new(tag: &str, nat: Nat) -> Lab {
-        let prefix = format!("qp{}{}{}", std::process::id(), tag, next_id());
-        let mut lab = Lab {
-            prefix,
-            namespaces: Vec::new(),
-        };
-        {
-            let _guard = SETUP.lock().unwrap_or_else(|e| e.into_inner());
-            for role in ["inet", "pub", "rtr", "cli"] {
-                let ns = lab.name(role);
-                // A leftover from a crashed run with the same pid would break `add`.
-                let _ = Command::new(tool_path("ip"))
-                    .args(["netns", "del", &ns])
-                    .stderr(Stdio::null())
-                    .status();
-                run(tool_path("ip"), ["netns", "add", &ns]);
-                lab.namespaces.push(ns);
-            }
+        let topology = Topology::new(tag, &[SiteSpec::new(nat)]);
+        Lab {
+            prefix: topology.prefix.clone(),
+            topology,
         }
-        lab.build(nat);
-        lab
     }
 
-    fn name(&self, role: &str) -> String {
-        format!("{}-{role}", self.prefix)
+    /// The full topology underneath (one site).
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
+    fn site(&self) -> &Site {
+        self.topology.site(0)
+    }
+
+    /// The "internet" namespace.
     pub fn inet(&self) -> String {
-        self.name("inet")
+        self.topology.inet().to_string()
     }
+    /// The public host's namespace.
     pub fn public(&self) -> String {
-        self.name("pub")
+        self.topology.public().ns.clone()
     }
+    /// The router's namespace.
     pub fn router(&self) -> String {
-        self.name("rtr")
+        self.site().router.clone()
     }
+    /// The client's namespace.
     pub fn client(&self) -> String {
-        self.name("cli")
+        self.site().client(0).ns.clone()
     }
 
     /// `ip -n NS ARGS...`
     pub fn ip(&self, ns: &str, args: &str) {
-        let mut all = vec!["-n", ns];
-        all.extend(args.split_whitespace());
-        run(tool_path("ip"), all);
+        netns::ip(ns, args)
     }
 
     /// Run a program inside a namespace and return its output (panics on failure).
     pub fn exec(&self, ns: &str, program: &str, args: &[&str]) -> Output {
-        let mut all = vec!["netns".to_string(), "exec".into(), ns.into()];
-        all.push(tool(program).map_or(program.into(), |p| p.display().to_string()));
-        all.extend(args.iter().map(|a| a.to_string()));
-        run(tool_path("ip"), all)
+        netns::exec(ns, program, args)
     }
 
     /// Apply an nft script (one transaction) inside a namespace.
     pub fn nft(&self, ns: &str, script: &str) {
-        let args = [
-            "netns".to_string(),
-            "exec".into(),
-            ns.into(),
-            tool_path("nft").display().to_string(),
-            "-f".into(),
-            "-".into(),
-        ];
-        run_stdin(tool_path("ip"), args, Some(script));
+        netns::nft(ns, script)
     }
 
-    fn sysctl(&self, ns: &str, key: &str, value: &str) {
-        let path = format!("/proc/sys/{}", key.replace('.', "/"));
-        self.exec(ns, "sh", &["-c", &format!("echo {value} > {path}")]);
-    }
-
-    fn build(&self, nat: Nat) {
-        let (inet, public, router, client) =
-            (self.inet(), self.public(), self.router(), self.client());
-        for ns in &self.namespaces {
-            self.ip(ns, "link set lo up");
-        }
-        // The internet: one bridge, the public host and the router's WAN port on it.
-        self.ip(&inet, "link add br0 type bridge");
-        self.ip(&inet, "link set br0 up");
-        self.ip(
-            &inet,
-            &format!("link add pub type veth peer name eth0 netns {public}"),
-        );
-        self.ip(
-            &inet,
-            &format!("link add rtr type veth peer name wan0 netns {router}"),
-        );
-        for port in ["pub", "rtr"] {
-            self.ip(&inet, &format!("link set {port} master br0"));
-            self.ip(&inet, &format!("link set {port} up"));
-        }
-        self.ip(&public, &format!("addr add {PUBLIC_IP}/24 dev eth0"));
-        self.ip(&public, "link set eth0 up");
-
-        // The router: WAN on the bridge, LAN to the client.
-        self.ip(&router, &format!("addr add {ROUTER_WAN_IP}/24 dev wan0"));
-        self.ip(&router, "link set wan0 up");
-        self.ip(
-            &router,
-            &format!("link add lan0 type veth peer name eth0 netns {client}"),
-        );
-        self.ip(&router, &format!("addr add {ROUTER_LAN_IP}/24 dev lan0"));
-        self.ip(&router, "link set lan0 up");
-        self.sysctl(&router, "net.ipv4.ip_forward", "1");
-
-        self.ip(&client, &format!("addr add {CLIENT_IP}/24 dev eth0"));
-        self.ip(&client, "link set eth0 up");
-        self.ip(&client, &format!("route add default via {ROUTER_LAN_IP}"));
-
-        self.nft(
-            &router,
-            &format!(
-                r#"
-table ip natlab {{
-    chain postrouting {{
-        type nat hook postrouting priority srcnat; policy accept;
-        {rule}
-    }}
-    chain forward {{
-        type filter hook forward priority filter; policy drop;
-        iifname "lan0" oifname "wan0" accept
-        iifname "wan0" oifname "lan0" ct state established,related accept
-    }}
-    chain input {{
-        type filter hook input priority filter; policy accept;
-        iifname "wan0" ct state new drop
-    }}
-}}
-"#,
-                rule = nat.rule()
-            ),
-        );
-    }
-
-    /// Replace the router's masquerade rule (atomically).
+    /// Replace the router's NAT behaviour (atomically).
     pub fn set_nat(&self, nat: Nat) {
-        self.nft(
-            &self.router(),
-            &format!(
-                "flush chain ip natlab postrouting\nadd rule ip natlab postrouting {}\n",
-                nat.rule()
-            ),
-        );
+        self.site().set_nat(nat)
     }
 
     /// Drop `percent` % of the packets crossing the router's WAN side, each direction.
-    /// Table `ip natloss` counts, in order: packets in, packets out, dropped in, dropped
-    /// out (see [`Lab::loss_counters`]).
+    /// [`Lab::loss_counters`] returns, in order: packets in, packets out, dropped in,
+    /// dropped out.
     pub fn add_loss(&self, percent: u32) {
-        self.nft(
-            &self.router(),
-            &format!(
-                r#"
-table ip natloss {{
-    chain forward {{
-        type filter hook forward priority filter - 10; policy accept;
-        iifname "wan0" counter
-        oifname "wan0" counter
-        iifname "wan0" numgen random mod 100 < {percent} counter drop
-        oifname "wan0" numgen random mod 100 < {percent} counter drop
-    }}
-}}
-"#
-            ),
-        );
+        self.site().set_loss(percent.into())
     }
 
-    /// The `counter packets N` values of table `ip natloss`, in rule order.
+    /// The loss counts: packets in, packets out, dropped in, dropped out.
     pub fn loss_counters(&self) -> Vec<u64> {
-        let out = self.exec(&self.router(), "nft", &["list", "table", "ip", "natloss"]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let words: Vec<&str> = text.split_whitespace().collect();
-        words
-            .windows(3)
-            .filter(|w| w[0] == "counter" && w[1] == "packets")
-            .map(|w| w[2].parse::<u64>().unwrap())
-            .collect()
+        let c = self.site().loss_counters();
+        vec![c.seen_in, c.seen_out, c.dropped_in, c.dropped_out]
     }
 
     /// Limit the router's upload (wan0 egress) with a token bucket, e.g. "50mbit".
@@ -391,52 +159,32 @@ table ip natloss {{
 
     /// Make the router forget every connection (and so every NAT mapping).
     pub fn flush_conntrack(&self) {
-        self.exec(&self.router(), "conntrack", &["-F"]);
+        self.site().flush_conntrack()
     }
 
     /// The router's conntrack entries as text (`conntrack -L`).
     pub fn conntrack_list(&self) -> String {
-        let out = self.exec(&self.router(), "conntrack", &["-L", "-p", "udp"]);
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.site().conntrack_list()
     }
 
-    /// Spawn a program inside a namespace. `ip netns exec` execs it directly, so the
-    /// child's pid is the program's own.
+    /// Spawn a program inside a namespace (see [`spawn`]).
     pub fn spawn(&self, ns: &str, program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Proc {
-        let mut cmd = Command::new(tool_path("ip"));
-        cmd.args(["netns", "exec", ns]).arg(program).args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Proc::spawn(
-            cmd,
-            format!("{ns}: {} {}", program.display(), args.join(" ")),
-        )
+        spawn(ns, program, args, env)
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _guard = SETUP.lock().unwrap_or_else(|e| e.into_inner());
-        let ip = tool_path("ip");
-        for ns in &self.namespaces {
-            // Whatever still runs in our namespaces was started by this test: end it.
-            if let Ok(out) = Command::new(&ip).args(["netns", "pids", ns]).output() {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            }
-        }
-        for ns in self.namespaces.iter().rev() {
-            let ok = Command::new(&ip)
-                .args(["netns", "del", ns])
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                eprintln!("warning: could not delete namespace {ns}");
-            }
-        }
+/// Spawn a program inside a namespace. `ip netns exec` execs it directly, so the child's
+/// pid is the program's own.
+pub fn spawn(ns: &str, program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Proc {
+    let mut cmd = Command::new(tool_path("ip"));
+    cmd.args(["netns", "exec", ns]).arg(program).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
     }
+    Proc::spawn(
+        cmd,
+        format!("{ns}: {} {}", program.display(), args.join(" ")),
+    )
 }
 
 /// A child process whose stdout is JSON lines (non-JSON lines are kept as strings).
