@@ -21,7 +21,7 @@ impl Tree {
     ///
     /// The tree describes the file's first `len` bytes as of opening it; a file that
     /// shrinks meanwhile is an error. [`super::TreeCache::tree`] also notices one that
-    /// merely changed.
+    /// merely changed. Blocks until done: async code calls it from `spawn_blocking`.
     pub fn from_file(path: &Path) -> io::Result<Tree> {
         let context = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
         let file = File::open(path).map_err(context)?;
