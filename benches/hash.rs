@@ -66,23 +66,21 @@ fn bench() -> anyhow::Result<()> {
     println!("resident before hashing: {}", kib(status_kib("VmRSS")));
 
     let mut expected = None;
-    let mut table: Vec<(&str, Vec<(f64, Option<u64>)>)> =
-        vec![("Tree::from_file", vec![]), ("update_mmap_rayon", vec![])];
+    let mut table: Vec<(Method, Vec<Sample>)> =
+        vec![(Method::Tree, vec![]), (Method::Mmap, vec![])];
     for run in 1..=runs {
-        for (name, samples) in table.iter_mut() {
+        for (method, samples) in table.iter_mut() {
             reset_peak();
             let t = Instant::now();
-            let root = if *name == "Tree::from_file" {
-                Tree::from_file(&source)?.root()
-            } else {
-                let mut hasher = blake3::Hasher::new();
-                hasher.update_mmap_rayon(&source)?;
-                hasher.finalize()
-            };
+            let root = method.hash(&source)?;
             let secs = t.elapsed().as_secs_f64();
             let peak = status_kib("VmHWM");
             let expected = *expected.get_or_insert(root);
-            ensure!(root == expected, "{name}: root {root} differs from {expected}");
+            let name = method.name();
+            ensure!(
+                root == expected,
+                "{name}: root {root} differs from {expected}"
+            );
             println!(
                 "run {run} {name:<18} {secs:7.3} s  {:6.2} GB/s  peak {}",
                 bytes as f64 / 1e9 / secs,
@@ -93,13 +91,14 @@ fn bench() -> anyhow::Result<()> {
     }
 
     println!("median of {runs} run(s):");
-    for (name, samples) in &table {
+    for (method, samples) in &table {
         let mut secs: Vec<f64> = samples.iter().map(|s| s.0).collect();
         secs.sort_by(f64::total_cmp);
         let median = secs[secs.len() / 2];
         let peak = samples.iter().filter_map(|s| s.1).max();
         println!(
-            "  {name:<18} {:6.2} GB/s  peak resident {}",
+            "  {:<18} {:6.2} GB/s  peak resident {}",
+            method.name(),
             bytes as f64 / 1e9 / median,
             kib(peak)
         );
@@ -113,8 +112,14 @@ fn bench() -> anyhow::Result<()> {
     let t = Instant::now();
     let second = cache.tree(&source)?;
     let hit = t.elapsed().as_secs_f64();
-    ensure!(first == second && cache.stats().hits == 1, "the cache did not hit");
-    ensure!(first.root() == expected.context("no run")?, "cached root differs");
+    ensure!(
+        first == second && cache.stats().hits == 1,
+        "the cache did not hit"
+    );
+    ensure!(
+        first.root() == expected.context("no run")?,
+        "cached root differs"
+    );
     println!(
         "TreeCache: miss (hash + store) {:.3} s, hit {:.3} ms ({} groups, {} byte tree)",
         miss,
@@ -123,6 +128,38 @@ fn bench() -> anyhow::Result<()> {
         first.encode().len()
     );
     Ok(())
+}
+
+/// One run: seconds, and peak resident KiB when known.
+type Sample = (f64, Option<u64>);
+
+/// The two ways of hashing a file compared here.
+#[derive(Debug, Clone, Copy)]
+enum Method {
+    /// `Tree::from_file`: pread, one group buffer per thread.
+    Tree,
+    /// `update_mmap_rayon`: the whole file mapped.
+    Mmap,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Tree => "Tree::from_file",
+            Method::Mmap => "update_mmap_rayon",
+        }
+    }
+
+    fn hash(self, path: &Path) -> anyhow::Result<blake3::Hash> {
+        Ok(match self {
+            Method::Tree => Tree::from_file(path)?.root(),
+            Method::Mmap => {
+                let mut hasher = blake3::Hasher::new();
+                hasher.update_mmap_rayon(path)?;
+                hasher.finalize()
+            }
+        })
+    }
 }
 
 /// Reset the peak resident set size (Linux: write 5 to clear_refs).
