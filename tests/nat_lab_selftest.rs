@@ -674,7 +674,9 @@ fn qpunch_nodes_run_inside_namespaces() {
         (punched, echoed)
     });
     server.join().expect("server thread");
-    let reflexive = punched.reflexive.expect("a qpunch reply carries the observed address");
+    let reflexive = punched
+        .reflexive
+        .expect("a qpunch reply carries the observed address");
     assert_eq!(
         reflexive.ip(),
         IpAddr::from(site.wan_v4),

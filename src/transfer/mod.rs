@@ -16,14 +16,16 @@
 //! The data path never holds more than a few MiB per file in memory.
 //!
 //! Why offsets and BLAKE3 from day one: the BLAKE3 hash *is* the root of a Merkle tree
-//! over 1 KiB chunks, so a later version can verify a received prefix (with a Bao
-//! outboard) and resume by accepting at a non-zero `offset`, without changing the frames.
+//! over 1 KiB chunks, so a receiver can verify a partial file's prefix against the
+//! sender's [`tree::Tree`] of 256 KiB group hashes and resume by accepting at a non-zero
+//! `offset`, without changing the frames.
 
 pub mod names;
 mod receive;
 mod reserve;
 mod send;
 mod store;
+pub mod tree;
 
 use std::sync::Arc;
 
