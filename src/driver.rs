@@ -13,6 +13,9 @@ use tokio::sync::broadcast;
 
 use crate::punch::{PunchConfig, PunchError, Punched, Puncher, Transmit};
 use crate::socket::DemuxSocket;
+use crate::traverse::{
+    Birthday, Kind, Path, Traversal, TraverseConfig, TraverseError, TraverseStats,
+};
 
 /// Why a punch did not produce a path.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +26,9 @@ pub enum DriveError {
     /// The socket failed.
     #[error("UDP socket error while punching: {0}")]
     Io(#[from] io::Error),
+    /// A simultaneous punch found no path.
+    #[error(transparent)]
+    Traverse(#[from] TraverseError),
 }
 
 /// How the driver reaches the network: send one datagram, receive the next candidate one.
@@ -130,6 +136,167 @@ async fn run(
             received = io.recv(&mut buf) => {
                 let from = received?;
                 puncher.handle_datagram(Instant::now(), from, &buf);
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+        }
+    }
+}
+
+/// Something learned while a [`traverse`] runs.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// A new candidate address of the peer.
+    Candidate(SocketAddr, Kind),
+    /// Start probing random ports of the peer's public IP (this side is the easy one).
+    Birthday(Birthday),
+}
+
+/// Run a [`Traversal`] through a live node's socket until it finds a path or gives up.
+/// `updates` feeds it what arrives meanwhile (the peer's sealed hello, say); the result
+/// comes with the traversal's counters.
+///
+/// The socket answers the peer's probes by itself; their sources become triggered checks.
+pub async fn traverse(
+    socket: &DemuxSocket,
+    mut traversal: Traversal,
+    mut updates: tokio::sync::mpsc::UnboundedReceiver<Update>,
+) -> (Result<Path, TraverseError>, TraverseStats) {
+    let mut replies = socket.subscribe();
+    let mut probes = socket.subscribe_probes();
+    let mut updates_open = true;
+    loop {
+        let now = Instant::now();
+        traversal.handle_timeout(now);
+        while let Some(t) = traversal.poll_transmit(now) {
+            if let Err(e) = socket.send_probe(t.destination, &t.contents).await {
+                tracing::debug!(to = %t.destination, "probe not sent: {e}");
+            }
+        }
+        if let Some(outcome) = traversal.outcome() {
+            return (outcome.clone(), traversal.stats());
+        }
+        let deadline = traversal
+            .poll_timeout()
+            .unwrap_or_else(|| now + std::time::Duration::from_millis(50));
+        // Every branch is cancel-safe: broadcast and mpsc receivers lose nothing when a
+        // `recv` is dropped, and the sleep is only a timer.
+        tokio::select! {
+            reply = replies.recv() => match reply {
+                Ok((from, data)) => {
+                    traversal.handle_reply(Instant::now(), from, &data);
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {
+                    return (Err(closed(&traversal)), traversal.stats());
+                }
+            },
+            probe = probes.recv() => {
+                if let Ok(from) = probe {
+                    traversal.handle_peer_probe(Instant::now(), from);
+                }
+            }
+            update = updates.recv(), if updates_open => match update {
+                Some(Update::Candidate(addr, kind)) => traversal.add_candidate(Instant::now(), addr, kind),
+                Some(Update::Birthday(b)) => traversal.start_birthday(Instant::now(), b),
+                None => updates_open = false,
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+        }
+    }
+}
+
+/// The socket went away under a traversal: report it as giving up now.
+fn closed(traversal: &Traversal) -> TraverseError {
+    let stats = traversal.stats();
+    TraverseError::TimedOut {
+        probes: stats.probes,
+        candidates: traversal.candidates().len(),
+        elapsed: std::time::Duration::ZERO,
+    }
+}
+
+/// The hard side of a birthday punch: `count` fresh sockets on `bind` (an IP with port 0),
+/// each probing `target` (the easy side's public address) with its own [`Traversal`] and
+/// answering the easy side's random-port probes. The first socket whose probe is answered
+/// wins: it is returned, with its path, to be handed to QUIC; the others are closed.
+///
+/// Sockets start a few milliseconds apart, so `count` first probes do not leave as one
+/// burst; each then backs off like any traversal.
+pub async fn birthday(
+    bind: SocketAddr,
+    target: SocketAddr,
+    count: usize,
+    config: TraverseConfig,
+) -> Result<(std::net::UdpSocket, Path), DriveError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let spread = std::time::Duration::from_millis(500) / count.max(1) as u32;
+    for i in 0..count {
+        let socket = tokio::net::UdpSocket::from_std({
+            let s = crate::socket::bind(bind)?;
+            s.set_nonblocking(true)?;
+            s
+        })?;
+        tasks.spawn(async move {
+            tokio::time::sleep(spread * i as u32).await;
+            let mut traversal = Traversal::new(config, Instant::now(), rand::random());
+            traversal.add_candidate(Instant::now(), target, Kind::Reflexive);
+            let outcome = one_birthday_socket(&socket, traversal).await;
+            outcome.map(|path| (socket, path))
+        });
+    }
+    let mut last = None;
+    // `join_next` is cancel-safe, and this loop owns the set: dropping it aborts the rest.
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok((socket, path))) => {
+                tasks.abort_all();
+                return Ok((socket.into_std()?, path));
+            }
+            Ok(Err(e)) => last = Some(e),
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    Err(last.unwrap_or(DriveError::Io(io::Error::other("no birthday sockets"))))
+}
+
+/// One socket of [`birthday`]: probe, answer probes (a triggered check each), until a
+/// reply to one of ours arrives or the traversal gives up.
+async fn one_birthday_socket(
+    socket: &tokio::net::UdpSocket,
+    mut traversal: Traversal,
+) -> Result<Path, DriveError> {
+    let mut buf = vec![0u8; crate::wire::MAX_DATAGRAM + 1];
+    loop {
+        let now = Instant::now();
+        traversal.handle_timeout(now);
+        while let Some(t) = traversal.poll_transmit(now) {
+            let _ = socket.send_to(&t.contents, t.destination).await;
+        }
+        match traversal.outcome() {
+            Some(Ok(path)) => return Ok(path.clone()),
+            Some(Err(e)) => return Err(DriveError::Traverse(e.clone())),
+            None => {}
+        }
+        let deadline = traversal.poll_timeout().unwrap_or(now);
+        tokio::select! {
+            // `recv_from` on a tokio socket is cancel-safe.
+            received = socket.recv_from(&mut buf) => {
+                let Ok((n, from)) = received else { continue };
+                let data = &buf[..n];
+                match crate::wire::Message::decode(data) {
+                    Ok(crate::wire::Message::Probe { txid }) => {
+                        // Only the peer can know these sockets exist: no rate limit needed
+                        // beyond the traversal's own pacing of its answers' triggers.
+                        let reply = crate::punch::reply_to(from, txid);
+                        let _ = socket.send_to(&reply.contents, reply.destination).await;
+                        traversal.handle_peer_probe(Instant::now(), from);
+                    }
+                    Ok(crate::wire::Message::Reply { .. }) => {
+                        traversal.handle_reply(Instant::now(), from, data);
+                    }
+                    Err(_) => {}
+                }
             }
             _ = tokio::time::sleep_until(deadline.into()) => {}
         }

@@ -16,6 +16,9 @@
 //! - [`server`]: the accept loop of every listening peer: budgets, concurrent
 //!   handshakes, shutdown and drain.
 //! - [`transfer`]: verified file transfer on a connection.
+//! - [`natcheck`]: classifying our NAT's mapping and filtering against a rendezvous.
+//! - [`rendezvous`]: the untrusted meeting point for two NATed peers, and its client.
+//! - [`frame`]: length-prefixed JSON control messages on QUIC streams.
 //! - [`text`]: making peer-controlled text safe for terminals.
 //! - [`meet`]: one-time codes and the PAKE, to find a peer through an untrusted rendezvous.
 //!
@@ -35,12 +38,15 @@
 #![warn(missing_docs)]
 
 pub mod driver;
+pub mod frame;
 pub mod identity;
 pub mod known_peers;
 pub mod meet;
+pub mod natcheck;
 pub mod node;
 pub mod punch;
 pub mod ratelimit;
+pub mod rendezvous;
 pub mod server;
 pub mod socket;
 pub mod text;

@@ -195,6 +195,11 @@ impl Node {
         self.config.identity.fingerprint()
     }
 
+    /// The configuration this node was built with (to build a sibling on another socket).
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
     /// The underlying quinn endpoint, for applications that want full control.
     pub fn endpoint(&self) -> &quinn::Endpoint {
         &self.endpoint
@@ -203,6 +208,11 @@ impl Node {
     /// Probe and malformed-datagram counters of the shared socket.
     pub fn socket_stats(&self) -> SocketStats {
         self.socket.stats()
+    }
+
+    /// The shared socket, for probing through it (see [`crate::driver`]).
+    pub fn socket(&self) -> &Arc<DemuxSocket> {
+        &self.socket
     }
 
     /// Punch to the first answering candidate through the live socket (no hand-over
@@ -223,8 +233,20 @@ impl Node {
         peer: SocketAddr,
         expected: Option<Fingerprint>,
     ) -> Result<PeerConnection, NodeError> {
-        let (crypto, seen) =
-            tls::client_crypto(&self.config.identity, expected, &self.config.alpn)?;
+        self.connect_with_alpn(peer, expected, &self.config.alpn)
+            .await
+    }
+
+    /// [`connect`](Self::connect) speaking `alpn` instead of the node's own protocols: one
+    /// node talks to its rendezvous and to its peers from the same socket (and so through
+    /// the same NAT mapping).
+    pub async fn connect_with_alpn(
+        &self,
+        peer: SocketAddr,
+        expected: Option<Fingerprint>,
+        alpn: &[Vec<u8>],
+    ) -> Result<PeerConnection, NodeError> {
+        let (crypto, seen) = tls::client_crypto(&self.config.identity, expected, alpn)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(transport(self.config.keep_alive));
         let connecting = self.endpoint.connect_with(client, peer, tls::SERVER_NAME)?;

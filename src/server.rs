@@ -130,6 +130,14 @@ impl Shutdown {
         self.is_shutdown
     }
 
+    /// Another listener for the same shutdown, for a task the handler spawns.
+    pub fn resubscribe(&self) -> Shutdown {
+        Shutdown {
+            is_shutdown: self.is_shutdown,
+            notify: self.notify.resubscribe(),
+        }
+    }
+
     /// Wait for the shutdown notice. Cancel-safe: it only waits on a broadcast receiver,
     /// which loses nothing when the wait is dropped.
     pub async fn recv(&mut self) {

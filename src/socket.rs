@@ -81,6 +81,9 @@ pub type ProbeReply = (SocketAddr, Vec<u8>);
 pub struct DemuxSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     replies: broadcast::Sender<ProbeReply>,
+    /// Sources of valid probes we answered: a peer we are meeting probes us from an
+    /// address its NAT just opened, which is worth probing back at once.
+    probes: broadcast::Sender<SocketAddr>,
     counters: Counters,
     /// Replies are rationed per source: probes are unauthenticated and may be forged.
     limiter: Mutex<RateLimiter>,
@@ -106,9 +109,11 @@ impl DemuxSocket {
     pub fn with_rate(socket: UdpSocket, rate: RateConfig) -> io::Result<Arc<Self>> {
         let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
         let (replies, _) = broadcast::channel(64);
+        let (probes, _) = broadcast::channel(64);
         Ok(Arc::new(DemuxSocket {
             inner,
             replies,
+            probes,
             counters: Counters::default(),
             limiter: Mutex::new(RateLimiter::new(rate, Instant::now())),
         }))
@@ -119,15 +124,33 @@ impl DemuxSocket {
         self.replies.subscribe()
     }
 
+    /// The source of every valid probe this socket answers from now on (see
+    /// [`crate::traverse::Traversal::handle_peer_probe`]).
+    pub fn subscribe_probes(&self) -> broadcast::Receiver<SocketAddr> {
+        self.probes.subscribe()
+    }
+
     /// Send one probe datagram, waiting while the socket's send buffer is full.
     pub async fn send_probe(&self, destination: SocketAddr, contents: &[u8]) -> io::Result<()> {
+        self.send_probe_from(destination, contents, None).await
+    }
+
+    /// [`send_probe`](Self::send_probe) from a chosen local address (the socket must be
+    /// bound to a wildcard that covers it): a rendezvous with two addresses answers from
+    /// the other one to test a NAT's filtering.
+    pub async fn send_probe_from(
+        &self,
+        destination: SocketAddr,
+        contents: &[u8],
+        src_ip: Option<IpAddr>,
+    ) -> io::Result<()> {
         let destination = self.map_family(destination);
         let transmit = Transmit {
             destination,
             ecn: None,
             contents,
             segment_size: None,
-            src_ip: None,
+            src_ip,
         };
         let mut poller = self.inner.clone().create_io_poller();
         loop {
@@ -185,6 +208,8 @@ impl DemuxSocket {
                 Ok(Message::Probe { txid }) => {
                     if self.answer(&reply_to(from, txid), local_ip) {
                         self.counters.answered.fetch_add(1, Ordering::Relaxed);
+                        // Nobody listening is the common case: nothing is being met.
+                        let _ = self.probes.send(from);
                     }
                 }
                 Ok(Message::Reply { .. }) => self.route(from, data),

@@ -12,6 +12,13 @@
 //! - [`code`]: the codes, their word list, lenient parsing with typo help.
 //! - [`pake`]: the PAKE, the sealed hello, and key confirmation over an existing
 //!   connection. Sans-IO: bytes in, bytes out, randomness injected.
+//! - [`candidates`]: our addresses to offer, and what kind each of the peer's is.
+//! - [`session`]: both ends of a meeting through a [`crate::rendezvous`], then the punch
+//!   ([`crate::traverse`], birthday included) and, for the sender, the pinned connection.
 
+pub mod candidates;
 pub mod code;
 pub mod pake;
+pub mod session;
+
+pub use session::{MeetConfig, MeetError, MeetEvents, Meeting, Met, Silent, Welcomed};

@@ -165,6 +165,8 @@ pub struct Receiver {
     /// `Some(ok)` once the `--once` transfer has ended.
     once_done: watch::Sender<Option<bool>>,
     once_claimed: std::sync::atomic::AtomicBool,
+    /// One-time admissions (see [`Receiver::admit`]).
+    tickets: std::sync::Mutex<HashMap<Fingerprint, std::time::Instant>>,
     events: Arc<dyn ReceiveEvents>,
 }
 
@@ -221,6 +223,7 @@ impl Receiver {
             window_budget: Arc::new(Semaphore::new(WINDOW_BUDGET >> 10)),
             once_done: watch::Sender::new(None),
             once_claimed: false.into(),
+            tickets: Default::default(),
             events,
         }))
     }
@@ -255,7 +258,9 @@ impl Receiver {
         observer: Arc<dyn Observer>,
     ) -> (Result<Vec<FileReport>, TransferError>, bool) {
         let conn = &peer.connection;
+        let ticket = self.take_ticket(&peer.fingerprint);
         if let Policy::Allow(list) = &self.options.policy
+            && !ticket
             && !list.contains(&peer.fingerprint)
         {
             let reason = format!("sender {} is not on the allow list", peer.fingerprint);
@@ -288,7 +293,7 @@ impl Receiver {
                 false,
             );
         }
-        let mut decided = self.decide(peer, files).await;
+        let mut decided = self.decide(peer, files, ticket).await;
         let claimed = !decided.plans.is_empty() && self.options.once && self.claim_once();
         if self.options.once && !claimed && !decided.plans.is_empty() {
             decided.decline_all("the receiver is busy with another transfer (--once)");
@@ -330,13 +335,31 @@ impl Receiver {
         permit
     }
 
+    /// Let `sender` send one batch without asking and past an allow list, within `ttl`:
+    /// the ticket a one-time code turns into once its PAKE has confirmed who the sender is.
+    /// It is used up by that sender's next batch.
+    pub fn admit(&self, sender: Fingerprint, ttl: Duration) {
+        let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        tickets.retain(|_, expiry| *expiry > now);
+        tickets.insert(sender, now + ttl);
+    }
+
+    /// Use up `sender`'s ticket, if it holds a live one.
+    fn take_ticket(&self, sender: &Fingerprint) -> bool {
+        let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        tickets
+            .remove(sender)
+            .is_some_and(|expiry| expiry > std::time::Instant::now())
+    }
+
     fn claim_once(&self) -> bool {
         !self.once_claimed.swap(true, Ordering::SeqCst)
     }
 
     /// Turn a manifest into decisions: safe names, size checks, consent, then reserved
     /// destinations. Slow parts (the directory, a person) run off the async threads.
-    async fn decide(&self, peer: &PeerConnection, files: Vec<FileOffer>) -> Decided {
+    async fn decide(&self, peer: &PeerConnection, files: Vec<FileOffer>, ticket: bool) -> Decided {
         let mut decided = Decided {
             decisions: Vec::with_capacity(files.len()),
             plans: HashMap::new(),
@@ -405,7 +428,8 @@ impl Receiver {
         }
         // Third pass: consent, for what survived.
         let verdicts = match &self.options.policy {
-            Policy::Ask(consent) => {
+            // A ticket is consent given in advance (the receiver handed out the code).
+            Policy::Ask(consent) if !ticket => {
                 let _turn = self.prompts.lock().await;
                 if peer.connection.close_reason().is_some() {
                     vec![false; candidates.len()]

@@ -1,0 +1,100 @@
+//! Length-prefixed JSON frames on QUIC streams: a 4-byte big-endian length, then that
+//! many bytes of JSON.
+//!
+//! Control messages are small and rare, so JSON costs nothing that matters and keeps them
+//! debuggable; versioning is the ALPN's job. The reader is the part strangers reach: it
+//! refuses lengths above its caller's limit before reading a byte of the body, and its
+//! memory grows with the bytes that actually arrive, never with the length a peer claims.
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream ended (cleanly) before a whole frame.
+    #[error("stream ended inside a frame")]
+    Ended,
+    /// The announced length is above the limit.
+    #[error("frame of {len} bytes exceeds {max}")]
+    TooLong {
+        /// Announced length.
+        len: usize,
+        /// The reader's limit.
+        max: usize,
+    },
+    /// The body is not the expected JSON (the text may quote the peer: shown escaped).
+    #[error("bad frame: {}", crate::text::peer(.0))]
+    Json(String),
+    /// The stream or connection failed.
+    #[error("{}", crate::text::peer(.0))]
+    Stream(String),
+    /// The connection is gone (kept whole so callers can tell a close from a failure).
+    #[error("connection lost: {}", crate::text::peer(&.0.to_string()))]
+    Connection(quinn::ConnectionError),
+}
+
+impl From<quinn::ReadError> for FrameError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::ConnectionLost(c) => FrameError::Connection(c),
+            other => FrameError::Stream(other.to_string()),
+        }
+    }
+}
+
+impl From<quinn::WriteError> for FrameError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ConnectionLost(c) => FrameError::Connection(c),
+            other => FrameError::Stream(other.to_string()),
+        }
+    }
+}
+
+/// Write one frame.
+pub async fn write<T: Serialize>(
+    send: &mut quinn::SendStream,
+    value: &T,
+) -> Result<(), FrameError> {
+    let body = serde_json::to_vec(value).map_err(|e| FrameError::Json(e.to_string()))?;
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLong {
+        len: body.len(),
+        max: u32::MAX as usize,
+    })?;
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&body);
+    send.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Read one frame of at most `max` bytes; `Ok(None)` when the stream ends cleanly
+/// between frames.
+pub async fn read<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match recv.read(&mut len[got..]).await? {
+            Some(n) => got += n,
+            None if got == 0 => return Ok(None),
+            None => return Err(FrameError::Ended),
+        }
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(FrameError::TooLong { len, max });
+    }
+    let mut body = Vec::with_capacity(len.min(16 << 10));
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await? {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(FrameError::Ended),
+        }
+    }
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| FrameError::Json(e.to_string()))
+}

@@ -1,0 +1,150 @@
+//! Our own addresses to offer a peer, and what kind of address a peer offers us.
+//!
+//! Host candidates come from the interfaces, with the port of the one socket everything
+//! uses (bound to a wildcard, so every interface reaches it). The peer's addresses are
+//! ranked by what they say about the path: one on a network we are on is a LAN path (no
+//! router in the way, no hairpinning needed), a global IPv6 address needs no NAT at all,
+//! and the rest go through NATs.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::meet::pake::MAX_CANDIDATES;
+use crate::traverse::Kind;
+
+/// One of our interface addresses and its prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interface {
+    /// The address.
+    pub ip: IpAddr,
+    /// Its network prefix length (e.g. 24 for a /24).
+    pub prefix: u8,
+}
+
+/// Our interfaces, except link-local ones (useless without a scope on the peer's side).
+pub fn interfaces() -> Vec<Interface> {
+    if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|iface| {
+            let (ip, prefix) = match &iface.addr {
+                if_addrs::IfAddr::V4(v4) => (IpAddr::V4(v4.ip), v4.prefixlen),
+                if_addrs::IfAddr::V6(v6) => (IpAddr::V6(v6.ip), v6.prefixlen),
+            };
+            (!is_link_local(ip)).then_some(Interface { ip, prefix })
+        })
+        .collect()
+}
+
+/// The addresses a socket bound to `local` can be reached at directly: every interface
+/// address of its families (a dual-stack `[::]` socket: IPv4 and IPv6), loopback only when
+/// `loopback` (peers on one machine), best first: private LAN addresses, then global IPv6,
+/// then the rest. At most [`MAX_CANDIDATES`] minus room for the reflexive address.
+pub fn host_candidates(local: SocketAddr, ifaces: &[Interface], loopback: bool) -> Vec<SocketAddr> {
+    if !local.ip().is_unspecified() {
+        return vec![local];
+    }
+    let dual = local.is_ipv6();
+    let mut found: Vec<SocketAddr> = ifaces
+        .iter()
+        .map(|i| i.ip)
+        .filter(|ip| dual || ip.is_ipv4())
+        .filter(|ip| loopback || !ip.is_loopback())
+        .map(|ip| SocketAddr::new(ip, local.port()))
+        .collect();
+    found.sort_by_key(|a| (!is_private(a.ip()), a.is_ipv4(), a.ip().is_loopback()));
+    found.dedup();
+    found.truncate(MAX_CANDIDATES - 2);
+    found
+}
+
+/// What a peer's address is to us (which decides the order of checks).
+pub fn kind_of(peer: SocketAddr, ours: &[Interface]) -> Kind {
+    let ip = peer.ip().to_canonical();
+    if ip.is_loopback() || ours.iter().any(|i| same_network(i, ip)) {
+        Kind::Lan
+    } else if ip.is_ipv6() {
+        Kind::Ipv6
+    } else {
+        Kind::Host
+    }
+}
+
+/// Whether `ip` is in `iface`'s network.
+fn same_network(iface: &Interface, ip: IpAddr) -> bool {
+    match (iface.ip, ip) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let bits = u32::from(iface.prefix.min(32));
+            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+            (u32::from(a) & mask) == (u32::from(b) & mask) && bits > 0
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let bits = u32::from(iface.prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            (u128::from(a) & mask) == (u128::from(b) & mask) && bits > 0
+        }
+        _ => false,
+    }
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// RFC 1918 / unique-local addresses: the usual LAN.
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_private(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iface(ip: &str, prefix: u8) -> Interface {
+        Interface {
+            ip: ip.parse().unwrap(),
+            prefix,
+        }
+    }
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn peers_on_our_networks_are_lan() {
+        let ours = [iface("10.0.1.2", 24), iface("2001:db8:1::2", 64)];
+        assert_eq!(kind_of(a("10.0.1.3:9199"), &ours), Kind::Lan);
+        assert_eq!(kind_of(a("[::ffff:10.0.1.9]:1"), &ours), Kind::Lan);
+        assert_eq!(kind_of(a("10.0.2.3:9199"), &ours), Kind::Host);
+        assert_eq!(kind_of(a("[2001:db8:1::7]:1"), &ours), Kind::Lan);
+        assert_eq!(kind_of(a("[2001:db8:2::7]:1"), &ours), Kind::Ipv6);
+        assert_eq!(kind_of(a("198.51.100.1:1"), &ours), Kind::Host);
+        assert_eq!(kind_of(a("127.0.0.1:1"), &ours), Kind::Lan);
+    }
+
+    #[test]
+    fn host_candidates_follow_the_socket_families_and_rank_lan_first() {
+        let ours = [
+            iface("127.0.0.1", 8),
+            iface("198.51.100.7", 24),
+            iface("10.0.1.2", 24),
+            iface("2001:db8:1::2", 64),
+        ];
+        let v4 = host_candidates(a("0.0.0.0:5000"), &ours, false);
+        assert_eq!(v4, vec![a("10.0.1.2:5000"), a("198.51.100.7:5000")]);
+        let dual = host_candidates(a("[::]:5000"), &ours, true);
+        assert_eq!(dual[0], a("10.0.1.2:5000"));
+        assert!(dual.contains(&a("[2001:db8:1::2]:5000")));
+        assert_eq!(dual.last(), Some(&a("127.0.0.1:5000")));
+        assert_eq!(
+            host_candidates(a("10.0.1.2:5000"), &ours, false),
+            vec![a("10.0.1.2:5000")]
+        );
+    }
+}

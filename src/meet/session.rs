@@ -1,0 +1,437 @@
+//! Meeting by code through a rendezvous: both ends of the exchange, then the punch.
+//!
+//! ```text
+//! receiver                      rendezvous                      sender
+//!  open ───────────────────────▶ nameplate 7
+//!  ◀─── opened 7 ─────────────
+//!  pake(code) ─────────────────▶              ◀──────────────── join 7, pake(code)
+//!  ◀─── paired: B's pake, B's address ─┴─ paired: A's pake, A's address ───▶
+//!  punch B ═══════════════════════ probes both ways at once ══════════════ punch A
+//!  seal(hello A) ──────────────▶ relayed ────────────────────────▶ open → A's fingerprint
+//!  open → B's fingerprint ◀──── relayed ◀─────────────────────────── seal(hello B)
+//!  ticket for B                                                    QUIC to the answered
+//!  ◀══════════════════ QUIC, TLS pinned to A's fingerprint ═════════ address, pinned
+//! ```
+//!
+//! Punching starts the moment the rendezvous pairs the two, toward the public addresses it
+//! saw; the hellos (sealed under the PAKE's keys, so only someone who knows the code can
+//! read or write them) add each side's LAN and IPv6 addresses and its NAT behaviour, and
+//! pick the strategy: ordinary simultaneous punching, or the birthday technique when exactly
+//! one side's NAT maps per destination. A hello that does not open means a wrong code or
+//! tampering: that side says so through the rendezvous, and the nameplate is already gone.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::candidates::{self, Interface};
+use super::code::{Code, Nameplate};
+use super::pake::{self, Hello, Pake, PakeError, Role, SessionKeys};
+use crate::driver::{self, DriveError, Update};
+use crate::identity::Fingerprint;
+use crate::natcheck::Mapping;
+use crate::node::{Node, NodeConfig, NodeError, PeerConnection};
+use crate::rendezvous::{ClientError, Exchange, Paired, RendezvousClient};
+use crate::traverse::{Birthday, Kind, Path, Traversal, TraverseConfig};
+
+/// How a meeting punches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeetConfig {
+    /// The simultaneous punch (pacing, backoff, and its 12 s deadline).
+    pub traverse: TraverseConfig,
+    /// Sockets the hard side holds open toward the easy side in birthday mode.
+    pub birthday_sockets: usize,
+    /// How long two hard NATs keep trying ordinary punching before giving up (they
+    /// almost never meet; a port-preserving "symmetric" NAT sometimes does).
+    pub hard_pair_timeout: Duration,
+    /// How long a confirmed sender may take to connect (its ticket's lifetime).
+    pub ticket_ttl: Duration,
+}
+
+impl Default for MeetConfig {
+    fn default() -> Self {
+        MeetConfig {
+            traverse: TraverseConfig::default(),
+            birthday_sockets: 256,
+            hard_pair_timeout: Duration::from_secs(5),
+            ticket_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a meeting tells the user interface on the way.
+pub trait MeetEvents: Send + Sync {
+    /// Receiver: a code is ready to be passed on.
+    fn code(&self, _code: &Code, _expires: Duration) {}
+    /// The rendezvous paired us with a peer at `peer` (as it saw it).
+    fn paired(&self, _nameplate: &Nameplate, _peer: SocketAddr) {}
+    /// The peer's sealed hello opened: its addresses and NAT behaviour are known.
+    fn hello(&self, _hello: &Hello) {}
+    /// A path was found.
+    fn punched(&self, _path: &Path, _method: &'static str) {}
+}
+
+/// [`MeetEvents`] that ignores everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+
+impl MeetEvents for Silent {}
+
+/// Why a meeting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MeetError {
+    /// The rendezvous failed or refused.
+    #[error(transparent)]
+    Rendezvous(#[from] ClientError),
+    /// The peer's hello did not open under our keys.
+    #[error(
+        "the code did not match: it was mistyped, or someone tampered with the exchange. \
+         It cannot be used again: ask for a new code"
+    )]
+    WrongCode,
+    /// The peer reported a failure (its words, escaped).
+    #[error("the other side gave up: {}", crate::text::peer(.0))]
+    PeerFailed(String),
+    /// No direct path could be found in time.
+    #[error(
+        "no direct path between the peers: this side's NAT mapping is {}, the other side's is {}. {}",
+        .ours.as_str(), .theirs.as_str(), advice(*.ours, *.theirs)
+    )]
+    NoPath {
+        /// This side's mapping behaviour.
+        ours: Mapping,
+        /// The peer's, from its hello.
+        theirs: Mapping,
+    },
+    /// The PAKE or the hello could not be built.
+    #[error("meeting protocol: {0}")]
+    Pake(#[from] PakeError),
+    /// Sockets or QUIC failed.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+fn advice(ours: Mapping, theirs: Mapping) -> &'static str {
+    if ours.is_hard() && theirs.is_hard() {
+        "Both NATs give every destination a new port, so neither side can predict the \
+         other's: a relay is needed (not in this version)."
+    } else {
+        "Something between the peers drops the probes (a firewall, or UDP blocked): a relay \
+         is needed (not in this version)."
+    }
+}
+
+/// A meeting that found its path, on the sender's side.
+#[derive(Debug)]
+pub struct Met {
+    /// The connection, pinned to the fingerprint the code confirmed.
+    pub peer: PeerConnection,
+    /// The path that carried a probe and its reply.
+    pub path: Path,
+    /// How it was found: `direct`, `lan` or `birthday`.
+    pub method: &'static str,
+    /// The peer's hello.
+    pub hello: Hello,
+    /// When the birthday technique won on this side, the node on the winning socket:
+    /// keep it as long as the connection is used.
+    pub node: Option<Arc<Node>>,
+}
+
+/// A meeting that found its path, on the receiver's side (the sender connects to us).
+#[derive(Debug)]
+pub struct Welcomed {
+    /// The code that was used.
+    pub code: Code,
+    /// Who is coming: the fingerprint its hello showed (it now holds a ticket).
+    pub sender: Fingerprint,
+    /// The path our probes proved.
+    pub path: Path,
+    /// How it was found: `direct`, `lan` or `birthday`.
+    pub method: &'static str,
+    /// When the birthday technique won on this side: the node on the winning socket,
+    /// which must accept the sender's connection (serve it like the main node).
+    pub node: Option<Arc<Node>>,
+}
+
+/// Everything a meeting needs on one side: our node and its connection to the
+/// rendezvous, our NAT's mapping behaviour (from [`crate::natcheck::check`]), how to punch,
+/// and whom to tell.
+pub struct Meeting<'a> {
+    /// Our node: the socket the rendezvous saw, which the peer connection will use.
+    pub node: &'a Arc<Node>,
+    /// Our connection to the rendezvous.
+    pub rendezvous: &'a RendezvousClient,
+    /// Our NAT's mapping behaviour.
+    pub nat: Mapping,
+    /// How to punch.
+    pub config: MeetConfig,
+    /// Whom to tell.
+    pub events: &'a dyn MeetEvents,
+}
+
+impl Meeting<'_> {
+    /// Sender: meet the receiver behind `code`, punch, and connect with the receiver's
+    /// confirmed fingerprint pinned.
+    pub async fn dial(&self, code: &Code) -> Result<Met, MeetError> {
+        let (pake, message) = Pake::start(code, Role::Sender, &mut rand::rng());
+        let (mut exchange, paired) = self.rendezvous.join(code.nameplate(), &message).await?;
+        self.events.paired(code.nameplate(), paired.peer);
+        let keys = pake
+            .finish(&paired.pake)
+            .map_err(|_| MeetError::WrongCode)?;
+        let found = self.meet(&mut exchange, keys, &paired, |_| {}).await?;
+        let (path, peer_hello, side_node) = (found.path, found.hello, found.node);
+        let method = found.method;
+        self.events.punched(&path, method);
+        let connecting = side_node.as_deref().unwrap_or(self.node);
+        let peer = connecting
+            .connect(path.peer, Some(peer_hello.fingerprint))
+            .await?;
+        Ok(Met {
+            peer,
+            path,
+            method,
+            hello: peer_hello,
+            node: side_node,
+        })
+    }
+
+    /// Receiver: open a nameplate (the one in `chosen`, or any), announce the code through
+    /// the events, wait up to `ttl` for a sender, meet it, and `admit` it (a one-time
+    /// ticket, e.g. [`crate::transfer::Receiver::admit`]). Returns once our probes found
+    /// the path; the sender then connects.
+    pub async fn welcome(
+        &self,
+        chosen: Option<&Code>,
+        ttl: Duration,
+        admit: &(dyn Fn(Fingerprint, Duration) + Send + Sync),
+    ) -> Result<Welcomed, MeetError> {
+        let (mut exchange, opened) = self
+            .rendezvous
+            .open(chosen.map(|c| c.nameplate()), ttl)
+            .await?;
+        let code = match chosen {
+            Some(code) => code.clone(),
+            None => Code::generate(opened.nameplate, &mut rand::rng()),
+        };
+        let (pake, message) = Pake::start(&code, Role::Receiver, &mut rand::rng());
+        exchange.pake(&message).await?;
+        self.events.code(&code, opened.expires);
+        let paired = exchange.paired().await?;
+        self.events.paired(code.nameplate(), paired.peer);
+        let keys = pake
+            .finish(&paired.pake)
+            .map_err(|_| MeetError::WrongCode)?;
+        // The ticket must exist before the sender can connect: the sender dials as soon as
+        // its own probes are answered, which may be before ours are.
+        let ticket_ttl = self.config.ticket_ttl;
+        let found = self
+            .meet(&mut exchange, keys, &paired, |hello| {
+                admit(hello.fingerprint, ticket_ttl)
+            })
+            .await?;
+        self.events.punched(&found.path, found.method);
+        Ok(Welcomed {
+            code,
+            sender: found.hello.fingerprint,
+            path: found.path,
+            method: found.method,
+            node: found.node,
+        })
+    }
+}
+
+/// What [`meet`] found.
+struct Found {
+    path: Path,
+    method: &'static str,
+    hello: Hello,
+    node: Option<Arc<Node>>,
+}
+
+impl Meeting<'_> {
+    /// Both sides after pairing: punch at once, swap sealed hellos (`on_hello` sees the
+    /// peer's as soon as it opens), pick the strategy, and wait for the first path.
+    async fn meet(
+        &self,
+        exchange: &mut Exchange,
+        mut keys: SessionKeys,
+        paired: &Paired,
+        on_hello: impl FnOnce(&Hello),
+    ) -> Result<Found, MeetError> {
+        let (node, ours, config, events) = (self.node, self.nat, self.config, self.events);
+        let peer_public = canonical(paired.peer);
+        // Punch toward the peer's public address right away: it is likely to work, and the
+        // sooner both NATs have a mapping toward each other, the sooner it does.
+        let (updates, receive_updates) = mpsc::unbounded_channel();
+        let mut traversal = Traversal::new(config.traverse, Instant::now(), rand::random());
+        traversal.add_candidate(Instant::now(), peer_public, Kind::Reflexive);
+        let socket = node.socket().clone();
+        let mut punching = AbortOnDrop(tokio::spawn(async move {
+            driver::traverse(&socket, traversal, receive_updates).await
+        }));
+
+        let ifaces = candidates::interfaces();
+        let hello = own_hello(node, keys.role(), paired.observed, ours, &ifaces)?;
+        exchange.seal(&keys.seal(&hello)?).await?;
+        let peer_hello = match exchange.sealed().await? {
+            Ok(sealed) => match keys.open(&sealed) {
+                Ok(peer_hello) => peer_hello,
+                Err(_) => {
+                    let _ = exchange.fail("the code did not match").await;
+                    return Err(MeetError::WrongCode);
+                }
+            },
+            Err(reason) => return Err(MeetError::PeerFailed(reason)),
+        };
+        on_hello(&peer_hello);
+        events.hello(&peer_hello);
+        for &candidate in &peer_hello.candidates {
+            let kind = candidates::kind_of(candidate, &ifaces);
+            let _ = updates.send(Update::Candidate(candidate, kind));
+        }
+        let theirs = Mapping::from_token(&peer_hello.nat);
+        let mut birthday = None;
+        match (ours.is_hard(), theirs.is_hard()) {
+            // We are easy, they are hard: hunt for one of their mappings at random ports.
+            (false, true) => {
+                let _ = updates.send(Update::Birthday(Birthday::toward(peer_public.ip())));
+            }
+            // We are hard, they are easy: hold many mappings open toward them.
+            (true, false) => {
+                let bind = SocketAddr::new(
+                    if peer_public.is_ipv4() {
+                        std::net::Ipv4Addr::UNSPECIFIED.into()
+                    } else {
+                        std::net::Ipv6Addr::UNSPECIFIED.into()
+                    },
+                    0,
+                );
+                let (sockets, traverse) = (config.birthday_sockets, config.traverse);
+                birthday = Some(AbortOnDrop(tokio::spawn(async move {
+                    driver::birthday(bind, peer_public, sockets, traverse).await
+                })));
+            }
+            _ => {}
+        }
+        let patience = if ours.is_hard() && theirs.is_hard() {
+            config.hard_pair_timeout
+        } else {
+            config.traverse.timeout
+        };
+        let no_path = MeetError::NoPath { ours, theirs };
+        let first = tokio::time::timeout(patience, async {
+        // Cancel-safe: polling a JoinHandle again after another branch won loses nothing.
+        tokio::select! {
+            joined = &mut punching.0 => match joined {
+                Ok((Ok(path), _)) => Some((path, None)),
+                _ => None,
+            },
+            joined = async { (&mut birthday.as_mut().expect("guarded").0).await }, if birthday.is_some() => match joined {
+                Ok(Ok((socket, path))) => Some((path, Some(socket))),
+                _ => None,
+            },
+        }
+    })
+    .await;
+        let (path, socket) = match first {
+            Ok(Some(found)) => found,
+            // One branch gave up: the other may still be running (birthday after a quick
+            // failure of the ordinary punch, or the reverse).
+            Ok(None) => match second_chance(&mut punching, &mut birthday, patience).await {
+                Some(found) => found,
+                None => return Err(no_path),
+            },
+            Err(_) => return Err(no_path),
+        };
+        let (method, side) = match socket {
+            Some(socket) => {
+                let config = NodeConfig {
+                    accept: keys.role() == Role::Receiver,
+                    ..node.config().clone()
+                };
+                ("birthday", Some(Arc::new(Node::new(socket, config)?)))
+            }
+            None if path.kind == Kind::Birthday => ("birthday", None),
+            // Judged by the address that answered (a candidate first probed as the peer's
+            // public address may turn out to be on our own network).
+            None if candidates::kind_of(path.peer, &ifaces) == Kind::Lan => ("lan", None),
+            None => ("direct", None),
+        };
+        Ok(Found {
+            path,
+            method,
+            hello: peer_hello,
+            node: side,
+        })
+    }
+}
+
+type Birthdays = Option<AbortOnDrop<Result<(std::net::UdpSocket, Path), DriveError>>>;
+type Punching = AbortOnDrop<(
+    Result<Path, crate::traverse::TraverseError>,
+    crate::traverse::TraverseStats,
+)>;
+
+/// After one strategy failed, wait for the other (if it is still running).
+async fn second_chance(
+    punching: &mut Punching,
+    birthday: &mut Birthdays,
+    patience: Duration,
+) -> Option<(Path, Option<std::net::UdpSocket>)> {
+    let wait = async {
+        if !punching.0.is_finished()
+            && let Ok((Ok(path), _)) = (&mut punching.0).await
+        {
+            return Some((path, None));
+        }
+        match birthday {
+            Some(task) if !task.0.is_finished() => match (&mut task.0).await {
+                Ok(Ok((socket, path))) => Some((path, Some(socket))),
+                _ => None,
+            },
+            _ => None,
+        }
+    };
+    tokio::time::timeout(patience, wait).await.ok().flatten()
+}
+
+/// A task aborted when dropped: a meeting that ends (found a path, or failed) stops every
+/// probe it started.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Our hello: fingerprint, addresses (LAN first, the public one last), NAT behaviour.
+fn own_hello(
+    node: &Node,
+    role: Role,
+    observed: SocketAddr,
+    ours: Mapping,
+    ifaces: &[Interface],
+) -> Result<Hello, MeetError> {
+    let local = node.local_addr().map_err(NodeError::from)?;
+    let observed = canonical(observed);
+    let mut addrs = candidates::host_candidates(local, ifaces, observed.ip().is_loopback());
+    if !addrs.contains(&observed) {
+        addrs.push(observed);
+    }
+    addrs.truncate(pake::MAX_CANDIDATES);
+    Ok(Hello {
+        version: pake::VERSION,
+        role,
+        fingerprint: node.fingerprint(),
+        candidates: addrs,
+        nat: ours.token().to_string(),
+    })
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}

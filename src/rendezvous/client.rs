@@ -1,0 +1,331 @@
+//! The client side of the rendezvous protocol, on a peer's own node (so the rendezvous
+//! observes the very socket, and NAT mapping, that the peer connection will use).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::{ALPN, ErrorCode, MAX_MESSAGE, Request, Response, from_hex, to_hex};
+use crate::frame::{self, FrameError};
+use crate::meet::code::Nameplate;
+use crate::meet::pake::{MAX_SEALED, PAKE_MSG_LEN};
+use crate::node::{Node, NodeError};
+use crate::wire::TxId;
+
+/// How long connecting to a rendezvous may take (a Retry adds one round trip).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why talking to the rendezvous failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No QUIC connection to the rendezvous.
+    #[error("cannot reach the rendezvous at {addr}: {source}")]
+    Connect {
+        /// The rendezvous.
+        addr: SocketAddr,
+        /// Why.
+        source: NodeError,
+    },
+    /// No answer at all within [`CONNECT_TIMEOUT`]: usually UDP is blocked on the way.
+    #[error(
+        "no answer from the rendezvous at {0} within {CONNECT_TIMEOUT:?}: is it running, and is UDP \
+         allowed on this network?"
+    )]
+    Unreachable(SocketAddr),
+    /// The exchange broke.
+    #[error("rendezvous: {0}")]
+    Frame(#[from] FrameError),
+    /// The rendezvous refused the request (its message is shown escaped).
+    #[error("rendezvous: {}", crate::text::peer(message))]
+    Refused {
+        /// What kind of refusal.
+        code: ErrorCode,
+        /// Its explanation.
+        message: String,
+    },
+    /// The rendezvous said something that does not fit the exchange.
+    #[error("rendezvous broke the protocol: {0}")]
+    Protocol(String),
+    /// The rendezvous ended the exchange.
+    #[error("the rendezvous ended the exchange")]
+    Closed,
+}
+
+/// How a rendezvous sees us and where it is (its [`Response::Welcome`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// Our public address, as the rendezvous sees it.
+    pub observed: SocketAddr,
+    /// The rendezvous's addresses.
+    pub addrs: Vec<IpAddr>,
+    /// Its second, probe-only port.
+    pub alt_port: u16,
+}
+
+/// A nameplate reserved for us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// The nameplate.
+    pub nameplate: Nameplate,
+    /// How long it lives.
+    pub expires: Duration,
+    /// Our public address.
+    pub observed: SocketAddr,
+}
+
+/// The peer arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paired {
+    /// Its PAKE message.
+    pub pake: Vec<u8>,
+    /// Its public address, as the rendezvous sees it.
+    pub peer: SocketAddr,
+    /// Ours.
+    pub observed: SocketAddr,
+}
+
+/// A connection to a rendezvous.
+#[derive(Debug, Clone)]
+pub struct RendezvousClient {
+    conn: quinn::Connection,
+    addr: SocketAddr,
+}
+
+impl RendezvousClient {
+    /// Connect from `node` to the rendezvous at `addr`. Its identity is not checked: the
+    /// rendezvous is untrusted by design (the PAKE protects the meeting).
+    pub async fn connect(node: &Node, addr: SocketAddr) -> Result<Self, ClientError> {
+        let alpn = [ALPN.to_vec()];
+        let connected =
+            tokio::time::timeout(CONNECT_TIMEOUT, node.connect_with_alpn(addr, None, &alpn)).await;
+        match connected {
+            Ok(Ok(peer)) => Ok(RendezvousClient {
+                conn: peer.connection,
+                addr,
+            }),
+            Ok(Err(source)) => Err(ClientError::Connect { addr, source }),
+            Err(_) => Err(ClientError::Unreachable(addr)),
+        }
+    }
+
+    /// The rendezvous's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The QUIC connection (it keeps our NAT mapping alive while we wait).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Ask how the rendezvous sees us.
+    pub async fn info(&self) -> Result<Welcome, ClientError> {
+        let mut exchange = self.start(&Request::Info).await?;
+        match exchange.next().await? {
+            Response::Welcome {
+                observed,
+                addrs,
+                alt_port,
+                ..
+            } => Ok(Welcome {
+                observed,
+                addrs,
+                alt_port,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Ask for a probe reply carrying `txid`, sent to us from the other address or port.
+    pub async fn reflect(
+        &self,
+        txid: TxId,
+        change_ip: bool,
+        change_port: bool,
+    ) -> Result<(), ClientError> {
+        let request = Request::Reflect {
+            txid: to_hex(&txid),
+            change_ip,
+            change_port,
+        };
+        match self.start(&request).await?.next().await? {
+            Response::Reflected => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Receiver: reserve `nameplate` (or any) for `ttl`. Then send the PAKE message with
+    /// [`Exchange::pake`]: nobody can join before it.
+    pub async fn open(
+        &self,
+        nameplate: Option<&Nameplate>,
+        ttl: Duration,
+    ) -> Result<(Exchange, Opened), ClientError> {
+        let request = Request::Open {
+            nameplate: nameplate.map(|n| n.as_str().to_string()),
+            ttl_secs: ttl.as_secs().clamp(1, u32::MAX.into()) as u32,
+        };
+        let mut exchange = self.start(&request).await?;
+        match exchange.next().await? {
+            Response::Opened {
+                nameplate,
+                expires_secs,
+                observed,
+            } => {
+                let nameplate = nameplate
+                    .parse()
+                    .map_err(|_| ClientError::Protocol("opened an invalid nameplate".into()))?;
+                Ok((
+                    exchange,
+                    Opened {
+                        nameplate,
+                        expires: Duration::from_secs(expires_secs.into()),
+                        observed,
+                    },
+                ))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sender: join the receiver waiting on `nameplate` with our PAKE message.
+    pub async fn join(
+        &self,
+        nameplate: &Nameplate,
+        pake: &[u8],
+    ) -> Result<(Exchange, Paired), ClientError> {
+        let request = Request::Join {
+            nameplate: nameplate.as_str().to_string(),
+            pake: to_hex(pake),
+        };
+        let mut exchange = self.start(&request).await?;
+        let paired = exchange.paired().await?;
+        Ok((exchange, paired))
+    }
+
+    async fn start(&self, first: &Request) -> Result<Exchange, ClientError> {
+        let (mut send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| ClientError::Frame(FrameError::Connection(e)))?;
+        frame::write(&mut send, first).await?;
+        let (tx, responses) = mpsc::channel(4);
+        let reader = tokio::spawn(read_responses(recv, tx));
+        Ok(Exchange {
+            send,
+            responses,
+            reader,
+        })
+    }
+}
+
+/// One exchange (stream) with the rendezvous. Reading is done by a task, so
+/// [`next`](Self::next) is cancel-safe and can sit in a `select!`.
+#[derive(Debug)]
+pub struct Exchange {
+    send: quinn::SendStream,
+    responses: mpsc::Receiver<Result<Response, FrameError>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Exchange {
+    /// The next message (an error response becomes [`ClientError::Refused`]).
+    /// Cancel-safe: it only receives from a channel.
+    pub async fn next(&mut self) -> Result<Response, ClientError> {
+        match self.responses.recv().await {
+            Some(Ok(Response::Error { code, message })) => {
+                Err(ClientError::Refused { code, message })
+            }
+            Some(Ok(response)) => Ok(response),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(ClientError::Closed),
+        }
+    }
+
+    /// Wait for [`Response::Paired`] (a receiver waits here after opening).
+    pub async fn paired(&mut self) -> Result<Paired, ClientError> {
+        match self.next().await? {
+            Response::Paired {
+                pake,
+                peer,
+                observed,
+            } => {
+                let pake = from_hex(&pake, PAKE_MSG_LEN)
+                    .ok_or_else(|| ClientError::Protocol("bad PAKE message".into()))?;
+                Ok(Paired {
+                    pake,
+                    peer,
+                    observed,
+                })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Wait for the peer's sealed hello; a [`Response::PeerFailed`] is returned as
+    /// `Err(Ok(reason))` so callers can tell it from a broken exchange.
+    pub async fn sealed(&mut self) -> Result<Result<Vec<u8>, String>, ClientError> {
+        match self.next().await? {
+            Response::Sealed { sealed } => from_hex(&sealed, MAX_SEALED)
+                .map(Ok)
+                .ok_or_else(|| ClientError::Protocol("bad sealed hello".into())),
+            Response::PeerFailed { reason } => Ok(Err(reason)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Receiver, after opening: our PAKE message (which needs the nameplate).
+    pub async fn pake(&mut self, pake: &[u8]) -> Result<(), ClientError> {
+        self.send(&Request::Pake { pake: to_hex(pake) }).await
+    }
+
+    /// Send our sealed hello.
+    pub async fn seal(&mut self, sealed: &[u8]) -> Result<(), ClientError> {
+        self.send(&Request::Seal {
+            sealed: to_hex(sealed),
+        })
+        .await
+    }
+
+    /// Tell the peer (through the rendezvous) that the meeting failed here.
+    pub async fn fail(&mut self, reason: &str) -> Result<(), ClientError> {
+        self.send(&Request::Fail {
+            reason: reason.to_string(),
+        })
+        .await
+    }
+
+    async fn send(&mut self, request: &Request) -> Result<(), ClientError> {
+        Ok(frame::write(&mut self.send, request).await?)
+    }
+}
+
+fn unexpected(response: Response) -> ClientError {
+    ClientError::Protocol(format!("unexpected {response:?}"))
+}
+
+async fn read_responses(
+    mut recv: quinn::RecvStream,
+    tx: mpsc::Sender<Result<Response, FrameError>>,
+) {
+    loop {
+        let read = frame::read::<Response>(&mut recv, MAX_MESSAGE).await;
+        let end = !matches!(read, Ok(Some(_)));
+        let item = match read {
+            Ok(Some(response)) => Ok(response),
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
+        if tx.send(item).await.is_err() || end {
+            return;
+        }
+    }
+}

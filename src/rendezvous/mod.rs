@@ -1,0 +1,218 @@
+//! The rendezvous: where two peers that cannot reach each other yet meet by nameplate.
+//!
+//! A rendezvous is a small public server (`qpunch rendezvous`, UDP 9200). It is
+//! **untrusted**: it sees nameplates, public addresses and opaque PAKE messages, never the
+//! code's secret words, never who the peers really are. What it does:
+//!
+//! 1. It tells a client how it sees it: the client's public (server-reflexive) address,
+//!    observed on the very socket that will carry the client's QUIC connections, and its
+//!    own addresses, so the client can classify its NAT ([`crate::natcheck`]): probes to a
+//!    second port and a second address, and replies sent *from* them on request.
+//! 2. A receiver *opens* a nameplate (chosen by the rendezvous, or by the client) with its
+//!    first PAKE message; a sender *joins* it with its own. The rendezvous pairs them at
+//!    once: each gets the other's PAKE message and public address, so both start punching
+//!    at the same moment.
+//! 3. It relays one sealed hello each way (opaque to it) and, when a peer says the code was
+//!    wrong, tells the other. A nameplate is single use: it is gone after one join.
+//!
+//! The protocol is QUIC (ALPN [`ALPN`]), one bidirectional stream per exchange, messages
+//! as length-prefixed JSON ([`crate::frame`]). Every connection must first pass a QUIC
+//! Retry, so nothing the rendezvous sends to an unvalidated address is larger than what it
+//! received.
+
+mod client;
+mod server;
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+pub use client::{ClientError, Exchange, Opened, Paired, RendezvousClient, Welcome};
+pub use server::{
+    Bound, NoEvents, Rendezvous, RendezvousConfig, RendezvousEvents, RendezvousStats,
+};
+
+/// ALPN of the rendezvous protocol.
+pub const ALPN: &[u8] = b"qpunch-rendezvous/1";
+/// Default UDP port of a rendezvous; the next port answers probes only (NAT checks).
+pub const DEFAULT_PORT: u16 = 9200;
+/// Largest message either side accepts.
+pub const MAX_MESSAGE: usize = 8 << 10;
+/// Protocol version carried in [`Response::Welcome`].
+pub const VERSION: u8 = 1;
+
+/// What a client asks. The first request of a stream says what the stream is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// How do you see me, and where are you? Answered with [`Response::Welcome`].
+    Info,
+    /// Receiver: reserve a nameplate (this one, or any free one) for `ttl_secs`.
+    /// Answered with [`Response::Opened`]; the receiver then sends [`Request::Pake`] (its
+    /// PAKE message depends on the whole code, nameplate included), and gets
+    /// [`Response::Paired`] when a sender joins.
+    Open {
+        /// A nameplate the client chose (`qpunch receive --code`), or `None`.
+        nameplate: Option<String>,
+        /// Lifetime requested; the rendezvous may shorten it.
+        ttl_secs: u32,
+    },
+    /// Receiver, after [`Response::Opened`]: its PAKE message. Until it arrives, the
+    /// nameplate cannot be joined.
+    Pake {
+        /// The receiver's PAKE message, hex.
+        pake: String,
+    },
+    /// Sender: pair with the receiver waiting on `nameplate`. Answered with
+    /// [`Response::Paired`] (or an error).
+    Join {
+        /// The code's public part.
+        nameplate: String,
+        /// The sender's PAKE message, hex.
+        pake: String,
+    },
+    /// After pairing: pass this sealed hello (hex, opaque) to the peer.
+    Seal {
+        /// The sealed hello.
+        sealed: String,
+    },
+    /// After pairing: the meeting failed here (the peer's hello did not open: wrong code,
+    /// or tampering); tell the peer.
+    Fail {
+        /// For the peer's user.
+        reason: String,
+    },
+    /// NAT check: send a probe reply with `txid` to my address, from your other address
+    /// (`change_ip`) or your other port (`change_port`). Answered with
+    /// [`Response::Reflected`] once sent.
+    Reflect {
+        /// The probe transaction id to echo, hex (24 digits).
+        txid: String,
+        /// Send from the rendezvous's other IP address.
+        change_ip: bool,
+        /// Send from the rendezvous's other port.
+        change_port: bool,
+    },
+}
+
+/// What the rendezvous answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to [`Request::Info`].
+    Welcome {
+        /// [`VERSION`].
+        version: u8,
+        /// The client's address as seen here.
+        observed: SocketAddr,
+        /// The rendezvous's own addresses (for NAT checks: probe each, same port).
+        addrs: Vec<IpAddr>,
+        /// The second port that answers probes.
+        alt_port: u16,
+    },
+    /// The nameplate is reserved.
+    Opened {
+        /// The nameplate.
+        nameplate: String,
+        /// Seconds until it expires.
+        expires_secs: u32,
+        /// The client's address as seen here.
+        observed: SocketAddr,
+    },
+    /// The peer is here.
+    Paired {
+        /// The peer's PAKE message, hex.
+        pake: String,
+        /// The peer's address as seen here.
+        peer: SocketAddr,
+        /// Our own address as seen here.
+        observed: SocketAddr,
+    },
+    /// The peer's sealed hello, hex.
+    Sealed {
+        /// Opaque to the rendezvous.
+        sealed: String,
+    },
+    /// The peer reported failure (what it said is peer text: print it escaped).
+    PeerFailed {
+        /// The peer's reason.
+        reason: String,
+    },
+    /// The reflected probe reply was sent.
+    Reflected,
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// For people.
+        message: String,
+    },
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// No receiver waits on that nameplate (never opened, already used, burned, expired).
+    UnknownNameplate,
+    /// The nameplate expired before anyone joined.
+    Expired,
+    /// The chosen nameplate is in use.
+    Taken,
+    /// Too many nameplates (in all, or from this address).
+    TooMany,
+    /// Too many requests from this address; try later.
+    RateLimited,
+    /// The request breaks the protocol.
+    Protocol,
+    /// The rendezvous cannot do this (e.g. it has no second address).
+    Unsupported,
+}
+
+/// Hex for the opaque byte fields (small: PAKE messages and sealed hellos).
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    data_encoding::HEXLOWER.encode(bytes)
+}
+
+/// Parse a hex field of at most `max` bytes.
+pub(crate) fn from_hex(s: &str, max: usize) -> Option<Vec<u8>> {
+    if s.len() > max * 2 {
+        return None;
+    }
+    data_encoding::HEXLOWER_PERMISSIVE.decode(s.as_bytes()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_as_tagged_json() {
+        let open = Request::Open {
+            nameplate: None,
+            ttl_secs: 600,
+        };
+        let json = serde_json::to_string(&open).unwrap();
+        assert_eq!(json, r#"{"type":"open","nameplate":null,"ttl_secs":600}"#);
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), open);
+        let pake = Request::Pake {
+            pake: to_hex(&[1, 2, 3]),
+        };
+        let json = serde_json::to_string(&pake).unwrap();
+        assert_eq!(json, r#"{"type":"pake","pake":"010203"}"#);
+        let err = Response::Error {
+            code: ErrorCode::UnknownNameplate,
+            message: "no".into(),
+        };
+        let json = serde_json::to_string(&err).unwrap();
+        assert!(json.contains(r#""code":"unknown_nameplate""#), "{json}");
+        assert!(serde_json::from_str::<Request>(r#"{"type":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn hex_fields_are_bounded() {
+        assert_eq!(from_hex("0a0B", 2), Some(vec![10, 11]));
+        assert_eq!(from_hex("0a0b0c", 2), None);
+        assert_eq!(from_hex("zz", 2), None);
+    }
+}
