@@ -1,7 +1,10 @@
 //! The `qpunch` command line: argument parsing and the glue between library and terminal.
 
 mod demo;
+mod meet;
+mod natcheck;
 mod receive;
+mod rendezvous;
 mod send;
 mod ui;
 
@@ -49,6 +52,10 @@ enum Command {
     Id,
     /// Send a generated file to yourself over loopback: the whole flow, with progress.
     Demo(demo::DemoArgs),
+    /// Run a rendezvous: where peers behind NATs meet by one-time code (UDP 9200, 9201).
+    Rendezvous(rendezvous::RendezvousArgs),
+    /// How does this network's NAT behave? (checked against a rendezvous)
+    NatCheck(natcheck::NatCheckArgs),
 }
 
 /// Parse arguments, run, and map the result to an exit status.
@@ -67,6 +74,8 @@ pub fn run() -> ExitCode {
             Command::Receive(args) => receive::run(args, ui.clone()).await,
             Command::Send(args) => send::run(args, ui.clone()).await,
             Command::Demo(args) => demo::run(args, ui.clone()).await,
+            Command::Rendezvous(args) => rendezvous::run(args, ui.clone()).await,
+            Command::NatCheck(args) => natcheck::run(args, ui.clone()).await,
             Command::Id => {
                 println!("{}", load_identity()?.fingerprint());
                 Ok(true)
@@ -106,6 +115,43 @@ fn load_identity() -> anyhow::Result<Identity> {
 /// The known_peers file of the config directory.
 fn known_peers_path() -> anyhow::Result<PathBuf> {
     Ok(config_dir()?.join(qpunch::known_peers::FILE))
+}
+
+/// Resolve `HOST`, `HOST:PORT`, `IP`, `[IPv6]:PORT` (`default_port` when none is given)
+/// into the name as typed (plus the port) and a socket address.
+async fn resolve_host(
+    to: &str,
+    default_port: u16,
+) -> anyhow::Result<(String, std::net::SocketAddr)> {
+    use anyhow::Context;
+    use std::net::{IpAddr, SocketAddr};
+    if let Ok(addr) = to.parse::<SocketAddr>() {
+        return Ok((addr.to_string(), addr));
+    }
+    let bare = to.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        let addr = SocketAddr::new(ip, default_port);
+        return Ok((addr.to_string(), addr));
+    }
+    let name = match to.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => to.to_string(),
+        _ => format!("{to}:{default_port}"),
+    };
+    let addr = tokio::net::lookup_host(&name)
+        .await
+        .with_context(|| format!("cannot resolve {name}"))?
+        .next()
+        .with_context(|| format!("{name} has no address"))?;
+    Ok((name, addr))
+}
+
+/// A socket on `port` of every address, IPv6 and IPv4 (dual-stack `[::]`), or IPv4 only
+/// where the system has no IPv6: a meeting offers every family it can.
+fn bind_dual_stack(port: u16) -> anyhow::Result<std::net::UdpSocket> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    qpunch::socket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+        .or_else(|_| qpunch::socket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))
+        .map_err(Into::into)
 }
 
 /// Parse a duration like `10s`, `500ms` or a plain number of seconds.

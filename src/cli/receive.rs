@@ -17,15 +17,34 @@ use qpunch::transfer::{
 use super::send::report_connected;
 use super::ui::{Event, FileProgress, Side, TerminalConsent, Ui};
 use super::{DEFAULT_PORT, load_identity, parse_duration, parse_fingerprint, parse_size};
+use qpunch::meet::code::Code;
+use qpunch::meet::{MeetConfig, MeetError, Meeting};
+use qpunch::rendezvous::{ClientError, ErrorCode};
+
+/// Parse a `--code` argument.
+fn parse_code(s: &str) -> Result<Code, String> {
+    s.parse().map_err(|e: qpunch::meet::code::CodeError| e.to_string())
+}
 
 #[derive(Debug, Args)]
 pub struct ReceiveArgs {
     /// UDP port to listen on.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     port: u16,
-    /// Address to bind: an IP (e.g. 0.0.0.0, or [::] for IPv6 and IPv4) or IP:PORT.
-    #[arg(long, default_value = "0.0.0.0")]
-    bind: String,
+    /// Address to bind: an IP (e.g. 0.0.0.0) or IP:PORT [default: [::], every IPv6 and
+    /// IPv4 address, or 0.0.0.0 where there is no IPv6].
+    #[arg(long)]
+    bind: Option<String>,
+    /// The rendezvous to meet senders through by one-time code: HOST[:PORT] (port 9200);
+    /// default $QPUNCH_RENDEZVOUS, or `rendezvous = "..."` in the qpunch home's config.toml.
+    #[arg(long)]
+    via: Option<String>,
+    /// The first one-time code to use (NAMEPLATE-WORD-WORD) instead of a generated one.
+    #[arg(long, value_parser = parse_code)]
+    code: Option<Code>,
+    /// How long each code stays valid.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    code_ttl: Duration,
     /// Directory to store files in [default: your Downloads folder's "qpunch" subfolder].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -63,12 +82,22 @@ pub struct ReceiveArgs {
 }
 
 pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
+    let rendezvous = super::meet::rendezvous_name(args.via.as_deref())?;
+    if args.code.is_some() && rendezvous.is_none() {
+        bail!(
+            "--code needs a rendezvous: pass --via HOST[:PORT] or set {}",
+            super::meet::ENV
+        );
+    }
     let policy = if !args.allow.is_empty() {
         Policy::Allow(args.allow.clone())
     } else if args.yes {
         Policy::AcceptAll
     } else if TerminalConsent::available() {
         Policy::Ask(Arc::new(TerminalConsent { ui: ui.clone() }))
+    } else if rendezvous.is_some() {
+        // A code is a ticket: its holder is let in; nobody else.
+        Policy::Allow(Vec::new())
     } else {
         bail!(
             "refusing to receive: there is no terminal to ask for consent. \
@@ -84,9 +113,11 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             out
         }
     };
-    let bind = bind_addr(&args.bind, args.port)?;
     let identity = load_identity()?;
-    let socket = qpunch::socket::bind(bind)?;
+    let socket = match &args.bind {
+        Some(bind) => qpunch::socket::bind(bind_addr(bind, args.port)?)?,
+        None => super::bind_dual_stack(args.port)?,
+    };
     let node = Arc::new(Node::new(
         socket,
         NodeConfig::new(identity, transfer::ALPN, true),
@@ -116,6 +147,24 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     };
     let server = Server::new(node.clone(), receiver.clone(), limits);
     let server_stats = server.stats();
+    // Nodes on other sockets that a birthday punch handed us: served like this one, and
+    // stopped with it.
+    let (stop_side, side_stopped) = tokio::sync::watch::channel(false);
+    let codes = rendezvous.map(|name| {
+        let serving = Codes {
+            ui: ui.clone(),
+            node: node.clone(),
+            receiver: receiver.clone(),
+            out: out.clone(),
+            rendezvous: name,
+            first: args.code.clone(),
+            ttl: args.code_ttl,
+            once: args.once,
+            limits,
+            side_stopped,
+        };
+        AbortOnDrop(tokio::spawn(serving.run()))
+    });
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch for SIGTERM")?;
     let once = args.once;
@@ -142,6 +191,8 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         })
         .await;
     let ok = rx.await.unwrap_or(false);
+    drop(codes);
+    let _ = stop_side.send(true);
     node.close(qpunch::node::QUICK_LINGER).await;
     ui.event(
         Event::Stats {
@@ -162,7 +213,13 @@ struct Events {
 
 impl ReceiveEvents for Events {
     fn connected(&self, peer: &PeerConnection) -> Arc<dyn Observer> {
-        let _ = report_connected(&self.ui, &self.node, peer);
+        let remote = peer.connection.remote_address();
+        let ifaces = qpunch::meet::candidates::interfaces();
+        let path = match qpunch::meet::candidates::kind_of(remote, &ifaces) {
+            qpunch::traverse::Kind::Lan => "lan",
+            _ => "direct",
+        };
+        let _ = report_connected(&self.ui, &self.node, peer, path);
         FileProgress::new(self.ui.clone(), Side::Receiving(peer.fingerprint))
     }
 
@@ -178,6 +235,139 @@ impl ReceiveEvents for Events {
         // Scanners and strangers are counted in `stats`, not printed one by one.
         tracing::info!(%remote, "incoming connection failed: {error}");
     }
+}
+
+/// Meeting senders by one-time code: a code at a time, each announced, until stopped.
+struct Codes {
+    ui: Arc<Ui>,
+    node: Arc<Node>,
+    receiver: Arc<Receiver>,
+    out: PathBuf,
+    rendezvous: String,
+    first: Option<Code>,
+    ttl: Duration,
+    once: bool,
+    limits: Limits,
+    side_stopped: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Codes {
+    async fn run(mut self) {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            match self.serve().await {
+                Ok(()) => return,
+                Err(e) => self.ui.error(&format!("{e:#}")),
+            }
+            // The rendezvous went away (restarted, network change): try again, slower.
+            self.ui.say(&format!(
+                "retrying the rendezvous {} in {} s",
+                self.rendezvous,
+                delay.as_secs()
+            ));
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(60));
+        }
+    }
+
+    /// Connect to the rendezvous and serve codes until a meeting ends `--once`.
+    async fn serve(&mut self) -> anyhow::Result<()> {
+        let (client, report) =
+            super::meet::connect(&self.ui, &self.node, &self.rendezvous).await?;
+        let (ui, node, out, via) = (
+            self.ui.clone(),
+            self.node.clone(),
+            self.out.clone(),
+            self.rendezvous.clone(),
+        );
+        let events = super::meet::CliEvents::new(
+            self.ui.clone(),
+            Some(Box::new(move |code, expires| {
+                let _ = announce_code(&ui, &node, &out, &via, code, expires);
+            })),
+        );
+        let meeting = Meeting {
+            node: &self.node,
+            rendezvous: &client,
+            nat: report.mapping,
+            config: MeetConfig::default(),
+            events: &events,
+        };
+        let receiver = self.receiver.clone();
+        let admit = move |sender, ttl| receiver.admit(sender, ttl);
+        loop {
+            let chosen = self.first.take();
+            match meeting.welcome(chosen.as_ref(), self.ttl, &admit).await {
+                Ok(welcomed) => {
+                    if let Some(side) = welcomed.node {
+                        self.serve_side_node(side);
+                    }
+                    if self.once {
+                        return Ok(());
+                    }
+                }
+                Err(MeetError::Rendezvous(ClientError::Refused {
+                    code: ErrorCode::Expired,
+                    ..
+                })) => self.ui.say("the code expired unused; here is a new one"),
+                Err(MeetError::Rendezvous(e)) => return Err(e.into()),
+                Err(e) => self.ui.error(&format!("meeting failed: {e}")),
+            }
+        }
+    }
+
+    /// Serve a node a birthday punch made (the sender connects there) until stopped.
+    fn serve_side_node(&self, side: Arc<Node>) {
+        let server = Server::new(side.clone(), self.receiver.clone(), self.limits);
+        let mut stopped = self.side_stopped.clone();
+        tokio::spawn(async move {
+            // `wait_for` is cancel-safe: it only watches a value.
+            server
+                .run(async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                })
+                .await;
+            side.close(qpunch::node::QUICK_LINGER).await;
+        });
+    }
+}
+
+/// A task aborted when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Print a code, and how to use it.
+fn announce_code(
+    ui: &Ui,
+    node: &Node,
+    out: &std::path::Path,
+    via: &str,
+    code: &Code,
+    expires: Duration,
+) -> anyhow::Result<()> {
+    let local = node.local_addr()?;
+    let minutes = expires.as_secs().div_ceil(60);
+    ui.event(
+        Event::Listening {
+            addrs: reachable_addrs(local).iter().map(|a| a.to_string()).collect(),
+            port: local.port(),
+            fingerprint: node.fingerprint(),
+            code: Some(code.to_string()),
+            expires_secs: Some(expires.as_secs()),
+        },
+        None,
+    );
+    ui.output(&format!(
+        "code: {code}   (one sender, valid for {minutes} min; files go to {})\n\
+         On the sending machine, run:\n  qpunch send FILE --to {code} --via {via}",
+        out.display()
+    ));
+    Ok(())
 }
 
 /// `$XDG_DOWNLOAD_DIR` (or the platform's Downloads folder) + `/qpunch`: a folder of its
@@ -218,6 +408,8 @@ fn announce(ui: &Ui, node: &Node, out: &std::path::Path) -> anyhow::Result<()> {
             addrs: addrs.iter().map(|a| a.to_string()).collect(),
             port: local.port(),
             fingerprint: fp,
+            code: None,
+            expires_secs: None,
         },
         None,
     );
@@ -228,7 +420,7 @@ fn announce(ui: &Ui, node: &Node, out: &std::path::Path) -> anyhow::Result<()> {
 /// Addresses a sender could use: the bound one, or every interface's for a wildcard
 /// bind (non-loopback first). Behind a NAT the public address differs; the sender
 /// learns its own from the probe reply, and rendezvous will exchange them later.
-fn reachable_addrs(local: SocketAddr) -> Vec<SocketAddr> {
+pub fn reachable_addrs(local: SocketAddr) -> Vec<SocketAddr> {
     if !local.ip().is_unspecified() {
         return vec![local];
     }
@@ -248,7 +440,7 @@ fn reachable_addrs(local: SocketAddr) -> Vec<SocketAddr> {
     addrs
 }
 
-fn bind_addr(bind: &str, port: u16) -> anyhow::Result<SocketAddr> {
+pub fn bind_addr(bind: &str, port: u16) -> anyhow::Result<SocketAddr> {
     if let Ok(addr) = bind.parse::<SocketAddr>() {
         return Ok(addr);
     }

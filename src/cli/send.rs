@@ -1,6 +1,6 @@
 //! `qpunch send FILE... --to HOST[:PORT]`: punch, hand over, pin, stream, verify.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +26,14 @@ pub struct SendArgs {
     /// Files to send (in parallel, over one connection).
     #[arg(required = true)]
     files: Vec<PathBuf>,
-    /// The receiver: HOST or HOST:PORT (port 9199 when omitted).
+    /// The receiver: its one-time code (NAMEPLATE-WORD-WORD, met through a rendezvous),
+    /// or HOST / HOST:PORT (port 9199 when omitted).
     #[arg(long)]
     to: String,
+    /// The rendezvous to meet the receiver through, for a code: HOST[:PORT] (port 9200);
+    /// default $QPUNCH_RENDEZVOUS, or `rendezvous = "..."` in the qpunch home's config.toml.
+    #[arg(long)]
+    via: Option<String>,
     /// The receiver's fingerprint (from its `qpunch receive` banner). Without it, the
     /// first fingerprint seen is trusted and remembered in known_peers.
     #[arg(long, value_parser = parse_fingerprint)]
@@ -55,6 +60,9 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let identity = load_identity()?;
+    if let Some(code) = super::meet::as_code(&args.to) {
+        return send_by_code(&args, code?, identity, outgoing, ui).await;
+    }
     let (key, target) = resolve(&args.to).await?;
 
     // Whose key do we expect? An explicit --peer wins; else what we saw here before.
@@ -123,8 +131,61 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             ));
         }
     }
-    report_connected(&ui, &node, &peer)?;
+    report_connected(&ui, &node, &peer, "direct")?;
+    deliver(&ui, &node, &peer, outgoing).await
+}
 
+/// Meet the receiver behind `code` through the rendezvous, then deliver. Nothing is
+/// remembered in known_peers: the code pinned the receiver, once.
+async fn send_by_code(
+    args: &SendArgs,
+    code: qpunch::meet::code::Code,
+    identity: qpunch::identity::Identity,
+    outgoing: Vec<Outgoing>,
+    ui: Arc<Ui>,
+) -> anyhow::Result<bool> {
+    let Some(rendezvous) = super::meet::rendezvous_name(args.via.as_deref())? else {
+        bail!(
+            "`--to {code}` is a one-time code, which needs a rendezvous to meet the receiver: \
+             pass --via HOST[:PORT] or set {} (the receiver must use the same one)",
+            super::meet::ENV
+        );
+    };
+    let socket = super::bind_dual_stack(0)?;
+    let node = Arc::new(Node::new(
+        socket,
+        NodeConfig::new(identity, transfer::ALPN, false),
+    )?);
+    let (client, report) = super::meet::connect(&ui, &node, &rendezvous).await?;
+    let events = super::meet::CliEvents::new(ui.clone(), None);
+    let meeting = qpunch::meet::Meeting {
+        node: &node,
+        rendezvous: &client,
+        nat: report.mapping,
+        config: qpunch::meet::MeetConfig::default(),
+        events: &events,
+    };
+    ui.say(&format!("meeting {code} through {rendezvous} ..."));
+    let met = meeting
+        .dial(&code)
+        .await
+        .with_context(|| format!("could not meet the receiver of {code}"))?;
+    client.connection().close(0u32.into(), b"met");
+    let sending = met.node.clone().unwrap_or_else(|| node.clone());
+    let path = if met.method == "lan" { "lan" } else { "direct" };
+    report_connected(&ui, &sending, &met.peer, path)?;
+    let delivered = deliver(&ui, &sending, &met.peer, outgoing).await;
+    node.close(node::QUICK_LINGER).await;
+    delivered
+}
+
+/// Send the files on an authenticated connection, report, and close.
+async fn deliver(
+    ui: &Arc<Ui>,
+    node: &Node,
+    peer: &PeerConnection,
+    outgoing: Vec<Outgoing>,
+) -> anyhow::Result<bool> {
     let progress = FileProgress::new(ui.clone(), Side::Sending);
     let result = transfer::send_files(&peer.connection, outgoing, progress).await;
     tracing::debug!(stats = ?peer.connection.stats(), "connection statistics");
@@ -186,17 +247,24 @@ fn not_qpunch(peer: SocketAddr, why: &dyn std::fmt::Display) -> String {
     )
 }
 
-pub fn report_connected(ui: &Ui, node: &Node, peer: &PeerConnection) -> anyhow::Result<()> {
+/// The `connected` event; `path` is `direct` or `lan`.
+pub fn report_connected(
+    ui: &Ui,
+    node: &Node,
+    peer: &PeerConnection,
+    path: &'static str,
+) -> anyhow::Result<()> {
     let remote = canonical(peer.connection.remote_address());
+    let over = if path == "lan" { " on the LAN" } else { "" };
     ui.event(
         Event::Connected {
             peer: remote.to_string(),
             fingerprint: peer.fingerprint,
-            path: "direct",
+            path,
             local_addr: node.local_addr()?.to_string(),
         },
         Some(format!(
-            "connected to {remote} (identity {}), encrypted with TLS 1.3 over QUIC",
+            "connected to {remote}{over} (identity {}), encrypted with TLS 1.3 over QUIC",
             peer.fingerprint
         )),
     );
@@ -230,24 +298,7 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 
 /// Resolve `--to` into the name remembered in known_peers and a socket address.
 async fn resolve(to: &str) -> anyhow::Result<(String, SocketAddr)> {
-    if let Ok(addr) = to.parse::<SocketAddr>() {
-        return Ok((addr.to_string(), addr));
-    }
-    let bare = to.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        let addr = SocketAddr::new(ip, DEFAULT_PORT);
-        return Ok((addr.to_string(), addr));
-    }
-    let name = match to.rsplit_once(':') {
-        Some((_, port)) if port.parse::<u16>().is_ok() => to.to_string(),
-        _ => format!("{to}:{DEFAULT_PORT}"),
-    };
-    let addr = tokio::net::lookup_host(&name)
-        .await
-        .with_context(|| format!("cannot resolve {name}"))?
-        .next()
-        .with_context(|| format!("{name} has no address"))?;
-    Ok((name, addr))
+    super::resolve_host(to, DEFAULT_PORT).await
 }
 
 #[cfg(test)]

@@ -20,6 +20,37 @@ pub enum Event {
         addrs: Vec<String>,
         port: u16,
         fingerprint: Fingerprint,
+        /// The one-time code to give the sender (when meeting by code).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+        /// Seconds the code stays valid.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_secs: Option<u64>,
+    },
+    /// The rendezvous paired us with a peer and the code matched.
+    Paired {
+        nameplate: String,
+        /// The peer's public address, as the rendezvous saw it.
+        peer: String,
+        /// The addresses the peer offered in its sealed hello.
+        candidates: Vec<String>,
+        /// The peer's NAT mapping (eim, apdm, ...).
+        peer_nat: &'static str,
+    },
+    /// Our NAT, as checked against a rendezvous.
+    Nat(qpunch::natcheck::NatReport),
+    /// A rendezvous is serving.
+    Rendezvous {
+        addrs: Vec<String>,
+        port: u16,
+        alt_port: u16,
+        fingerprint: Fingerprint,
+    },
+    /// A rendezvous paired two peers.
+    Pairing {
+        nameplate: String,
+        receiver: String,
+        sender: String,
     },
     /// The probe exchange proved a path. `method`: `direct` (a qpunch reply) or
     /// `legacy` (the Go demo's plain reply, which does not carry `reflexive_addr`).

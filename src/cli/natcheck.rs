@@ -1,0 +1,46 @@
+//! `qpunch nat-check`: how this network's NAT behaves, like `tailscale netcheck`.
+
+use std::sync::Arc;
+
+use anyhow::bail;
+use clap::Args;
+use qpunch::natcheck::NatReport;
+use qpunch::node::{Node, NodeConfig};
+
+use super::ui::Ui;
+
+#[derive(Debug, Args)]
+pub struct NatCheckArgs {
+    /// The rendezvous to check against: HOST[:PORT]; default $QPUNCH_RENDEZVOUS, or
+    /// `rendezvous = "..."` in the qpunch home's config.toml.
+    #[arg(long)]
+    via: Option<String>,
+}
+
+pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
+    let Some(rendezvous) = super::meet::rendezvous_name(args.via.as_deref())? else {
+        bail!(
+            "nat-check needs a rendezvous to test against: pass --via HOST[:PORT] or set {}",
+            super::meet::ENV
+        );
+    };
+    let socket = super::bind_dual_stack(0)?;
+    let identity = qpunch::identity::Identity::generate()?;
+    let node = Node::new(
+        socket,
+        NodeConfig::new(identity, qpunch::transfer::ALPN, false),
+    )?;
+    let (_, addr) = super::resolve_host(&rendezvous, qpunch::rendezvous::DEFAULT_PORT).await?;
+    let client = match qpunch::rendezvous::RendezvousClient::connect(&node, addr).await {
+        Ok(client) => client,
+        Err(e) => {
+            ui.error(&e.to_string());
+            super::meet::report_nat(&ui, &NatReport::unreachable(node.local_addr()?), true);
+            return Ok(false);
+        }
+    };
+    let report = qpunch::natcheck::check(&node, &client).await?;
+    super::meet::report_nat(&ui, &report, true);
+    node.close(qpunch::node::QUICK_LINGER).await;
+    Ok(report.udp)
+}
