@@ -182,6 +182,9 @@ struct BirthdayState {
     next: Instant,
     interval: Duration,
     sent: u32,
+    /// Ports probed so far (at most the budget): a probe from one of them is the hard
+    /// side's mapping answering the hunt, so its address counts as found by birthday.
+    probed: std::collections::HashSet<u16>,
 }
 
 /// One side of a simultaneous punch.
@@ -232,6 +235,7 @@ impl Traversal {
             next: now,
             interval,
             sent: 0,
+            probed: std::collections::HashSet::new(),
         });
     }
 
@@ -264,12 +268,21 @@ impl Traversal {
         }
         self.stats.peer_probes += 1;
         let from = canonical(from);
+        let hunted = self
+            .birthday
+            .as_ref()
+            .is_some_and(|b| b.config.ip == from.ip() && b.probed.contains(&from.port()));
+        let kind = if hunted {
+            Kind::Birthday
+        } else {
+            Kind::PeerReflexive
+        };
         match self.checks.iter_mut().find(|c| c.addr == from) {
             Some(check) => {
                 check.due = now;
                 check.rto = self.config.initial_rto;
             }
-            None => self.add_candidate(now, from, Kind::PeerReflexive),
+            None => self.add_candidate(now, from, kind),
         }
         // Triggered checks jump the pacing queue: this is the fastest way through.
         self.next_paced = self.next_paced.min(now);
@@ -391,6 +404,7 @@ impl Traversal {
                 break port;
             }
         };
+        b.probed.insert(port);
         Some((SocketAddr::new(b.config.ip, port), Kind::Birthday))
     }
 
@@ -870,6 +884,20 @@ mod tests {
             t.candidates()
                 .contains(&(addr("198.51.100.1:3"), Kind::Lan))
         );
+    }
+
+    #[test]
+    fn a_probe_from_a_hunted_port_counts_as_found_by_birthday() {
+        let t0 = Instant::now();
+        let mut t = Traversal::new(TraverseConfig::default(), t0, seed(7));
+        let hard: IpAddr = "203.0.113.2".parse().unwrap();
+        t.start_birthday(t0, Birthday::toward(hard));
+        let hunted = t.poll_transmit(t0).unwrap().destination;
+        t.handle_peer_probe(t0, hunted);
+        t.handle_peer_probe(t0, SocketAddr::new(hard, hunted.port() ^ 1));
+        let kinds: Vec<Kind> = t.candidates().iter().map(|&(_, k)| k).collect();
+        assert_eq!(kinds, vec![Kind::PeerReflexive, Kind::Birthday]);
+        assert!(t.candidates().contains(&(hunted, Kind::Birthday)));
     }
 
     #[test]

@@ -64,7 +64,8 @@ pub async fn connect(
 /// The `nat` event; the human line is short unless `detailed` (`qpunch nat-check`).
 pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
     let mut text = if !report.udp {
-        "UDP does not get through to the rendezvous: a direct path is impossible from here".to_string()
+        "UDP does not get through to the rendezvous: a direct path is impossible from here"
+            .to_string()
     } else {
         format!(
             "NAT: mapping {}, filtering {}; public address {}",
@@ -82,11 +83,10 @@ pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
                 Some(false) => "no",
                 None => "unknown",
             },
-            report
-                .ipv6
-                .map_or("not reachable (or the rendezvous has no IPv6)".into(), |a| {
-                    format!("reachable, public address {a}")
-                }),
+            report.ipv6.map_or(
+                "not reachable (or the rendezvous has no IPv6)".into(),
+                |a| { format!("reachable, public address {a}") }
+            ),
         ));
         for (target, seen) in &report.observations {
             text.push_str(&format!(
@@ -108,10 +108,7 @@ pub struct CliEvents {
 }
 
 impl CliEvents {
-    pub fn new(
-        ui: Arc<Ui>,
-        listening: Option<Box<dyn Fn(&Code, Duration) + Send + Sync>>,
-    ) -> Self {
+    pub fn new(ui: Arc<Ui>, listening: Option<Box<dyn Fn(&Code, Duration) + Send + Sync>>) -> Self {
         CliEvents {
             ui,
             listening,

@@ -23,7 +23,8 @@ use qpunch::rendezvous::{ClientError, ErrorCode};
 
 /// Parse a `--code` argument.
 fn parse_code(s: &str) -> Result<Code, String> {
-    s.parse().map_err(|e: qpunch::meet::code::CodeError| e.to_string())
+    s.parse()
+        .map_err(|e: qpunch::meet::code::CodeError| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -272,8 +273,7 @@ impl Codes {
 
     /// Connect to the rendezvous and serve codes until a meeting ends `--once`.
     async fn serve(&mut self) -> anyhow::Result<()> {
-        let (client, report) =
-            super::meet::connect(&self.ui, &self.node, &self.rendezvous).await?;
+        let (client, report) = super::meet::connect(&self.ui, &self.node, &self.rendezvous).await?;
         let (ui, node, out, via) = (
             self.ui.clone(),
             self.node.clone(),
@@ -354,7 +354,10 @@ fn announce_code(
     let minutes = expires.as_secs().div_ceil(60);
     ui.event(
         Event::Listening {
-            addrs: reachable_addrs(local).iter().map(|a| a.to_string()).collect(),
+            addrs: reachable_addrs(local)
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
             port: local.port(),
             fingerprint: node.fingerprint(),
             code: Some(code.to_string()),

@@ -25,13 +25,21 @@ pub async fn run(args: RendezvousArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let identity = load_identity()?;
     let events = Arc::new(Pairings { ui: ui.clone() });
     let serve = |addr| {
-        Rendezvous::bind(addr, identity.clone(), RendezvousConfig::default(), events.clone())
+        Rendezvous::bind(
+            addr,
+            identity.clone(),
+            RendezvousConfig::default(),
+            events.clone(),
+        )
     };
     let bound = serve(bind)
         .or_else(|e| {
             // A system without IPv6 cannot bind [::]: serve IPv4.
             if bind.ip() == IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) {
-                serve(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, args.port)))
+                serve(SocketAddr::from((
+                    std::net::Ipv4Addr::UNSPECIFIED,
+                    args.port,
+                )))
             } else {
                 Err(e)
             }
@@ -58,7 +66,10 @@ pub async fn run(args: RendezvousArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             .iter()
             .map(|a| format!("  address:   {a}\n"))
             .collect::<String>(),
-        addrs.first().cloned().unwrap_or_else(|| format!("HOST:{}", local.port())),
+        addrs
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("HOST:{}", local.port())),
     ));
     let stats = bound.server.stats();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
