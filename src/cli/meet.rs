@@ -98,17 +98,20 @@ pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
     ui.event(Event::Nat(report.clone()), Some(text));
 }
 
+/// How a receiver announces each new code.
+pub type Announce = Box<dyn Fn(&Code, Duration) + Send + Sync>;
+
 /// A meeting's events, rendered.
 pub struct CliEvents {
     pub ui: Arc<Ui>,
     /// Receiver: how to announce each new code (the `listening` event).
-    pub listening: Option<Box<dyn Fn(&Code, Duration) + Send + Sync>>,
+    pub listening: Option<Announce>,
     /// The pairing in progress, completed by the peer's hello into one `paired` event.
     pub pairing: std::sync::Mutex<Option<(String, SocketAddr)>>,
 }
 
 impl CliEvents {
-    pub fn new(ui: Arc<Ui>, listening: Option<Box<dyn Fn(&Code, Duration) + Send + Sync>>) -> Self {
+    pub fn new(ui: Arc<Ui>, listening: Option<Announce>) -> Self {
         CliEvents {
             ui,
             listening,
