@@ -184,13 +184,21 @@ fn cell(tag: &str, rx: Nat, tx: Nat) -> Option<Value> {
         tag,
         &[SiteSpec::new(rx).ipv6(false), SiteSpec::new(tx).ipv6(false)],
     );
-    let _rv = Rendezvous::start(&topo);
+    let mut rv = Rendezvous::start(&topo);
     let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
     let dir = tempfile::tempdir().unwrap();
     let (file, hash) = make_file(dir.path(), "matrix.bin", 200_000);
     let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
     let (punched, connected) = sent(&mut sender, "matrix.bin", &hash, Duration::from_secs(60));
     receiving.finish("matrix.bin", &hash);
+    // The rendezvous logged the pairing: the nameplate and both public addresses.
+    let pairing = rv.proc.wait_for("pairing", Duration::from_secs(5));
+    let nameplate = receiving.code.split('-').next().unwrap();
+    assert_eq!(pairing["nameplate"], nameplate, "{pairing}");
+    assert_eq!(
+        addr(&pairing["sender"]).ip(),
+        std::net::IpAddr::from(topo.site(1).wan_v4)
+    );
     // The path is direct: the sender talks to the receiver's router, never the rendezvous.
     let peer = addr(&connected["peer"]);
     assert_eq!(
