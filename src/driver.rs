@@ -158,21 +158,54 @@ pub enum Update {
 /// The socket answers the peer's probes by itself; their sources become triggered checks.
 pub async fn traverse(
     socket: &DemuxSocket,
+    traversal: Traversal,
+    updates: tokio::sync::mpsc::UnboundedReceiver<Update>,
+) -> (Result<Path, TraverseError>, TraverseStats) {
+    traverse_heard(socket, traversal, updates, Heard::subscribe(socket)).await
+}
+
+/// What a socket heard since [`Heard::subscribe`]: replies to probes and the sources of
+/// probes it answered. Subscribe *before* the peer may start probing (when the rendezvous
+/// pairs), so nothing it sends in the meantime is missed.
+#[derive(Debug)]
+pub struct Heard {
+    replies: broadcast::Receiver<crate::socket::ProbeReply>,
+    probes: broadcast::Receiver<SocketAddr>,
+}
+
+impl Heard {
+    /// Start listening on `socket`.
+    pub fn subscribe(socket: &DemuxSocket) -> Self {
+        Heard {
+            replies: socket.subscribe(),
+            probes: socket.subscribe_probes(),
+        }
+    }
+}
+
+/// [`traverse`], fed by what `heard` has collected since it subscribed.
+pub async fn traverse_heard(
+    socket: &DemuxSocket,
     mut traversal: Traversal,
     mut updates: tokio::sync::mpsc::UnboundedReceiver<Update>,
+    heard: Heard,
 ) -> (Result<Path, TraverseError>, TraverseStats) {
-    let mut replies = socket.subscribe();
-    let mut probes = socket.subscribe_probes();
+    let Heard {
+        mut replies,
+        mut probes,
+    } = heard;
     let mut updates_open = true;
     loop {
         let now = Instant::now();
         traversal.handle_timeout(now);
         while let Some(t) = traversal.poll_transmit(now) {
+            tracing::trace!(to = %t.destination, "probe");
             if let Err(e) = socket.send_probe(t.destination, &t.contents).await {
                 tracing::debug!(to = %t.destination, "probe not sent: {e}");
             }
         }
         if let Some(outcome) = traversal.outcome() {
+            tracing::debug!(?outcome, stats = ?traversal.stats(), "traversal ended");
             return (outcome.clone(), traversal.stats());
         }
         let deadline = traversal
@@ -183,7 +216,8 @@ pub async fn traverse(
         tokio::select! {
             reply = replies.recv() => match reply {
                 Ok((from, data)) => {
-                    traversal.handle_reply(Instant::now(), from, &data);
+                    let ours = traversal.handle_reply(Instant::now(), from, &data);
+                    tracing::debug!(%from, ours, "probe reply");
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => {
@@ -192,16 +226,35 @@ pub async fn traverse(
             },
             probe = probes.recv() => {
                 if let Ok(from) = probe {
+                    tracing::debug!(%from, "peer probe: triggered check");
                     traversal.handle_peer_probe(Instant::now(), from);
                 }
             }
-            update = updates.recv(), if updates_open => match update {
+            update = updates.recv(), if updates_open => match update.inspect(|u| tracing::debug!(?u, "traversal update")) {
                 Some(Update::Candidate(addr, kind)) => traversal.add_candidate(Instant::now(), addr, kind),
                 Some(Update::Birthday(b)) => traversal.start_birthday(Instant::now(), b),
                 None => updates_open = false,
             },
             _ = tokio::time::sleep_until(deadline.into()) => {}
         }
+    }
+}
+
+/// After finding a path, keep probing it for a while (every 150 ms for `linger`): the peer
+/// may not have heard us yet (our first probe can arrive before it listens), and each of
+/// these probes is a triggered check for it. Replies are ignored; answering is the socket's.
+pub async fn beacon(
+    socket: std::sync::Arc<DemuxSocket>,
+    peer: SocketAddr,
+    linger: std::time::Duration,
+) {
+    let until = tokio::time::Instant::now() + linger;
+    while tokio::time::Instant::now() < until {
+        let probe = crate::wire::Message::Probe {
+            txid: rand::random(),
+        };
+        let _ = socket.send_probe(peer, &probe.to_vec()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     }
 }
 

@@ -183,20 +183,61 @@ pub fn classify_filtering(from_other_ip: Option<bool>, from_other_port: Option<b
 /// How long a probe or a reflection may take to come back.
 const WAIT: Duration = Duration::from_millis(1500);
 
-/// Probe the rendezvous behind `client` from `node`'s socket and classify our NAT.
+/// Probe the rendezvous behind `client` from `node`'s socket and classify our NAT, mapping
+/// and filtering (`qpunch nat-check`).
+///
+/// Filtering is tested first, while the only destination this socket has sent to is the
+/// rendezvous's main address: a probe to the other address or port would open the very
+/// filter being tested. Mapping is tested after.
 pub async fn check(node: &Node, client: &RendezvousClient) -> Result<NatReport, ClientError> {
+    let welcome = client.info().await?;
+    let rv = client.addr();
+    let other_ip = other_address(&welcome.addrs, rv);
+    let (from_other_ip, from_other_port) = tokio::join!(
+        async {
+            match other_ip {
+                Some(_) => Some(reflected(node, client, true, false).await),
+                None => None,
+            }
+        },
+        reflected(node, client, false, true),
+    );
+    let mut report = mapping(node, client, &welcome).await?;
+    report.filtering = classify_filtering(from_other_ip, Some(from_other_port));
+    Ok(report)
+}
+
+/// Classify only our NAT's mapping (what a meeting needs to choose its strategy): one
+/// round of probes, about one round trip.
+pub async fn check_mapping(
+    node: &Node,
+    client: &RendezvousClient,
+) -> Result<NatReport, ClientError> {
+    let welcome = client.info().await?;
+    mapping(node, client, &welcome).await
+}
+
+/// Another address of the rendezvous, of the family we reach it by.
+fn other_address(addrs: &[IpAddr], rv: SocketAddr) -> Option<SocketAddr> {
+    let family = rv.ip().to_canonical().is_ipv4();
+    addrs
+        .iter()
+        .copied()
+        .find(|ip| ip.to_canonical().is_ipv4() == family && *ip != rv.ip().to_canonical())
+        .map(|ip| SocketAddr::new(ip, rv.port()))
+}
+
+/// Probe the rendezvous's other port, other address and IPv6 address; classify mapping.
+async fn mapping(
+    node: &Node,
+    client: &RendezvousClient,
+    welcome: &crate::rendezvous::Welcome,
+) -> Result<NatReport, ClientError> {
     let local = node
         .local_addr()
         .map_err(|e| ClientError::Protocol(e.to_string()))?;
-    let welcome = client.info().await?;
     let rv = client.addr();
-    let same_family = |ip: &IpAddr| ip.to_canonical().is_ipv4() == rv.ip().to_canonical().is_ipv4();
-    let other_ip = welcome
-        .addrs
-        .iter()
-        .copied()
-        .find(|ip| same_family(ip) && *ip != rv.ip().to_canonical())
-        .map(|ip| SocketAddr::new(ip, rv.port()));
+    let other_ip = other_address(&welcome.addrs, rv);
     let alt_port = SocketAddr::new(rv.ip(), welcome.alt_port);
     let v6 = welcome
         .addrs
@@ -208,25 +249,13 @@ pub async fn check(node: &Node, client: &RendezvousClient) -> Result<NatReport, 
         .into_iter()
         .flatten()
         .collect();
-    let probes = targets.iter().map(|&t| observe(node, t));
-    let (seen, from_other_ip, from_other_port) = tokio::join!(
-        futures_util::future::join_all(probes),
-        async {
-            match other_ip {
-                Some(_) => Some(reflected(node, client, true, false).await),
-                None => None,
-            }
-        },
-        reflected(node, client, false, true),
-    );
+    let seen = futures_util::future::join_all(targets.iter().map(|&t| observe(node, t))).await;
     let lookup = |target: Option<SocketAddr>| {
         let target = target?;
         let i = targets.iter().position(|t| *t == target)?;
         seen[i]
     };
     let main = Some(canonical(welcome.observed));
-    let mapping = classify_mapping(local, main, lookup(Some(alt_port)), lookup(other_ip));
-    let filtering = classify_filtering(from_other_ip, Some(from_other_port));
     let mut observations = vec![(rv, main)];
     observations.extend(targets.iter().copied().zip(seen.iter().copied()));
     Ok(NatReport {
@@ -234,8 +263,8 @@ pub async fn check(node: &Node, client: &RendezvousClient) -> Result<NatReport, 
         local,
         public: main,
         port_preserved: main.map(|m| m.port() == local.port()),
-        mapping,
-        filtering,
+        mapping: classify_mapping(local, main, lookup(Some(alt_port)), lookup(other_ip)),
+        filtering: Filtering::Unknown,
         ipv6: lookup(v6),
         observations,
     })

@@ -96,6 +96,7 @@ impl Receiving {
             "--yes",
             "--once",
             "--json",
+            "-v",
         ];
         args.extend_from_slice(extra);
         let mut proc = host.spawn(&qpunch(), &args, &home.env());
@@ -144,6 +145,7 @@ fn send(host: &Host, file: &Path, code: &str) -> (Proc, Home) {
             "--via",
             &via,
             "--json",
+            "-v",
         ],
         &home.env(),
     );
@@ -189,6 +191,13 @@ fn cell(tag: &str, rx: Nat, tx: Nat) -> Option<Value> {
     let dir = tempfile::tempdir().unwrap();
     let (file, hash) = make_file(dir.path(), "matrix.bin", 200_000);
     let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
+    let (status, _) = sender.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "sender failed\n{}\n{}",
+        sender.describe(),
+        receiving.proc.describe()
+    );
     let (punched, connected) = sent(&mut sender, "matrix.bin", &hash, Duration::from_secs(60));
     receiving.finish("matrix.bin", &hash);
     // The rendezvous logged the pairing: the nameplate and both public addresses.
@@ -360,4 +369,270 @@ fn meeting_survives_ten_percent_loss() {
         dropped.dropped_in + dropped.dropped_out > 0,
         "the loss rules dropped nothing: {dropped:?}"
     );
+}
+
+/// `qpunch nat-check` names each router mode correctly (RFC 4787 terms), and says when
+/// UDP does not get out at all.
+#[test]
+fn nat_check_tells_each_router_mode() {
+    const TEST: &str = "nat_check_tells_each_router_mode";
+    if !lab::require(TEST, &["tc"]) {
+        return;
+    }
+    let modes = [Nat::Open, Nat::Cone, Nat::Symmetric, Nat::UdpBlocked];
+    let specs: Vec<SiteSpec> = modes
+        .iter()
+        .map(|&m| SiteSpec::new(m).ipv6(false))
+        .collect();
+    let topo = Topology::new("chk", &specs);
+    let _rv = Rendezvous::start(&topo);
+    let via = rendezvous_addr();
+    let expected = [
+        (true, "endpoint-independent", "endpoint-independent"),
+        (true, "endpoint-independent", "address-and-port-dependent"),
+        (
+            true,
+            "address-and-port-dependent",
+            "address-and-port-dependent",
+        ),
+        (false, "unknown", "unknown"),
+    ];
+    let checks: Vec<Proc> = (0..modes.len())
+        .map(|i| {
+            let home = Home::new();
+            let proc = topo.site(i).client(0).spawn(
+                &qpunch(),
+                &["nat-check", "--via", &via, "--json"],
+                &home.env(),
+            );
+            std::mem::forget(home); // lives as long as the test's temp dirs; tiny
+            proc
+        })
+        .collect();
+    for ((mut check, mode), (udp, mapping, filtering)) in
+        checks.into_iter().zip(modes).zip(expected)
+    {
+        let (status, _) = check.wait_exit(Duration::from_secs(30));
+        let nat = events(&check.seen, "nat")
+            .last()
+            .copied()
+            .cloned()
+            .unwrap_or_else(|| panic!("{mode:?}: no nat event\n{}", check.describe()));
+        assert_eq!(status.success(), udp, "{mode:?}: {}", check.describe());
+        assert_eq!(nat["udp"], udp, "{mode:?}: {nat}");
+        assert_eq!(nat["mapping"], mapping, "{mode:?}: {nat}");
+        assert_eq!(nat["filtering"], filtering, "{mode:?}: {nat}");
+        if udp {
+            let public = addr(&nat["public"]);
+            let site = topo.sites().iter().find(|s| s.spec.nat == mode).unwrap();
+            assert_eq!(public.ip(), std::net::IpAddr::from(site.wan_v4), "{nat}");
+            let preserved = nat["port_preserved"].as_bool().unwrap();
+            assert_eq!(preserved, mode != Nat::Symmetric, "{mode:?}: {nat}");
+        }
+    }
+}
+
+/// A rendezvous-made connection survives a NAT rebinding mid-transfer, as a direct one
+/// does: the sender's router forgets its mappings and re-maps it to a random port, QUIC
+/// migrates, the file arrives verified. (The receiver's site is open, as in the foundation's
+/// test: a filtering NAT on the far side would need a new punch toward the new port.)
+#[test]
+fn rendezvous_made_connection_survives_rebinding() {
+    const TEST: &str = "rendezvous_made_connection_survives_rebinding";
+    if !lab::require(TEST, &["tc", "conntrack"]) {
+        return;
+    }
+    let topo = Topology::new(
+        "rbd",
+        &[
+            SiteSpec::new(Nat::Open).ipv6(false),
+            SiteSpec::new(Nat::Cone)
+                .ipv6(false)
+                .rate(lab::Rate::mbit(50.0)),
+        ],
+    );
+    let _rv = Rendezvous::start(&topo);
+    let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), "rebind.bin", 24 << 20);
+    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
+    let connected = sender.wait_for("connected", Duration::from_secs(30));
+    let before = addr(&connected["local_addr"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(sender.try_exit().is_none(), "finished before the rebinding");
+    let site = topo.site(1);
+    site.set_nat(Nat::Symmetric);
+    site.flush_conntrack();
+    sent(&mut sender, "rebind.bin", &hash, Duration::from_secs(120));
+    receiving.finish("rebind.bin", &hash);
+    // The receiver saw the sender move: its connection ends at a different public port.
+    let mapped: Vec<String> = site
+        .conntrack_list()
+        .lines()
+        .filter(|l| l.contains("udp"))
+        .map(str::to_string)
+        .collect();
+    eprintln!("{TEST}: sender socket {before}; router table after: {mapped:?}");
+}
+
+/// Keep-alives hold a rendezvous-made hole open while the connection idles past the
+/// routers' UDP timeout (2 s here); without them the hole closes (the control).
+#[test]
+fn keepalive_holds_a_rendezvous_made_hole_open() {
+    const TEST: &str = "keepalive_holds_a_rendezvous_made_hole_open";
+    if !lab::require(TEST, &["tc", "sysctl"]) {
+        return;
+    }
+    let topo = Topology::new(
+        "kam",
+        &[
+            SiteSpec::new(Nat::Cone).ipv6(false),
+            SiteSpec::new(Nat::Cone).ipv6(false),
+        ],
+    );
+    for site in topo.sites() {
+        site.router_exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.netfilter.nf_conntrack_udp_timeout=2",
+                "net.netfilter.nf_conntrack_udp_timeout_stream=2",
+            ],
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let rv = in_process_rendezvous(&topo);
+        for (keep_alive, must_reach) in [(Some(Duration::from_millis(500)), true), (None, false)] {
+            let reached = meet_then_idle(&topo, rv, keep_alive, Duration::from_secs(6)).await;
+            assert_eq!(
+                reached, must_reach,
+                "keep-alive {keep_alive:?}: the receiver reached the sender after idling: {reached}"
+            );
+        }
+    });
+}
+
+/// A rendezvous served by this process on the public host's namespace (sockets made there).
+fn in_process_rendezvous(topo: &Topology) -> SocketAddr {
+    use qpunch::rendezvous::{NoEvents, Rendezvous, RendezvousConfig};
+    let public = topo.public();
+    let main = public.udp4(RV_PORT);
+    let alt = public.udp4(RV_PORT + 1);
+    let node = std::sync::Arc::new(
+        qpunch::node::Node::new(
+            main,
+            qpunch::node::NodeConfig::new(
+                qpunch::identity::Identity::generate().unwrap(),
+                qpunch::rendezvous::ALPN,
+                true,
+            ),
+        )
+        .unwrap(),
+    );
+    let service = Rendezvous::new(
+        node.clone(),
+        alt,
+        vec![PUBLIC_V4.into()],
+        RendezvousConfig::default(),
+        std::sync::Arc::new(NoEvents),
+    )
+    .unwrap();
+    let server = qpunch::server::Server::new(node, service, qpunch::server::Limits::default());
+    tokio::spawn(server.run(std::future::pending::<()>()));
+    SocketAddr::from((PUBLIC_V4, RV_PORT))
+}
+
+/// Meet site 0's client (receiver) and site 1's client (sender) by code with `keep_alive`,
+/// idle for `idle`, then see whether the receiver can still open a stream to the sender.
+async fn meet_then_idle(
+    topo: &Topology,
+    rv: SocketAddr,
+    keep_alive: Option<Duration>,
+    idle: Duration,
+) -> bool {
+    use qpunch::meet::{MeetConfig, Meeting, Silent};
+    use qpunch::natcheck::Mapping;
+    use qpunch::node::{Node, NodeConfig};
+    use qpunch::rendezvous::RendezvousClient;
+    use std::sync::Arc;
+    let node = |host: &Host, accept: bool| {
+        let mut config = NodeConfig::new(
+            qpunch::identity::Identity::generate().unwrap(),
+            b"qpunch-lab/1",
+            accept,
+        );
+        config.keep_alive = keep_alive;
+        Arc::new(Node::new(host.udp4(0), config).unwrap())
+    };
+    let (rnode, snode) = (
+        node(topo.site(0).client(0), true),
+        node(topo.site(1).client(0), false),
+    );
+    let (rclient, sclient) = (
+        RendezvousClient::connect(&rnode, rv).await.unwrap(),
+        RendezvousClient::connect(&snode, rv).await.unwrap(),
+    );
+    let (code_tx, code_rx) = tokio::sync::oneshot::channel();
+    struct Announce(
+        std::sync::Mutex<Option<tokio::sync::oneshot::Sender<qpunch::meet::code::Code>>>,
+    );
+    impl qpunch::meet::MeetEvents for Announce {
+        fn code(&self, code: &qpunch::meet::code::Code, _: Duration) {
+            if let Some(tx) = self.0.lock().unwrap().take() {
+                let _ = tx.send(code.clone());
+            }
+        }
+    }
+    let announce = Announce(std::sync::Mutex::new(Some(code_tx)));
+    let receiving = Meeting {
+        node: &rnode,
+        rendezvous: &rclient,
+        nat: Mapping::EndpointIndependent,
+        config: MeetConfig::default(),
+        events: &announce,
+    };
+    let admitted = std::sync::Mutex::new(None);
+    let admit = |fp, _| *admitted.lock().unwrap() = Some(fp);
+    let welcome = receiving.welcome(None, Duration::from_secs(30), &admit);
+    let dial = async {
+        let code = code_rx.await.unwrap();
+        Meeting {
+            node: &snode,
+            rendezvous: &sclient,
+            nat: Mapping::EndpointIndependent,
+            config: MeetConfig::default(),
+            events: &Silent,
+        }
+        .dial(&code)
+        .await
+    };
+    let (welcomed, met, accepted) = tokio::join!(welcome, dial, rnode.accept());
+    welcomed.expect("welcomed");
+    let met = met.expect("met");
+    let accepted = accepted.unwrap().unwrap();
+    assert_eq!(accepted.fingerprint, snode.fingerprint());
+    // Both leave the rendezvous: only the peer connection holds the holes now.
+    rclient.connection().close(0u32.into(), b"");
+    sclient.connection().close(0u32.into(), b"");
+    tokio::time::sleep(idle).await;
+    // The receiver (behind its own NAT) opens a stream toward the sender.
+    let reached = async {
+        let (mut send, _recv) = accepted.connection.open_bi().await.ok()?;
+        send.write_all(b"still there?").await.ok()?;
+        send.finish().ok()?;
+        let (_s, mut recv) = met.peer.connection.accept_bi().await.ok()?;
+        recv.read_to_end(64).await.ok()
+    };
+    let reached = tokio::time::timeout(Duration::from_secs(4), reached)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|bytes| bytes == b"still there?");
+    met.peer.connection.close(0u32.into(), b"");
+    accepted.connection.close(0u32.into(), b"");
+    reached
 }

@@ -54,7 +54,8 @@ pub async fn connect(
     let client = RendezvousClient::connect(node, addr)
         .await
         .with_context(|| format!("cannot use the rendezvous {name}"))?;
-    let report = natcheck::check(node, &client)
+    // Only the mapping decides how to punch; the filtering test would cost a second.
+    let report = natcheck::check_mapping(node, &client)
         .await
         .with_context(|| format!("NAT check against {name} failed"))?;
     report_nat(ui, &report, false);
@@ -67,10 +68,13 @@ pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
         "UDP does not get through to the rendezvous: a direct path is impossible from here"
             .to_string()
     } else {
+        let filtering = match report.filtering {
+            qpunch::natcheck::Filtering::Unknown => String::new(),
+            f => format!(", filtering {}", f.as_str()),
+        };
         format!(
-            "NAT: mapping {}, filtering {}; public address {}",
+            "NAT: mapping {}{filtering}; public address {}",
             report.mapping.as_str(),
-            report.filtering.as_str(),
             report.public.map_or("unknown".into(), |a| a.to_string()),
         )
     };

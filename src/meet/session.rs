@@ -36,6 +36,9 @@ use crate::node::{Node, NodeConfig, NodeError, PeerConnection};
 use crate::rendezvous::{ClientError, Exchange, Paired, RendezvousClient};
 use crate::traverse::{Birthday, Kind, Path, Traversal, TraverseConfig};
 
+/// How long a side that found the path keeps probing it for the other side's benefit.
+const BEACON: Duration = Duration::from_secs(3);
+
 /// How a meeting punches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MeetConfig {
@@ -175,13 +178,18 @@ impl Meeting<'_> {
     /// Sender: meet the receiver behind `code`, punch, and connect with the receiver's
     /// confirmed fingerprint pinned.
     pub async fn dial(&self, code: &Code) -> Result<Met, MeetError> {
+        // Listen before anyone can know where we are: the receiver's first probe may
+        // arrive before the rendezvous's answer does.
+        let heard = driver::Heard::subscribe(self.node.socket());
         let (pake, message) = Pake::start(code, Role::Sender, &mut rand::rng());
         let (mut exchange, paired) = self.rendezvous.join(code.nameplate(), &message).await?;
         self.events.paired(code.nameplate(), paired.peer);
         let keys = pake
             .finish(&paired.pake)
             .map_err(|_| MeetError::WrongCode)?;
-        let found = self.meet(&mut exchange, keys, &paired, |_| {}).await?;
+        let found = self
+            .meet(&mut exchange, keys, &paired, heard, |_| {})
+            .await?;
         let (path, peer_hello, side_node) = (found.path, found.hello, found.node);
         let method = found.method;
         self.events.punched(&path, method);
@@ -217,6 +225,7 @@ impl Meeting<'_> {
             None => Code::generate(opened.nameplate, &mut rand::rng()),
         };
         let (pake, message) = Pake::start(&code, Role::Receiver, &mut rand::rng());
+        let heard = driver::Heard::subscribe(self.node.socket());
         exchange.pake(&message).await?;
         self.events.code(&code, opened.expires);
         let paired = exchange.paired().await?;
@@ -228,7 +237,7 @@ impl Meeting<'_> {
         // its own probes are answered, which may be before ours are.
         let ticket_ttl = self.config.ticket_ttl;
         let found = self
-            .meet(&mut exchange, keys, &paired, |hello| {
+            .meet(&mut exchange, keys, &paired, heard, |hello| {
                 admit(hello.fingerprint, ticket_ttl)
             })
             .await?;
@@ -259,6 +268,7 @@ impl Meeting<'_> {
         exchange: &mut Exchange,
         mut keys: SessionKeys,
         paired: &Paired,
+        heard: driver::Heard,
         on_hello: impl FnOnce(&Hello),
     ) -> Result<Found, MeetError> {
         let (node, ours, config, events) = (self.node, self.nat, self.config, self.events);
@@ -270,7 +280,7 @@ impl Meeting<'_> {
         traversal.add_candidate(Instant::now(), peer_public, Kind::Reflexive);
         let socket = node.socket().clone();
         let mut punching = AbortOnDrop(tokio::spawn(async move {
-            driver::traverse(&socket, traversal, receive_updates).await
+            driver::traverse_heard(&socket, traversal, receive_updates, heard).await
         }));
 
         let ifaces = candidates::interfaces();
@@ -360,6 +370,10 @@ impl Meeting<'_> {
             None if candidates::kind_of(path.peer, &ifaces) == Kind::Lan => ("lan", None),
             None => ("direct", None),
         };
+        // Our probes found the path; the peer's may not have yet (it may not have been
+        // listening when ours arrived). Keep showing it the way for a few seconds.
+        let winner = side.as_ref().unwrap_or(node).socket().clone();
+        tokio::spawn(driver::beacon(winner, path.peer, BEACON));
         Ok(Found {
             path,
             method,

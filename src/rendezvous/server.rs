@@ -148,6 +148,9 @@ pub struct Rendezvous {
     node: Arc<Node>,
     /// Answers probes on the second port, and sends change-port reflections.
     alt: Arc<tokio::net::UdpSocket>,
+    /// One socket on each announced address (any port): change-address reflections leave
+    /// from another address and another port, as RFC 5780's "change IP and port" test.
+    others: Vec<tokio::net::UdpSocket>,
     addrs: Vec<IpAddr>,
     book: Mutex<Book>,
     joins: Mutex<RateLimiter>,
@@ -177,10 +180,19 @@ impl Rendezvous {
     ) -> std::io::Result<Arc<Self>> {
         alt.set_nonblocking(true)?;
         let alt = Arc::new(tokio::net::UdpSocket::from_std(alt)?);
+        let others = addrs
+            .iter()
+            .filter_map(|&ip| {
+                let socket = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).ok()?;
+                socket.set_nonblocking(true).ok()?;
+                tokio::net::UdpSocket::from_std(socket).ok()
+            })
+            .collect();
         let rendezvous = Arc::new(Rendezvous {
             config,
             node,
             alt: alt.clone(),
+            others,
             addrs,
             book: Mutex::default(),
             joins: Mutex::new(RateLimiter::new(config.join_rate, Instant::now())),
@@ -218,6 +230,7 @@ impl Rendezvous {
     async fn session(
         self: Arc<Self>,
         observed: SocketAddr,
+        ours: Option<IpAddr>,
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
         mut shutdown: Shutdown,
@@ -236,7 +249,10 @@ impl Rendezvous {
                 txid,
                 change_ip,
                 change_port,
-            }) => Some(self.reflect(observed, &txid, change_ip, change_port).await),
+            }) => Some(
+                self.reflect(observed, ours, &txid, change_ip, change_port)
+                    .await,
+            ),
             Some(Request::Open {
                 nameplate,
                 ttl_secs,
@@ -299,6 +315,7 @@ impl Rendezvous {
     async fn reflect(
         &self,
         to: SocketAddr,
+        ours: Option<IpAddr>,
         txid: &str,
         change_ip: bool,
         change_port: bool,
@@ -307,25 +324,25 @@ impl Rendezvous {
             return self.malformed("reflect needs a 12-byte txid");
         };
         let contents = Message::Reply { txid, observed: to }.to_vec();
-        let sent = if change_port {
-            self.alt.send_to(&contents, to).await.map(drop)
-        } else if change_ip {
-            let ours = self.node.local_addr().ok().map(|a| a.ip());
-            // Another address of the same family as the client's, to answer from.
-            let other = self
-                .addrs
-                .iter()
-                .find(|ip| ip.is_ipv4() == to.ip().to_canonical().is_ipv4() && Some(**ip) != ours);
-            let Some(&other) = other.filter(|_| self.addrs.len() > 1) else {
+        let to_v4 = to.ip().to_canonical().is_ipv4();
+        let sent = if change_ip {
+            // A socket on another address of the client's family (and another port).
+            let other = self.others.iter().find(|socket| {
+                socket.local_addr().is_ok_and(|a| {
+                    a.ip().to_canonical().is_ipv4() == to_v4
+                        && Some(a.ip().to_canonical()) != ours.map(|o| o.to_canonical())
+                })
+            });
+            let Some(other) = other else {
                 return error(
                     ErrorCode::Unsupported,
                     "this rendezvous has no second address",
                 );
             };
-            self.node
-                .socket()
-                .send_probe_from(to, &contents, Some(other))
-                .await
+            let to = SocketAddr::new(to.ip().to_canonical(), to.port());
+            other.send_to(&contents, to).await.map(drop)
+        } else if change_port {
+            self.alt.send_to(&contents, to).await.map(drop)
         } else {
             self.node.socket().send_probe(to, &contents).await
         };
@@ -670,6 +687,7 @@ impl Service for Rendezvous {
             let session_shutdown = shutdown.resubscribe();
             sessions.spawn(self.clone().session(
                 conn.remote_address(),
+                conn.local_ip(),
                 send,
                 recv,
                 session_shutdown,
