@@ -636,3 +636,98 @@ async fn meet_then_idle(
     accepted.connection.close(0u32.into(), b"");
     reached
 }
+
+/// One timed meeting across `rx` x `tx` NATs, `one_way` delay per site link: whether it
+/// succeeded, the punch method, and the times from the sender's start and from the
+/// rendezvous's `pairing` event to the sender's `connected` event (every line timed as the
+/// test reads it, so the clocks agree).
+fn timed_meeting(tag: &str, rx: Nat, tx: Nat, one_way: Duration) -> (bool, String, Duration, Duration) {
+    let topo = Topology::new(
+        tag,
+        &[
+            SiteSpec::new(rx).ipv6(false).delay(one_way),
+            SiteSpec::new(tx).ipv6(false).delay(one_way),
+        ],
+    );
+    let mut rv = Rendezvous::start(&topo);
+    let receiving = Receiving::start(topo.site(0).client(0), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = make_file(dir.path(), "timed.bin", 10_000);
+    let started = Instant::now();
+    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
+    let (status, _) = sender.wait_exit(Duration::from_secs(60));
+    let connected = sender.when("connected");
+    let paired = rv
+        .proc
+        .next_line(Duration::from_secs(2))
+        .and_then(|_| rv.proc.when("pairing"));
+    let method = events(&sender.seen, "punched")
+        .last()
+        .map(|p| p["method"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default();
+    match (status.success(), connected, paired) {
+        (true, Some(c), Some(p)) => (true, method, c - started, c - p),
+        _ => (false, method, started.elapsed(), Duration::ZERO),
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// Campaign: 20 meetings in each birthday cell (cone x symmetric, symmetric x cone), 10 ms
+/// per site link; prints the success rate and median times. Target: >= 95 %, <= 5 s.
+#[test]
+#[ignore = "campaign: cargo test --test meet_lab -- --ignored --nocapture birthday"]
+fn birthday_campaign() {
+    const TEST: &str = "birthday_campaign";
+    if !lab::require(TEST, &["tc"]) {
+        return;
+    }
+    for (name, rx, tx) in [
+        ("cone x symmetric", Nat::Cone, Nat::Symmetric),
+        ("symmetric x cone", Nat::Symmetric, Nat::Cone),
+    ] {
+        let runs: Vec<_> = (0..20)
+            .map(|i| timed_meeting(&format!("bd{i}"), rx, tx, Duration::from_millis(10)))
+            .collect();
+        let ok: Vec<_> = runs.iter().filter(|r| r.0).collect();
+        let birthday = ok.iter().filter(|r| r.1 == "birthday").count();
+        let from_start = median(ok.iter().map(|r| r.2).collect());
+        let from_pairing = median(ok.iter().map(|r| r.3).collect());
+        eprintln!(
+            "{TEST}: {name}: {}/{} connected ({birthday} by birthday), median {from_start:.2?} \
+             from `qpunch send` to connected, {from_pairing:.2?} from pairing",
+            ok.len(),
+            runs.len()
+        );
+        assert!(ok.len() * 100 >= runs.len() * 95, "{name}: success rate under 95 %");
+    }
+}
+
+/// Campaign: time to connect for cone x cone on a 40 ms RTT path (10 ms per site link,
+/// both ways), from the rendezvous pairing to the `connected` event. Target: median <= 3
+/// RTTs (120 ms).
+#[test]
+#[ignore = "campaign: cargo test --test meet_lab -- --ignored --nocapture time_to_connect"]
+fn time_to_connect_cone_x_cone() {
+    const TEST: &str = "time_to_connect_cone_x_cone";
+    if !lab::require(TEST, &["tc"]) {
+        return;
+    }
+    let runs: Vec<_> = (0..15)
+        .map(|i| timed_meeting(&format!("tc{i}"), Nat::Cone, Nat::Cone, Duration::from_millis(10)))
+        .collect();
+    assert!(runs.iter().all(|r| r.0), "every cone x cone meeting connects");
+    let from_pairing: Vec<Duration> = runs.iter().map(|r| r.3).collect();
+    let from_start: Vec<Duration> = runs.iter().map(|r| r.2).collect();
+    let m = median(from_pairing.clone());
+    eprintln!(
+        "{TEST}: pairing -> connected median {m:.2?} ({:.1} RTTs of 40 ms), all: {from_pairing:.0?}; \
+         send start -> connected median {:.2?}",
+        m.as_secs_f64() / 0.040,
+        median(from_start)
+    );
+    assert!(m <= Duration::from_millis(120), "median {m:?} above 3 RTTs");
+}

@@ -193,9 +193,11 @@ pub struct Proc {
     pub what: String,
     child: Child,
     stdin: Option<ChildStdin>,
-    lines: Receiver<Value>,
+    lines: Receiver<(Instant, Value)>,
     /// Every line seen so far, in order.
     pub seen: Vec<Value>,
+    /// When each line of `seen` was read from the child (for timing what it reports).
+    pub seen_at: Vec<Instant>,
     /// Lines received but not yet consumed by `next_event`/`wait_for`.
     pending: VecDeque<Value>,
     stderr: Arc<Mutex<String>>,
@@ -215,7 +217,7 @@ impl Proc {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let value = serde_json::from_str(&line).unwrap_or(Value::String(line));
-                if tx.send(value).is_err() {
+                if tx.send((Instant::now(), value)).is_err() {
                     break;
                 }
             }
@@ -238,6 +240,7 @@ impl Proc {
             stdin,
             lines,
             seen: Vec::new(),
+            seen_at: Vec::new(),
             pending: VecDeque::new(),
             stderr,
         }
@@ -252,6 +255,12 @@ impl Proc {
         let stdin = self.stdin.as_mut().expect("stdin open");
         writeln!(stdin, "{line}").unwrap();
         stdin.flush().unwrap();
+    }
+
+    /// When the first line with `"event": kind` was read, if one was.
+    pub fn when(&self, kind: &str) -> Option<Instant> {
+        let i = self.seen.iter().position(|v| v["event"] == kind)?;
+        self.seen_at.get(i).copied()
     }
 
     /// Everything the child wrote to stderr so far.
@@ -280,8 +289,9 @@ impl Proc {
     /// A line straight from the reader thread (recorded in `seen`).
     fn recv_raw(&mut self, timeout: Duration) -> Option<Value> {
         match self.lines.recv_timeout(timeout) {
-            Ok(v) => {
+            Ok((at, v)) => {
                 self.seen.push(v.clone());
+                self.seen_at.push(at);
                 Some(v)
             }
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
