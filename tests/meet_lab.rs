@@ -641,7 +641,12 @@ async fn meet_then_idle(
 /// succeeded, the punch method, and the times from the sender's start and from the
 /// rendezvous's `pairing` event to the sender's `connected` event (every line timed as the
 /// test reads it, so the clocks agree).
-fn timed_meeting(tag: &str, rx: Nat, tx: Nat, one_way: Duration) -> (bool, String, Duration, Duration) {
+fn timed_meeting(
+    tag: &str,
+    rx: Nat,
+    tx: Nat,
+    one_way: Duration,
+) -> (bool, String, Duration, Duration) {
     let topo = Topology::new(
         tag,
         &[
@@ -702,7 +707,10 @@ fn birthday_campaign() {
             ok.len(),
             runs.len()
         );
-        assert!(ok.len() * 100 >= runs.len() * 95, "{name}: success rate under 95 %");
+        assert!(
+            ok.len() * 100 >= runs.len() * 95,
+            "{name}: success rate under 95 %"
+        );
     }
 }
 
@@ -717,9 +725,19 @@ fn time_to_connect_cone_x_cone() {
         return;
     }
     let runs: Vec<_> = (0..15)
-        .map(|i| timed_meeting(&format!("tc{i}"), Nat::Cone, Nat::Cone, Duration::from_millis(10)))
+        .map(|i| {
+            timed_meeting(
+                &format!("tc{i}"),
+                Nat::Cone,
+                Nat::Cone,
+                Duration::from_millis(10),
+            )
+        })
         .collect();
-    assert!(runs.iter().all(|r| r.0), "every cone x cone meeting connects");
+    assert!(
+        runs.iter().all(|r| r.0),
+        "every cone x cone meeting connects"
+    );
     let from_pairing: Vec<Duration> = runs.iter().map(|r| r.3).collect();
     let from_start: Vec<Duration> = runs.iter().map(|r| r.2).collect();
     let m = median(from_pairing.clone());

@@ -309,7 +309,10 @@ impl Codes {
                 Err(MeetError::Rendezvous(ClientError::Refused {
                     code: ErrorCode::Expired,
                     ..
-                })) => self.ui.say("the code expired unused; here is a new one"),
+                })) => self.ui.event(
+                    Event::CodeExpired,
+                    Some("the code expired unused; here is a new one".into()),
+                ),
                 Err(MeetError::Rendezvous(e)) => return Err(e.into()),
                 Err(e) => self.ui.error(&format!("meeting failed: {e}")),
             }

@@ -46,6 +46,8 @@ pub enum Event {
         alt_port: u16,
         fingerprint: Fingerprint,
     },
+    /// A one-time code expired unused (a new `listening` event brings the next one).
+    CodeExpired,
     /// A rendezvous paired two peers.
     Pairing {
         nameplate: String,

@@ -1,0 +1,188 @@
+//! `qpunch rendezvous`, `receive --via` and `send --to CODE` as a user runs them, over
+//! loopback: codes chosen by a script, a new code after each use, codes that expire, and a
+//! code-made connection that leaves nothing in known_peers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// A `qpunch rendezvous` on 127.0.0.1 (port `port`, and `port + 1` for NAT checks).
+fn rendezvous(home: &Home, port: u16) -> Proc {
+    let port = port.to_string();
+    let mut proc = Proc::spawn(
+        "rendezvous",
+        home.path(),
+        &[
+            "rendezvous",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--json",
+        ],
+    );
+    proc.wait_event("rendezvous", SHORT);
+    proc
+}
+
+/// A free UDP port whose successor is free too (the rendezvous binds both).
+fn free_port_pair() -> u16 {
+    loop {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < 65535 && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `receive --via` with `extra` flags; returns it and its first code.
+fn receive_by_code(
+    home: &Home,
+    out: &std::path::Path,
+    via: &str,
+    extra: &[&str],
+) -> (Proc, String) {
+    let mut args = vec![
+        "receive",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--out",
+        s(out),
+        "--via",
+        via,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let mut proc = Proc::spawn("receiver", home.path(), &args);
+    let code = next_code(&mut proc);
+    (proc, code)
+}
+
+/// The next `listening` event that carries a code.
+fn next_code(proc: &mut Proc) -> String {
+    loop {
+        let listening = proc.wait_event("listening", SHORT);
+        if let Some(code) = listening["code"].as_str() {
+            return code.to_string();
+        }
+    }
+}
+
+fn send_code(home: &Home, file: &std::path::Path, code: &str, via: &str) -> Finished {
+    Proc::spawn(
+        "sender",
+        home.path(),
+        &["send", s(file), "--to", code, "--via", via, "--json"],
+    )
+    .finish(LONG)
+}
+
+#[test]
+fn script_chosen_codes_then_new_codes_and_no_known_peers() {
+    let (rvhome, rhome, shome) = (Home::new(), Home::new(), Home::new());
+    let port = free_port_pair();
+    let _rv = rendezvous(&rvhome, port);
+    let via = format!("127.0.0.1:{port}");
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("coded.bin");
+    random_file(&file, 100_000, 11);
+
+    let chosen = "4242-crossover-clockwork";
+    let (mut receiver, first) =
+        receive_by_code(&rhome, out.path(), &via, &["--yes", "--code", chosen]);
+    assert_eq!(
+        first, "4242-clockwork-crossover",
+        "canonical form of the chosen code"
+    );
+    let sent = send_code(&shome, &file, chosen, &via);
+    sent.assert_success();
+    assert_eq!(sent.one("sent")["name"], "coded.bin");
+    let connected = sent.one("connected");
+    assert_eq!(connected["path"], "lan", "loopback: {connected}");
+    assert_eq!(
+        sent.one("punched")["method"],
+        "lan",
+        "{:#?}",
+        sent.all("punched")
+    );
+    // Codes are one-time: a receiver without --once prints a fresh one after each use.
+    let second = next_code(&mut receiver);
+    assert_ne!(second, first);
+    assert!(!second.starts_with("4242-"), "a new nameplate: {second}");
+    // The used code is gone.
+    let again = send_code(&shome, &file, chosen, &via);
+    again.assert_failure();
+    let message = again.messages();
+    assert!(message.contains("no receiver is waiting"), "{message}");
+    // The second code works for the next sender.
+    let sent = send_code(&shome, &file, &second, &via);
+    sent.assert_success();
+    assert_eq!(list_dir(out.path()), names(&["coded.bin", "coded (1).bin"]));
+    // A code pins the receiver once: nothing is remembered for next time.
+    assert!(
+        !shome.path().join("known_peers").exists(),
+        "a code-made connection must not write known_peers"
+    );
+    receiver.interrupt(SHORT);
+}
+
+#[test]
+fn an_expired_code_is_replaced() {
+    let (rvhome, rhome) = (Home::new(), Home::new());
+    let port = free_port_pair();
+    let _rv = rendezvous(&rvhome, port);
+    let via = format!("127.0.0.1:{port}");
+    let out = tempdir();
+    let (mut receiver, first) =
+        receive_by_code(&rhome, out.path(), &via, &["--yes", "--code-ttl", "1s"]);
+    let started = std::time::Instant::now();
+    let second = next_code(&mut receiver);
+    assert_ne!(first, second);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let finished = receiver.interrupt(SHORT);
+    assert!(
+        !finished.all("code_expired").is_empty(),
+        "the receiver says why: {finished:#?}"
+    );
+}
+
+#[test]
+fn a_receiver_without_a_terminal_admits_code_holders_only() {
+    let (rvhome, rhome, shome, stranger) = (Home::new(), Home::new(), Home::new(), Home::new());
+    let port = free_port_pair();
+    let _rv = rendezvous(&rvhome, port);
+    let via = format!("127.0.0.1:{port}");
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("ticket.txt");
+    random_file(&file, 1000, 12);
+    // No --yes, no --allow, no terminal: with a rendezvous, codes are the tickets.
+    let (receiver, code) = receive_by_code(&rhome, out.path(), &via, &[]);
+    let listening = receiver
+        .events
+        .iter()
+        .find(|e| e["event"] == "listening")
+        .unwrap()
+        .clone();
+    let port: u16 = listening["port"].as_u64().unwrap() as u16;
+    let fingerprint = listening["fingerprint"].as_str().unwrap().to_string();
+    // A stranger dialing the address directly is refused.
+    let direct = send(
+        stranger.path(),
+        &[&file],
+        port,
+        &["--peer", &fingerprint],
+        LONG,
+    );
+    direct.assert_failure();
+    assert!(direct.messages().contains("does not accept"), "{direct:#?}");
+    // The code holder gets in without being asked.
+    let sent = send_code(&shome, &file, &code, &via);
+    sent.assert_success();
+    assert_eq!(list_dir(out.path()), names(&["ticket.txt"]));
+    receiver.interrupt(SHORT);
+}
