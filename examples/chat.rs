@@ -35,7 +35,12 @@ const ALPN: &[u8] = b"qpunch-chat/1";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["host"] => host().await,
         ["join", code, "--via", via] => join(code.parse()?, via.parse()?).await,
         _ => bail!("usage: chat host | chat join CODE --via ADDR"),

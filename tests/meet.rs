@@ -70,6 +70,40 @@ fn meeting<'a>(
     }
 }
 
+/// Passes the first code it is told about on a channel.
+struct Announce(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Code>>>);
+
+impl meet::MeetEvents for Announce {
+    fn code(&self, code: &Code, _: Duration) {
+        if let Some(tx) = self.0.lock().unwrap().take() {
+            let _ = tx.send(code.clone());
+        }
+    }
+}
+
+/// Start welcoming a sender on `rnode` through the rendezvous at `rv_addr`, admitting it
+/// into `receiver`; returns the running welcome and its code.
+async fn welcome(
+    rnode: &Arc<Node>,
+    receiver: &Arc<Receiver>,
+    rv_addr: SocketAddr,
+) -> (
+    tokio::task::JoinHandle<Result<meet::Welcomed, MeetError>>,
+    Code,
+) {
+    let rclient = RendezvousClient::connect(rnode, rv_addr).await.unwrap();
+    let (code_tx, code_rx) = tokio::sync::oneshot::channel();
+    let (rnode, receiver) = (rnode.clone(), receiver.clone());
+    let welcoming = tokio::spawn(async move {
+        let admit = |fp, ttl| receiver.admit(fp, ttl);
+        let events = Announce(std::sync::Mutex::new(Some(code_tx)));
+        meeting(&rnode, &rclient, &events)
+            .welcome(None, Duration::from_secs(60), &admit)
+            .await
+    });
+    (welcoming, code_rx.await.unwrap())
+}
+
 /// A receiving node with a server that only admits senders holding a ticket.
 fn receiving(out: &std::path::Path) -> (Arc<Node>, Arc<Receiver>) {
     let node = node(true);
@@ -85,27 +119,7 @@ async fn two_peers_meet_by_code_and_a_file_arrives_verified() {
     let (rv_addr, rv, _stop) = rendezvous().await;
     let out = common::tempdir();
     let (rnode, receiver) = receiving(out.path());
-    let rclient = RendezvousClient::connect(&rnode, rv_addr).await.unwrap();
-    let (code_tx, code_rx) = tokio::sync::oneshot::channel();
-    struct Announce(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Code>>>);
-    impl meet::MeetEvents for Announce {
-        fn code(&self, code: &Code, _: Duration) {
-            if let Some(tx) = self.0.lock().unwrap().take() {
-                let _ = tx.send(code.clone());
-            }
-        }
-    }
-    let welcoming = {
-        let (rnode, receiver) = (rnode.clone(), receiver.clone());
-        tokio::spawn(async move {
-            let admit = |fp, ttl| receiver.admit(fp, ttl);
-            let events = Announce(std::sync::Mutex::new(Some(code_tx)));
-            meeting(&rnode, &rclient, &events)
-                .welcome(None, Duration::from_secs(60), &admit)
-                .await
-        })
-    };
-    let code = code_rx.await.unwrap();
+    let (welcoming, code) = welcome(&rnode, &receiver, rv_addr).await;
     assert_eq!(rv.waiting(), 1);
 
     let snode = node(false);
@@ -165,27 +179,7 @@ async fn a_wrong_code_fails_on_both_sides_and_burns_the_nameplate() {
     let (rv_addr, rv, _stop) = rendezvous().await;
     let out = common::tempdir();
     let (rnode, receiver) = receiving(out.path());
-    let rclient = RendezvousClient::connect(&rnode, rv_addr).await.unwrap();
-    let (code_tx, code_rx) = tokio::sync::oneshot::channel();
-    struct Announce(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Code>>>);
-    impl meet::MeetEvents for Announce {
-        fn code(&self, code: &Code, _: Duration) {
-            if let Some(tx) = self.0.lock().unwrap().take() {
-                let _ = tx.send(code.clone());
-            }
-        }
-    }
-    let welcoming = {
-        let (rnode, receiver) = (rnode.clone(), receiver.clone());
-        tokio::spawn(async move {
-            let admit = |fp, ttl| receiver.admit(fp, ttl);
-            let events = Announce(std::sync::Mutex::new(Some(code_tx)));
-            meeting(&rnode, &rclient, &events)
-                .welcome(None, Duration::from_secs(60), &admit)
-                .await
-        })
-    };
-    let code = code_rx.await.unwrap();
+    let (welcoming, code) = welcome(&rnode, &receiver, rv_addr).await;
     // Same nameplate, one word off.
     let [first, _] = code.words();
     let wrong: Code = format!(

@@ -164,7 +164,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             limits,
             side_stopped,
         };
-        AbortOnDrop(tokio::spawn(serving.run()))
+        tokio::spawn(serving.run())
     });
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot watch for SIGTERM")?;
@@ -192,7 +192,9 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         })
         .await;
     let ok = rx.await.unwrap_or(false);
-    drop(codes);
+    if let Some(codes) = codes {
+        codes.abort();
+    }
     let _ = stop_side.send(true);
     node.close(qpunch::node::QUICK_LINGER).await;
     ui.event(
@@ -332,15 +334,6 @@ impl Codes {
                 .await;
             side.close(qpunch::node::QUICK_LINGER).await;
         });
-    }
-}
-
-/// A task aborted when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
