@@ -170,7 +170,8 @@ async fn send_by_code(
         .dial(&code)
         .await
         .with_context(|| format!("could not meet the receiver of {code}"))?;
-    client.connection().close(0u32.into(), b"met");
+    // The rendezvous connection ends by itself once our last message there is delivered.
+    drop(client);
     let sending = met.node.clone().unwrap_or_else(|| node.clone());
     let path = if met.method == "lan" { "lan" } else { "direct" };
     report_connected(&ui, &sending, &met.peer, path)?;

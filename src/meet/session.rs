@@ -38,6 +38,8 @@ use crate::traverse::{Birthday, Kind, Path, Traversal, TraverseConfig};
 
 /// How long a side that found the path keeps probing it for the other side's benefit.
 const BEACON: Duration = Duration::from_secs(3);
+/// How long a finished exchange waits for the rendezvous to acknowledge our last message.
+const FINISH: Duration = Duration::from_secs(5);
 
 /// How a meeting punches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,9 +189,9 @@ impl Meeting<'_> {
         let keys = pake
             .finish(&paired.pake)
             .map_err(|_| MeetError::WrongCode)?;
-        let found = self
-            .meet(&mut exchange, keys, &paired, heard, |_| {})
-            .await?;
+        let found = self.meet(&mut exchange, keys, &paired, heard, |_| {}).await;
+        tokio::spawn(exchange.finish(FINISH));
+        let found = found?;
         let (path, peer_hello, side_node) = (found.path, found.hello, found.node);
         let method = found.method;
         self.events.punched(&path, method);
@@ -240,7 +242,9 @@ impl Meeting<'_> {
             .meet(&mut exchange, keys, &paired, heard, |hello| {
                 admit(hello.fingerprint, ticket_ttl)
             })
-            .await?;
+            .await;
+        tokio::spawn(exchange.finish(FINISH));
+        let found = found?;
         self.events.punched(&found.path, found.method);
         Ok(Welcomed {
             code,

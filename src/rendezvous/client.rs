@@ -282,6 +282,16 @@ impl Exchange {
         }
     }
 
+    /// Finish our side of the exchange and wait (at most `wait`) until the rendezvous has
+    /// acknowledged everything we sent. Closing the connection right after a meeting would
+    /// otherwise abandon our last message (a sealed hello, a failure notice) in flight,
+    /// leaving the peer waiting for it. Run it in the background: the stream keeps the
+    /// connection alive until then.
+    pub async fn finish(mut self, wait: Duration) {
+        let _ = self.send.finish();
+        let _ = tokio::time::timeout(wait, self.send.stopped()).await;
+    }
+
     /// Receiver, after opening: our PAKE message (which needs the nameplate).
     pub async fn pake(&mut self, pake: &[u8]) -> Result<(), ClientError> {
         self.send(&Request::Pake { pake: to_hex(pake) }).await
