@@ -84,13 +84,22 @@ struct Receiving {
 
 impl Receiving {
     fn start(host: &Host, extra: &[&str]) -> Receiving {
+        let via = rendezvous_addr();
+        let mut args = vec!["--via", via.as_str()];
+        args.extend_from_slice(extra);
+        Receiving::spawn(host, &args)
+    }
+
+    /// `qpunch receive` with no rendezvous anywhere: its codes are announced on the LAN.
+    fn on_lan(host: &Host) -> Receiving {
+        Receiving::spawn(host, &[])
+    }
+
+    fn spawn(host: &Host, extra: &[&str]) -> Receiving {
         let home = Home::new();
         let out = tempfile::tempdir().unwrap();
-        let via = rendezvous_addr();
         let mut args = vec![
             "receive",
-            "--via",
-            &via,
             "--out",
             out.path().to_str().unwrap(),
             "--yes",
@@ -757,4 +766,313 @@ fn time_to_connect_cone_x_cone() {
         median(from_start)
     );
     assert!(m <= Duration::from_millis(120), "median {m:?} above 3 RTTs");
+}
+
+// ---------------------------------------------------------------------------------------
+// No rendezvous anywhere: meeting by code on one LAN, found by mDNS.
+// ---------------------------------------------------------------------------------------
+
+/// `qpunch send FILE --to CODE` with no rendezvous configured (so it browses the LAN).
+fn send_on_lan(host: &Host, file: &Path, code: &str) -> (Proc, Home) {
+    let home = Home::new();
+    let proc = host.spawn(
+        &qpunch(),
+        &["send", file.to_str().unwrap(), "--to", code, "--json", "-v"],
+        &home.env(),
+    );
+    (proc, home)
+}
+
+/// The messages of a process's `error` events, joined.
+fn error_messages(proc: &Proc) -> String {
+    events(&proc.seen, "error")
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `code` with its second word replaced by the next word of the same list.
+fn wrong_code(code: &str) -> String {
+    use qpunch::meet::code::{Code, EVEN_WORDS, ODD_WORDS};
+    let code: Code = code.parse().unwrap();
+    let [even, odd] = code.words();
+    let i = ODD_WORDS.iter().position(|w| *w == odd).unwrap();
+    let other = ODD_WORDS[(i + 1) % ODD_WORDS.len()];
+    assert!(EVEN_WORDS.contains(&even));
+    format!("{}-{even}-{other}", code.nameplate())
+}
+
+/// Two laptops on one network, no rendezvous, no internet: the receiver prints a code and
+/// announces it by mDNS, the sender finds it by the code alone, and the file arrives
+/// verified over the direct LAN connection that proved the code.
+#[test]
+fn lan_peers_meet_by_code_with_no_rendezvous() {
+    const TEST: &str = "lan_peers_meet_by_code_with_no_rendezvous";
+    if !lab::require(TEST, &[]) {
+        return;
+    }
+    let topo = Topology::new("mdn", &[SiteSpec::new(Nat::Cone).clients(2).ipv6(false)]);
+    let site = topo.site(0);
+    let started = Instant::now();
+    let mut receiving = Receiving::on_lan(site.client(0));
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), "lan-code.bin", 300_000);
+    let (mut sender, _home) = send_on_lan(site.client(1), &file, &receiving.code);
+    let (status, _) = sender.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "sender failed\n{}\n{}",
+        sender.describe(),
+        receiving.proc.describe()
+    );
+    let took = started.elapsed();
+    let found = events(&sender.seen, "found")[0].clone();
+    let nameplate = receiving.code.split('-').next().unwrap();
+    assert_eq!(found["nameplate"], nameplate, "{found}");
+    let receiver_addr = SocketAddr::new(site.client(0).v4.into(), 0);
+    let connected = events(&sender.seen, "connected")[0].clone();
+    assert_eq!(connected["path"], "lan", "{connected}");
+    assert_eq!(
+        addr(&connected["peer"]).ip(),
+        receiver_addr.ip(),
+        "{connected}"
+    );
+    let sent = events(&sender.seen, "sent");
+    assert_eq!(sent.len(), 1, "{}", sender.describe());
+    assert_eq!(sent[0]["blake3"], hash.as_str());
+    receiving.finish("lan-code.bin", &hash);
+    let stats = events(&receiving.proc.seen, "stats")
+        .last()
+        .copied()
+        .cloned()
+        .expect("stats at exit");
+    assert_eq!(stats["codes_used"], 1, "{stats}");
+    assert_eq!(stats["wrong_codes"], 0, "{stats}");
+    eprintln!("{TEST}: code to verified file in {took:?}");
+}
+
+/// A wrong code is refused on both sides and burns the code: the receiver stops
+/// announcing it (the right code now finds nothing), prints a new one, and that one works.
+/// Nothing is written for the wrong one.
+#[test]
+fn lan_wrong_code_is_refused_on_both_sides() {
+    const TEST: &str = "lan_wrong_code_is_refused_on_both_sides";
+    if !lab::require(TEST, &[]) {
+        return;
+    }
+    let topo = Topology::new("mdw", &[SiteSpec::new(Nat::Cone).clients(2).ipv6(false)]);
+    let site = topo.site(0);
+    let mut receiving = Receiving::on_lan(site.client(0));
+    let first = receiving.code.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), "second-try.bin", 100_000);
+
+    let (mut guess, _home) = send_on_lan(site.client(1), &file, &wrong_code(&first));
+    let (status, _) = guess.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{}", guess.describe());
+    let message = error_messages(&guess);
+    assert!(message.contains("did not match"), "sender: {message}");
+    assert!(events(&guess.seen, "sent").is_empty());
+
+    // The receiver says so, and offers a new code.
+    let refusal = receiving.proc.next_line(Duration::from_secs(10)).unwrap();
+    assert_eq!(refusal["event"], "error", "{}", receiving.proc.describe());
+    let said = refusal["message"].as_str().unwrap();
+    assert!(
+        said.contains("did not match") && said.contains(&first),
+        "{said}"
+    );
+    let listening = receiving
+        .proc
+        .wait_for("listening", Duration::from_secs(10));
+    let second = listening["code"].as_str().unwrap().to_string();
+    assert_ne!(second, first);
+
+    // The burned code is no longer announced (unless the new one happens to reuse its
+    // nameplate, one chance in 999).
+    if second.split('-').next() != first.split('-').next() {
+        let (mut late, _home) = send_on_lan(site.client(1), &file, &first);
+        let (status, _) = late.wait_exit(Duration::from_secs(30));
+        assert!(!status.success(), "{}", late.describe());
+        let message = error_messages(&late);
+        assert!(message.contains("no receiver on this network"), "{message}");
+    }
+    let only_partials = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .all(|e| e.unwrap().file_name() == ".qpunch-partial")
+    };
+    assert!(only_partials(receiving.out.path()), "nothing written");
+
+    let (mut sender, _home) = send_on_lan(site.client(1), &file, &second);
+    let (status, _) = sender.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "{}\n{}",
+        sender.describe(),
+        receiving.proc.describe()
+    );
+    receiving.finish("second-try.bin", &hash);
+    let stats = events(&receiving.proc.seen, "stats")
+        .last()
+        .copied()
+        .cloned()
+        .expect("stats at exit");
+    assert_eq!(
+        (&stats["codes_used"], &stats["wrong_codes"]),
+        (&Value::from(1), &Value::from(1)),
+        "{stats}"
+    );
+}
+
+/// The library on a real LAN: the announcement is found by nameplate, an impostor
+/// announcing the same nameplate from another machine makes the sender refuse before any
+/// guess, the meeting works once it is gone, and a withdrawn code is no longer found by
+/// anyone.
+#[test]
+fn lan_library_finds_refuses_impostors_and_withdraws() {
+    const TEST: &str = "lan_library_finds_refuses_impostors_and_withdraws";
+    if !lab::require(TEST, &[]) {
+        return;
+    }
+    use qpunch::identity::Identity;
+    use qpunch::meet::code::Code;
+    use qpunch::meet::lan::{self, Desk, Door, Lan, LanError, Outcome};
+    use qpunch::node::{Node, NodeConfig};
+    use qpunch::server::{Limits, Server};
+    use qpunch::transfer::{self, Outgoing, Policy, Quiet, ReceiveOptions, Receiver};
+    use std::sync::Arc;
+
+    let topo = Topology::new("mdl", &[SiteSpec::new(Nat::Cone).clients(3).ipv6(false)]);
+    let site = topo.site(0);
+    let (rx, tx, other) = (site.client(0), site.client(1), site.client(2));
+    // Each responder lives in its machine's namespace (its thread is spawned there).
+    let (rlan, slan, olan) = (
+        rx.run(Lan::start).unwrap(),
+        tx.run(Lan::start).unwrap(),
+        other.run(Lan::start).unwrap(),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let receiving = |host: &Host, out: &Path| {
+            let mut config = NodeConfig::new(Identity::generate().unwrap(), transfer::ALPN, true);
+            config.alpn.push(lan::ALPN.to_vec());
+            let node = Arc::new(Node::new(host.udp4(0), config).unwrap());
+            let receiver =
+                Receiver::new(ReceiveOptions::new(out, Policy::Allow(Vec::new()))).unwrap();
+            let desk = Desk::new();
+            let admitting = receiver.clone();
+            let door = Door::new(receiver, desk.clone(), node.fingerprint(), move |fp, ttl| {
+                admitting.admit(fp, ttl)
+            });
+            tokio::spawn(Server::new(node.clone(), door, Limits::default()).run(std::future::pending::<()>()));
+            (node, desk)
+        };
+        let (out, impostor_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (rnode, desk) = receiving(rx, out.path());
+        let code = Code::generate(lan::random_nameplate(), &mut rand::rng());
+        let mut opened = desk.open(code.clone());
+        let announcement = rlan
+            .announce(code.nameplate(), rnode.local_addr().unwrap())
+            .unwrap();
+
+        // An impostor on the third machine announces the same nameplate.
+        let (inode, idesk) = receiving(other, impostor_out.path());
+        let _iopened = idesk.open(code.clone());
+        let impostor = olan
+            .announce(code.nameplate(), inode.local_addr().unwrap())
+            .unwrap();
+        let snode = Node::new(
+            tx.udp4(0),
+            NodeConfig::new(Identity::generate().unwrap(), transfer::ALPN, false),
+        )
+        .unwrap();
+        let refused = lan::dial(&snode, &slan, &code, lan::FIND_TIMEOUT).await;
+        assert!(
+            matches!(refused, Err(LanError::Ambiguous { identities: 2, .. })),
+            "{refused:?}"
+        );
+        assert!(desk.is_open() && idesk.is_open(), "nobody got a guess");
+        assert_eq!(desk.stats().wrong_codes + idesk.stats().wrong_codes, 0);
+
+        impostor.withdraw().await;
+        let dialed = lan::dial(&snode, &slan, &code, lan::FIND_TIMEOUT)
+            .await
+            .expect("met once the impostor is gone");
+        assert_eq!(dialed.sightings.addrs(), vec![rnode.local_addr().unwrap()]);
+        assert_eq!(dialed.peer.fingerprint, rnode.fingerprint());
+        assert!(matches!(opened.outcome().await, Some(Outcome::Used { sender, .. }) if sender == snode.fingerprint()));
+        let src = tempfile::tempdir().unwrap();
+        let (path, hash) = make_file(src.path(), "library.bin", 200_000);
+        let reports = transfer::send_files(
+            &dialed.peer.connection,
+            vec![Outgoing::from_path(&path).unwrap()],
+            Arc::new(Quiet),
+        )
+        .await
+        .unwrap();
+        assert!(reports[0].is_verified(), "{reports:?}");
+        let on_disk = blake3::hash(&std::fs::read(out.path().join("library.bin")).unwrap());
+        assert_eq!(on_disk.to_hex().as_str(), hash);
+
+        // Withdrawn: a machine that never saw it does not find it.
+        drop(opened);
+        announcement.withdraw().await;
+        let gone = olan.find(code.nameplate(), Duration::from_secs(2)).await;
+        assert!(matches!(gone, Err(LanError::NotFound { .. })), "{gone:?}");
+        for lan in [&rlan, &slan, &olan] {
+            lan.shutdown().await;
+        }
+    });
+}
+
+/// Guessing is bounded: after three burned codes the receiver makes no more (a receiver
+/// that made codes forever would give a patient guesser on the LAN unlimited tries), and
+/// keeps running for senders that know its key.
+#[test]
+fn lan_receiver_stops_making_codes_after_three_wrong_ones() {
+    const TEST: &str = "lan_receiver_stops_making_codes_after_three_wrong_ones";
+    if !lab::require(TEST, &[]) {
+        return;
+    }
+    let topo = Topology::new("mdc", &[SiteSpec::new(Nat::Cone).clients(2).ipv6(false)]);
+    let site = topo.site(0);
+    let mut receiving = Receiving::on_lan(site.client(0));
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = make_file(dir.path(), "guess.bin", 1000);
+    let mut code = receiving.code.clone();
+    for round in 1..=3 {
+        let (mut guess, _home) = send_on_lan(site.client(1), &file, &wrong_code(&code));
+        let (status, _) = guess.wait_exit(Duration::from_secs(30));
+        assert!(!status.success(), "round {round}: {}", guess.describe());
+        assert!(
+            error_messages(&guess).contains("did not match"),
+            "{}",
+            guess.describe()
+        );
+        let refusal = receiving.proc.next_line(Duration::from_secs(10)).unwrap();
+        assert_eq!(refusal["event"], "error", "round {round}: {refusal}");
+        if round < 3 {
+            let listening = receiving
+                .proc
+                .wait_for("listening", Duration::from_secs(10));
+            code = listening["code"].as_str().unwrap().to_string();
+        }
+    }
+    let last = receiving.proc.next_line(Duration::from_secs(10)).unwrap();
+    assert_eq!(last["event"], "error", "{last}");
+    assert!(
+        last["message"].as_str().unwrap().contains("No more codes"),
+        "{last}"
+    );
+    assert!(
+        receiving.proc.next_line(Duration::from_secs(2)).is_none(),
+        "no new code\n{}",
+        receiving.proc.describe()
+    );
+    assert!(receiving.proc.try_exit().is_none(), "still serving");
 }

@@ -18,6 +18,7 @@ use super::send::report_connected;
 use super::ui::{Event, FileProgress, Side, TerminalConsent, Ui};
 use super::{DEFAULT_PORT, load_identity, parse_duration, parse_fingerprint, parse_size};
 use qpunch::meet::code::Code;
+use qpunch::meet::lan::{self, Desk, Door, Lan, Outcome};
 use qpunch::meet::{MeetConfig, MeetError, Meeting};
 use qpunch::rendezvous::{ClientError, ErrorCode};
 
@@ -41,6 +42,7 @@ pub struct ReceiveArgs {
     #[arg(long)]
     via: Option<String>,
     /// The first one-time code to use (NAMEPLATE-WORD-WORD) instead of a generated one.
+    /// Without a rendezvous, codes are announced on the local network (mDNS).
     #[arg(long, value_parser = parse_code)]
     code: Option<Code>,
     /// How long each code stays valid.
@@ -84,9 +86,18 @@ pub struct ReceiveArgs {
 
 pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let rendezvous = super::meet::rendezvous_name(args.via.as_deref())?;
-    if args.code.is_some() && rendezvous.is_none() {
+    let bind = match &args.bind {
+        Some(bind) => Some(bind_addr(bind, args.port)?),
+        None => None,
+    };
+    // Without a rendezvous, codes are met on the LAN: announced by mDNS on the interfaces
+    // this receiver listens on. Bound to loopback only, there is no LAN to announce on
+    // (and the mDNS responder would still join the groups of every interface).
+    let lan_codes = rendezvous.is_none() && !bind.is_some_and(|b| b.ip().is_loopback());
+    if args.code.is_some() && rendezvous.is_none() && !lan_codes {
         bail!(
-            "--code needs a rendezvous: pass --via HOST[:PORT] or set {}",
+            "--code needs a network to meet on: a rendezvous (--via HOST[:PORT] or {}), or \
+             a LAN address to listen on (not loopback)",
             super::meet::ENV
         );
     }
@@ -96,7 +107,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         Policy::AcceptAll
     } else if TerminalConsent::available() {
         Policy::Ask(Arc::new(TerminalConsent { ui: ui.clone() }))
-    } else if rendezvous.is_some() {
+    } else if rendezvous.is_some() || lan_codes {
         // A code is a ticket: its holder is let in; nobody else.
         Policy::Allow(Vec::new())
     } else {
@@ -115,14 +126,16 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         }
     };
     let identity = load_identity()?;
-    let socket = match &args.bind {
-        Some(bind) => qpunch::socket::bind(bind_addr(bind, args.port)?)?,
+    let socket = match bind {
+        Some(bind) => qpunch::socket::bind(bind)?,
         None => super::bind_dual_stack(args.port)?,
     };
-    let node = Arc::new(Node::new(
-        socket,
-        NodeConfig::new(identity, transfer::ALPN, true),
-    )?);
+    let mut config = NodeConfig::new(identity, transfer::ALPN, true);
+    if lan_codes {
+        // Senders holding a LAN code ask for the meet protocol first (see `lan::ALPN`).
+        config.alpn.push(lan::ALPN.to_vec());
+    }
+    let node = Arc::new(Node::new(socket, config)?);
     let events = Arc::new(Events {
         ui: ui.clone(),
         node: node.clone(),
@@ -146,11 +159,42 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         handshake_timeout: args.handshake_timeout,
         ..Limits::default()
     };
-    let server = Server::new(node.clone(), receiver.clone(), limits);
+    // Connections that negotiated the meet protocol prove a LAN code at the door first;
+    // the rest go straight to the receiver. (Without LAN codes the node does not offer
+    // the meet protocol, and the desk stays empty.)
+    let desk = Desk::new();
+    let admitting = receiver.clone();
+    let door = Door::new(
+        receiver.clone(),
+        desk.clone(),
+        node.fingerprint(),
+        move |sender, ttl| admitting.admit(sender, ttl),
+    );
+    let server = Server::new(node.clone(), door, limits);
     let server_stats = server.stats();
     // Nodes on other sockets that a birthday punch handed us: served like this one, and
     // stopped with it.
     let (stop_side, side_stopped) = tokio::sync::watch::channel(false);
+    // Started here, owned here: the code loop is aborted at the end, then the responder
+    // says goodbye for whatever is still announced.
+    let lan = if lan_codes {
+        let lan = Lan::start().context("cannot announce codes on the local network")?;
+        Some(Arc::new(lan))
+    } else {
+        None
+    };
+    let lan_loop = lan.clone().map(|lan| {
+        let serving = LanCodes {
+            ui: ui.clone(),
+            node: node.clone(),
+            desk: desk.clone(),
+            out: out.clone(),
+            first: args.code.clone(),
+            ttl: args.code_ttl,
+            once: args.once,
+        };
+        tokio::spawn(serving.run(lan))
+    });
     let codes = rendezvous.map(|name| {
         let serving = Codes {
             ui: ui.clone(),
@@ -195,12 +239,19 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     if let Some(codes) = codes {
         codes.abort();
     }
+    if let Some(lan_loop) = lan_loop {
+        lan_loop.abort();
+    }
+    if let Some(lan) = &lan {
+        lan.shutdown().await;
+    }
     let _ = stop_side.send(true);
     node.close(qpunch::node::QUICK_LINGER).await;
     ui.event(
         Event::Stats {
             socket: node.socket_stats(),
             server: Some(server_stats.get()),
+            lan: lan.is_some().then(|| desk.stats()),
         },
         None,
     );
@@ -285,7 +336,7 @@ impl Codes {
         let events = super::meet::CliEvents::new(
             self.ui.clone(),
             Some(Box::new(move |code, expires| {
-                let _ = announce_code(&ui, &node, &out, &via, code, expires);
+                let _ = announce_code(&ui, &node, &out, Some(&via), code, expires);
             })),
         );
         let meeting = Meeting {
@@ -337,12 +388,91 @@ impl Codes {
     }
 }
 
-/// Print a code, and how to use it.
+/// Meeting senders by one-time code on the LAN, with no rendezvous: a code at a time,
+/// announced by mDNS until it is used, burned or expired.
+struct LanCodes {
+    ui: Arc<Ui>,
+    node: Arc<Node>,
+    desk: Arc<Desk>,
+    out: PathBuf,
+    first: Option<Code>,
+    ttl: Duration,
+    once: bool,
+}
+
+impl LanCodes {
+    async fn run(mut self, lan: Arc<Lan>) {
+        let local = match self.node.local_addr() {
+            Ok(local) => local,
+            Err(e) => return self.ui.error(&format!("no local address to announce: {e}")),
+        };
+        let mut wrong = 0;
+        loop {
+            let code = self
+                .first
+                .take()
+                .unwrap_or_else(|| Code::generate(lan::random_nameplate(), &mut rand::rng()));
+            // Open before announcing: a sender who finds the announcement finds the code.
+            let mut opened = self.desk.open(code.clone());
+            let announcement = match lan.announce(code.nameplate(), local) {
+                Ok(announcement) => announcement,
+                Err(e) => {
+                    return self.ui.error(&format!(
+                        "cannot announce the code on the local network: {e}"
+                    ));
+                }
+            };
+            let _ = announce_code(&self.ui, &self.node, &self.out, None, &code, self.ttl);
+            // Cancel-safe: `outcome` waits on a oneshot receiver, the timer only waits.
+            let ended = tokio::select! {
+                outcome = opened.outcome() => outcome,
+                () = tokio::time::sleep(self.ttl) => None,
+            };
+            // Withdrawn from the desk first, then from the network.
+            drop(opened);
+            announcement.withdraw().await;
+            match ended {
+                None => self.ui.event(
+                    Event::CodeExpired,
+                    Some("the code expired unused; here is a new one".into()),
+                ),
+                Some(Outcome::Used { sender, remote }) => {
+                    self.ui.say(&format!(
+                        "{sender} at {} proved the code {}",
+                        super::send::canonical(remote),
+                        code.nameplate()
+                    ));
+                    if self.once {
+                        return;
+                    }
+                }
+                Some(Outcome::Burned { remote }) => {
+                    wrong += 1;
+                    self.ui.error(&format!(
+                        "meeting failed: the code did not match (the sender at {} mistyped it, \
+                         or is guessing); {code} cannot be used again",
+                        super::send::canonical(remote)
+                    ));
+                    if wrong >= lan::MAX_WRONG_CODES {
+                        return self.ui.error(&format!(
+                            "{wrong} wrong codes: someone on this network may be guessing. \
+                             No more codes until qpunch receive is restarted \
+                             (senders with --peer can still connect)"
+                        ));
+                    }
+                    self.ui.say("here is a new code");
+                }
+            }
+        }
+    }
+}
+
+/// Print a code, and how to use it: through the rendezvous `via`, or on the LAN.
 fn announce_code(
     ui: &Ui,
     node: &Node,
     out: &std::path::Path,
-    via: &str,
+    via: Option<&str>,
     code: &Code,
     expires: Duration,
 ) -> anyhow::Result<()> {
@@ -361,9 +491,17 @@ fn announce_code(
         },
         None,
     );
+    let how = match via {
+        Some(via) => {
+            format!("On the sending machine, run:\n  qpunch send FILE --to {code} --via {via}")
+        }
+        None => format!(
+            "On the sending machine (on this network, no rendezvous needed), run:\n  \
+             qpunch send FILE --to {code}"
+        ),
+    };
     ui.output(&format!(
-        "code: {code}   (one sender, valid for {minutes} min; files go to {})\n\
-         On the sending machine, run:\n  qpunch send FILE --to {code} --via {via}",
+        "code: {code}   (one sender, valid for {minutes} min; files go to {})\n{how}",
         out.display()
     ));
     Ok(())

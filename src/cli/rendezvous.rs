@@ -94,6 +94,7 @@ pub async fn run(args: RendezvousArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         Event::Stats {
             socket: bound.node.socket_stats(),
             server: Some(stats.get()),
+            lan: None,
         },
         None,
     );

@@ -26,8 +26,9 @@ pub struct SendArgs {
     /// Files to send (in parallel, over one connection).
     #[arg(required = true)]
     files: Vec<PathBuf>,
-    /// The receiver: its one-time code (NAMEPLATE-WORD-WORD, met through a rendezvous),
-    /// or HOST / HOST:PORT (port 9199 when omitted).
+    /// The receiver: its one-time code (NAMEPLATE-WORD-WORD: met through a rendezvous,
+    /// or, with none configured, found on the local network), or HOST / HOST:PORT (port
+    /// 9199 when omitted).
     #[arg(long)]
     to: String,
     /// The rendezvous to meet the receiver through, for a code: HOST[:PORT] (port 9200);
@@ -145,11 +146,7 @@ async fn send_by_code(
     ui: Arc<Ui>,
 ) -> anyhow::Result<bool> {
     let Some(rendezvous) = super::meet::rendezvous_name(args.via.as_deref())? else {
-        bail!(
-            "`--to {code}` is a one-time code, which needs a rendezvous to meet the receiver: \
-             pass --via HOST[:PORT] or set {} (the receiver must use the same one)",
-            super::meet::ENV
-        );
+        return send_on_lan(code, identity, outgoing, ui).await;
     };
     let socket = super::bind_dual_stack(0)?;
     let node = Arc::new(Node::new(
@@ -178,6 +175,54 @@ async fn send_by_code(
     let delivered = deliver(&ui, &sending, &met.peer, outgoing).await;
     node.close(node::QUICK_LINGER).await;
     delivered
+}
+
+/// With no rendezvous: find the receiver of `code` on the local network (mDNS), prove the
+/// code over the direct connection, then deliver on it. Nothing is remembered in
+/// known_peers: the code confirmed the receiver, once.
+async fn send_on_lan(
+    code: qpunch::meet::code::Code,
+    identity: qpunch::identity::Identity,
+    outgoing: Vec<Outgoing>,
+    ui: Arc<Ui>,
+) -> anyhow::Result<bool> {
+    use qpunch::meet::lan::{self, Lan};
+    let node = Node::new(
+        super::bind_dual_stack(0)?,
+        NodeConfig::new(identity, transfer::ALPN, false),
+    )?;
+    let lan = Lan::start().context("cannot look for the receiver on the local network")?;
+    ui.say(&format!(
+        "looking for the receiver of {code} on this network (no rendezvous configured) ..."
+    ));
+    let dialed = lan::dial(&node, &lan, &code, lan::FIND_TIMEOUT).await;
+    lan.shutdown().await;
+    let dialed = match dialed {
+        Ok(dialed) => dialed,
+        Err(e) => {
+            node.close(node::QUICK_LINGER).await;
+            return Err(e).with_context(|| format!("could not meet the receiver of {code}"));
+        }
+    };
+    let addrs: Vec<String> = dialed
+        .sightings
+        .addrs()
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    ui.event(
+        Event::Found {
+            nameplate: code.nameplate().to_string(),
+            addrs: addrs.clone(),
+        },
+        Some(format!(
+            "found nameplate {} on this network at {}; the code matched",
+            code.nameplate(),
+            addrs.join(", ")
+        )),
+    );
+    report_connected(&ui, &node, &dialed.peer, "lan")?;
+    deliver(&ui, &node, &dialed.peer, outgoing).await
 }
 
 /// Send the files on an authenticated connection, report, and close.

@@ -37,6 +37,12 @@ pub enum Event {
         /// The peer's NAT mapping (eim, apdm, ...).
         peer_nat: &'static str,
     },
+    /// The sender found the receiver's announcement on the LAN (mDNS).
+    Found {
+        nameplate: String,
+        /// The addresses announced for the nameplate.
+        addrs: Vec<String>,
+    },
     /// Our NAT, as checked against a rendezvous.
     Nat(qpunch::natcheck::NatReport),
     /// A rendezvous is serving.
@@ -95,6 +101,9 @@ pub enum Event {
         socket: qpunch::socket::SocketStats,
         #[serde(flatten, skip_serializing_if = "Option::is_none")]
         server: Option<qpunch::server::ServerStats>,
+        /// Codes offered on the LAN (a receiver without a rendezvous).
+        #[serde(flatten, skip_serializing_if = "Option::is_none")]
+        lan: Option<qpunch::meet::lan::LanStats>,
     },
 }
 

@@ -15,9 +15,12 @@
 //! - [`candidates`]: our addresses to offer, and what kind each of the peer's is.
 //! - [`session`]: both ends of a meeting through a [`crate::rendezvous`], then the punch
 //!   ([`crate::traverse`], birthday included) and, for the sender, the pinned connection.
+//! - [`lan`]: meeting with no rendezvous at all, on one network: the receiver announces
+//!   the nameplate by mDNS, and the PAKE runs over the direct connection itself.
 
 pub mod candidates;
 pub mod code;
+pub mod lan;
 pub mod pake;
 pub mod session;
 

@@ -27,7 +27,7 @@ pub enum ClientError {
         /// Why.
         source: NodeError,
     },
-    /// No answer at all within [`CONNECT_TIMEOUT`]: usually UDP is blocked on the way.
+    /// No answer at all within `CONNECT_TIMEOUT` (5 s): usually UDP is blocked on the way.
     #[error(
         "no answer from the rendezvous at {0} within {CONNECT_TIMEOUT:?}: is it running, and is UDP \
          allowed on this network?"
