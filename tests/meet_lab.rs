@@ -1076,3 +1076,35 @@ fn lan_receiver_stops_making_codes_after_three_wrong_ones() {
     );
     assert!(receiving.proc.try_exit().is_none(), "still serving");
 }
+
+/// A sender whose network drops UDP gives up within 15 s, saying UDP is the problem.
+#[test]
+fn udp_blocked_fails_fast_and_explains() {
+    const TEST: &str = "udp_blocked_fails_fast_and_explains";
+    if !lab::require(TEST, &["tc"]) {
+        return;
+    }
+    let topo = Topology::new(
+        "ublk",
+        &[
+            SiteSpec::new(Nat::Cone).ipv6(false),
+            SiteSpec::new(Nat::UdpBlocked).ipv6(false),
+        ],
+    );
+    let _rv = Rendezvous::start(&topo);
+    let receiving = Receiving::start(topo.site(0).client(0), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = make_file(dir.path(), "blocked.bin", 1000);
+    let started = Instant::now();
+    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
+    let (status, _) = sender.wait_exit(Duration::from_secs(30));
+    let took = started.elapsed();
+    assert!(!status.success(), "{}", sender.describe());
+    assert!(took <= Duration::from_secs(15), "gave up after {took:?}");
+    let message: String = events(&sender.seen, "error")
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect();
+    assert!(message.contains("UDP"), "{message}");
+    eprintln!("{TEST}: gave up after {took:?}: {message}");
+}
