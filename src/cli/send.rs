@@ -11,7 +11,8 @@ use qpunch::identity::Fingerprint;
 use qpunch::known_peers::KnownPeers;
 use qpunch::node::{self, Node, NodeConfig, NodeError, PeerConnection};
 use qpunch::punch::{Method, PunchConfig, Punched};
-use qpunch::transfer::{self, Outgoing};
+use qpunch::transfer::tree::TreeCache;
+use qpunch::transfer::{self, SendOptions};
 
 use super::ui::{Event, FileProgress, Side, Ui};
 use super::{DEFAULT_PORT, known_peers_path, load_identity, parse_duration, parse_fingerprint};
@@ -23,7 +24,8 @@ const LEGACY_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 pub struct SendArgs {
-    /// Files to send (in parallel, over one connection).
+    /// Files and folders to send (in parallel, over one connection). Folders are sent
+    /// whole; symbolic links inside them are skipped.
     #[arg(required = true)]
     files: Vec<PathBuf>,
     /// The receiver: HOST or HOST:PORT (port 9199 when omitted).
@@ -39,21 +41,10 @@ pub struct SendArgs {
 }
 
 pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
-    let outgoing = args
-        .files
-        .iter()
-        .map(|path| {
-            let meta = std::fs::metadata(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            if !meta.is_file() {
-                bail!(
-                    "{} is not a regular file (directories are not supported yet)",
-                    path.display()
-                );
-            }
-            Ok(Outgoing::from_path(path)?)
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let selection = transfer::select(&args.files)?;
+    for skipped in &selection.skipped {
+        ui.warn(&format!("skipped {skipped}"));
+    }
     let identity = load_identity()?;
     let (key, target) = resolve(&args.to).await?;
 
@@ -126,21 +117,48 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     report_connected(&ui, &node, &peer)?;
 
     let progress = FileProgress::new(ui.clone(), Side::Sending);
-    let result = transfer::send_files(&peer.connection, outgoing, progress).await;
+    let options = SendOptions {
+        cache: tree_cache(),
+        empty_dirs: selection.empty_dirs,
+    };
+    let started = std::time::Instant::now();
+    let sending =
+        transfer::send_files_with(&peer.connection, selection.files, progress.clone(), options);
+    // Cancel-safe: on Ctrl-C the transfer future is dropped; the receiver is told at once
+    // (it keeps what arrived for a resume) instead of waiting for a timeout.
+    let result = tokio::select! {
+        result = sending => result,
+        _ = tokio::signal::ctrl_c() => {
+            peer.connection.close(transfer::codes::CANCELLED.into(), b"sender interrupted");
+            node.close(node::QUICK_LINGER).await;
+            progress.clear();
+            bail!("interrupted: run the same command again to resume");
+        }
+    };
     tracing::debug!(stats = ?peer.connection.stats(), "connection statistics");
     peer.connection.close(transfer::codes::DONE.into(), b"done");
     node.close(node::QUICK_LINGER).await;
     let reports = result?;
     let verified = reports.iter().filter(|r| r.is_verified()).count();
-    if verified == reports.len() {
-        ui.say(&format!("all {verified} file(s) delivered and verified"));
-    } else {
-        ui.say(&format!(
-            "{verified} of {} file(s) delivered and verified",
-            reports.len()
-        ));
-    }
+    progress.summary(&reports, started.elapsed(), &peer_addr(&punched));
     Ok(verified == reports.len())
+}
+
+/// Where the sender remembers the trees of files it hashed (`<qpunch home>/cache`); a
+/// cache that cannot be opened only costs hashing again.
+fn tree_cache() -> Option<Arc<TreeCache>> {
+    let dir = qpunch::identity::config_dir().ok()?.join("cache");
+    match TreeCache::open(&dir) {
+        Ok(cache) => Some(Arc::new(cache)),
+        Err(e) => {
+            tracing::warn!("no tree cache in {}: {e}", dir.display());
+            None
+        }
+    }
+}
+
+fn peer_addr(punched: &Punched) -> String {
+    canonical(punched.peer).to_string()
 }
 
 /// The `punched` event. `from` is the socket's address while punching, read before
