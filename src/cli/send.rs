@@ -12,7 +12,7 @@ use qpunch::known_peers::KnownPeers;
 use qpunch::node::{self, Node, NodeConfig, NodeError, PeerConnection};
 use qpunch::punch::{Method, PunchConfig, Punched};
 use qpunch::transfer::tree::TreeCache;
-use qpunch::transfer::{self, SendOptions};
+use qpunch::transfer::{self, SendOptions, TransferError};
 
 use super::ui::{Event, FileProgress, Side, Ui};
 use super::{DEFAULT_PORT, known_peers_path, load_identity, parse_duration, parse_fingerprint};
@@ -35,13 +35,17 @@ pub struct SendArgs {
     /// first fingerprint seen is trusted and remembered in known_peers.
     #[arg(long, value_parser = parse_fingerprint)]
     peer: Option<Fingerprint>,
+    /// Give up when the receiver takes no data for this long (it vanished).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    stall_timeout: Duration,
     /// Give up punching after this long (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     punch_timeout: Duration,
 }
 
 pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
-    let selection = transfer::select(&args.files)?;
+    // Transfer errors carry their cause in their message: no chain to print twice.
+    let selection = transfer::select(&args.files).map_err(|e| anyhow::anyhow!("{e}"))?;
     for skipped in &selection.skipped {
         ui.warn(&format!("skipped {skipped}"));
     }
@@ -120,6 +124,7 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let options = SendOptions {
         cache: tree_cache(),
         empty_dirs: selection.empty_dirs,
+        stall_timeout: args.stall_timeout,
     };
     let started = std::time::Instant::now();
     let sending =
@@ -136,9 +141,17 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         }
     };
     tracing::debug!(stats = ?peer.connection.stats(), "connection statistics");
-    peer.connection.close(transfer::codes::DONE.into(), b"done");
+    // A file we could not read ends the send before anything is offered: say so.
+    let (code, reason): (u32, &[u8]) = match &result {
+        Err(TransferError::File { .. }) => (
+            transfer::codes::READ_FAILED,
+            b"the sender could not read its files",
+        ),
+        _ => (transfer::codes::DONE, b"done"),
+    };
+    peer.connection.close(code.into(), reason);
     node.close(node::QUICK_LINGER).await;
-    let reports = result?;
+    let reports = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     let verified = reports.iter().filter(|r| r.is_verified()).count();
     progress.summary(&reports, started.elapsed(), &peer_addr(&punched));
     Ok(verified == reports.len())

@@ -1270,7 +1270,7 @@ impl StreamJob {
                 let (back, written) = previous.await.expect("disk task");
                 part = Some(back);
                 if let Err(e) = written {
-                    failure = Some(write_failure(&part_path, &e));
+                    failure = Some(write_failure(&e));
                     break;
                 }
             }
@@ -1286,7 +1286,7 @@ impl StreamJob {
         if let Some(previous) = writing.take() {
             let (back, written) = previous.await.expect("disk task");
             if let (Err(e), None) = (written, &failure) {
-                failure = Some(write_failure(&part_path, &e));
+                failure = Some(write_failure(&e));
             }
             part = Some(back);
         }
@@ -1302,7 +1302,7 @@ impl StreamJob {
         let executable = offer.executable;
         let (hash, synced) = self.disk.run(move || part.finish(executable)).await;
         if let Err(e) = synced {
-            return (Err((hash, write_failure(&part_path, &e))), Ended::Clean);
+            return (Err((hash, write_failure(&e))), Ended::Clean);
         }
         if hash != offer.blake3 {
             guard.condemn();
@@ -1317,7 +1317,8 @@ impl StreamJob {
             .run(move || store::commit(&from, &to, overwrite))
             .await;
         if let Err(e) = committed {
-            let why = format!("cannot name the file {}: {e}", dest.display());
+            let name = self.saved_as(&dest).unwrap_or_default();
+            let why = format!("cannot name the file {name}: {e}");
             return (Err((hash, why)), Ended::Clean);
         }
         guard.disarm(); // the partial is now the destination
@@ -1325,18 +1326,16 @@ impl StreamJob {
     }
 }
 
-/// A failed write, said plainly (a full disk is the usual cause).
-fn write_failure(path: &Path, e: &std::io::Error) -> String {
+/// A failed write, said plainly (a full disk is the usual cause). The sender reads it
+/// too: no local paths in it.
+fn write_failure(e: &std::io::Error) -> String {
     if e.raw_os_error() == Some(libc::ENOSPC) {
-        return format!(
-            "the disk is full: no space left for {} (what arrived is kept for a resume)",
-            path.display()
-        );
+        return "the disk is full (what arrived is kept for a resume)".into();
     }
     if e.kind() == std::io::ErrorKind::InvalidData {
         return format!("the data does not match the sender's tree: {e}");
     }
-    format!("cannot write {}: {e}", path.display())
+    format!("cannot write the file: {e}")
 }
 
 /// Why a file stream broke off, in the sender's terms where it said why.

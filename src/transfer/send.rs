@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -27,6 +28,8 @@ const CHUNK: usize = 1 << 20;
 const PARALLEL_STREAMS: usize = 8;
 /// Chunks read ahead of the network: bounds the sender's memory per file.
 const READ_AHEAD: usize = 4;
+/// How long a sender whose stream was stopped waits for the verdict saying why.
+const VERDICT_AFTER_STOP: Duration = Duration::from_secs(5);
 /// Files at least this large have their trees cached: smaller ones hash faster than a
 /// cache lookup costs.
 const CACHE_FROM: u64 = 4 << 20;
@@ -67,13 +70,46 @@ impl Outgoing {
 }
 
 /// How [`send_files_with`] works.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SendOptions {
     /// Where trees of large files are remembered, so a re-send (a resume) does not hash
     /// them again. `None` hashes every time.
     pub cache: Option<Arc<TreeCache>>,
     /// Empty folders to recreate at the receiver (see [`super::Selection`]).
     pub empty_dirs: Vec<Vec<String>>,
+    /// Give up when the receiver takes no data and sends no verdict for this long (it
+    /// vanished without closing). Waiting for a person to accept the files is not bounded.
+    pub stall_timeout: Duration,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            cache: None,
+            empty_dirs: Vec::new(),
+            stall_timeout: super::STALL_TIMEOUT,
+        }
+    }
+}
+
+/// `step`, unless the receiver lets it wait longer than `stall`: then the connection is
+/// given up as timed out (and closed, so every other stream ends too).
+async fn within<T>(
+    connection: &quinn::Connection,
+    stall: Duration,
+    step: impl std::future::Future<Output = Result<T, TransferError>>,
+) -> Result<T, TransferError> {
+    match tokio::time::timeout(stall, step).await {
+        Ok(result) => result,
+        Err(_) => {
+            let why = format!(
+                "the receiver stopped answering for {} s",
+                stall.as_secs_f64()
+            );
+            connection.close(codes::PROTOCOL.into(), why.as_bytes());
+            Err(TransferError::Connection(quinn::ConnectionError::TimedOut))
+        }
+    }
 }
 
 /// BLAKE3 of a whole file, hashed on all cores with bounded memory ([`Tree::from_file`]:
@@ -276,6 +312,7 @@ pub async fn send_files_with(
     // A few streams at a time: enough to overlap one file's tail with the next one's
     // start, without thousands of open files and read-ahead buffers at once.
     let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL_STREAMS));
+    let stall = options.stall_timeout;
     for job in jobs {
         let (connection, observer, slots, hashed) = (
             connection.clone(),
@@ -290,10 +327,11 @@ pub async fn send_files_with(
                 .expect("semaphore is never closed");
             match job {
                 Job::Bundle(indices) => {
-                    send_bundle(&connection, &hashed, indices, &*observer).await
+                    send_bundle(&connection, &hashed, indices, stall, &*observer).await
                 }
                 Job::Large(index, resume) => {
-                    let result = send_large(&connection, &hashed[index], resume, &*observer).await;
+                    let file = &hashed[index];
+                    let result = send_large(&connection, file, resume, stall, &*observer).await;
                     vec![(index, result)]
                 }
             }
@@ -340,6 +378,7 @@ async fn send_bundle(
     connection: &quinn::Connection,
     hashed: &Arc<Vec<Hashed>>,
     indices: Vec<usize>,
+    stall: Duration,
     observer: &dyn Observer,
 ) -> Vec<(usize, Result<FileResult, TransferError>)> {
     let read = {
@@ -355,8 +394,15 @@ async fn send_bundle(
     };
     let mut results = Vec::with_capacity(indices.len());
     let mut sent = Vec::with_capacity(indices.len());
+    let (mut send, mut recv) = match connection.open_bi().await {
+        Ok(streams) => streams,
+        Err(e) => {
+            // Reported on the bundle's first file; the others follow from it.
+            results.push((indices[0], Err(stream_error(e))));
+            return fill_bundle(results, &indices);
+        }
+    };
     let streamed = async {
-        let (mut send, recv) = connection.open_bi().await.map_err(stream_error)?;
         for (&index, data) in indices.iter().zip(read) {
             let offer = &hashed[index].offer;
             match data {
@@ -365,9 +411,10 @@ async fn send_bundle(
                         id: offer.id,
                         offset: 0,
                     };
-                    write_frame(&mut send, &header).await?;
+                    within(connection, stall, write_frame(&mut send, &header)).await?;
                     observer.started(offer.id, &offer.name, offer.size);
-                    send.write_chunk(data).await.map_err(stream_error)?;
+                    let write = async { send.write_chunk(data).await.map_err(stream_error) };
+                    within(connection, stall, write).await?;
                     observer.progress(offer.id, offer.size);
                     sent.push(index);
                 }
@@ -375,42 +422,37 @@ async fn send_bundle(
             }
         }
         send.finish()
-            .map_err(|e| TransferError::protocol(e.to_string()))?;
-        Ok::<_, TransferError>(recv)
+            .map_err(|e| TransferError::protocol(e.to_string()))
     };
-    match streamed.await {
-        Ok(mut recv) => {
-            for index in sent {
-                let result = read_verdict(&mut recv, hashed[index].offer.id).await;
-                let failed = result.is_err();
-                results.push((index, result));
-                if failed {
-                    break;
-                }
-            }
-        }
-        Err(e) => {
-            // The error goes to the files in flight (the first gets the error itself, so
-            // a lost connection is recognised), or to the bundle's first file.
-            let message = e.to_string();
-            let mut e = Some(e);
-            let targets = if sent.is_empty() {
-                vec![indices[0]]
-            } else {
-                sent
-            };
-            for index in targets {
-                if !results.iter().any(|(i, _)| *i == index) {
-                    let err = e
-                        .take()
-                        .unwrap_or_else(|| TransferError::Protocol(message.clone()));
-                    results.push((index, Err(err)));
-                }
+    let mut failure = streamed.await.err();
+    // Verdicts for every file written, even when writing the rest failed: a receiver
+    // that refused a file (and stopped the stream) says why in its verdict.
+    for index in sent {
+        let verdict = read_verdict(&mut recv, hashed[index].offer.id);
+        match within(connection, stall, verdict).await {
+            Ok(result) => results.push((index, Ok(result))),
+            Err(e) => {
+                results.push((index, Err(failure.take().unwrap_or(e))));
+                break;
             }
         }
     }
-    // Every file of the bundle gets a result, even after a stream failure.
-    for &index in &indices {
+    if let Some(e) = failure
+        && let Some(&index) = indices
+            .iter()
+            .find(|&&i| !results.iter().any(|(r, _)| *r == i))
+    {
+        results.push((index, Err(e)));
+    }
+    fill_bundle(results, &indices)
+}
+
+/// Every file of a bundle gets a result, even after a stream failure.
+fn fill_bundle(
+    mut results: Vec<(usize, Result<FileResult, TransferError>)>,
+    indices: &[usize],
+) -> Vec<(usize, Result<FileResult, TransferError>)> {
+    for &index in indices {
         if !results.iter().any(|(i, _)| *i == index) {
             results.push((
                 index,
@@ -455,6 +497,7 @@ async fn send_large(
     connection: &quinn::Connection,
     file: &Hashed,
     resume: bool,
+    stall: Duration,
     observer: &dyn Observer,
 ) -> Result<FileResult, TransferError> {
     let (offer, path) = (&file.offer, &file.path);
@@ -476,8 +519,8 @@ async fn send_large(
     let mut offset = 0;
     if resume {
         let tree = file.tree.as_ref().expect("resumed files have trees");
-        write_blob(&mut send, &tree.encode()).await?;
-        let from: ResumeFrom = read_frame(&mut recv).await?;
+        within(connection, stall, write_blob(&mut send, &tree.encode())).await?;
+        let from: ResumeFrom = within(connection, stall, read_frame(&mut recv)).await?;
         let aligned = from.offset.is_multiple_of(GROUP) || from.offset == offer.size;
         if from.id != offer.id || from.offset > offer.size || !aligned {
             return Err(TransferError::protocol(format!(
@@ -509,12 +552,23 @@ async fn send_large(
             }
         };
         let n = chunk.len() as u64;
-        send.write_chunk(chunk).await.map_err(stream_error)?;
+        let write = async { send.write_chunk(chunk).await.map_err(stream_error) };
+        if let Err(e) = within(connection, stall, write).await {
+            // A receiver that refused the file (a full disk) stopped the stream and says
+            // why in its verdict.
+            if matches!(e, TransferError::Protocol(_)) {
+                let verdict = read_verdict(&mut recv, offer.id);
+                if let Ok(Ok(result)) = tokio::time::timeout(VERDICT_AFTER_STOP, verdict).await {
+                    return Ok(result);
+                }
+            }
+            return Err(e);
+        }
         observer.progress(offer.id, n);
     }
     send.finish()
         .map_err(|e| TransferError::protocol(e.to_string()))?;
-    read_verdict(&mut recv, offer.id).await
+    within(connection, stall, read_verdict(&mut recv, offer.id)).await
 }
 
 /// The error of a file that is not the version that was hashed (kind `InvalidData`).
