@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 
 use super::reserve::{NameBook, Reservation};
-use super::store::{self, Claim, Claims, Disk, Part, PartGuard, SmallFile};
+use super::store::{self, Claim, Claims, Disk, Part, PartGuard, SmallFile, SyncGate};
 use super::tree::Tree;
 use super::{
     BUNDLE_BYTES, BUNDLE_FILES, Decision, Decisions, FileHeader, FileOffer, FileReport, FileResult,
@@ -174,6 +174,7 @@ pub struct Receiver {
     names: Arc<NameBook>,
     disk: Disk,
     claims: Arc<Claims>,
+    syncs: Arc<SyncGate>,
     /// Consent prompts, one at a time; waiting for a turn holds no thread.
     prompts: tokio::sync::Mutex<()>,
     manifest_budget: Arc<Semaphore>,
@@ -244,6 +245,7 @@ impl Receiver {
             names: Arc::default(),
             disk: Disk::default(),
             claims: Arc::default(),
+            syncs: Arc::default(),
             prompts: tokio::sync::Mutex::new(()),
             manifest_budget: Arc::new(Semaphore::new(MANIFEST_BUDGET)),
             window_budget: Arc::new(Semaphore::new(WINDOW_BUDGET >> 10)),
@@ -541,10 +543,19 @@ impl Receiver {
             .disk
             .run(move || {
                 make_empty_dirs(&dir, &dirs);
+                // Each folder is made (and checked) once, however many files it holds.
+                let mut folders: HashMap<Vec<String>, Result<PathBuf, String>> = HashMap::new();
                 accepted
                     .into_iter()
                     .map(|(_, (index, offer))| {
-                        let reservation = store::make_dirs(&dir, &offer.dir)
+                        let folder = folders
+                            .entry(offer.dir.clone())
+                            .or_insert_with(|| {
+                                store::make_dirs(&dir, &offer.dir).map_err(|e| e.to_string())
+                            })
+                            .clone()
+                            .map_err(std::io::Error::other);
+                        let reservation = folder
                             .and_then(|folder| names.reserve(&folder, &offer.name, overwrite));
                         (index, offer, reservation)
                     })
@@ -605,6 +616,7 @@ impl Receiver {
             moved: Arc::new(AtomicU64::new(0)),
             plans: plans.clone(),
             claims: self.claims.clone(),
+            syncs: self.syncs.clone(),
             sender: peer.fingerprint,
             budget: self.manifest_budget.clone(),
         });
@@ -846,6 +858,7 @@ struct StreamJob {
     /// Accepted files not yet seen on any stream.
     plans: Arc<std::sync::Mutex<HashMap<u32, Plan>>>,
     claims: Arc<Claims>,
+    syncs: Arc<SyncGate>,
     sender: Fingerprint,
     /// Bounds the memory of resumed files' trees (shared with manifests).
     budget: Arc<Semaphore>,
@@ -1027,10 +1040,33 @@ impl StreamJob {
                 Pending::Failed(..) => None,
             })
             .collect();
-        let (dir, overwrite) = (self.partial_dir.clone(), self.overwrite);
+        // Write, make durable (one syncfs shared with the batches finishing meanwhile),
+        // then name: no file takes its name before its bytes are on disk.
+        let files = Arc::new(files);
+        let (dir, batch) = (self.partial_dir.clone(), files.clone());
+        let written = self
+            .disk
+            .run(move || store::write_small(&dir, &batch))
+            .await;
+        let written = if written.iter().any(Result::is_ok) {
+            match self.syncs.sync(&self.disk, &self.partial_dir).await {
+                Ok(()) => written,
+                Err(e) => written
+                    .into_iter()
+                    .map(|slot| {
+                        let path = slot?;
+                        let _ = std::fs::remove_file(path);
+                        Err(std::io::Error::new(e.kind(), e.to_string()))
+                    })
+                    .collect(),
+            }
+        } else {
+            written
+        };
+        let (batch, overwrite) = (files.clone(), self.overwrite);
         let mut stored = self
             .disk
-            .run(move || store::store_small(&dir, files, overwrite))
+            .run(move || store::commit_small(written, &batch, overwrite))
             .await
             .into_iter();
         for entry in entries {

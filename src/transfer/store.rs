@@ -399,48 +399,35 @@ pub(crate) struct SmallFile {
     pub(crate) executable: bool,
 }
 
-/// Blocking: store a batch of verified small files: each is written to a fresh partial,
-/// one `syncfs` makes them all durable, and only then does each take its final name. A
-/// file whose step fails gets its error, and its partial is removed (small files are
-/// never kept for a resume: sending them again costs less than proving them).
-pub(crate) fn store_small(
-    partial_dir: &Path,
-    files: Vec<SmallFile>,
-    overwrite: bool,
-) -> Vec<io::Result<()>> {
-    let mut written: Vec<Result<PathBuf, io::Error>> = files
+/// Blocking: the first half of storing a batch of verified small files: each is written
+/// to a fresh partial (no lock: small files are never resumed, so nothing else opens
+/// them). Returns each partial's path, or why it could not be written (nothing left).
+pub(crate) fn write_small(partial_dir: &Path, files: &[SmallFile]) -> Vec<io::Result<PathBuf>> {
+    files
         .iter()
         .map(|f| {
-            let mut part = Part::create(partial_dir, &f.hash)?;
-            let path = part.path.clone();
-            let result = part
-                .file
+            let (mut file, path) = create_unlocked(partial_dir, &f.hash)?;
+            let written = file
                 .write_all(&f.data)
-                .and_then(|()| set_executable(&part.file, f.executable));
-            part.buf = Vec::new();
-            drop(part);
-            match result {
-                Ok(()) => Ok(path),
-                Err(e) => {
-                    let _ = std::fs::remove_file(&path);
-                    Err(e)
-                }
-            }
+                .and_then(|()| set_executable(&file, f.executable));
+            drop(file);
+            written.map(|()| path.clone()).inspect_err(|_| {
+                let _ = std::fs::remove_file(&path);
+            })
         })
-        .collect();
-    if written.iter().any(Result::is_ok)
-        && let Err(e) = sync_filesystem(partial_dir)
-    {
-        for slot in &mut written {
-            if let Ok(path) = slot {
-                let _ = std::fs::remove_file(&*path);
-                *slot = Err(io::Error::new(e.kind(), e.to_string()));
-            }
-        }
-    }
+        .collect()
+}
+
+/// Blocking: the second half, once the partials are durable ([`SyncGate`]): each takes
+/// its final name. A partial that cannot is removed.
+pub(crate) fn commit_small(
+    written: Vec<io::Result<PathBuf>>,
+    files: &[SmallFile],
+    overwrite: bool,
+) -> Vec<io::Result<()>> {
     written
         .into_iter()
-        .zip(&files)
+        .zip(files)
         .map(|(slot, file)| {
             let path = slot?;
             commit(&path, &file.dest, overwrite).inspect_err(|_| {
@@ -448,6 +435,52 @@ pub(crate) fn store_small(
             })
         })
         .collect()
+}
+
+/// A fresh partial for content `hash`, not locked (see [`write_small`]).
+fn create_unlocked(dir: &Path, hash: &str) -> io::Result<(File, PathBuf)> {
+    for n in 0..PART_NAMES {
+        let path = dir.join(part_name(hash, n));
+        match open_exclusive(&path) {
+            Ok(file) => return Ok((file, path)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "too many partial files for this content",
+    ))
+}
+
+/// Group commit for the file system of the output directory: every batch of small files
+/// needs a `syncfs` after its writes and before its files take their names, but batches
+/// finishing together share one. A batch takes a ticket once its writes are done; any
+/// `syncfs` that starts after that covers it.
+#[derive(Debug, Default)]
+pub(crate) struct SyncGate {
+    requested: std::sync::atomic::AtomicU64,
+    completed: std::sync::atomic::AtomicU64,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl SyncGate {
+    /// Make everything written before this call on the file system of `dir` durable.
+    /// Cancel-safe: waiting for a turn or a disk job loses nothing.
+    pub(crate) async fn sync(&self, disk: &Disk, dir: &Path) -> io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ticket = self.requested.fetch_add(1, SeqCst) + 1;
+        let _turn = self.turn.lock().await;
+        if self.completed.load(SeqCst) >= ticket {
+            return Ok(()); // a syncfs that started after our writes has finished
+        }
+        // Every ticket taken so far had its writes done before it was taken.
+        let covered = self.requested.load(SeqCst);
+        let dir = dir.to_path_buf();
+        disk.run(move || sync_filesystem(&dir)).await?;
+        self.completed.fetch_max(covered, SeqCst);
+        Ok(())
+    }
 }
 
 /// Blocking: the folder `components` below `out`, created where missing. Every level must
