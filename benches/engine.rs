@@ -146,6 +146,15 @@ impl Qp {
         })
     }
 
+    /// A `--once` receiver waits for an accepted transfer: when the sender failed (a
+    /// decline, say), stop it rather than wait forever.
+    fn finish_after(self, sender: &Finished) -> anyhow::Result<Finished> {
+        if !sender.ok {
+            self.signal(libc::SIGINT);
+        }
+        self.finish()
+    }
+
     fn signal(&self, signal: i32) {
         // SAFETY: a signal to our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
@@ -326,7 +335,7 @@ fn small() -> anyhow::Result<()> {
         settle();
         let start = Instant::now();
         let tx = sender(&shome, &[&tree], port, &fp)?.finish()?;
-        let rx = rx.finish()?;
+        let rx = rx.finish_after(&tx)?;
         let secs = start.elapsed().as_secs_f64();
         ensure!(
             tx.ok && rx.ok,
@@ -408,7 +417,7 @@ fn memory() -> anyhow::Result<()> {
         let (rx, port, fp) = receiver(&rhome, &out, true)?;
         let start = Instant::now();
         let tx = sender(&shome, &[&file], port, &fp)?.finish()?;
-        let rx = rx.finish()?;
+        let rx = rx.finish_after(&tx)?;
         let secs = start.elapsed().as_secs_f64();
         ensure!(
             tx.ok && rx.ok,

@@ -66,6 +66,10 @@ pub const MIN_WINDOW: u32 = 256 << 10;
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default [`ReceiveOptions::min_rate`]: 4 KiB/s.
 pub const MIN_RATE: u64 = 4 << 10;
+/// Bytes of small files read and not yet stored, across all senders: each stream holds
+/// at most [`super::BUNDLE_BYTES`] of them, and a crowd of accepted senders waits rather
+/// than adding up past this.
+pub const SMALL_BUDGET: usize = 64 << 20;
 /// Default [`ReceiveOptions::partial_max_age`]: a week.
 pub const PARTIAL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a sender that comes back waits for its earlier, dead transfer to let go of the
@@ -175,6 +179,7 @@ pub struct Receiver {
     disk: Disk,
     claims: Arc<Claims>,
     syncs: Arc<SyncGate>,
+    small_budget: Arc<Semaphore>,
     /// Consent prompts, one at a time; waiting for a turn holds no thread.
     prompts: tokio::sync::Mutex<()>,
     manifest_budget: Arc<Semaphore>,
@@ -246,6 +251,7 @@ impl Receiver {
             disk: Disk::default(),
             claims: Arc::default(),
             syncs: Arc::default(),
+            small_budget: Arc::new(Semaphore::new(SMALL_BUDGET)),
             prompts: tokio::sync::Mutex::new(()),
             manifest_budget: Arc::new(Semaphore::new(MANIFEST_BUDGET)),
             window_budget: Arc::new(Semaphore::new(WINDOW_BUDGET >> 10)),
@@ -617,6 +623,7 @@ impl Receiver {
             plans: plans.clone(),
             claims: self.claims.clone(),
             syncs: self.syncs.clone(),
+            small_budget: self.small_budget.clone(),
             sender: peer.fingerprint,
             budget: self.manifest_budget.clone(),
         });
@@ -859,6 +866,8 @@ struct StreamJob {
     plans: Arc<std::sync::Mutex<HashMap<u32, Plan>>>,
     claims: Arc<Claims>,
     syncs: Arc<SyncGate>,
+    /// See [`SMALL_BUDGET`].
+    small_budget: Arc<Semaphore>,
     sender: Fingerprint,
     /// Bounds the memory of resumed files' trees (shared with manifests).
     budget: Arc<Semaphore>,
@@ -918,11 +927,32 @@ impl StreamJob {
         let mut reports = Vec::new();
         let mut pending: Vec<Pending> = Vec::new();
         let mut pending_bytes = 0;
+        // Budget for the bytes in `pending`; let go with every flush.
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let mut plan = first;
         loop {
             let offer = &plan.offer;
             observer.started(offer.id, &offer.name, offer.size);
             if offer.size <= SMALL_FILE && !plan.resume {
+                // At most SMALL_FILE: fits a u32.
+                let need = offer.size as u32;
+                let permit = match self.small_budget.clone().try_acquire_many_owned(need) {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        // Wait holding nothing (flush first), so waiters never block each
+                        // other.
+                        self.flush(&mut pending, &mut send, &mut reports, observer)
+                            .await;
+                        (pending_bytes, held) = (0, None);
+                        let budget = self.small_budget.clone();
+                        budget.acquire_many_owned(need).await.expect("never closed")
+                    }
+                };
+                match &mut held {
+                    Some(held) => held.merge(permit),
+                    None => held = Some(permit),
+                }
+                let offer = &plan.offer;
                 let (read, ended) = self.read_small(&mut recv, offer, observer).await;
                 pending_bytes += offer.size;
                 pending.push(match read {
@@ -933,7 +963,7 @@ impl StreamJob {
                 if broken || pending.len() >= BUNDLE_FILES || pending_bytes >= BUNDLE_BYTES {
                     self.flush(&mut pending, &mut send, &mut reports, observer)
                         .await;
-                    pending_bytes = 0;
+                    (pending_bytes, held) = (0, None);
                 }
                 if broken {
                     let _ = recv.stop(codes::DECLINED.into());
@@ -942,7 +972,7 @@ impl StreamJob {
             } else {
                 self.flush(&mut pending, &mut send, &mut reports, observer)
                     .await;
-                pending_bytes = 0;
+                (pending_bytes, held) = (0, None);
                 let (report, ended) = self
                     .receive_large(plan, &mut send, &mut recv, observer)
                     .await;
