@@ -151,6 +151,12 @@ fn a_vanished_receiver_is_an_error_and_the_partial_resumes() {
     one_error(&sent, "timed out");
     nothing_delivered(&sent, &received, out.path());
 
+    // The sender remembered the file's tree: the re-send does not hash it again.
+    let cached = std::fs::read_dir(shome.path().join("cache"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert_eq!(cached, 1, "one tree in the sender's cache");
+
     // The same receiver (home, folder) again: the sender resumes.
     let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
     let sent = send(shome.path(), &[&file], receiver.port, &[], LONG);

@@ -3,6 +3,9 @@
 //! refused component by component, progress and summary events.
 
 mod common;
+#[allow(dead_code)]
+#[path = "hardening/pty.rs"]
+mod pty;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -243,4 +246,53 @@ async fn hostile_folder_names_are_declined() {
     // Only the safe folders were made; nothing escaped `out`.
     assert_eq!(list_dir(root.path()), names(&["out"]));
     assert_eq!(list_dir(&out), names(&["fine", "ok"]));
+}
+
+/// The consent prompt sums a tree up: file count, total size, and the top-level names
+/// (a folder once, with what it holds), not thousands of lines.
+#[test]
+fn the_consent_prompt_shows_counts_size_and_top_level_names() {
+    let (rhome, shome, src, out) = (Home::new(), Home::new(), tempdir(), tempdir());
+    let album = src.path().join("album");
+    fs::create_dir_all(album.join("disc 2")).unwrap();
+    for i in 0..40 {
+        random_file(&album.join(format!("track{i:02}.flac")), 1000, i);
+    }
+    random_file(&album.join("disc 2/bonus.flac"), 5000, 99);
+    let loose = src.path().join("notes.txt");
+    random_file(&loose, 123, 100);
+    let args = [
+        "receive",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--out",
+        s(out.path()),
+        "--json",
+        "--once",
+    ];
+    let mut receiver = pty::PtyProc::spawn(rhome.path(), &args);
+    let listening = receiver.wait_events("listening", 1, SHORT).remove(0);
+    let port = listening["port"].as_u64().unwrap() as u16;
+    let sender = spawn_send(shome.path(), &[&album, &loose], port, &[]);
+    receiver.wait_for(pty::PROMPT, 1, SHORT);
+    let prompt = receiver.transcript();
+    assert!(
+        prompt.contains("wants to send you 42 file(s), 44.07 KiB in all"),
+        "{prompt}"
+    );
+    assert!(
+        prompt.contains("album/  (41 file(s), 43.95 KiB)"),
+        "{prompt}"
+    );
+    assert!(prompt.contains("notes.txt  (123 B)"), "{prompt}");
+    assert!(
+        !prompt.contains("track07"),
+        "files inside folders are not listed: {prompt}"
+    );
+    receiver.type_text("y\n");
+    let sent = sender.finish(LONG);
+    sent.assert_success();
+    assert_eq!(list_dir(&out.path().join("album")).len(), 41);
 }

@@ -734,6 +734,48 @@ mod tests {
     }
 
     #[test]
+    fn clean_removes_old_partials_but_never_one_in_use() {
+        let out = tempfile::tempdir().unwrap();
+        let dir = partial_dir(out.path()).unwrap();
+        let old = dir.join("old.part");
+        std::fs::write(&old, b"stale").unwrap();
+        let week_ago = SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(week_ago)
+            .unwrap();
+        std::fs::write(dir.join("new.part"), b"fresh").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("planted.part")).unwrap();
+        let busy = Part::create(&dir, "busy").unwrap();
+        File::options()
+            .write(true)
+            .open(busy.path())
+            .unwrap()
+            .set_modified(week_ago)
+            .unwrap();
+
+        let cleaned = clean_partials(out.path(), Duration::from_secs(7 * 24 * 3600)).unwrap();
+        assert_eq!(cleaned, Cleaned { files: 1, bytes: 5 });
+        let left = |dir: &Path| {
+            let mut names: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(left(&dir), ["busy.part", "new.part"], "symlinks go too");
+        // --clean: everything not in use.
+        clean_partials(out.path(), Duration::ZERO).unwrap();
+        assert_eq!(left(&dir), ["busy.part"], "a locked partial is in use");
+        drop(busy);
+        clean_partials(out.path(), Duration::ZERO).unwrap();
+        assert!(left(&dir).is_empty());
+    }
+
+    #[test]
     fn partial_dir_is_private_and_must_be_a_directory() {
         use std::os::unix::fs::PermissionsExt;
         let out = tempfile::tempdir().unwrap();
