@@ -394,3 +394,31 @@ async fn a_sender_that_comes_back_takes_over_its_partial_at_once() {
     );
     assert!(took < Duration::from_secs(15), "took {took:?}");
 }
+
+#[tokio::test]
+async fn one_send_offering_a_content_twice_does_not_fight_over_its_partial() {
+    const SIZE: u64 = 4 * MIB;
+    let (src, out) = (tempdir(), tempdir());
+    let (a, b) = (src.path().join("a.bin"), src.path().join("b.bin"));
+    random_file(&a, SIZE, 5);
+    std::fs::copy(&a, &b).unwrap();
+    let root = blake3_file(&a);
+    let data = std::fs::read(&a).unwrap();
+    let part = out.path().join(PARTIAL_DIR).join(format!("{root}.part"));
+    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+    std::fs::write(&part, &data[..MIB as usize]).unwrap();
+    let (server, _serving) = serve(out.path(), Duration::from_secs(10));
+    let to = server.local_addr().unwrap();
+    let sender = node(Identity::generate().unwrap(), false);
+    let count = Arc::new(Count::default());
+    let (result, _) = send(&sender, to, &server, &[&a, &b], count.clone()).await;
+    let reports = result.unwrap();
+    assert!(reports.iter().all(FileReport::is_verified), "{reports:?}");
+    assert_eq!(list_dir(out.path()), names(&["a.bin", "b.bin"]));
+    for name in ["a.bin", "b.bin"] {
+        assert_eq!(std::fs::read(out.path().join(name)).unwrap(), data);
+    }
+    // One of them resumed the partial; the other did not take it away.
+    assert_eq!(count.skipped.load(Ordering::SeqCst), MIB);
+    assert_eq!(count.moved.load(Ordering::SeqCst), 2 * SIZE - MIB);
+}

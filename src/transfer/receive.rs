@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 
 use super::reserve::{NameBook, Reservation};
-use super::store::{self, Claim, Claims, Disk, Part, PartGuard, SmallFile, SyncGate};
+use super::store::{self, Claim, Claims, Disk, Owner, Part, PartGuard, SmallFile, SyncGate};
 use super::tree::Tree;
 use super::{
     BUNDLE_BYTES, BUNDLE_FILES, Decision, Decisions, FileHeader, FileOffer, FileReport, FileResult,
@@ -541,7 +541,7 @@ impl Receiver {
         for (_, (_, offer)) in &accepted {
             if offer.size > SMALL_FILE && partials.contains(&offer.blake3) {
                 self.claims
-                    .take_back(&offer.blake3, peer.fingerprint, TAKEOVER_WAIT)
+                    .take_back(&offer.blake3, owner_of(peer), TAKEOVER_WAIT)
                     .await;
             }
         }
@@ -624,7 +624,7 @@ impl Receiver {
             claims: self.claims.clone(),
             syncs: self.syncs.clone(),
             small_budget: self.small_budget.clone(),
-            sender: peer.fingerprint,
+            owner: owner_of(peer),
             budget: self.manifest_budget.clone(),
         });
         let mut last_moved = 0;
@@ -811,6 +811,14 @@ impl Service for Receiver {
     }
 }
 
+/// The owner of the partials a connection writes.
+fn owner_of(peer: &PeerConnection) -> Owner {
+    Owner {
+        sender: peer.fingerprint,
+        connection: peer.connection.stable_id(),
+    }
+}
+
 /// Blocking: create the (checked) empty folders of a manifest below `out`.
 fn make_empty_dirs(out: &Path, dirs: &[Vec<String>]) {
     for dir in dirs {
@@ -868,7 +876,8 @@ struct StreamJob {
     syncs: Arc<SyncGate>,
     /// See [`SMALL_BUDGET`].
     small_budget: Arc<Semaphore>,
-    sender: Fingerprint,
+    /// Who writes this batch's partials.
+    owner: Owner,
     /// Bounds the memory of resumed files' trees (shared with manifests).
     budget: Arc<Semaphore>,
 }
@@ -1210,7 +1219,7 @@ impl StreamJob {
             .await;
         let mut opened = None;
         for path in candidates {
-            let Some(claim) = self.claims.claim(&path, self.sender, TAKEOVER_WAIT).await else {
+            let Some(claim) = self.claims.claim(&path, self.owner, TAKEOVER_WAIT).await else {
                 continue;
             };
             let tree = tree.clone();
@@ -1248,7 +1257,7 @@ impl StreamJob {
             .run(move || Part::create(&dir, &hash))
             .await
             .map_err(|e| format!("cannot create a partial file: {e}"))?;
-        let claim = self.claims.claim_new(part.path(), self.sender);
+        let claim = self.claims.claim_new(part.path(), self.owner);
         Ok((part, claim))
     }
 

@@ -590,9 +590,26 @@ pub fn clean_partials(out_dir: &Path, max_age: Duration) -> io::Result<Cleaned> 
 #[derive(Debug, Default)]
 pub(crate) struct Claims(Mutex<HashMap<PathBuf, Holder>>);
 
+/// Who writes a partial: a sender, on one of its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Owner {
+    /// The sender's key.
+    pub(crate) sender: Fingerprint,
+    /// Its connection (`stable_id`): a takeover comes from another one.
+    pub(crate) connection: usize,
+}
+
+impl Owner {
+    /// Whether `self` may take a partial over from `holder`: the same sender, come back
+    /// on a new connection (never two files of one connection, which may share content).
+    fn succeeds(&self, holder: &Owner) -> bool {
+        self.sender == holder.sender && self.connection != holder.connection
+    }
+}
+
 #[derive(Debug)]
 struct Holder {
-    sender: Fingerprint,
+    owner: Owner,
     cancel: Arc<Notify>,
     released: watch::Receiver<()>,
 }
@@ -625,12 +642,13 @@ impl Claims {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Claim `path` for `sender`, if no transfer of this receiver holds it. A transfer of
-    /// the same sender that holds it is asked to stop, and waited for up to `wait`.
+    /// Claim `path` for `owner`, if no transfer of this receiver holds it. A transfer of
+    /// the same sender on an earlier connection that holds it is asked to stop, and
+    /// waited for up to `wait`.
     pub(crate) async fn claim(
         self: &Arc<Self>,
         path: &Path,
-        sender: Fingerprint,
+        owner: Owner,
         wait: Duration,
     ) -> Option<Claim> {
         let deadline = tokio::time::Instant::now() + wait;
@@ -638,8 +656,8 @@ impl Claims {
             let mut released = {
                 let mut held = self.lock();
                 match held.get(path) {
-                    None => return Some(self.insert(&mut held, path, sender)),
-                    Some(holder) if holder.sender == sender => {
+                    None => return Some(self.insert(&mut held, path, owner)),
+                    Some(holder) if owner.succeeds(&holder.owner) => {
                         holder.cancel.notify_one();
                         holder.released.clone()
                     }
@@ -656,15 +674,16 @@ impl Claims {
         }
     }
 
-    /// Ask the transfers of `sender` that hold partials of content `hash` to stop, and wait
+    /// Ask the transfers of `owner`'s sender on earlier connections that hold partials of
+    /// content `hash` to stop, and wait
     /// (at most `wait`) until they let go: a sender that comes back gets its partial, and
     /// the names its dead transfer had reserved, without waiting for a timeout.
-    pub(crate) async fn take_back(&self, hash: &str, sender: Fingerprint, wait: Duration) {
+    pub(crate) async fn take_back(&self, hash: &str, owner: Owner, wait: Duration) {
         let waiting: Vec<watch::Receiver<()>> = self
             .lock()
             .iter()
             .filter(|(path, holder)| {
-                holder.sender == sender
+                owner.succeeds(&holder.owner)
                     && path
                         .file_name()
                         .and_then(|n| n.to_str())
@@ -683,23 +702,23 @@ impl Claims {
     }
 
     /// Claim a path just created by this transfer (nobody else can hold it).
-    pub(crate) fn claim_new(self: &Arc<Self>, path: &Path, sender: Fingerprint) -> Claim {
+    pub(crate) fn claim_new(self: &Arc<Self>, path: &Path, owner: Owner) -> Claim {
         let mut held = self.lock();
-        self.insert(&mut held, path, sender)
+        self.insert(&mut held, path, owner)
     }
 
     fn insert(
         self: &Arc<Self>,
         held: &mut HashMap<PathBuf, Holder>,
         path: &Path,
-        sender: Fingerprint,
+        owner: Owner,
     ) -> Claim {
         let cancel = Arc::new(Notify::new());
         let (tx, rx) = watch::channel(());
         held.insert(
             path.to_path_buf(),
             Holder {
-                sender,
+                owner,
                 cancel: cancel.clone(),
                 released: rx,
             },
