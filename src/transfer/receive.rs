@@ -538,10 +538,11 @@ impl Receiver {
         // A sender that comes back (it was killed, its network dropped) may still have a
         // transfer here that has not noticed: stop it, so that its partial and its names
         // are free for this one.
+        let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
         for (_, (_, offer)) in &accepted {
             if offer.size > SMALL_FILE && partials.contains(&offer.blake3) {
                 self.claims
-                    .take_back(&offer.blake3, owner_of(peer), TAKEOVER_WAIT)
+                    .take_back(&offer.blake3, owner_of(peer), deadline)
                     .await;
             }
         }

@@ -360,8 +360,39 @@ impl Drop for PartGuard {
     }
 }
 
-/// Blocking: move a verified partial to `dest` (see [`names::commit_part`]).
+/// Blocking: move a verified partial to `dest` (see [`names::commit_part`]). Without
+/// `overwrite` this is one `renameat2(RENAME_NOREPLACE)` where the file system has it:
+/// the same no-clobber guarantee as a link, in one step instead of link and unlink.
 pub(crate) fn commit(part: &Path, dest: &Path, overwrite: bool) -> io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if !overwrite {
+        use std::os::unix::ffi::OsStrExt;
+        let (from, to) = (
+            std::ffi::CString::new(part.as_os_str().as_bytes())?,
+            std::ffi::CString::new(dest.as_os_str().as_bytes())?,
+        );
+        // SAFETY: two valid NUL-terminated paths; the call only reads them.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        // Not supported here: fall back to the portable way.
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+        ) {
+            return Err(e);
+        }
+    }
     names::commit_part(part, dest, overwrite)
 }
 
@@ -675,10 +706,10 @@ impl Claims {
     }
 
     /// Ask the transfers of `owner`'s sender on earlier connections that hold partials of
-    /// content `hash` to stop, and wait
-    /// (at most `wait`) until they let go: a sender that comes back gets its partial, and
-    /// the names its dead transfer had reserved, without waiting for a timeout.
-    pub(crate) async fn take_back(&self, hash: &str, owner: Owner, wait: Duration) {
+    /// content `hash` to stop, and wait (until `deadline` at most) until they let go: a
+    /// sender that comes back gets its partial, and the names its dead transfer had
+    /// reserved, without waiting for a timeout.
+    pub(crate) async fn take_back(&self, hash: &str, owner: Owner, deadline: tokio::time::Instant) {
         let waiting: Vec<watch::Receiver<()>> = self
             .lock()
             .iter()
@@ -694,7 +725,6 @@ impl Claims {
                 holder.released.clone()
             })
             .collect();
-        let deadline = tokio::time::Instant::now() + wait;
         for mut released in waiting {
             // Resolves (with an error) when the holder's claim is dropped.
             let _ = tokio::time::timeout_at(deadline, released.changed()).await;
