@@ -674,8 +674,9 @@ impl Receiver {
                 }
             };
             let header = match tokio::time::timeout(stall, read_header(&mut recv)).await {
-                Ok(Ok(Some(h))) => h,
-                Ok(Ok(None)) => continue, // an empty stream: nothing to do
+                Ok(Ok(Some(h))) => Some(h),
+                // An empty stream carries no file: a stray like any other.
+                Ok(Ok(None)) => None,
                 Ok(Err(e)) => {
                     outcome = Err(e);
                     break;
@@ -685,7 +686,9 @@ impl Receiver {
                     break;
                 }
             };
-            let Some(plan) = job.take_plan(header.id) else {
+            let Some((header, plan)) =
+                header.and_then(|h| job.take_plan(h.id).map(|plan| (h, plan)))
+            else {
                 // Unknown or repeated id: refuse that stream, keep serving the others,
                 // but not forever.
                 let _ = recv.stop(codes::DECLINED.into());
