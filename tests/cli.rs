@@ -321,7 +321,7 @@ fn changed_receiver_identity_is_refused_after_first_use() {
 
 /// Spray datagrams at `port` from a separate socket: random junk of random length, and
 /// some that look like probes/replies (type byte, magic) but are corrupted. Returns how
-/// many of the datagrams sent were not QUIC-classed (non-empty, fixed bit 0x40 clear).
+/// many of the datagrams sent were not QUIC-classed (empty, or fixed bit 0x40 clear).
 fn spray(port: u16, count: usize, seed: u64) -> u64 {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind spray socket");
     let target = format!("127.0.0.1:{port}");

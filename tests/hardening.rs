@@ -496,9 +496,15 @@ async fn drip(
         .map(|i| offer(i, &format!("drip-{ip}-{i}.bin"), size))
         .collect();
     let decisions = async {
-        write_frame(&mut control, &Manifest { files: offers })
-            .await
-            .map_err(|e| e.to_string())?;
+        write_frame(
+            &mut control,
+            &Manifest {
+                files: offers,
+                ..Manifest::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         read_frame::<Decisions>(&mut answers).await
     };
     let accepted: Vec<u32> = match tokio::time::timeout(Duration::from_secs(10), decisions).await {
@@ -506,7 +512,7 @@ async fn drip(
             .iter()
             .filter_map(|d| match d {
                 Decision::Accept { id, .. } => Some(*id),
-                Decision::Decline { .. } => None,
+                Decision::Resume { .. } | Decision::Decline { .. } => None,
             })
             .collect(),
         _ => Vec::new(),
@@ -615,9 +621,15 @@ fn slow_drip_is_aborted_by_min_rate() {
         let peer = connect_from(lo(2), to, fp).await.expect("connect");
         let (mut control, mut answers) = peer.conn.open_bi().await.unwrap();
         let files = vec![offer(0, "drip.bin", MIB)];
-        write_frame(&mut control, &Manifest { files })
-            .await
-            .unwrap();
+        write_frame(
+            &mut control,
+            &Manifest {
+                files,
+                ..Manifest::default()
+            },
+        )
+        .await
+        .unwrap();
         let Decisions { decisions } = read_frame(&mut answers).await.expect("decisions");
         assert!(
             matches!(decisions[..], [Decision::Accept { id: 0, offset: 0 }]),
@@ -717,9 +729,15 @@ fn ten_thousand_same_name_offers_do_not_freeze_the_receiver() {
 
     let (offered_at, decisions) = rt.block_on(async {
         let (mut control, mut answers) = peer.conn.open_bi().await.unwrap();
-        write_frame(&mut control, &Manifest { files })
-            .await
-            .unwrap();
+        write_frame(
+            &mut control,
+            &Manifest {
+                files,
+                ..Manifest::default()
+            },
+        )
+        .await
+        .unwrap();
         let offered_at = Instant::now();
         let decisions = tokio::time::timeout(
             Duration::from_secs(10),
@@ -1036,7 +1054,15 @@ fn abandoned_offers_do_not_keep_names_reserved() {
                 .expect("connect");
             let (mut send, recv) = peer.conn.open_bi().await.unwrap();
             let files = vec![offer_of(0, "f.txt", data)];
-            write_frame(&mut send, &Manifest { files }).await.unwrap();
+            write_frame(
+                &mut send,
+                &Manifest {
+                    files,
+                    ..Manifest::default()
+                },
+            )
+            .await
+            .unwrap();
             (peer, (send, recv))
         });
         receiver.wait_for(PROMPT, round, SHORT);
@@ -1186,7 +1212,7 @@ fn sender_output_escapes_what_the_receiver_says() {
             // 1. Decline one file with EVIL, fail the other with EVIL.
             let conn = accept_raw(&node).await;
             let (mut control, mut answers) = conn.accept_bi().await.unwrap();
-            let Manifest { files } = read_frame(&mut answers).await.unwrap();
+            let Manifest { files, .. } = read_frame(&mut answers).await.unwrap();
             let decisions = vec![
                 Decision::Decline {
                     id: files[0].id,
@@ -1290,7 +1316,15 @@ fn receiver_output_escapes_what_the_sender_says() {
         let mut bad_hash = offer(1, "ok.txt", 1);
         bad_hash.blake3 = EVIL.into();
         let files = vec![offer(0, &format!("{EVIL}.txt"), 1), bad_hash];
-        write_frame(&mut send, &Manifest { files }).await.unwrap();
+        write_frame(
+            &mut send,
+            &Manifest {
+                files,
+                ..Manifest::default()
+            },
+        )
+        .await
+        .unwrap();
         let _ = read_frame::<Decisions>(&mut recv).await;
         peer.conn
             .close(transfer::codes::PROTOCOL.into(), EVIL.as_bytes());
@@ -1319,7 +1353,15 @@ fn receiver_output_escapes_what_the_sender_says() {
         let data = vec![7u8; 200_000];
         let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
         let files = vec![offer_of(0, "cut.bin", &data)];
-        write_frame(&mut send, &Manifest { files }).await.unwrap();
+        write_frame(
+            &mut send,
+            &Manifest {
+                files,
+                ..Manifest::default()
+            },
+        )
+        .await
+        .unwrap();
         let _ = read_frame::<Decisions>(&mut recv).await;
         let (mut file, _verdict) = peer.conn.open_bi().await.unwrap();
         write_frame(&mut file, &FileHeader { id: 0, offset: 0 })
@@ -1444,9 +1486,15 @@ fn offer_and_decide(
             .await
             .map_err(|e| e.to_string())?;
         let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_frame(&mut send, &Manifest { files })
-            .await
-            .map_err(|e| e.to_string())?;
+        write_frame(
+            &mut send,
+            &Manifest {
+                files,
+                ..Manifest::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let decided = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
             .await
             .map_err(|_| "no decisions within 10 s".to_string())?;

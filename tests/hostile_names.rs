@@ -60,6 +60,7 @@ async fn run() {
         outgoing.push(Outgoing {
             name: name.to_string(),
             path,
+            ..Outgoing::default()
         });
     }
 

@@ -51,8 +51,16 @@ async fn offer_one(
         name: name.into(),
         size,
         blake3,
+        ..FileOffer::default()
     };
-    write_frame(&mut control, &Manifest { files: vec![offer] }).await;
+    write_frame(
+        &mut control,
+        &Manifest {
+            files: vec![offer],
+            ..Manifest::default()
+        },
+    )
+    .await;
     let Decisions { decisions } = read_frame(&mut answers).await;
     assert_eq!(decisions, vec![Decision::Accept { id: 0, offset: 0 }]);
     (control, answers)

@@ -1,9 +1,10 @@
 //! `qpunch receive`: answer probes, accept QUIC, ask or check, store verified files.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -63,6 +64,13 @@ pub struct ReceiveArgs {
     /// Replace existing files instead of saving as "name (1).ext".
     #[arg(long)]
     overwrite: bool,
+    /// Remove every partial file (kept from interrupted transfers for a resume) before
+    /// receiving.
+    #[arg(long)]
+    clean: bool,
+    /// Remove partial files untouched for this long when starting (e.g. 7d, 12h).
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    keep_partials: Duration,
     /// Keep file names that start with "." (by default ".x" is saved as "_x").
     #[arg(long)]
     allow_dotfiles: bool,
@@ -139,6 +147,8 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let events = Arc::new(Events {
         ui: ui.clone(),
         node: node.clone(),
+        out: out.clone(),
+        progress: Mutex::default(),
     });
     let receiver = Receiver::with_events(
         ReceiveOptions {
@@ -147,6 +157,11 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             min_rate: args.min_rate,
             allow_dotfiles: args.allow_dotfiles,
             once: args.once,
+            partial_max_age: if args.clean {
+                Duration::ZERO
+            } else {
+                args.keep_partials
+            },
             ..ReceiveOptions::new(&out, policy)
         },
         events,
@@ -263,6 +278,9 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
 struct Events {
     ui: Arc<Ui>,
     node: Arc<Node>,
+    out: PathBuf,
+    /// Each connection's progress, for its summary line.
+    progress: Mutex<HashMap<usize, (Arc<FileProgress>, Instant)>>,
 }
 
 impl ReceiveEvents for Events {
@@ -274,13 +292,35 @@ impl ReceiveEvents for Events {
             _ => "direct",
         };
         let _ = report_connected(&self.ui, &self.node, peer, path);
-        FileProgress::new(self.ui.clone(), Side::Receiving(peer.fingerprint))
+        let progress = FileProgress::new(self.ui.clone(), Side::Receiving(peer.fingerprint));
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                peer.connection.stable_id(),
+                (progress.clone(), Instant::now()),
+            );
+        progress
     }
 
     fn finished(&self, peer: &PeerConnection, outcome: &Result<Vec<FileReport>, TransferError>) {
-        if let Err(e) = outcome {
-            self.ui
-                .error(&format!("transfer from {} failed: {e}", peer.fingerprint));
+        let progress = self
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer.connection.stable_id());
+        match (outcome, progress) {
+            (Err(e), progress) => {
+                if let Some((progress, _)) = progress {
+                    progress.clear();
+                }
+                self.ui
+                    .error(&format!("transfer from {} failed: {e}", peer.fingerprint));
+            }
+            (Ok(reports), Some((progress, started))) if !reports.is_empty() => {
+                progress.summary(reports, started.elapsed(), &self.out.display().to_string());
+            }
+            _ => {}
         }
         tracing::debug!(stats = ?self.node.socket_stats(), "socket counters");
     }

@@ -11,7 +11,8 @@ use qpunch::identity::Fingerprint;
 use qpunch::known_peers::KnownPeers;
 use qpunch::node::{self, Node, NodeConfig, NodeError, PeerConnection};
 use qpunch::punch::{Method, PunchConfig, Punched};
-use qpunch::transfer::{self, Outgoing};
+use qpunch::transfer::tree::TreeCache;
+use qpunch::transfer::{self, Selection, SendOptions, TransferError};
 
 use super::ui::{Event, FileProgress, Side, Ui};
 use super::{DEFAULT_PORT, known_peers_path, load_identity, parse_duration, parse_fingerprint};
@@ -23,7 +24,8 @@ const LEGACY_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 pub struct SendArgs {
-    /// Files to send (in parallel, over one connection).
+    /// Files and folders to send (in parallel, over one connection). Folders are sent
+    /// whole; symbolic links inside them are skipped.
     #[arg(required = true)]
     files: Vec<PathBuf>,
     /// The receiver: its one-time code (NAMEPLATE-WORD-WORD: met through a rendezvous,
@@ -39,30 +41,23 @@ pub struct SendArgs {
     /// first fingerprint seen is trusted and remembered in known_peers.
     #[arg(long, value_parser = parse_fingerprint)]
     peer: Option<Fingerprint>,
+    /// Give up when the receiver takes no data for this long (it vanished).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    stall_timeout: Duration,
     /// Give up punching after this long (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     punch_timeout: Duration,
 }
 
 pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
-    let outgoing = args
-        .files
-        .iter()
-        .map(|path| {
-            let meta = std::fs::metadata(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            if !meta.is_file() {
-                bail!(
-                    "{} is not a regular file (directories are not supported yet)",
-                    path.display()
-                );
-            }
-            Ok(Outgoing::from_path(path)?)
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Transfer errors carry their cause in their message: no chain to print twice.
+    let selection = transfer::select(&args.files).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for skipped in &selection.skipped {
+        ui.warn(&format!("skipped {skipped}"));
+    }
     let identity = load_identity()?;
     if let Some(code) = super::meet::as_code(&args.to) {
-        return send_by_code(&args, code?, identity, outgoing, ui).await;
+        return send_by_code(&args, code?, identity, selection, ui).await;
     }
     let (key, target) = resolve(&args.to).await?;
 
@@ -133,7 +128,8 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         }
     }
     report_connected(&ui, &node, &peer, "direct")?;
-    deliver(&ui, &node, &peer, outgoing).await
+    let to = peer_addr(&punched);
+    deliver(&ui, &node, &peer, selection, args.stall_timeout, &to).await
 }
 
 /// Meet the receiver behind `code` through the rendezvous, then deliver. Nothing is
@@ -142,11 +138,11 @@ async fn send_by_code(
     args: &SendArgs,
     code: qpunch::meet::code::Code,
     identity: qpunch::identity::Identity,
-    outgoing: Vec<Outgoing>,
+    selection: Selection,
     ui: Arc<Ui>,
 ) -> anyhow::Result<bool> {
     let Some(rendezvous) = super::meet::rendezvous_name(args.via.as_deref())? else {
-        return send_on_lan(code, identity, outgoing, ui).await;
+        return send_on_lan(code, identity, selection, args.stall_timeout, ui).await;
     };
     let socket = super::bind_dual_stack(0)?;
     let node = Arc::new(Node::new(
@@ -172,7 +168,8 @@ async fn send_by_code(
     let sending = met.node.clone().unwrap_or_else(|| node.clone());
     let path = if met.method == "lan" { "lan" } else { "direct" };
     report_connected(&ui, &sending, &met.peer, path)?;
-    let delivered = deliver(&ui, &sending, &met.peer, outgoing).await;
+    let to = canonical(met.peer.connection.remote_address()).to_string();
+    let delivered = deliver(&ui, &sending, &met.peer, selection, args.stall_timeout, &to).await;
     node.close(node::QUICK_LINGER).await;
     delivered
 }
@@ -183,7 +180,8 @@ async fn send_by_code(
 async fn send_on_lan(
     code: qpunch::meet::code::Code,
     identity: qpunch::identity::Identity,
-    outgoing: Vec<Outgoing>,
+    selection: Selection,
+    stall_timeout: Duration,
     ui: Arc<Ui>,
 ) -> anyhow::Result<bool> {
     use qpunch::meet::lan::{self, Lan};
@@ -222,32 +220,72 @@ async fn send_on_lan(
         )),
     );
     report_connected(&ui, &node, &dialed.peer, "lan")?;
-    deliver(&ui, &node, &dialed.peer, outgoing).await
+    let to = canonical(dialed.peer.connection.remote_address()).to_string();
+    deliver(&ui, &node, &dialed.peer, selection, stall_timeout, &to).await
 }
 
-/// Send the files on an authenticated connection, report, and close.
+/// Send the selection on an authenticated connection (to `to`, for the summary), report,
+/// and close.
 async fn deliver(
     ui: &Arc<Ui>,
     node: &Node,
     peer: &PeerConnection,
-    outgoing: Vec<Outgoing>,
+    selection: Selection,
+    stall_timeout: Duration,
+    to: &str,
 ) -> anyhow::Result<bool> {
     let progress = FileProgress::new(ui.clone(), Side::Sending);
-    let result = transfer::send_files(&peer.connection, outgoing, progress).await;
+    let options = SendOptions {
+        cache: tree_cache(),
+        empty_dirs: selection.empty_dirs,
+        stall_timeout,
+    };
+    let started = std::time::Instant::now();
+    let sending =
+        transfer::send_files_with(&peer.connection, selection.files, progress.clone(), options);
+    // Cancel-safe: on Ctrl-C the transfer future is dropped; the receiver is told at once
+    // (it keeps what arrived for a resume) instead of waiting for a timeout.
+    let result = tokio::select! {
+        result = sending => result,
+        _ = tokio::signal::ctrl_c() => {
+            peer.connection.close(transfer::codes::CANCELLED.into(), b"sender interrupted");
+            node.close(node::QUICK_LINGER).await;
+            progress.clear();
+            bail!("interrupted: run the same command again to resume");
+        }
+    };
     tracing::debug!(stats = ?peer.connection.stats(), "connection statistics");
-    peer.connection.close(transfer::codes::DONE.into(), b"done");
+    // A file we could not read ends the send before anything is offered: say so.
+    let (code, reason): (u32, &[u8]) = match &result {
+        Err(TransferError::File { .. }) => (
+            transfer::codes::READ_FAILED,
+            b"the sender could not read its files",
+        ),
+        _ => (transfer::codes::DONE, b"done"),
+    };
+    peer.connection.close(code.into(), reason);
     node.close(node::QUICK_LINGER).await;
-    let reports = result?;
+    let reports = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     let verified = reports.iter().filter(|r| r.is_verified()).count();
-    if verified == reports.len() {
-        ui.say(&format!("all {verified} file(s) delivered and verified"));
-    } else {
-        ui.say(&format!(
-            "{verified} of {} file(s) delivered and verified",
-            reports.len()
-        ));
-    }
+    progress.summary(&reports, started.elapsed(), to);
     Ok(verified == reports.len())
+}
+
+/// Where the sender remembers the trees of files it hashed (`<qpunch home>/cache`); a
+/// cache that cannot be opened only costs hashing again.
+fn tree_cache() -> Option<Arc<TreeCache>> {
+    let dir = qpunch::identity::config_dir().ok()?.join("cache");
+    match TreeCache::open(&dir) {
+        Ok(cache) => Some(Arc::new(cache)),
+        Err(e) => {
+            tracing::warn!("no tree cache in {}: {e}", dir.display());
+            None
+        }
+    }
+}
+
+fn peer_addr(punched: &Punched) -> String {
+    canonical(punched.peer).to_string()
 }
 
 /// The `punched` event. `from` is the socket's address while punching, read before

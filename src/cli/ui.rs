@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qpunch::identity::Fingerprint;
@@ -95,6 +96,28 @@ pub enum Event {
     Declined { name: String, reason: String },
     /// Something failed.
     Error { message: String },
+    /// Something was left out or may surprise (a skipped symlink).
+    Warning { message: String },
+    /// How far the transfer is (at most a few per second). `bytes_done` counts bytes that
+    /// arrived or were already there (a resume), `files_done` files that ended.
+    Progress {
+        files_done: u64,
+        files: u64,
+        bytes_done: u64,
+        bytes: u64,
+        bytes_per_sec: f64,
+    },
+    /// The end of a batch: files verified of those offered, bytes verified, bytes that
+    /// actually travelled (less on a resume), time and rate, and where.
+    Summary {
+        files: u64,
+        verified: u64,
+        bytes: u64,
+        moved: u64,
+        seconds: f64,
+        mb_per_sec: f64,
+        path: String,
+    },
     /// Counters of the shared socket and the server, at exit.
     Stats {
         #[serde(flatten)]
@@ -160,6 +183,21 @@ impl Ui {
         }
     }
 
+    /// A warning: JSON event, or stderr unless quiet.
+    pub fn warn(&self, message: &str) {
+        if self.json {
+            self.event(
+                Event::Warning {
+                    message: message.to_string(),
+                },
+                None,
+            );
+        } else if !self.quiet {
+            let message = terminal(message);
+            self.multi.suspend(|| eprintln!("warning: {message}"));
+        }
+    }
+
     /// An error: JSON event, or stderr even when quiet.
     pub fn error(&self, message: &str) {
         if self.json {
@@ -179,12 +217,25 @@ impl Ui {
         let bar = self.multi.add(ProgressBar::new(size));
         bar.set_style(
             ProgressStyle::with_template(
-                "{msg:24!} [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} ETA {eta}",
+                "  {msg:30!} [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12}",
             )
             .expect("valid template")
             .progress_chars("=> "),
         );
         bar.set_message(display_safe(name));
+        bar
+    }
+
+    /// The bar of a whole batch: bytes, rate, ETA, and files done in its message.
+    fn total_bar(&self) -> ProgressBar {
+        let bar = self.multi.insert(0, ProgressBar::new(0));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:32!} [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
         bar
     }
 }
@@ -214,11 +265,32 @@ pub enum Side {
     Receiving(Fingerprint),
 }
 
-/// Progress bars and events for the files of one connection.
+/// Bars shown for single files at once; the rest only move the total.
+const FILE_BARS: usize = 4;
+/// Files below this size get no bar of their own (they come and go too fast to read).
+const BAR_FROM: u64 = 4 << 20;
+/// At most one `progress` event per this long.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Progress bars and events for the files of one connection: one bar for the whole
+/// batch, and bars for a few large files in flight.
 pub struct FileProgress {
     ui: Arc<Ui>,
     side: Side,
-    bars: Mutex<HashMap<u32, ProgressBar>>,
+    started: Instant,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    total: Option<ProgressBar>,
+    bars: HashMap<u32, ProgressBar>,
+    files: u64,
+    files_done: u64,
+    bytes: u64,
+    bytes_done: u64,
+    skipped: u64,
+    last_event: Option<Instant>,
 }
 
 impl FileProgress {
@@ -226,8 +298,100 @@ impl FileProgress {
         Arc::new(FileProgress {
             ui,
             side,
-            bars: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            state: Mutex::default(),
         })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remove every bar (the transfer is over or abandoned).
+    pub fn clear(&self) {
+        let mut state = self.state();
+        for (_, bar) in state.bars.drain() {
+            bar.finish_and_clear();
+        }
+        if let Some(total) = state.total.take() {
+            total.finish_and_clear();
+        }
+    }
+
+    /// A `progress` event, unless one went out less than [`PROGRESS_EVERY`] ago (`force`
+    /// sends it anyway: the last one of a batch).
+    fn maybe_event(&self, state: &mut State, force: bool) {
+        if !self.ui.json {
+            return;
+        }
+        let now = Instant::now();
+        if !force && state.last_event.is_some_and(|t| now - t < PROGRESS_EVERY) {
+            return;
+        }
+        state.last_event = Some(now);
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        self.ui.event(
+            Event::Progress {
+                files_done: state.files_done,
+                files: state.files,
+                bytes_done: state.bytes_done,
+                bytes: state.bytes,
+                bytes_per_sec: (state.bytes_done - state.skipped) as f64 / seconds,
+            },
+            None,
+        );
+    }
+
+    /// The summary line (and `summary` event) of a finished batch; `path` says where the
+    /// files went.
+    pub fn summary(&self, reports: &[FileReport], elapsed: Duration, path: &str) {
+        self.clear();
+        let verified: Vec<_> = reports.iter().filter(|r| r.is_verified()).collect();
+        let bytes: u64 = verified.iter().map(|r| r.size).sum();
+        let moved = {
+            let state = self.state();
+            state.bytes_done.saturating_sub(state.skipped)
+        };
+        let seconds = elapsed.as_secs_f64();
+        let mb_per_sec = moved as f64 / 1e6 / seconds.max(1e-9);
+        let verb = match self.side {
+            Side::Sending => "sent",
+            Side::Receiving(_) => "received",
+        };
+        let resumed = if moved < bytes {
+            format!(
+                ", {} of it already there (resumed)",
+                HumanBytes(bytes - moved)
+            )
+        } else {
+            String::new()
+        };
+        let line = if verified.len() == reports.len() {
+            format!(
+                "{verb} {} file(s), {}{resumed}, in {seconds:.2} s ({mb_per_sec:.1} MB/s), all verified: {path}",
+                reports.len(),
+                HumanBytes(bytes),
+            )
+        } else {
+            format!(
+                "{verb} {} of {} file(s), {}{resumed}, in {seconds:.2} s ({mb_per_sec:.1} MB/s): {path}",
+                verified.len(),
+                reports.len(),
+                HumanBytes(bytes),
+            )
+        };
+        self.ui.event(
+            Event::Summary {
+                files: reports.len() as u64,
+                verified: verified.len() as u64,
+                bytes,
+                moved,
+                seconds,
+                mb_per_sec,
+                path: path.to_string(),
+            },
+            Some(line),
+        );
     }
 }
 
@@ -243,20 +407,64 @@ impl Observer for FileProgress {
         }
     }
 
-    fn started(&self, id: u32, name: &str, size: u64) {
-        let bar = self.ui.bar(name, size);
-        self.bars.lock().unwrap().insert(id, bar);
+    fn batch(&self, files: u64, bytes: u64) {
+        let mut state = self.state();
+        state.files += files;
+        state.bytes += bytes;
+        let message = format!("{} of {} file(s)", state.files_done, state.files);
+        let length = state.bytes;
+        let total = state.total.get_or_insert_with(|| self.ui.total_bar());
+        total.set_length(length);
+        total.set_message(message);
+        self.maybe_event(&mut state, true);
     }
 
-    fn progress(&self, id: u32, bytes: u64) {
-        if let Some(bar) = self.bars.lock().unwrap().get(&id) {
-            bar.inc(bytes);
+    fn started(&self, id: u32, name: &str, size: u64) {
+        let mut state = self.state();
+        if size >= BAR_FROM && state.bars.len() < FILE_BARS {
+            let bar = self.ui.bar(name, size);
+            state.bars.insert(id, bar);
         }
     }
 
+    fn skipped(&self, id: u32, bytes: u64) {
+        let mut state = self.state();
+        state.bytes_done += bytes;
+        state.skipped += bytes;
+        if let Some(bar) = state.bars.get(&id) {
+            bar.set_position(bytes);
+            bar.reset_eta();
+        }
+        if let Some(total) = &state.total {
+            total.inc(bytes);
+        }
+        self.maybe_event(&mut state, false);
+    }
+
+    fn progress(&self, id: u32, bytes: u64) {
+        let mut state = self.state();
+        state.bytes_done += bytes;
+        if let Some(bar) = state.bars.get(&id) {
+            bar.inc(bytes);
+        }
+        if let Some(total) = &state.total {
+            total.inc(bytes);
+        }
+        self.maybe_event(&mut state, false);
+    }
+
     fn finished(&self, report: &FileReport) {
-        if let Some(bar) = self.bars.lock().unwrap().remove(&report.id) {
-            bar.finish_and_clear();
+        {
+            let mut state = self.state();
+            if let Some(bar) = state.bars.remove(&report.id) {
+                bar.finish_and_clear();
+            }
+            state.files_done += 1;
+            let all = state.files_done >= state.files && state.files > 0;
+            if let Some(total) = &state.total {
+                total.set_message(format!("{} of {} file(s)", state.files_done, state.files));
+            }
+            self.maybe_event(&mut state, all);
         }
         let name = display_safe(&report.name);
         let saved = report
@@ -264,6 +472,10 @@ impl Observer for FileProgress {
             .as_deref()
             .map(display_safe)
             .unwrap_or_default();
+        // Single files are named as they arrive unless there are many: then the summary
+        // line says it (JSON always names each).
+        let many = self.state().files > 20;
+        let line = |text: String| (!many).then_some(text);
         match (&report.outcome, self.side) {
             (Outcome::Verified, Side::Sending) => self.ui.event(
                 Event::Sent {
@@ -272,7 +484,7 @@ impl Observer for FileProgress {
                     blake3: report.blake3.clone(),
                     saved_as: report.saved_as.clone().unwrap_or_default(),
                 },
-                Some(format!(
+                line(format!(
                     "sent {name} ({}), verified by the receiver as {saved}",
                     HumanBytes(report.size)
                 )),
@@ -285,10 +497,10 @@ impl Observer for FileProgress {
                     saved_as: report.saved_as.clone().unwrap_or_default(),
                     from,
                 },
-                Some(format!(
+                line(format!(
                     "received {saved} ({}), BLAKE3 {} verified",
                     HumanBytes(report.size),
-                    &report.blake3[..16]
+                    &report.blake3[..16.min(report.blake3.len())]
                 )),
             ),
             (Outcome::Declined(reason), _) => {
@@ -325,6 +537,29 @@ impl Consent for TerminalConsent {
         // The receiver refuses offers larger than its free space before asking, but a
         // sum of peer-chosen sizes is never trusted not to wrap.
         let total = files.iter().fold(0u64, |sum, f| sum.saturating_add(f.size));
+        // What a person can take in: the top-level names (a folder counts once, with
+        // how many files and bytes it holds), the largest first.
+        let mut top: Vec<(String, u64, u64)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for f in files {
+            let (name, folder) = match f.dir.first() {
+                Some(folder) => (format!("{}/", display_safe(folder)), true),
+                None => (display_safe(&f.name), false),
+            };
+            let slot = *index
+                .entry(if folder {
+                    name.clone()
+                } else {
+                    format!("\0{}", f.id)
+                })
+                .or_insert_with(|| {
+                    top.push((name, 0, 0));
+                    top.len() - 1
+                });
+            top[slot].1 += 1;
+            top[slot].2 = top[slot].2.saturating_add(f.size);
+        }
+        top.sort_by_key(|t| std::cmp::Reverse(t.2));
         let answer = self.ui.multi.suspend(|| {
             eprintln!(
                 "\n{sender} wants to send you {} file(s), {} in all:",
@@ -332,11 +567,15 @@ impl Consent for TerminalConsent {
                 HumanBytes(total)
             );
             const SHOWN: usize = 20;
-            for f in files.iter().take(SHOWN) {
-                eprintln!("  {}  ({})", display_safe(&f.name), HumanBytes(f.size));
+            for (name, count, bytes) in top.iter().take(SHOWN) {
+                if name.ends_with('/') {
+                    eprintln!("  {name}  ({count} file(s), {})", HumanBytes(*bytes));
+                } else {
+                    eprintln!("  {name}  ({})", HumanBytes(*bytes));
+                }
             }
-            if files.len() > SHOWN {
-                eprintln!("  ... and {} more", files.len() - SHOWN);
+            if top.len() > SHOWN {
+                eprintln!("  ... and {} more", top.len() - SHOWN);
             }
             eprint!("Accept? [y/N] ");
             let _ = std::io::stderr().flush();

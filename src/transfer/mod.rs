@@ -1,24 +1,30 @@
 //! Verified file transfer over an authenticated QUIC connection.
 //!
-//! # Protocol (ALPN `qpunch-files/1`)
+//! # Protocol (ALPN `qpunch-files/2`)
 //! 1. The sender opens a *control* stream and writes a [`Manifest`]: every file's id,
-//!    offered name, size and BLAKE3 hash.
+//!    offered name (and folder, for trees), size and BLAKE3 hash, plus empty folders.
 //! 2. The receiver checks names, asks for consent, and answers with [`Decisions`]: for
-//!    each file either accept (with the `offset` to start from) or decline (with a reason).
-//! 3. For each accepted file the sender opens its own stream, writes a [`FileHeader`] and
-//!    then the raw bytes from `offset` to the end. Files travel in parallel, each with its
-//!    own flow control, so one slow disk does not stall the rest.
-//! 4. The receiver hashes while writing to `NAME.part`, and only when the size *and* the
-//!    hash match does the file take its final name. It answers on the same stream with a
-//!    [`FileResult`]; the sender reports success only after reading it.
+//!    each file accept (fresh, `offset` 0), *resume* (it holds a partial file with this
+//!    hash), or decline (with a reason).
+//! 3. The sender opens file streams. Each carries one or more entries, one after the
+//!    other: a [`FileHeader`], then exactly the file's bytes. Small files share streams
+//!    (a bundle of up to [`BUNDLE_FILES`] files or [`BUNDLE_BYTES`]), large ones get a
+//!    stream of their own, and several streams run in parallel, each with its own flow
+//!    control, so one slow disk does not stall the rest.
+//! 4. For a resumed file the entry's header is followed by the file's encoded
+//!    [`tree::Tree`] (a binary frame); the receiver accepts the tree only if it merges to
+//!    the offered hash, keeps the longest prefix of its partial that the tree proves
+//!    ([`tree::verified_prefix`]), answers [`ResumeFrom`] with that group-aligned offset,
+//!    and the sender streams the rest, which is verified group by group as it arrives.
+//! 5. The receiver writes to a private partial file, and only when the size *and* the hash
+//!    match does the file take its final name (after its bytes are durable). It answers on
+//!    the same stream with one [`FileResult`] per entry, in order; the sender reports
+//!    success only after reading it.
 //!
-//! Control messages are length-prefixed JSON: small, debuggable, and versioned by ALPN.
-//! The data path never holds more than a few MiB per file in memory.
-//!
-//! Why offsets and BLAKE3 from day one: the BLAKE3 hash *is* the root of a Merkle tree
-//! over 1 KiB chunks, so a receiver can verify a partial file's prefix against the
-//! sender's [`tree::Tree`] of 256 KiB group hashes and resume by accepting at a non-zero
-//! `offset`, without changing the frames.
+//! An interrupted transfer keeps its partial (when it holds at least one whole group) for
+//! the next attempt; a corrupted or short one is removed. Control messages are
+//! length-prefixed JSON: small, debuggable, and versioned by ALPN. The data path never
+//! holds more than a few MiB per stream in memory.
 
 pub mod names;
 mod receive;
@@ -26,25 +32,41 @@ mod reserve;
 mod send;
 mod store;
 pub mod tree;
+mod walk;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use receive::{
-    Consent, FILE_STREAMS, MANIFEST_BUDGET, MIN_RATE, MIN_WINDOW, NoEvents, Policy, ReceiveEvents,
-    ReceiveOptions, Receiver, STALL_TIMEOUT, WINDOW_BUDGET,
+    Consent, FILE_STREAMS, MANIFEST_BUDGET, MIN_RATE, MIN_WINDOW, NoEvents, PARTIAL_MAX_AGE,
+    Policy, ReceiveEvents, ReceiveOptions, Receiver, SMALL_BUDGET, STALL_TIMEOUT, WINDOW_BUDGET,
 };
-pub use send::{Outgoing, hash_file, send_files};
-pub use store::{DISK_JOBS, PARTIAL_DIR};
+pub use send::{Outgoing, SendOptions, hash_file, send_files, send_files_with};
+pub use store::{Cleaned, DISK_JOBS, PARTIAL_DIR, clean_partials};
+pub use walk::{Selection, select};
 
 /// The ALPN protocol id of file transfer.
-pub const ALPN: &[u8] = b"qpunch-files/1";
+pub const ALPN: &[u8] = b"qpunch-files/2";
 
 /// Largest control frame accepted: bounds memory against a hostile peer.
 pub const MAX_FRAME: usize = 4 << 20;
-/// Most files one manifest may offer.
+/// Most entries (files plus empty folders) one manifest may offer. A folder with more is
+/// sent in several runs of `qpunch send` (one per subfolder): the bound keeps a manifest
+/// within [`MAX_FRAME`] and the receiver's bookkeeping per sender small.
 pub const MAX_FILES: usize = 10_000;
+/// Most folder levels above a file in a manifest.
+pub const MAX_DEPTH: usize = 32;
+/// Files at most this large travel in bundles and are verified in memory before they
+/// touch the disk: one [`tree::GROUP`], which is also the smallest file worth resuming.
+pub const SMALL_FILE: u64 = tree::GROUP;
+/// Most files in one bundle stream.
+pub const BUNDLE_FILES: usize = 256;
+/// Most bytes of small files in one bundle stream (and buffered per stream by a receiver).
+pub const BUNDLE_BYTES: u64 = 1 << 20;
+/// Largest encoded tree a receiver reads for a resume: the tree of a 512 GiB file. Larger
+/// files are always sent whole.
+pub const MAX_TREE: usize = 16 << 20;
 
 /// QUIC application error codes used when closing connections or stopping streams.
 pub mod codes {
@@ -58,26 +80,43 @@ pub mod codes {
     pub const DECLINED: u32 = 3;
     /// The receiver is shutting down.
     pub const SHUTDOWN: u32 = 4;
+    /// The sender's file changed while it was being sent (a stream reset).
+    pub const CHANGED: u32 = 5;
+    /// The sender was interrupted (Ctrl-C); what arrived is kept for a resume.
+    pub const CANCELLED: u32 = 6;
+    /// A local file could not be read (a stream reset).
+    pub const READ_FAILED: u32 = 7;
 }
 
 /// One file as offered by the sender.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileOffer {
     /// Sender-chosen id, unique within the manifest.
     pub id: u32,
-    /// The name the sender proposes. Untrusted: see [`names::sanitize`].
+    /// The name the sender proposes. Untrusted: see [`names::sanitize`] (which keeps only
+    /// the last component: folders travel in `dir`).
     pub name: String,
     /// Size in bytes.
     pub size: u64,
     /// BLAKE3 hash of the whole file, lowercase hex.
     pub blake3: String,
+    /// The folders the file sits in, outermost first (empty for a plain file). Each is one
+    /// untrusted name component, checked like a file name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dir: Vec<String>,
+    /// Whether the sender's copy is executable (the receiver keeps the bit for its owner).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub executable: bool,
 }
 
 /// Every file of one send.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// The files, in the order the user gave them.
     pub files: Vec<FileOffer>,
+    /// Empty folders to recreate, each as its components (see [`FileOffer::dir`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<Vec<String>>,
 }
 
 /// The receiver's answer for one file.
@@ -90,6 +129,12 @@ pub enum Decision {
         id: u32,
         /// First byte the receiver needs.
         offset: u64,
+    },
+    /// The receiver holds a partial file with this hash: send the file's tree first, then
+    /// the bytes from the offset the receiver answers ([`ResumeFrom`]).
+    Resume {
+        /// Which file.
+        id: u32,
     },
     /// Do not send this file.
     Decline {
@@ -113,6 +158,16 @@ pub struct FileHeader {
     /// Which file follows.
     pub id: u32,
     /// Offset of the first byte that follows.
+    pub offset: u64,
+}
+
+/// The receiver's answer to a resumed file's tree: the bytes before `offset` are proven
+/// good (a multiple of [`tree::GROUP`], or the whole file), send the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeFrom {
+    /// Which file.
+    pub id: u32,
+    /// First byte the receiver needs.
     pub offset: u64,
 }
 
@@ -153,7 +208,8 @@ pub struct FileReport {
     pub size: u64,
     /// BLAKE3 hash, lowercase hex (as offered, or as received on failure).
     pub blake3: String,
-    /// Final name in the receiver's directory, when stored.
+    /// Final name in the receiver's directory, when stored: a path relative to it, with
+    /// `/` between folders.
     pub saved_as: Option<String>,
     /// The ending.
     pub outcome: Outcome,
@@ -164,7 +220,7 @@ impl FileReport {
     fn new(offer: &FileOffer, saved_as: Option<String>, outcome: Outcome) -> Self {
         FileReport {
             id: offer.id,
-            name: offer.name.clone(),
+            name: offer.display_path(),
             size: offer.size,
             blake3: offer.blake3.clone(),
             saved_as,
@@ -188,6 +244,12 @@ pub trait Observer: Send + Sync {
     fn progress(&self, _id: u32, _bytes: u64) {}
     /// A file ended (verified, declined or failed).
     fn finished(&self, _report: &FileReport) {}
+    /// The accepted part of a batch is known: `files` files of `bytes` bytes in all will
+    /// move (or be resumed).
+    fn batch(&self, _files: u64, _bytes: u64) {}
+    /// `bytes` bytes of file `id` were already at the receiver (a resume): they count as
+    /// done without moving.
+    fn skipped(&self, _id: u32, _bytes: u64) {}
 }
 
 /// An [`Observer`] that ignores everything.
@@ -367,6 +429,71 @@ async fn read_frame_limited<T: DeserializeOwned>(
         }
     }
     serde_json::from_slice(&body).map_err(|e| TransferError::protocol(format!("bad frame: {e}")))
+}
+
+impl FileOffer {
+    /// The offered path as people read it: folders and name joined with `/` (unsanitized:
+    /// escape before printing).
+    pub fn display_path(&self) -> String {
+        let mut path = String::new();
+        for part in &self.dir {
+            path.push_str(part);
+            path.push('/');
+        }
+        path.push_str(&self.name);
+        path
+    }
+}
+
+/// Write one length-prefixed binary frame (an encoded tree).
+async fn write_blob(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), TransferError> {
+    let len = u32::try_from(bytes.len()).map_err(TransferError::protocol)?;
+    send.write_all(&len.to_be_bytes())
+        .await
+        .map_err(stream_error)?;
+    send.write_all(bytes).await.map_err(stream_error)?;
+    Ok(())
+}
+
+/// Read one length-prefixed binary frame of exactly `want` bytes, taking claims above
+/// [`FREE_FRAME`] from `budget` first (see [`read_frame_limited`]).
+async fn read_blob(
+    recv: &mut quinn::RecvStream,
+    want: usize,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Result<Vec<u8>, TransferError> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.map_err(stream_error)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len != want {
+        return Err(TransferError::protocol(format!(
+            "a tree of {len} bytes where {want} were due"
+        )));
+    }
+    let _permit = if len > FREE_FRAME {
+        // `want <= MAX_TREE` fits a u32.
+        Some(
+            budget
+                .clone()
+                .acquire_many_owned(len as u32)
+                .await
+                .map_err(TransferError::protocol)?,
+        )
+    } else {
+        None
+    };
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    while body.len() < len {
+        match recv
+            .read_chunk(len - body.len(), true)
+            .await
+            .map_err(stream_error)?
+        {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(TransferError::protocol("stream ended inside a tree")),
+        }
+    }
+    Ok(body)
 }
 
 /// Whether `s` looks like a BLAKE3 hash in lowercase hex.

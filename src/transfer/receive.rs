@@ -7,7 +7,13 @@
 //! ([`PeerConnection::open_windows`]), a shared budget for manifest bytes, at most
 //! [`FILE_STREAMS`] files in flight per connection, [`super::store::DISK_JOBS`] blocking
 //! disk jobs for the whole receiver, a stall timeout per stream and a minimum rate per
-//! connection, and names that are released by ownership, never by bookkeeping.
+//! connection, names that are released by ownership, never by bookkeeping, and at most
+//! [`super::BUNDLE_BYTES`] of small files buffered per stream before they are written.
+//!
+//! Small files (at most one group) are read into memory, hashed, and only then written,
+//! a batch at a time: one `syncfs` per batch makes them durable before any takes its final
+//! name and before their verdicts go out. Large files stream to a private partial that
+//! survives interruptions; a sender that comes back resumes it (see [`super::store`]).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -19,11 +25,12 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 
 use super::reserve::{NameBook, Reservation};
-use super::store::{self, Disk, Part, PartGuard};
+use super::store::{self, Claim, Claims, Disk, Owner, Part, PartGuard, SmallFile, SyncGate};
+use super::tree::Tree;
 use super::{
-    Decision, Decisions, FileHeader, FileOffer, FileReport, FileResult, Manifest, Observer,
-    Outcome, Quiet, TransferError, codes, is_hash_hex, names, read_frame_limited, stream_error,
-    write_frame,
+    BUNDLE_BYTES, BUNDLE_FILES, Decision, Decisions, FileHeader, FileOffer, FileReport, FileResult,
+    MAX_DEPTH, MAX_TREE, Manifest, Observer, Outcome, Quiet, ResumeFrom, SMALL_FILE, TransferError,
+    codes, is_hash_hex, names, read_blob, read_frame_limited, stream_error, write_frame,
 };
 use crate::identity::Fingerprint;
 use crate::node::{NodeError, PeerConnection};
@@ -59,6 +66,15 @@ pub const MIN_WINDOW: u32 = 256 << 10;
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default [`ReceiveOptions::min_rate`]: 4 KiB/s.
 pub const MIN_RATE: u64 = 4 << 10;
+/// Bytes of small files read and not yet stored, across all senders: each stream holds
+/// at most [`super::BUNDLE_BYTES`] of them, and a crowd of accepted senders waits rather
+/// than adding up past this.
+pub const SMALL_BUDGET: usize = 64 << 20;
+/// Default [`ReceiveOptions::partial_max_age`]: a week.
+pub const PARTIAL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a sender that comes back waits for its earlier, dead transfer to let go of the
+/// partial it resumes.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 /// Asks a human (or any policy) whether to take offered files.
 pub trait Consent: Send + Sync {
@@ -112,6 +128,9 @@ pub struct ReceiveOptions {
     /// Serve one accepted transfer, then finish (see [`Receiver::finished_once`]). Other
     /// senders arriving meanwhile are told the receiver is busy.
     pub once: bool,
+    /// Partial files untouched for this long are removed when the receiver starts
+    /// ([`super::clean_partials`]); `Duration::ZERO` removes every one not in use.
+    pub partial_max_age: Duration,
 }
 
 impl ReceiveOptions {
@@ -125,6 +144,7 @@ impl ReceiveOptions {
             min_rate: MIN_RATE,
             allow_dotfiles: false,
             once: false,
+            partial_max_age: PARTIAL_MAX_AGE,
         }
     }
 }
@@ -157,6 +177,9 @@ pub struct Receiver {
     options: ReceiveOptions,
     names: Arc<NameBook>,
     disk: Disk,
+    claims: Arc<Claims>,
+    syncs: Arc<SyncGate>,
+    small_budget: Arc<Semaphore>,
     /// Consent prompts, one at a time; waiting for a turn holds no thread.
     prompts: tokio::sync::Mutex<()>,
     manifest_budget: Arc<Semaphore>,
@@ -178,10 +201,11 @@ impl std::fmt::Debug for Receiver {
     }
 }
 
-/// An accepted file: where it goes and what it must hash to.
+/// An accepted file: where it goes, what it must hash to, and whether it resumes.
 struct Plan {
     offer: FileOffer,
     reservation: Reservation,
+    resume: bool,
 }
 
 /// The receiver's answer to one manifest.
@@ -214,10 +238,22 @@ impl Receiver {
             )));
         }
         store::partial_dir(&options.out_dir).map_err(out_error)?;
+        match store::clean_partials(&options.out_dir, options.partial_max_age) {
+            Ok(cleaned) if cleaned.files > 0 => tracing::info!(
+                files = cleaned.files,
+                bytes = cleaned.bytes,
+                "removed stale partial files"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot clean partial files: {e}"),
+        }
         Ok(Arc::new(Receiver {
             options,
             names: Arc::default(),
             disk: Disk::default(),
+            claims: Arc::default(),
+            syncs: Arc::default(),
+            small_budget: Arc::new(Semaphore::new(SMALL_BUDGET)),
             prompts: tokio::sync::Mutex::new(()),
             manifest_budget: Arc::new(Semaphore::new(MANIFEST_BUDGET)),
             window_budget: Arc::new(Semaphore::new(WINDOW_BUDGET >> 10)),
@@ -274,7 +310,7 @@ impl Receiver {
                     .await?;
             Ok::<_, TransferError>((send, manifest))
         };
-        let (mut control_send, Manifest { files }) =
+        let (mut control_send, Manifest { files, dirs }) =
             match tokio::time::timeout(MANIFEST_TIMEOUT, offered).await {
                 Ok(Ok(offered)) => offered,
                 Ok(Err(e)) => return (Err(e), false),
@@ -286,14 +322,14 @@ impl Receiver {
                     );
                 }
             };
-        if files.len() > super::MAX_FILES {
+        if files.len() + dirs.len() > super::MAX_FILES {
             conn.close(codes::PROTOCOL.into(), b"too many files");
             return (
                 Err(TransferError::protocol("too many files offered")),
                 false,
             );
         }
-        let mut decided = self.decide(peer, files, ticket).await;
+        let mut decided = self.decide(peer, files, dirs, ticket).await;
         let claimed = !decided.plans.is_empty() && self.options.once && self.claim_once();
         if self.options.once && !claimed && !decided.plans.is_empty() {
             decided.decline_all("the receiver is busy with another transfer (--once)");
@@ -314,7 +350,7 @@ impl Receiver {
         // permit lives as long as this batch.
         let _window = (!plans.is_empty()).then(|| self.open_windows(peer));
         let result = self
-            .receive_accepted(conn, plans, &observer, &mut reports)
+            .receive_accepted(peer, plans, &observer, &mut reports)
             .await;
         let mut reports: Vec<FileReport> = reports.into_values().collect();
         reports.sort_by_key(|r| r.id);
@@ -357,9 +393,44 @@ impl Receiver {
         !self.once_claimed.swap(true, Ordering::SeqCst)
     }
 
+    /// A name component as it will be stored: checked like a file name (it must be one
+    /// component, unchanged by [`names::sanitize`]), then the dotfile policy.
+    fn component(&self, raw: &str) -> Result<String, String> {
+        match names::sanitize(raw) {
+            Ok(safe) if safe == raw => Ok(if self.options.allow_dotfiles {
+                safe
+            } else {
+                names::undot(&safe)
+            }),
+            Ok(_) => Err(format!(
+                "unsafe folder name {}: it must be a single name",
+                names::display_safe(raw)
+            )),
+            Err(e) => Err(format!(
+                "unsafe folder name {}: {e}",
+                names::display_safe(raw)
+            )),
+        }
+    }
+
+    /// Folder components as stored, or why they are refused.
+    fn folder(&self, dir: &[String]) -> Result<Vec<String>, String> {
+        if dir.len() > MAX_DEPTH {
+            return Err(format!("folders nested deeper than {MAX_DEPTH} levels"));
+        }
+        dir.iter().map(|part| self.component(part)).collect()
+    }
+
     /// Turn a manifest into decisions: safe names, size checks, consent, then reserved
-    /// destinations. Slow parts (the directory, a person) run off the async threads.
-    async fn decide(&self, peer: &PeerConnection, files: Vec<FileOffer>, ticket: bool) -> Decided {
+    /// destinations (and folders). Slow parts (the directory, a person) run off the async
+    /// threads. A `ticket` is consent given in advance.
+    async fn decide(
+        &self,
+        peer: &PeerConnection,
+        files: Vec<FileOffer>,
+        dirs: Vec<Vec<String>>,
+        ticket: bool,
+    ) -> Decided {
         let mut decided = Decided {
             decisions: Vec::with_capacity(files.len()),
             plans: HashMap::new(),
@@ -374,19 +445,21 @@ impl Receiver {
             } else if !is_hash_hex(&offer.blake3) {
                 Some("malformed hash".to_string())
             } else {
-                match names::sanitize(&offer.name) {
-                    Ok(safe) if self.options.allow_dotfiles => {
-                        offer.name = safe;
-                        None
-                    }
-                    Ok(safe) => {
-                        offer.name = names::undot(&safe);
-                        None
-                    }
-                    Err(e) => Some(format!(
+                let name = match names::sanitize(&offer.name) {
+                    Ok(safe) if self.options.allow_dotfiles => Ok(safe),
+                    Ok(safe) => Ok(names::undot(&safe)),
+                    Err(e) => Err(format!(
                         "unsafe file name {}: {e}",
                         names::display_safe(&offer.name)
                     )),
+                };
+                match (name, self.folder(&offer.dir)) {
+                    (Ok(name), Ok(dir)) => {
+                        offer.name = name;
+                        offer.dir = dir;
+                        None
+                    }
+                    (Err(why), _) | (_, Err(why)) => Some(why),
                 }
             };
             match problem {
@@ -400,7 +473,27 @@ impl Receiver {
                 }
             }
         }
+        // Empty folders: the unsafe ones are left out (and logged), they carry no data.
+        let dirs: Vec<Vec<String>> = dirs
+            .iter()
+            .filter_map(|dir| match self.folder(dir) {
+                Ok(dir) if !dir.is_empty() => Some(dir),
+                Ok(_) => None,
+                Err(why) => {
+                    tracing::warn!(sender = %peer.fingerprint, "empty folder left out: {why}");
+                    None
+                }
+            })
+            .collect();
         if candidates.is_empty() {
+            // Empty folders come with accepted files (consent covers them), or alone when
+            // nobody needs to be asked.
+            let alone =
+                decided.decisions.is_empty() && !matches!(self.options.policy, Policy::Ask(_));
+            if alone && !dirs.is_empty() {
+                let out = self.options.out_dir.clone();
+                self.disk.run(move || make_empty_dirs(&out, &dirs)).await;
+            }
             return decided;
         }
         // Second pass: does it fit at all? Checked before anyone is asked.
@@ -445,7 +538,8 @@ impl Receiver {
             }
             _ => vec![true; candidates.len()],
         };
-        // Last: reserve destinations (the directory is inspected: blocking).
+        // Last: folders, reserved destinations and partials to resume (the directory is
+        // inspected: blocking).
         let (accepted, refused): (Vec<_>, Vec<_>) = candidates
             .into_iter()
             .enumerate()
@@ -453,18 +547,48 @@ impl Receiver {
         for (_, (index, offer)) in refused {
             decided.decline(&offer, Some(index), "declined by the receiver".into());
         }
+        if accepted.is_empty() {
+            return decided;
+        }
         let (names, dir, overwrite) = (
             self.names.clone(),
             self.options.out_dir.clone(),
             self.options.overwrite,
         );
+        let partial_dir = dir.join(store::PARTIAL_DIR);
+        let partials = self
+            .disk
+            .run(move || store::partial_hashes(&partial_dir).unwrap_or_default())
+            .await;
+        // A sender that comes back (it was killed, its network dropped) may still have a
+        // transfer here that has not noticed: stop it, so that its partial and its names
+        // are free for this one.
+        let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        for (_, (_, offer)) in &accepted {
+            if offer.size > SMALL_FILE && partials.contains(&offer.blake3) {
+                self.claims
+                    .take_back(&offer.blake3, owner_of(peer), deadline)
+                    .await;
+            }
+        }
         let reserved = self
             .disk
             .run(move || {
+                make_empty_dirs(&dir, &dirs);
+                // Each folder is made (and checked) once, however many files it holds.
+                let mut folders: HashMap<Vec<String>, Result<PathBuf, String>> = HashMap::new();
                 accepted
                     .into_iter()
                     .map(|(_, (index, offer))| {
-                        let reservation = names.reserve(&dir, &offer.name, overwrite);
+                        let folder = folders
+                            .entry(offer.dir.clone())
+                            .or_insert_with(|| {
+                                store::make_dirs(&dir, &offer.dir).map_err(|e| e.to_string())
+                            })
+                            .clone()
+                            .map_err(std::io::Error::other);
+                        let reservation = folder
+                            .and_then(|folder| names.reserve(&folder, &offer.name, overwrite));
                         (index, offer, reservation)
                     })
                     .collect::<Vec<_>>()
@@ -473,7 +597,20 @@ impl Receiver {
         for (index, offer, reservation) in reserved {
             match reservation {
                 Ok(reservation) => {
-                    decided.plans.insert(offer.id, Plan { offer, reservation });
+                    let resume = offer.size > SMALL_FILE
+                        && partials.contains(&offer.blake3)
+                        && Tree::encoded_len(offer.size).is_some_and(|len| len <= MAX_TREE);
+                    if resume {
+                        decided.decisions[index] = Decision::Resume { id: offer.id };
+                    }
+                    decided.plans.insert(
+                        offer.id,
+                        Plan {
+                            offer,
+                            reservation,
+                            resume,
+                        },
+                    );
                 }
                 Err(e) => decided.decline(&offer, Some(index), format!("cannot store it: {e}")),
             }
@@ -481,39 +618,59 @@ impl Receiver {
         decided
     }
 
-    /// Accept one stream per planned file and receive them concurrently, cutting off a
+    /// Accept the planned files' streams and receive them concurrently, cutting off a
     /// sender that stalls or drips.
     async fn receive_accepted(
         &self,
-        conn: &quinn::Connection,
-        mut plans: HashMap<u32, Plan>,
+        peer: &PeerConnection,
+        plans: HashMap<u32, Plan>,
         observer: &Arc<dyn Observer>,
         reports: &mut HashMap<u32, FileReport>,
     ) -> Result<(), TransferError> {
+        let conn = &peer.connection;
         let stall = self.options.stall_timeout;
         // The rate is judged over two stall periods, so that a single stalled stream is
         // reported as such (its file fails, with a verdict) before the connection as a
         // whole is judged too slow.
         let period = stall * 2;
         let least = (self.options.min_rate as f64 * period.as_secs_f64()) as u64;
-        let moved = Arc::new(AtomicU64::new(0));
+        let (files, bytes) = plans
+            .values()
+            .fold((0, 0), |(n, b), p| (n + 1, b + p.offer.size));
+        observer.batch(files, bytes);
+        let plans = Arc::new(std::sync::Mutex::new(plans));
+        let job = Arc::new(StreamJob {
+            disk: self.disk.clone(),
+            partial_dir: self.options.out_dir.join(store::PARTIAL_DIR),
+            out_dir: self.options.out_dir.clone(),
+            overwrite: self.options.overwrite,
+            stall,
+            moved: Arc::new(AtomicU64::new(0)),
+            plans: plans.clone(),
+            claims: self.claims.clone(),
+            syncs: self.syncs.clone(),
+            small_budget: self.small_budget.clone(),
+            owner: owner_of(peer),
+            budget: self.manifest_budget.clone(),
+        });
         let mut last_moved = 0;
-        let mut tasks: tokio::task::JoinSet<FileReport> = tokio::task::JoinSet::new();
+        let mut tasks: tokio::task::JoinSet<Vec<FileReport>> = tokio::task::JoinSet::new();
         let mut outcome = Ok(());
         let mut strays = 0;
         let mut window = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        while !plans.is_empty() || !tasks.is_empty() {
+        while !job.no_plans_left() || !tasks.is_empty() {
             // Every branch is cancel-safe: `accept_bi` takes a stream only when it returns
             // it, `join_next` only when it yields, and the timers lose nothing.
             let accepted = tokio::select! {
-                accepted = conn.accept_bi(), if !plans.is_empty() => accepted,
+                accepted = conn.accept_bi(), if !job.no_plans_left() => accepted,
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    let report = joined.expect("receive task panicked");
-                    reports.insert(report.id, report);
+                    for report in joined.expect("receive task panicked") {
+                        reports.insert(report.id, report);
+                    }
                     continue;
                 }
                 _ = window.tick() => {
-                    let now = moved.load(Ordering::Relaxed);
+                    let now = job.moved.load(Ordering::Relaxed);
                     if now - last_moved < least {
                         let why = format!(
                             "the sender moved {} in the last {} s, less than the minimum {}/s",
@@ -541,13 +698,10 @@ impl Receiver {
                     break;
                 }
             };
-            let header = match tokio::time::timeout(
-                stall,
-                read_frame_limited::<FileHeader>(&mut recv, MAX_HEADER, None),
-            )
-            .await
-            {
-                Ok(Ok(h)) => h,
+            let header = match tokio::time::timeout(stall, read_header(&mut recv)).await {
+                Ok(Ok(Some(h))) => Some(h),
+                // An empty stream carries no file: a stray like any other.
+                Ok(Ok(None)) => None,
                 Ok(Err(e)) => {
                     outcome = Err(e);
                     break;
@@ -557,7 +711,9 @@ impl Receiver {
                     break;
                 }
             };
-            let Some(plan) = plans.remove(&header.id) else {
+            let Some((header, plan)) =
+                header.and_then(|h| job.take_plan(h.id).map(|plan| (h, plan)))
+            else {
                 // Unknown or repeated id: refuse that stream, keep serving the others,
                 // but not forever.
                 let _ = recv.stop(codes::DECLINED.into());
@@ -574,35 +730,50 @@ impl Receiver {
                 outcome = Err(TransferError::protocol(
                     "file stream at an offset that was not offered",
                 ));
-                plans.insert(header.id, plan);
+                job.put_back(plan);
                 break;
             }
-            let job = FileJob {
-                disk: self.disk.clone(),
-                partial_dir: self.options.out_dir.join(store::PARTIAL_DIR),
-                overwrite: self.options.overwrite,
-                stall,
-                moved: moved.clone(),
-            };
-            let observer = observer.clone();
-            tasks.spawn(async move {
-                let report = job.receive(plan, send, recv, &*observer).await;
-                observer.finished(&report);
-                report
-            });
+            let (job, observer) = (job.clone(), observer.clone());
+            tasks.spawn(async move { job.serve_stream(plan, send, recv, &*observer).await });
         }
         // Files that never got a stream fail; dropping their plans frees their names.
-        for plan in plans.into_values() {
+        let left: Vec<Plan> = job.lock_plans().drain().map(|(_, plan)| plan).collect();
+        for plan in left {
             let report = failed(&plan.offer, "the sender never sent it");
             observer.finished(&report);
             reports.insert(plan.offer.id, report);
         }
         while let Some(joined) = tasks.join_next().await {
-            let report = joined.expect("receive task panicked");
-            reports.insert(report.id, report);
+            for report in joined.expect("receive task panicked") {
+                reports.insert(report.id, report);
+            }
         }
         outcome
     }
+}
+
+/// Read the next entry's header, or `None` where the stream ends cleanly between entries.
+async fn read_header(recv: &mut quinn::RecvStream) -> Result<Option<FileHeader>, TransferError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < len.len() {
+        match recv.read(&mut len[got..]).await.map_err(stream_error)? {
+            Some(n) => got += n,
+            None if got == 0 => return Ok(None),
+            None => return Err(TransferError::protocol("stream ended inside a header")),
+        }
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_HEADER {
+        return Err(TransferError::protocol(format!(
+            "frame of {len} bytes exceeds {MAX_HEADER}"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(stream_error)?;
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| TransferError::protocol(format!("bad frame: {e}")))
 }
 
 impl Decided {
@@ -625,7 +796,8 @@ impl Decided {
             let id = plan.offer.id;
             self.reports.insert(id, declined(&plan.offer, reason));
             for d in &mut self.decisions {
-                if matches!(d, Decision::Accept { id: a, .. } if *a == id) {
+                if matches!(d, Decision::Accept { id: a, .. } | Decision::Resume { id: a } if *a == id)
+                {
                     *d = Decision::Decline {
                         id,
                         reason: reason.to_string(),
@@ -640,8 +812,9 @@ impl Service for Receiver {
     async fn serve(self: Arc<Self>, peer: PeerConnection, mut shutdown: Shutdown) {
         let observer = self.events.connected(&peer);
         let (outcome, claimed) = tokio::select! {
-            // Dropping the batch on shutdown ends it cleanly: partial files are removed by
-            // their guards and reserved names released by their owners.
+            // Dropping the batch on shutdown ends it cleanly: partial files worth resuming
+            // are kept by their guards (the others removed) and reserved names released
+            // by their owners.
             r = self.handle_batch(&peer, observer) => r,
             () = shutdown.recv() => {
                 peer.connection.close(codes::SHUTDOWN.into(), b"receiver shutting down");
@@ -664,6 +837,23 @@ impl Service for Receiver {
 
     fn handshake_failed(&self, remote: SocketAddr, error: &NodeError) {
         self.events.handshake_failed(remote, error);
+    }
+}
+
+/// The owner of the partials a connection writes.
+fn owner_of(peer: &PeerConnection) -> Owner {
+    Owner {
+        sender: peer.fingerprint,
+        connection: peer.connection.stable_id(),
+    }
+}
+
+/// Blocking: create the (checked) empty folders of a manifest below `out`.
+fn make_empty_dirs(out: &Path, dirs: &[Vec<String>]) {
+    for dir in dirs {
+        if let Err(e) = store::make_dirs(out, dir) {
+            tracing::warn!("cannot create an empty folder: {e}");
+        }
     }
 }
 
@@ -700,36 +890,284 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-/// What one file's task needs from the receiver.
-struct FileJob {
+/// What the streams of one sender's batch share.
+struct StreamJob {
     disk: Disk,
     partial_dir: PathBuf,
+    out_dir: PathBuf,
     overwrite: bool,
     stall: Duration,
     /// Bytes moved on this connection, for the minimum-rate check.
     moved: Arc<AtomicU64>,
+    /// Accepted files not yet seen on any stream.
+    plans: Arc<std::sync::Mutex<HashMap<u32, Plan>>>,
+    claims: Arc<Claims>,
+    syncs: Arc<SyncGate>,
+    /// See [`SMALL_BUDGET`].
+    small_budget: Arc<Semaphore>,
+    /// Who writes this batch's partials.
+    owner: Owner,
+    /// Bounds the memory of resumed files' trees (shared with manifests).
+    budget: Arc<Semaphore>,
 }
 
-impl FileJob {
-    /// Receive one file's bytes, verify, name it, and tell the sender.
-    async fn receive(
-        self,
-        plan: Plan,
+/// A small file of a stream, waiting for its batch to be stored.
+enum Pending {
+    /// Verified in memory.
+    Store(Plan, SmallFile),
+    /// Already failed: `(hash received, why)`.
+    Failed(Plan, String, String),
+}
+
+/// How a file's transfer ended, for the stream it came on.
+enum Ended {
+    /// The entry was read whole: the stream can carry on with the next one.
+    Clean,
+    /// The stream is unusable (interrupted, out of step).
+    Broken,
+}
+
+impl StreamJob {
+    fn lock_plans(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Plan>> {
+        self.plans.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn no_plans_left(&self) -> bool {
+        self.lock_plans().is_empty()
+    }
+
+    fn take_plan(&self, id: u32) -> Option<Plan> {
+        self.lock_plans().remove(&id)
+    }
+
+    fn put_back(&self, plan: Plan) {
+        self.lock_plans().insert(plan.offer.id, plan);
+    }
+
+    /// The saved name as the sender is told it: relative to the output directory.
+    fn saved_as(&self, dest: &Path) -> Option<String> {
+        let relative = dest.strip_prefix(&self.out_dir).ok()?;
+        let parts: Vec<_> = relative
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect();
+        Some(parts.join("/"))
+    }
+
+    /// Receive every entry of one stream, in order, answering a verdict for each.
+    async fn serve_stream(
+        self: Arc<Self>,
+        first: Plan,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
         observer: &dyn Observer,
-    ) -> FileReport {
-        let Plan { offer, reservation } = plan;
-        observer.started(offer.id, &offer.name, offer.size);
-        let outcome = self
-            .store(&offer, reservation.dest(), &mut recv, observer)
+    ) -> Vec<FileReport> {
+        let mut reports = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut pending_bytes = 0;
+        // Budget for the bytes in `pending`; let go with every flush.
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut plan = first;
+        loop {
+            let offer = &plan.offer;
+            observer.started(offer.id, &offer.name, offer.size);
+            if offer.size <= SMALL_FILE && !plan.resume {
+                // At most SMALL_FILE: fits a u32.
+                let need = offer.size as u32;
+                let permit = match self.small_budget.clone().try_acquire_many_owned(need) {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        // Wait holding nothing (flush first), so waiters never block each
+                        // other.
+                        self.flush(&mut pending, &mut send, &mut reports, observer)
+                            .await;
+                        (pending_bytes, held) = (0, None);
+                        let budget = self.small_budget.clone();
+                        budget.acquire_many_owned(need).await.expect("never closed")
+                    }
+                };
+                match &mut held {
+                    Some(held) => held.merge(permit),
+                    None => held = Some(permit),
+                }
+                let offer = &plan.offer;
+                let (read, ended) = self.read_small(&mut recv, offer, observer).await;
+                pending_bytes += offer.size;
+                pending.push(match read {
+                    Ok(file) => Pending::Store(plan, file),
+                    Err((hash, why)) => Pending::Failed(plan, hash, why),
+                });
+                let broken = matches!(ended, Ended::Broken);
+                if broken || pending.len() >= BUNDLE_FILES || pending_bytes >= BUNDLE_BYTES {
+                    self.flush(&mut pending, &mut send, &mut reports, observer)
+                        .await;
+                    (pending_bytes, held) = (0, None);
+                }
+                if broken {
+                    let _ = recv.stop(codes::DECLINED.into());
+                    break;
+                }
+            } else {
+                self.flush(&mut pending, &mut send, &mut reports, observer)
+                    .await;
+                (pending_bytes, held) = (0, None);
+                let (report, ended) = self
+                    .receive_large(plan, &mut send, &mut recv, observer)
+                    .await;
+                observer.finished(&report);
+                reports.push(report);
+                if matches!(ended, Ended::Broken) {
+                    let _ = recv.stop(codes::DECLINED.into());
+                    break;
+                }
+            }
+            let next = match tokio::time::timeout(self.stall, read_header(&mut recv)).await {
+                Ok(Ok(Some(header))) if header.offset == 0 => self.take_plan(header.id),
+                Ok(Ok(None)) => break,
+                _ => None,
+            };
+            match next {
+                Some(next) => plan = next,
+                None => {
+                    // Out of step, stalled, or a file not accepted: this stream is done.
+                    let _ = recv.stop(codes::DECLINED.into());
+                    break;
+                }
+            }
+        }
+        self.flush(&mut pending, &mut send, &mut reports, observer)
             .await;
+        let _ = send.finish();
+        reports
+    }
+
+    /// Read a small file's bytes: exactly its offered size, checked against its hash.
+    async fn read_small(
+        &self,
+        recv: &mut quinn::RecvStream,
+        offer: &FileOffer,
+        observer: &dyn Observer,
+    ) -> (Result<SmallFile, (String, String)>, Ended) {
+        let size = offer.size as usize;
+        let mut data = Vec::with_capacity(size.min(64 << 10));
+        while data.len() < size {
+            let read = tokio::time::timeout(self.stall, recv.read_chunk(size - data.len(), true));
+            let why = match read.await {
+                Ok(Ok(Some(chunk))) => {
+                    self.moved
+                        .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                    data.extend_from_slice(&chunk.bytes);
+                    continue;
+                }
+                Err(_) => stall_message(self.stall),
+                Ok(Ok(None)) => format!("got {} of {size} bytes", data.len()),
+                Ok(Err(e)) => interrupted(&e),
+            };
+            let hash = blake3::hash(&data).to_hex().to_string();
+            return (Err((hash, why)), Ended::Broken);
+        }
+        observer.progress(offer.id, offer.size);
+        let hash = blake3::hash(&data).to_hex().to_string();
+        if hash != offer.blake3 {
+            let why = "BLAKE3 mismatch: the file arrived corrupted or changed".to_string();
+            return (Err((hash, why)), Ended::Clean);
+        }
+        (
+            Ok(SmallFile {
+                data,
+                hash,
+                dest: PathBuf::new(),
+                executable: offer.executable,
+            }),
+            Ended::Clean,
+        )
+    }
+
+    /// Store the pending small files (one disk job, one `syncfs`), then answer their
+    /// verdicts in order.
+    async fn flush(
+        &self,
+        pending: &mut Vec<Pending>,
+        send: &mut quinn::SendStream,
+        reports: &mut Vec<FileReport>,
+        observer: &dyn Observer,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(pending);
+        let files: Vec<SmallFile> = entries
+            .iter()
+            .filter_map(|entry| match entry {
+                Pending::Store(plan, file) => Some(SmallFile {
+                    data: file.data.clone(),
+                    hash: file.hash.clone(),
+                    dest: plan.reservation.dest().to_path_buf(),
+                    executable: file.executable,
+                }),
+                Pending::Failed(..) => None,
+            })
+            .collect();
+        // Write, make durable (one syncfs shared with the batches finishing meanwhile),
+        // then name: no file takes its name before its bytes are on disk.
+        let files = Arc::new(files);
+        let (dir, batch) = (self.partial_dir.clone(), files.clone());
+        let written = self
+            .disk
+            .run(move || store::write_small(&dir, &batch))
+            .await;
+        let written = if written.iter().any(Result::is_ok) {
+            match self.syncs.sync(&self.disk, &self.partial_dir).await {
+                Ok(()) => written,
+                Err(e) => written
+                    .into_iter()
+                    .map(|slot| {
+                        let path = slot?;
+                        let _ = std::fs::remove_file(path);
+                        Err(std::io::Error::new(e.kind(), e.to_string()))
+                    })
+                    .collect(),
+            }
+        } else {
+            written
+        };
+        let (batch, overwrite) = (files.clone(), self.overwrite);
+        let mut stored = self
+            .disk
+            .run(move || store::commit_small(written, &batch, overwrite))
+            .await
+            .into_iter();
+        for entry in entries {
+            let (plan, outcome) = match entry {
+                Pending::Store(plan, file) => {
+                    let outcome = match stored.next().expect("one result per file") {
+                        Ok(()) => Ok(file.hash),
+                        Err(e) => Err((file.hash, format!("cannot store the file: {e}"))),
+                    };
+                    (plan, outcome)
+                }
+                Pending::Failed(plan, hash, why) => (plan, Err((hash, why))),
+            };
+            let report = self.answer(plan, outcome, send).await;
+            observer.finished(&report);
+            reports.push(report);
+        }
+    }
+
+    /// Tell the sender how `plan`'s file ended, and make the local report. The
+    /// reservation is released here: the file exists under its name now, or it does not.
+    async fn answer(
+        &self,
+        plan: Plan,
+        outcome: Result<String, (String, String)>,
+        send: &mut quinn::SendStream,
+    ) -> FileReport {
+        let Plan {
+            offer, reservation, ..
+        } = plan;
         let (result, report) = match outcome {
             Ok(hash) => {
-                let saved_as = reservation
-                    .dest()
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned());
+                let saved_as = self.saved_as(reservation.dest());
                 let result = FileResult {
                     id: offer.id,
                     verified: true,
@@ -740,7 +1178,6 @@ impl FileJob {
                 (result, FileReport::new(&offer, saved_as, Outcome::Verified))
             }
             Err((hash, why)) => {
-                let _ = recv.stop(codes::DECLINED.into());
                 let result = FileResult {
                     id: offer.id,
                     verified: false,
@@ -755,47 +1192,161 @@ impl FileJob {
                 (result, report)
             }
         };
-        // The file exists now, or it does not: its name is free either way.
         drop(reservation);
         // If the sender is gone it cannot read the verdict; the local report stands.
-        if write_frame(&mut send, &result).await.is_ok() {
-            let _ = send.finish();
-        }
+        let _ = write_frame(send, &result).await;
         report
     }
 
-    /// Write the stream to a fresh partial while hashing; on a full, matching file, move it
-    /// to `dest`. Returns the hash received, or that hash (possibly empty) and the reason.
-    async fn store(
+    /// Receive one large file (resuming it when planned so), verify, name it, answer.
+    async fn receive_large(
         &self,
-        offer: &FileOffer,
-        dest: &Path,
+        plan: Plan,
+        send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
         observer: &dyn Observer,
-    ) -> Result<String, (String, String)> {
-        let fail = |why: String| (String::new(), why);
+    ) -> (FileReport, Ended) {
+        // The claim on the partial is let go only after the answer (which releases the
+        // reserved name): whoever waits for it finds both free.
+        let mut claim = None;
+        let (outcome, ended) = self.store(&plan, send, recv, observer, &mut claim).await;
+        if outcome.is_err() {
+            let _ = recv.stop(codes::DECLINED.into());
+        }
+        let report = self.answer(plan, outcome, send).await;
+        drop(claim);
+        (report, ended)
+    }
+
+    /// For a resumed file: read and check the sender's tree, then claim and open the best
+    /// partial (taking it over from a dead transfer of the same sender), proving its
+    /// prefix; without a usable partial, a fresh one. Answers the offset on the stream.
+    async fn open_resumed(
+        &self,
+        offer: &FileOffer,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(Part, Claim), String> {
+        let want = Tree::encoded_len(offer.size).filter(|&len| len <= MAX_TREE);
+        let want = want.ok_or("the file is too large to resume")?;
+        let read = tokio::time::timeout(self.stall, read_blob(recv, want, &self.budget));
+        let bytes = match read.await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => return Err(format!("no tree for the resume: {e}")),
+            Err(_) => return Err(stall_message(self.stall)),
+        };
+        let root = blake3::Hash::from_hex(&offer.blake3).map_err(|e| e.to_string())?;
+        let tree = Arc::new(
+            Tree::decode_with_root(&bytes, &root)
+                .map_err(|e| format!("the sender's tree is not its file's: {e}"))?,
+        );
+        drop(bytes);
+        let (dir, hash) = (self.partial_dir.clone(), offer.blake3.clone());
+        let candidates = self
+            .disk
+            .run(move || store::partials_for(&dir, &hash))
+            .await;
+        let mut opened = None;
+        for path in candidates {
+            let Some(claim) = self.claims.claim(&path, self.owner, TAKEOVER_WAIT).await else {
+                continue;
+            };
+            let tree = tree.clone();
+            let resumed = self
+                .disk
+                .run(move || Part::resume(&path, tree).map_err(|e| (path, e)))
+                .await;
+            match resumed {
+                Ok(part) => {
+                    opened = Some((part, claim));
+                    break;
+                }
+                Err((path, e)) => tracing::debug!(path = %path.display(), "not resumed: {e}"),
+            }
+        }
+        let (part, claim) = match opened {
+            Some(opened) => opened,
+            None => self.create(offer).await?,
+        };
+        let answer = ResumeFrom {
+            id: offer.id,
+            offset: part.offset(),
+        };
+        write_frame(send, &answer)
+            .await
+            .map_err(|e| format!("cannot answer the resume: {e}"))?;
+        Ok((part, claim))
+    }
+
+    /// A fresh, claimed partial for `offer`.
+    async fn create(&self, offer: &FileOffer) -> Result<(Part, Claim), String> {
         let (dir, hash) = (self.partial_dir.clone(), offer.blake3.clone());
         let part = self
             .disk
             .run(move || Part::create(&dir, &hash))
             .await
-            .map_err(|e| fail(format!("cannot create a partial file: {e}")))?;
-        // Removes the partial on every early exit, including this future being dropped.
+            .map_err(|e| format!("cannot create a partial file: {e}"))?;
+        let claim = self.claims.claim_new(part.path(), self.owner);
+        Ok((part, claim))
+    }
+
+    /// Write the entry's bytes to a partial while checking them; on a full, matching file,
+    /// move it to its destination. Returns the hash received, or that hash (possibly empty)
+    /// and the reason, and whether the stream can go on.
+    async fn store(
+        &self,
+        plan: &Plan,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        observer: &dyn Observer,
+        hold: &mut Option<Claim>,
+    ) -> (Result<String, (String, String)>, Ended) {
+        let offer = &plan.offer;
+        let broken = |why: String| (Err((String::new(), why)), Ended::Broken);
+        let opened = if plan.resume {
+            self.open_resumed(offer, send, recv).await
+        } else {
+            self.create(offer).await
+        };
+        // The claim outlives the part: the caller drops it.
+        let part = match opened {
+            Ok((part, claim)) => {
+                let claim: &Claim = hold.insert(claim);
+                (part, claim)
+            }
+            Err(why) => return broken(why),
+        };
+        let (part, claim) = part;
+        let start = part.offset();
+        if start > 0 {
+            observer.skipped(offer.id, start);
+        }
+        // Keeps the partial for a resume, or removes it, on every early exit, including
+        // this future being dropped.
         let mut guard = PartGuard::new(part.path());
+        guard.reached(start);
         let part_path = part.path().to_path_buf();
         let mut part = Some(part);
         // One disk write in flight while the next batch is gathered from the network.
         let mut writing: Option<tokio::task::JoinHandle<(Part, std::io::Result<()>)>> = None;
-        let mut received: u64 = 0;
+        let mut received = start;
         let mut failure = None;
-        let mut finished = false;
-        while !finished {
+        let mut clean_end = true;
+        while received < offer.size && failure.is_none() {
             let mut batch = Vec::new();
             let mut gathered = 0;
-            while gathered < GATHER {
-                let read = tokio::time::timeout(self.stall, recv.read_chunk(CHUNK, true)).await;
+            while gathered < GATHER && received + (gathered as u64) < offer.size {
+                let want = CHUNK.min((offer.size - received) as usize - gathered);
+                // Cancel-safe: `read_chunk` loses nothing when not polled to completion,
+                // and a takeover only notifies.
+                let read = tokio::select! {
+                    read = tokio::time::timeout(self.stall, recv.read_chunk(want, true)) => read,
+                    () = claim.taken_over() => {
+                        failure = Some("the same sender started over on a new connection".into());
+                        break;
+                    }
+                };
                 match read {
-                    Err(_) => failure = Some(stall_message(self.stall)),
                     Ok(Ok(Some(chunk))) => {
                         gathered += chunk.bytes.len();
                         self.moved
@@ -803,31 +1354,32 @@ impl FileJob {
                         batch.push(chunk.bytes);
                         continue;
                     }
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => failure = Some(format!("transfer interrupted: {e}")),
+                    Err(_) => failure = Some(stall_message(self.stall)),
+                    Ok(Ok(None)) => {
+                        clean_end = false;
+                        failure = Some(format!(
+                            "got {} of {} bytes",
+                            received + gathered as u64,
+                            offer.size
+                        ));
+                    }
+                    Ok(Err(e)) => failure = Some(interrupted(&e)),
                 }
-                finished = true;
                 break;
             }
             if gathered == 0 {
-                break;
-            }
-            received += gathered as u64;
-            if received > offer.size {
-                failure = Some(format!(
-                    "sender sent more than the offered {} bytes",
-                    offer.size
-                ));
                 break;
             }
             if let Some(previous) = writing.take() {
                 let (back, written) = previous.await.expect("disk task");
                 part = Some(back);
                 if let Err(e) = written {
-                    failure = Some(format!("cannot write {}: {e}", part_path.display()));
+                    failure = Some(write_failure(&e));
                     break;
                 }
             }
+            received += gathered as u64;
+            guard.reached(received);
             observer.progress(offer.id, gathered as u64);
             let mut p = part.take().expect("the part is back");
             writing = Some(self.disk.spawn(move || {
@@ -838,39 +1390,76 @@ impl FileJob {
         if let Some(previous) = writing.take() {
             let (back, written) = previous.await.expect("disk task");
             if let (Err(e), None) = (written, &failure) {
-                failure = Some(format!("cannot write {}: {e}", part_path.display()));
+                failure = Some(write_failure(&e));
             }
             part = Some(back);
         }
         let part = part.expect("the part is back");
+        guard.reached(part.offset());
         if let Some(why) = failure {
-            return Err((part.hash_so_far(), why));
+            if !clean_end {
+                // The sender said "that is all" short of the size: not an interruption.
+                guard.condemn();
+            }
+            return (Err((part.hash_so_far(), why)), Ended::Broken);
         }
-        let (hash, synced) = self.disk.run(move || part.finish()).await;
+        let executable = offer.executable;
+        let (hash, synced) = self.disk.run(move || part.finish(executable)).await;
         if let Err(e) = synced {
-            return Err((hash, format!("cannot write {}: {e}", part_path.display())));
-        }
-        if received != offer.size {
-            return Err((hash, format!("got {received} of {} bytes", offer.size)));
+            return (Err((hash, write_failure(&e))), Ended::Clean);
         }
         if hash != offer.blake3 {
-            return Err((
-                hash,
-                "BLAKE3 mismatch: the file arrived corrupted or changed".into(),
-            ));
+            guard.condemn();
+            let why = "BLAKE3 mismatch: the file arrived corrupted or changed".into();
+            return (Err((hash, why)), Ended::Clean);
         }
-        let (from, to, overwrite) = (part_path.clone(), dest.to_path_buf(), self.overwrite);
-        self.disk
+        let dest = plan.reservation.dest().to_path_buf();
+        let (from, overwrite) = (part_path.clone(), self.overwrite);
+        let to = dest.clone();
+        let committed = self
+            .disk
             .run(move || store::commit(&from, &to, overwrite))
-            .await
-            .map_err(|e| {
-                (
-                    hash.clone(),
-                    format!("cannot name the file {}: {e}", dest.display()),
-                )
-            })?;
+            .await;
+        if let Err(e) = committed {
+            let name = self.saved_as(&dest).unwrap_or_default();
+            let why = format!("cannot name the file {name}: {e}");
+            return (Err((hash, why)), Ended::Clean);
+        }
         guard.disarm(); // the partial is now the destination
-        Ok(hash)
+        (Ok(hash), Ended::Clean)
+    }
+}
+
+/// A failed write, said plainly (a full disk is the usual cause). The sender reads it
+/// too: no local paths in it.
+fn write_failure(e: &std::io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        return "the disk is full (what arrived is kept for a resume)".into();
+    }
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        return format!("the data does not match the sender's tree: {e}");
+    }
+    format!("cannot write the file: {e}")
+}
+
+/// Why a file stream broke off, in the sender's terms where it said why.
+fn interrupted(e: &quinn::ReadError) -> String {
+    match e {
+        quinn::ReadError::Reset(code) if *code == codes::CHANGED.into() => {
+            "the sender's file changed while it was being sent".into()
+        }
+        quinn::ReadError::Reset(code) if *code == codes::READ_FAILED.into() => {
+            "the sender could not read its file".into()
+        }
+        quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == codes::CANCELLED.into() =>
+        {
+            "the sender was interrupted".into()
+        }
+        other => format!(
+            "transfer interrupted: {}",
+            crate::text::peer(&other.to_string())
+        ),
     }
 }
 

@@ -19,10 +19,10 @@ pub(crate) struct NameBook(Mutex<Book>);
 struct Book {
     /// Destinations reserved and not yet released.
     taken: HashSet<PathBuf>,
-    /// Per offered name: the candidate number after the last one handed out, and how many
-    /// of its reservations are alive. Dropped with the last reservation, so the map holds
-    /// only names in flight.
-    next: HashMap<String, (u32, usize)>,
+    /// Per offered name (in its folder): the candidate number after the last one handed
+    /// out, and how many of its reservations are alive. Dropped with the last reservation,
+    /// so the map holds only names in flight.
+    next: HashMap<PathBuf, (u32, usize)>,
 }
 
 /// A destination reserved for one file; released on drop.
@@ -30,7 +30,8 @@ struct Book {
 pub(crate) struct Reservation {
     book: Arc<NameBook>,
     dest: PathBuf,
-    name: String,
+    /// The offered name in its folder: the key of its hint.
+    name: PathBuf,
 }
 
 impl Reservation {
@@ -70,15 +71,16 @@ impl NameBook {
         overwrite: bool,
     ) -> io::Result<Reservation> {
         let mut book = self.lock();
-        let start = book.next.get(name).map_or(0, |&(next, _)| next);
+        let key = dir.join(name);
+        let start = book.next.get(&key).map_or(0, |&(next, _)| next);
         let (dest, n) = names::choose_destination_from(dir, name, overwrite, &book.taken, start)?;
         book.taken.insert(dest.clone());
-        let entry = book.next.entry(name.to_owned()).or_insert((0, 0));
+        let entry = book.next.entry(key.clone()).or_insert((0, 0));
         *entry = (n.saturating_add(1), entry.1 + 1);
         Ok(Reservation {
             book: self.clone(),
             dest,
-            name: name.to_owned(),
+            name: key,
         })
     }
 
@@ -112,6 +114,19 @@ mod tests {
     }
 
     #[test]
+    fn one_name_in_two_folders_is_numbered_per_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let book = Arc::new(NameBook::default());
+        let first = book.reserve(&a, "index.html", false).unwrap();
+        let second = book.reserve(&a, "index.html", false).unwrap();
+        let other = book.reserve(&b, "index.html", false).unwrap();
+        assert_eq!(first.dest(), a.join("index.html"));
+        assert_eq!(second.dest(), a.join("index (1).html"));
+        assert_eq!(other.dest(), b.join("index.html"), "{other:?}");
+    }
+
+    #[test]
     fn ten_thousand_of_one_name_continue_from_the_last() {
         let dir = tempfile::tempdir().unwrap();
         let book = Arc::new(NameBook::default());
@@ -122,7 +137,10 @@ mod tests {
         assert_eq!(book.reserved(), 10_000);
         // Each reservation started where the previous one ended, instead of at 0 (which
         // would have examined ~50 million candidates in all).
-        assert_eq!(book.lock().next.get("a"), Some(&(10_000, 10_000)));
+        assert_eq!(
+            book.lock().next.get(&dir.path().join("a")),
+            Some(&(10_000, 10_000))
+        );
         drop(held);
         assert!(
             book.lock().next.is_empty(),

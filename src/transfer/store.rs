@@ -6,19 +6,31 @@
 //!   written through, in every mode including `--overwrite`. A partial takes its final name
 //!   only after size and hash match ([`names::commit_part`]: a no-clobber link, or a rename
 //!   that replaces a symlink rather than following it).
+//! - **Partials outlive interruptions.** A transfer cut short (connection lost, sender or
+//!   receiver interrupted, disk full) keeps its partial when it holds at least one whole
+//!   [`GROUP`], so the next attempt resumes; one that proved corrupt is removed. Nothing in
+//!   a kept partial is trusted: a resume keeps only the prefix the sender's tree proves.
+//! - **One writer per partial.** Every open partial is locked (`flock`), so two receivers
+//!   (or two transfers of the same content) never write one file; within a receiver,
+//!   [`Claims`] lets a sender that comes back take over its own partial from a transfer
+//!   that has not yet noticed its connection died.
 //! - **Disk work is bounded.** Writes, hashing, fsync and renames run on tokio's blocking
 //!   pool, but only [`DISK_JOBS`] at a time for the whole receiver: a file waiting for
 //!   bytes holds a descriptor, not a thread, so a peer dripping one byte a minute into
 //!   hundreds of streams pins no threads at all.
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore, watch};
 
 use super::names;
+use super::tree::{GROUP, GroupVerifier, Tree, verified_prefix};
+use crate::identity::Fingerprint;
 
 /// Blocking disk jobs running at once, for the whole receiver.
 pub const DISK_JOBS: usize = 8;
@@ -95,34 +107,56 @@ pub(crate) fn partial_dir(out_dir: &Path) -> io::Result<PathBuf> {
     Ok(dir)
 }
 
-/// A partial file being written and hashed.
+/// Partial names tried per content hash: `HASH.part`, `HASH.1.part`, ...
+const PART_NAMES: u32 = 64;
+
+/// The name of the `n`th partial for content `hash`.
+fn part_name(hash: &str, n: u32) -> String {
+    if n == 0 {
+        format!("{hash}.part")
+    } else {
+        format!("{hash}.{n}.part")
+    }
+}
+
+/// How a partial's bytes are checked.
+enum Check {
+    /// A fresh file: hash everything, compare at the end.
+    Whole(Box<blake3::Hasher>),
+    /// A resumed file: every group against the sender's (root-checked) tree, whose root
+    /// (lowercase hex) is the file's hash.
+    Groups(Box<GroupVerifier>, String),
+}
+
+/// A partial file being written and checked; it holds the partial's lock while it lives.
 pub(crate) struct Part {
     file: File,
     path: PathBuf,
-    hasher: blake3::Hasher,
+    check: Check,
+    /// Bytes in the file (where the next write goes).
     written: u64,
     flushed: u64,
     buf: Vec<u8>,
 }
 
 impl Part {
-    /// Create a fresh partial for content `hash` in `dir`: `HASH.part`, or `HASH.N.part`
-    /// when another transfer of the same content is in progress. Never opens an existing
-    /// file and never follows a symlink.
+    /// Create a fresh, locked partial for content `hash` in `dir`: `HASH.part`, or
+    /// `HASH.N.part` when another transfer of the same content holds that one. Never opens
+    /// an existing file and never follows a symlink.
     pub(crate) fn create(dir: &Path, hash: &str) -> io::Result<Part> {
-        for n in 0..64u32 {
-            let name = if n == 0 {
-                format!("{hash}.part")
-            } else {
-                format!("{hash}.{n}.part")
-            };
-            let path = dir.join(name);
+        for n in 0..PART_NAMES {
+            let path = dir.join(part_name(hash, n));
             match open_exclusive(&path) {
                 Ok(file) => {
+                    // Another process may have opened and locked it in between: then it
+                    // is theirs, and we try the next name.
+                    if file.try_lock().is_err() {
+                        continue;
+                    }
                     return Ok(Part {
                         file,
                         path,
-                        hasher: blake3::Hasher::new(),
+                        check: Check::Whole(Box::new(blake3::Hasher::new())),
                         written: 0,
                         flushed: 0,
                         buf: Vec::new(),
@@ -138,20 +172,76 @@ impl Part {
         ))
     }
 
+    /// Open the existing partial at `path` to resume the file `tree` describes: a regular
+    /// file with a single link (never a symlink, never a hard link to something else), not
+    /// locked by anyone. Its longest prefix proven by `tree` is kept, the rest cut off, and
+    /// the bytes that follow will be checked group by group. `tree` must be trusted.
+    pub(crate) fn resume(path: &Path, tree: Arc<Tree>) -> io::Result<Part> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() || meta.nlink() != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a private regular file",
+            ));
+        }
+        file.try_lock()
+            .map_err(|_| io::Error::new(io::ErrorKind::WouldBlock, "in use by another transfer"))?;
+        let keep = verified_prefix(&tree, path)?;
+        file.set_len(keep)?;
+        let mut file = file;
+        file.seek(io::SeekFrom::Start(keep))?;
+        let root = tree.root().to_hex().to_string();
+        let verifier = GroupVerifier::new(tree, keep).map_err(io::Error::other)?;
+        Ok(Part {
+            file,
+            path: path.to_path_buf(),
+            check: Check::Groups(Box::new(verifier), root),
+            written: keep,
+            flushed: keep,
+            buf: Vec::new(),
+        })
+    }
+
     /// Where the partial is.
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Blocking: append `batch`, hashing it on the way; every [`WRITEBACK`] bytes ask the
+    /// Bytes in the file: where the stream continues.
+    pub(crate) fn offset(&self) -> u64 {
+        self.written
+    }
+
+    /// Blocking: append `batch`, checking it on the way; every [`WRITEBACK`] bytes ask the
     /// kernel to start writing back, so the final fsync waits for the last stretch only.
+    /// A resumed file whose group does not match is cut back to its verified prefix.
     pub(crate) fn write(&mut self, batch: &[bytes::Bytes]) -> io::Result<()> {
         // One contiguous buffer: BLAKE3's SIMD and the disk both prefer large runs.
         self.buf.clear();
         for bytes in batch {
             self.buf.extend_from_slice(bytes);
         }
-        self.hasher.update(&self.buf);
+        let bad = match &mut self.check {
+            Check::Whole(hasher) => {
+                hasher.update(&self.buf);
+                None
+            }
+            Check::Groups(verifier, _) => verifier.update(&self.buf).err(),
+        };
+        if let (Some(e), Check::Groups(verifier, _)) = (bad, &self.check) {
+            // Keep what is proven, drop the rest: never write bytes known to be bad.
+            let good =
+                (verifier.verified().saturating_sub(self.written) as usize).min(self.buf.len());
+            self.file.write_all(&self.buf[..good])?;
+            self.written += good as u64;
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+        }
         self.file.write_all(&self.buf)?;
         self.written += self.buf.len() as u64;
         if self.written - self.flushed >= WRITEBACK {
@@ -161,16 +251,39 @@ impl Part {
         Ok(())
     }
 
-    /// Blocking: make the bytes durable, and return the hash of everything written.
-    pub(crate) fn finish(self) -> (String, io::Result<()>) {
-        let synced = self.file.sync_all();
-        (self.hasher.finalize().to_hex().to_string(), synced)
+    /// Blocking: make the bytes durable (with the owner's execute bit when asked), and
+    /// return the hash of the whole file: what was written for a fresh file, or the
+    /// tree's root once every group matched for a resumed one (else an empty hash).
+    pub(crate) fn finish(self, executable: bool) -> (String, io::Result<()>) {
+        let synced = set_executable(&self.file, executable).and_then(|()| self.file.sync_all());
+        match self.check {
+            Check::Whole(hasher) => (hasher.finalize().to_hex().to_string(), synced),
+            Check::Groups(verifier, root) => match verifier.finish() {
+                Ok(()) => (root, synced),
+                Err(e) => (
+                    String::new(),
+                    synced.and(Err(io::Error::other(e.to_string()))),
+                ),
+            },
+        }
     }
 
-    /// The hash of what was written so far (for error reports).
+    /// The hash of what was written so far (for error reports; empty for a resumed file).
     pub(crate) fn hash_so_far(&self) -> String {
-        self.hasher.finalize().to_hex().to_string()
+        match &self.check {
+            Check::Whole(hasher) => hasher.finalize().to_hex().to_string(),
+            Check::Groups(..) => String::new(),
+        }
     }
+}
+
+/// The owner's execute bit on (`u+x`), when asked.
+fn set_executable(file: &File, executable: bool) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if executable {
+        file.set_permissions(std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// `O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600: only a file we create ourselves.
@@ -205,32 +318,448 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     let _ = (file, offset, len);
 }
 
-/// Deletes a partial file when dropped, unless disarmed: no partial outlives a failed or
-/// interrupted transfer (including this future being dropped on Ctrl-C).
-pub(crate) struct PartGuard(Option<PathBuf>);
+/// Decides, when a transfer ends early, whether its partial stays for a resume: it stays
+/// when at least one whole [`GROUP`] reached it and nothing proved it corrupt. Dropping the
+/// guard (a failure, or the transfer's future dropped on Ctrl-C) applies the decision.
+pub(crate) struct PartGuard {
+    path: Option<PathBuf>,
+    keep: bool,
+}
 
 impl PartGuard {
     pub(crate) fn new(path: &Path) -> Self {
-        PartGuard(Some(path.to_path_buf()))
+        PartGuard {
+            path: Some(path.to_path_buf()),
+            keep: false,
+        }
     }
 
-    /// The partial became the final file: keep it.
+    /// `bytes` reached the partial so far: keep it if that is worth resuming.
+    pub(crate) fn reached(&mut self, bytes: u64) {
+        self.keep = bytes >= GROUP;
+    }
+
+    /// The partial proved corrupt: remove it whatever its size.
+    pub(crate) fn condemn(&mut self) {
+        self.keep = false;
+    }
+
+    /// The partial became the final file: nothing to remove.
     pub(crate) fn disarm(&mut self) {
-        self.0 = None;
+        self.path = None;
     }
 }
 
 impl Drop for PartGuard {
     fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
+        if let Some(path) = self.path.take()
+            && !self.keep
+        {
             let _ = std::fs::remove_file(path);
         }
     }
 }
 
-/// Blocking: move a verified partial to `dest` (see [`names::commit_part`]).
+/// Blocking: move a verified partial to `dest` (see [`names::commit_part`]). Without
+/// `overwrite` this is one `renameat2(RENAME_NOREPLACE)` where the file system has it:
+/// the same no-clobber guarantee as a link, in one step instead of link and unlink.
 pub(crate) fn commit(part: &Path, dest: &Path, overwrite: bool) -> io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if !overwrite {
+        use std::os::unix::ffi::OsStrExt;
+        let (from, to) = (
+            std::ffi::CString::new(part.as_os_str().as_bytes())?,
+            std::ffi::CString::new(dest.as_os_str().as_bytes())?,
+        );
+        // SAFETY: two valid NUL-terminated paths; the call only reads them.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        // Not supported here: fall back to the portable way.
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+        ) {
+            return Err(e);
+        }
+    }
     names::commit_part(part, dest, overwrite)
+}
+
+/// Blocking: flush every dirty page of the file system holding `dir` (`syncfs`), once for
+/// a whole batch of small files instead of one fsync each.
+pub(crate) fn sync_filesystem(dir: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let dir = File::open(dir)?;
+        // SAFETY: a plain syscall on a valid, open descriptor.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        // SAFETY: `sync` takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        let _ = dir;
+        Ok(())
+    }
+}
+
+/// A small file verified in memory, to be stored with others of its batch.
+pub(crate) struct SmallFile {
+    /// Its bytes (hash and size already checked).
+    pub(crate) data: Vec<u8>,
+    /// Its BLAKE3, names its partial.
+    pub(crate) hash: String,
+    /// Where it goes.
+    pub(crate) dest: PathBuf,
+    /// Owner's execute bit.
+    pub(crate) executable: bool,
+}
+
+/// Blocking: the first half of storing a batch of verified small files: each is written
+/// to a fresh partial (no lock: small files are never resumed, so nothing else opens
+/// them). Returns each partial's path, or why it could not be written (nothing left).
+pub(crate) fn write_small(partial_dir: &Path, files: &[SmallFile]) -> Vec<io::Result<PathBuf>> {
+    files
+        .iter()
+        .map(|f| {
+            let (mut file, path) = create_unlocked(partial_dir, &f.hash)?;
+            let written = file
+                .write_all(&f.data)
+                .and_then(|()| set_executable(&file, f.executable));
+            drop(file);
+            written.map(|()| path.clone()).inspect_err(|_| {
+                let _ = std::fs::remove_file(&path);
+            })
+        })
+        .collect()
+}
+
+/// Blocking: the second half, once the partials are durable ([`SyncGate`]): each takes
+/// its final name. A partial that cannot is removed.
+pub(crate) fn commit_small(
+    written: Vec<io::Result<PathBuf>>,
+    files: &[SmallFile],
+    overwrite: bool,
+) -> Vec<io::Result<()>> {
+    written
+        .into_iter()
+        .zip(files)
+        .map(|(slot, file)| {
+            let path = slot?;
+            commit(&path, &file.dest, overwrite).inspect_err(|_| {
+                let _ = std::fs::remove_file(&path);
+            })
+        })
+        .collect()
+}
+
+/// A fresh partial for content `hash`, not locked (see [`write_small`]).
+fn create_unlocked(dir: &Path, hash: &str) -> io::Result<(File, PathBuf)> {
+    for n in 0..PART_NAMES {
+        let path = dir.join(part_name(hash, n));
+        match open_exclusive(&path) {
+            Ok(file) => return Ok((file, path)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "too many partial files for this content",
+    ))
+}
+
+/// Group commit for the file system of the output directory: every batch of small files
+/// needs a `syncfs` after its writes and before its files take their names, but batches
+/// finishing together share one. A batch takes a ticket once its writes are done; any
+/// `syncfs` that starts after that covers it.
+#[derive(Debug, Default)]
+pub(crate) struct SyncGate {
+    requested: std::sync::atomic::AtomicU64,
+    completed: std::sync::atomic::AtomicU64,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl SyncGate {
+    /// Make everything written before this call on the file system of `dir` durable.
+    /// Cancel-safe: waiting for a turn or a disk job loses nothing.
+    pub(crate) async fn sync(&self, disk: &Disk, dir: &Path) -> io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ticket = self.requested.fetch_add(1, SeqCst) + 1;
+        let _turn = self.turn.lock().await;
+        if self.completed.load(SeqCst) >= ticket {
+            return Ok(()); // a syncfs that started after our writes has finished
+        }
+        // Every ticket taken so far had its writes done before it was taken.
+        let covered = self.requested.load(SeqCst);
+        let dir = dir.to_path_buf();
+        disk.run(move || sync_filesystem(&dir)).await?;
+        self.completed.fetch_max(covered, SeqCst);
+        Ok(())
+    }
+}
+
+/// Blocking: the folder `components` below `out`, created where missing. Every level must
+/// be a real directory: a symlink (or a file) in the way is an error, never followed.
+pub(crate) fn make_dirs(out: &Path, components: &[String]) -> io::Result<PathBuf> {
+    let mut dir = out.to_path_buf();
+    for part in components {
+        dir.push(part);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let meta = std::fs::symlink_metadata(&dir)?;
+        if !meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a folder", names::display_safe(part)),
+            ));
+        }
+    }
+    Ok(dir)
+}
+
+/// Blocking: the content hashes that have a partial in `dir` (for resume decisions).
+pub(crate) fn partial_hashes(dir: &Path) -> io::Result<std::collections::HashSet<String>> {
+    let mut hashes = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some((hash, _)) = name.split_once('.')
+            && name.ends_with(".part")
+            && super::is_hash_hex(hash)
+        {
+            hashes.insert(hash.to_string());
+        }
+    }
+    Ok(hashes)
+}
+
+/// Blocking: the existing partials for content `hash` in `dir`, in name order.
+pub(crate) fn partials_for(dir: &Path, hash: &str) -> Vec<PathBuf> {
+    (0..PART_NAMES)
+        .map(|n| dir.join(part_name(hash, n)))
+        .filter(|path| std::fs::symlink_metadata(path).is_ok())
+        .collect()
+}
+
+/// What [`clean_partials`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Cleaned {
+    /// Partial files removed.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// Blocking: remove the partial files in `out_dir`'s [`PARTIAL_DIR`] not modified for
+/// `max_age` (all of them with `Duration::ZERO`, as `receive --clean` does), except those
+/// a running transfer holds locked. Anything else found there (a symlink, a folder) is
+/// not ours and is removed too when it is a symlink, left alone otherwise.
+pub fn clean_partials(out_dir: &Path, max_age: Duration) -> io::Result<Cleaned> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = partial_dir(out_dir)?;
+    let now = SystemTime::now();
+    let mut cleaned = Cleaned::default();
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.file_type().is_symlink() {
+            std::fs::remove_file(&path)?;
+            continue;
+        }
+        if !meta.is_file() {
+            continue;
+        }
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .unwrap_or_default();
+        if age < max_age {
+            continue;
+        }
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        else {
+            continue;
+        };
+        if file.try_lock().is_err() {
+            continue; // a transfer in progress
+        }
+        std::fs::remove_file(&path)?;
+        cleaned.files += 1;
+        cleaned.bytes += meta.len();
+    }
+    Ok(cleaned)
+}
+
+/// Partials in use by this receiver's transfers, by path, with the sender that writes
+/// each. Locks keep other processes out; this lets a sender that comes back (it was
+/// killed, its network dropped) take over its own partial at once, instead of waiting for
+/// the transfer that still holds it to notice its connection died.
+#[derive(Debug, Default)]
+pub(crate) struct Claims(Mutex<HashMap<PathBuf, Holder>>);
+
+/// Who writes a partial: a sender, on one of its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Owner {
+    /// The sender's key.
+    pub(crate) sender: Fingerprint,
+    /// Its connection (`stable_id`): a takeover comes from another one.
+    pub(crate) connection: usize,
+}
+
+impl Owner {
+    /// Whether `self` may take a partial over from `holder`: the same sender, come back
+    /// on a new connection (never two files of one connection, which may share content).
+    fn succeeds(&self, holder: &Owner) -> bool {
+        self.sender == holder.sender && self.connection != holder.connection
+    }
+}
+
+#[derive(Debug)]
+struct Holder {
+    owner: Owner,
+    cancel: Arc<Notify>,
+    released: watch::Receiver<()>,
+}
+
+/// One transfer's hold on a partial path; released on drop.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    claims: Arc<Claims>,
+    path: PathBuf,
+    cancel: Arc<Notify>,
+    _released: watch::Sender<()>,
+}
+
+impl Claim {
+    /// Resolves when a later transfer from the same sender asked for this partial.
+    /// Cancel-safe: it only waits for a notification.
+    pub(crate) async fn taken_over(&self) {
+        self.cancel.notified().await;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.claims.lock().remove(&self.path);
+    }
+}
+
+impl Claims {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Holder>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claim `path` for `owner`, if no transfer of this receiver holds it. A transfer of
+    /// the same sender on an earlier connection that holds it is asked to stop, and
+    /// waited for up to `wait`.
+    pub(crate) async fn claim(
+        self: &Arc<Self>,
+        path: &Path,
+        owner: Owner,
+        wait: Duration,
+    ) -> Option<Claim> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut released = {
+                let mut held = self.lock();
+                match held.get(path) {
+                    None => return Some(self.insert(&mut held, path, owner)),
+                    Some(holder) if owner.succeeds(&holder.owner) => {
+                        holder.cancel.notify_one();
+                        holder.released.clone()
+                    }
+                    Some(_) => return None,
+                }
+            };
+            // Resolves (with an error) when the holder's claim is dropped.
+            if tokio::time::timeout_at(deadline, released.changed())
+                .await
+                .is_err()
+            {
+                return None;
+            }
+        }
+    }
+
+    /// Ask the transfers of `owner`'s sender on earlier connections that hold partials of
+    /// content `hash` to stop, and wait (until `deadline` at most) until they let go: a
+    /// sender that comes back gets its partial, and the names its dead transfer had
+    /// reserved, without waiting for a timeout.
+    pub(crate) async fn take_back(&self, hash: &str, owner: Owner, deadline: tokio::time::Instant) {
+        let waiting: Vec<watch::Receiver<()>> = self
+            .lock()
+            .iter()
+            .filter(|(path, holder)| {
+                owner.succeeds(&holder.owner)
+                    && path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(hash))
+            })
+            .map(|(_, holder)| {
+                holder.cancel.notify_one();
+                holder.released.clone()
+            })
+            .collect();
+        for mut released in waiting {
+            // Resolves (with an error) when the holder's claim is dropped.
+            let _ = tokio::time::timeout_at(deadline, released.changed()).await;
+        }
+    }
+
+    /// Claim a path just created by this transfer (nobody else can hold it).
+    pub(crate) fn claim_new(self: &Arc<Self>, path: &Path, owner: Owner) -> Claim {
+        let mut held = self.lock();
+        self.insert(&mut held, path, owner)
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        held: &mut HashMap<PathBuf, Holder>,
+        path: &Path,
+        owner: Owner,
+    ) -> Claim {
+        let cancel = Arc::new(Notify::new());
+        let (tx, rx) = watch::channel(());
+        held.insert(
+            path.to_path_buf(),
+            Holder {
+                owner,
+                cancel: cancel.clone(),
+                released: rx,
+            },
+        );
+        Claim {
+            claims: self.clone(),
+            path: path.to_path_buf(),
+            cancel,
+            _released: tx,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -247,10 +776,52 @@ mod tests {
         let mut part = Part::create(&dir, "abc").unwrap();
         assert_eq!(part.path(), dir.join("abc.1.part"));
         part.write(&[bytes::Bytes::from_static(b"new")]).unwrap();
-        let (hash, synced) = part.finish();
+        let (hash, synced) = part.finish(false);
         synced.unwrap();
         assert_eq!(hash, blake3::hash(b"new").to_hex().as_str());
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn clean_removes_old_partials_but_never_one_in_use() {
+        let out = tempfile::tempdir().unwrap();
+        let dir = partial_dir(out.path()).unwrap();
+        let old = dir.join("old.part");
+        std::fs::write(&old, b"stale").unwrap();
+        let week_ago = SystemTime::now() - Duration::from_secs(8 * 24 * 3600);
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(week_ago)
+            .unwrap();
+        std::fs::write(dir.join("new.part"), b"fresh").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("planted.part")).unwrap();
+        let busy = Part::create(&dir, "busy").unwrap();
+        File::options()
+            .write(true)
+            .open(busy.path())
+            .unwrap()
+            .set_modified(week_ago)
+            .unwrap();
+
+        let cleaned = clean_partials(out.path(), Duration::from_secs(7 * 24 * 3600)).unwrap();
+        assert_eq!(cleaned, Cleaned { files: 1, bytes: 5 });
+        let left = |dir: &Path| {
+            let mut names: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(left(&dir), ["busy.part", "new.part"], "symlinks go too");
+        // --clean: everything not in use.
+        clean_partials(out.path(), Duration::ZERO).unwrap();
+        assert_eq!(left(&dir), ["busy.part"], "a locked partial is in use");
+        drop(busy);
+        clean_partials(out.path(), Duration::ZERO).unwrap();
+        assert!(left(&dir).is_empty());
     }
 
     #[test]

@@ -139,6 +139,7 @@ pub fn offer(id: u32, name: &str, size: u64) -> FileOffer {
         name: name.to_string(),
         size,
         blake3: random_hash(),
+        ..FileOffer::default()
     }
 }
 
@@ -149,6 +150,7 @@ pub fn offer_of(id: u32, name: &str, data: &[u8]) -> FileOffer {
         name: name.to_string(),
         size: data.len() as u64,
         blake3: blake3::hash(data).to_hex().to_string(),
+        ..FileOffer::default()
     }
 }
 
