@@ -79,6 +79,16 @@ fn a_folder_arrives_as_a_tree() {
     let mode = |p: &str| fs::metadata(stored.join(p)).unwrap().permissions().mode();
     assert_ne!(mode("run.sh") & 0o100, 0, "the executable bit is kept");
     assert_eq!(mode("README") & 0o111, 0, "and not invented");
+    // Finished files get the usual mode for new files (the receiver runs with our umask),
+    // not the partials' private 0600.
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+        .unwrap();
+    assert_eq!(mode("README") & 0o777, 0o666 & !umask, "README");
+    assert_eq!(mode("run.sh") & 0o777, 0o777 & !umask, "run.sh");
     assert!(!stored.join("src/leak").exists() && !stored.join("readme-link").exists());
     // Every file's saved_as is its path relative to --out.
     let saved: std::collections::BTreeSet<String> = sender

@@ -277,13 +277,28 @@ impl Part {
     }
 }
 
-/// The owner's execute bit on (`u+x`), when asked.
+/// The mode a finished file takes: what any new file gets here (0666, or 0777 for an
+/// executable, less the process's umask), like a download or `cp`. Partials stay 0600
+/// while they are written; a sender chooses only the execute bit.
 fn set_executable(file: &File, executable: bool) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    if executable {
-        file.set_permissions(std::fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
+    let wanted = if executable { 0o777 } else { 0o666 };
+    file.set_permissions(std::fs::Permissions::from_mode(wanted & !umask()))
+}
+
+/// The process's umask, read once from `/proc/self/status` (reading it with `umask(2)`
+/// means setting it, which races with other threads); 022 where that is not available.
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+                u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
+            })
+            .unwrap_or(0o022)
+    })
 }
 
 /// `O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600: only a file we create ourselves.
