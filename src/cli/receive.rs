@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use qpunch::identity::Fingerprint;
-use qpunch::node::{Node, NodeConfig, NodeError, PeerConnection};
+use qpunch::node::{Congestion, Node, NodeConfig, NodeError, PeerConnection};
 use qpunch::server::{Limits, Server};
 use qpunch::transfer::{
     self, FileReport, Observer, Policy, ReceiveEvents, ReceiveOptions, Receiver, TransferError,
@@ -16,7 +16,9 @@ use qpunch::transfer::{
 
 use super::send::report_connected;
 use super::ui::{Event, FileProgress, Side, TerminalConsent, Ui};
-use super::{DEFAULT_PORT, load_identity, parse_duration, parse_fingerprint, parse_size};
+use super::{
+    DEFAULT_PORT, congestion_parser, load_identity, parse_duration, parse_fingerprint, parse_size,
+};
 
 #[derive(Debug, Args)]
 pub struct ReceiveArgs {
@@ -60,6 +62,10 @@ pub struct ReceiveArgs {
     /// twice --stall-timeout), e.g. 4KiB.
     #[arg(long, default_value = "4KiB", value_parser = parse_size)]
     min_rate: u64,
+    /// Congestion controller of the receiver's connections. It only paces what the
+    /// receiver sends (acknowledgements, verdicts): the sender's `--cc` sets the speed.
+    #[arg(long = "cc", default_value_t = Congestion::default(), value_parser = congestion_parser())]
+    congestion: Congestion,
 }
 
 pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
@@ -89,7 +95,10 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let socket = qpunch::socket::bind(bind)?;
     let node = Arc::new(Node::new(
         socket,
-        NodeConfig::new(identity, transfer::ALPN, true),
+        NodeConfig {
+            congestion: args.congestion,
+            ..NodeConfig::new(identity, transfer::ALPN, true)
+        },
     )?);
     let events = Arc::new(Events {
         ui: ui.clone(),

@@ -9,12 +9,15 @@ use anyhow::{Context, bail};
 use clap::Args;
 use qpunch::identity::Fingerprint;
 use qpunch::known_peers::KnownPeers;
-use qpunch::node::{self, Node, NodeConfig, NodeError, PeerConnection};
+use qpunch::node::{self, Congestion, Node, NodeConfig, NodeError, PeerConnection};
 use qpunch::punch::{Method, PunchConfig, Punched};
 use qpunch::transfer::{self, Outgoing};
 
 use super::ui::{Event, FileProgress, Side, Ui};
-use super::{DEFAULT_PORT, known_peers_path, load_identity, parse_duration, parse_fingerprint};
+use super::{
+    DEFAULT_PORT, congestion_parser, known_peers_path, load_identity, parse_duration,
+    parse_fingerprint,
+};
 
 /// How long to wait for a QUIC handshake with a peer that answered like the Go demo. Such
 /// a peer has already shown it is not qpunch (a qpunch receiver answers probes with
@@ -36,6 +39,10 @@ pub struct SendArgs {
     /// Give up punching after this long (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     punch_timeout: Duration,
+    /// Congestion controller: the sender's decides how fast files move (see README,
+    /// "Speed on real links").
+    #[arg(long = "cc", default_value_t = Congestion::default(), value_parser = congestion_parser())]
+    congestion: Congestion,
 }
 
 pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
@@ -67,7 +74,10 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         timeout: args.punch_timeout,
         ..PunchConfig::default()
     };
-    let config = NodeConfig::new(identity, transfer::ALPN, false);
+    let config = NodeConfig {
+        congestion: args.congestion,
+        ..NodeConfig::new(identity, transfer::ALPN, false)
+    };
     let node::HandOver {
         node,
         punched,
