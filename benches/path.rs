@@ -34,7 +34,7 @@
 //! - `QPUNCH_PATH_RUNS`: runs per method and loss level, the median is reported (default 3);
 //! - `QPUNCH_PATH_LOSS`: loss per router and direction in percent, comma-separated
 //!   (default `0,1,5`);
-//! - `QPUNCH_PATH_CC`: qpunch controllers, comma-separated `bbr`, `cubic`, `newreno`, or
+//! - `QPUNCH_PATH_CC`: qpunch controllers, comma-separated `bbr`, `quinn-bbr`, `cubic`, `newreno`, or
 //!   `all` (default: none passed, i.e. the binary's default, shown in the table);
 //! - `QPUNCH_PATH_TCP`: kernel TCP baselines (default `bbr,cubic`; `none` for none);
 //! - `QPUNCH_PATH_RTT_MS`: RTT between the sites (default 40; `0`: no delay element,
@@ -43,6 +43,8 @@
 //! - `QPUNCH_PATH_CAP`: seconds a transfer may take before it is cut (default 60);
 //! - `QPUNCH_PATH_STATS`: `1` runs `qpunch send -v` and prints its QUIC path statistics
 //!   (RTT, congestion window, congestion events, lost and sent packets, MTU) per run;
+//! - `QPUNCH_PATH_LOGS`: a directory to keep each qpunch process's stderr in (with
+//!   `RUST_LOG`, e.g. `qpunch::bbr=trace` for the controller's rounds);
 //! - `QPUNCH_BIN`: another qpunch binary (with `QPUNCH_PATH_CC` unset it gets no `--cc`,
 //!   so binaries from before the option work too).
 //!
@@ -106,6 +108,8 @@ struct Config {
     bin: PathBuf,
     /// Print the sender's QUIC path statistics after each qpunch run.
     stats: bool,
+    /// Keep each qpunch process's stderr here.
+    logs: Option<PathBuf>,
 }
 
 impl Config {
@@ -182,6 +186,7 @@ impl Config {
             cap: Duration::from_secs(cap),
             bin,
             stats: var("QPUNCH_PATH_STATS").is_some_and(|v| v.trim() == "1"),
+            logs: var("QPUNCH_PATH_LOGS").map(PathBuf::from),
         })
     }
 
@@ -330,7 +335,9 @@ fn bench() -> anyhow::Result<bool> {
                 let busy = BusyMeter::start();
                 let sample = match method {
                     Method::Qpunch(cc) => {
-                        qpunch_transfer(&config, &files, sender, receiver, wan_b, cc)
+                        let tag =
+                            format!("loss{loss}-{}-run{run}", method.label().replace(' ', "_"));
+                        qpunch_transfer(&config, &files, sender, receiver, wan_b, cc, &tag)
                     }
                     Method::Tcp(cc) => tcp_transfer(
                         sender,
@@ -569,6 +576,7 @@ fn qpunch_transfer(
     receiver: &Host,
     wan_b: std::net::Ipv4Addr,
     cc: Option<Congestion>,
+    tag: &str,
 ) -> anyhow::Result<Outcome> {
     let _ = std::fs::remove_dir_all(&files.inbox);
     std::fs::create_dir_all(&files.inbox)?;
@@ -627,6 +635,14 @@ fn qpunch_transfer(
     .1;
     let watch = DeliveryWatch::start(&files.inbox, config.bytes);
     let deadline = connected + config.cap;
+    let keep_logs = |send: &Proc, recv: &Proc| -> anyhow::Result<()> {
+        if let Some(dir) = &config.logs {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join(format!("{tag}-send.log")), send.stderr())?;
+            std::fs::write(dir.join(format!("{tag}-receive.log")), recv.stderr())?;
+        }
+        Ok(())
+    };
     let sent = match wait_event(&mut send, "sent", deadline) {
         Ok((event, at)) => {
             ensure!(
@@ -642,6 +658,7 @@ fn qpunch_transfer(
     let Some(sent) = sent else {
         // Cut: count what reached the receiver's partial file.
         let delivered = partial_bytes(&files.inbox);
+        keep_logs(&send, &recv)?;
         drop(send);
         drop(recv);
         watch.stop();
@@ -660,6 +677,7 @@ fn qpunch_transfer(
         send.describe()
     );
     let (status, lines) = recv.wait_exit(Duration::from_secs(20));
+    keep_logs(&send, &recv)?;
     ensure!(
         status.success(),
         "qpunch receive: {status}\n{}",

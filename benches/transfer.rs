@@ -13,7 +13,7 @@
 //!   they count as done, as `qpunch receive` does before it reports a file verified; `0`
 //!   leaves their data in the page cache;
 //! - `QPUNCH_BENCH_DIR`: where the temporary directory goes (default: the system's);
-//! - `QPUNCH_BENCH_CC`: `--cc` for both qpunch processes (`bbr`, `cubic`, `newreno`;
+//! - `QPUNCH_BENCH_CC`: `--cc` for both qpunch processes (`bbr`, `quinn-bbr`, `cubic`, `newreno`;
 //!   default: none given, i.e. the binary's default);
 //! - `QPUNCH_BIN`: the qpunch binary (default: the one cargo built for this bench).
 //!

@@ -34,6 +34,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod bbr;
 pub mod driver;
 pub mod identity;
 pub mod known_peers;
