@@ -13,6 +13,8 @@
 //!   they count as done, as `qpunch receive` does before it reports a file verified; `0`
 //!   leaves their data in the page cache;
 //! - `QPUNCH_BENCH_DIR`: where the temporary directory goes (default: the system's);
+//! - `QPUNCH_BENCH_CC`: `--cc` for both qpunch processes (`bbr`, `quinn-bbr`, `cubic`, `newreno`;
+//!   default: none given, i.e. the binary's default);
 //! - `QPUNCH_BIN`: the qpunch binary (default: the one cargo built for this bench).
 //!
 //! Every transfer is timed from the spawn of the connecting process (the listening one is
@@ -80,6 +82,8 @@ impl Baseline {
 /// Everything a run needs.
 struct Ctx {
     dir: PathBuf,
+    /// `--cc NAME` for both qpunch processes, or nothing.
+    cc_args: Vec<String>,
     bin: PathBuf,
     source: PathBuf,
     bytes: u64,
@@ -193,8 +197,16 @@ fn bench() -> anyhow::Result<bool> {
     std::fs::write(&cert_der, certified.cert.der().as_ref())?;
     std::fs::write(&key_der, certified.signing_key.serialize_der())?;
 
+    let cc_args = match std::env::var("QPUNCH_BENCH_CC") {
+        Ok(cc) if !cc.trim().is_empty() => {
+            let cc: qpunch::node::Congestion = cc.parse()?;
+            vec!["--cc".to_string(), cc.to_string()]
+        }
+        _ => Vec::new(),
+    };
     let ctx = Ctx {
         dir: dir.clone(),
+        cc_args,
         bin,
         source,
         bytes,
@@ -431,9 +443,13 @@ fn print_machine(ctx: &Ctx, socat: Option<&str>) {
         read("/proc/sys/net/core/wmem_max"),
     );
     println!(
-        "qpunch binary: {}; work dir: {}",
+        "qpunch binary: {}; work dir: {}; congestion controller: {}",
         ctx.bin.display(),
-        ctx.dir.display()
+        ctx.dir.display(),
+        match ctx.cc_args.get(1) {
+            Some(cc) => cc.clone(),
+            None => format!("{} (default)", qpunch::node::Congestion::default()),
+        }
     );
     if let Some(v) = socat {
         println!("socat: {v}; -b {}", ctx.socat_block);
@@ -453,6 +469,7 @@ fn run_qpunch(ctx: &Ctx) -> anyhow::Result<Sample> {
             .args(["receive", "--bind", "127.0.0.1", "--port", "0", "--out"])
             .arg(&out)
             .args(["--yes", "--once", "--json"])
+            .args(&ctx.cc_args)
             .env("QPUNCH_HOME", ctx.dir.join("home-recv")),
     )?;
     let listening = loop {
@@ -489,6 +506,7 @@ fn run_qpunch(ctx: &Ctx) -> anyhow::Result<Sample> {
             .arg(&ctx.source)
             .args(["--to", &format!("127.0.0.1:{port}"), "--peer", &fingerprint])
             .args(["--json", "--quiet"])
+            .args(&ctx.cc_args)
             .env("QPUNCH_HOME", ctx.dir.join("home-send")),
     )?;
     let mut procs = [receiver, sender];

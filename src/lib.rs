@@ -37,6 +37,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod bbr;
 pub mod driver;
 pub mod frame;
 pub mod identity;

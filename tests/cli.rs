@@ -531,3 +531,55 @@ fn id_is_stable_and_key_is_private() {
     let receiver = Receiver::start(home.path(), out.path(), 0, &["--yes"]);
     assert_eq!(receiver.fingerprint, first);
 }
+
+/// Case 10: `--cc` picks each side's congestion controller: a NewReno receiver takes a file from a
+/// CUBIC sender, and an unknown name is refused before anything happens, listing the
+/// names that exist. (Which controller runs is checked in `node`'s unit tests; the path
+/// benchmark measures what each is worth.)
+#[test]
+fn congestion_controller_is_chosen_per_side() {
+    let (rhome, shome) = (Home::new(), Home::new());
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("paced.bin");
+    random_file(&file, MIB, 11);
+    let sender_fp = qpunch_id(shome.path());
+
+    let receiver = Receiver::start(
+        rhome.path(),
+        out.path(),
+        0,
+        &["--yes", "--once", "--cc", "newreno"],
+    );
+    let sender = send(
+        shome.path(),
+        &[&file],
+        receiver.port,
+        &["--peer", &receiver.fingerprint, "--cc", "cubic"],
+        SHORT,
+    );
+    let received = receiver.proc.finish(SHORT);
+    sender.assert_success();
+    received.assert_success();
+    check_delivery(
+        &sender,
+        &received,
+        "paced.bin",
+        &file,
+        out.path(),
+        &sender_fp,
+    );
+
+    let refused = send(
+        shome.path(),
+        &[&file],
+        receiver.port,
+        &["--cc", "vegas"],
+        SHORT,
+    );
+    assert!(!refused.status.success(), "{refused:#?}");
+    assert!(refused.events.is_empty(), "{refused:#?}");
+    let message = refused.messages();
+    for name in ["vegas", "bbr", "cubic", "newreno"] {
+        assert!(message.contains(name), "{name} in {message}");
+    }
+}

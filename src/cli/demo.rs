@@ -12,19 +12,22 @@ use anyhow::{Context, bail, ensure};
 use clap::Args;
 use indicatif::HumanBytes;
 use qpunch::identity::Identity;
-use qpunch::node::{self, Node, NodeConfig};
+use qpunch::node::{self, Congestion, Node, NodeConfig};
 use qpunch::punch::PunchConfig;
 use qpunch::transfer::{self, Outgoing, Policy, ReceiveOptions, Receiver};
 
-use super::parse_size;
 use super::send::{report_connected, report_punched};
 use super::ui::{FileProgress, Side, Ui};
+use super::{congestion_parser, parse_size};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Size of the generated file in bytes (suffixes k, M, G in powers of 1024).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     size: u64,
+    /// Congestion controller of both ends (the sender's is the one that matters).
+    #[arg(long = "cc", default_value_t = Congestion::default(), value_parser = congestion_parser())]
+    congestion: Congestion,
 }
 
 pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
@@ -46,7 +49,13 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         Policy::Allow(vec![sender_id.fingerprint()]),
     ))?;
     let socket = qpunch::socket::bind("127.0.0.1:0".parse()?)?;
-    let receiving = Node::new(socket, NodeConfig::new(receiver_id, transfer::ALPN, true))?;
+    let receiving = Node::new(
+        socket,
+        NodeConfig {
+            congestion: args.congestion,
+            ..NodeConfig::new(receiver_id, transfer::ALPN, true)
+        },
+    )?;
     let target = receiving.local_addr()?;
     ui.say(&format!("receiver listening on {target} as {receiver_fp}"));
 
@@ -58,7 +67,10 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     });
 
     let started = Instant::now();
-    let config = NodeConfig::new(sender_id, transfer::ALPN, false);
+    let config = NodeConfig {
+        congestion: args.congestion,
+        ..NodeConfig::new(sender_id, transfer::ALPN, false)
+    };
     let node::HandOver {
         node: sending,
         punched,

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use qpunch::identity::{Fingerprint, Identity, config_dir};
+use qpunch::node::Congestion;
 
 /// Default UDP port of a receiver.
 pub const DEFAULT_PORT: u16 = 9199;
@@ -182,6 +183,13 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = digits.parse().map_err(|_| format!("not a size: {s:?}"))?;
     n.checked_mul(1 << shift)
         .ok_or_else(|| "size too large".to_string())
+}
+
+/// `--cc`: the congestion controller, with the names listed in `--help`.
+fn congestion_parser() -> impl clap::builder::TypedValueParser<Value = Congestion> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Congestion::ALL.map(Congestion::as_str))
+        .map(|name| name.parse::<Congestion>().expect("a listed name"))
 }
 
 /// Parse a fingerprint argument.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use qpunch::identity::Fingerprint;
-use qpunch::node::{Node, NodeConfig, NodeError, PeerConnection};
+use qpunch::node::{Congestion, Node, NodeConfig, NodeError, PeerConnection};
 use qpunch::server::{Limits, Server};
 use qpunch::transfer::{
     self, FileReport, Observer, Policy, ReceiveEvents, ReceiveOptions, Receiver, TransferError,
@@ -17,7 +17,9 @@ use qpunch::transfer::{
 
 use super::send::report_connected;
 use super::ui::{Event, FileProgress, Side, TerminalConsent, Ui};
-use super::{DEFAULT_PORT, load_identity, parse_duration, parse_fingerprint, parse_size};
+use super::{
+    DEFAULT_PORT, congestion_parser, load_identity, parse_duration, parse_fingerprint, parse_size,
+};
 use qpunch::meet::code::Code;
 use qpunch::meet::lan::{self, Desk, Door, Lan, Outcome};
 use qpunch::meet::{MeetConfig, MeetError, Meeting};
@@ -90,6 +92,10 @@ pub struct ReceiveArgs {
     /// twice --stall-timeout), e.g. 4KiB.
     #[arg(long, default_value = "4KiB", value_parser = parse_size)]
     min_rate: u64,
+    /// Congestion controller of the receiver's connections. It only paces what the
+    /// receiver sends (acknowledgements, verdicts): the sender's `--cc` sets the speed.
+    #[arg(long = "cc", default_value_t = Congestion::default(), value_parser = congestion_parser())]
+    congestion: Congestion,
 }
 
 pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
@@ -138,7 +144,10 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         Some(bind) => qpunch::socket::bind(bind)?,
         None => super::bind_dual_stack(args.port)?,
     };
-    let mut config = NodeConfig::new(identity, transfer::ALPN, true);
+    let mut config = NodeConfig {
+        congestion: args.congestion,
+        ..NodeConfig::new(identity, transfer::ALPN, true)
+    };
     if lan_codes {
         // Senders holding a LAN code ask for the meet protocol first (see `lan::ALPN`).
         config.alpn.push(lan::ALPN.to_vec());

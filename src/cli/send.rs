@@ -9,13 +9,16 @@ use anyhow::{Context, bail};
 use clap::Args;
 use qpunch::identity::Fingerprint;
 use qpunch::known_peers::KnownPeers;
-use qpunch::node::{self, Node, NodeConfig, NodeError, PeerConnection};
+use qpunch::node::{self, Congestion, Node, NodeConfig, NodeError, PeerConnection};
 use qpunch::punch::{Method, PunchConfig, Punched};
 use qpunch::transfer::tree::TreeCache;
 use qpunch::transfer::{self, Selection, SendOptions, TransferError};
 
 use super::ui::{Event, FileProgress, Side, Ui};
-use super::{DEFAULT_PORT, known_peers_path, load_identity, parse_duration, parse_fingerprint};
+use super::{
+    DEFAULT_PORT, congestion_parser, known_peers_path, load_identity, parse_duration,
+    parse_fingerprint,
+};
 
 /// How long to wait for a QUIC handshake with a peer that answered like the Go demo. Such
 /// a peer has already shown it is not qpunch (a qpunch receiver answers probes with
@@ -47,6 +50,10 @@ pub struct SendArgs {
     /// Give up punching after this long (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     punch_timeout: Duration,
+    /// Congestion controller: the sender's decides how fast files move (see README,
+    /// "Speed on real links").
+    #[arg(long = "cc", default_value_t = Congestion::default(), value_parser = congestion_parser())]
+    congestion: Congestion,
 }
 
 pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
@@ -71,7 +78,10 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         timeout: args.punch_timeout,
         ..PunchConfig::default()
     };
-    let config = NodeConfig::new(identity, transfer::ALPN, false);
+    let config = NodeConfig {
+        congestion: args.congestion,
+        ..NodeConfig::new(identity, transfer::ALPN, false)
+    };
     let node::HandOver {
         node,
         punched,
@@ -142,12 +152,23 @@ async fn send_by_code(
     ui: Arc<Ui>,
 ) -> anyhow::Result<bool> {
     let Some(rendezvous) = super::meet::rendezvous_name(args.via.as_deref())? else {
-        return send_on_lan(code, identity, selection, args.stall_timeout, ui).await;
+        return send_on_lan(
+            code,
+            identity,
+            selection,
+            args.stall_timeout,
+            args.congestion,
+            ui,
+        )
+        .await;
     };
     let socket = super::bind_dual_stack(0)?;
     let node = Arc::new(Node::new(
         socket,
-        NodeConfig::new(identity, transfer::ALPN, false),
+        NodeConfig {
+            congestion: args.congestion,
+            ..NodeConfig::new(identity, transfer::ALPN, false)
+        },
     )?);
     let (client, report) = super::meet::connect(&ui, &node, &rendezvous).await?;
     let events = super::meet::CliEvents::new(ui.clone(), None);
@@ -182,12 +203,16 @@ async fn send_on_lan(
     identity: qpunch::identity::Identity,
     selection: Selection,
     stall_timeout: Duration,
+    congestion: Congestion,
     ui: Arc<Ui>,
 ) -> anyhow::Result<bool> {
     use qpunch::meet::lan::{self, Lan};
     let node = Node::new(
         super::bind_dual_stack(0)?,
-        NodeConfig::new(identity, transfer::ALPN, false),
+        NodeConfig {
+            congestion,
+            ..NodeConfig::new(identity, transfer::ALPN, false)
+        },
     )?;
     let lan = Lan::start().context("cannot look for the receiver on the local network")?;
     ui.say(&format!(
