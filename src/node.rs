@@ -54,6 +54,10 @@ pub struct NodeConfig {
     pub keep_alive: Option<Duration>,
     /// How fast the socket answers probes, per source and in total.
     pub probe_rate: RateConfig,
+    /// Connection receive window of incoming connections until the application trusts
+    /// them ([`GUARDED_WINDOW`] by default): what a stranger can make us buffer. A server
+    /// whose messages are small (the rendezvous) sets less.
+    pub guarded_window: u32,
 }
 
 impl NodeConfig {
@@ -65,6 +69,7 @@ impl NodeConfig {
             accept,
             keep_alive: Some(KEEP_ALIVE),
             probe_rate: RateConfig::default(),
+            guarded_window: GUARDED_WINDOW,
         }
     }
 }
@@ -162,7 +167,7 @@ impl Node {
         let server = if config.accept {
             let crypto = tls::server_crypto(&config.identity, &config.alpn)?;
             let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            server.transport_config(guarded_transport(config.keep_alive));
+            server.transport_config(guarded_transport(config.keep_alive, config.guarded_window));
             // Connection attempts waiting for the application: beyond this many quinn
             // refuses at once. The server's own budgets (see `crate::server`) are smaller.
             server.max_incoming(1024);
@@ -307,10 +312,10 @@ impl Node {
 
 /// Transport for connections we accept: as [`transport`], but guarded until the application
 /// calls [`PeerConnection::open_windows`].
-fn guarded_transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
+fn guarded_transport(keep_alive: Option<Duration>, window: u32) -> Arc<quinn::TransportConfig> {
     let mut transport = base_transport(keep_alive);
     transport.max_concurrent_bidi_streams(GUARDED_STREAMS.into());
-    transport.receive_window(GUARDED_WINDOW.into());
+    transport.receive_window(window.into());
     Arc::new(transport)
 }
 

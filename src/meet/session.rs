@@ -298,6 +298,10 @@ impl Meeting<'_> {
         };
         on_hello(&peer_hello);
         events.hello(&peer_hello);
+        // Nothing more goes to the rendezvous. Our hello must reach it before we leave (the
+        // caller may close the connection as soon as we return): wait for its
+        // acknowledgement at the end, while the punch runs meanwhile.
+        let delivered = exchange.finish();
         for &candidate in &peer_hello.candidates {
             let kind = candidates::kind_of(candidate, &ifaces);
             let _ = updates.send(Update::Candidate(candidate, kind));
@@ -374,6 +378,7 @@ impl Meeting<'_> {
         // listening when ours arrived). Keep showing it the way for a few seconds.
         let winner = side.as_ref().unwrap_or(node).socket().clone();
         tokio::spawn(driver::beacon(winner, path.peer, BEACON));
+        delivered.await;
         Ok(Found {
             path,
             method,

@@ -15,6 +15,9 @@ use crate::wire::TxId;
 
 /// How long connecting to a rendezvous may take (a Retry adds one round trip).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Exchange::finish`] waits for the rendezvous to acknowledge what we sent
+/// (a few retransmissions on a lossy path).
+pub const FINISH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why talking to the rendezvous failed.
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +304,20 @@ impl Exchange {
             reason: reason.to_string(),
         })
         .await
+    }
+
+    /// Say nothing more on this exchange, and get a future that resolves once the
+    /// rendezvous has acknowledged everything we sent (or after [`FINISH_TIMEOUT`]).
+    ///
+    /// A written message is only queued: closing the connection to the rendezvous before
+    /// it is acknowledged throws away its retransmissions, so a sealed hello lost once on
+    /// the way would never reach the peer. Await the future before leaving.
+    pub fn finish(&mut self) -> impl Future<Output = ()> + Send + 'static {
+        let _ = self.send.finish();
+        let acknowledged = self.send.stopped();
+        async move {
+            let _ = tokio::time::timeout(FINISH_TIMEOUT, acknowledged).await;
+        }
     }
 
     async fn send(&mut self, request: &Request) -> Result<(), ClientError> {

@@ -32,8 +32,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use receive::{
-    Consent, FILE_STREAMS, MANIFEST_BUDGET, MIN_RATE, MIN_WINDOW, NoEvents, Policy, ReceiveEvents,
-    ReceiveOptions, Receiver, STALL_TIMEOUT, WINDOW_BUDGET,
+    Consent, ExpectTickets, FILE_STREAMS, MANIFEST_BUDGET, MIN_RATE, MIN_WINDOW, NoEvents, Policy,
+    ReceiveEvents, ReceiveOptions, Receiver, STALL_TIMEOUT, TICKET_GRACE, WINDOW_BUDGET,
 };
 pub use send::{Outgoing, hash_file, send_files};
 pub use store::{DISK_JOBS, PARTIAL_DIR};
