@@ -68,6 +68,10 @@ pub struct NodeConfig {
     /// The congestion controller of every connection of this node (dialled and
     /// accepted). Defaults to [`Congestion::default`].
     pub congestion: Congestion,
+    /// Connection receive window of incoming connections until the application trusts
+    /// them ([`GUARDED_WINDOW`] by default): what a stranger can make us buffer. A server
+    /// whose messages are small (the rendezvous) sets less.
+    pub guarded_window: u32,
 }
 
 impl NodeConfig {
@@ -80,6 +84,7 @@ impl NodeConfig {
             keep_alive: Some(KEEP_ALIVE),
             probe_rate: RateConfig::default(),
             congestion: Congestion::default(),
+            guarded_window: GUARDED_WINDOW,
         }
     }
 }
@@ -423,7 +428,7 @@ impl Node {
 fn guarded_transport(config: &NodeConfig) -> Arc<quinn::TransportConfig> {
     let mut transport = base_transport(config);
     transport.max_concurrent_bidi_streams(GUARDED_STREAMS.into());
-    transport.receive_window(GUARDED_WINDOW.into());
+    transport.receive_window(config.guarded_window.into());
     Arc::new(transport)
 }
 

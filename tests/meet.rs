@@ -532,3 +532,59 @@ async fn lan_two_identities_for_one_nameplate_make_the_sender_refuse_unguessed()
     );
     drop(silent);
 }
+
+/// A code holder may connect before its sealed hello has reached the receiver (it travels
+/// through the rendezvous, the connection does not). While the receiver expects tickets,
+/// such a sender waits for its ticket instead of being refused; a stranger is refused once
+/// nobody expects tickets any more.
+#[tokio::test]
+async fn a_sender_arriving_before_its_ticket_waits_for_it() {
+    let out = common::tempdir();
+    let (rnode, receiver) = receiving(out.path());
+    let src = common::tempdir();
+    let path = src.path().join("early.bin");
+    common::random_file(&path, 50_000, 3);
+    let send = |node: Arc<Node>| {
+        let (target, expected, path) = (
+            rnode.local_addr().unwrap(),
+            rnode.fingerprint(),
+            path.clone(),
+        );
+        tokio::spawn(async move {
+            let peer = node.connect(target, Some(expected)).await.unwrap();
+            transfer::send_files(
+                &peer.connection,
+                vec![Outgoing::from_path(&path).unwrap()],
+                Arc::new(Quiet),
+            )
+            .await
+        })
+    };
+
+    let expecting = receiver.expect_tickets();
+    let early = node(false);
+    let sending = send(early.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!sending.is_finished(), "the early sender waits");
+    receiver.admit(early.fingerprint(), Duration::from_secs(60));
+    let reports = sending.await.unwrap().expect("admitted while waiting");
+    assert!(reports[0].is_verified(), "{reports:?}");
+
+    // A stranger waits too, until nobody expects tickets: then it is refused.
+    let stranger = send(node(false));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stranger.is_finished(),
+        "the stranger waits while tickets are expected"
+    );
+    drop(expecting);
+    let refused = tokio::time::timeout(Duration::from_secs(2), stranger)
+        .await
+        .expect("refused promptly once nobody expects tickets")
+        .unwrap();
+    assert!(
+        matches!(refused, Err(transfer::TransferError::NotAllowed(_))),
+        "{refused:?}"
+    );
+    assert_eq!(common::list_dir(out.path()), common::names(&["early.bin"]));
+}

@@ -397,6 +397,9 @@ impl Codes {
         };
         let receiver = self.receiver.clone();
         let admit = move |sender, ttl| receiver.admit(sender, ttl);
+        // A code holder may connect before its hello has reached us: let it wait for its
+        // ticket rather than be refused.
+        let _expecting = self.receiver.expect_tickets();
         loop {
             let chosen = self.first.take();
             match meeting.welcome(chosen.as_ref(), self.ttl, &admit).await {

@@ -27,7 +27,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{ClientError, Exchange, Opened, Paired, RendezvousClient, Welcome};
+pub use client::{
+    CONNECT_TIMEOUT, ClientError, Exchange, Opened, Paired, RendezvousClient, Welcome,
+};
 pub use server::{
     Bound, NoEvents, Rendezvous, RendezvousConfig, RendezvousEvents, RendezvousStats,
 };

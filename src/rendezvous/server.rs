@@ -5,6 +5,16 @@
 //! connection) and adds its own: nameplates in all and per source, a join rate per source,
 //! a lifetime for every nameplate and every pairing. Its state is one map of waiting
 //! nameplates; a pairing lives only in the two session tasks it connects.
+//!
+//! **Memory.** A client costs its QUIC connection and at most two sessions (the guarded
+//! transport allows two streams); nothing else grows with clients. Measured on
+//! `qpunch rendezvous` (`tests/rendezvous_abuse.rs`, `benches/rendezvous.rs`): a receiver
+//! waiting with a nameplate costs about 20 KiB (release build; 40 KiB debug), a connection
+//! doing its worst (two nameplates, never reading, requests until flow control stops it)
+//! about 110 KiB, held to that by a 16 KiB receive window, one-deep request queues and a
+//! timeout on every answer. With the default 4096 connections that bounds the rendezvous
+//! at about 640 MiB above its idle size against the worst clients, a third of that for
+//! honest ones.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -24,6 +34,13 @@ use crate::ratelimit::{RateConfig, RateLimiter, source_key};
 use crate::server::{Service, Shutdown};
 use crate::wire::{Message, TxId};
 
+/// Receive window of every rendezvous connection (two messages' worth).
+const WINDOW: u32 = 2 * MAX_MESSAGE as u32;
+
+/// How long the sessions of a client that closed its connection may take to pass on
+/// what it said last.
+const LEAVE_GRACE: Duration = Duration::from_secs(1);
+
 /// Limits of one rendezvous.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RendezvousConfig {
@@ -37,6 +54,9 @@ pub struct RendezvousConfig {
     pub pairing_timeout: Duration,
     /// Joins per source (a guesser gets this many tries, slowly).
     pub join_rate: RateConfig,
+    /// How long one answer may wait for a client to read it before its exchange is
+    /// dropped (with its nameplate).
+    pub write_timeout: Duration,
 }
 
 impl Default for RendezvousConfig {
@@ -53,6 +73,7 @@ impl Default for RendezvousConfig {
                 global_rate: 1000.0,
                 max_sources: 4096,
             },
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -115,6 +136,9 @@ enum Relay {
 /// A receiver waiting on a nameplate.
 #[derive(Debug)]
 struct Waiting {
+    /// Which registration this is: a nameplate is reused once it is taken, and only the
+    /// exchange that registered it may release it (see [`Release`]).
+    id: u64,
     /// Its PAKE message; a nameplate cannot be joined before it arrives.
     pake: Option<Vec<u8>>,
     observed: SocketAddr,
@@ -126,10 +150,16 @@ struct Waiting {
 struct Book {
     waiting: HashMap<String, Waiting>,
     per_source: HashMap<IpAddr, usize>,
+    /// The id of the next registration.
+    next_id: u64,
 }
 
 impl Book {
-    fn remove(&mut self, nameplate: &str) -> Option<Waiting> {
+    /// Remove `nameplate` if it is registration `id` (any registration when `None`).
+    fn remove(&mut self, nameplate: &str, id: Option<u64>) -> Option<Waiting> {
+        if id.is_some_and(|id| self.waiting.get(nameplate).is_none_or(|w| w.id != id)) {
+            return None;
+        }
         let waiting = self.waiting.remove(nameplate)?;
         if let Some(count) = self.per_source.get_mut(&waiting.source) {
             *count -= 1;
@@ -236,8 +266,10 @@ impl Rendezvous {
         mut shutdown: Shutdown,
     ) {
         // Reading frames is not cancel-safe, so a task reads them into a channel; the
-        // session only ever selects on channels and timers.
-        let (tx, mut requests) = mpsc::channel(4);
+        // session only ever selects on channels and timers. One deep: a client that
+        // talks while its session waits can park two requests here (one queued, one
+        // being sent), no more; the rest waits in its connection's small window.
+        let (tx, mut requests) = mpsc::channel(1);
         let reader = tokio::spawn(read_requests(recv, tx));
         let first = tokio::select! {
             r = tokio::time::timeout(Duration::from_secs(10), requests.recv()) => r.ok().flatten(),
@@ -286,10 +318,25 @@ impl Rendezvous {
             None => None,
         };
         if let Some(answer) = answer {
-            let _ = frame::write(&mut send, &answer).await;
+            let _ = self.say(&mut send, &answer).await;
         }
         let _ = send.finish();
         reader.abort();
+    }
+
+    /// Write one message to the client, giving up after
+    /// [`RendezvousConfig::write_timeout`]: a client that does not read (its flow control
+    /// window stays shut) must not hold its session, and its nameplate, for ever.
+    async fn say(&self, send: &mut quinn::SendStream, message: &Response) -> Result<(), ()> {
+        match tokio::time::timeout(self.config.write_timeout, frame::write(send, message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(()),
+            Err(_) => {
+                // Half a frame went out: the stream is unusable.
+                let _ = send.reset(0u32.into());
+                Err(())
+            }
+        }
     }
 
     fn welcome(&self, observed: SocketAddr) -> Response {
@@ -365,22 +412,23 @@ impl Rendezvous {
     ) {
         let ttl = Duration::from_secs(ttl_secs.max(1).into()).min(self.config.max_ttl);
         let (to_session, mut inbox) = mpsc::channel(4);
-        let nameplate = match self.reserve(observed, wanted, to_session) {
-            Ok(nameplate) => nameplate,
+        let (nameplate, id) = match self.reserve(observed, wanted, to_session) {
+            Ok(reserved) => reserved,
             Err(answer) => {
-                let _ = frame::write(send, &answer).await;
+                let _ = self.say(send, &answer).await;
                 return;
             }
         };
-        // Whatever ends this exchange, the nameplate goes with it.
-        let _release = Release(self, nameplate.clone());
+        // Whatever ends this exchange, the nameplate goes with it (unless a join took it
+        // already, and it now belongs to someone else).
+        let _release = Release(self, nameplate.clone(), id);
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         let opened = Response::Opened {
             nameplate: nameplate.clone(),
             expires_secs: ttl.as_secs() as u32,
             observed,
         };
-        if frame::write(send, &opened).await.is_err() {
+        if self.say(send, &opened).await.is_err() {
             return;
         }
         let expiry = tokio::time::sleep(ttl);
@@ -391,25 +439,32 @@ impl Rendezvous {
                 Some(Request::Pake { pake }) => from_hex(&pake, PAKE_MSG_LEN),
                 _ => None,
             },
-            _ = &mut expiry => None,
+            _ = &mut expiry => {
+                self.counters.expired.fetch_add(1, Ordering::Relaxed);
+                let _ = self.say(send, &error(ErrorCode::Expired, "the code expired before its PAKE message arrived")).await;
+                return;
+            }
             () = shutdown.recv() => return,
         };
         let Some(pake) = pake else {
-            let _ = frame::write(
-                send,
-                &self.malformed("open must be followed by the PAKE message"),
-            )
-            .await;
+            let _ = self
+                .say(
+                    send,
+                    &self.malformed("open must be followed by the PAKE message"),
+                )
+                .await;
             return;
         };
-        if let Some(waiting) = self.lock().waiting.get_mut(&nameplate) {
+        if let Some(waiting) = self.lock().waiting.get_mut(&nameplate)
+            && waiting.id == id
+        {
             waiting.pake = Some(pake);
         }
         let paired = tokio::select! {
             relay = inbox.recv() => relay,
             _ = &mut expiry => {
                 self.counters.expired.fetch_add(1, Ordering::Relaxed);
-                let _ = frame::write(send, &error(ErrorCode::Expired, "nobody used the code in time")).await;
+                let _ = self.say(send, &error(ErrorCode::Expired, "nobody used the code in time")).await;
                 return;
             }
             // The receiver gave up (closed its stream or sent something out of turn).
@@ -429,23 +484,28 @@ impl Rendezvous {
             peer,
             observed,
         };
-        if frame::write(send, &message).await.is_ok() {
+        if self.say(send, &message).await.is_ok() {
             self.relay(send, requests, &mut inbox, &partner, shutdown)
                 .await;
         }
     }
 
-    /// Reserve `wanted` (or a free nameplate) for a receiver at `observed`.
+    /// Reserve `wanted` (or a free nameplate) for a receiver at `observed`: the nameplate
+    /// and the registration's id.
     fn reserve(
         &self,
         observed: SocketAddr,
         wanted: Option<String>,
         to_session: mpsc::Sender<Relay>,
-    ) -> Result<String, Response> {
+    ) -> Result<(String, u64), Response> {
         let source = source_key(observed.ip());
         let mut book = self.lock();
         if book.waiting.len() >= self.config.max_nameplates {
-            return Err(self.limited("the rendezvous is full; try again later"));
+            self.counters.limited.fetch_add(1, Ordering::Relaxed);
+            return Err(error(
+                ErrorCode::TooMany,
+                "the rendezvous is full; try again later",
+            ));
         }
         if book.per_source.get(&source).copied().unwrap_or(0) >= self.config.max_per_source {
             self.counters.limited.fetch_add(1, Ordering::Relaxed);
@@ -467,9 +527,12 @@ impl Rendezvous {
             }
             None => free_nameplate(&book),
         };
+        let id = book.next_id;
+        book.next_id += 1;
         book.waiting.insert(
             nameplate.clone(),
             Waiting {
+                id,
                 pake: None,
                 observed,
                 source,
@@ -477,7 +540,7 @@ impl Rendezvous {
             },
         );
         *book.per_source.entry(source).or_insert(0) += 1;
-        Ok(nameplate)
+        Ok((nameplate, id))
     }
 
     /// A sender: take the nameplate (single use), pair, then relay.
@@ -495,15 +558,16 @@ impl Rendezvous {
             joins.allow(Instant::now(), observed.ip())
         };
         if !allowed {
-            let _ = frame::write(
-                send,
-                &self.limited("too many joins from your address; wait a little"),
-            )
-            .await;
+            let _ = self
+                .say(
+                    send,
+                    &self.limited("too many joins from your address; wait a little"),
+                )
+                .await;
             return;
         }
         let Some(pake) = from_hex(&pake, PAKE_MSG_LEN) else {
-            let _ = frame::write(send, &self.malformed("bad PAKE message")).await;
+            let _ = self.say(send, &self.malformed("bad PAKE message")).await;
             return;
         };
         let waiting = {
@@ -513,7 +577,11 @@ impl Rendezvous {
                 .waiting
                 .get(&nameplate)
                 .is_some_and(|w| w.pake.is_some());
-            if ready { book.remove(&nameplate) } else { None }
+            if ready {
+                book.remove(&nameplate, None)
+            } else {
+                None
+            }
         };
         let Some(waiting) = waiting else {
             self.counters.unknown.fetch_add(1, Ordering::Relaxed);
@@ -521,7 +589,7 @@ impl Rendezvous {
                 ErrorCode::UnknownNameplate,
                 "no receiver is waiting on that code (mistyped, already used, or expired)",
             );
-            let _ = frame::write(send, &answer).await;
+            let _ = self.say(send, &answer).await;
             return;
         };
         let (partner, mut inbox) = mpsc::channel(4);
@@ -533,11 +601,12 @@ impl Rendezvous {
         if waiting.to_session.send(paired).await.is_err() {
             // The receiver left just now: as good as unknown.
             self.counters.unknown.fetch_add(1, Ordering::Relaxed);
-            let _ = frame::write(
-                send,
-                &error(ErrorCode::UnknownNameplate, "the receiver left"),
-            )
-            .await;
+            let _ = self
+                .say(
+                    send,
+                    &error(ErrorCode::UnknownNameplate, "the receiver left"),
+                )
+                .await;
             return;
         }
         self.counters.paired.fetch_add(1, Ordering::Relaxed);
@@ -547,14 +616,16 @@ impl Rendezvous {
             peer: waiting.observed,
             observed,
         };
-        if frame::write(send, &message).await.is_ok() {
+        if self.say(send, &message).await.is_ok() {
             self.relay(send, requests, &mut inbox, &waiting.to_session, shutdown)
                 .await;
         }
     }
 
     /// Pass one sealed hello and at most one failure each way, until both sides are done
-    /// or the pairing times out.
+    /// or the pairing times out. A partner that leaves before its hello (a guesser that
+    /// joined and went away, a crashed peer) is reported as a failure, so the client
+    /// learns why its meeting ended.
     async fn relay(
         &self,
         send: &mut quinn::SendStream,
@@ -566,6 +637,7 @@ impl Rendezvous {
         let deadline = tokio::time::sleep(self.config.pairing_timeout);
         tokio::pin!(deadline);
         let (mut sealed, mut failed, mut client_open) = (false, false, true);
+        let mut heard = false;
         loop {
             // Cancel-safe: channel receives and a timer.
             tokio::select! {
@@ -574,7 +646,7 @@ impl Rendezvous {
                         sealed = true;
                         match from_hex(&hex, MAX_SEALED) {
                             Some(bytes) => { let _ = partner.send(Relay::Sealed(bytes)).await; }
-                            None => { let _ = frame::write(send, &self.malformed("bad sealed hello")).await; return; }
+                            None => { let _ = self.say(send, &self.malformed("bad sealed hello")).await; return; }
                         }
                     }
                     Some(Request::Fail { reason }) if !failed => {
@@ -584,19 +656,30 @@ impl Rendezvous {
                         let _ = partner.send(Relay::Failed(reason)).await;
                     }
                     Some(_) => {
-                        let _ = frame::write(send, &self.malformed("unexpected request in a pairing")).await;
+                        let _ = self.say(send, &self.malformed("unexpected request in a pairing")).await;
                         return;
                     }
+                    // The client hung up its side, and everything it said was passed
+                    // on. Once the partner has said its piece too, this pairing is over
+                    // here (it must not hold the client's stream for the whole timeout).
+                    None if heard => return,
                     None => client_open = false,
                 },
                 relay = inbox.recv() => {
-                    let message = match relay {
-                        Some(Relay::Sealed(bytes)) => Response::Sealed { sealed: to_hex(&bytes) },
-                        Some(Relay::Failed(reason)) => Response::PeerFailed { reason },
-                        // The partner's session ended: nothing more will come.
+                    let (message, last) = match relay {
+                        Some(Relay::Sealed(bytes)) => (Response::Sealed { sealed: to_hex(&bytes) }, false),
+                        Some(Relay::Failed(reason)) => (Response::PeerFailed { reason }, false),
+                        // The partner's session ended: nothing more will come. If it said
+                        // nothing at all, tell the client, which would otherwise only see
+                        // its stream end.
+                        Some(Relay::Paired { .. }) | None if !heard => {
+                            let reason = "the other side left before finishing the exchange";
+                            (Response::PeerFailed { reason: reason.into() }, true)
+                        }
                         Some(Relay::Paired { .. }) | None => return,
                     };
-                    if frame::write(send, &message).await.is_err() {
+                    heard = true;
+                    if self.say(send, &message).await.is_err() || last {
                         return;
                     }
                 }
@@ -607,12 +690,14 @@ impl Rendezvous {
     }
 }
 
-/// Frees a nameplate when its exchange ends (unless a join took it already).
-struct Release<'a>(&'a Rendezvous, String);
+/// Frees a nameplate when its exchange ends, unless a join took it already: then the
+/// nameplate may be registered again by another receiver (a random one is soon drawn
+/// again, a chosen one may be reused at once), and that registration is not ours to free.
+struct Release<'a>(&'a Rendezvous, String, u64);
 
 impl Drop for Release<'_> {
     fn drop(&mut self) {
-        self.0.lock().remove(&self.1);
+        self.0.lock().remove(&self.1, Some(self.2));
     }
 }
 
@@ -681,7 +766,10 @@ impl Service for Rendezvous {
                     Err(_) => break,
                 },
                 Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
-                () = shutdown.recv() => break,
+                () = shutdown.recv() => {
+                    sessions.shutdown().await;
+                    return;
+                }
             };
             // The guarded transport allows two streams at once, so this set stays tiny.
             let session_shutdown = shutdown.resubscribe();
@@ -693,6 +781,10 @@ impl Service for Rendezvous {
                 session_shutdown,
             ));
         }
+        // The client left. What it sent last (its sealed hello, a failure) may still be
+        // on its way through a session: let sessions pass it on, briefly, then stop them.
+        let drain = async { while sessions.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(LEAVE_GRACE, drain).await;
         sessions.shutdown().await;
     }
 }
@@ -720,10 +812,13 @@ impl Rendezvous {
         let socket = crate::socket::bind(bind)?;
         let main = socket.local_addr()?;
         let alt = crate::socket::bind(SocketAddr::new(bind.ip(), main.port().wrapping_add(1)))?;
-        let node = Arc::new(Node::new(
-            socket,
-            crate::node::NodeConfig::new(identity, super::ALPN, true),
-        )?);
+        // Messages are at most 8 KiB and read as they come: a 16 KiB window is plenty,
+        // and it is what a client that stops being read can make us buffer.
+        let node_config = crate::node::NodeConfig {
+            guarded_window: WINDOW,
+            ..crate::node::NodeConfig::new(identity, super::ALPN, true)
+        };
+        let node = Arc::new(Node::new(socket, node_config)?);
         let addrs = announced_addrs(main);
         let rendezvous = Rendezvous::new(node.clone(), alt, addrs, config, events)?;
         let limits = crate::server::Limits {

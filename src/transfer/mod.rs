@@ -39,8 +39,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use receive::{
-    Consent, FILE_STREAMS, MANIFEST_BUDGET, MIN_RATE, MIN_WINDOW, NoEvents, PARTIAL_MAX_AGE,
-    Policy, ReceiveEvents, ReceiveOptions, Receiver, SMALL_BUDGET, STALL_TIMEOUT, WINDOW_BUDGET,
+    Consent, ExpectTickets, FILE_STREAMS, MANIFEST_BUDGET, MIN_RATE, MIN_WINDOW, NoEvents,
+    PARTIAL_MAX_AGE, Policy, ReceiveEvents, ReceiveOptions, Receiver, SMALL_BUDGET, STALL_TIMEOUT,
+    TICKET_GRACE, WINDOW_BUDGET,
 };
 pub use send::{Outgoing, SendOptions, hash_file, send_files, send_files_with};
 pub use store::{Cleaned, DISK_JOBS, PARTIAL_DIR, clean_partials};

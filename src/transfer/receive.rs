@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
@@ -75,6 +75,9 @@ pub const PARTIAL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a sender that comes back waits for its earlier, dead transfer to let go of the
 /// partial it resumes.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+/// How long a sender without a ticket waits for one while the receiver expects tickets
+/// (see [`Receiver::expect_tickets`]) before it is treated like any other stranger.
+pub const TICKET_GRACE: Duration = Duration::from_secs(5);
 
 /// Asks a human (or any policy) whether to take offered files.
 pub trait Consent: Send + Sync {
@@ -190,6 +193,10 @@ pub struct Receiver {
     once_claimed: std::sync::atomic::AtomicBool,
     /// One-time admissions (see [`Receiver::admit`]).
     tickets: std::sync::Mutex<HashMap<Fingerprint, std::time::Instant>>,
+    /// Live [`ExpectTickets`] guards.
+    expecting: AtomicUsize,
+    /// Woken on every admission, and when a guard ends.
+    admitted: tokio::sync::Notify,
     events: Arc<dyn ReceiveEvents>,
 }
 
@@ -198,6 +205,18 @@ impl std::fmt::Debug for Receiver {
         f.debug_struct("Receiver")
             .field("options", &self.options)
             .finish_non_exhaustive()
+    }
+}
+
+/// Returned by [`Receiver::expect_tickets`]: tickets are expected until it is dropped.
+#[derive(Debug)]
+pub struct ExpectTickets(Arc<Receiver>);
+
+impl Drop for ExpectTickets {
+    fn drop(&mut self) {
+        self.0.expecting.fetch_sub(1, Ordering::SeqCst);
+        // Senders still waiting look once more, then stop waiting if nobody expects.
+        self.0.admitted.notify_waiters();
     }
 }
 
@@ -260,6 +279,8 @@ impl Receiver {
             once_done: watch::Sender::new(None),
             once_claimed: false.into(),
             tickets: Default::default(),
+            expecting: AtomicUsize::new(0),
+            admitted: tokio::sync::Notify::new(),
             events,
         }))
     }
@@ -294,10 +315,15 @@ impl Receiver {
         observer: Arc<dyn Observer>,
     ) -> (Result<Vec<FileReport>, TransferError>, bool) {
         let conn = &peer.connection;
-        let ticket = self.take_ticket(&peer.fingerprint);
-        if let Policy::Allow(list) = &self.options.policy
+        let mut ticket = self.take_ticket(&peer.fingerprint);
+        let listed =
+            matches!(&self.options.policy, Policy::Allow(list) if list.contains(&peer.fingerprint));
+        if !ticket && !listed && !matches!(self.options.policy, Policy::AcceptAll) {
+            ticket = self.wait_for_ticket(&peer.fingerprint).await;
+        }
+        if let Policy::Allow(_) = &self.options.policy
             && !ticket
-            && !list.contains(&peer.fingerprint)
+            && !listed
         {
             let reason = format!("sender {} is not on the allow list", peer.fingerprint);
             conn.close(codes::NOT_ALLOWED.into(), reason.as_bytes());
@@ -379,6 +405,43 @@ impl Receiver {
         let now = std::time::Instant::now();
         tickets.retain(|_, expiry| *expiry > now);
         tickets.insert(sender, now + ttl);
+        drop(tickets);
+        self.admitted.notify_waiters();
+    }
+
+    /// Expect tickets while the guard lives: meet by code with it held. A sender that
+    /// connects without a ticket (and is not otherwise allowed) then waits up to
+    /// [`TICKET_GRACE`] for one instead of being refused (or asked about) at once.
+    ///
+    /// The race it covers: the sender's sealed hello reaches us through the rendezvous,
+    /// but its connection comes straight to us, as soon as it has *our* hello and a path.
+    /// One lost packet on our way from the rendezvous delays the hello, and so the ticket,
+    /// by a retransmission timeout, while the sender is already here with its files.
+    pub fn expect_tickets(self: &Arc<Self>) -> ExpectTickets {
+        self.expecting.fetch_add(1, Ordering::SeqCst);
+        ExpectTickets(self.clone())
+    }
+
+    /// While tickets are expected, wait (up to [`TICKET_GRACE`]) for `sender`'s.
+    async fn wait_for_ticket(&self, sender: &Fingerprint) -> bool {
+        let deadline = tokio::time::Instant::now() + TICKET_GRACE;
+        loop {
+            // Registered before checking, so an admission in between is not missed.
+            let admitted = self.admitted.notified();
+            tokio::pin!(admitted);
+            admitted.as_mut().enable();
+            if self.take_ticket(sender) {
+                return true;
+            }
+            if self.expecting.load(Ordering::SeqCst) == 0 {
+                return false;
+            }
+            // Cancel-safe: a notification and a timer.
+            tokio::select! {
+                () = admitted => {}
+                () = tokio::time::sleep_until(deadline) => return self.take_ticket(sender),
+            }
+        }
     }
 
     /// Use up `sender`'s ticket, if it holds a live one.
