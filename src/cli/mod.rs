@@ -87,10 +87,27 @@ pub fn run() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            ui.error(&format!("{e:#}"));
+            ui.error(&describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, like `{:#}`, but without repeating a cause that
+/// an outer message already quotes (library errors often show their source inline too).
+pub(crate) fn describe(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn init_logging(verbose: u8) {
@@ -216,5 +233,18 @@ mod tests {
     fn command_line_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn describe_skips_causes_already_quoted() {
+        let io = std::io::Error::other("cannot bind UDP 1.2.3.4:5: in use");
+        let e = anyhow::Error::new(qpunch::node::NodeError::from(io))
+            .context("cannot serve a rendezvous");
+        assert_eq!(
+            describe(&e),
+            "cannot serve a rendezvous: socket: cannot bind UDP 1.2.3.4:5: in use"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(describe(&plain), "outer: inner");
     }
 }

@@ -360,7 +360,7 @@ impl Codes {
         loop {
             match self.serve().await {
                 Ok(()) => return,
-                Err(e) => self.ui.error(&format!("{e:#}")),
+                Err(e) => self.ui.error(&super::describe(&e)),
             }
             // The rendezvous went away (restarted, network change): try again, slower.
             self.ui.say(&format!(
