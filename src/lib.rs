@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 pub mod bbr;
+pub mod close_gate;
 pub mod driver;
 pub mod frame;
 pub mod identity;

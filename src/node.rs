@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::driver::{self, DriveError};
@@ -265,6 +266,9 @@ pub struct Node {
     endpoint: quinn::Endpoint,
     socket: Arc<DemuxSocket>,
     config: NodeConfig,
+    /// Set by [`Node::close`]: every connection's congestion gate opens (see
+    /// [`crate::close_gate`]).
+    closing: Arc<AtomicBool>,
 }
 
 impl Node {
@@ -277,10 +281,11 @@ impl Node {
         let mut endpoint_config = quinn::EndpointConfig::default();
         // Keep bit 0x40 set on every QUIC packet, so the first byte tells QUIC from probes.
         endpoint_config.grease_quic_bit(false);
+        let closing = Arc::new(AtomicBool::new(false));
         let server = if config.accept {
             let crypto = tls::server_crypto(&config.identity, &config.alpn)?;
             let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            server.transport_config(guarded_transport(&config));
+            server.transport_config(guarded_transport(&config, &closing));
             // Connection attempts waiting for the application: beyond this many quinn
             // refuses at once. The server's own budgets (see `crate::server`) are smaller.
             server.max_incoming(1024);
@@ -300,6 +305,7 @@ impl Node {
             endpoint,
             socket,
             config,
+            closing,
         })
     }
 
@@ -366,7 +372,7 @@ impl Node {
     ) -> Result<PeerConnection, NodeError> {
         let (crypto, seen) = tls::client_crypto(&self.config.identity, expected, alpn)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(transport(&self.config));
+        client.transport_config(transport(&self.config, &self.closing));
         let connecting = self.endpoint.connect_with(client, peer, tls::SERVER_NAME)?;
         let connection = match connecting.await {
             Ok(connection) => connection,
@@ -418,6 +424,7 @@ impl Node {
     /// everything (as the file sender has) can use a few milliseconds; [`CLOSE_LINGER`]
     /// waits for the full drain.
     pub async fn close(&self, linger: Duration) {
+        self.closing.store(true, Ordering::Relaxed);
         self.endpoint.close(0u32.into(), b"bye");
         let _ = tokio::time::timeout(linger, self.endpoint.wait_idle()).await;
     }
@@ -425,8 +432,11 @@ impl Node {
 
 /// Transport for connections we accept: as [`transport`], but guarded until the application
 /// calls [`PeerConnection::open_windows`].
-fn guarded_transport(config: &NodeConfig) -> Arc<quinn::TransportConfig> {
-    let mut transport = base_transport(config);
+fn guarded_transport(
+    config: &NodeConfig,
+    closing: &Arc<AtomicBool>,
+) -> Arc<quinn::TransportConfig> {
+    let mut transport = base_transport(config, closing);
     transport.max_concurrent_bidi_streams(GUARDED_STREAMS.into());
     transport.receive_window(config.guarded_window.into());
     Arc::new(transport)
@@ -434,18 +444,21 @@ fn guarded_transport(config: &NodeConfig) -> Arc<quinn::TransportConfig> {
 
 /// Transport for connections we dial: the peer was chosen (and pinned), so the windows are
 /// open from the start.
-fn transport(config: &NodeConfig) -> Arc<quinn::TransportConfig> {
-    Arc::new(base_transport(config))
+fn transport(config: &NodeConfig, closing: &Arc<AtomicBool>) -> Arc<quinn::TransportConfig> {
+    Arc::new(base_transport(config, closing))
 }
 
 /// Transport tuning shared by both roles.
-fn base_transport(config: &NodeConfig) -> quinn::TransportConfig {
+fn base_transport(config: &NodeConfig, closing: &Arc<AtomicBool>) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     // Neither unidirectional streams nor datagrams are used: a peer gets none to fill.
     transport.max_concurrent_uni_streams(0u32.into());
     transport.datagram_receive_buffer_size(None);
     transport.keep_alive_interval(config.keep_alive);
-    transport.congestion_controller_factory(config.congestion.factory());
+    transport.congestion_controller_factory(Arc::new(crate::close_gate::GatedFactory {
+        inner: config.congestion.factory(),
+        node_closing: closing.clone(),
+    }));
     transport.max_idle_timeout(Some(
         IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt"),
     ));
@@ -535,7 +548,13 @@ mod tests {
 
     /// The controller quinn actually runs on a live connection.
     fn controller(conn: &PeerConnection) -> Box<dyn std::any::Any> {
-        conn.connection.congestion_state().into_any()
+        let gated = conn
+            .connection
+            .congestion_state()
+            .into_any()
+            .downcast::<crate::close_gate::Gated>()
+            .expect("every controller of a node is gated");
+        gated.inner().clone_box().into_any()
     }
 
     /// Each side's choice reaches its own connections, for dialled (`transport`) and
@@ -566,6 +585,54 @@ mod tests {
                 };
                 assert!(ok, "{client_cc:?}/{server_cc:?}: wanted {cc:?}");
             }
+            client.close(QUICK_LINGER).await;
+            server.close(QUICK_LINGER).await;
+        }
+    }
+
+    /// A bulk sender is congestion-limited most of the time, and quinn 0.11 holds a
+    /// CONNECTION_CLOSE behind a full window for ever (see [`crate::close_gate`]): the peer
+    /// would learn of the close only at its idle timeout. Closed mid-transfer, again and
+    /// again, each close must reach the peer at once, whichever way it is closed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_close_in_the_middle_of_a_bulk_send_reaches_the_peer() {
+        for round in 0..12 {
+            let (client, server) = (node(false, None), node(true, None));
+            let target = server.local_addr().unwrap();
+            let (c, s) = tokio::join!(
+                client.connect(target, Some(server.fingerprint())),
+                server.accept()
+            );
+            let (c, s) = (c.unwrap(), s.unwrap().unwrap());
+            s.open_windows(4);
+            let (mut send, _recv) = c.connection.open_bi().await.unwrap();
+            let writer = tokio::spawn(async move {
+                let chunk = vec![7u8; 64 << 10];
+                while send.write_all(&chunk).await.is_ok() {}
+            });
+            let (_, mut recv) = s.connection.accept_bi().await.unwrap();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut got = 0;
+            while got < (2 << 20) {
+                got += recv.read(&mut buf).await.unwrap().unwrap();
+            }
+            // Keep reading (acknowledging) while the close is on its way.
+            let reader =
+                tokio::spawn(async move { while let Ok(Some(_)) = recv.read(&mut buf).await {} });
+            if round % 2 == 0 {
+                crate::close_gate::close(&c.connection, 42u32.into(), b"cut");
+            } else {
+                client.close(QUICK_LINGER).await;
+            }
+            let closed = tokio::time::timeout(Duration::from_secs(2), s.connection.closed())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: the close never reached the peer"));
+            assert!(
+                matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+                "round {round}: {closed:?}"
+            );
+            writer.abort();
+            reader.abort();
             client.close(QUICK_LINGER).await;
             server.close(QUICK_LINGER).await;
         }

@@ -86,7 +86,7 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         progress,
     )
     .await?;
-    peer.connection.close(transfer::codes::DONE.into(), b"done");
+    qpunch::close_gate::close(&peer.connection, transfer::codes::DONE.into(), b"done");
     sending.close(node::QUICK_LINGER).await;
     let elapsed = started.elapsed();
     let (received, stats) = receiver_task.await.context("receiver crashed")??;

@@ -273,7 +273,7 @@ async fn deliver(
     let result = tokio::select! {
         result = sending => result,
         _ = tokio::signal::ctrl_c() => {
-            peer.connection.close(transfer::codes::CANCELLED.into(), b"sender interrupted");
+            qpunch::close_gate::close(&peer.connection, transfer::codes::CANCELLED.into(), b"sender interrupted");
             node.close(node::QUICK_LINGER).await;
             progress.clear();
             bail!("interrupted: run the same command again to resume");
@@ -288,7 +288,7 @@ async fn deliver(
         ),
         _ => (transfer::codes::DONE, b"done"),
     };
-    peer.connection.close(code.into(), reason);
+    qpunch::close_gate::close(&peer.connection, code.into(), reason);
     node.close(node::QUICK_LINGER).await;
     let reports = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     let verified = reports.iter().filter(|r| r.is_verified()).count();

@@ -878,7 +878,7 @@ impl<S: Service> Service for Door<S> {
                 }
             };
             tracing::info!(%remote, "meet connection refused: {}", String::from_utf8_lossy(reason));
-            peer.connection.close(code.into(), reason);
+            crate::close_gate::close(&peer.connection, code.into(), reason);
             return;
         }
         self.inner.clone().serve(peer, shutdown).await
@@ -944,7 +944,7 @@ pub async fn meet_at(
         LanError::WrongCode => codes::WRONG_CODE,
         _ => codes::PROTOCOL,
     };
-    peer.connection.close(close.into(), b"meeting failed");
+    crate::close_gate::close(&peer.connection, close.into(), b"meeting failed");
     Err(error)
 }
 
@@ -994,7 +994,7 @@ async fn connect_one(
     let identities: HashSet<Fingerprint> = connected.iter().map(|p| p.fingerprint).collect();
     if identities.len() > 1 {
         for peer in &connected {
-            peer.connection.close(codes::AMBIGUOUS.into(), b"ambiguous");
+            crate::close_gate::close(&peer.connection, codes::AMBIGUOUS.into(), b"ambiguous");
         }
         return Err(LanError::Ambiguous {
             nameplate: nameplate.clone(),
@@ -1009,7 +1009,7 @@ async fn connect_one(
         });
     };
     for spare in connected {
-        spare.connection.close(0u32.into(), b"another path won");
+        crate::close_gate::close(&spare.connection, 0u32.into(), b"another path won");
     }
     Ok(first)
 }

@@ -326,7 +326,7 @@ impl Receiver {
             && !listed
         {
             let reason = format!("sender {} is not on the allow list", peer.fingerprint);
-            conn.close(codes::NOT_ALLOWED.into(), reason.as_bytes());
+            crate::close_gate::close(conn, codes::NOT_ALLOWED.into(), reason.as_bytes());
             return (Err(TransferError::NotAllowed(reason)), false);
         }
         let offered = async {
@@ -341,7 +341,7 @@ impl Receiver {
                 Ok(Ok(offered)) => offered,
                 Ok(Err(e)) => return (Err(e), false),
                 Err(_) => {
-                    conn.close(codes::PROTOCOL.into(), b"no manifest in time");
+                    crate::close_gate::close(conn, codes::PROTOCOL.into(), b"no manifest in time");
                     return (
                         Err(TransferError::protocol("sender offered nothing")),
                         false,
@@ -349,7 +349,7 @@ impl Receiver {
                 }
             };
         if files.len() + dirs.len() > super::MAX_FILES {
-            conn.close(codes::PROTOCOL.into(), b"too many files");
+            crate::close_gate::close(conn, codes::PROTOCOL.into(), b"too many files");
             return (
                 Err(TransferError::protocol("too many files offered")),
                 false,
@@ -741,7 +741,7 @@ impl Receiver {
                             period.as_secs_f64(),
                             human_bytes(self.options.min_rate)
                         );
-                        conn.close(codes::PROTOCOL.into(), b"too slow");
+                        crate::close_gate::close(conn, codes::PROTOCOL.into(), b"too slow");
                         outcome = Err(TransferError::protocol(why));
                         break;
                     }
@@ -749,7 +749,7 @@ impl Receiver {
                     continue;
                 }
                 _ = tokio::time::sleep(stall), if tasks.is_empty() => {
-                    conn.close(codes::PROTOCOL.into(), b"stalled");
+                    crate::close_gate::close(conn, codes::PROTOCOL.into(), b"stalled");
                     outcome = Err(stalled(stall));
                     break;
                 }
@@ -880,7 +880,7 @@ impl Service for Receiver {
             // by their owners.
             r = self.handle_batch(&peer, observer) => r,
             () = shutdown.recv() => {
-                peer.connection.close(codes::SHUTDOWN.into(), b"receiver shutting down");
+                crate::close_gate::close(&peer.connection, codes::SHUTDOWN.into(), b"receiver shutting down");
                 (Err(TransferError::protocol("the receiver is shutting down")), false)
             }
         };

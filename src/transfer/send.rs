@@ -106,7 +106,7 @@ async fn within<T>(
                 "the receiver stopped answering for {} s",
                 stall.as_secs_f64()
             );
-            connection.close(codes::PROTOCOL.into(), why.as_bytes());
+            crate::close_gate::close(connection, codes::PROTOCOL.into(), why.as_bytes());
             Err(TransferError::Connection(quinn::ConnectionError::TimedOut))
         }
     }
