@@ -68,8 +68,20 @@ pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
         "UDP does not get through to the rendezvous: a direct path is impossible from here"
             .to_string()
     } else {
+        // Without a second address of the rendezvous (same family) the change-address
+        // test cannot run: "address-dependent" is then only what could be shown.
+        let family = report.public.map(|p| p.is_ipv4());
+        let targets: Vec<_> = (report.observations.iter())
+            .map(|(target, _)| target.ip().to_canonical())
+            .filter(|ip| Some(ip.is_ipv4()) == family)
+            .collect();
+        let one_address = targets.windows(2).all(|w| w[0] == w[1]);
         let filtering = match report.filtering {
             qpunch::natcheck::Filtering::Unknown => String::new(),
+            qpunch::natcheck::Filtering::AddressDependent if one_address => format!(
+                ", filtering {} or looser (the rendezvous has one address)",
+                report.filtering.as_str()
+            ),
             f => format!(", filtering {}", f.as_str()),
         };
         format!(
