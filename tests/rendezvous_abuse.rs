@@ -1044,6 +1044,27 @@ const HELD: usize = 400;
 /// most 4096 sources.
 const PER_REGISTRATION: u64 = 64 << 10;
 
+/// `qpunch rendezvous` serving on loopback in a process of its own (so its memory is its
+/// alone): its home (keep it), the process and its address.
+fn rendezvous_process() -> (common::Home, common::Proc, SocketAddr) {
+    let home = common::Home::new();
+    let port = free_port_pair();
+    let mut proc = common::Proc::spawn(
+        "rendezvous",
+        home.path(),
+        &[
+            "rendezvous",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--json",
+        ],
+    );
+    proc.wait_event("rendezvous", common::SHORT);
+    (home, proc, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
 /// A free UDP port whose successor is free too (the rendezvous's alternate port).
 fn free_port_pair() -> u16 {
     for _ in 0..100 {
@@ -1082,23 +1103,8 @@ async fn register(ip: IpAddr, addr: SocketAddr) -> (Arc<Node>, RendezvousClient,
 /// the default limits).
 #[test]
 fn memory_per_registration_is_bounded() {
-    let home = common::Home::new();
-    let port = free_port_pair().to_string();
-    let mut proc = common::Proc::spawn(
-        "rendezvous",
-        home.path(),
-        &[
-            "rendezvous",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--json",
-        ],
-    );
-    proc.wait_event("rendezvous", common::SHORT);
+    let (_home, proc, addr) = rendezvous_process();
     let pid = proc.id();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let kib = |field| sys::status_field(pid, field).expect("rendezvous alive") * 1024;
     let rt = runtime();
     let (idle, peak, rss) = rt.block_on(async {
@@ -1818,23 +1824,8 @@ const PER_STUCK_CONNECTION: u64 = 160 << 10;
 #[test]
 fn memory_per_stuck_connection_is_bounded() {
     const STUCK: usize = 100;
-    let home = common::Home::new();
-    let port = free_port_pair().to_string();
-    let mut proc = common::Proc::spawn(
-        "rendezvous",
-        home.path(),
-        &[
-            "rendezvous",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--json",
-        ],
-    );
-    proc.wait_event("rendezvous", common::SHORT);
+    let (_home, proc, addr) = rendezvous_process();
     let pid = proc.id();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let kib = |field| sys::status_field(pid, field).expect("rendezvous alive") * 1024;
     let rt = runtime();
     let (idle, peak) = rt.block_on(async {
