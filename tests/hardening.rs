@@ -1574,3 +1574,133 @@ fn offers_beyond_free_space_are_declined_before_asking() {
     assert_eq!(list_dir(tmpfs.path()), BTreeSet::new());
     drop(receiver); // before the tmpfs is unmounted
 }
+
+// ---------------------------------------------------------------------------------------
+// Proof under load: honest senders among strangers
+// ---------------------------------------------------------------------------------------
+
+/// The issue's load test, bounded in count and time, on loopback: 200 authenticated
+/// strangers from 200 addresses flood everything flow control allows (see [`attack`]),
+/// a probe flood runs from 4 more, and meanwhile 50 honest senders start at once. Every
+/// honest file arrives verified, the receiver's peak RSS stays under 200 MiB (the README
+/// states ~120 MiB against strangers), and no partial file is left behind.
+///
+/// The honest senders all come from 127.0.0.1 (`qpunch send` has no `--bind`), so the
+/// receiver allows 64 connections per address instead of 32; the strangers each have an
+/// address of their own.
+#[test]
+fn fifty_honest_senders_among_two_hundred_strangers_and_a_probe_flood() {
+    const HOSTILE: u8 = 200;
+    const HONEST: usize = 50;
+    const RSS_LIMIT_MIB: f64 = 200.0;
+    let rt = peer::runtime();
+    let (rhome, out, src) = (Home::new(), tempdir(), tempdir());
+    let receiver = Receiver::start(
+        rhome.path(),
+        out.path(),
+        0,
+        &["--yes", "--max-per-ip", "64"],
+    );
+    let (to, fp) = (target(receiver.port), fingerprint(&receiver));
+    let pid = receiver.proc.id();
+
+    let strangers: Vec<peer::Peer> = rt
+        .block_on(futures_util::future::join_all(
+            (0..HOSTILE).map(|i| connect_from(lo(2 + i), to, fp)),
+        ))
+        .into_iter()
+        .map(|p| p.expect("a stranger within the limits (256 connections, 64 per address)"))
+        .collect();
+    let conns: Vec<quinn::Connection> = strangers.iter().map(|p| p.conn.clone()).collect();
+    let sampler = {
+        let conns = conns.clone();
+        Sampler::start(
+            move || sys::peak_rss_mib(pid),
+            RSS_LIMIT_MIB,
+            move || {
+                for c in &conns {
+                    c.close(0u32.into(), b"over budget");
+                }
+            },
+        )
+    };
+    for (i, c) in conns.iter().enumerate() {
+        rt.spawn(attack(c.clone(), i % 4 == 3));
+    }
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flooders: Vec<_> = (0..4u8)
+        .map(|i| {
+            let flooding = flooding.clone();
+            thread::spawn(move || {
+                let socket = UdpSocket::bind((lo(HOSTILE + 2 + i), 0)).expect("bind flooder");
+                while flooding.load(Ordering::Relaxed) {
+                    for _ in 0..100 {
+                        let _ = socket.send_to(&probe().1, to);
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_secs(1));
+
+    let homes: Vec<Home> = (0..HONEST).map(|_| Home::new()).collect();
+    let files: Vec<std::path::PathBuf> = (0..HONEST)
+        .map(|i| {
+            let path = src.path().join(format!("honest-{i}.bin"));
+            random_file(&path, 64 << 10, 1000 + i as u64);
+            path
+        })
+        .collect();
+    let started = Instant::now();
+    let senders: Vec<Proc> = homes
+        .iter()
+        .zip(&files)
+        .map(|(home, file)| {
+            spawn_send(
+                home.path(),
+                &[file],
+                receiver.port,
+                &["--peer", &receiver.fingerprint],
+            )
+        })
+        .collect();
+    let finished: Vec<Finished> = senders
+        .into_iter()
+        .map(|s| s.finish(Duration::from_secs(90)))
+        .collect();
+    let took = started.elapsed();
+    flooding.store(false, Ordering::Relaxed);
+    for f in flooders {
+        f.join().expect("flooder");
+    }
+    let peak = sampler
+        .finish()
+        .max(sys::peak_rss_mib(pid).unwrap_or_default());
+    for c in &conns {
+        c.close(0u32.into(), b"done");
+    }
+    let stats = stop(receiver, libc::SIGTERM);
+    eprintln!(
+        "{HONEST} honest senders among {HOSTILE} flooding strangers and a probe flood: all done \
+         in {took:.1?}, receiver peak RSS {peak:.1} MiB, probes limited: {}",
+        stat(&stats, "probes_limited")
+    );
+    for (sender, file) in finished.iter().zip(&files) {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert_delivered(sender, name, file, out.path());
+    }
+    assert!(
+        peak < RSS_LIMIT_MIB,
+        "receiver peak RSS {peak:.1} MiB >= {RSS_LIMIT_MIB} MiB"
+    );
+    let expected: BTreeSet<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        list_dir(out.path()),
+        expected,
+        "exactly the honest files, no partials"
+    );
+}
