@@ -7,6 +7,8 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tokio::sync::broadcast;
@@ -270,8 +272,15 @@ fn closed(traversal: &Traversal) -> TraverseError {
 
 /// The hard side of a birthday punch: `count` fresh sockets on `bind` (an IP with port 0),
 /// each probing `target` (the easy side's public address) with its own [`Traversal`] and
-/// answering the easy side's random-port probes. The first socket whose probe is answered
-/// wins: it is returned, with its path, to be handed to QUIC; the others are closed.
+/// answering the easy side's random-port probes. The winner is returned, with its path, to
+/// be handed to QUIC; the others are closed.
+///
+/// The winner is the socket the easy side *probed first*, once its own probe is answered
+/// (a reply on another socket waits). The easy side picks the first of our replies it
+/// sees, and we reply the moment a probe arrives, so both sides pick the same socket: if
+/// we took the first socket answered instead, a second random hit a few milliseconds after
+/// the first could win here while the easy side connects to the first, and the QUIC
+/// handshake would go to a closed socket (1 meeting in ~40 in the lab).
 ///
 /// Sockets start a few milliseconds apart, so `count` first probes do not leave as one
 /// burst; each then backs off like any traversal.
@@ -283,7 +292,9 @@ pub async fn birthday(
 ) -> Result<(std::net::UdpSocket, Path), DriveError> {
     let mut tasks = tokio::task::JoinSet::new();
     let spread = std::time::Duration::from_millis(500) / count.max(1) as u32;
+    let first_probed = Arc::new(AtomicUsize::new(NOT_PROBED));
     for i in 0..count {
+        let first_probed = first_probed.clone();
         let socket = tokio::net::UdpSocket::from_std({
             let s = crate::socket::bind(bind)?;
             s.set_nonblocking(true)?;
@@ -293,7 +304,7 @@ pub async fn birthday(
             tokio::time::sleep(spread * i as u32).await;
             let mut traversal = Traversal::new(config, Instant::now(), rand::random());
             traversal.add_candidate(Instant::now(), target, Kind::Reflexive);
-            let outcome = one_birthday_socket(&socket, traversal).await;
+            let outcome = one_birthday_socket(&socket, traversal, i, &first_probed).await;
             outcome.map(|path| (socket, path))
         });
     }
@@ -313,11 +324,18 @@ pub async fn birthday(
     Err(last.unwrap_or(DriveError::Io(io::Error::other("no birthday sockets"))))
 }
 
-/// One socket of [`birthday`]: probe, answer probes (a triggered check each), until a
-/// reply to one of ours arrives or the traversal gives up.
+/// No socket of a [`birthday`] has been probed by the peer yet.
+const NOT_PROBED: usize = usize::MAX;
+
+/// One socket (number `me`) of [`birthday`]: probe, answer probes (a triggered check
+/// each), until a reply to one of ours arrives or the traversal gives up. A socket that
+/// has its reply while another was probed first by the peer keeps answering probes but
+/// never wins (see [`birthday`]).
 async fn one_birthday_socket(
     socket: &tokio::net::UdpSocket,
     mut traversal: Traversal,
+    me: usize,
+    first_probed: &AtomicUsize,
 ) -> Result<Path, DriveError> {
     let mut buf = vec![0u8; crate::wire::MAX_DATAGRAM + 1];
     loop {
@@ -326,12 +344,18 @@ async fn one_birthday_socket(
         while let Some(t) = traversal.poll_transmit(now) {
             let _ = socket.send_to(&t.contents, t.destination).await;
         }
+        let mut deadline = traversal.poll_timeout().unwrap_or(now);
         match traversal.outcome() {
-            Some(Ok(path)) => return Ok(path.clone()),
+            Some(Ok(path)) => match first_probed.load(Ordering::SeqCst) {
+                NOT_PROBED => return Ok(path.clone()),
+                first if first == me => return Ok(path.clone()),
+                // The peer chose another of our sockets: stand by (answering probes)
+                // until the winner's task ends this one.
+                _ => deadline = now + std::time::Duration::from_secs(3600),
+            },
             Some(Err(e)) => return Err(DriveError::Traverse(e.clone())),
             None => {}
         }
-        let deadline = traversal.poll_timeout().unwrap_or(now);
         tokio::select! {
             // `recv_from` on a tokio socket is cancel-safe.
             received = socket.recv_from(&mut buf) => {
@@ -343,6 +367,12 @@ async fn one_birthday_socket(
                         // beyond the traversal's own pacing of its answers' triggers.
                         let reply = crate::punch::reply_to(from, txid);
                         let _ = socket.send_to(&reply.contents, reply.destination).await;
+                        let _ = first_probed.compare_exchange(
+                            NOT_PROBED,
+                            me,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        );
                         traversal.handle_peer_probe(Instant::now(), from);
                     }
                     Ok(crate::wire::Message::Reply { .. }) => {
@@ -353,5 +383,78 @@ async fn one_birthday_socket(
             }
             _ = tokio::time::sleep_until(deadline.into()) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Message;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    /// The easy side probes socket B first and answers socket A's probe before B's: A has
+    /// its reply first, yet B, the socket the easy side chose, must win.
+    #[tokio::test]
+    async fn the_socket_the_peer_probed_first_wins_the_birthday() {
+        let easy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = easy.local_addr().unwrap();
+        let hard = tokio::spawn(birthday(
+            "127.0.0.1:0".parse().unwrap(),
+            target,
+            2,
+            TraverseConfig::default(),
+        ));
+        // The latest probe of each hard socket, until both have probed.
+        let mut buf = [0u8; 1500];
+        let mut latest: HashMap<SocketAddr, crate::wire::TxId> = HashMap::new();
+        while latest.len() < 2 {
+            let (n, from) = easy.recv_from(&mut buf).await.unwrap();
+            if let Ok(Message::Probe { txid }) = Message::decode(&buf[..n]) {
+                latest.insert(from, txid);
+            }
+        }
+        let mut sockets: Vec<SocketAddr> = latest.keys().copied().collect();
+        sockets.sort();
+        let (a, b) = (sockets[0], sockets[1]);
+
+        // Probe B, and wait for its reply: B has been probed first.
+        let probe = Message::Probe {
+            txid: rand::random(),
+        };
+        easy.send_to(&probe.to_vec(), b).await.unwrap();
+        loop {
+            let (n, from) = easy.recv_from(&mut buf).await.unwrap();
+            match Message::decode(&buf[..n]) {
+                Ok(Message::Reply { .. }) if from == b => break,
+                Ok(Message::Probe { txid }) => {
+                    latest.insert(from, txid);
+                }
+                _ => {}
+            }
+        }
+        // Answer A first: A now has its reply, before B.
+        let reply = crate::punch::reply_to(a, latest[&a]);
+        easy.send_to(&reply.contents, a).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!hard.is_finished(), "A won although B was probed first");
+        // Then answer B's latest probe (its triggered check, or a retransmission).
+        loop {
+            let (n, from) = easy.recv_from(&mut buf).await.unwrap();
+            if from == b
+                && let Ok(Message::Probe { txid }) = Message::decode(&buf[..n])
+            {
+                let reply = crate::punch::reply_to(b, txid);
+                easy.send_to(&reply.contents, b).await.unwrap();
+                break;
+            }
+        }
+        let (socket, path) = tokio::time::timeout(Duration::from_secs(5), hard)
+            .await
+            .expect("B wins")
+            .unwrap()
+            .unwrap();
+        assert_eq!(socket.local_addr().unwrap(), b);
+        assert_eq!(path.peer, target);
     }
 }
