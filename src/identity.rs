@@ -7,12 +7,13 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::durable::{self, Existing};
 
 /// Name of the certificate file inside the config directory.
 pub const CERT_FILE: &str = "identity.crt";
@@ -57,9 +58,58 @@ pub enum IdentityError {
         "not a qpunch fingerprint: {0:?} (expected 32 base32 characters, as printed by `qpunch id`)"
     )]
     BadFingerprint(String),
+    /// The private key may be read or written by group or others (like ssh, refused).
+    #[error(
+        "{path} is accessible by group or others (mode {mode:04o}): a private key must be \
+         yours alone, and someone else may hold a copy. Run `chmod 600 {path}`, or move the \
+         identity files away to create a new identity"
+    )]
+    KeyExposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The certificate is there but its private key is not: nothing can prove the
+    /// identity any more.
+    #[error(
+        "{cert} has no private key {key}: restore the key from a backup, or move {cert} away \
+         to create a new identity (peers that pinned the old one will refuse the new one)"
+    )]
+    KeyMissing {
+        /// The certificate file.
+        cert: PathBuf,
+        /// Where the key should be.
+        key: PathBuf,
+    },
     /// No config directory could be determined.
     #[error("no config directory: set QPUNCH_HOME, XDG_CONFIG_HOME or HOME")]
     NoConfigDir,
+}
+
+/// Something about the stored identity the user should hear of, though it can be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityWarning {
+    /// The config directory may be written by group or others, who could replace the
+    /// identity or the list of trusted peers.
+    #[error(
+        "{dir} is writable by group or others (mode {mode:04o}), who could replace this \
+         identity or known_peers: run `chmod 700 {dir}`"
+    )]
+    DirWritable {
+        /// The config directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The certificate was missing (a crash while it was first written) and was rebuilt
+    /// from the private key: same key, same fingerprint.
+    #[error("{cert} was missing; rebuilt it from the private key (the fingerprint is unchanged)")]
+    CertRebuilt {
+        /// The certificate file.
+        cert: PathBuf,
+    },
 }
 
 /// A short, stable name for a public key: SHA-256 of the certificate's
@@ -177,34 +227,78 @@ impl Identity {
         })
     }
 
-    /// Load the identity stored in `dir`, creating it (and `dir`) on first use.
-    ///
-    /// The key file is created with mode 0600 before any secret is written to it.
+    /// Load the identity stored in `dir`, creating it (and `dir`) on first use; anything
+    /// the user should hear about (see [`IdentityWarning`]) is logged with `tracing`.
     pub fn load_or_create(dir: &Path) -> Result<Self, IdentityError> {
+        let (identity, warnings) = Self::load_or_create_with_warnings(dir)?;
+        for warning in warnings {
+            tracing::warn!("{warning}");
+        }
+        Ok(identity)
+    }
+
+    /// Load the identity stored in `dir`, creating it (and `dir`, mode 0700) on first use,
+    /// and say what the user should hear about.
+    ///
+    /// Like ssh with its host keys: a private key that group or others may read or write
+    /// is refused ([`IdentityError::KeyExposed`]): someone else may hold it, and then they
+    /// are us. A config directory others may write to only warns (they could swap the
+    /// identity, or known_peers, but the key is not known to be out).
+    ///
+    /// Both files are written atomically, key first, each in a temporary file renamed into
+    /// place, so a crash leaves nothing half-written. A crash between the two leaves a key
+    /// without its certificate: the certificate is then rebuilt from the key (the
+    /// fingerprint, a hash of the public key, stays the same). A certificate without its
+    /// key cannot be repaired and is an error that says what to do.
+    pub fn load_or_create_with_warnings(
+        dir: &Path,
+    ) -> Result<(Self, Vec<IdentityWarning>), IdentityError> {
         let cert_path = dir.join(CERT_FILE);
         let key_path = dir.join(KEY_FILE);
-        if !cert_path.exists() && !key_path.exists() {
-            create_dir_private(dir)?;
-            let (cert_pem, key_pem) = generate_pem()?;
-            write_private(&key_path, key_pem.as_bytes())?;
-            fs::write(&cert_path, cert_pem).map_err(|source| IdentityError::Io {
-                action: "cannot write",
-                path: cert_path.clone(),
-                source,
-            })?;
+        let mut warnings = Vec::new();
+        create_dir_private(dir)?;
+        if let Some(mode) = group_or_other_writable(dir)? {
+            warnings.push(IdentityWarning::DirWritable {
+                dir: dir.to_path_buf(),
+                mode,
+            });
         }
-        let read = |path: &Path| {
-            fs::read_to_string(path).map_err(|source| IdentityError::Io {
-                action: "cannot read",
-                path: path.to_path_buf(),
-                source,
-            })
+        if !cert_path.exists() && !key_path.exists() {
+            let key = rcgen::KeyPair::generate()?;
+            // Two processes starting at once for the first time: whichever writes the key
+            // first wins, and the other loads the winner's identity below.
+            if write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)? {
+                write_new(&cert_path, self_signed_pem(&key)?.as_bytes(), 0o644)?;
+            }
+        }
+        let key_pem = match read_key(&key_path)? {
+            Some(key_pem) => key_pem,
+            None => {
+                return Err(IdentityError::KeyMissing {
+                    cert: cert_path,
+                    key: key_path,
+                });
+            }
         };
-        let (cert_pem, key_pem) = (read(&cert_path)?, read(&key_path)?);
-        Self::from_pem(&cert_pem, &key_pem).map_err(|what| IdentityError::Damaged {
+        let damaged = |what: String| IdentityError::Damaged {
             dir: dir.to_path_buf(),
             what,
-        })
+        };
+        let cert_pem = match read_text(&cert_path)? {
+            Some(cert_pem) => cert_pem,
+            None => {
+                let key = rcgen::KeyPair::from_pem(&key_pem)
+                    .map_err(|e| damaged(format!("private key: {e}")))?;
+                // Someone else may rebuild it at the same moment: theirs is as good.
+                write_new(&cert_path, self_signed_pem(&key)?.as_bytes(), 0o644)?;
+                warnings.push(IdentityWarning::CertRebuilt {
+                    cert: cert_path.clone(),
+                });
+                read_text(&cert_path)?.ok_or_else(|| damaged("certificate vanished".into()))?
+            }
+        };
+        let identity = Self::from_pem(&cert_pem, &key_pem).map_err(damaged)?;
+        Ok((identity, warnings))
     }
 
     /// Build an identity from PEM text (a certificate and a PKCS#8 private key).
@@ -262,9 +356,15 @@ pub fn config_dir() -> Result<PathBuf, IdentityError> {
 }
 
 fn generate_pem() -> Result<(String, String), IdentityError> {
-    // The name is irrelevant (peers are identified by key), but TLS needs one.
-    let certified = rcgen::generate_simple_self_signed(vec![crate::tls::SERVER_NAME.to_string()])?;
-    Ok((certified.cert.pem(), certified.signing_key.serialize_pem()))
+    let key = rcgen::KeyPair::generate()?;
+    Ok((self_signed_pem(&key)?, key.serialize_pem()))
+}
+
+/// A self-signed certificate for `key`. The name is irrelevant (peers are identified by
+/// key), but TLS needs one.
+fn self_signed_pem(key: &rcgen::KeyPair) -> Result<String, IdentityError> {
+    let params = rcgen::CertificateParams::new(vec![crate::tls::SERVER_NAME.to_string()])?;
+    Ok(params.self_signed(key)?.pem())
 }
 
 fn create_dir_private(dir: &Path) -> Result<(), IdentityError> {
@@ -279,19 +379,80 @@ fn create_dir_private(dir: &Path) -> Result<(), IdentityError> {
     })
 }
 
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), IdentityError> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+/// Write a new file atomically (see [`crate::durable`]) with permission bits `mode`;
+/// `false` if it already exists (someone else wrote it first), which is left alone.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<bool, IdentityError> {
+    match durable::write(path, contents, mode, Existing::Keep) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(source) => Err(IdentityError::Io {
+            action: "cannot write",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// A text file's contents; `None` if it does not exist.
+fn read_text(path: &Path) -> Result<Option<String>, IdentityError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(IdentityError::Io {
+            action: "cannot read",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The private key's PEM, refused if group or others may read or write it. The mode is
+/// read from the opened file, so it is the mode of what we read.
+fn read_key(path: &Path) -> Result<Option<String>, IdentityError> {
     let io = |source| IdentityError::Io {
-        action: "cannot write",
+        action: "cannot read",
         path: path.to_path_buf(),
         source,
     };
-    let mut file = options.open(path).map_err(io)?;
-    file.write_all(contents).map_err(io)?;
-    file.sync_all().map_err(io)
+    let mut file = match fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = file.metadata().map_err(io)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(IdentityError::KeyExposed {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(io)?;
+    Ok(Some(text))
+}
+
+/// The directory's permission bits if group or others may write to it.
+fn group_or_other_writable(dir: &Path) -> Result<Option<u32>, IdentityError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = fs::metadata(dir).map_err(|source| IdentityError::Io {
+            action: "cannot inspect",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mode = meta.permissions().mode() & 0o7777;
+        Ok((mode & 0o022 != 0).then_some(mode))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(None)
+    }
 }
 
 #[cfg(test)]
@@ -345,6 +506,107 @@ mod tests {
         fs::write(dir.path().join(KEY_FILE), "garbage").unwrap();
         let err = Identity::load_or_create(dir.path()).unwrap_err();
         assert!(err.to_string().contains("damaged"), "{err}");
+    }
+
+    #[cfg(unix)]
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// Like ssh: a private key others may read is not used, and the error says how to fix it.
+    #[cfg(unix)]
+    #[test]
+    fn key_open_to_others_is_refused_like_ssh() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("cfg");
+        let first = Identity::load_or_create(&home).unwrap();
+        let key = home.join(KEY_FILE);
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            chmod(&key, mode);
+            let err = Identity::load_or_create(&home).unwrap_err();
+            assert!(
+                matches!(err, IdentityError::KeyExposed { mode: m, .. } if m == mode),
+                "{err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("chmod 600 {}", key.display())),
+                "{text}"
+            );
+        }
+        chmod(&key, 0o400);
+        let again = Identity::load_or_create(&home).unwrap();
+        assert_eq!(again.fingerprint(), first.fingerprint());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn config_dir_writable_by_others_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("cfg");
+        let (_, warnings) = Identity::load_or_create_with_warnings(&home).unwrap();
+        assert_eq!(warnings, [], "a fresh directory is private");
+        chmod(&home, 0o777);
+        let (_, warnings) = Identity::load_or_create_with_warnings(&home).unwrap();
+        assert_eq!(
+            warnings,
+            [IdentityWarning::DirWritable {
+                dir: home.clone(),
+                mode: 0o777
+            }]
+        );
+        assert!(
+            warnings[0].to_string().contains("chmod 700"),
+            "{}",
+            warnings[0]
+        );
+        chmod(&home, 0o755);
+        let (_, warnings) = Identity::load_or_create_with_warnings(&home).unwrap();
+        assert_eq!(warnings, [], "readable by others is fine, as for ~/.ssh");
+    }
+
+    /// A crash between writing the key and the certificate: the certificate is rebuilt
+    /// from the key, and the identity (its fingerprint) is the same.
+    #[test]
+    fn missing_certificate_is_rebuilt_from_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("cfg");
+        let first = Identity::load_or_create(&home).unwrap();
+        let key_before = fs::read(home.join(KEY_FILE)).unwrap();
+        fs::remove_file(home.join(CERT_FILE)).unwrap();
+        // And the crash left the temporary file of the certificate behind.
+        fs::write(home.join(format!(".{CERT_FILE}.crashed.tmp")), "-----BEGIN").unwrap();
+
+        let (rebuilt, warnings) = Identity::load_or_create_with_warnings(&home).unwrap();
+        assert_eq!(rebuilt.fingerprint(), first.fingerprint());
+        assert_eq!(
+            warnings,
+            [IdentityWarning::CertRebuilt {
+                cert: home.join(CERT_FILE)
+            }]
+        );
+        assert_eq!(fs::read(home.join(KEY_FILE)).unwrap(), key_before);
+        // Written for good: the next load has nothing to say.
+        let (again, warnings) = Identity::load_or_create_with_warnings(&home).unwrap();
+        assert_eq!(
+            (again.fingerprint(), warnings),
+            (first.fingerprint(), vec![])
+        );
+    }
+
+    #[test]
+    fn certificate_without_key_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("cfg");
+        Identity::load_or_create(&home).unwrap();
+        fs::remove_file(home.join(KEY_FILE)).unwrap();
+        let err = Identity::load_or_create(&home).unwrap_err();
+        assert!(matches!(err, IdentityError::KeyMissing { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("move") && text.contains(CERT_FILE), "{text}");
+        // Nothing was made up in its place.
+        assert!(!home.join(KEY_FILE).exists());
     }
 
     /// The published test-only fixture in `certs/` must keep its fingerprint: if this

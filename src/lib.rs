@@ -40,6 +40,7 @@
 pub mod bbr;
 pub mod close_gate;
 pub mod driver;
+mod durable;
 pub mod frame;
 pub mod identity;
 pub mod known_peers;

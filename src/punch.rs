@@ -248,7 +248,10 @@ impl Puncher {
     /// counted in [`stats`](Self::stats) and ignored; never panics.
     ///
     /// A qpunch reply's source is not checked against the candidates: NATs may remap
-    /// the peer's port, and the txid already proves the reply answers our probe.
+    /// the peer's port, and the txid already proves the reply answers our probe. It does
+    /// not prove *who* answered (anyone who saw the probe knows its txid), so a caller
+    /// that is about to trust whatever key answers, with nothing pinned, must compare
+    /// [`Punched::peer`] with where it meant to go itself ([`same_endpoint`]).
     ///
     /// The Go demo's reply ([`wire::LEGACY_REPLY`]) carries nothing to match, so it
     /// counts ([`Method::Legacy`]) only when it comes from exactly an address we sent a
@@ -316,7 +319,7 @@ impl Puncher {
 
 /// The same IP (IPv4-mapped IPv6 counts as IPv4) and port. Flow info and scope id
 /// are not compared: the kernel fills them in on receipt, a candidate may lack them.
-fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+pub fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
     a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
 }
 

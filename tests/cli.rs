@@ -583,3 +583,174 @@ fn congestion_controller_is_chosen_per_side() {
         assert!(message.contains(name), "{name} in {message}");
     }
 }
+
+/// Case 11: One unreadable line in known_peers does not stop a send: it is reported (file
+/// and line) and kept as it was, and the new peer is remembered after it.
+#[test]
+fn bad_known_peers_line_is_reported_and_kept() {
+    let (rhome, shome) = (Home::new(), Home::new());
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("f.txt");
+    random_file(&file, 100, 11);
+    qpunch_id(shome.path());
+    let known_peers = shome.path().join("known_peers");
+    let other = qpunch_id(Home::new().path());
+    let original = format!("# mine\nbroken line here\n198.51.100.9:9199 {other}\n");
+    fs::write(&known_peers, &original).unwrap();
+
+    let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
+    let sender = send(shome.path(), &[&file], receiver.port, &[], SHORT);
+    sender.assert_success();
+    receiver.proc.finish(SHORT).assert_success();
+    let warning = sender.one("warning")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(warning.contains(s(&known_peers)), "{warning}");
+    assert!(warning.contains("line 2 "), "{warning}");
+
+    let now = fs::read_to_string(&known_peers).unwrap();
+    let added = format!("127.0.0.1:{} {}\n", receiver.port, receiver.fingerprint);
+    assert_eq!(now, format!("{original}{added}"));
+}
+
+/// Case 12: Like ssh, an identity key that others may read is refused (with the `chmod`
+/// that fixes it), and a qpunch home that others may write to is warned about.
+#[cfg(unix)]
+#[test]
+fn exposed_key_is_refused_and_open_home_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = Home::new();
+    let fp = qpunch_id(home.path());
+    let chmod = |path: &Path, mode| {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let id = || Proc::spawn("id", home.path(), &["id"]).finish(SHORT);
+
+    chmod(home.path(), 0o777);
+    let open_home = id();
+    assert!(open_home.status.success(), "{open_home:#?}");
+    assert_eq!(
+        open_home.text,
+        std::slice::from_ref(&fp),
+        "stdout is the fingerprint alone"
+    );
+    assert!(
+        open_home.stderr.contains("writable by group or others")
+            && open_home.stderr.contains("chmod 700"),
+        "{open_home:#?}"
+    );
+    chmod(home.path(), 0o700);
+
+    let key = home.path().join("identity.key");
+    chmod(&key, 0o644);
+    let exposed = id();
+    assert!(!exposed.status.success(), "{exposed:#?}");
+    assert!(exposed.text.is_empty(), "{exposed:#?}");
+    assert!(
+        exposed
+            .stderr
+            .contains(&format!("chmod 600 {}", key.display())),
+        "{exposed:#?}"
+    );
+    chmod(&key, 0o600);
+    assert_eq!(qpunch_id(home.path()), fp);
+}
+
+/// Two sockets standing in for a receiver and an impostor: `probed` on 127.0.0.1, where
+/// the sender is told to go, and `elsewhere` on 127.0.0.2.
+fn probed_and_elsewhere() -> (UdpSocket, UdpSocket) {
+    let probed = UdpSocket::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+    let elsewhere = UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    probed.set_read_timeout(Some(SHORT)).unwrap();
+    (probed, elsewhere)
+}
+
+/// Wait for a probe on `probed` and answer it from `elsewhere`, echoing its txid: what
+/// anyone who sees the probe can do. Returns the sender's address.
+fn answer_from_elsewhere(probed: &UdpSocket, elsewhere: &UdpSocket) -> std::net::SocketAddr {
+    use qpunch::wire::Message;
+    let mut buf = [0u8; 1500];
+    loop {
+        let (n, from) = probed.recv_from(&mut buf).expect("a probe arrives");
+        if let Ok(Message::Probe { txid }) = Message::decode(&buf[..n]) {
+            let reply = qpunch::punch::reply_to(from, txid);
+            elsewhere.send_to(&reply.contents, from).unwrap();
+            return from;
+        }
+    }
+}
+
+/// Case 13: A probe reply from an address other than the probed one is not trusted on
+/// first use: without `--peer` the sender refuses before any QUIC (nothing reaches the
+/// other address, nothing is remembered); with `--peer` the address does not matter and
+/// TLS pinning decides (here: refuses the impostor's key).
+#[test]
+fn reply_from_elsewhere_is_not_trusted_on_first_use() {
+    let shome = Home::new();
+    let src = tempdir();
+    let file = src.path().join("secret.txt");
+    random_file(&file, 1000, 13);
+    let known_peers = shome.path().join("known_peers");
+
+    // Without --peer: refused.
+    let (probed, elsewhere) = probed_and_elsewhere();
+    let (port, impostor) = (
+        probed.local_addr().unwrap().port(),
+        elsewhere.local_addr().unwrap(),
+    );
+    let answering = thread::spawn(move || {
+        answer_from_elsewhere(&probed, &elsewhere);
+        // The sender must not dial the address that answered.
+        elsewhere
+            .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = [0u8; 1500];
+        elsewhere.recv_from(&mut buf).map(|(n, _)| n)
+    });
+    let sender = send(shome.path(), &[&file], port, &[], SHORT);
+    let dialled = answering.join().unwrap();
+    sender.assert_failure();
+    assert!(
+        dialled.is_err(),
+        "the sender sent {dialled:?} bytes to {impostor}"
+    );
+    let message = sender.messages();
+    assert!(message.contains(&impostor.to_string()), "{message}");
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    assert!(message.contains("--peer"), "{message}");
+    assert_eq!(sender.all("punched").len(), 1, "{sender:#?}");
+    assert!(sender.all("connected").is_empty(), "{sender:#?}");
+    assert!(!known_peers.exists(), "nothing may be remembered");
+
+    // With --peer: on to the TLS pin, which the impostor's key fails.
+    let expected = qpunch_id(Home::new().path());
+    let (probed, elsewhere) = probed_and_elsewhere();
+    let port = probed.local_addr().unwrap().port();
+    let impostor = qpunch::identity::Identity::generate().unwrap();
+    let impostor_fp = impostor.fingerprint().to_string();
+    let answering = thread::spawn(move || {
+        answer_from_elsewhere(&probed, &elsewhere);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            use qpunch::node::{Node, NodeConfig, QUICK_LINGER};
+            let config = NodeConfig::new(impostor, qpunch::transfer::ALPN, true);
+            let node = Node::new(elsewhere, config).unwrap();
+            let accepted = tokio::time::timeout(SHORT, node.accept()).await;
+            node.close(QUICK_LINGER).await;
+            accepted.is_ok()
+        })
+    });
+    let sender = send(shome.path(), &[&file], port, &["--peer", &expected], SHORT);
+    assert!(answering.join().unwrap(), "the sender never dialled");
+    sender.assert_failure();
+    let message = sender.messages();
+    assert!(message.contains(&impostor_fp), "{message}");
+    assert!(message.contains(&expected), "{message}");
+    assert!(message.contains("refusing"), "{message}");
+    assert!(sender.all("sent").is_empty(), "{sender:#?}");
+    assert!(!known_peers.exists(), "nothing may be remembered");
+}

@@ -78,7 +78,7 @@ pub fn run() -> ExitCode {
             Command::Rendezvous(args) => rendezvous::run(args, ui.clone()).await,
             Command::NatCheck(args) => natcheck::run(args, ui.clone()).await,
             Command::Id => {
-                println!("{}", load_identity()?.fingerprint());
+                println!("{}", load_identity(&ui)?.fingerprint());
                 Ok(true)
             }
         }
@@ -124,10 +124,15 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-/// This machine's identity, created on first use.
-fn load_identity() -> anyhow::Result<Identity> {
+/// This machine's identity, created on first use; what is wrong but not fatal about
+/// where it is kept (a directory others may write to) is said as a warning.
+fn load_identity(ui: &ui::Ui) -> anyhow::Result<Identity> {
     let dir = config_dir()?;
-    Ok(Identity::load_or_create(&dir)?)
+    let (identity, warnings) = Identity::load_or_create_with_warnings(&dir)?;
+    for warning in warnings {
+        ui.warn(&warning.to_string());
+    }
+    Ok(identity)
 }
 
 /// The known_peers file of the config directory.

@@ -139,7 +139,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             out
         }
     };
-    let identity = load_identity()?;
+    let identity = load_identity(&ui)?;
     let socket = match bind {
         Some(bind) => qpunch::socket::bind(bind)?,
         None => super::bind_dual_stack(args.port)?,

@@ -22,7 +22,7 @@ pub struct RendezvousArgs {
 
 pub async fn run(args: RendezvousArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let bind = super::receive::bind_addr(&args.bind, args.port)?;
-    let identity = load_identity()?;
+    let identity = load_identity(&ui)?;
     let events = Arc::new(Pairings { ui: ui.clone() });
     let serve = |addr| {
         Rendezvous::bind(

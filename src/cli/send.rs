@@ -10,7 +10,7 @@ use clap::Args;
 use qpunch::identity::Fingerprint;
 use qpunch::known_peers::KnownPeers;
 use qpunch::node::{self, Congestion, Node, NodeConfig, NodeError, PeerConnection};
-use qpunch::punch::{Method, PunchConfig, Punched};
+use qpunch::punch::{Method, PunchConfig, Punched, same_endpoint};
 use qpunch::transfer::tree::TreeCache;
 use qpunch::transfer::{self, Selection, SendOptions, TransferError};
 
@@ -62,7 +62,7 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     for skipped in &selection.skipped {
         ui.warn(&format!("skipped {skipped}"));
     }
-    let identity = load_identity()?;
+    let identity = load_identity(&ui)?;
     if let Some(code) = super::meet::as_code(&args.to) {
         return send_by_code(&args, code?, identity, selection, ui).await;
     }
@@ -70,6 +70,9 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
 
     // Whose key do we expect? An explicit --peer wins; else what we saw here before.
     let mut known = KnownPeers::load(known_peers_path()?)?;
+    if let Some(warning) = skipped_lines_warning(&known) {
+        ui.warn(&warning);
+    }
     let remembered = known.get(&key);
     let expected = args.peer.or(remembered);
 
@@ -92,6 +95,22 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             format!("no answer from {target}: is `qpunch receive` running there, and UDP open?")
         })?;
     report_punched(&ui, &punched, punched_from);
+    if expected.is_none() && !same_endpoint(punched.peer, target) {
+        // Nothing pinned: whoever answers is about to be trusted on first use, so it must
+        // be whoever the user named. A qpunch reply is matched by its txid, not its source
+        // (see `Puncher::handle_datagram`), and anyone who saw the probe could answer from
+        // elsewhere and have QUIC dial them instead. With a pin (--peer or known_peers)
+        // the address does not matter: TLS refuses any other key.
+        node.close(node::QUICK_LINGER).await;
+        bail!(
+            "the probe reply came from {}, not from {target} where the probe went. Anyone who \
+             saw the probe can answer from elsewhere, and without --peer the key that answers \
+             would be trusted on first use: nothing was sent or remembered. If that is the \
+             receiver (behind a NAT that changes ports), check its fingerprint with its owner \
+             and pass --peer FINGERPRINT",
+            canonical(punched.peer)
+        );
+    }
 
     // A legacy punch proved the path, not the peer: TLS pinning below decides as always.
     let legacy = punched.method == Method::Legacy;
@@ -130,9 +149,12 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     if remembered.is_none() {
         known.remember(&key, peer.fingerprint)?;
         if args.peer.is_none() {
+            // The address actually dialled, which the check above tied to `--to`.
             ui.say(&format!(
-                "trusting {key} as {} on first use (remembered in {})",
+                "trusting {key} as {} on first use: the receiver that answered at {} \
+                 (remembered in {})",
                 peer.fingerprint,
+                canonical(peer.connection.remote_address()),
                 known.path().display()
             ));
         }
@@ -378,6 +400,25 @@ pub fn report_connected(
         )),
     );
     Ok(())
+}
+
+/// What to tell the user about lines of known_peers that were not understood, if any.
+fn skipped_lines_warning(known: &KnownPeers) -> Option<String> {
+    let skipped = known.skipped();
+    if skipped.is_empty() {
+        return None;
+    }
+    let lines: Vec<String> = skipped.iter().map(|n| n.to_string()).collect();
+    let (noun, them) = if skipped.len() == 1 {
+        ("line", "it")
+    } else {
+        ("lines", "them")
+    };
+    Some(format!(
+        "{}: ignoring {noun} {} (not `host:port fingerprint`); fix or delete {them}",
+        known.path().display(),
+        lines.join(", ")
+    ))
 }
 
 /// ssh-style refusal when a remembered peer shows a different key.
