@@ -699,17 +699,25 @@ async fn ten_thousand_registrations_from_one_address_hit_the_per_source_limit() 
         let client = client.clone();
         let (next, outcomes, held) = (next.clone(), outcomes.clone(), held.clone());
         tasks.spawn(async move {
+            // A connection has two streams (the guarded transport): a client holding an
+            // open nameplate stops there, so its other stream is never needed, and the
+            // flood goes on through the others.
             while next.fetch_add(1, Ordering::Relaxed) < REGISTRATIONS {
-                let outcome = match client.open(None, Duration::from_secs(600)).await {
+                let (outcome, holding) = match client.open(None, Duration::from_secs(600)).await {
                     Ok((mut exchange, opened)) => {
                         exchange.pake(&some_pake(&opened.nameplate)).await.unwrap();
                         held.lock().await.push(exchange);
-                        "opened".to_string()
+                        ("opened".to_string(), true)
                     }
-                    Err(ClientError::Refused { code, message }) => format!("{code:?}: {message}"),
-                    Err(other) => format!("failed: {other}"),
+                    Err(ClientError::Refused { code, message }) => {
+                        (format!("{code:?}: {message}"), false)
+                    }
+                    Err(other) => (format!("failed: {other}"), false),
                 };
                 *outcomes.lock().unwrap().entry(outcome).or_default() += 1;
+                if holding {
+                    break;
+                }
             }
         });
     }
