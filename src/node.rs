@@ -120,8 +120,8 @@ impl NodeConfig {
 /// products in flight: at 0 % random loss it lost 40-56 % of the 36-49 thousand packets it
 /// sent, where [`Congestion::Bbr`] sent 21 thousand and lost none. Over 200 MB the latter
 /// moves 11.6 MB/s (93 % of the link, as kernel TCP bbr); on a LAN (two veth hops, no rate
-/// limit, CPU-bound) it reaches 169 MB/s against CUBIC's 175, and on loopback it is level
-/// with quinn's BBR (~180 MB/s).
+/// limit, CPU-bound) it reaches 169 MB/s against CUBIC's 175, and on loopback (256 MiB,
+/// medians of 3) it moves 309 MB/s, CUBIC 314, quinn's BBR 282.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Congestion {
     /// BBR as in [`crate::bbr`]: models the bottleneck rate (from delivery rates) and RTT,
