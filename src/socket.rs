@@ -49,6 +49,10 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// Most UDP payload one `sendmsg` may carry, a GSO batch included: the IPv4 limit (65535
+/// less the IP and UDP headers), which also fits IPv6.
+const MAX_SEND: usize = 65_507;
+
 /// Counters of what the demultiplexer saw. Never reset.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct SocketStats {
@@ -298,7 +302,26 @@ impl AsyncUdpSocket for DemuxSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        self.inner.try_send(transmit)
+        match transmit.segment_size {
+            // quinn batches up to 10 packets per transmit whatever their size; with packets
+            // larger than Ethernet's (see `crate::node::MAX_UDP_PAYLOAD`) the batch can
+            // outgrow what one `sendmsg` carries, and the kernel would drop it whole
+            // (EMSGSIZE, which quinn-udp swallows). Send it as several GSO batches of whole
+            // packets instead. Should one of them block, quinn retries the whole
+            // transmit: the peer discards the repeated packets, nothing is lost.
+            Some(segment) if transmit.contents.len() > MAX_SEND && segment > 0 => {
+                let per_send = (MAX_SEND / segment).max(1) * segment;
+                for part in transmit.contents.chunks(per_send) {
+                    self.inner.try_send(&Transmit {
+                        contents: part,
+                        segment_size: (part.len() > segment).then_some(segment),
+                        ..*transmit
+                    })?;
+                }
+                Ok(())
+            }
+            _ => self.inner.try_send(transmit),
+        }
     }
 
     fn poll_recv(

@@ -151,3 +151,81 @@ async fn wrong_pin_aborts_the_handshake() {
         "server must not complete a handshake with a refused client"
     );
 }
+
+/// quinn hands the socket up to 10 packets per GSO transmit, which at our largest packet
+/// size (`node::MAX_UDP_PAYLOAD`) is more than one `sendmsg` may carry: the kernel would
+/// drop it whole. The socket must split it, so every packet arrives.
+#[tokio::test]
+async fn oversized_gso_batches_arrive_whole() {
+    use quinn::AsyncUdpSocket;
+    let segment = usize::from(qpunch::node::MAX_UDP_PAYLOAD);
+    let count = 10;
+    let sink = qpunch::socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let socket = qpunch::socket::DemuxSocket::new(
+        qpunch::socket::bind("127.0.0.1:0".parse().unwrap()).unwrap(),
+    )
+    .unwrap();
+    if socket.max_transmit_segments() < 2 {
+        eprintln!("SKIPPED: no UDP GSO on this kernel, quinn never batches");
+        return;
+    }
+    let mut contents = Vec::with_capacity(segment * count);
+    for i in 0..count {
+        // QUIC's fixed bit set, so the receiving side of a DemuxSocket would keep it too.
+        contents.extend(std::iter::repeat_n(0x40 | i as u8, segment));
+    }
+    assert!(contents.len() > 65_507, "the batch must exceed one sendmsg");
+    let transmit = quinn::udp::Transmit {
+        destination: sink.local_addr().unwrap(),
+        ecn: None,
+        contents: &contents,
+        segment_size: Some(segment),
+        src_ip: None,
+    };
+    let mut writable = socket.clone().create_io_poller();
+    loop {
+        match socket.try_send(&transmit) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::future::poll_fn(|cx| writable.as_mut().poll_writable(cx))
+                    .await
+                    .unwrap();
+            }
+            other => break other.unwrap(),
+        }
+    }
+    let mut buf = vec![0; 1 << 16];
+    for i in 0..count {
+        let n = sink
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i} of {count} lost: {e}"));
+        assert_eq!(n, segment, "datagram {i}");
+        assert!(
+            buf[..n].iter().all(|&b| b == 0x40 | i as u8),
+            "datagram {i}"
+        );
+    }
+}
+
+/// On loopback, path MTU discovery takes packets past Ethernet's size (up to our bound):
+/// the configuration reaches both the endpoint and the connections.
+#[tokio::test]
+async fn loopback_connections_discover_large_packets() {
+    let (_server, _client, c, s) = connected_pair().await;
+    s.open_windows(4);
+    echo_once(&c, &s, &vec![7u8; 1 << 20]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mtu = c.connection.stats().path.current_mtu;
+        assert!(mtu <= qpunch::node::MAX_UDP_PAYLOAD, "{mtu}");
+        if mtu > 1452 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "MTU still {mtu} after 5 s"
+        );
+        echo_once(&c, &s, b"more").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

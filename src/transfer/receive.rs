@@ -1392,6 +1392,8 @@ impl StreamJob {
         let mut part = Some(part);
         // One disk write in flight while the next batch is gathered from the network.
         let mut writing: Option<tokio::task::JoinHandle<(Part, std::io::Result<()>)>> = None;
+        // A background `fdatasync` of what is written so far, at most one.
+        let mut syncing: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
         let mut received = start;
         let mut failure = None;
         let mut clean_end = true;
@@ -1434,12 +1436,31 @@ impl StreamJob {
                 break;
             }
             if let Some(previous) = writing.take() {
-                let (back, written) = previous.await.expect("disk task");
-                part = Some(back);
+                let (mut back, written) = previous.await.expect("disk task");
                 if let Err(e) = written {
+                    part = Some(back);
                     failure = Some(write_failure(&e));
                     break;
                 }
+                // One background sync at a time (see `Part::sync_due`).
+                if syncing.as_ref().is_none_or(|s| s.is_finished()) {
+                    let synced = match syncing.take() {
+                        Some(done) => done.await.expect("disk task"),
+                        None => Ok(()),
+                    };
+                    let started = synced.and_then(|()| match back.sync_due() {
+                        Some(file) => file.map(|file| {
+                            syncing = Some(self.disk.spawn(move || file.sync_data()));
+                        }),
+                        None => Ok(()),
+                    });
+                    if let Err(e) = started {
+                        part = Some(back);
+                        failure = Some(write_failure(&e));
+                        break;
+                    }
+                }
+                part = Some(back);
             }
             received += gathered as u64;
             guard.reached(received);
@@ -1456,6 +1477,13 @@ impl StreamJob {
                 failure = Some(write_failure(&e));
             }
             part = Some(back);
+        }
+        if let Some(sync) = syncing.take() {
+            // Never ignored: the sync shares the file's open description, so an error it
+            // saw would not be reported again by `finish`'s fsync.
+            if let (Err(e), None) = (sync.await.expect("disk task"), &failure) {
+                failure = Some(write_failure(&e));
+            }
         }
         let part = part.expect("the part is back");
         guard.reached(part.offset());
