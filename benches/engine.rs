@@ -16,7 +16,9 @@
 //! 20 and 64M), `QPUNCH_BIN` (default: the binary cargo built). Figures are printed; the
 //! exit status says only whether every transfer verified.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +26,7 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -271,27 +273,6 @@ fn sender(home: &Path, paths: &[&Path], port: u16, fp: &str) -> anyhow::Result<Q
     Qp::spawn(home, &args)
 }
 
-/// Incompressible bytes from a seed.
-fn generate(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
-    let mut xof = blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof();
-    let mut out = std::io::BufWriter::with_capacity(
-        1 << 20,
-        std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
-    );
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        xof.fill(&mut buf[..n]);
-        out.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    out.flush()?;
-    Ok(())
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -311,7 +292,7 @@ fn small() -> anyhow::Result<()> {
     let tree = src.join("many");
     std::fs::create_dir_all(&tree)?;
     for i in 0..FILES {
-        generate(&tree.join(format!("file-{i:05}.bin")), SIZE, i as u64)?;
+        common::generate(&tree.join(format!("file-{i:05}.bin")), SIZE, i as u64)?;
     }
     let bytes = FILES as u64 * SIZE;
     let (rhome, shome) = (work.path().join("rhome"), work.path().join("shome"));
@@ -363,7 +344,7 @@ fn small() -> anyhow::Result<()> {
         }
         let out = work.path().join(format!("out-t{run}"));
         std::fs::create_dir_all(&out)?;
-        let port = free_port()?;
+        let port = common::free_port()?;
         let listen = format!(
             "socat -u OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,cert={},key={},verify=0 - \
              | tar x -C {} && sync -f {}",
@@ -373,7 +354,7 @@ fn small() -> anyhow::Result<()> {
             out.display()
         );
         let mut server = Command::new("sh").args(["-c", &listen]).spawn()?;
-        wait_listening(port)?;
+        common::wait_listening(port, Duration::from_secs(10))?;
         settle();
         let start = Instant::now();
         let send = format!(
@@ -411,7 +392,7 @@ fn memory() -> anyhow::Result<()> {
     let (rhome, shome) = (work.path().join("rhome"), work.path().join("shome"));
     for size in [1u64 << 30, 4 << 30] {
         let file = work.path().join("big.bin");
-        generate(&file, size, size)?;
+        common::generate(&file, size, size)?;
         let out = work.path().join("out");
         std::fs::create_dir_all(&out)?;
         let (rx, port, fp) = receiver(&rhome, &out, true)?;
@@ -458,7 +439,7 @@ fn crowd() -> anyhow::Result<()> {
     let mut files = Vec::new();
     for i in 0..senders {
         let file = work.path().join(format!("sender-{i:02}.bin"));
-        generate(&file, size, 1000 + i as u64)?;
+        common::generate(&file, size, 1000 + i as u64)?;
         files.push(file);
     }
     let (rx, port, fp) = receiver(&work.path().join("rhome"), &out, false)?;
@@ -525,22 +506,4 @@ fn crowd() -> anyhow::Result<()> {
 fn settle() {
     // SAFETY: `sync` takes no arguments and cannot fail.
     unsafe { libc::sync() };
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn wait_listening(port: u16) -> anyhow::Result<()> {
-    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        if std::fs::read_to_string("/proc/net/tcp")?.contains(&needle) {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(2));
-    }
-    bail!("nothing listens on 127.0.0.1:{port}")
 }

@@ -14,8 +14,8 @@
 //! so each figure is that run's own peak (page-cache pages of a mapped file count, as
 //! `top` shows them). The exit status is non-zero if any root differs from BLAKE3's.
 
-use std::fs::File;
-use std::io::Write;
+mod common;
+
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
 
 fn bench() -> anyhow::Result<()> {
     let bytes = match std::env::var("QPUNCH_BENCH_BYTES") {
-        Ok(s) => parse_size(&s).map_err(anyhow::Error::msg)?,
+        Ok(s) => common::parse_size(&s).map_err(anyhow::Error::msg)?,
         Err(_) => 1 << 30,
     };
     let runs: usize = match std::env::var("QPUNCH_BENCH_RUNS") {
@@ -51,7 +51,7 @@ fn bench() -> anyhow::Result<()> {
     };
     let source = tmp.path().join("source.bin");
     let t = Instant::now();
-    generate(&source, bytes)?;
+    common::generate(&source, bytes, rand::random())?;
     println!(
         "source: {bytes} bytes ({:.2} GB) generated in {:.2} s; rayon threads: {}; cpus: {}",
         bytes as f64 / 1e9,
@@ -179,43 +179,4 @@ fn kib(v: Option<u64>) -> String {
         Some(k) => format!("{:.1} MiB", k as f64 / 1024.0),
         None => "?".into(),
     }
-}
-
-/// `size` incompressible bytes: BLAKE3 in XOF mode from a random key.
-fn generate(path: &Path, size: u64) -> anyhow::Result<()> {
-    let seed: [u8; 32] = rand::random();
-    let mut xof = blake3::Hasher::new().update(&seed).finalize_xof();
-    let mut out =
-        File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        xof.fill(&mut buf[..n]);
-        out.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    Ok(())
-}
-
-/// `123`, `64k`, `256M`, `1G` (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, mult) = match s.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let mult = match c.to_ascii_lowercase() {
-                'k' => 1u64 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                _ => return Err(format!("unknown size suffix {c:?} in {s:?}")),
-            };
-            (&s[..s.len() - 1], mult)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult).ok_or_else(|| "size too large".into())
 }

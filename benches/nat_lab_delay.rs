@@ -12,6 +12,8 @@
 #[path = "../tests/nat_lab/lab.rs"]
 mod lab;
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
@@ -21,22 +23,6 @@ use lab::{DirectionStats, Nat, PUBLIC_V4, Site, SiteSpec, Topology};
 const PAYLOAD: usize = 1472;
 const FRAME: usize = PAYLOAD + 42; // UDP 8 + IPv4 20 + Ethernet 14
 const RUN: Duration = Duration::from_secs(3);
-
-/// Busy and total jiffies of the whole machine, from /proc/stat.
-fn machine_cpu() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let cpu: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    let idle = cpu[3] + cpu[4]; // idle + iowait
-    let total: u64 = cpu.iter().take(8).sum();
-    (total - idle, total)
-}
 
 /// What one run measured.
 struct Sample {
@@ -56,12 +42,12 @@ fn measure(
     work: impl FnOnce(),
 ) -> (DirectionStats, f64, f64) {
     let before = pick(&site.delay_stats().unwrap());
-    let (busy0, total0) = machine_cpu();
+    let (busy0, total0) = common::machine_cpu();
     let start = Instant::now();
     work();
     let wall = start.elapsed();
     let after = pick(&site.delay_stats().unwrap());
-    let (busy1, total1) = machine_cpu();
+    let (busy1, total1) = common::machine_cpu();
     let delta = DirectionStats {
         frames: after.frames - before.frames,
         bytes: after.bytes - before.bytes,

@@ -55,6 +55,8 @@
 #[path = "../tests/nat_lab/lab.rs"]
 mod lab;
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -116,7 +118,7 @@ impl Config {
     fn from_env() -> anyhow::Result<Config> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let bytes = match var("QPUNCH_PATH_BYTES") {
-            Some(s) => parse_size(&s).map_err(anyhow::Error::msg)?,
+            Some(s) => common::parse_size(&s).map_err(anyhow::Error::msg)?,
             None => 30_000_000,
         };
         ensure!(bytes > 0, "QPUNCH_PATH_BYTES must be positive");
@@ -269,7 +271,7 @@ fn bench() -> anyhow::Result<bool> {
     let config = Config::from_env()?;
     let dir = tempfile::Builder::new().prefix("qpunch-path-").tempdir()?;
     let source = dir.path().join("payload.bin");
-    generate(&source, config.bytes)?;
+    common::generate(&source, config.bytes, rand::random())?;
     let mut hasher = blake3::Hasher::new();
     hasher.update_mmap(&source)?;
     let files = Files {
@@ -1009,78 +1011,18 @@ struct BusyMeter((u64, u64));
 
 impl BusyMeter {
     fn start() -> BusyMeter {
-        BusyMeter(machine_cpu())
+        BusyMeter(common::machine_cpu())
     }
 
     fn stop(self) -> f64 {
         let (busy0, total0) = self.0;
-        let (busy1, total1) = machine_cpu();
+        let (busy1, total1) = common::machine_cpu();
         (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64
     }
-}
-
-/// Busy and total jiffies of the whole machine.
-fn machine_cpu() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let cpu: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    if cpu.len() < 8 {
-        return (0, 0);
-    }
-    let idle = cpu[3] + cpu[4];
-    let total: u64 = cpu.iter().take(8).sum();
-    (total - idle, total)
 }
 
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
-}
-
-/// `size` pseudo-random bytes (BLAKE3 XOF: fast, incompressible).
-fn generate(path: &Path, size: u64) -> anyhow::Result<()> {
-    let seed: [u8; 32] = rand::random();
-    let mut xof = blake3::Hasher::new().update(&seed).finalize_xof();
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-    );
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        xof.fill(&mut buf[..n]);
-        out.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    out.flush()?;
-    Ok(())
-}
-
-/// `123`, `64k`, `256M`, `1G` (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, mult) = match s.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let mult = match c.to_ascii_lowercase() {
-                'k' => 1u64 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                _ => return Err(format!("unknown size suffix {c:?} in {s:?}")),
-            };
-            (&s[..s.len() - 1], mult)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult).ok_or_else(|| "size too large".into())
 }

@@ -25,6 +25,8 @@
 //! exit status is non-zero when any transfer fails or does not verify; the ≥ 1.0× target (issue 7)
 //! is reported, not asserted.
 
+mod common;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -121,7 +123,7 @@ impl Sample {
 
 fn bench() -> anyhow::Result<bool> {
     let bytes = match std::env::var("QPUNCH_BENCH_BYTES") {
-        Ok(s) => parse_size(&s).map_err(anyhow::Error::msg)?,
+        Ok(s) => common::parse_size(&s).map_err(anyhow::Error::msg)?,
         Err(_) => 1 << 30,
     };
     ensure!(bytes > 0, "QPUNCH_BENCH_BYTES must be positive");
@@ -131,7 +133,7 @@ fn bench() -> anyhow::Result<bool> {
     };
     ensure!(runs > 0, "QPUNCH_BENCH_RUNS must be positive");
     let socat_block = match std::env::var("QPUNCH_BENCH_SOCAT_BLOCK") {
-        Ok(s) => parse_size(&s).map_err(anyhow::Error::msg)? as usize,
+        Ok(s) => common::parse_size(&s).map_err(anyhow::Error::msg)? as usize,
         Err(_) => SOCAT_BLOCK,
     };
     let fsync = match std::env::var("QPUNCH_BENCH_FSYNC")
@@ -177,7 +179,7 @@ fn bench() -> anyhow::Result<bool> {
     let dir = tmp.path().to_path_buf();
     let source = dir.join("source.bin");
     let t = Instant::now();
-    generate(&source, bytes)?;
+    common::generate(&source, bytes, rand::random())?;
     let gen_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let hash = hash_file(&source)?;
@@ -554,7 +556,7 @@ fn run_qpunch(ctx: &Ctx) -> anyhow::Result<Sample> {
 fn run_socat(ctx: &Ctx) -> anyhow::Result<Sample> {
     let out = fresh_dir(&ctx.dir.join("inbox-socat"))?;
     let dst = out.join("copy.bin");
-    let port = free_port()?;
+    let port = common::free_port()?;
     let block = ctx.socat_block.to_string();
     let mut server = Proc::spawn(
         "socat-send",
@@ -567,7 +569,7 @@ fn run_socat(ctx: &Ctx) -> anyhow::Result<Sample> {
                 ctx.key_pem.display()
             )),
     )?;
-    if let Err(e) = wait_listening(port, Duration::from_secs(10)) {
+    if let Err(e) = common::wait_listening(port, Duration::from_secs(10)) {
         server.kill();
         return Err(e.context(format!("socat stderr: {}", server.finish_stderr())));
     }
@@ -937,26 +939,6 @@ fn clk_tck() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// A TCP port that was free a moment ago (socat binds it with reuseaddr).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Wait until something listens on 127.0.0.1:port, without connecting (socat serves
-/// exactly one connection).
-fn wait_listening(port: u16, timeout: Duration) -> anyhow::Result<()> {
-    let needle = format!("0100007F:{port:04X} 00000000:0000 0A");
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        let table = std::fs::read_to_string("/proc/net/tcp").context("/proc/net/tcp")?;
-        if table.contains(&needle) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}")
-}
-
 fn socat_version() -> Option<String> {
     let out = Command::new("socat").arg("-V").output().ok()?;
     if !out.status.success() {
@@ -992,51 +974,12 @@ fn fresh_dir(path: &Path) -> anyhow::Result<PathBuf> {
 // Data
 // ---------------------------------------------------------------------------------------
 
-/// `size` incompressible bytes: BLAKE3 in XOF mode from a random key.
-fn generate(path: &Path, size: u64) -> anyhow::Result<()> {
-    let seed: [u8; 32] = rand::random();
-    let mut xof = blake3::Hasher::new().update(&seed).finalize_xof();
-    let mut out =
-        File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        xof.fill(&mut buf[..n]);
-        out.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    Ok(())
-}
-
 fn hash_file(path: &Path) -> anyhow::Result<blake3::Hash> {
     let mut hasher = blake3::Hasher::new();
     hasher
         .update_mmap_rayon(path)
         .with_context(|| format!("cannot hash {}", path.display()))?;
     Ok(hasher.finalize())
-}
-
-/// `123`, `64k`, `256M`, `1G` (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, mult) = match s.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let mult = match c.to_ascii_lowercase() {
-                'k' => 1u64 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                _ => return Err(format!("unknown size suffix {c:?} in {s:?}")),
-            };
-            (&s[..s.len() - 1], mult)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult).ok_or_else(|| "size too large".into())
 }
 
 // ---------------------------------------------------------------------------------------
