@@ -983,6 +983,51 @@ async fn joins_are_rate_limited_per_source() {
 
 /// A nameplate taken by a join may be opened again (a chosen one at once; a random one is
 /// soon drawn again): the end of the first pairing must not free the new registration.
+/// A sender may join between the receiver's `open` (when the code is shown) and its PAKE
+/// message (which a lossy path may delay): the join waits for it and pairs, instead of
+/// being told nobody waits. An unknown nameplate is still refused at once.
+#[tokio::test]
+async fn a_join_before_the_receivers_pake_message_waits_for_it() {
+    let rv = serve(RendezvousConfig::default());
+    let nameplate: Nameplate = "78".parse().unwrap();
+    let receiver = connect(&node_on(lo(26), false), rv.addr).await;
+    let sender = connect(&node_on(lo(27), false), rv.addr).await;
+    let (mut opened, _) = receiver
+        .open(Some(&nameplate), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let joining = tokio::spawn(async move {
+        sender
+            .join(&"78".parse().unwrap(), &some_pake(&"78".parse().unwrap()))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !joining.is_finished(),
+        "the join waits for the PAKE message"
+    );
+    let pake = some_pake(&nameplate);
+    opened.pake(&pake).await.unwrap();
+    let (_exchange, paired) = joining
+        .await
+        .unwrap()
+        .expect("paired once the PAKE arrived");
+    assert_eq!(paired.pake, pake);
+    opened.paired().await.unwrap();
+
+    let stranger = connect(&node_on(lo(28), false), rv.addr).await;
+    let started = Instant::now();
+    let unknown = stranger
+        .join(&"79".parse().unwrap(), &some_pake(&"79".parse().unwrap()))
+        .await;
+    refusal(unknown, ErrorCode::UnknownNameplate);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_reused_nameplate_survives_the_end_of_the_previous_pairing() {
     let rv = serve(RendezvousConfig::default());

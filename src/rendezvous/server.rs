@@ -37,6 +37,12 @@ use crate::wire::{Message, TxId};
 /// Receive window of every rendezvous connection (two messages' worth).
 const WINDOW: u32 = 2 * MAX_MESSAGE as u32;
 
+/// How long a join waits for a registered nameplate's PAKE message. A receiver shows its
+/// code as soon as the nameplate is opened and sends its PAKE message right after; a quick
+/// sender (a script) can join in between, and on a lossy path the PAKE message may lag by
+/// a retransmission or two. Turning that sender away would waste a good code.
+const PAKE_WAIT: Duration = Duration::from_secs(3);
+
 /// How long the sessions of a client that closed its connection may take to pass on
 /// what it said last.
 const LEAVE_GRACE: Duration = Duration::from_secs(1);
@@ -570,17 +576,25 @@ impl Rendezvous {
             let _ = self.say(send, &self.malformed("bad PAKE message")).await;
             return;
         };
-        let waiting = {
-            let mut book = self.lock();
-            // Not joinable until the receiver's PAKE message is there.
-            let ready = book
-                .waiting
-                .get(&nameplate)
-                .is_some_and(|w| w.pake.is_some());
-            if ready {
-                book.remove(&nameplate, None)
-            } else {
-                None
+        // Not joinable until the receiver's PAKE message is there; a registered nameplate
+        // whose PAKE message is on its way is waited for (see [`PAKE_WAIT`]).
+        let deadline = tokio::time::Instant::now() + PAKE_WAIT;
+        let waiting = loop {
+            let (taken, pending) = {
+                let mut book = self.lock();
+                match book.waiting.get(&nameplate) {
+                    Some(w) if w.pake.is_some() => (book.remove(&nameplate, None), false),
+                    Some(_) => (None, true),
+                    None => (None, false),
+                }
+            };
+            if taken.is_some() || !pending || tokio::time::Instant::now() >= deadline {
+                break taken;
+            }
+            // Cancel-safe: a timer and the shutdown broadcast.
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                () = shutdown.recv() => return,
             }
         };
         let Some(waiting) = waiting else {
