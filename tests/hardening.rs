@@ -342,6 +342,43 @@ async fn attack(conn: quinn::Connection, big_frame: bool) {
     conn.closed().await;
 }
 
+/// `n` authenticated strangers from `n` addresses (127.0.0.2, ...), each running
+/// [`attack`]; and a sampler of the receiver's peak RSS that stops the attack at once when
+/// it crosses `limit` (the test has failed then, and the machine should not pay for more).
+fn flood_from_strangers(
+    rt: &tokio::runtime::Runtime,
+    n: u8,
+    to: SocketAddr,
+    fp: Fingerprint,
+    pid: u32,
+    limit: f64,
+) -> (Vec<peer::Peer>, Vec<quinn::Connection>, Sampler) {
+    let peers: Vec<peer::Peer> = rt
+        .block_on(futures_util::future::join_all(
+            (0..n).map(|i| connect_from(lo(2 + i), to, fp)),
+        ))
+        .into_iter()
+        .map(|p| p.expect("a stranger within the receiver's connection limits"))
+        .collect();
+    let conns: Vec<quinn::Connection> = peers.iter().map(|p| p.conn.clone()).collect();
+    let sampler = {
+        let conns = conns.clone();
+        Sampler::start(
+            move || sys::peak_rss_mib(pid),
+            limit,
+            move || {
+                for c in &conns {
+                    c.close(0u32.into(), b"over budget");
+                }
+            },
+        )
+    };
+    for (i, c) in conns.iter().enumerate() {
+        rt.spawn(attack(c.clone(), i % 4 == 3));
+    }
+    (peers, conns, sampler)
+}
+
 /// 40 authenticated strangers from 40 addresses flood everything flow control allows and
 /// hold it for ~10 s; an honest 1 MiB send still completes, and the receiver's peak RSS
 /// stays below 150 MiB.
@@ -358,33 +395,8 @@ fn flooding_connections_do_not_blow_up_memory() {
     let (to, fp) = (target(receiver.port), fingerprint(&receiver));
     let pid = receiver.proc.id();
 
-    let peers: Vec<_> = rt.block_on(futures_util::future::join_all(
-        (0..HOSTILE).map(|i| connect_from(lo(2 + i), to, fp)),
-    ));
-    // The default limits (256 connections, 32 per address) admit all of them.
-    let peers: Vec<peer::Peer> = peers
-        .into_iter()
-        .map(|p| p.expect("hostile connection within the default limits"))
-        .collect();
-    let conns: Vec<quinn::Connection> = peers.iter().map(|p| p.conn.clone()).collect();
-    // Stop the attack at once when the limit is crossed: it has failed already, and
-    // the machine should not pay for more.
-    let sampler = {
-        let conns = conns.clone();
-        Sampler::start(
-            move || sys::peak_rss_mib(pid),
-            RSS_LIMIT_MIB,
-            move || {
-                for c in &conns {
-                    c.close(0u32.into(), b"over budget");
-                }
-            },
-        )
-    };
+    let (_peers, conns, sampler) = flood_from_strangers(&rt, HOSTILE, to, fp, pid, RSS_LIMIT_MIB);
     let flooding = Instant::now();
-    for (i, c) in conns.iter().enumerate() {
-        rt.spawn(attack(c.clone(), i % 4 == 3));
-    }
 
     thread::sleep(Duration::from_secs(1));
     let sender = send(
@@ -1604,29 +1616,8 @@ fn fifty_honest_senders_among_two_hundred_strangers_and_a_probe_flood() {
     let (to, fp) = (target(receiver.port), fingerprint(&receiver));
     let pid = receiver.proc.id();
 
-    let strangers: Vec<peer::Peer> = rt
-        .block_on(futures_util::future::join_all(
-            (0..HOSTILE).map(|i| connect_from(lo(2 + i), to, fp)),
-        ))
-        .into_iter()
-        .map(|p| p.expect("a stranger within the limits (256 connections, 64 per address)"))
-        .collect();
-    let conns: Vec<quinn::Connection> = strangers.iter().map(|p| p.conn.clone()).collect();
-    let sampler = {
-        let conns = conns.clone();
-        Sampler::start(
-            move || sys::peak_rss_mib(pid),
-            RSS_LIMIT_MIB,
-            move || {
-                for c in &conns {
-                    c.close(0u32.into(), b"over budget");
-                }
-            },
-        )
-    };
-    for (i, c) in conns.iter().enumerate() {
-        rt.spawn(attack(c.clone(), i % 4 == 3));
-    }
+    let (_strangers, conns, sampler) =
+        flood_from_strangers(&rt, HOSTILE, to, fp, pid, RSS_LIMIT_MIB);
     let flooding = Arc::new(AtomicBool::new(true));
     let flooders: Vec<_> = (0..4u8)
         .map(|i| {
