@@ -264,6 +264,51 @@ matrix! {
     symmetric_x_cone: Symmetric x Cone => (None, Some("birthday"));
 }
 
+/// What [`meeting_that_fails`] leaves: the sender's error messages (one per line), how
+/// long it took to give up, and the lab (fields drop in order: the receiver before the
+/// rendezvous, both before their namespaces).
+struct Failed {
+    message: String,
+    took: Duration,
+    receiving: Receiving,
+    _rv: Rendezvous,
+    _topo: Topology,
+}
+
+/// A receiver behind a `receiver` NAT and a sender behind a `sender` NAT that cannot
+/// meet: the sender must give up within 15 s.
+fn meeting_that_fails(tag: &str, receiver: Nat, sender: Nat) -> Failed {
+    let topo = Topology::new(
+        tag,
+        &[
+            SiteSpec::new(receiver).ipv6(false),
+            SiteSpec::new(sender).ipv6(false),
+        ],
+    );
+    let rv = Rendezvous::start(&topo);
+    let receiving = Receiving::start(topo.site(0).client(0), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = make_file(dir.path(), "doomed.bin", 1000);
+    let started = Instant::now();
+    let (mut proc, _home) = send(topo.site(1).client(0), &file, &receiving.code);
+    let (status, _) = proc.wait_exit(Duration::from_secs(30));
+    let took = started.elapsed();
+    assert!(!status.success(), "{}", proc.describe());
+    assert!(took <= Duration::from_secs(15), "gave up after {took:?}");
+    let message = events(&proc.seen, "error")
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    Failed {
+        message,
+        took,
+        receiving,
+        _rv: rv,
+        _topo: topo,
+    }
+}
+
 /// Two symmetric NATs: no direct path exists. The sender gives up within 15 s with an error
 /// that names both mapping behaviours and says a relay is needed.
 #[test]
@@ -272,35 +317,15 @@ fn symmetric_x_symmetric_fails_fast_and_explains() {
     if !lab::require(TEST, &["tc"]) {
         return;
     }
-    let topo = Topology::new(
-        "sxs",
-        &[
-            SiteSpec::new(Nat::Symmetric).ipv6(false),
-            SiteSpec::new(Nat::Symmetric).ipv6(false),
-        ],
-    );
-    let _rv = Rendezvous::start(&topo);
-    let receiving = Receiving::start(topo.site(0).client(0), &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (file, _) = make_file(dir.path(), "nope.bin", 1000);
-    let started = Instant::now();
-    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
-    let (status, _) = sender.wait_exit(Duration::from_secs(30));
-    let took = started.elapsed();
-    assert!(!status.success(), "{}", sender.describe());
-    assert!(took <= Duration::from_secs(15), "gave up after {took:?}");
-    let errors: Vec<String> = events(&sender.seen, "error")
-        .iter()
-        .map(|e| e["message"].as_str().unwrap().to_string())
-        .collect();
-    let message = errors.join("\n");
+    let failed = meeting_that_fails("sxs", Nat::Symmetric, Nat::Symmetric);
+    let (message, took) = (&failed.message, failed.took);
     assert!(
         message.matches("address-and-port-dependent").count() >= 2,
         "both behaviours named: {message}"
     );
     assert!(message.contains("relay"), "{message}");
     assert!(
-        std::fs::read_dir(receiving.out.path())
+        std::fs::read_dir(failed.receiving.out.path())
             .unwrap()
             .all(|e| e.unwrap().file_name() == ".qpunch-partial"),
         "nothing written"
@@ -1084,27 +1109,8 @@ fn udp_blocked_fails_fast_and_explains() {
     if !lab::require(TEST, &["tc"]) {
         return;
     }
-    let topo = Topology::new(
-        "ublk",
-        &[
-            SiteSpec::new(Nat::Cone).ipv6(false),
-            SiteSpec::new(Nat::UdpBlocked).ipv6(false),
-        ],
-    );
-    let _rv = Rendezvous::start(&topo);
-    let receiving = Receiving::start(topo.site(0).client(0), &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (file, _) = make_file(dir.path(), "blocked.bin", 1000);
-    let started = Instant::now();
-    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
-    let (status, _) = sender.wait_exit(Duration::from_secs(30));
-    let took = started.elapsed();
-    assert!(!status.success(), "{}", sender.describe());
-    assert!(took <= Duration::from_secs(15), "gave up after {took:?}");
-    let message: String = events(&sender.seen, "error")
-        .iter()
-        .map(|e| e["message"].as_str().unwrap().to_string())
-        .collect();
+    let failed = meeting_that_fails("ublk", Nat::Cone, Nat::UdpBlocked);
+    let (message, took) = (&failed.message, failed.took);
     assert!(message.contains("UDP"), "{message}");
     eprintln!("{TEST}: gave up after {took:?}: {message}");
 }
