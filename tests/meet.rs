@@ -157,20 +157,7 @@ async fn two_peers_meet_by_code_and_a_file_arrives_verified() {
         common::blake3_file(&path)
     );
     // The ticket was one batch: the same sender cannot come back uninvited.
-    let again = snode
-        .connect(rnode.local_addr().unwrap(), Some(rnode.fingerprint()))
-        .await
-        .unwrap();
-    let refused = transfer::send_files(
-        &again.connection,
-        vec![Outgoing::from_path(&path).unwrap()],
-        Arc::new(Quiet),
-    )
-    .await;
-    assert!(
-        matches!(refused, Err(transfer::TransferError::NotAllowed(_))),
-        "{refused:?}"
-    );
+    common::assert_sender_refused(&snode, &rnode, &path).await;
     drop(receiver);
 }
 
@@ -318,20 +305,7 @@ async fn lan_exchange_proves_the_code_and_the_same_connection_carries_the_files(
     // nowhere.
     let again = lan::meet_at(&snode, &[raddr], &code).await;
     assert!(matches!(again, Err(LanError::NoCode)), "{again:?}");
-    let plain = snode
-        .connect(raddr, Some(rnode.fingerprint()))
-        .await
-        .unwrap();
-    let refused = transfer::send_files(
-        &plain.connection,
-        vec![Outgoing::from_path(&path).unwrap()],
-        Arc::new(Quiet),
-    )
-    .await;
-    assert!(
-        matches!(refused, Err(transfer::TransferError::NotAllowed(_))),
-        "{refused:?}"
-    );
+    common::assert_sender_refused(&snode, &rnode, &path).await;
     let stats = desk.stats();
     assert_eq!(
         (stats.codes_used, stats.wrong_codes, stats.meet_refused),

@@ -1646,20 +1646,7 @@ async fn a_replayed_pairing_is_refused() {
             .contains("the code did not match")
     );
     // Had the replayed hello been believed, the old sender would hold a ticket now.
-    let again = snode1
-        .connect(rnode2.local_addr().unwrap(), Some(rnode2.fingerprint()))
-        .await
-        .unwrap();
-    let refused = transfer::send_files(
-        &again.connection,
-        vec![Outgoing::from_path(&file).unwrap()],
-        Arc::new(Quiet),
-    )
-    .await;
-    assert!(
-        matches!(refused, Err(TransferError::NotAllowed(_))),
-        "{refused:?}"
-    );
+    common::assert_sender_refused(snode1, &rnode2, &file).await;
     let seen = liar.seen().await;
     assert_eq!((seen.rendezvous, seen.transfer), (4, 0), "{seen:?}");
     let left = common::list_dir(out2.path());

@@ -513,3 +513,27 @@ pub fn list_dir(dir: &Path) -> BTreeSet<String> {
 pub fn names(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|n| n.to_string()).collect()
 }
+
+/// Connect from `node` to `receiver` (pinned) and offer `file`: the receiver must refuse
+/// the sender as not allowed (no ticket, not on a list) and take nothing.
+pub async fn assert_sender_refused(
+    node: &qpunch::node::Node,
+    receiver: &qpunch::node::Node,
+    file: &Path,
+) {
+    let to = receiver.local_addr().expect("receiver address");
+    let peer = node
+        .connect(to, Some(receiver.fingerprint()))
+        .await
+        .expect("connect to the receiver");
+    let refused = qpunch::transfer::send_files(
+        &peer.connection,
+        vec![qpunch::transfer::Outgoing::from_path(file).expect("file to offer")],
+        Arc::new(qpunch::transfer::Quiet),
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(qpunch::transfer::TransferError::NotAllowed(_))),
+        "{refused:?}"
+    );
+}
