@@ -6,7 +6,10 @@
 //! refuses lengths above its caller's limit before reading a byte of the body, and its
 //! memory grows with the bytes that actually arrive, never with the length a peer claims.
 
+use std::sync::Arc;
+
 use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::Semaphore;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,28 @@ pub async fn read<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<Option<T>, FrameError> {
+    read_budgeted(recv, max, None).await
+}
+
+/// A shared byte budget for frames from strangers, and the size below which a frame is read
+/// without taking from it.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget<'a> {
+    /// The semaphore, counted in bytes.
+    pub bytes: &'a Arc<Semaphore>,
+    /// Frames up to this many bytes take nothing, so strangers holding the budget with big
+    /// claims cannot delay peers whose frames are ordinary.
+    pub free: usize,
+}
+
+/// [`read`], where a claimed length above `budget.free` is first taken from that shared
+/// semaphore and given back once the frame is parsed: many peers claiming large frames at
+/// once wait for each other instead of adding up.
+pub async fn read_budgeted<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    budget: Option<Budget<'_>>,
+) -> Result<Option<T>, FrameError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -87,7 +112,19 @@ pub async fn read<T: DeserializeOwned>(
     if len > max {
         return Err(FrameError::TooLong { len, max });
     }
-    let mut body = Vec::with_capacity(len.min(16 << 10));
+    let _permit = match budget {
+        // `len <= max`, and `max` of any caller fits a u32 (checked, not assumed).
+        Some(budget) if len > budget.free => Some(
+            budget
+                .bytes
+                .clone()
+                .acquire_many_owned(u32::try_from(len).unwrap_or(u32::MAX))
+                .await
+                .map_err(|e| FrameError::Stream(e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let mut body = Vec::with_capacity(len.min(64 << 10));
     while body.len() < len {
         match recv.read_chunk(len - body.len(), true).await? {
             Some(chunk) => body.extend_from_slice(&chunk.bytes),

@@ -340,20 +340,14 @@ impl Identity {
     }
 }
 
-/// The directory holding identity and `known_peers`: `$QPUNCH_HOME`, else
-/// `$XDG_CONFIG_HOME/qpunch`, else `~/.config/qpunch`.
+/// The directory holding identity and `known_peers` (see [`crate::home::dir`]).
 pub fn config_dir() -> Result<PathBuf, IdentityError> {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(home) = var("QPUNCH_HOME") {
-        return Ok(PathBuf::from(home));
-    }
-    if let Some(xdg) = var("XDG_CONFIG_HOME") {
-        return Ok(PathBuf::from(xdg).join("qpunch"));
-    }
-    var("HOME")
-        .map(|home| PathBuf::from(home).join(".config").join("qpunch"))
-        .ok_or(IdentityError::NoConfigDir)
+    crate::home::dir().map_err(|_| IdentityError::NoConfigDir)
 }
+
+/// The TLS server name every qpunch peer uses. Peers are identified by key, not by name,
+/// so this is a constant that only satisfies the protocol (and our certificates carry it).
+pub const SERVER_NAME: &str = "qpunch.invalid";
 
 fn generate_pem() -> Result<(String, String), IdentityError> {
     let key = rcgen::KeyPair::generate()?;
@@ -363,7 +357,7 @@ fn generate_pem() -> Result<(String, String), IdentityError> {
 /// A self-signed certificate for `key`. The name is irrelevant (peers are identified by
 /// key), but TLS needs one.
 fn self_signed_pem(key: &rcgen::KeyPair) -> Result<String, IdentityError> {
-    let params = rcgen::CertificateParams::new(vec![crate::tls::SERVER_NAME.to_string()])?;
+    let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])?;
     Ok(params.self_signed(key)?.pem())
 }
 

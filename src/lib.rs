@@ -37,11 +37,13 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod addr;
 pub mod bbr;
 pub mod close_gate;
 pub mod driver;
 mod durable;
 pub mod frame;
+pub mod home;
 pub mod identity;
 pub mod known_peers;
 pub mod meet;

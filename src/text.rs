@@ -13,23 +13,90 @@
 //!   escapes the same characters except our own line breaks. Whatever a future code path
 //!   forgets to wrap, nothing raw reaches the terminal.
 
-use crate::transfer::names::{display_safe, needs_display_escape};
+/// A control, bidi or separator character: Unicode `Cc` (C0, DEL, C1), the bidi controls
+/// (which reorder what the user sees, e.g. U+202E makes `\u{202E}txt.exe` render as
+/// `exe.txt`), the BOM / zero-width no-break space, and the line/paragraph separators (they
+/// split log lines like `\n` does). Joiners (U+200C/D) are not in it: legitimate Persian,
+/// Indic and emoji text needs them and they cannot reorder text. File names may not contain
+/// any of these ([`crate::transfer::names::sanitize`]).
+pub fn is_control_or_bidi(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}'                  // ARABIC LETTER MARK (bidi)
+            | '\u{200E}' | '\u{200F}'   // LRM, RLM
+            | '\u{202A}'..='\u{202E}'   // LRE, RLE, PDF, LRO, RLO
+            | '\u{2066}'..='\u{2069}'   // LRI, RLI, FSI, PDI
+            | '\u{2028}' | '\u{2029}'   // LINE / PARAGRAPH SEPARATOR
+            | '\u{FEFF}' // BOM / ZWNBSP
+        )
+}
+
+/// Unicode general category `Cf` (format characters), as of Unicode 16.
+///
+/// Used only for display: these are invisible, so escaping them lets a user
+/// see that `ok\u{200B}.txt` is not `ok.txt`.
+fn is_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
+    )
+}
 
 /// Whether `c` is escaped by [`peer`]: a control or format character (including line
 /// breaks and bidi controls) that must never reach a terminal raw.
 pub fn is_unsafe(c: char) -> bool {
-    needs_display_escape(c)
+    is_control_or_bidi(c) || is_format(c)
 }
 
-/// A peer-supplied string made safe to embed anywhere: controls, format characters and
-/// line breaks escaped (see [`crate::transfer::names::display_safe`]).
+/// A peer-supplied string made safe to embed anywhere (terminals, logs): escapes every control/format char as
+/// `\u{..}`, so no terminal escape passes through.
+///
+/// Use this whenever a peer-supplied string (a raw offered name, a rejected
+/// name, a peer's error message) is shown to a user or written to a log:
+/// an unescaped ESC could recolour or rewrite the terminal, a newline or
+/// U+2028 could forge a log line, and a bidi override could make the text
+/// read differently from what it is. Escaped are Unicode `Cc` (C0, DEL, C1),
+/// every `Cf` format character (bidi controls, zero-width characters, soft
+/// hyphen, BOM, tag characters, ...) and the line/paragraph separators; the
+/// escape uses Rust's `\u{1b}` notation. Everything else, including
+/// non-ASCII letters such as `música`, passes through unchanged. A literal
+/// backslash is not escaped, so the output is for humans, not for parsing.
 pub fn peer(s: &str) -> String {
-    display_safe(s)
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if is_unsafe(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Lossy UTF-8 of peer bytes (e.g. a QUIC close reason), made safe like [`peer`].
 pub fn peer_bytes(bytes: &[u8]) -> String {
-    display_safe(&String::from_utf8_lossy(bytes))
+    peer(&String::from_utf8_lossy(bytes))
 }
 
 /// Our own multi-line text made safe for a terminal: like [`peer`], but `\n` stays a line
@@ -37,7 +104,7 @@ pub fn peer_bytes(bytes: &[u8]) -> String {
 pub fn terminal(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        if c != '\n' && needs_display_escape(c) {
+        if c != '\n' && is_unsafe(c) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
@@ -55,7 +122,7 @@ mod tests {
     #[test]
     fn peer_text_keeps_no_control_and_no_line_break() {
         let out = peer(NASTY);
-        assert!(!out.chars().any(needs_display_escape), "{out:?}");
+        assert!(!out.chars().any(is_unsafe), "{out:?}");
         assert!(!out.contains('\n'));
         assert!(out.contains("\\u{1b}]0;pwned\\u{7}"), "{out}");
     }
@@ -64,10 +131,7 @@ mod tests {
     fn terminal_keeps_our_line_breaks_only() {
         let out = terminal(NASTY);
         assert_eq!(out.lines().count(), 2);
-        assert!(
-            !out.chars().any(|c| c != '\n' && needs_display_escape(c)),
-            "{out:?}"
-        );
+        assert!(!out.chars().any(|c| c != '\n' && is_unsafe(c)), "{out:?}");
         assert!(out.contains("\\u{d}f"));
     }
 

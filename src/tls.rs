@@ -17,9 +17,9 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 
 use crate::identity::{Fingerprint, Identity};
 
-/// The TLS server name every qpunch peer uses. Peers are identified by key, not by name,
-/// so this is a constant that only satisfies the protocol.
-pub const SERVER_NAME: &str = "qpunch.invalid";
+/// The TLS server name every qpunch peer uses (defined beside the certificates that carry
+/// it, in [`crate::identity`]).
+pub use crate::identity::SERVER_NAME;
 
 /// Errors building TLS configurations.
 #[derive(Debug, thiserror::Error)]

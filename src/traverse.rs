@@ -27,6 +27,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::addr::canonical;
 use crate::punch::Transmit;
 use crate::wire::{Message, TxId};
 
@@ -434,12 +435,6 @@ impl Traversal {
         let seq = u32::from_be_bytes(seq);
         self.ring[seq as usize % SENT_RING].filter(|sent| sent.seq == seq && seq < self.seq)
     }
-}
-
-/// IPv4-mapped IPv6 (from dual-stack sockets) as plain IPv4, so one address is one
-/// candidate whichever way it was learned.
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ mod walk;
 
 use std::sync::Arc;
 
+use crate::frame::{self, FrameError};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use receive::{
@@ -364,18 +365,12 @@ impl From<quinn::ConnectionError> for StreamFailure {
     }
 }
 
-/// Write one length-prefixed JSON frame.
+/// Write one length-prefixed JSON frame ([`crate::frame`]).
 async fn write_frame<T: Serialize>(
     send: &mut quinn::SendStream,
     value: &T,
 ) -> Result<(), TransferError> {
-    let body = serde_json::to_vec(value).map_err(TransferError::protocol)?;
-    let len = u32::try_from(body.len()).map_err(TransferError::protocol)?;
-    send.write_all(&len.to_be_bytes())
-        .await
-        .map_err(stream_error)?;
-    send.write_all(&body).await.map_err(stream_error)?;
-    Ok(())
+    Ok(frame::write(send, value).await?)
 }
 
 /// Read one length-prefixed JSON frame of at most [`MAX_FRAME`] bytes.
@@ -388,48 +383,37 @@ async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result
 /// with big claims cannot delay ordinary senders.
 const FREE_FRAME: usize = 64 << 10;
 
-/// Read one length-prefixed JSON frame of at most `max` bytes.
-///
-/// Memory grows with the bytes that actually arrive, not with the length a peer claims;
-/// with a `budget`, a claimed length above [`FREE_FRAME`] is first taken from that shared
-/// semaphore (in bytes) and given back once the frame is parsed, so many peers claiming
-/// large frames at once wait for each other instead of adding up.
+/// Read one length-prefixed JSON frame of at most `max` bytes; with a `budget`, a claimed
+/// length above [`FREE_FRAME`] waits for that shared byte budget first
+/// ([`frame::read_budgeted`]). A stream that ends before the frame is an error here: every
+/// frame of the transfer protocol is expected.
 async fn read_frame_limited<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
     budget: Option<&Arc<tokio::sync::Semaphore>>,
 ) -> Result<T, TransferError> {
-    let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await.map_err(stream_error)?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max {
-        return Err(TransferError::protocol(format!(
-            "frame of {len} bytes exceeds {max}"
-        )));
-    }
-    let _permit = match budget {
-        // `len <= max <= MAX_FRAME` fits a u32.
-        Some(budget) if len > FREE_FRAME => Some(
-            budget
-                .clone()
-                .acquire_many_owned(len as u32)
-                .await
-                .map_err(TransferError::protocol)?,
-        ),
-        _ => None,
-    };
-    let mut body = Vec::with_capacity(len.min(64 << 10));
-    while body.len() < len {
-        match recv
-            .read_chunk(len - body.len(), true)
-            .await
-            .map_err(stream_error)?
-        {
-            Some(chunk) => body.extend_from_slice(&chunk.bytes),
-            None => return Err(TransferError::protocol("stream ended inside a frame")),
+    let budget = budget.map(|bytes| frame::Budget {
+        bytes,
+        free: FREE_FRAME,
+    });
+    frame::read_budgeted(recv, max, budget)
+        .await?
+        .ok_or_else(|| TransferError::protocol("stream ended early"))
+}
+
+/// Frame errors in the transfer's terms: connection loss stays distinguishable (and a
+/// receiver's refusal becomes [`TransferError::NotAllowed`]), the rest is protocol trouble.
+impl From<FrameError> for TransferError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Connection(c) => stream_error(StreamFailure::Connection(c)),
+            FrameError::Json(what) => TransferError::protocol(format!("bad frame: {what}")),
+            FrameError::Stream(what) => TransferError::Protocol(what),
+            other @ (FrameError::Ended | FrameError::TooLong { .. }) => {
+                TransferError::protocol(other)
+            }
         }
     }
-    serde_json::from_slice(&body).map_err(|e| TransferError::protocol(format!("bad frame: {e}")))
 }
 
 impl FileOffer {

@@ -90,52 +90,7 @@ pub enum NameError {
 /// deliberately allowed: they are needed for legitimate Persian, Indic and
 /// emoji names and cannot reorder text.
 fn is_forbidden_in_name(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061C}'                  // ARABIC LETTER MARK (bidi)
-            | '\u{200E}' | '\u{200F}'   // LRM, RLM
-            | '\u{202A}'..='\u{202E}'   // LRE, RLE, PDF, LRO, RLO
-            | '\u{2066}'..='\u{2069}'   // LRI, RLI, FSI, PDI
-            | '\u{2028}' | '\u{2029}'   // LINE / PARAGRAPH SEPARATOR
-            | '\u{FEFF}' // BOM / ZWNBSP
-        )
-}
-
-/// Unicode general category `Cf` (format characters), as of Unicode 16.
-///
-/// Used only for display: these are invisible, so escaping them lets a user
-/// see that `ok\u{200B}.txt` is not `ok.txt`.
-fn is_format(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{0600}'..='\u{0605}'
-            | '\u{061C}'
-            | '\u{06DD}'
-            | '\u{070F}'
-            | '\u{0890}'..='\u{0891}'
-            | '\u{08E2}'
-            | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{206F}'
-            | '\u{FEFF}'
-            | '\u{FFF9}'..='\u{FFFB}'
-            | '\u{110BD}'
-            | '\u{110CD}'
-            | '\u{13430}'..='\u{1343F}'
-            | '\u{1BCA0}'..='\u{1BCA3}'
-            | '\u{1D173}'..='\u{1D17A}'
-            | '\u{E0001}'
-            | '\u{E0020}'..='\u{E007F}'
-    )
-}
-
-/// Whether [`display_safe`] must escape `c`.
-pub(crate) fn needs_display_escape(c: char) -> bool {
-    is_forbidden_in_name(c) || is_format(c)
+    crate::text::is_control_or_bidi(c)
 }
 
 /// `c` as `\u{..}` if it is unsafe to print, else as itself.
@@ -251,30 +206,9 @@ pub fn undot(name: &str) -> String {
     }
 }
 
-/// Printable form for terminals/logs: escapes every control/format char as
-/// `\u{..}`, so no terminal escape passes through.
-///
-/// Use this whenever a peer-supplied string (a raw offered name, a rejected
-/// name, a peer's error message) is shown to a user or written to a log:
-/// an unescaped ESC could recolour or rewrite the terminal, a newline or
-/// U+2028 could forge a log line, and a bidi override could make the text
-/// read differently from what it is. Escaped are Unicode `Cc` (C0, DEL, C1),
-/// every `Cf` format character (bidi controls, zero-width characters, soft
-/// hyphen, BOM, tag characters, ...) and the line/paragraph separators; the
-/// escape uses Rust's `\u{1b}` notation. Everything else, including
-/// non-ASCII letters such as `música`, passes through unchanged. A literal
-/// backslash is not escaped, so the output is for humans, not for parsing.
-pub fn display_safe(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if needs_display_escape(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+/// A peer-supplied string made safe to print: see [`crate::text::peer`], where the
+/// escaping lives (kept under this name for the naming code and its callers).
+pub use crate::text::peer as display_safe;
 
 /// The temporary path for a destination: `<dest>.part` in the same directory.
 ///
@@ -624,7 +558,7 @@ mod tests {
     fn error_display_never_contains_controls() {
         for raw in ["evil\x1b[31m.txt", "\u{202E}txt.exe", "a\u{9b}b"] {
             let msg = sanitize(raw).unwrap_err().to_string();
-            assert!(!msg.chars().any(needs_display_escape), "{msg:?}");
+            assert!(!msg.chars().any(crate::text::is_unsafe), "{msg:?}");
             assert!(msg.contains("\\u{"), "{msg:?}");
         }
     }
@@ -983,7 +917,7 @@ mod tests {
         #[test]
         fn display_safe_output_has_no_controls(s in any::<String>()) {
             let out = display_safe(&s);
-            prop_assert!(!out.chars().any(needs_display_escape));
+            prop_assert!(!out.chars().any(crate::text::is_unsafe));
         }
 
         #[test]
