@@ -40,6 +40,7 @@
 pub mod addr;
 pub mod bbr;
 pub mod close_gate;
+pub mod congestion;
 pub mod driver;
 mod durable;
 pub mod frame;

@@ -4,13 +4,12 @@
 //! one node (it can accept *and* connect) because in peer-to-peer use either side may
 //! dial, and after a rendezvous both do at once.
 
-use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+pub use crate::congestion::{Congestion, UnknownCongestion};
 use crate::driver::{self, DriveError};
 use crate::identity::{Fingerprint, Identity};
 use crate::punch::{PunchConfig, Punched};
@@ -54,16 +53,12 @@ pub const GUARDED_STREAMS: u32 = 2;
 ///
 /// quinn's default bound (1452) fits Ethernet, but on loopback (MTU 64 KiB) or a jumbo-frame
 /// LAN every 1.4 KB then pays a whole trip through quinn's packet assembly, ACK
-/// bookkeeping and the kernel's UDP path: profiled on loopback, that was ~20 % of the
-/// sender's CPU. Discovery only raises the packet size once a probe of that size was
-/// acknowledged, and a lost probe is neither a congestion signal nor lost data, so on an
-/// Ethernet path the search settles at ~1.45 KB after a few lost probes. 16376 is the
-/// largest size of which four packets fit one GSO `sendmsg` (65507 bytes, see
-/// [`crate::socket`]). One 256 MiB `qpunch send` to `qpunch receive` over loopback on 2 shared
-/// cores, medians of 3 interleaved runs: 1452 -> 201 MB/s, 8192 -> 229, 16376 -> 289,
-/// 65507 (one packet per `sendmsg`) -> 245; CPU per GB of both processes fell by half.
-/// Across the NAT lab's 100 Mbit/s, 40 ms path (`benches/path.rs`) discovery settles at
-/// 1464 and nothing changes: 10.58 MB/s at 0 % loss (no packet lost), 10.28 at 1 %.
+/// bookkeeping and the kernel's UDP path (~20 % of the sender's CPU on loopback). Discovery
+/// only raises the packet size once a probe of that size was acknowledged, and a lost probe
+/// is neither a congestion signal nor lost data, so on an Ethernet path the search settles
+/// at ~1.45 KB after a few lost probes. 16376 is the largest size of which four packets fit
+/// one GSO `sendmsg` (65507 bytes, see [`crate::socket`]). What each size measured is in
+/// `docs/performance.md`.
 pub const MAX_UDP_PAYLOAD: u16 = 16376;
 
 /// Everything needed to build a [`Node`].
@@ -101,104 +96,6 @@ impl NodeConfig {
             probe_rate: RateConfig::default(),
             congestion: Congestion::default(),
             guarded_window: GUARDED_WINDOW,
-        }
-    }
-}
-
-/// The congestion controller of a node's connections: how fast a sender may send.
-///
-/// Only the *sending* side's controller matters for a transfer: it decides how much data
-/// is in flight; the receiver's only paces its acknowledgements and verdicts.
-///
-/// The default is [`Congestion::Bbr`], [`crate::bbr`]'s delivery-rate BBR: of the four it
-/// is the fastest on a long lossy path and the only one that does not overfill the
-/// bottleneck. `benches/path.rs`: sender and receiver behind two NAT routers, 100 Mbit/s
-/// (12.5 MB/s), 40 ms RTT, random loss on both routers (so the path loses about twice the
-/// per-router rate), 30 MB, MB/s of file bytes; medians of 5 (of 3 for the loss-based
-/// controllers under loss; `*`: cut after 30 s, counted at what had arrived):
-///
-/// | loss per router (path) | `Bbr` | `QuinnBbr` | `Cubic` | `NewReno` | kernel TCP bbr | TCP cubic |
-/// |---|---|---|---|---|---|---|
-/// | 0 % | 10.6 | 10.5 | 10.5 | 10.4 | 10.8 | 10.9 |
-/// | 1 % (2.0 %) | 10.4 | 10.2 | 0.34* | 0.39* | 10.1 | 0.35* |
-/// | 5 % (9.8 %) | 9.7 | 9.2 | 0.14* | 0.11* | 8.7 | 0.08* |
-///
-/// The loss-based controllers take random loss for congestion and collapse, exactly like
-/// kernel TCP cubic. Both BBRs keep the link busy, but quinn's keeps 2-7 bandwidth-delay
-/// products in flight: at 0 % random loss it lost 40-56 % of the 36-49 thousand packets it
-/// sent, where [`Congestion::Bbr`] sent 21 thousand and lost none. Over 200 MB the latter
-/// moves 11.6 MB/s (93 % of the link, as kernel TCP bbr); on a LAN (two veth hops, no rate
-/// limit, CPU-bound) it reaches 169 MB/s against CUBIC's 175, and on loopback (256 MiB,
-/// medians of 3) it moves 309 MB/s, CUBIC 314, quinn's BBR 282.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Congestion {
-    /// BBR as in [`crate::bbr`]: models the bottleneck rate (from delivery rates) and RTT,
-    /// keeps about one bandwidth-delay product in flight, and does not back off on random
-    /// loss.
-    #[default]
-    Bbr,
-    /// quinn's own BBR (a port of BBRv1, "experimental" upstream), for comparison: it
-    /// overfills the bottleneck (see [`crate::bbr`] for why).
-    QuinnBbr,
-    /// CUBIC (quinn's own default): loss-based, cuts its window on every loss episode.
-    Cubic,
-    /// NewReno: the classic loss-based controller (halves its window on loss).
-    NewReno,
-}
-
-impl Congestion {
-    /// Every controller, in the order tools list them.
-    pub const ALL: [Congestion; 4] = [
-        Congestion::Bbr,
-        Congestion::QuinnBbr,
-        Congestion::Cubic,
-        Congestion::NewReno,
-    ];
-
-    /// The name used on the command line: `bbr`, `cubic` or `newreno`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Congestion::Bbr => "bbr",
-            Congestion::QuinnBbr => "quinn-bbr",
-            Congestion::Cubic => "cubic",
-            Congestion::NewReno => "newreno",
-        }
-    }
-
-    /// A quinn factory building this controller for each new connection.
-    fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
-        use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
-        match self {
-            Congestion::Bbr => Arc::new(crate::bbr::BbrConfig),
-            Congestion::QuinnBbr => Arc::new(BbrConfig::default()),
-            Congestion::Cubic => Arc::new(CubicConfig::default()),
-            Congestion::NewReno => Arc::new(NewRenoConfig::default()),
-        }
-    }
-}
-
-impl fmt::Display for Congestion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A name that is not one of [`Congestion::ALL`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown congestion controller {0:?}: expected bbr, quinn-bbr, cubic or newreno")]
-pub struct UnknownCongestion(pub String);
-
-impl FromStr for Congestion {
-    type Err = UnknownCongestion;
-
-    /// `bbr`, `quinn-bbr`, `cubic`, `newreno` (also `new-reno` and `reno`), in any case.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "bbr" => Ok(Congestion::Bbr),
-            "quinn-bbr" | "quinnbbr" => Ok(Congestion::QuinnBbr),
-            "cubic" => Ok(Congestion::Cubic),
-            "newreno" | "new-reno" | "reno" => Ok(Congestion::NewReno),
-            _ => Err(UnknownCongestion(s.to_string())),
         }
     }
 }
