@@ -31,7 +31,9 @@ mod receive;
 mod reserve;
 mod send;
 mod store;
+mod stream;
 pub mod tree;
+mod vet;
 mod walk;
 
 use std::sync::Arc;

@@ -10,12 +10,10 @@
 //! connection, names that are released by ownership, never by bookkeeping, and at most
 //! [`super::BUNDLE_BYTES`] of small files buffered per stream before they are written.
 //!
-//! Small files (at most one group) are read into memory, hashed, and only then written,
-//! a batch at a time: one `syncfs` per batch makes them durable before any takes its final
-//! name and before their verdicts go out. Large files stream to a private partial that
-//! survives interruptions; a sender that comes back resumes it (see [`super::store`]).
+//! What is accepted is handed, as plans, to the file streams of [`super::stream`], which
+//! read, verify and store it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,29 +22,22 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
 
-use super::reserve::{NameBook, Reservation};
-use super::store::{self, Claim, Claims, Disk, Owner, Part, PartGuard, SmallFile, SyncGate};
-use super::tree::Tree;
+use super::reserve::NameBook;
+use super::store::{self, Claims, Disk, Owner, SyncGate};
+use super::stream::{Plan, StreamJob, TAKEOVER_WAIT, failed, read_header, stalled};
+use super::vet::{self, human_bytes};
 use super::{
-    BUNDLE_BYTES, BUNDLE_FILES, Decision, Decisions, FileHeader, FileOffer, FileReport, FileResult,
-    MAX_DEPTH, MAX_TREE, Manifest, Observer, Outcome, Quiet, ResumeFrom, SMALL_FILE, TransferError,
-    codes, is_hash_hex, names, read_blob, read_frame_limited, stream_error, write_frame,
+    Decision, Decisions, FileOffer, FileReport, Manifest, Observer, Outcome, Quiet, SMALL_FILE,
+    TransferError, codes, read_frame_limited, stream_error, write_frame,
 };
 use crate::identity::Fingerprint;
 use crate::node::{NodeError, PeerConnection};
 use crate::server::{Service, Shutdown};
 
-/// Bytes handed from the network to the disk at a time (at most).
-const CHUNK: usize = 1 << 20;
-/// Bytes gathered before a buffer goes to disk (and the progress bar moves): large
-/// enough for efficient writes, small enough that slow links still show progress.
-const GATHER: usize = 256 << 10;
 /// Streams for unknown or repeated file ids tolerated per batch before giving up.
 const MAX_STRAY_STREAMS: usize = 16;
 /// How long a connected sender may take to send its manifest.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest file-stream header accepted (it is a few dozen bytes).
-const MAX_HEADER: usize = 4 << 10;
 /// Bytes of large manifests being read at once across all connections: a manifest may be
 /// up to [`super::MAX_FRAME`], so strangers claiming big manifests cannot make us buffer
 /// hundreds of megabytes. Manifests up to 64 KiB (a few hundred files) need no budget, so
@@ -72,9 +63,6 @@ pub const MIN_RATE: u64 = 4 << 10;
 pub const SMALL_BUDGET: usize = 64 << 20;
 /// Default [`ReceiveOptions::partial_max_age`]: a week.
 pub const PARTIAL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-/// How long a sender that comes back waits for its earlier, dead transfer to let go of the
-/// partial it resumes.
-const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 /// How long a sender without a ticket waits for one while the receiver expects tickets
 /// (see [`Receiver::expect_tickets`]) before it is treated like any other stranger.
 pub const TICKET_GRACE: Duration = Duration::from_secs(5);
@@ -218,13 +206,6 @@ impl Drop for ExpectTickets {
         // Senders still waiting look once more, then stop waiting if nobody expects.
         self.0.admitted.notify_waiters();
     }
-}
-
-/// An accepted file: where it goes, what it must hash to, and whether it resumes.
-struct Plan {
-    offer: FileOffer,
-    reservation: Reservation,
-    resume: bool,
 }
 
 /// The receiver's answer to one manifest.
@@ -456,34 +437,6 @@ impl Receiver {
         !self.once_claimed.swap(true, Ordering::SeqCst)
     }
 
-    /// A name component as it will be stored: checked like a file name (it must be one
-    /// component, unchanged by [`names::sanitize`]), then the dotfile policy.
-    fn component(&self, raw: &str) -> Result<String, String> {
-        match names::sanitize(raw) {
-            Ok(safe) if safe == raw => Ok(if self.options.allow_dotfiles {
-                safe
-            } else {
-                names::undot(&safe)
-            }),
-            Ok(_) => Err(format!(
-                "unsafe folder name {}: it must be a single name",
-                names::display_safe(raw)
-            )),
-            Err(e) => Err(format!(
-                "unsafe folder name {}: {e}",
-                names::display_safe(raw)
-            )),
-        }
-    }
-
-    /// Folder components as stored, or why they are refused.
-    fn folder(&self, dir: &[String]) -> Result<Vec<String>, String> {
-        if dir.len() > MAX_DEPTH {
-            return Err(format!("folders nested deeper than {MAX_DEPTH} levels"));
-        }
-        dir.iter().map(|part| self.component(part)).collect()
-    }
-
     /// Turn a manifest into decisions: safe names, size checks, consent, then reserved
     /// destinations (and folders). Slow parts (the directory, a person) run off the async
     /// threads. A `ticket` is consent given in advance.
@@ -499,35 +452,12 @@ impl Receiver {
             plans: HashMap::new(),
             reports: HashMap::new(),
         };
-        let mut seen_ids = HashSet::new();
         // First pass: what is acceptable at all; candidates keep their decision's index.
         let mut candidates: Vec<(usize, FileOffer)> = Vec::new();
-        for mut offer in files {
-            let problem = if !seen_ids.insert(offer.id) {
-                Some("duplicate file id".to_string())
-            } else if !is_hash_hex(&offer.blake3) {
-                Some("malformed hash".to_string())
-            } else {
-                let name = match names::sanitize(&offer.name) {
-                    Ok(safe) if self.options.allow_dotfiles => Ok(safe),
-                    Ok(safe) => Ok(names::undot(&safe)),
-                    Err(e) => Err(format!(
-                        "unsafe file name {}: {e}",
-                        names::display_safe(&offer.name)
-                    )),
-                };
-                match (name, self.folder(&offer.dir)) {
-                    (Ok(name), Ok(dir)) => {
-                        offer.name = name;
-                        offer.dir = dir;
-                        None
-                    }
-                    (Err(why), _) | (_, Err(why)) => Some(why),
-                }
-            };
-            match problem {
-                Some(reason) => decided.decline(&offer, None, reason),
-                None => {
+        for checked in vet::offers(files, self.options.allow_dotfiles) {
+            match checked {
+                Err((offer, reason)) => decided.decline(&offer, None, reason),
+                Ok(offer) => {
                     candidates.push((decided.decisions.len(), offer.clone()));
                     decided.decisions.push(Decision::Accept {
                         id: offer.id,
@@ -537,17 +467,10 @@ impl Receiver {
             }
         }
         // Empty folders: the unsafe ones are left out (and logged), they carry no data.
-        let dirs: Vec<Vec<String>> = dirs
-            .iter()
-            .filter_map(|dir| match self.folder(dir) {
-                Ok(dir) if !dir.is_empty() => Some(dir),
-                Ok(_) => None,
-                Err(why) => {
-                    tracing::warn!(sender = %peer.fingerprint, "empty folder left out: {why}");
-                    None
-                }
-            })
-            .collect();
+        let (dirs, left_out) = vet::empty_folders(&dirs, self.options.allow_dotfiles);
+        for why in left_out {
+            tracing::warn!(sender = %peer.fingerprint, "empty folder left out: {why}");
+        }
         if candidates.is_empty() {
             // Empty folders come with accepted files (consent covers them), or alone when
             // nobody needs to be asked.
@@ -560,22 +483,9 @@ impl Receiver {
             return decided;
         }
         // Second pass: does it fit at all? Checked before anyone is asked.
-        let total = candidates
-            .iter()
-            .try_fold(0u64, |sum, (_, f)| sum.checked_add(f.size));
         let out_dir = self.options.out_dir.clone();
         let free = self.disk.run(move || fs4::available_space(&out_dir)).await;
-        let refusal = match (total, free) {
-            (None, _) => Some(
-                "the offered sizes add up to more than 16 EiB: not enough free space".to_string(),
-            ),
-            (Some(total), Ok(free)) if total > free => Some(format!(
-                "not enough free space: {} offered, {} free",
-                human_bytes(total),
-                human_bytes(free)
-            )),
-            _ => None,
-        };
+        let refusal = vet::space_refusal(candidates.iter().map(|(_, f)| f.size), free.ok());
         if let Some(reason) = refusal {
             for (index, offer) in candidates {
                 decided.decline(&offer, Some(index), reason.clone());
@@ -660,9 +570,7 @@ impl Receiver {
         for (index, offer, reservation) in reserved {
             match reservation {
                 Ok(reservation) => {
-                    let resume = offer.size > SMALL_FILE
-                        && partials.contains(&offer.blake3)
-                        && Tree::encoded_len(offer.size).is_some_and(|len| len <= MAX_TREE);
+                    let resume = vet::resumable(&offer, &partials);
                     if resume {
                         decided.decisions[index] = Decision::Resume { id: offer.id };
                     }
@@ -815,30 +723,6 @@ impl Receiver {
     }
 }
 
-/// Read the next entry's header, or `None` where the stream ends cleanly between entries.
-async fn read_header(recv: &mut quinn::RecvStream) -> Result<Option<FileHeader>, TransferError> {
-    let mut len = [0u8; 4];
-    let mut got = 0;
-    while got < len.len() {
-        match recv.read(&mut len[got..]).await.map_err(stream_error)? {
-            Some(n) => got += n,
-            None if got == 0 => return Ok(None),
-            None => return Err(TransferError::protocol("stream ended inside a header")),
-        }
-    }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_HEADER {
-        return Err(TransferError::protocol(format!(
-            "frame of {len} bytes exceeds {MAX_HEADER}"
-        )));
-    }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(stream_error)?;
-    serde_json::from_slice(&body)
-        .map(Some)
-        .map_err(|e| TransferError::protocol(format!("bad frame: {e}")))
-}
-
 impl Decided {
     /// Decline `offer`: replace its decision at `index`, or append one (first pass).
     fn decline(&mut self, offer: &FileOffer, index: Option<usize>, reason: String) {
@@ -920,649 +804,6 @@ fn make_empty_dirs(out: &Path, dirs: &[Vec<String>]) {
     }
 }
 
-/// Why a transfer was given up when the sender went quiet.
-fn stall_message(after: Duration) -> String {
-    format!("the sender sent nothing for {} s", after.as_secs_f64())
-}
-
-fn stalled(after: Duration) -> TransferError {
-    TransferError::protocol(stall_message(after))
-}
-
 fn declined(offer: &FileOffer, reason: &str) -> FileReport {
     FileReport::new(offer, None, Outcome::Declined(reason.to_string()))
-}
-
-fn failed(offer: &FileOffer, reason: &str) -> FileReport {
-    FileReport::new(offer, None, Outcome::Failed(reason.to_string()))
-}
-
-/// Bytes for people (binary units), without pulling a UI crate into the library.
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-/// What the streams of one sender's batch share.
-struct StreamJob {
-    disk: Disk,
-    partial_dir: PathBuf,
-    out_dir: PathBuf,
-    overwrite: bool,
-    stall: Duration,
-    /// Bytes moved on this connection, for the minimum-rate check.
-    moved: Arc<AtomicU64>,
-    /// Accepted files not yet seen on any stream.
-    plans: Arc<std::sync::Mutex<HashMap<u32, Plan>>>,
-    claims: Arc<Claims>,
-    syncs: Arc<SyncGate>,
-    /// See [`SMALL_BUDGET`].
-    small_budget: Arc<Semaphore>,
-    /// Who writes this batch's partials.
-    owner: Owner,
-    /// Bounds the memory of resumed files' trees (shared with manifests).
-    budget: Arc<Semaphore>,
-}
-
-/// A small file of a stream, waiting for its batch to be stored.
-enum Pending {
-    /// Verified in memory.
-    Store(Plan, SmallFile),
-    /// Already failed: `(hash received, why)`.
-    Failed(Plan, String, String),
-}
-
-/// How a file's transfer ended, for the stream it came on.
-enum Ended {
-    /// The entry was read whole: the stream can carry on with the next one.
-    Clean,
-    /// The stream is unusable (interrupted, out of step).
-    Broken,
-}
-
-impl StreamJob {
-    fn lock_plans(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Plan>> {
-        self.plans.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn no_plans_left(&self) -> bool {
-        self.lock_plans().is_empty()
-    }
-
-    fn take_plan(&self, id: u32) -> Option<Plan> {
-        self.lock_plans().remove(&id)
-    }
-
-    fn put_back(&self, plan: Plan) {
-        self.lock_plans().insert(plan.offer.id, plan);
-    }
-
-    /// The saved name as the sender is told it: relative to the output directory.
-    fn saved_as(&self, dest: &Path) -> Option<String> {
-        let relative = dest.strip_prefix(&self.out_dir).ok()?;
-        let parts: Vec<_> = relative
-            .components()
-            .map(|c| c.as_os_str().to_string_lossy())
-            .collect();
-        Some(parts.join("/"))
-    }
-
-    /// Receive every entry of one stream, in order, answering a verdict for each.
-    async fn serve_stream(
-        self: Arc<Self>,
-        first: Plan,
-        mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
-        observer: &dyn Observer,
-    ) -> Vec<FileReport> {
-        let mut reports = Vec::new();
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut pending_bytes = 0;
-        // Budget for the bytes in `pending`; let go with every flush.
-        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
-        let mut plan = first;
-        loop {
-            let offer = &plan.offer;
-            observer.started(offer.id, &offer.name, offer.size);
-            if offer.size <= SMALL_FILE && !plan.resume {
-                // At most SMALL_FILE: fits a u32.
-                let need = offer.size as u32;
-                let permit = match self.small_budget.clone().try_acquire_many_owned(need) {
-                    Ok(permit) => permit,
-                    Err(_) => {
-                        // Wait holding nothing (flush first), so waiters never block each
-                        // other.
-                        self.flush(&mut pending, &mut send, &mut reports, observer)
-                            .await;
-                        (pending_bytes, held) = (0, None);
-                        let budget = self.small_budget.clone();
-                        budget.acquire_many_owned(need).await.expect("never closed")
-                    }
-                };
-                match &mut held {
-                    Some(held) => held.merge(permit),
-                    None => held = Some(permit),
-                }
-                let offer = &plan.offer;
-                let (read, ended) = self.read_small(&mut recv, offer, observer).await;
-                pending_bytes += offer.size;
-                pending.push(match read {
-                    Ok(file) => Pending::Store(plan, file),
-                    Err((hash, why)) => Pending::Failed(plan, hash, why),
-                });
-                let broken = matches!(ended, Ended::Broken);
-                if broken || pending.len() >= BUNDLE_FILES || pending_bytes >= BUNDLE_BYTES {
-                    self.flush(&mut pending, &mut send, &mut reports, observer)
-                        .await;
-                    (pending_bytes, held) = (0, None);
-                }
-                if broken {
-                    let _ = recv.stop(codes::DECLINED.into());
-                    break;
-                }
-            } else {
-                self.flush(&mut pending, &mut send, &mut reports, observer)
-                    .await;
-                (pending_bytes, held) = (0, None);
-                let (report, ended) = self
-                    .receive_large(plan, &mut send, &mut recv, observer)
-                    .await;
-                observer.finished(&report);
-                reports.push(report);
-                if matches!(ended, Ended::Broken) {
-                    let _ = recv.stop(codes::DECLINED.into());
-                    break;
-                }
-            }
-            let next = match tokio::time::timeout(self.stall, read_header(&mut recv)).await {
-                Ok(Ok(Some(header))) if header.offset == 0 => self.take_plan(header.id),
-                Ok(Ok(None)) => break,
-                _ => None,
-            };
-            match next {
-                Some(next) => plan = next,
-                None => {
-                    // Out of step, stalled, or a file not accepted: this stream is done.
-                    let _ = recv.stop(codes::DECLINED.into());
-                    break;
-                }
-            }
-        }
-        self.flush(&mut pending, &mut send, &mut reports, observer)
-            .await;
-        let _ = send.finish();
-        reports
-    }
-
-    /// Read a small file's bytes: exactly its offered size, checked against its hash.
-    async fn read_small(
-        &self,
-        recv: &mut quinn::RecvStream,
-        offer: &FileOffer,
-        observer: &dyn Observer,
-    ) -> (Result<SmallFile, (String, String)>, Ended) {
-        let size = offer.size as usize;
-        let mut data = Vec::with_capacity(size.min(64 << 10));
-        while data.len() < size {
-            let read = tokio::time::timeout(self.stall, recv.read_chunk(size - data.len(), true));
-            let why = match read.await {
-                Ok(Ok(Some(chunk))) => {
-                    self.moved
-                        .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                    data.extend_from_slice(&chunk.bytes);
-                    continue;
-                }
-                Err(_) => stall_message(self.stall),
-                Ok(Ok(None)) => format!("got {} of {size} bytes", data.len()),
-                Ok(Err(e)) => interrupted(&e),
-            };
-            let hash = blake3::hash(&data).to_hex().to_string();
-            return (Err((hash, why)), Ended::Broken);
-        }
-        observer.progress(offer.id, offer.size);
-        let hash = blake3::hash(&data).to_hex().to_string();
-        if hash != offer.blake3 {
-            let why = "BLAKE3 mismatch: the file arrived corrupted or changed".to_string();
-            return (Err((hash, why)), Ended::Clean);
-        }
-        (
-            Ok(SmallFile {
-                data,
-                hash,
-                dest: PathBuf::new(),
-                executable: offer.executable,
-            }),
-            Ended::Clean,
-        )
-    }
-
-    /// Store the pending small files (one disk job, one `syncfs`), then answer their
-    /// verdicts in order.
-    async fn flush(
-        &self,
-        pending: &mut Vec<Pending>,
-        send: &mut quinn::SendStream,
-        reports: &mut Vec<FileReport>,
-        observer: &dyn Observer,
-    ) {
-        if pending.is_empty() {
-            return;
-        }
-        let entries = std::mem::take(pending);
-        let files: Vec<SmallFile> = entries
-            .iter()
-            .filter_map(|entry| match entry {
-                Pending::Store(plan, file) => Some(SmallFile {
-                    data: file.data.clone(),
-                    hash: file.hash.clone(),
-                    dest: plan.reservation.dest().to_path_buf(),
-                    executable: file.executable,
-                }),
-                Pending::Failed(..) => None,
-            })
-            .collect();
-        // Write, make durable (one syncfs shared with the batches finishing meanwhile),
-        // then name: no file takes its name before its bytes are on disk.
-        let files = Arc::new(files);
-        let (dir, batch) = (self.partial_dir.clone(), files.clone());
-        let written = self
-            .disk
-            .run(move || store::write_small(&dir, &batch))
-            .await;
-        let written = if written.iter().any(Result::is_ok) {
-            match self.syncs.sync(&self.disk, &self.partial_dir).await {
-                Ok(()) => written,
-                Err(e) => written
-                    .into_iter()
-                    .map(|slot| {
-                        let path = slot?;
-                        let _ = std::fs::remove_file(path);
-                        Err(std::io::Error::new(e.kind(), e.to_string()))
-                    })
-                    .collect(),
-            }
-        } else {
-            written
-        };
-        let (batch, overwrite) = (files.clone(), self.overwrite);
-        let mut stored = self
-            .disk
-            .run(move || store::commit_small(written, &batch, overwrite))
-            .await
-            .into_iter();
-        for entry in entries {
-            let (plan, outcome) = match entry {
-                Pending::Store(plan, file) => {
-                    let outcome = match stored.next().expect("one result per file") {
-                        Ok(()) => Ok(file.hash),
-                        Err(e) => Err((file.hash, format!("cannot store the file: {e}"))),
-                    };
-                    (plan, outcome)
-                }
-                Pending::Failed(plan, hash, why) => (plan, Err((hash, why))),
-            };
-            let report = self.answer(plan, outcome, send).await;
-            observer.finished(&report);
-            reports.push(report);
-        }
-    }
-
-    /// Tell the sender how `plan`'s file ended, and make the local report. The
-    /// reservation is released here: the file exists under its name now, or it does not.
-    async fn answer(
-        &self,
-        plan: Plan,
-        outcome: Result<String, (String, String)>,
-        send: &mut quinn::SendStream,
-    ) -> FileReport {
-        let Plan {
-            offer, reservation, ..
-        } = plan;
-        let (result, report) = match outcome {
-            Ok(hash) => {
-                let saved_as = self.saved_as(reservation.dest());
-                let result = FileResult {
-                    id: offer.id,
-                    verified: true,
-                    blake3: hash,
-                    saved_as: saved_as.clone(),
-                    error: None,
-                };
-                (result, FileReport::new(&offer, saved_as, Outcome::Verified))
-            }
-            Err((hash, why)) => {
-                let result = FileResult {
-                    id: offer.id,
-                    verified: false,
-                    blake3: hash.clone(),
-                    saved_as: None,
-                    error: Some(why.clone()),
-                };
-                let report = FileReport {
-                    blake3: hash,
-                    ..failed(&offer, &why)
-                };
-                (result, report)
-            }
-        };
-        drop(reservation);
-        // If the sender is gone it cannot read the verdict; the local report stands.
-        let _ = write_frame(send, &result).await;
-        report
-    }
-
-    /// Receive one large file (resuming it when planned so), verify, name it, answer.
-    async fn receive_large(
-        &self,
-        plan: Plan,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
-        observer: &dyn Observer,
-    ) -> (FileReport, Ended) {
-        // The claim on the partial is let go only after the answer (which releases the
-        // reserved name): whoever waits for it finds both free.
-        let mut claim = None;
-        let (outcome, ended) = self.store(&plan, send, recv, observer, &mut claim).await;
-        if outcome.is_err() {
-            let _ = recv.stop(codes::DECLINED.into());
-        }
-        let report = self.answer(plan, outcome, send).await;
-        drop(claim);
-        (report, ended)
-    }
-
-    /// For a resumed file: read and check the sender's tree, then claim and open the best
-    /// partial (taking it over from a dead transfer of the same sender), proving its
-    /// prefix; without a usable partial, a fresh one. Answers the offset on the stream.
-    async fn open_resumed(
-        &self,
-        offer: &FileOffer,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
-    ) -> Result<(Part, Claim), String> {
-        let want = Tree::encoded_len(offer.size).filter(|&len| len <= MAX_TREE);
-        let want = want.ok_or("the file is too large to resume")?;
-        let read = tokio::time::timeout(self.stall, read_blob(recv, want, &self.budget));
-        let bytes = match read.await {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(e)) => return Err(format!("no tree for the resume: {e}")),
-            Err(_) => return Err(stall_message(self.stall)),
-        };
-        let root = blake3::Hash::from_hex(&offer.blake3).map_err(|e| e.to_string())?;
-        let tree = Arc::new(
-            Tree::decode_with_root(&bytes, &root)
-                .map_err(|e| format!("the sender's tree is not its file's: {e}"))?,
-        );
-        drop(bytes);
-        let (dir, hash) = (self.partial_dir.clone(), offer.blake3.clone());
-        let candidates = self
-            .disk
-            .run(move || store::partials_for(&dir, &hash))
-            .await;
-        let mut opened = None;
-        for path in candidates {
-            let Some(claim) = self.claims.claim(&path, self.owner, TAKEOVER_WAIT).await else {
-                continue;
-            };
-            let tree = tree.clone();
-            let resumed = self
-                .disk
-                .run(move || Part::resume(&path, tree).map_err(|e| (path, e)))
-                .await;
-            match resumed {
-                Ok(part) => {
-                    opened = Some((part, claim));
-                    break;
-                }
-                Err((path, e)) => tracing::debug!(path = %path.display(), "not resumed: {e}"),
-            }
-        }
-        let (part, claim) = match opened {
-            Some(opened) => opened,
-            None => self.create(offer).await?,
-        };
-        let answer = ResumeFrom {
-            id: offer.id,
-            offset: part.offset(),
-        };
-        write_frame(send, &answer)
-            .await
-            .map_err(|e| format!("cannot answer the resume: {e}"))?;
-        Ok((part, claim))
-    }
-
-    /// A fresh, claimed partial for `offer`.
-    async fn create(&self, offer: &FileOffer) -> Result<(Part, Claim), String> {
-        let (dir, hash) = (self.partial_dir.clone(), offer.blake3.clone());
-        let part = self
-            .disk
-            .run(move || Part::create(&dir, &hash))
-            .await
-            .map_err(|e| format!("cannot create a partial file: {e}"))?;
-        let claim = self.claims.claim_new(part.path(), self.owner);
-        Ok((part, claim))
-    }
-
-    /// Write the entry's bytes to a partial while checking them; on a full, matching file,
-    /// move it to its destination. Returns the hash received, or that hash (possibly empty)
-    /// and the reason, and whether the stream can go on.
-    async fn store(
-        &self,
-        plan: &Plan,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
-        observer: &dyn Observer,
-        hold: &mut Option<Claim>,
-    ) -> (Result<String, (String, String)>, Ended) {
-        let offer = &plan.offer;
-        let broken = |why: String| (Err((String::new(), why)), Ended::Broken);
-        let opened = if plan.resume {
-            self.open_resumed(offer, send, recv).await
-        } else {
-            self.create(offer).await
-        };
-        // The claim outlives the part: the caller drops it.
-        let part = match opened {
-            Ok((part, claim)) => {
-                let claim: &Claim = hold.insert(claim);
-                (part, claim)
-            }
-            Err(why) => return broken(why),
-        };
-        let (part, claim) = part;
-        let start = part.offset();
-        if start > 0 {
-            observer.skipped(offer.id, start);
-        }
-        // Keeps the partial for a resume, or removes it, on every early exit, including
-        // this future being dropped.
-        let mut guard = PartGuard::new(part.path());
-        guard.reached(start);
-        let part_path = part.path().to_path_buf();
-        let mut part = Some(part);
-        // One disk write in flight while the next batch is gathered from the network.
-        let mut writing: Option<tokio::task::JoinHandle<(Part, std::io::Result<()>)>> = None;
-        // A background `fdatasync` of what is written so far, at most one.
-        let mut syncing: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
-        let mut received = start;
-        let mut failure = None;
-        let mut clean_end = true;
-        while received < offer.size && failure.is_none() {
-            let mut batch = Vec::new();
-            let mut gathered = 0;
-            while gathered < GATHER && received + (gathered as u64) < offer.size {
-                let want = CHUNK.min((offer.size - received) as usize - gathered);
-                // Cancel-safe: `read_chunk` loses nothing when not polled to completion,
-                // and a takeover only notifies.
-                let read = tokio::select! {
-                    read = tokio::time::timeout(self.stall, recv.read_chunk(want, true)) => read,
-                    () = claim.taken_over() => {
-                        failure = Some("the same sender started over on a new connection".into());
-                        break;
-                    }
-                };
-                match read {
-                    Ok(Ok(Some(chunk))) => {
-                        gathered += chunk.bytes.len();
-                        self.moved
-                            .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                        batch.push(chunk.bytes);
-                        continue;
-                    }
-                    Err(_) => failure = Some(stall_message(self.stall)),
-                    Ok(Ok(None)) => {
-                        clean_end = false;
-                        failure = Some(format!(
-                            "got {} of {} bytes",
-                            received + gathered as u64,
-                            offer.size
-                        ));
-                    }
-                    Ok(Err(e)) => failure = Some(interrupted(&e)),
-                }
-                break;
-            }
-            if gathered == 0 {
-                break;
-            }
-            if let Some(previous) = writing.take() {
-                let (mut back, written) = previous.await.expect("disk task");
-                if let Err(e) = written {
-                    part = Some(back);
-                    failure = Some(write_failure(&e));
-                    break;
-                }
-                // One background sync at a time (see `Part::sync_due`).
-                if syncing.as_ref().is_none_or(|s| s.is_finished()) {
-                    let synced = match syncing.take() {
-                        Some(done) => done.await.expect("disk task"),
-                        None => Ok(()),
-                    };
-                    let started = synced.and_then(|()| match back.sync_due() {
-                        Some(file) => file.map(|file| {
-                            syncing = Some(self.disk.spawn(move || file.sync_data()));
-                        }),
-                        None => Ok(()),
-                    });
-                    if let Err(e) = started {
-                        part = Some(back);
-                        failure = Some(write_failure(&e));
-                        break;
-                    }
-                }
-                part = Some(back);
-            }
-            received += gathered as u64;
-            guard.reached(received);
-            observer.progress(offer.id, gathered as u64);
-            let mut p = part.take().expect("the part is back");
-            writing = Some(self.disk.spawn(move || {
-                let written = p.write(&batch);
-                (p, written)
-            }));
-        }
-        if let Some(previous) = writing.take() {
-            let (back, written) = previous.await.expect("disk task");
-            if let (Err(e), None) = (written, &failure) {
-                failure = Some(write_failure(&e));
-            }
-            part = Some(back);
-        }
-        if let Some(sync) = syncing.take() {
-            // Never ignored: the sync shares the file's open description, so an error it
-            // saw would not be reported again by `finish`'s fsync.
-            if let (Err(e), None) = (sync.await.expect("disk task"), &failure) {
-                failure = Some(write_failure(&e));
-            }
-        }
-        let part = part.expect("the part is back");
-        guard.reached(part.offset());
-        if let Some(why) = failure {
-            if !clean_end {
-                // The sender said "that is all" short of the size: not an interruption.
-                guard.condemn();
-            }
-            return (Err((part.hash_so_far(), why)), Ended::Broken);
-        }
-        let executable = offer.executable;
-        let (hash, synced) = self.disk.run(move || part.finish(executable)).await;
-        if let Err(e) = synced {
-            return (Err((hash, write_failure(&e))), Ended::Clean);
-        }
-        if hash != offer.blake3 {
-            guard.condemn();
-            let why = "BLAKE3 mismatch: the file arrived corrupted or changed".into();
-            return (Err((hash, why)), Ended::Clean);
-        }
-        let dest = plan.reservation.dest().to_path_buf();
-        let (from, overwrite) = (part_path.clone(), self.overwrite);
-        let to = dest.clone();
-        let committed = self
-            .disk
-            .run(move || store::commit(&from, &to, overwrite))
-            .await;
-        if let Err(e) = committed {
-            let name = self.saved_as(&dest).unwrap_or_default();
-            let why = format!("cannot name the file {name}: {e}");
-            return (Err((hash, why)), Ended::Clean);
-        }
-        guard.disarm(); // the partial is now the destination
-        (Ok(hash), Ended::Clean)
-    }
-}
-
-/// A failed write, said plainly (a full disk is the usual cause). The sender reads it
-/// too: no local paths in it.
-fn write_failure(e: &std::io::Error) -> String {
-    if e.raw_os_error() == Some(libc::ENOSPC) {
-        return "the disk is full (what arrived is kept for a resume)".into();
-    }
-    if e.kind() == std::io::ErrorKind::InvalidData {
-        return format!("the data does not match the sender's tree: {e}");
-    }
-    format!("cannot write the file: {e}")
-}
-
-/// Why a file stream broke off, in the sender's terms where it said why.
-fn interrupted(e: &quinn::ReadError) -> String {
-    match e {
-        quinn::ReadError::Reset(code) if *code == codes::CHANGED.into() => {
-            "the sender's file changed while it was being sent".into()
-        }
-        quinn::ReadError::Reset(code) if *code == codes::READ_FAILED.into() => {
-            "the sender could not read its file".into()
-        }
-        quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))
-            if close.error_code == codes::CANCELLED.into() =>
-        {
-            "the sender was interrupted".into()
-        }
-        other => format!(
-            "transfer interrupted: {}",
-            crate::text::peer(&other.to_string())
-        ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn human_bytes_uses_binary_units() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(4096), "4.0 KiB");
-        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
-    }
 }

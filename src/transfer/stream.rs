@@ -1,0 +1,673 @@
+//! The file streams of one accepted batch: read each entry, verify it, store it, answer a
+//! verdict.
+//!
+//! [`super::receive`] decides what to accept and hands the accepted files over as [`Plan`]s;
+//! from there a [`StreamJob`] owns them. The two never refer to each other's types beyond
+//! that hand-over, which is why they are separate rooms.
+//!
+//! Small files (at most one group) are read into memory, hashed, and only then written,
+//! a batch at a time: one `syncfs` per batch makes them durable before any takes its final
+//! name and before their verdicts go out. Large files stream to a private partial that
+//! survives interruptions; a sender that comes back resumes it (see [`super::store`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use super::reserve::Reservation;
+use super::store::{self, Claim, Claims, Disk, Owner, Part, PartGuard, SmallFile, SyncGate};
+use super::tree::Tree;
+use super::{
+    BUNDLE_BYTES, BUNDLE_FILES, FileHeader, FileOffer, FileReport, FileResult, MAX_TREE, Observer,
+    Outcome, ResumeFrom, SMALL_FILE, TransferError, codes, read_blob, write_frame,
+};
+use crate::frame::{self, FrameError};
+
+/// Bytes handed from the network to the disk at a time (at most).
+const CHUNK: usize = 1 << 20;
+
+/// Bytes gathered before a buffer goes to disk (and the progress bar moves): large
+/// enough for efficient writes, small enough that slow links still show progress.
+const GATHER: usize = 256 << 10;
+
+/// How long a sender that comes back waits for its earlier, dead transfer to let go of the
+/// partial it resumes.
+pub(super) const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// Largest file-stream header accepted (it is a few dozen bytes).
+const MAX_HEADER: usize = 4 << 10;
+
+/// An accepted file: where it goes, what it must hash to, and whether it resumes.
+pub(super) struct Plan {
+    pub(super) offer: FileOffer,
+    pub(super) reservation: Reservation,
+    pub(super) resume: bool,
+}
+
+/// Read the next entry's header, or `None` where the stream ends cleanly between entries.
+pub(super) async fn read_header(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<FileHeader>, TransferError> {
+    match frame::read(recv, MAX_HEADER).await {
+        Err(FrameError::Ended) => Err(TransferError::protocol("stream ended inside a header")),
+        other => Ok(other?),
+    }
+}
+
+/// Why a transfer was given up when the sender went quiet.
+pub(super) fn stall_message(after: Duration) -> String {
+    format!("the sender sent nothing for {} s", after.as_secs_f64())
+}
+
+pub(super) fn stalled(after: Duration) -> TransferError {
+    TransferError::protocol(stall_message(after))
+}
+
+pub(super) fn failed(offer: &FileOffer, reason: &str) -> FileReport {
+    FileReport::new(offer, None, Outcome::Failed(reason.to_string()))
+}
+
+/// What the streams of one sender's batch share.
+pub(super) struct StreamJob {
+    pub(super) disk: Disk,
+    pub(super) partial_dir: PathBuf,
+    pub(super) out_dir: PathBuf,
+    pub(super) overwrite: bool,
+    pub(super) stall: Duration,
+    /// Bytes moved on this connection, for the minimum-rate check.
+    pub(super) moved: Arc<AtomicU64>,
+    /// Accepted files not yet seen on any stream.
+    pub(super) plans: Arc<std::sync::Mutex<HashMap<u32, Plan>>>,
+    pub(super) claims: Arc<Claims>,
+    pub(super) syncs: Arc<SyncGate>,
+    /// See [`super::receive::SMALL_BUDGET`].
+    pub(super) small_budget: Arc<Semaphore>,
+    /// Who writes this batch's partials.
+    pub(super) owner: Owner,
+    /// Bounds the memory of resumed files' trees (shared with manifests).
+    pub(super) budget: Arc<Semaphore>,
+}
+
+/// A small file of a stream, waiting for its batch to be stored.
+enum Pending {
+    /// Verified in memory.
+    Store(Plan, SmallFile),
+    /// Already failed: `(hash received, why)`.
+    Failed(Plan, String, String),
+}
+
+/// How a file's transfer ended, for the stream it came on.
+enum Ended {
+    /// The entry was read whole: the stream can carry on with the next one.
+    Clean,
+    /// The stream is unusable (interrupted, out of step).
+    Broken,
+}
+
+impl StreamJob {
+    pub(super) fn lock_plans(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Plan>> {
+        self.plans.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn no_plans_left(&self) -> bool {
+        self.lock_plans().is_empty()
+    }
+
+    pub(super) fn take_plan(&self, id: u32) -> Option<Plan> {
+        self.lock_plans().remove(&id)
+    }
+
+    pub(super) fn put_back(&self, plan: Plan) {
+        self.lock_plans().insert(plan.offer.id, plan);
+    }
+
+    /// The saved name as the sender is told it: relative to the output directory.
+    fn saved_as(&self, dest: &Path) -> Option<String> {
+        let relative = dest.strip_prefix(&self.out_dir).ok()?;
+        let parts: Vec<_> = relative
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect();
+        Some(parts.join("/"))
+    }
+
+    /// Receive every entry of one stream, in order, answering a verdict for each.
+    pub(super) async fn serve_stream(
+        self: Arc<Self>,
+        first: Plan,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        observer: &dyn Observer,
+    ) -> Vec<FileReport> {
+        let mut reports = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut pending_bytes = 0;
+        // Budget for the bytes in `pending`; let go with every flush.
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut plan = first;
+        loop {
+            let offer = &plan.offer;
+            observer.started(offer.id, &offer.name, offer.size);
+            if offer.size <= SMALL_FILE && !plan.resume {
+                // At most SMALL_FILE: fits a u32.
+                let need = offer.size as u32;
+                let permit = match self.small_budget.clone().try_acquire_many_owned(need) {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        // Wait holding nothing (flush first), so waiters never block each
+                        // other.
+                        self.flush(&mut pending, &mut send, &mut reports, observer)
+                            .await;
+                        (pending_bytes, held) = (0, None);
+                        let budget = self.small_budget.clone();
+                        budget.acquire_many_owned(need).await.expect("never closed")
+                    }
+                };
+                match &mut held {
+                    Some(held) => held.merge(permit),
+                    None => held = Some(permit),
+                }
+                let offer = &plan.offer;
+                let (read, ended) = self.read_small(&mut recv, offer, observer).await;
+                pending_bytes += offer.size;
+                pending.push(match read {
+                    Ok(file) => Pending::Store(plan, file),
+                    Err((hash, why)) => Pending::Failed(plan, hash, why),
+                });
+                let broken = matches!(ended, Ended::Broken);
+                if broken || pending.len() >= BUNDLE_FILES || pending_bytes >= BUNDLE_BYTES {
+                    self.flush(&mut pending, &mut send, &mut reports, observer)
+                        .await;
+                    (pending_bytes, held) = (0, None);
+                }
+                if broken {
+                    let _ = recv.stop(codes::DECLINED.into());
+                    break;
+                }
+            } else {
+                self.flush(&mut pending, &mut send, &mut reports, observer)
+                    .await;
+                (pending_bytes, held) = (0, None);
+                let (report, ended) = self
+                    .receive_large(plan, &mut send, &mut recv, observer)
+                    .await;
+                observer.finished(&report);
+                reports.push(report);
+                if matches!(ended, Ended::Broken) {
+                    let _ = recv.stop(codes::DECLINED.into());
+                    break;
+                }
+            }
+            let next = match tokio::time::timeout(self.stall, read_header(&mut recv)).await {
+                Ok(Ok(Some(header))) if header.offset == 0 => self.take_plan(header.id),
+                Ok(Ok(None)) => break,
+                _ => None,
+            };
+            match next {
+                Some(next) => plan = next,
+                None => {
+                    // Out of step, stalled, or a file not accepted: this stream is done.
+                    let _ = recv.stop(codes::DECLINED.into());
+                    break;
+                }
+            }
+        }
+        self.flush(&mut pending, &mut send, &mut reports, observer)
+            .await;
+        let _ = send.finish();
+        reports
+    }
+
+    /// Read a small file's bytes: exactly its offered size, checked against its hash.
+    async fn read_small(
+        &self,
+        recv: &mut quinn::RecvStream,
+        offer: &FileOffer,
+        observer: &dyn Observer,
+    ) -> (Result<SmallFile, (String, String)>, Ended) {
+        let size = offer.size as usize;
+        let mut data = Vec::with_capacity(size.min(64 << 10));
+        while data.len() < size {
+            let read = tokio::time::timeout(self.stall, recv.read_chunk(size - data.len(), true));
+            let why = match read.await {
+                Ok(Ok(Some(chunk))) => {
+                    self.moved
+                        .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                    data.extend_from_slice(&chunk.bytes);
+                    continue;
+                }
+                Err(_) => stall_message(self.stall),
+                Ok(Ok(None)) => format!("got {} of {size} bytes", data.len()),
+                Ok(Err(e)) => interrupted(&e),
+            };
+            let hash = blake3::hash(&data).to_hex().to_string();
+            return (Err((hash, why)), Ended::Broken);
+        }
+        observer.progress(offer.id, offer.size);
+        let hash = blake3::hash(&data).to_hex().to_string();
+        if hash != offer.blake3 {
+            let why = "BLAKE3 mismatch: the file arrived corrupted or changed".to_string();
+            return (Err((hash, why)), Ended::Clean);
+        }
+        (
+            Ok(SmallFile {
+                data,
+                hash,
+                dest: PathBuf::new(),
+                executable: offer.executable,
+            }),
+            Ended::Clean,
+        )
+    }
+
+    /// Store the pending small files (one disk job, one `syncfs`), then answer their
+    /// verdicts in order.
+    async fn flush(
+        &self,
+        pending: &mut Vec<Pending>,
+        send: &mut quinn::SendStream,
+        reports: &mut Vec<FileReport>,
+        observer: &dyn Observer,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(pending);
+        let files: Vec<SmallFile> = entries
+            .iter()
+            .filter_map(|entry| match entry {
+                Pending::Store(plan, file) => Some(SmallFile {
+                    data: file.data.clone(),
+                    hash: file.hash.clone(),
+                    dest: plan.reservation.dest().to_path_buf(),
+                    executable: file.executable,
+                }),
+                Pending::Failed(..) => None,
+            })
+            .collect();
+        // Write, make durable (one syncfs shared with the batches finishing meanwhile),
+        // then name: no file takes its name before its bytes are on disk.
+        let files = Arc::new(files);
+        let (dir, batch) = (self.partial_dir.clone(), files.clone());
+        let written = self
+            .disk
+            .run(move || store::write_small(&dir, &batch))
+            .await;
+        let written = if written.iter().any(Result::is_ok) {
+            match self.syncs.sync(&self.disk, &self.partial_dir).await {
+                Ok(()) => written,
+                Err(e) => written
+                    .into_iter()
+                    .map(|slot| {
+                        let path = slot?;
+                        let _ = std::fs::remove_file(path);
+                        Err(std::io::Error::new(e.kind(), e.to_string()))
+                    })
+                    .collect(),
+            }
+        } else {
+            written
+        };
+        let (batch, overwrite) = (files.clone(), self.overwrite);
+        let mut stored = self
+            .disk
+            .run(move || store::commit_small(written, &batch, overwrite))
+            .await
+            .into_iter();
+        for entry in entries {
+            let (plan, outcome) = match entry {
+                Pending::Store(plan, file) => {
+                    let outcome = match stored.next().expect("one result per file") {
+                        Ok(()) => Ok(file.hash),
+                        Err(e) => Err((file.hash, format!("cannot store the file: {e}"))),
+                    };
+                    (plan, outcome)
+                }
+                Pending::Failed(plan, hash, why) => (plan, Err((hash, why))),
+            };
+            let report = self.answer(plan, outcome, send).await;
+            observer.finished(&report);
+            reports.push(report);
+        }
+    }
+
+    /// Tell the sender how `plan`'s file ended, and make the local report. The
+    /// reservation is released here: the file exists under its name now, or it does not.
+    async fn answer(
+        &self,
+        plan: Plan,
+        outcome: Result<String, (String, String)>,
+        send: &mut quinn::SendStream,
+    ) -> FileReport {
+        let Plan {
+            offer, reservation, ..
+        } = plan;
+        let (result, report) = match outcome {
+            Ok(hash) => {
+                let saved_as = self.saved_as(reservation.dest());
+                let result = FileResult {
+                    id: offer.id,
+                    verified: true,
+                    blake3: hash,
+                    saved_as: saved_as.clone(),
+                    error: None,
+                };
+                (result, FileReport::new(&offer, saved_as, Outcome::Verified))
+            }
+            Err((hash, why)) => {
+                let result = FileResult {
+                    id: offer.id,
+                    verified: false,
+                    blake3: hash.clone(),
+                    saved_as: None,
+                    error: Some(why.clone()),
+                };
+                let report = FileReport {
+                    blake3: hash,
+                    ..failed(&offer, &why)
+                };
+                (result, report)
+            }
+        };
+        drop(reservation);
+        // If the sender is gone it cannot read the verdict; the local report stands.
+        let _ = write_frame(send, &result).await;
+        report
+    }
+
+    /// Receive one large file (resuming it when planned so), verify, name it, answer.
+    async fn receive_large(
+        &self,
+        plan: Plan,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        observer: &dyn Observer,
+    ) -> (FileReport, Ended) {
+        // The claim on the partial is let go only after the answer (which releases the
+        // reserved name): whoever waits for it finds both free.
+        let mut claim = None;
+        let (outcome, ended) = self.store(&plan, send, recv, observer, &mut claim).await;
+        if outcome.is_err() {
+            let _ = recv.stop(codes::DECLINED.into());
+        }
+        let report = self.answer(plan, outcome, send).await;
+        drop(claim);
+        (report, ended)
+    }
+
+    /// For a resumed file: read and check the sender's tree, then claim and open the best
+    /// partial (taking it over from a dead transfer of the same sender), proving its
+    /// prefix; without a usable partial, a fresh one. Answers the offset on the stream.
+    async fn open_resumed(
+        &self,
+        offer: &FileOffer,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(Part, Claim), String> {
+        let want = Tree::encoded_len(offer.size).filter(|&len| len <= MAX_TREE);
+        let want = want.ok_or("the file is too large to resume")?;
+        let read = tokio::time::timeout(self.stall, read_blob(recv, want, &self.budget));
+        let bytes = match read.await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => return Err(format!("no tree for the resume: {e}")),
+            Err(_) => return Err(stall_message(self.stall)),
+        };
+        let root = blake3::Hash::from_hex(&offer.blake3).map_err(|e| e.to_string())?;
+        let tree = Arc::new(
+            Tree::decode_with_root(&bytes, &root)
+                .map_err(|e| format!("the sender's tree is not its file's: {e}"))?,
+        );
+        drop(bytes);
+        let (dir, hash) = (self.partial_dir.clone(), offer.blake3.clone());
+        let candidates = self
+            .disk
+            .run(move || store::partials_for(&dir, &hash))
+            .await;
+        let mut opened = None;
+        for path in candidates {
+            let Some(claim) = self.claims.claim(&path, self.owner, TAKEOVER_WAIT).await else {
+                continue;
+            };
+            let tree = tree.clone();
+            let resumed = self
+                .disk
+                .run(move || Part::resume(&path, tree).map_err(|e| (path, e)))
+                .await;
+            match resumed {
+                Ok(part) => {
+                    opened = Some((part, claim));
+                    break;
+                }
+                Err((path, e)) => tracing::debug!(path = %path.display(), "not resumed: {e}"),
+            }
+        }
+        let (part, claim) = match opened {
+            Some(opened) => opened,
+            None => self.create(offer).await?,
+        };
+        let answer = ResumeFrom {
+            id: offer.id,
+            offset: part.offset(),
+        };
+        write_frame(send, &answer)
+            .await
+            .map_err(|e| format!("cannot answer the resume: {e}"))?;
+        Ok((part, claim))
+    }
+
+    /// A fresh, claimed partial for `offer`.
+    async fn create(&self, offer: &FileOffer) -> Result<(Part, Claim), String> {
+        let (dir, hash) = (self.partial_dir.clone(), offer.blake3.clone());
+        let part = self
+            .disk
+            .run(move || Part::create(&dir, &hash))
+            .await
+            .map_err(|e| format!("cannot create a partial file: {e}"))?;
+        let claim = self.claims.claim_new(part.path(), self.owner);
+        Ok((part, claim))
+    }
+
+    /// Write the entry's bytes to a partial while checking them; on a full, matching file,
+    /// move it to its destination. Returns the hash received, or that hash (possibly empty)
+    /// and the reason, and whether the stream can go on.
+    async fn store(
+        &self,
+        plan: &Plan,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        observer: &dyn Observer,
+        hold: &mut Option<Claim>,
+    ) -> (Result<String, (String, String)>, Ended) {
+        let offer = &plan.offer;
+        let broken = |why: String| (Err((String::new(), why)), Ended::Broken);
+        let opened = if plan.resume {
+            self.open_resumed(offer, send, recv).await
+        } else {
+            self.create(offer).await
+        };
+        // The claim outlives the part: the caller drops it.
+        let part = match opened {
+            Ok((part, claim)) => {
+                let claim: &Claim = hold.insert(claim);
+                (part, claim)
+            }
+            Err(why) => return broken(why),
+        };
+        let (part, claim) = part;
+        let start = part.offset();
+        if start > 0 {
+            observer.skipped(offer.id, start);
+        }
+        // Keeps the partial for a resume, or removes it, on every early exit, including
+        // this future being dropped.
+        let mut guard = PartGuard::new(part.path());
+        guard.reached(start);
+        let part_path = part.path().to_path_buf();
+        let mut part = Some(part);
+        // One disk write in flight while the next batch is gathered from the network.
+        let mut writing: Option<tokio::task::JoinHandle<(Part, std::io::Result<()>)>> = None;
+        // A background `fdatasync` of what is written so far, at most one.
+        let mut syncing: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
+        let mut received = start;
+        let mut failure = None;
+        let mut clean_end = true;
+        while received < offer.size && failure.is_none() {
+            let mut batch = Vec::new();
+            let mut gathered = 0;
+            while gathered < GATHER && received + (gathered as u64) < offer.size {
+                let want = CHUNK.min((offer.size - received) as usize - gathered);
+                // Cancel-safe: `read_chunk` loses nothing when not polled to completion,
+                // and a takeover only notifies.
+                let read = tokio::select! {
+                    read = tokio::time::timeout(self.stall, recv.read_chunk(want, true)) => read,
+                    () = claim.taken_over() => {
+                        failure = Some("the same sender started over on a new connection".into());
+                        break;
+                    }
+                };
+                match read {
+                    Ok(Ok(Some(chunk))) => {
+                        gathered += chunk.bytes.len();
+                        self.moved
+                            .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                        batch.push(chunk.bytes);
+                        continue;
+                    }
+                    Err(_) => failure = Some(stall_message(self.stall)),
+                    Ok(Ok(None)) => {
+                        clean_end = false;
+                        failure = Some(format!(
+                            "got {} of {} bytes",
+                            received + gathered as u64,
+                            offer.size
+                        ));
+                    }
+                    Ok(Err(e)) => failure = Some(interrupted(&e)),
+                }
+                break;
+            }
+            if gathered == 0 {
+                break;
+            }
+            if let Some(previous) = writing.take() {
+                let (mut back, written) = previous.await.expect("disk task");
+                if let Err(e) = written {
+                    part = Some(back);
+                    failure = Some(write_failure(&e));
+                    break;
+                }
+                // One background sync at a time (see `Part::sync_due`).
+                if syncing.as_ref().is_none_or(|s| s.is_finished()) {
+                    let synced = match syncing.take() {
+                        Some(done) => done.await.expect("disk task"),
+                        None => Ok(()),
+                    };
+                    let started = synced.and_then(|()| match back.sync_due() {
+                        Some(file) => file.map(|file| {
+                            syncing = Some(self.disk.spawn(move || file.sync_data()));
+                        }),
+                        None => Ok(()),
+                    });
+                    if let Err(e) = started {
+                        part = Some(back);
+                        failure = Some(write_failure(&e));
+                        break;
+                    }
+                }
+                part = Some(back);
+            }
+            received += gathered as u64;
+            guard.reached(received);
+            observer.progress(offer.id, gathered as u64);
+            let mut p = part.take().expect("the part is back");
+            writing = Some(self.disk.spawn(move || {
+                let written = p.write(&batch);
+                (p, written)
+            }));
+        }
+        if let Some(previous) = writing.take() {
+            let (back, written) = previous.await.expect("disk task");
+            if let (Err(e), None) = (written, &failure) {
+                failure = Some(write_failure(&e));
+            }
+            part = Some(back);
+        }
+        if let Some(sync) = syncing.take() {
+            // Never ignored: the sync shares the file's open description, so an error it
+            // saw would not be reported again by `finish`'s fsync.
+            if let (Err(e), None) = (sync.await.expect("disk task"), &failure) {
+                failure = Some(write_failure(&e));
+            }
+        }
+        let part = part.expect("the part is back");
+        guard.reached(part.offset());
+        if let Some(why) = failure {
+            if !clean_end {
+                // The sender said "that is all" short of the size: not an interruption.
+                guard.condemn();
+            }
+            return (Err((part.hash_so_far(), why)), Ended::Broken);
+        }
+        let executable = offer.executable;
+        let (hash, synced) = self.disk.run(move || part.finish(executable)).await;
+        if let Err(e) = synced {
+            return (Err((hash, write_failure(&e))), Ended::Clean);
+        }
+        if hash != offer.blake3 {
+            guard.condemn();
+            let why = "BLAKE3 mismatch: the file arrived corrupted or changed".into();
+            return (Err((hash, why)), Ended::Clean);
+        }
+        let dest = plan.reservation.dest().to_path_buf();
+        let (from, overwrite) = (part_path.clone(), self.overwrite);
+        let to = dest.clone();
+        let committed = self
+            .disk
+            .run(move || store::commit(&from, &to, overwrite))
+            .await;
+        if let Err(e) = committed {
+            let name = self.saved_as(&dest).unwrap_or_default();
+            let why = format!("cannot name the file {name}: {e}");
+            return (Err((hash, why)), Ended::Clean);
+        }
+        guard.disarm(); // the partial is now the destination
+        (Ok(hash), Ended::Clean)
+    }
+}
+
+/// A failed write, said plainly (a full disk is the usual cause). The sender reads it
+/// too: no local paths in it.
+fn write_failure(e: &std::io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        return "the disk is full (what arrived is kept for a resume)".into();
+    }
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        return format!("the data does not match the sender's tree: {e}");
+    }
+    format!("cannot write the file: {e}")
+}
+
+/// Why a file stream broke off, in the sender's terms where it said why.
+fn interrupted(e: &quinn::ReadError) -> String {
+    match e {
+        quinn::ReadError::Reset(code) if *code == codes::CHANGED.into() => {
+            "the sender's file changed while it was being sent".into()
+        }
+        quinn::ReadError::Reset(code) if *code == codes::READ_FAILED.into() => {
+            "the sender could not read its file".into()
+        }
+        quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == codes::CANCELLED.into() =>
+        {
+            "the sender was interrupted".into()
+        }
+        other => format!(
+            "transfer interrupted: {}",
+            crate::text::peer(&other.to_string())
+        ),
+    }
+}
