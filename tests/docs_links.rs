@@ -171,7 +171,10 @@ fn slugs_follow_githubs_rules() {
         slug(" Output: terminal, `--json`, logs, exit status"),
         "output-terminal---json-logs-exit-status"
     );
-    assert_eq!(slug("Is this network punchable? `qpunch nat-check`"), "is-this-network-punchable-qpunch-nat-check");
+    assert_eq!(
+        slug("Is this network punchable? `qpunch nat-check`"),
+        "is-this-network-punchable-qpunch-nat-check"
+    );
     let page = "# A\n## Usage\n```\n# Usage\n```\n### Usage\n#hashtag\n";
     let found: Vec<_> = anchors(page).into_iter().collect();
     assert_eq!(found, ["a", "usage", "usage-1"]);
@@ -197,7 +200,11 @@ fn no_code_span_crosses_a_line() {
             }
         }
     }
-    assert!(broken.is_empty(), "code spans across lines (rewrap them):\n{}", broken.join("\n"));
+    assert!(
+        broken.is_empty(),
+        "code spans across lines (rewrap them):\n{}",
+        broken.join("\n")
+    );
 }
 
 #[test]
@@ -213,7 +220,10 @@ fn every_relative_link_and_anchor_resolves() {
                 let path = if file.is_empty() {
                     doc.path.clone()
                 } else {
-                    doc.path.parent().expect("a document has a folder").join(file)
+                    doc.path
+                        .parent()
+                        .expect("a document has a folder")
+                        .join(file)
                 };
                 let why = if !path.exists() {
                     Some("no such file".to_string())
@@ -288,6 +298,14 @@ fn test_names(file: &Path) -> Vec<String> {
     names
 }
 
+/// Cited by name: the word before the name, a word the command must also hold, the
+/// folder of the name's `.rs` file, and what it is.
+const CITED: [(&str, &str, &str, &str); 3] = [
+    ("--bench", "bench", "benches", "bench"),
+    ("--example", "run", "examples", "example"),
+    ("run", "fuzz", "fuzz/fuzz_targets", "fuzz target"),
+];
+
 #[test]
 fn every_cited_bench_test_example_and_fuzz_target_exists() {
     let root = root();
@@ -299,19 +317,11 @@ fn every_cited_bench_test_example_and_fuzz_target_exists() {
                 continue;
             }
             let has = |w: &str| words.iter().any(|x| x == w);
-            if let Some(bench) = after(&words, "--bench").filter(|_| has("bench")) {
-                if !root.join("benches").join(format!("{bench}.rs")).exists() {
-                    missing(&format!("no bench {bench:?}"));
-                }
-            }
-            if let Some(example) = after(&words, "--example") {
-                if !root.join("examples").join(format!("{example}.rs")).exists() {
-                    missing(&format!("no example {example:?}"));
-                }
-            }
-            if let Some(target) = after(&words, "run").filter(|_| has("fuzz")) {
-                if !root.join("fuzz/fuzz_targets").join(format!("{target}.rs")).exists() {
-                    missing(&format!("no fuzz target {target:?}"));
+            for (before, with, folder, what) in CITED {
+                if let Some(name) = after(&words, before).filter(|_| has(with))
+                    && !root.join(folder).join(format!("{name}.rs")).exists()
+                {
+                    missing(&format!("no {what} {name:?} in {folder}/"));
                 }
             }
             if let Some(test) = after(&words, "--test").filter(|_| has("test")) {
@@ -334,7 +344,11 @@ fn every_cited_bench_test_example_and_fuzz_target_exists() {
             }
         }
     }
-    assert!(broken.is_empty(), "commands citing what does not exist:\n{}", broken.join("\n"));
+    assert!(
+        broken.is_empty(),
+        "commands citing what does not exist:\n{}",
+        broken.join("\n")
+    );
 }
 
 /// The long and short flags `qpunch SUBCOMMAND --help` lists.
@@ -379,10 +393,11 @@ fn every_qpunch_command_shown_uses_real_flags() {
                 }
                 _ => {
                     // A flag named alone in prose: it must exist somewhere.
-                    if let Some(flag) = words.first().and_then(|w| as_flag(w)) {
-                        if words[0].starts_with("--") && !every_flag.contains(&flag.to_string()) {
-                            broken.push(format!("{}:{number}: no command has {flag}", doc.name()));
-                        }
+                    if let Some(flag) = words.first().and_then(|w| as_flag(w))
+                        && words[0].starts_with("--")
+                        && !every_flag.contains(&flag.to_string())
+                    {
+                        broken.push(format!("{}:{number}: no command has {flag}", doc.name()));
                     }
                     continue;
                 }
@@ -392,12 +407,20 @@ fn every_qpunch_command_shown_uses_real_flags() {
             };
             for flag in rest[1..].iter().filter_map(|w| as_flag(w)) {
                 if !flags.contains(flag) {
-                    broken.push(format!("{}:{number}: qpunch {} has no {flag}", doc.name(), rest[0]));
+                    broken.push(format!(
+                        "{}:{number}: qpunch {} has no {flag}",
+                        doc.name(),
+                        rest[0]
+                    ));
                 }
             }
         }
     }
-    assert!(broken.is_empty(), "commands with unknown flags:\n{}", broken.join("\n"));
+    assert!(
+        broken.is_empty(),
+        "commands with unknown flags:\n{}",
+        broken.join("\n")
+    );
 }
 
 #[test]
