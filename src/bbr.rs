@@ -2,10 +2,10 @@
 //! does, so that a bulk sender keeps about one bandwidth-delay product in flight, not
 //! several.
 //!
-//! Why not quinn's own `Bbr` (which it marks experimental): measured on the path bench
-//! (`benches/path.rs`, 100 Mbit/s, 40 ms RTT, 50 ms of bottleneck queue) it kept 2-7
-//! bandwidth-delay products in flight and lost 20-50 % of its packets at 0 % random loss,
-//! and it spent the first ~250 ms of every connection in ProbeRTT. Both come from its
+//! Why not quinn's own `Bbr` (which it marks experimental): on the path bench
+//! (`benches/path.rs`, 100 Mbit/s, 40 ms RTT, 50 ms of bottleneck queue) it kept several
+//! bandwidth-delay products in flight and lost a large share of its packets at 0 % random
+//! loss, and it spent the first ~250 ms of every connection in ProbeRTT. Both come from its
 //! model: its bandwidth sample is one packet's bytes over the gap between two ACKs (so a
 //! bunch of ACKs reads as a huge rate, and the max filter keeps it), and its ProbeRTT timer
 //! counts as expired before the first probe. quinn's pacer then sends 1.25 windows per
@@ -33,14 +33,10 @@
 //!   [`Model`]'s `steady_loss`): lost packets occupy window for a round trip without ever
 //!   reaching the bottleneck.
 //!
-//! Measured on the path bench (30 MB and 200 MB, 0/1/5 % loss per router, against quinn's
-//! BBR and kernel TCP bbr in the same runs): at 0 % random loss it lost no packets where
-//! quinn's lost 57-60 % of the 333-359 thousand it sent for 200 MB (this one: 141
-//! thousand), with the same or better goodput (200 MB: 11.6 MB/s, 93 % of the link,
-//! like kernel TCP bbr). Its standing queue is the ACK-aggregation allowance, ~10 ms
-//! there. A larger one (20 ms of bandwidth) bought ~5 % more on a machine so overloaded
-//! that the sender was descheduled for longer than the queue lasted, but a fixed standing
-//! queue turns into steady loss on a shallow bottleneck, so it is not taken.
+//! On the path bench it loses no packets at 0 % random loss where quinn's loses more than
+//! half, with the same or better goodput (as kernel TCP bbr); its standing queue is the
+//! ACK-aggregation allowance. The figures, and why a larger allowance was not taken, are in
+//! `docs/performance.md` ("Speed on real links").
 //!
 //! [`Model`] is the sans-IO core (time and events in, window out), tested with a small
 //! simulated bottleneck; [`BbrConfig`] / the `Controller` impl are the adapter quinn calls.

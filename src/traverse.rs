@@ -147,7 +147,7 @@ pub enum TraverseError {
     },
 }
 
-/// Counters, for diagnostics and the probe budget published in the README.
+/// Counters, for diagnostics and the probe budget published in docs/design.md.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TraverseStats {
     /// Probes to candidates.
