@@ -114,7 +114,7 @@ pub struct ReceiveOptions {
     /// averaged over windows of twice [`stall_timeout`](Self::stall_timeout); a slower one
     /// is cut off. A slow drip into many streams would otherwise hold descriptors forever.
     pub min_rate: u64,
-    /// Keep names starting with `.` (else `.x` is stored as `_x`; see [`names::undot`]).
+    /// Keep names starting with `.` (else `.x` is stored as `_x`; see [`super::names::undot`]).
     pub allow_dotfiles: bool,
     /// Serve one accepted transfer, then finish (see [`Receiver::finished_once`]). Other
     /// senders arriving meanwhile are told the receiver is busy.

@@ -28,7 +28,7 @@
 //! **Why the fingerprints are bound.** Neither side knows the other's key, so the TLS
 //! handshake pins nothing, and someone on the LAN could splice two connections, relaying
 //! the PAKE messages unchanged (then both sides derive the same keys). The bind tags
-//! ([`SessionKeys::bind`]/[`SessionKeys::confirm`]) cover the fingerprints each side
+//! ([`SessionKeys::bind`](crate::meet::pake::SessionKeys::bind)/[`SessionKeys::confirm`](crate::meet::pake::SessionKeys::confirm)) cover the fingerprints each side
 //! *sees*, which differ across a splice, and can only be made with the code.
 //!
 //! **Hostile LAN peers.** Anyone on the network can browse the announcement and connect.
@@ -77,7 +77,7 @@ pub use prove::{Desk, Dialed, Door, LanStats, Opened, Outcome, dial, meet_at};
 pub const SERVICE_TYPE: &str = "_qpunch._udp.local.";
 /// The ALPN of a connection that proves a code, then carries the files protocol.
 pub const ALPN: &[u8] = b"qpunch-meet/1";
-/// TXT key of the meet protocol version ([`pake::VERSION`]).
+/// TXT key of the meet protocol version ([`crate::meet::pake::VERSION`]).
 pub const TXT_VERSION: &str = "v";
 /// TXT key of the nameplate.
 pub const TXT_NAMEPLATE: &str = "np";
