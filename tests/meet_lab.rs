@@ -1055,6 +1055,99 @@ fn lan_library_finds_refuses_impostors_and_withdraws() {
     });
 }
 
+/// A LAN impostor floods announcements of the receiver's nameplate (sixteen, on distinct
+/// ports, before the receiver's own arrives): the sender must call that ambiguous before it
+/// drops any of them, and so give the impostor no guess. A sender that kept the first
+/// sixteen announcements and tried the first eight addresses never saw the receiver and ran
+/// the PAKE with the impostor.
+#[test]
+fn lan_announcement_flood_makes_the_sender_refuse_unguessed() {
+    const TEST: &str = "lan_announcement_flood_makes_the_sender_refuse_unguessed";
+    if !lab::require(TEST, &[]) {
+        return;
+    }
+    use qpunch::identity::Identity;
+    use qpunch::meet::code::Code;
+    use qpunch::meet::lan::{self, Desk, Door, Lan, LanError};
+    use qpunch::node::{Node, NodeConfig};
+    use qpunch::server::{Limits, Server};
+    use qpunch::transfer::{self, Policy, ReceiveOptions, Receiver};
+    use std::sync::Arc;
+
+    let topo = Topology::new("mdf", &[SiteSpec::new(Nat::Cone).clients(3).ipv6(false)]);
+    let site = topo.site(0);
+    let (rx, tx, other) = (site.client(0), site.client(1), site.client(2));
+    let (rlan, slan, olan) = (
+        rx.run(Lan::start).unwrap(),
+        tx.run(Lan::start).unwrap(),
+        other.run(Lan::start).unwrap(),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let receiving = |host: &Host, out: &Path| {
+            let mut config = NodeConfig::new(Identity::generate().unwrap(), transfer::ALPN, true);
+            config.alpn.push(lan::ALPN.to_vec());
+            let node = Arc::new(Node::new(host.udp4(0), config).unwrap());
+            let receiver =
+                Receiver::new(ReceiveOptions::new(out, Policy::Allow(Vec::new()))).unwrap();
+            let desk = Desk::new();
+            let admitting = receiver.clone();
+            let door = Door::new(
+                receiver,
+                desk.clone(),
+                node.fingerprint(),
+                move |fp, ttl| admitting.admit(fp, ttl),
+            );
+            tokio::spawn(
+                Server::new(node.clone(), door, Limits::default())
+                    .run(std::future::pending::<()>()),
+            );
+            (node, desk)
+        };
+        let (out, impostor_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (rnode, desk) = receiving(rx, out.path());
+        let (inode, idesk) = receiving(other, impostor_out.path());
+        let code = Code::generate(lan::random_nameplate(), &mut rand::rng());
+        let _opened = desk.open(code.clone());
+        // The impostor answers on its node's port, and announces fifteen more.
+        let _iopened = idesk.open(code.clone());
+        let impostor = inode.local_addr().unwrap();
+        let flood: Vec<_> = (0..16u16)
+            .map(|i| {
+                let addr = SocketAddr::new(impostor.ip(), impostor.port().wrapping_add(i));
+                olan.announce(code.nameplate(), addr).unwrap()
+            })
+            .collect();
+        let snode = Node::new(
+            tx.udp4(0),
+            NodeConfig::new(Identity::generate().unwrap(), transfer::ALPN, false),
+        )
+        .unwrap();
+        // The sender is browsing when the flood is out and the receiver's own comes last.
+        let dialing = lan::dial(&snode, &slan, &code, lan::FIND_TIMEOUT);
+        let announcing = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            rlan.announce(code.nameplate(), rnode.local_addr().unwrap())
+                .unwrap()
+        };
+        let (refused, _announcement) = tokio::join!(dialing, announcing);
+        assert!(
+            matches!(refused, Err(LanError::Ambiguous { identities, .. }) if identities >= 2),
+            "{refused:?}"
+        );
+        assert!(desk.is_open() && idesk.is_open(), "nobody got a guess");
+        assert_eq!(desk.stats(), lan::LanStats::default());
+        assert_eq!(idesk.stats(), lan::LanStats::default());
+        drop(flood);
+        for lan in [&rlan, &slan, &olan] {
+            lan.shutdown().await;
+        }
+    });
+}
+
 /// Guessing is bounded: after three burned codes the receiver makes no more (a receiver
 /// that made codes forever would give a patient guesser on the LAN unlimited tries), and
 /// keeps running for senders that know its key.

@@ -115,13 +115,17 @@ fn rank(addrs: &mut [SocketAddr], ours: &[Interface]) {
 }
 
 /// What a sender has seen while browsing for one nameplate: every matching announcement
-/// (merged by instance, at most [`MAX_INSTANCES`]), and counts of the rest.
+/// (merged by instance; a second receiver makes them [ambiguous](Sightings::ambiguous)),
+/// and counts of the rest.
 #[derive(Debug, Clone)]
 pub struct Sightings {
     wanted: Nameplate,
     ours: Vec<Interface>,
     found: Vec<Announced>,
     first: Option<Instant>,
+    /// Matching announcements from more than one receiver (distinct instances, or one
+    /// instance on another port): how many, and when the second was seen.
+    rivals: Option<(usize, Instant)>,
     /// Announcements for other nameplates.
     pub others: u64,
     /// Announcements refused by [`read_announcement`].
@@ -137,6 +141,7 @@ impl Sightings {
             ours,
             found: Vec::new(),
             first: None,
+            rivals: None,
             others: 0,
             ignored: 0,
         }
@@ -152,10 +157,16 @@ impl Sightings {
             Ok(seen) if seen.nameplate != self.wanted => self.others += 1,
             Ok(mut seen) => {
                 self.first.get_or_insert(now);
-                let full = self.found.len() >= MAX_INSTANCES;
-                match self.found.iter_mut().find(|a| a.instance == seen.instance) {
+                let same = |a: &Announced| {
+                    a.instance == seen.instance
+                        && a.addrs.first().map(|x| x.port()) == seen.addrs.first().map(|x| x.port())
+                };
+                let known = self.found.iter().position(same);
+                let stored = self.found.len();
+                match known {
                     // An update (mDNS sends addresses as it learns them): merge.
-                    Some(known) => {
+                    Some(i) => {
+                        let known = &mut self.found[i];
                         for addr in seen.addrs {
                             if !known.addrs.contains(&addr) && known.addrs.len() < MAX_ADDRESSES {
                                 known.addrs.push(addr);
@@ -163,8 +174,13 @@ impl Sightings {
                         }
                         rank(&mut known.addrs, &self.ours);
                     }
-                    // More than one is already ambiguous: a flood needs no memory.
-                    None if full => self.ignored += 1,
+                    // A second receiver for the nameplate: ambiguous, whatever comes next,
+                    // and judged before anything is dropped, so a flood of impostors cannot
+                    // push the real receiver out of what we try. Counted, not stored.
+                    None if stored > 0 => {
+                        let (count, since) = self.rivals.unwrap_or((1, now));
+                        self.rivals = Some((count + 1, since));
+                    }
                     None => {
                         seen.addrs.truncate(MAX_ADDRESSES);
                         rank(&mut seen.addrs, &self.ours);
@@ -175,8 +191,20 @@ impl Sightings {
         }
     }
 
-    /// When to stop browsing: `deadline`, or [`SETTLE`] after the first match.
+    /// How many receivers announced the nameplate, when more than one did (two receivers
+    /// chose it, or someone impersonates the receiver): the sender must then refuse before
+    /// connecting to any of them.
+    pub fn ambiguous(&self) -> Option<usize> {
+        self.rivals.map(|(count, _)| count)
+    }
+
+    /// When to stop browsing: `deadline`, or [`SETTLE`] after the first match (time for a
+    /// rival to show itself).
+    /// An ambiguity ends it at once: nothing that arrives later can resolve it.
     pub fn until(&self, deadline: Instant) -> Instant {
+        if let Some((_, since)) = self.rivals {
+            return since.min(deadline);
+        }
         self.first
             .map_or(deadline, |first| (first + SETTLE).min(deadline))
     }
@@ -326,6 +354,12 @@ impl Lan {
             }
         }
         let _ = self.daemon.stop_browse(SERVICE_TYPE);
+        if let Some(receivers) = sightings.ambiguous() {
+            return Err(LanError::Ambiguous {
+                nameplate: nameplate.clone(),
+                identities: receivers,
+            });
+        }
         if sightings.found().is_empty() {
             return Err(LanError::NotFound {
                 nameplate: nameplate.clone(),
@@ -524,24 +558,25 @@ mod tests {
         seen.see(t1, announced("a", "7", &["198.51.100.7"]));
         assert_eq!(seen.until(deadline), t1 + SETTLE);
         seen.see(t1, announced("a", "7", &["2001:db8::7", "198.51.100.7"]));
-        seen.see(t1 + SETTLE / 2, announced("b", "7", &["198.51.100.9"]));
+        assert_eq!(
+            seen.ambiguous(),
+            None,
+            "an update of the same receiver is no rival"
+        );
         assert_eq!(
             seen.until(deadline),
             t1 + SETTLE,
             "the first match sets the pace"
         );
-        assert_eq!(seen.found().len(), 2);
         assert_eq!((seen.others, seen.ignored), (1, 1));
-        // Each announcement's best address first, then the next ones.
+        // Its best address first, then the next ones.
         let addrs: Vec<String> = seen.addrs().iter().map(|a| a.to_string()).collect();
-        assert_eq!(
-            addrs,
-            [
-                "198.51.100.7:9199",
-                "198.51.100.9:9199",
-                "[2001:db8::7]:9199"
-            ]
-        );
+        assert_eq!(addrs, ["198.51.100.7:9199", "[2001:db8::7]:9199"]);
+        // A second receiver for the nameplate ends the browsing at once, ambiguous.
+        let t2 = t1 + SETTLE / 2;
+        seen.see(t2, announced("b", "7", &["198.51.100.9"]));
+        assert_eq!(seen.ambiguous(), Some(2));
+        assert_eq!(seen.until(deadline), t2);
         // Near the deadline, the deadline wins.
         let mut late = Sightings::new(np("7"), Vec::new());
         late.see(
@@ -552,21 +587,37 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_of_announcements_is_capped() {
+    fn a_flood_of_announcements_is_ambiguous_before_anything_is_dropped() {
+        // Twenty impostor announcements, then the real receiver's: the flood cannot push
+        // the receiver out of what is tried, because nothing is tried at all.
         let mut seen = Sightings::new(np("7"), Vec::new());
         for i in 0..20 {
             let addr = format!("198.51.100.{i}");
             seen.see(Instant::now(), announced(&format!("i{i}"), "7", &[&addr]));
         }
-        assert_eq!(seen.found().len(), MAX_INSTANCES);
-        assert_eq!(seen.ignored, 20 - MAX_INSTANCES as u64);
-        assert_eq!(seen.addrs().len(), MAX_ADDRESSES);
+        seen.see(Instant::now(), announced("real", "7", &["10.0.1.9"]));
+        assert_eq!(seen.ambiguous(), Some(21));
+        assert_eq!(seen.found().len(), 1, "rivals are counted, not stored");
+        // One instance announced again on another port is a second receiver too.
+        let mut ports = Sightings::new(np("7"), Vec::new());
+        ports.see(Instant::now(), announced("a", "7", &["198.51.100.7"]));
+        let moved = read_announcement(
+            "a",
+            9200,
+            [ip("198.51.100.8")].into_iter(),
+            Some(b"1"),
+            Some(b"7"),
+        );
+        ports.see(Instant::now(), moved);
+        assert_eq!(ports.ambiguous(), Some(2));
+        // One announcement with many addresses keeps the first few.
         let many: Vec<String> = (0..40).map(|i| format!("198.51.100.{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         let mut one = Sightings::new(np("7"), Vec::new());
         one.see(Instant::now(), announced("a", "7", &many));
         one.see(Instant::now(), announced("a", "7", &["203.0.113.1"]));
         assert_eq!(one.found()[0].addrs.len(), MAX_ADDRESSES);
+        assert_eq!(one.ambiguous(), None);
     }
 
     #[test]

@@ -91,8 +91,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most addresses a sender tries (and keeps per announcement).
 pub const MAX_ADDRESSES: usize = 8;
-/// Most announcements of one nameplate a sender keeps (one is the normal case).
-pub const MAX_INSTANCES: usize = 16;
 /// How long the ticket of a sender that proved the code lasts: it is used on the same
 /// connection right away.
 pub const ADMIT_TTL: Duration = Duration::from_secs(60);
@@ -141,8 +139,9 @@ pub enum LanError {
         /// How long.
         waited: Duration,
     },
-    /// More than one identity answered for the nameplate: two receivers picked the same
-    /// one, or someone is impersonating the receiver. No guess was made.
+    /// More than one receiver answered for the nameplate (two announcements of it, or two
+    /// identities on the connections): two receivers picked the same one, or someone is
+    /// impersonating the receiver. No guess was made.
     #[error(
         "{identities} different machines on this network answer for nameplate {nameplate}: \
          two receivers chose the same one, or someone is impersonating the receiver. \
@@ -151,7 +150,8 @@ pub enum LanError {
     Ambiguous {
         /// The nameplate.
         nameplate: Nameplate,
-        /// How many distinct identities answered.
+        /// How many distinct receivers answered: announcements seen while browsing, or
+        /// identities that answered the connections.
         identities: usize,
     },
     /// No announced address answered a QUIC handshake.
