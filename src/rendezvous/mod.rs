@@ -21,6 +21,7 @@
 //! received.
 
 mod client;
+mod nameplate;
 mod server;
 
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +31,8 @@ use serde::{Deserialize, Serialize};
 pub use client::{
     CONNECT_TIMEOUT, ClientError, Exchange, Opened, Paired, RendezvousClient, Welcome,
 };
+pub(crate) use nameplate::shown;
+pub use nameplate::{MAX_NAMEPLATE_LEN, Nameplate, NameplateError};
 pub use server::{
     Bound, NoEvents, Rendezvous, RendezvousConfig, RendezvousEvents, RendezvousStats,
 };
@@ -42,6 +45,12 @@ pub const DEFAULT_PORT: u16 = 9200;
 pub const MAX_MESSAGE: usize = 8 << 10;
 /// Protocol version carried in [`Response::Welcome`].
 pub const VERSION: u8 = 1;
+/// Length of a PAKE message the rendezvous relays: the meet protocol's version byte and
+/// SPAKE2's side byte plus point. [`crate::meet::pake`] builds them, to this length.
+pub const PAKE_MSG_LEN: usize = 1 + 33;
+/// Largest sealed hello the rendezvous relays: a hello of at most 2048 bytes and its
+/// 16-byte authentication tag ([`crate::meet::pake`] checks at compile time that they fit).
+pub const MAX_SEALED: usize = 2048 + 16;
 
 /// What a client asks. The first request of a stream says what the stream is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,10 +25,11 @@ use std::time::{Duration, Instant};
 use rand::RngExt;
 use tokio::sync::mpsc;
 
-use super::{ErrorCode, MAX_MESSAGE, Request, Response, VERSION, from_hex, to_hex};
+use super::{
+    ErrorCode, MAX_MESSAGE, MAX_SEALED, Nameplate, PAKE_MSG_LEN, Request, Response, VERSION,
+    from_hex, to_hex,
+};
 use crate::frame;
-use crate::meet::code::Nameplate;
-use crate::meet::pake::{MAX_SEALED, PAKE_MSG_LEN};
 use crate::node::{Node, PeerConnection};
 use crate::ratelimit::{RateConfig, RateLimiter, source_key};
 use crate::server::{Service, Shutdown};
