@@ -9,6 +9,10 @@
 //! addresses. The QUIC handshake then pins that fingerprint, so a rendezvous that lies can
 //! only make the meeting fail, never insert itself.
 //!
+//! Meet sits above [`crate::rendezvous`] (whose client [`session`] drives, and whose
+//! [`Nameplate`](code::Nameplate) and message sizes [`code`] and [`pake`] re-export) and
+//! above the leaf [`crate::nat`]; nothing below imports it.
+//!
 //! - [`code`]: the codes, their word list, lenient parsing with typo help.
 //! - [`pake`]: the PAKE, the sealed hello, and key confirmation over an existing
 //!   connection. Sans-IO: bytes in, bytes out, randomness injected.

@@ -19,9 +19,23 @@
 //! as length-prefixed JSON ([`crate::frame`]). Every connection must first pass a QUIC
 //! Retry, so nothing the rendezvous sends to an unvalidated address is larger than what it
 //! received.
+//!
+//! **Layering.** The rendezvous sits *below* [`crate::meet`] and [`crate::natcheck`]: it
+//! owns the wire protocol, its client, and what it carries ([`Nameplate`],
+//! [`PAKE_MSG_LEN`], [`MAX_SEALED`]), and knows nothing of codes' words, the PAKE or NAT
+//! classes. The meeting (`meet::session`) and the NAT check drive its client; `meet::code`
+//! and `meet::pake` re-export what they share with it. So the order is a line:
+//! `node -> server -> rendezvous -> natcheck, meet -> cli`.
+//!
+//! Rooms: `book.rs` is the pairing book, sans-IO (register, join, PAKE relay, expiry,
+//! limits) with its unit tests; `server.rs` drives it on QUIC streams; `reflector.rs`
+//! answers NAT checks on the second port and from other addresses; `client.rs` is the
+//! peer's side; `nameplate.rs` the one name both sides share.
 
+mod book;
 mod client;
 mod nameplate;
+mod reflector;
 mod server;
 
 use std::net::{IpAddr, SocketAddr};
