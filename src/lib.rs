@@ -16,6 +16,7 @@
 //! - [`server`]: the accept loop of every listening peer: budgets, concurrent
 //!   handshakes, shutdown and drain.
 //! - [`transfer`]: verified file transfer on a connection.
+//! - [`nat`]: NAT behaviour types and their classification (pure, a leaf).
 //! - [`natcheck`]: classifying our NAT's mapping and filtering against a rendezvous.
 //! - [`rendezvous`]: the untrusted meeting point for two NATed peers, and its client.
 //! - [`frame`]: length-prefixed JSON control messages on QUIC streams.
@@ -48,6 +49,7 @@ pub mod home;
 pub mod identity;
 pub mod known_peers;
 pub mod meet;
+pub mod nat;
 pub mod natcheck;
 pub mod node;
 pub mod punch;

@@ -32,8 +32,8 @@ use std::str::FromStr;
 
 use rand::CryptoRng;
 
-/// Longest nameplate, in characters.
-pub const MAX_NAMEPLATE_LEN: usize = 32;
+use crate::rendezvous::shown;
+pub use crate::rendezvous::{MAX_NAMEPLATE_LEN, Nameplate, NameplateError};
 
 /// Longest text [`Code::from_str`] looks at. A real code is under 60 characters; the bound
 /// keeps typo suggestions cheap whatever is pasted in.
@@ -44,56 +44,6 @@ const EXAMPLE: &str = "7-clockwork-crossover";
 
 /// Inputs longer than this get no typo suggestion (the longest list word has 11 letters).
 const MAX_SUGGEST_LEN: usize = 24;
-
-/// The public part of a code: what the rendezvous pairs peers by.
-///
-/// 1 to [`MAX_NAMEPLATE_LEN`] characters of `a-z` and `0-9`: usually a small decimal
-/// number the rendezvous hands out, but a script may pick any such token. No dash, since
-/// the dash separates the parts of a code. Parsed case-insensitively, kept lowercase.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Nameplate(String);
-
-impl Nameplate {
-    /// The nameplate as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<u32> for Nameplate {
-    fn from(number: u32) -> Self {
-        Nameplate(number.to_string())
-    }
-}
-
-impl fmt::Display for Nameplate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for Nameplate {
-    type Err = CodeError;
-
-    /// Accepts surrounding whitespace and any case. A nameplate may come from the
-    /// (untrusted) rendezvous, so the error echoes at most a short prefix of the input.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let trimmed = s.trim();
-        let problem = if trimmed.is_empty() {
-            "it is empty"
-        } else if trimmed.chars().count() > MAX_NAMEPLATE_LEN {
-            "it is longer than 32 characters"
-        } else if !trimmed.chars().all(|c| c.is_ascii_alphanumeric()) {
-            "only letters a-z and digits 0-9 are allowed"
-        } else {
-            return Ok(Nameplate(trimmed.to_ascii_lowercase()));
-        };
-        Err(CodeError::Nameplate {
-            nameplate: shown(trimmed),
-            problem,
-        })
-    }
-}
 
 /// A one-time code: a [`Nameplate`] and two secret words, one from each PGP list.
 ///
@@ -208,7 +158,7 @@ impl FromStr for Code {
     }
 }
 
-/// Why text is not a [`Code`] or [`Nameplate`]. Messages are meant for the person who
+/// Why text is not a [`Code`] (a bad nameplate alone is a [`NameplateError`]). Messages are meant for the person who
 /// typed the code, and say how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodeError {
@@ -251,17 +201,17 @@ pub enum CodeError {
     },
 }
 
-fn did_you_mean(suggestion: Option<&str>) -> String {
-    suggestion.map_or_else(String::new, |word| format!(": did you mean {word:?}?"))
+impl From<NameplateError> for CodeError {
+    fn from(e: NameplateError) -> Self {
+        CodeError::Nameplate {
+            nameplate: e.nameplate,
+            problem: e.problem,
+        }
+    }
 }
 
-/// At most the first 40 characters of untrusted text, for error messages.
-fn shown(text: &str) -> String {
-    const SHOWN: usize = 40;
-    match text.char_indices().nth(SHOWN) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_string(),
-    }
+fn did_you_mean(suggestion: Option<&str>) -> String {
+    suggestion.map_or_else(String::new, |word| format!(": did you mean {word:?}?"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -631,7 +581,7 @@ mod tests {
         assert_eq!(max.parse::<Nameplate>().unwrap().as_str(), max);
         for bad in ["", "  ", "a-b", "a b", "a.b", "z".repeat(33).as_str(), "٣"] {
             assert!(
-                matches!(bad.parse::<Nameplate>(), Err(CodeError::Nameplate { .. })),
+                matches!(bad.parse::<Nameplate>(), Err(NameplateError { .. })),
                 "{bad:?}"
             );
         }

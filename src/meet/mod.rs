@@ -9,12 +9,18 @@
 //! addresses. The QUIC handshake then pins that fingerprint, so a rendezvous that lies can
 //! only make the meeting fail, never insert itself.
 //!
+//! Meet sits above [`crate::rendezvous`] (whose client [`session`] drives, and whose
+//! [`Nameplate`](code::Nameplate) and message sizes [`code`] and [`pake`] re-export) and
+//! above the leaf [`crate::nat`]; nothing below imports it.
+//!
 //! - [`code`]: the codes, their word list, lenient parsing with typo help.
 //! - [`pake`]: the PAKE, the sealed hello, and key confirmation over an existing
 //!   connection. Sans-IO: bytes in, bytes out, randomness injected.
 //! - [`candidates`]: our addresses to offer, and what kind each of the peer's is.
 //! - [`session`]: both ends of a meeting through a [`crate::rendezvous`], then the punch
 //!   ([`crate::traverse`], birthday included) and, for the sender, the pinned connection.
+//! - [`strategy`]: which technique each side uses, and how long it waits, by both NATs'
+//!   mapping behaviour (pure, with the whole NAT matrix tested).
 //! - [`lan`]: meeting with no rendezvous at all, on one network: the receiver announces
 //!   the nameplate by mDNS, and the PAKE runs over the direct connection itself.
 
@@ -23,5 +29,7 @@ pub mod code;
 pub mod lan;
 pub mod pake;
 pub mod session;
+pub mod strategy;
 
-pub use session::{MeetConfig, MeetError, MeetEvents, Meeting, Met, Silent, Welcomed};
+pub use session::{MeetError, MeetEvents, Meeting, Met, Silent, Welcomed};
+pub use strategy::MeetConfig;

@@ -53,8 +53,9 @@ use crate::identity::Fingerprint;
 /// of a confusing "wrong code".
 pub const VERSION: u8 = 1;
 
-/// Length of a PAKE message: the version byte and SPAKE2's side byte plus point.
-pub const PAKE_MSG_LEN: usize = 1 + 33;
+// The sizes the rendezvous carries are its own (it checks them on the wire, and sits
+// below this module); the PAKE and the sealed hello are built to fit them exactly.
+pub use crate::rendezvous::{MAX_SEALED, PAKE_MSG_LEN};
 
 /// Most address candidates a hello may carry.
 pub const MAX_CANDIDATES: usize = 32;
@@ -66,8 +67,9 @@ pub const MAX_NAT_LEN: usize = 64;
 /// and a full NAT description); anything bigger is refused before it is looked at.
 pub const MAX_HELLO: usize = 2048;
 
-/// Largest sealed hello accepted: [`MAX_HELLO`] plus the authentication tag.
-pub const MAX_SEALED: usize = MAX_HELLO + TAG_LEN;
+// A sealed hello is at most [`MAX_HELLO`] plus the authentication tag, which is what
+// the rendezvous lets through.
+const _: () = assert!(MAX_SEALED == MAX_HELLO + TAG_LEN);
 
 /// Length of a [`SessionKeys::bind`] tag (HMAC-SHA256).
 pub const BIND_TAG_LEN: usize = 32;

@@ -29,42 +29,19 @@ use tokio::sync::mpsc;
 use super::candidates::{self, Interface};
 use super::code::{Code, Nameplate};
 use super::pake::{self, Hello, Pake, PakeError, Role, SessionKeys};
+pub use super::strategy::MeetConfig;
+use super::strategy::{self, BirthdayRole};
 use crate::driver::{self, DriveError, Update};
 use crate::identity::Fingerprint;
-use crate::natcheck::Mapping;
+use crate::nat::Mapping;
 use crate::node::{Node, NodeConfig, NodeError, PeerConnection};
 use crate::rendezvous::{ClientError, Exchange, Paired, RendezvousClient};
-use crate::traverse::{Birthday, Kind, Path, Traversal, TraverseConfig};
+use crate::traverse::{Birthday, Kind, Path, Traversal};
 
 /// How long a side that found the path keeps probing it for the other side's benefit.
 const BEACON: Duration = Duration::from_secs(3);
 /// How long a finished exchange waits for the rendezvous to acknowledge our last message.
 const FINISH: Duration = Duration::from_secs(5);
-
-/// How a meeting punches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MeetConfig {
-    /// The simultaneous punch (pacing, backoff, and its 12 s deadline).
-    pub traverse: TraverseConfig,
-    /// Sockets the hard side holds open toward the easy side in birthday mode.
-    pub birthday_sockets: usize,
-    /// How long two hard NATs keep trying ordinary punching before giving up (they
-    /// almost never meet; a port-preserving "symmetric" NAT sometimes does).
-    pub hard_pair_timeout: Duration,
-    /// How long a confirmed sender may take to connect (its ticket's lifetime).
-    pub ticket_ttl: Duration,
-}
-
-impl Default for MeetConfig {
-    fn default() -> Self {
-        MeetConfig {
-            traverse: TraverseConfig::default(),
-            birthday_sockets: 256,
-            hard_pair_timeout: Duration::from_secs(5),
-            ticket_ttl: Duration::from_secs(60),
-        }
-    }
-}
 
 /// What a meeting tells the user interface on the way.
 pub trait MeetEvents: Send + Sync {
@@ -102,7 +79,7 @@ pub enum MeetError {
     /// No direct path could be found in time.
     #[error(
         "no direct path between the peers: this side's NAT mapping is {}, the other side's is {}. {}",
-        .ours.as_str(), .theirs.as_str(), advice(*.ours, *.theirs)
+        .ours.as_str(), .theirs.as_str(), strategy::advice(*.ours, *.theirs)
     )]
     NoPath {
         /// This side's mapping behaviour.
@@ -116,16 +93,6 @@ pub enum MeetError {
     /// Sockets or QUIC failed.
     #[error(transparent)]
     Node(#[from] NodeError),
-}
-
-fn advice(ours: Mapping, theirs: Mapping) -> &'static str {
-    if ours.is_hard() && theirs.is_hard() {
-        "Both NATs give every destination a new port, so neither side can predict the \
-         other's: a relay is needed (not in this version)."
-    } else {
-        "Something between the peers drops the probes (a firewall, or UDP blocked): a relay \
-         is needed (not in this version)."
-    }
 }
 
 /// A meeting that found its path, on the sender's side.
@@ -307,14 +274,13 @@ impl Meeting<'_> {
             let _ = updates.send(Update::Candidate(candidate, kind));
         }
         let theirs = Mapping::from_token(&peer_hello.nat);
+        let strategy = strategy::choose(ours, theirs, &config);
         let mut birthday = None;
-        match (ours.is_hard(), theirs.is_hard()) {
-            // We are easy, they are hard: hunt for one of their mappings at random ports.
-            (false, true) => {
+        match strategy.birthday {
+            Some(BirthdayRole::Hunt) => {
                 let _ = updates.send(Update::Birthday(Birthday::toward(peer_public.ip())));
             }
-            // We are hard, they are easy: hold many mappings open toward them.
-            (true, false) => {
+            Some(BirthdayRole::Hold { sockets }) => {
                 let bind = SocketAddr::new(
                     if peer_public.is_ipv4() {
                         std::net::Ipv4Addr::UNSPECIFIED.into()
@@ -323,18 +289,14 @@ impl Meeting<'_> {
                     },
                     0,
                 );
-                let (sockets, traverse) = (config.birthday_sockets, config.traverse);
+                let traverse = config.traverse;
                 birthday = Some(AbortOnDrop(tokio::spawn(async move {
                     driver::birthday(bind, peer_public, sockets, traverse).await
                 })));
             }
-            _ => {}
+            None => {}
         }
-        let patience = if ours.is_hard() && theirs.is_hard() {
-            config.hard_pair_timeout
-        } else {
-            config.traverse.timeout
-        };
+        let patience = strategy.patience;
         let no_path = MeetError::NoPath { ours, theirs };
         let first = tokio::time::timeout(patience, async {
         // Cancel-safe: polling a JoinHandle again after another branch won loses nothing.

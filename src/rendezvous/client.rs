@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{ALPN, ErrorCode, MAX_MESSAGE, Request, Response, from_hex, to_hex};
+use super::{
+    ALPN, ErrorCode, MAX_MESSAGE, MAX_SEALED, Nameplate, PAKE_MSG_LEN, Request, Response, from_hex,
+    to_hex,
+};
 use crate::frame::{self, FrameError};
-use crate::meet::code::Nameplate;
-use crate::meet::pake::{MAX_SEALED, PAKE_MSG_LEN};
 use crate::node::{Node, NodeError};
 use crate::wire::TxId;
 

@@ -19,8 +19,23 @@
 //! as length-prefixed JSON ([`crate::frame`]). Every connection must first pass a QUIC
 //! Retry, so nothing the rendezvous sends to an unvalidated address is larger than what it
 //! received.
+//!
+//! **Layering.** The rendezvous sits *below* [`crate::meet`] and [`crate::natcheck`]: it
+//! owns the wire protocol, its client, and what it carries ([`Nameplate`],
+//! [`PAKE_MSG_LEN`], [`MAX_SEALED`]), and knows nothing of codes' words, the PAKE or NAT
+//! classes. The meeting (`meet::session`) and the NAT check drive its client; `meet::code`
+//! and `meet::pake` re-export what they share with it. So the order is a line:
+//! `node -> server -> rendezvous -> natcheck, meet -> cli`.
+//!
+//! Rooms: `book.rs` is the pairing book, sans-IO (register, join, PAKE relay, expiry,
+//! limits) with its unit tests; `server.rs` drives it on QUIC streams; `reflector.rs`
+//! answers NAT checks on the second port and from other addresses; `client.rs` is the
+//! peer's side; `nameplate.rs` the one name both sides share.
 
+mod book;
 mod client;
+mod nameplate;
+mod reflector;
 mod server;
 
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +45,8 @@ use serde::{Deserialize, Serialize};
 pub use client::{
     CONNECT_TIMEOUT, ClientError, Exchange, Opened, Paired, RendezvousClient, Welcome,
 };
+pub(crate) use nameplate::shown;
+pub use nameplate::{MAX_NAMEPLATE_LEN, Nameplate, NameplateError};
 pub use server::{
     Bound, NoEvents, Rendezvous, RendezvousConfig, RendezvousEvents, RendezvousStats,
 };
@@ -42,6 +59,12 @@ pub const DEFAULT_PORT: u16 = 9200;
 pub const MAX_MESSAGE: usize = 8 << 10;
 /// Protocol version carried in [`Response::Welcome`].
 pub const VERSION: u8 = 1;
+/// Length of a PAKE message the rendezvous relays: the meet protocol's version byte and
+/// SPAKE2's side byte plus point. [`crate::meet::pake`] builds them, to this length.
+pub const PAKE_MSG_LEN: usize = 1 + 33;
+/// Largest sealed hello the rendezvous relays: a hello of at most 2048 bytes and its
+/// 16-byte authentication tag ([`crate::meet::pake`] checks at compile time that they fit).
+pub const MAX_SEALED: usize = 2048 + 16;
 
 /// What a client asks. The first request of a stream says what the stream is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

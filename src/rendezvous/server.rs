@@ -1,10 +1,13 @@
-//! The rendezvous service: nameplates, pairing, relaying, NAT-check reflections.
+//! The rendezvous service: the async driver of the pairing [`book`](super::book), and of
+//! the NAT-check [`reflector`](super::reflector).
 //!
 //! It runs as a [`Service`] under [`crate::server::Server`] (so every budget there applies:
 //! connections in all and per source, handshake timeouts, and here a Retry for every
 //! connection) and adds its own: nameplates in all and per source, a join rate per source,
-//! a lifetime for every nameplate and every pairing. Its state is one map of waiting
-//! nameplates; a pairing lives only in the two session tasks it connects.
+//! a lifetime for every nameplate and every pairing. Its state is the book of waiting
+//! nameplates, under one lock; what the book decides (who pairs, what is refused, what
+//! each side of a pairing passes on) is said here, on the streams. A pairing lives only
+//! in the two session tasks it connects.
 //!
 //! **Memory.** A client costs its QUIC connection and at most two sessions (the guarded
 //! transport allows two streams); nothing else grows with clients. Measured on
@@ -16,32 +19,24 @@
 //! at about 640 MiB above its idle size against the worst clients, a third of that for
 //! honest ones.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::RngExt;
 use tokio::sync::mpsc;
 
-use super::{ErrorCode, MAX_MESSAGE, Request, Response, VERSION, from_hex, to_hex};
+use super::book::{self, Book, FromClient, FromPartner, Join, Limits, Passed, Refused, Relaying};
+use super::reflector::{Reflector, announced_addrs};
+use super::{ErrorCode, MAX_MESSAGE, PAKE_MSG_LEN, Request, Response, VERSION, from_hex, to_hex};
 use crate::frame;
-use crate::meet::code::Nameplate;
-use crate::meet::pake::{MAX_SEALED, PAKE_MSG_LEN};
 use crate::node::{Node, PeerConnection};
-use crate::ratelimit::{RateConfig, RateLimiter, source_key};
+use crate::ratelimit::RateConfig;
 use crate::server::{Service, Shutdown};
-use crate::wire::{Message, TxId};
+use crate::wire::TxId;
 
 /// Receive window of every rendezvous connection (two messages' worth).
 const WINDOW: u32 = 2 * MAX_MESSAGE as u32;
-
-/// How long a join waits for a registered nameplate's PAKE message. A receiver shows its
-/// code as soon as the nameplate is opened and sends its PAKE message right after; a quick
-/// sender (a script) can join in between, and on a lossy path the PAKE message may lag by
-/// a retransmission or two. Turning that sender away would waste a good code.
-const PAKE_WAIT: Duration = Duration::from_secs(3);
 
 /// How long the sessions of a client that closed its connection may take to pass on
 /// what it said last.
@@ -135,45 +130,18 @@ enum Relay {
         peer: SocketAddr,
         partner: mpsc::Sender<Relay>,
     },
-    Sealed(Vec<u8>),
-    Failed(String),
+    /// A sealed hello or a failure report.
+    Passed(Passed),
 }
 
-/// A receiver waiting on a nameplate.
-#[derive(Debug)]
-struct Waiting {
-    /// Which registration this is: a nameplate is reused once it is taken, and only the
-    /// exchange that registered it may release it (see [`Release`]).
-    id: u64,
-    /// Its PAKE message; a nameplate cannot be joined before it arrives.
-    pake: Option<Vec<u8>>,
-    observed: SocketAddr,
-    source: IpAddr,
-    to_session: mpsc::Sender<Relay>,
-}
-
-#[derive(Debug, Default)]
-struct Book {
-    waiting: HashMap<String, Waiting>,
-    per_source: HashMap<IpAddr, usize>,
-    /// The id of the next registration.
-    next_id: u64,
-}
-
-impl Book {
-    /// Remove `nameplate` if it is registration `id` (any registration when `None`).
-    fn remove(&mut self, nameplate: &str, id: Option<u64>) -> Option<Waiting> {
-        if id.is_some_and(|id| self.waiting.get(nameplate).is_none_or(|w| w.id != id)) {
-            return None;
+impl RendezvousConfig {
+    fn book_limits(&self) -> Limits {
+        Limits {
+            max_nameplates: self.max_nameplates,
+            max_per_source: self.max_per_source,
+            max_ttl: self.max_ttl,
+            join_rate: self.join_rate,
         }
-        let waiting = self.waiting.remove(nameplate)?;
-        if let Some(count) = self.per_source.get_mut(&waiting.source) {
-            *count -= 1;
-            if *count == 0 {
-                self.per_source.remove(&waiting.source);
-            }
-        }
-        Some(waiting)
     }
 }
 
@@ -181,15 +149,8 @@ impl Book {
 /// [`crate::server::Server`] on its node (see [`Rendezvous::serve`] for the whole thing).
 pub struct Rendezvous {
     config: RendezvousConfig,
-    node: Arc<Node>,
-    /// Answers probes on the second port, and sends change-port reflections.
-    alt: Arc<tokio::net::UdpSocket>,
-    /// One socket on each announced address (any port): change-address reflections leave
-    /// from another address and another port, as RFC 5780's "change IP and port" test.
-    others: Vec<tokio::net::UdpSocket>,
-    addrs: Vec<IpAddr>,
-    book: Mutex<Book>,
-    joins: Mutex<RateLimiter>,
+    reflector: Reflector,
+    book: Mutex<Book<mpsc::Sender<Relay>>>,
     counters: Counters,
     events: Arc<dyn RendezvousEvents>,
 }
@@ -198,7 +159,7 @@ impl std::fmt::Debug for Rendezvous {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rendezvous")
             .field("config", &self.config)
-            .field("addrs", &self.addrs)
+            .field("addrs", &self.reflector.addrs())
             .finish_non_exhaustive()
     }
 }
@@ -214,29 +175,14 @@ impl Rendezvous {
         config: RendezvousConfig,
         events: Arc<dyn RendezvousEvents>,
     ) -> std::io::Result<Arc<Self>> {
-        alt.set_nonblocking(true)?;
-        let alt = Arc::new(tokio::net::UdpSocket::from_std(alt)?);
-        let others = addrs
-            .iter()
-            .filter_map(|&ip| {
-                let socket = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).ok()?;
-                socket.set_nonblocking(true).ok()?;
-                tokio::net::UdpSocket::from_std(socket).ok()
-            })
-            .collect();
-        let rendezvous = Arc::new(Rendezvous {
+        let reflector = Reflector::new(node, alt, addrs)?;
+        Ok(Arc::new(Rendezvous {
             config,
-            node,
-            alt: alt.clone(),
-            others,
-            addrs,
-            book: Mutex::default(),
-            joins: Mutex::new(RateLimiter::new(config.join_rate, Instant::now())),
+            reflector,
+            book: Mutex::new(Book::new(config.book_limits(), now())),
             counters: Counters::default(),
             events,
-        });
-        tokio::spawn(answer_probes(alt));
-        Ok(rendezvous)
+        }))
     }
 
     /// Counters so far.
@@ -255,10 +201,10 @@ impl Rendezvous {
 
     /// Nameplates waiting right now.
     pub fn waiting(&self) -> usize {
-        self.lock().waiting.len()
+        self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Book> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Book<mpsc::Sender<Relay>>> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -349,8 +295,8 @@ impl Rendezvous {
         Response::Welcome {
             version: VERSION,
             observed,
-            addrs: self.addrs.clone(),
-            alt_port: self.alt.local_addr().map(|a| a.port()).unwrap_or(0),
+            addrs: self.reflector.addrs().to_vec(),
+            alt_port: self.reflector.alt_port(),
         }
     }
 
@@ -376,32 +322,14 @@ impl Rendezvous {
         let Some(txid) = from_hex(txid, 12).and_then(|t| TxId::try_from(t.as_slice()).ok()) else {
             return self.malformed("reflect needs a 12-byte txid");
         };
-        let contents = Message::Reply { txid, observed: to }.to_vec();
-        let to_v4 = to.ip().to_canonical().is_ipv4();
-        let sent = if change_ip {
-            // A socket on another address of the client's family (and another port).
-            let other = self.others.iter().find(|socket| {
-                socket.local_addr().is_ok_and(|a| {
-                    a.ip().to_canonical().is_ipv4() == to_v4
-                        && Some(a.ip().to_canonical()) != ours.map(|o| o.to_canonical())
-                })
-            });
-            let Some(other) = other else {
-                return error(
-                    ErrorCode::Unsupported,
-                    "this rendezvous has no second address",
-                );
-            };
-            let to = SocketAddr::new(to.ip().to_canonical(), to.port());
-            other.send_to(&contents, to).await.map(drop)
-        } else if change_port {
-            self.alt.send_to(&contents, to).await.map(drop)
-        } else {
-            self.node.socket().send_probe(to, &contents).await
-        };
-        match sent {
+        match self
+            .reflector
+            .reflect(to, ours, txid, change_ip, change_port)
+            .await
+        {
             Ok(()) => Response::Reflected,
-            Err(e) => error(ErrorCode::Unsupported, &format!("cannot send: {e}")),
+            // Either way the client learns this rendezvous cannot do it (the test is skipped).
+            Err(e) => error(ErrorCode::Unsupported, &e.to_string()),
         }
     }
 
@@ -416,12 +344,24 @@ impl Rendezvous {
         requests: &mut mpsc::Receiver<Request>,
         shutdown: &mut Shutdown,
     ) {
-        let ttl = Duration::from_secs(ttl_secs.max(1).into()).min(self.config.max_ttl);
         let (to_session, mut inbox) = mpsc::channel(4);
-        let (nameplate, id) = match self.reserve(observed, wanted, to_session) {
-            Ok(reserved) => reserved,
-            Err(answer) => {
-                let _ = self.say(send, &answer).await;
+        let registered = self.lock().register(
+            now(),
+            observed,
+            wanted.as_deref(),
+            ttl_secs,
+            to_session,
+            &mut rand::rng(),
+        );
+        let book::Registration {
+            nameplate,
+            id,
+            ttl,
+            expires,
+        } = match registered {
+            Ok(registration) => registration,
+            Err(refused) => {
+                let _ = self.say(send, &self.refused(refused)).await;
                 return;
             }
         };
@@ -437,7 +377,8 @@ impl Rendezvous {
         if self.say(send, &opened).await.is_err() {
             return;
         }
-        let expiry = tokio::time::sleep(ttl);
+        // The book's deadline: a join after it is refused there, whatever this timer does.
+        let expiry = tokio::time::sleep_until(expires.into());
         tokio::pin!(expiry);
         // Cancel-safe, this select and the next: channel receives and timers.
         let pake = tokio::select! {
@@ -461,11 +402,7 @@ impl Rendezvous {
                 .await;
             return;
         };
-        if let Some(waiting) = self.lock().waiting.get_mut(&nameplate)
-            && waiting.id == id
-        {
-            waiting.pake = Some(pake);
-        }
+        self.lock().pake(&nameplate, id, pake);
         let paired = tokio::select! {
             relay = inbox.recv() => relay,
             _ = &mut expiry => {
@@ -496,57 +433,23 @@ impl Rendezvous {
         }
     }
 
-    /// Reserve `wanted` (or a free nameplate) for a receiver at `observed`: the nameplate
-    /// and the registration's id.
-    fn reserve(
-        &self,
-        observed: SocketAddr,
-        wanted: Option<String>,
-        to_session: mpsc::Sender<Relay>,
-    ) -> Result<(String, u64), Response> {
-        let source = source_key(observed.ip());
-        let mut book = self.lock();
-        if book.waiting.len() >= self.config.max_nameplates {
-            self.counters.limited.fetch_add(1, Ordering::Relaxed);
-            return Err(error(
-                ErrorCode::TooMany,
-                "the rendezvous is full; try again later",
-            ));
-        }
-        if book.per_source.get(&source).copied().unwrap_or(0) >= self.config.max_per_source {
-            self.counters.limited.fetch_add(1, Ordering::Relaxed);
-            return Err(error(
-                ErrorCode::TooMany,
-                "too many codes open from your address",
-            ));
-        }
-        let nameplate = match wanted {
-            Some(wanted) => {
-                let Ok(nameplate) = wanted.parse::<Nameplate>() else {
-                    return Err(self.malformed("not a valid nameplate"));
-                };
-                let nameplate = nameplate.as_str().to_string();
-                if book.waiting.contains_key(&nameplate) {
-                    return Err(error(ErrorCode::Taken, "that code is in use; pick another"));
-                }
-                nameplate
+    /// The answer to a refused registration (counted).
+    fn refused(&self, refused: Refused) -> Response {
+        match refused {
+            Refused::Full => {
+                self.counters.limited.fetch_add(1, Ordering::Relaxed);
+                error(
+                    ErrorCode::TooMany,
+                    "the rendezvous is full; try again later",
+                )
             }
-            None => free_nameplate(&book),
-        };
-        let id = book.next_id;
-        book.next_id += 1;
-        book.waiting.insert(
-            nameplate.clone(),
-            Waiting {
-                id,
-                pake: None,
-                observed,
-                source,
-                to_session,
-            },
-        );
-        *book.per_source.entry(source).or_insert(0) += 1;
-        Ok((nameplate, id))
+            Refused::SourceFull => {
+                self.counters.limited.fetch_add(1, Ordering::Relaxed);
+                error(ErrorCode::TooMany, "too many codes open from your address")
+            }
+            Refused::BadNameplate => self.malformed("not a valid nameplate"),
+            Refused::Taken => error(ErrorCode::Taken, "that code is in use; pick another"),
+        }
     }
 
     /// A sender: take the nameplate (single use), pair, then relay.
@@ -559,10 +462,7 @@ impl Rendezvous {
         requests: &mut mpsc::Receiver<Request>,
         shutdown: &mut Shutdown,
     ) {
-        let allowed = {
-            let mut joins = self.joins.lock().unwrap_or_else(|e| e.into_inner());
-            joins.allow(Instant::now(), observed.ip())
-        };
+        let allowed = self.lock().allow_join(now(), observed.ip());
         if !allowed {
             let _ = self
                 .say(
@@ -577,19 +477,14 @@ impl Rendezvous {
             return;
         };
         // Not joinable until the receiver's PAKE message is there; a registered nameplate
-        // whose PAKE message is on its way is waited for (see [`PAKE_WAIT`]).
-        let deadline = tokio::time::Instant::now() + PAKE_WAIT;
+        // whose PAKE message is on its way is waited for (see [`book::PAKE_WAIT`]).
+        let asked = now();
         let waiting = loop {
-            let (taken, pending) = {
-                let mut book = self.lock();
-                match book.waiting.get(&nameplate) {
-                    Some(w) if w.pake.is_some() => (book.remove(&nameplate, None), false),
-                    Some(_) => (None, true),
-                    None => (None, false),
-                }
-            };
-            if taken.is_some() || !pending || tokio::time::Instant::now() >= deadline {
-                break taken;
+            let joined = self.lock().join(now(), &nameplate, asked);
+            match joined {
+                Join::Paired(taken) => break Some(taken),
+                Join::Unknown => break None,
+                Join::Pending => {}
             }
             // Cancel-safe: a timer and the shutdown broadcast.
             tokio::select! {
@@ -612,7 +507,7 @@ impl Rendezvous {
             peer: observed,
             partner,
         };
-        if waiting.to_session.send(paired).await.is_err() {
+        if waiting.session.send(paired).await.is_err() {
             // The receiver left just now: as good as unknown.
             self.counters.unknown.fetch_add(1, Ordering::Relaxed);
             let _ = self
@@ -626,20 +521,18 @@ impl Rendezvous {
         self.counters.paired.fetch_add(1, Ordering::Relaxed);
         self.events.paired(&nameplate, waiting.observed, observed);
         let message = Response::Paired {
-            pake: to_hex(waiting.pake.as_deref().unwrap_or_default()),
+            pake: to_hex(&waiting.pake),
             peer: waiting.observed,
             observed,
         };
         if self.say(send, &message).await.is_ok() {
-            self.relay(send, requests, &mut inbox, &waiting.to_session, shutdown)
+            self.relay(send, requests, &mut inbox, &waiting.session, shutdown)
                 .await;
         }
     }
 
     /// Pass one sealed hello and at most one failure each way, until both sides are done
-    /// or the pairing times out. A partner that leaves before its hello (a guesser that
-    /// joined and went away, a crashed peer) is reported as a failure, so the client
-    /// learns why its meeting ended.
+    /// or the pairing times out ([`Relaying`] decides; this only carries).
     async fn relay(
         &self,
         send: &mut quinn::SendStream,
@@ -650,51 +543,37 @@ impl Rendezvous {
     ) {
         let deadline = tokio::time::sleep(self.config.pairing_timeout);
         tokio::pin!(deadline);
-        let (mut sealed, mut failed, mut client_open) = (false, false, true);
-        let mut heard = false;
+        let mut relaying = Relaying::default();
         loop {
             // Cancel-safe: channel receives and a timer.
             tokio::select! {
-                request = requests.recv(), if client_open => match request {
-                    Some(Request::Seal { sealed: hex }) if !sealed => {
-                        sealed = true;
-                        match from_hex(&hex, MAX_SEALED) {
-                            Some(bytes) => { let _ = partner.send(Relay::Sealed(bytes)).await; }
-                            None => { let _ = self.say(send, &self.malformed("bad sealed hello")).await; return; }
+                request = requests.recv(), if relaying.listening() => match relaying.client(request) {
+                    FromClient::Pass(passed) => {
+                        if matches!(passed, Passed::Failed(_)) {
+                            self.counters.failed.fetch_add(1, Ordering::Relaxed);
                         }
+                        let _ = partner.send(Relay::Passed(passed)).await;
                     }
-                    Some(Request::Fail { reason }) if !failed => {
-                        failed = true;
-                        self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                        let reason: String = reason.chars().take(200).collect();
-                        let _ = partner.send(Relay::Failed(reason)).await;
-                    }
-                    Some(_) => {
-                        let _ = self.say(send, &self.malformed("unexpected request in a pairing")).await;
+                    FromClient::Malformed(why) => {
+                        let _ = self.say(send, &self.malformed(why)).await;
                         return;
                     }
-                    // The client hung up its side, and everything it said was passed
-                    // on. Once the partner has said its piece too, this pairing is over
-                    // here (it must not hold the client's stream for the whole timeout).
-                    None if heard => return,
-                    None => client_open = false,
+                    FromClient::Wait => {}
+                    FromClient::End => return,
                 },
                 relay = inbox.recv() => {
-                    let (message, last) = match relay {
-                        Some(Relay::Sealed(bytes)) => (Response::Sealed { sealed: to_hex(&bytes) }, false),
-                        Some(Relay::Failed(reason)) => (Response::PeerFailed { reason }, false),
-                        // The partner's session ended: nothing more will come. If it said
-                        // nothing at all, tell the client, which would otherwise only see
-                        // its stream end.
-                        Some(Relay::Paired { .. }) | None if !heard => {
-                            let reason = "the other side left before finishing the exchange";
-                            (Response::PeerFailed { reason: reason.into() }, true)
-                        }
-                        Some(Relay::Paired { .. }) | None => return,
+                    let passed = match relay {
+                        Some(Relay::Passed(passed)) => Some(passed),
+                        // The partner's session ended: nothing more will come.
+                        Some(Relay::Paired { .. }) | None => None,
                     };
-                    heard = true;
-                    if self.say(send, &message).await.is_err() || last {
-                        return;
+                    match relaying.partner(passed) {
+                        FromPartner::Tell { response, last } => {
+                            if self.say(send, &response).await.is_err() || last {
+                                return;
+                            }
+                        }
+                        FromPartner::End => return,
                     }
                 }
                 _ = &mut deadline => return,
@@ -711,25 +590,13 @@ struct Release<'a>(&'a Rendezvous, String, u64);
 
 impl Drop for Release<'_> {
     fn drop(&mut self) {
-        self.0.lock().remove(&self.1, Some(self.2));
+        self.0.lock().release(&self.1, self.2);
     }
 }
 
-/// A random free numeric nameplate, short while few are in use: numbers below
-/// max(100, 4 × waiting), so they stay one or two digits for humans and are not simply
-/// the lowest free one (which anyone could predict and burn).
-fn free_nameplate(book: &Book) -> String {
-    let mut range = (book.waiting.len() as u32 * 4).max(100);
-    let mut rng = rand::rng();
-    loop {
-        for _ in 0..16 {
-            let candidate = rng.random_range(1..range).to_string();
-            if !book.waiting.contains_key(&candidate) {
-                return candidate;
-            }
-        }
-        range = range.saturating_mul(2);
-    }
+/// The book's clock: tokio's, so a test that pauses time moves the book's time too.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 fn error(code: ErrorCode, message: &str) -> Response {
@@ -744,25 +611,6 @@ async fn read_requests(mut recv: quinn::RecvStream, tx: mpsc::Sender<Request>) {
     while let Ok(Some(request)) = frame::read::<Request>(&mut recv, MAX_MESSAGE).await {
         if tx.send(request).await.is_err() {
             return;
-        }
-    }
-}
-
-/// The second port: answer probes (rate limited, like the main socket), nothing else.
-async fn answer_probes(socket: Arc<tokio::net::UdpSocket>) {
-    let mut limiter = RateLimiter::new(RateConfig::default(), Instant::now());
-    let mut buf = vec![0u8; crate::wire::MAX_DATAGRAM + 1];
-    loop {
-        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-            // ICMP errors surface here on some systems; anything else means the socket
-            // is gone, and there is nothing to answer with.
-            continue;
-        };
-        if let Ok(Message::Probe { txid }) = Message::decode(&buf[..n])
-            && limiter.allow(Instant::now(), from.ip())
-        {
-            let reply = crate::punch::reply_to(from, txid);
-            let _ = socket.send_to(&reply.contents, reply.destination).await;
         }
     }
 }
@@ -863,27 +711,4 @@ impl Rendezvous {
         bound.node.close(crate::node::QUICK_LINGER).await;
         Ok(bound.rendezvous.stats())
     }
-}
-
-/// The addresses a rendezvous bound to `main` tells clients about.
-fn announced_addrs(main: SocketAddr) -> Vec<IpAddr> {
-    if !main.ip().is_unspecified() {
-        return vec![main.ip()];
-    }
-    let dual = main.is_ipv6();
-    let mut addrs: Vec<IpAddr> = if_addrs::get_if_addrs()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|iface| iface.ip())
-        .filter(|ip| !ip.is_loopback() && (dual || ip.is_ipv4()))
-        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
-        .collect();
-    if addrs.is_empty() {
-        addrs.push(if dual {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        });
-    }
-    addrs
 }
