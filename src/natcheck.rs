@@ -18,6 +18,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::addr::canonical;
 pub use crate::nat::{Filtering, Mapping, NatReport, classify_filtering, classify_mapping};
 use crate::node::Node;
 use crate::punch::PunchConfig;
@@ -152,8 +153,4 @@ async fn reflected(
         }
     };
     tokio::time::timeout(WAIT, wait).await.unwrap_or(false)
-}
-
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }

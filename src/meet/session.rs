@@ -31,6 +31,7 @@ use super::code::{Code, Nameplate};
 use super::pake::{self, Hello, Pake, PakeError, Role, SessionKeys};
 pub use super::strategy::MeetConfig;
 use super::strategy::{self, BirthdayRole};
+use crate::addr::canonical;
 use crate::driver::{self, DriveError, Update};
 use crate::identity::Fingerprint;
 use crate::nat::Mapping;
@@ -410,8 +411,4 @@ fn own_hello(
         candidates: addrs,
         nat: ours.token().to_string(),
     })
-}
-
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }

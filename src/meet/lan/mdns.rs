@@ -601,13 +601,7 @@ mod tests {
         // One instance announced again on another port is a second receiver too.
         let mut ports = Sightings::new(np("7"), Vec::new());
         ports.see(Instant::now(), announced("a", "7", &["198.51.100.7"]));
-        let moved = read_announcement(
-            "a",
-            9200,
-            [ip("198.51.100.8")].into_iter(),
-            Some(b"1"),
-            Some(b"7"),
-        );
+        let moved = read_announcement("a", 9200, [ip("198.51.100.8")], Some(b"1"), Some(b"7"));
         ports.see(Instant::now(), moved);
         assert_eq!(ports.ambiguous(), Some(2));
         // One announcement with many addresses keeps the first few.
