@@ -4,24 +4,28 @@
 //! *same* socket to a QUIC endpoint ([quinn]) so two peers get encrypted, reliable,
 //! multiplexed streams straight across the traversed path.
 //!
-//! The layers, bottom up:
-//! - [`wire`]: the probe/reply datagram format (sans-IO).
-//! - [`punch`]: the punch state machine (sans-IO: datagrams and time in, datagrams out).
-//! - [`socket`]: the one UDP socket, shared by probes and QUIC after hand-over;
-//!   [`ratelimit`] rations its answers to strangers.
-//! - [`driver`]: the tokio loop that runs the state machine on a socket.
-//! - [`identity`], [`known_peers`], [`tls`]: who a peer is, and pinning it.
-//! - [`traverse`]: simultaneous punching between two NATed peers (sans-IO).
-//! - [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
-//! - [`server`]: the accept loop of every listening peer: budgets, concurrent
-//!   handshakes, shutdown and drain.
-//! - [`transfer`]: verified file transfer on a connection.
-//! - [`nat`]: NAT behaviour types and their classification (pure, a leaf).
-//! - [`natcheck`]: classifying our NAT's mapping and filtering against a rendezvous.
-//! - [`rendezvous`]: the untrusted meeting point for two NATed peers, and its client.
-//! - [`frame`]: length-prefixed JSON control messages on QUIC streams.
-//! - [`text`]: making peer-controlled text safe for terminals.
-//! - [`meet`]: one-time codes and the PAKE, to find a peer through an untrusted rendezvous.
+//! The layers, bottom up. A room imports only from the layers below it, never sideways
+//! (`tests/layers.rs` holds the same list and fails on an import that runs up):
+//! 1. Leaves: [`wire`] (the probe/reply datagram format), [`addr`], [`text`] (making
+//!    peer-controlled text safe for terminals), [`home`] (where identity and config live),
+//!    [`ratelimit`], [`nat`] (NAT behaviour types and their classification), [`bbr`] (our
+//!    congestion controller, sans-IO core) and [`close_gate`].
+//! 2. [`punch`] (the punch state machine, sans-IO: datagrams and time in, datagrams out),
+//!    [`frame`] (length-prefixed JSON messages on QUIC streams), [`identity`] (who a peer
+//!    is) and [`congestion`] (the choice of controller).
+//! 3. [`traverse`] (simultaneous punching between two NATed peers, sans-IO), [`socket`] (the
+//!    one UDP socket, shared by probes and QUIC after hand-over), [`tls`] and
+//!    [`known_peers`] (pinning a peer's identity).
+//! 4. [`driver`]: the tokio loop that runs the state machines on a socket.
+//! 5. [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
+//! 6. [`server`]: the accept loop of every listening peer: budgets, concurrent handshakes,
+//!    shutdown and drain.
+//! 7. [`transfer`] (verified file transfer on a connection) and [`rendezvous`] (the
+//!    untrusted meeting point for two NATed peers: its protocol, its pairing book, its
+//!    server and its client).
+//! 8. [`natcheck`]: classifying our NAT's mapping and filtering against a rendezvous.
+//! 9. [`meet`]: one-time codes and the PAKE, to find a peer through a rendezvous or on the
+//!    LAN, then the punch.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
