@@ -37,6 +37,12 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connections from one source at once (an IPv4 address, or an IPv6 /64).
     pub max_per_ip: usize,
+    /// Connections from one IPv6 /56 at once, and from one /48: one site is usually given
+    /// a /56 or a /48, so without these a single customer could spread over 256 or 65,536
+    /// /64s and fill the whole budget (129 /64s held all 4,096 of a rendezvous's slots).
+    pub max_per_56: usize,
+    /// See [`Limits::max_per_56`].
+    pub max_per_48: usize,
     /// A handshake that has not completed after this long is abandoned.
     pub handshake_timeout: Duration,
     /// Half-open handshakes beyond which clients must first pass a QUIC Retry (address
@@ -49,6 +55,8 @@ impl Default for Limits {
         Limits {
             max_connections: 256,
             max_per_ip: 32,
+            max_per_56: 64,
+            max_per_48: 128,
             handshake_timeout: Duration::from_secs(5),
             retry_above: 16,
         }
@@ -209,23 +217,50 @@ impl<S: Service> Server<S> {
     }
 }
 
-/// Concurrent connections per source.
+/// Concurrent connections per source, and per IPv6 prefix above it.
 #[derive(Debug, Default)]
-struct PerSource(Mutex<HashMap<IpAddr, usize>>);
+struct PerSource(Mutex<HashMap<SourceKey, usize>>);
+
+/// A source or prefix, with its length: an IPv6 /64, /56 and /48 can be the same address.
+type SourceKey = (u8, IpAddr);
+
+/// The keys a connection from `ip` counts against, each with its cap: the source (an IPv4
+/// address or an IPv6 /64), and for IPv6 its /56 and /48.
+fn source_keys(ip: IpAddr, limits: &Limits) -> Vec<(SourceKey, usize)> {
+    let source = source_key(ip);
+    match source {
+        IpAddr::V6(v6) => {
+            let prefix = |bits: u8| {
+                let mask = u128::MAX << (128 - u32::from(bits));
+                (bits, IpAddr::V6((u128::from(v6) & mask).into()))
+            };
+            vec![
+                (prefix(64), limits.max_per_ip),
+                (prefix(56), limits.max_per_56),
+                (prefix(48), limits.max_per_48),
+            ]
+        }
+        v4 => vec![((32, v4), limits.max_per_ip)],
+    }
+}
 
 impl PerSource {
-    /// A slot for `ip`, or `None` when it already has `max` connections.
-    fn claim(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
-        let key = source_key(ip);
+    /// A slot for `ip`, or `None` when its source or one of its prefixes is full.
+    fn claim(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Option<SourceSlot> {
+        let keys = source_keys(ip, limits);
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let count = map.entry(key).or_insert(0);
-        if *count >= max {
+        if keys
+            .iter()
+            .any(|(key, max)| map.get(key).copied().unwrap_or(0) >= *max)
+        {
             return None;
         }
-        *count += 1;
+        for (key, _) in &keys {
+            *map.entry(*key).or_insert(0) += 1;
+        }
         Some(SourceSlot {
             table: self.clone(),
-            key,
+            keys: keys.into_iter().map(|(key, _)| key).collect(),
         })
     }
 }
@@ -233,16 +268,18 @@ impl PerSource {
 /// One connection's place in [`PerSource`]; freed on drop, so no path can leak it.
 struct SourceSlot {
     table: Arc<PerSource>,
-    key: IpAddr,
+    keys: Vec<SourceKey>,
 }
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
         let mut map = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = map.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(&self.key);
+        for key in &self.keys {
+            if let Some(count) = map.get_mut(key) {
+                *count -= 1;
+                if *count == 0 {
+                    map.remove(key);
+                }
             }
         }
     }
@@ -291,7 +328,7 @@ impl<S: Service> Listener<S> {
                 }
                 continue;
             }
-            let slot = self.per_source.claim(remote.ip(), self.limits.max_per_ip);
+            let slot = self.per_source.claim(remote.ip(), &self.limits);
             let permit = self.permits.clone().try_acquire_owned().ok();
             let (Some(slot), Some(permit)) = (slot, permit) else {
                 tracing::debug!(%remote, "connection refused: over budget");
@@ -380,5 +417,61 @@ impl<S: Service> Handler<S> {
         };
         counters.accepted.fetch_add(1, Ordering::Relaxed);
         service.serve(peer, shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn fill(
+        table: &Arc<PerSource>,
+        limits: &Limits,
+        ips: impl Iterator<Item = IpAddr>,
+    ) -> Vec<SourceSlot> {
+        ips.filter_map(|ip| table.claim(ip, limits)).collect()
+    }
+
+    #[test]
+    fn one_ipv6_site_cannot_spread_over_its_64s_to_fill_the_budget() {
+        let limits = Limits::default();
+        let table = Arc::new(PerSource::default());
+        // 64 /64s of one /56, each trying for all its 32 slots: the /56 cap holds.
+        let of_56 =
+            (0..64u16).flat_map(|n| (0..32).map(move |_| ip(&format!("2001:db8:0:{n:x}::1"))));
+        let slots = fill(&table, &limits, of_56);
+        assert_eq!(slots.len(), limits.max_per_56);
+        // Another /56 of the same /48 gets its share, up to the /48 cap.
+        let of_48 = (0..4u16).flat_map(|site| {
+            (0..64).map(move |n| ip(&format!("2001:db8:0:{:x}::1", (site << 8) + 0x100 + n)))
+        });
+        let more = fill(&table, &limits, of_48);
+        assert_eq!(slots.len() + more.len(), limits.max_per_48);
+        // Someone else is not affected, and a freed slot is reusable.
+        assert!(table.claim(ip("2001:db8:1::1"), &limits).is_some());
+        drop(more);
+        assert!(table.claim(ip("2001:db8:0:100::1"), &limits).is_some());
+    }
+
+    #[test]
+    fn an_ipv4_source_and_a_64_get_max_per_ip() {
+        let limits = Limits::default();
+        let table = Arc::new(PerSource::default());
+        let v4 = fill(&table, &limits, (0..100).map(|_| ip("198.51.100.7")));
+        assert_eq!(v4.len(), limits.max_per_ip);
+        // Addresses of one /64 are one source.
+        let v6 = fill(
+            &table,
+            &limits,
+            (0..100u16).map(|n| ip(&format!("2001:db8::{n:x}"))),
+        );
+        assert_eq!(v6.len(), limits.max_per_ip);
+        drop(v4);
+        drop(v6);
+        assert!(table.0.lock().unwrap().is_empty(), "every key is released");
     }
 }

@@ -1920,3 +1920,50 @@ async fn a_client_that_does_not_read_loses_its_nameplates() {
         "nameplates held by a client that never reads"
     );
 }
+
+/// A connection that holds no exchange is closed after the grace, however alive its
+/// keep-alives keep it, and a stream that never says anything does not count as one (129
+/// /64s once held every slot of a rendezvous for minutes this way, refusing everyone). A
+/// connection holding a nameplate stays, and its receiver is still paired after the grace.
+#[tokio::test]
+async fn idle_connections_are_evicted_and_holders_are_kept() {
+    let grace = Duration::from_millis(600);
+    let rv = serve(RendezvousConfig {
+        idle_grace: grace,
+        ..RendezvousConfig::default()
+    });
+    let holder = node_on(lo(71), false);
+    let hclient = connect(&holder, rv.addr).await;
+    let (mut exchange, opened) = hclient.open(None, Duration::from_secs(60)).await.unwrap();
+    exchange.pake(&some_pake(&opened.nameplate)).await.unwrap();
+
+    let idler = node_on(lo(72), false);
+    let iclient = connect(&idler, rv.addr).await;
+    iclient.info().await.expect("an answer before the grace");
+    // Half a frame's length on a stream of its own: a session that never starts.
+    let (mut silent, _recv) = iclient.connection().open_bi().await.unwrap();
+    silent.write_all(&[0, 0]).await.unwrap();
+    let started = Instant::now();
+    let closed = tokio::time::timeout(STEP, iclient.connection().closed())
+        .await
+        .expect("the idle connection is closed by the rendezvous");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == rendezvous::IDLE_CLOSE.into()),
+        "{closed:?}"
+    );
+    assert!(started.elapsed() >= grace / 2, "not before the grace");
+    assert_eq!(rv.rendezvous.stats().evicted, 1);
+
+    // The holder outlived the grace: a sender joins its nameplate and both are paired.
+    assert!(hclient.connection().close_reason().is_none());
+    let sender = node_on(lo(73), false);
+    let sclient = connect(&sender, rv.addr).await;
+    let joined = sclient
+        .join(&opened.nameplate, &some_pake(&opened.nameplate))
+        .await;
+    assert!(joined.is_ok(), "{joined:?}");
+    let paired = tokio::time::timeout(STEP, exchange.paired()).await.unwrap();
+    assert!(paired.is_ok(), "{paired:?}");
+    assert_eq!(rv.rendezvous.stats().evicted, 1, "only the idler");
+}

@@ -180,6 +180,8 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let limits = Limits {
         max_connections: args.max_connections,
         max_per_ip: args.max_per_ip,
+        max_per_56: 2 * args.max_per_ip,
+        max_per_48: 4 * args.max_per_ip,
         handshake_timeout: args.handshake_timeout,
         ..Limits::default()
     };

@@ -48,7 +48,7 @@ pub use client::{
 pub(crate) use nameplate::shown;
 pub use nameplate::{MAX_NAMEPLATE_LEN, Nameplate, NameplateError};
 pub use server::{
-    Bound, NoEvents, Rendezvous, RendezvousConfig, RendezvousEvents, RendezvousStats,
+    Bound, IDLE_CLOSE, NoEvents, Rendezvous, RendezvousConfig, RendezvousEvents, RendezvousStats,
 };
 
 /// ALPN of the rendezvous protocol.

@@ -58,6 +58,9 @@ pub struct RendezvousConfig {
     /// How long one answer may wait for a client to read it before its exchange is
     /// dropped (with its nameplate).
     pub write_timeout: Duration,
+    /// A connection that holds no open or join exchange for this long is closed, however
+    /// alive its keep-alives keep it: a slot is for a meeting, not for holding.
+    pub idle_grace: Duration,
 }
 
 impl Default for RendezvousConfig {
@@ -75,6 +78,7 @@ impl Default for RendezvousConfig {
                 max_sources: 4096,
             },
             write_timeout: Duration::from_secs(10),
+            idle_grace: Duration::from_secs(30),
         }
     }
 }
@@ -96,6 +100,9 @@ pub struct RendezvousStats {
     pub limited: u64,
     /// Requests that broke the protocol.
     pub malformed: u64,
+    /// Connections closed because they held no exchange (see
+    /// [`RendezvousConfig::idle_grace`]).
+    pub evicted: u64,
 }
 
 #[derive(Debug, Default)]
@@ -107,6 +114,7 @@ struct Counters {
     unknown: AtomicU64,
     limited: AtomicU64,
     malformed: AtomicU64,
+    evicted: AtomicU64,
 }
 
 /// What a rendezvous tells its operator.
@@ -196,6 +204,7 @@ impl Rendezvous {
             unknown: c.unknown.load(Ordering::Relaxed),
             limited: c.limited.load(Ordering::Relaxed),
             malformed: c.malformed.load(Ordering::Relaxed),
+            evicted: c.evicted.load(Ordering::Relaxed),
         }
     }
 
@@ -216,6 +225,7 @@ impl Rendezvous {
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
         mut shutdown: Shutdown,
+        held: Arc<Held>,
     ) {
         // Reading frames is not cancel-safe, so a task reads them into a channel; the
         // session only ever selects on channels and timers. One deep: a client that
@@ -227,6 +237,10 @@ impl Rendezvous {
             r = tokio::time::timeout(Duration::from_secs(10), requests.recv()) => r.ok().flatten(),
             () = shutdown.recv() => None,
         };
+        // Only a nameplate or a join holds the connection (info and reflect answer at once,
+        // and a stream that says nothing is dropped above).
+        let _holding = matches!(first, Some(Request::Open { .. } | Request::Join { .. }))
+            .then(|| Held::enter(&held));
         let answer = match first {
             Some(Request::Info) => Some(self.welcome(observed)),
             Some(Request::Reflect {
@@ -615,19 +629,79 @@ async fn read_requests(mut recv: quinn::RecvStream, tx: mpsc::Sender<Request>) {
     }
 }
 
+/// Whether a connection holds an exchange, and since when it has held none: what idle
+/// eviction reads.
+#[derive(Debug)]
+struct Held(Mutex<(usize, Instant)>);
+
+impl Held {
+    fn new() -> Arc<Held> {
+        Arc::new(Held(Mutex::new((0, now()))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Instant)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enter(held: &Arc<Held>) -> Holding {
+        held.lock().0 += 1;
+        Holding(held.clone())
+    }
+
+    /// When to evict if nothing changes: `None` while an exchange is held.
+    fn evict_at(&self, grace: Duration) -> Option<Instant> {
+        let (count, since) = *self.lock();
+        (count == 0).then(|| since + grace)
+    }
+}
+
+/// One held exchange; when the last one ends, the grace starts again.
+struct Holding(Arc<Held>);
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        let mut held = self.0.lock();
+        held.0 -= 1;
+        if held.0 == 0 {
+            held.1 = now();
+        }
+    }
+}
+
+/// The code a rendezvous closes an idle connection with (the client reconnects when it
+/// needs the rendezvous again).
+pub const IDLE_CLOSE: u32 = 0x10;
+
 impl Service for Rendezvous {
     async fn serve(self: Arc<Self>, peer: PeerConnection, shutdown: Shutdown) {
         let conn = peer.connection;
         let mut sessions = tokio::task::JoinSet::new();
         let mut shutdown = shutdown;
+        let held = Held::new();
         loop {
-            // Cancel-safe: `accept_bi` yields a stream only when it returns it.
+            let evict_at = held.evict_at(self.config.idle_grace);
+            let idle = async {
+                match evict_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Cancel-safe: `accept_bi` yields a stream only when it returns it; the timer
+            // and `join_next` lose nothing when dropped.
             let (send, recv) = tokio::select! {
                 accepted = conn.accept_bi() => match accepted {
                     Ok(streams) => streams,
                     Err(_) => break,
                 },
                 Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+                () = idle => {
+                    if held.evict_at(self.config.idle_grace).is_some_and(|at| at <= now()) {
+                        self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+                        crate::close_gate::close(&conn, IDLE_CLOSE.into(), b"idle: no open exchange");
+                        break;
+                    }
+                    continue;
+                }
                 () = shutdown.recv() => {
                     sessions.shutdown().await;
                     return;
@@ -641,6 +715,7 @@ impl Service for Rendezvous {
                 send,
                 recv,
                 session_shutdown,
+                held.clone(),
             ));
         }
         // The client left. What it sent last (its sealed hello, a failure) may still be
@@ -686,6 +761,8 @@ impl Rendezvous {
         let limits = crate::server::Limits {
             max_connections: 4096,
             max_per_ip: 32,
+            max_per_56: 64,
+            max_per_48: 128,
             handshake_timeout: Duration::from_secs(5),
             // Every client proves its address first: nothing larger than a Retry ever
             // goes to a source that may be forged.
