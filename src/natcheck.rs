@@ -34,10 +34,28 @@ const WAIT: Duration = Duration::from_millis(1500);
 /// Filtering is tested first, while the only destination this socket has sent to is the
 /// rendezvous's main address: a probe to the other address or port would open the very
 /// filter being tested. Mapping is tested after.
+///
+/// Only addresses that are plausibly the rendezvous's own are probed (see
+/// [`check_known`]); this is `check_known` with no names resolved.
 pub async fn check(node: &Node, client: &RendezvousClient) -> Result<NatReport, ClientError> {
+    check_known(node, client, &[]).await
+}
+
+/// [`check`], where `known` holds every address the rendezvous's host name resolved to.
+///
+/// The rendezvous is untrusted, and it names the addresses we probe: a lying one could aim
+/// our probes at a victim. So a second address is probed only when it is one of `known`,
+/// or in the same IPv4 /24 or IPv6 /48 as the address we reached the rendezvous at (where
+/// a host's second address normally is); an IPv6 address of a rendezvous reached over
+/// IPv4 only when it is one of `known`. Anything else it announces is ignored.
+pub async fn check_known(
+    node: &Node,
+    client: &RendezvousClient,
+    known: &[IpAddr],
+) -> Result<NatReport, ClientError> {
     let welcome = client.info().await?;
     let rv = client.addr();
-    let other_ip = other_address(&welcome.addrs, rv);
+    let other_ip = other_address(&welcome.addrs, rv, known);
     let (from_other_ip, from_other_port) = tokio::join!(
         async {
             match other_ip {
@@ -47,7 +65,7 @@ pub async fn check(node: &Node, client: &RendezvousClient) -> Result<NatReport, 
         },
         reflected(node, client, false, true),
     );
-    let mut report = mapping(node, client, &welcome).await?;
+    let mut report = mapping(node, client, &welcome, known).await?;
     report.filtering = classify_filtering(from_other_ip, Some(from_other_port));
     Ok(report)
 }
@@ -59,16 +77,34 @@ pub async fn check_mapping(
     client: &RendezvousClient,
 ) -> Result<NatReport, ClientError> {
     let welcome = client.info().await?;
-    mapping(node, client, &welcome).await
+    mapping(node, client, &welcome, &[]).await
+}
+
+/// Whether `ip` may be probed as the rendezvous's own address when we reached it at `rv`
+/// (see [`check_known`]).
+fn its_own(ip: IpAddr, rv: IpAddr, known: &[IpAddr]) -> bool {
+    let (ip, rv) = (ip.to_canonical(), rv.to_canonical());
+    if known.iter().any(|k| k.to_canonical() == ip) {
+        return true;
+    }
+    match (ip, rv) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => a.octets()[..3] == b.octets()[..3],
+        (IpAddr::V6(a), IpAddr::V6(b)) => a.segments()[..3] == b.segments()[..3],
+        _ => false,
+    }
 }
 
 /// Another address of the rendezvous, of the family we reach it by.
-fn other_address(addrs: &[IpAddr], rv: SocketAddr) -> Option<SocketAddr> {
+fn other_address(addrs: &[IpAddr], rv: SocketAddr, known: &[IpAddr]) -> Option<SocketAddr> {
     let family = rv.ip().to_canonical().is_ipv4();
     addrs
         .iter()
         .copied()
-        .find(|ip| ip.to_canonical().is_ipv4() == family && *ip != rv.ip().to_canonical())
+        .find(|ip| {
+            ip.to_canonical().is_ipv4() == family
+                && *ip != rv.ip().to_canonical()
+                && its_own(*ip, rv.ip(), known)
+        })
         .map(|ip| SocketAddr::new(ip, rv.port()))
 }
 
@@ -77,18 +113,19 @@ async fn mapping(
     node: &Node,
     client: &RendezvousClient,
     welcome: &crate::rendezvous::Welcome,
+    known: &[IpAddr],
 ) -> Result<NatReport, ClientError> {
     let local = node
         .local_addr()
         .map_err(|e| ClientError::Protocol(e.to_string()))?;
     let rv = client.addr();
-    let other_ip = other_address(&welcome.addrs, rv);
+    let other_ip = other_address(&welcome.addrs, rv, known);
     let alt_port = SocketAddr::new(rv.ip(), welcome.alt_port);
     let v6 = welcome
         .addrs
         .iter()
         .copied()
-        .find(|ip| ip.is_ipv6() && local.is_ipv6() && !rv.is_ipv6())
+        .find(|ip| ip.is_ipv6() && local.is_ipv6() && !rv.is_ipv6() && its_own(*ip, rv.ip(), known))
         .map(|ip| SocketAddr::new(ip, rv.port()));
     let targets: Vec<SocketAddr> = [Some(alt_port), other_ip, v6]
         .into_iter()
@@ -153,4 +190,43 @@ async fn reflected(
         }
     };
     tokio::time::timeout(WAIT, wait).await.unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn only_the_rendezvous_own_addresses_are_probed() {
+        let rv: SocketAddr = "198.51.100.10:9200".parse().unwrap();
+        // A second address next to it is probed; one far away only when its name said so.
+        let near = [ip("198.51.100.11")];
+        assert_eq!(
+            other_address(&near, rv, &[]),
+            Some("198.51.100.11:9200".parse().unwrap())
+        );
+        let victim = [ip("203.0.113.5")];
+        assert_eq!(other_address(&victim, rv, &[]), None);
+        assert_eq!(
+            other_address(&victim, rv, &[ip("203.0.113.5")]),
+            Some("203.0.113.5:9200".parse().unwrap())
+        );
+        // A liar's list: the victim first, its real second address after it.
+        let listed = [ip("203.0.113.5"), ip("198.51.100.11")];
+        assert_eq!(
+            other_address(&listed, rv, &[]),
+            Some("198.51.100.11:9200".parse().unwrap())
+        );
+        // IPv6 by prefix (/48), and across families only by name.
+        let rv6: IpAddr = ip("2001:db8:1:2::10");
+        assert!(its_own(ip("2001:db8:1:ff::1"), rv6, &[]));
+        assert!(!its_own(ip("2001:db8:2::1"), rv6, &[]));
+        assert!(!its_own(ip("2001:db8::10"), rv.ip(), &[]));
+        assert!(its_own(ip("2001:db8::10"), rv.ip(), &[ip("2001:db8::10")]));
+        assert!(its_own(ip("::ffff:198.51.100.12"), rv.ip(), &[]));
+    }
 }

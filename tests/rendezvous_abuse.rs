@@ -1967,3 +1967,56 @@ async fn idle_connections_are_evicted_and_holders_are_kept() {
     assert!(paired.is_ok(), "{paired:?}");
     assert_eq!(rv.rendezvous.stats().evicted, 1, "only the idler");
 }
+
+/// A lying rendezvous names a victim as its second address and as its IPv6 one: `nat-check`
+/// probes only addresses that are plausibly the rendezvous's own (the same /24 or /48, or
+/// what its name resolved to), so not one probe reaches the victim. Before, up to three
+/// targets of the rendezvous's choosing were probed.
+#[tokio::test]
+async fn nat_check_probes_no_address_a_lying_rendezvous_names() {
+    let mut liar = Liar::start(lo(81));
+    // The victim listens where the liar points: another /24, the rendezvous's port.
+    let victim_ip = IpAddr::from([127, 0, 1, 81]);
+    let victim = UdpSocket::bind(SocketAddr::new(victim_ip, liar.addr.port())).unwrap();
+    victim.set_nonblocking(true).unwrap();
+    let node = node_on(lo(82), false);
+    let client = connect(&node, liar.addr).await;
+    let liar_port = liar.addr.port();
+    let checking = tokio::spawn(async move { qpunch::natcheck::check(&node, &client).await });
+    let answering = async {
+        loop {
+            let mut ex = liar.next().await;
+            let answer = match ex.first {
+                Request::Info => Response::Welcome {
+                    version: rendezvous::VERSION,
+                    observed: ex.observed,
+                    addrs: vec![victim_ip, "2001:db8::81".parse().unwrap()],
+                    alt_port: liar_port + 1,
+                },
+                _ => Response::Error {
+                    code: ErrorCode::Unsupported,
+                    message: "no".into(),
+                },
+            };
+            ex.say(&answer).await;
+        }
+    };
+    let report = tokio::select! {
+        report = checking => report.unwrap(),
+        () = answering => unreachable!(),
+    };
+    let report = report.expect("the check completes");
+    let mut probes = 0;
+    let mut buf = [0u8; 2048];
+    while victim.recv_from(&mut buf).is_ok() {
+        probes += 1;
+    }
+    assert_eq!(probes, 0, "probes sent to the victim ({report:?})");
+    assert!(
+        report
+            .observations
+            .iter()
+            .all(|(target, _)| target.ip() != victim_ip),
+        "{report:?}"
+    );
+}
