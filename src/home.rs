@@ -28,6 +28,14 @@ pub enum HomeError {
         /// Why.
         source: std::io::Error,
     },
+    /// A file of the home cannot be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// `config.toml` is not what qpunch understands.
     #[error("{}: {what}", path.display())]
     Invalid {
@@ -56,6 +64,81 @@ pub fn dir() -> Result<PathBuf, HomeError> {
 /// Where the sender remembers the trees of files it hashed.
 pub fn cache_dir(home: &Path) -> PathBuf {
     home.join("cache")
+}
+
+/// The file that remembers which fixed codes (`receive --code`) this home has used, as
+/// salted hashes.
+pub const USED_CODES_FILE: &str = "used-codes";
+
+/// Most codes remembered (the oldest are forgotten first).
+const MAX_USED_CODES: usize = 1000;
+
+/// Remember that `code` is used as a fixed code, and say whether it was used before.
+///
+/// Every pairing on a code gives its joiner one guess at it, and a receiver bounds guesses
+/// per run, not across runs: a code used again and again gives a patient guesser more tries
+/// than a fresh one would, so the user is warned. The code itself is not stored, only a
+/// hash keyed with a random salt kept in the same file (mode 0600): reading the file does
+/// not reveal past codes, nor whether two homes used the same one.
+pub fn note_fixed_code(home: &Path, code: &str) -> Result<bool, HomeError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = home.join(USED_CODES_FILE);
+    let io = |source| HomeError::Read {
+        path: path.clone(),
+        source,
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io(e)),
+    };
+    let mut lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    let fresh_salt;
+    let salt = match lines.first().and_then(|l| l.strip_prefix("salt ")) {
+        Some(salt) => salt,
+        None => {
+            lines.clear();
+            fresh_salt = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 16]>());
+            fresh_salt.as_str()
+        }
+    };
+    let key = blake3::derive_key("qpunch used fixed codes v1", salt.as_bytes());
+    let entry = blake3::keyed_hash(&key, code.trim().to_lowercase().as_bytes())
+        .to_hex()
+        .to_string();
+    let used = lines.iter().skip(1).any(|l| *l == entry);
+    if used {
+        return Ok(true);
+    }
+    let mut kept: Vec<&str> = lines.iter().skip(1).copied().collect();
+    let excess = (kept.len() + 1).saturating_sub(MAX_USED_CODES);
+    kept.drain(..excess);
+    let mut out = format!("salt {salt}\n");
+    for line in kept {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str(&entry);
+    out.push('\n');
+    std::fs::create_dir_all(home).map_err(|source| HomeError::Write {
+        path: home.to_path_buf(),
+        source,
+    })?;
+    let tmp = home.join(format!(".{USED_CODES_FILE}.{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut file| file.write_all(out.as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    written.map_err(|source| HomeError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(false)
 }
 
 /// What `config.toml` may say. A missing file is an empty configuration; unknown keys are
@@ -108,6 +191,28 @@ mod tests {
         assert!(err.contains("must be a string"), "{err}");
         let err = Config::parse("rendezvous = ").unwrap_err();
         assert!(err.contains("not valid TOML"), "{err}");
+    }
+
+    #[test]
+    fn a_fixed_code_used_again_is_noticed_and_not_stored_in_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!note_fixed_code(dir.path(), "7-clockwork-crossover").unwrap());
+        assert!(!note_fixed_code(dir.path(), "8-clockwork-crossover").unwrap());
+        assert!(note_fixed_code(dir.path(), " 7-Clockwork-Crossover ").unwrap());
+        let text = std::fs::read_to_string(dir.path().join(USED_CODES_FILE)).unwrap();
+        assert!(!text.contains("clockwork"), "{text}");
+        assert_eq!(text.lines().count(), 3, "salt and two codes: {text}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(USED_CODES_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+        // Another home salts differently.
+        let other = tempfile::tempdir().unwrap();
+        note_fixed_code(other.path(), "7-clockwork-crossover").unwrap();
+        let theirs = std::fs::read_to_string(other.path().join(USED_CODES_FILE)).unwrap();
+        assert_ne!(theirs.lines().nth(1), text.lines().nth(1));
     }
 
     #[test]

@@ -90,8 +90,28 @@ impl Bucket {
 pub struct RateLimiter {
     config: RateConfig,
     sources: HashMap<IpAddr, Bucket>,
+    /// IPv6 /48s: one site may hold 65,536 /64s, each of them a source, so a site together
+    /// gets [`SITE_SHARE`] sources' worth; without it one site could drain the global
+    /// budget for everyone.
+    sites: HashMap<IpAddr, Bucket>,
     overflow: Bucket,
     global: Bucket,
+}
+
+/// How many sources' worth of tokens one IPv6 /48 gets in all.
+pub const SITE_SHARE: u32 = 8;
+
+/// The IPv6 /48 of `ip`, if it is IPv6 (an IPv4 address is its own source: thousands of
+/// users may share one behind a carrier-grade NAT, so nothing wider is grouped).
+fn site_key(ip: IpAddr) -> Option<IpAddr> {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut s = v6.segments();
+            s[3..].fill(0);
+            Some(IpAddr::V6(s.into()))
+        }
+        IpAddr::V4(_) => None,
+    }
 }
 
 impl RateLimiter {
@@ -100,6 +120,7 @@ impl RateLimiter {
         RateLimiter {
             config,
             sources: HashMap::new(),
+            sites: HashMap::new(),
             overflow: Bucket::full(config.per_source_burst, now),
             global: Bucket::full(config.global_burst, now),
         }
@@ -117,6 +138,25 @@ impl RateLimiter {
         if self.global.tokens < 1.0 {
             return false;
         }
+        let (site_burst, site_rate) = (
+            c.per_source_burst.saturating_mul(SITE_SHARE),
+            c.per_source_rate * f64::from(SITE_SHARE),
+        );
+        let site = site_key(source);
+        if let Some(site) = site {
+            if !self.sites.contains_key(&site) && self.sites.len() >= c.max_sources {
+                self.sites
+                    .retain(|_, b| !b.idle(now, site_rate, site_burst));
+            }
+            // A site that cannot be tracked (the table is full of active sites) is held by
+            // its sources' buckets and the global one only.
+            if let Some(bucket) = self.sites.get_mut(&site) {
+                bucket.refill(now, site_rate, site_burst);
+                if bucket.tokens < 1.0 {
+                    return false;
+                }
+            }
+        }
         let key = source_key(source);
         if !self.sources.contains_key(&key) && self.sources.len() >= c.max_sources {
             self.forget_idle(now);
@@ -130,6 +170,15 @@ impl RateLimiter {
         };
         if !bucket.take(now, c.per_source_rate, c.per_source_burst) {
             return false;
+        }
+        if let Some(site) = site
+            && (self.sites.len() < c.max_sources || self.sites.contains_key(&site))
+        {
+            let bucket = self
+                .sites
+                .entry(site)
+                .or_insert_with(|| Bucket::full(site_burst, now));
+            bucket.tokens -= 1.0;
         }
         self.global.tokens -= 1.0;
         true
@@ -194,6 +243,31 @@ mod tests {
         assert_eq!(count(&mut l, t0, "2001:db8:1:3::1", 1), 1);
         assert_eq!(count(&mut l, t0, "192.0.2.7", 30), 30);
         assert_eq!(count(&mut l, t0, "::ffff:192.0.2.7", 30), 2);
+    }
+
+    #[test]
+    fn one_ipv6_site_gets_a_few_sources_worth_whatever_its_64s() {
+        let t0 = Instant::now();
+        let config = RateConfig {
+            global_burst: 1_000_000,
+            ..RateConfig::default()
+        };
+        let mut l = RateLimiter::new(config, t0);
+        // 1,000 /64s of one /48, each asking for its whole burst.
+        let site: usize = (0..1000u16)
+            .map(|n| count(&mut l, t0, &format!("2001:db8:7:{n:x}::1"), 32))
+            .sum();
+        assert_eq!(site, 32 * SITE_SHARE as usize);
+        // Its own /64s are cut off; another /48 and IPv4 are not.
+        assert_eq!(count(&mut l, t0, "2001:db8:7:ffff::1", 1), 0);
+        assert_eq!(count(&mut l, t0, "2001:db8:8::1", 32), 32);
+        assert_eq!(count(&mut l, t0, "192.0.2.1", 32), 32);
+        // It earns back at the site's rate.
+        let later = t0 + Duration::from_secs(1);
+        let back: usize = (0..100u16)
+            .map(|n| count(&mut l, later, &format!("2001:db8:7:{n:x}::2"), 32))
+            .sum();
+        assert_eq!(back, 16 * SITE_SHARE as usize);
     }
 
     #[test]

@@ -2020,3 +2020,60 @@ async fn nat_check_probes_no_address_a_lying_rendezvous_names() {
         "{report:?}"
     );
 }
+
+/// Asking for a chosen nameplate tells whether it is waiting (`taken`), so each ask is
+/// charged to the join limit: a guesser finding live nameplates that way gets the join
+/// burst, then `rate_limited`, where it used to get ~1,300 answers a second.
+#[tokio::test]
+async fn chosen_nameplate_lookups_are_charged_to_the_join_limit() {
+    let rv = serve(RendezvousConfig::default());
+    let receiver = node_on(lo(91), false);
+    let rclient = connect(&receiver, rv.addr).await;
+    let live: Nameplate = "7707".parse().unwrap();
+    let (_exchange, _opened) = rclient
+        .open(Some(&live), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let guesser = node_on(lo(92), false);
+    let gclient = connect(&guesser, rv.addr).await;
+    let mut answers = BTreeMap::new();
+    for _ in 0..20 {
+        let code = match gclient.open(Some(&live), Duration::from_secs(60)).await {
+            Err(ClientError::Refused { code, .. }) => format!("{code:?}"),
+            other => panic!("a lookup of a taken nameplate: {other:?}"),
+        };
+        *answers.entry(code).or_insert(0) += 1;
+    }
+    let burst = RendezvousConfig::default().join_rate.per_source_burst;
+    assert_eq!(answers.get("Taken"), Some(&(burst as i32)), "{answers:?}");
+    assert_eq!(
+        answers.get("RateLimited"),
+        Some(&(20 - burst as i32)),
+        "{answers:?}"
+    );
+    // The guesser's joins share that budget; someone else's lookups do not.
+    let joined = gclient.join(&live, &some_pake(&live)).await;
+    assert!(
+        matches!(
+            joined,
+            Err(ClientError::Refused {
+                code: ErrorCode::RateLimited,
+                ..
+            })
+        ),
+        "{joined:?}"
+    );
+    let other = node_on(lo(93), false);
+    let oclient = connect(&other, rv.addr).await;
+    let taken = oclient.open(Some(&live), Duration::from_secs(60)).await;
+    assert!(
+        matches!(
+            taken,
+            Err(ClientError::Refused {
+                code: ErrorCode::Taken,
+                ..
+            })
+        ),
+        "{taken:?}"
+    );
+}

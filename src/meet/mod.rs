@@ -26,6 +26,7 @@
 
 pub mod candidates;
 pub mod code;
+pub mod guesses;
 pub mod lan;
 pub mod pake;
 pub mod session;

@@ -58,6 +58,9 @@ pub(crate) enum Refused {
     BadNameplate,
     /// The chosen nameplate is waiting already.
     Taken,
+    /// Too many chosen nameplates asked for from this source: each one tells whether a
+    /// nameplate is waiting, so they are charged to the join limit like joins.
+    Lookups,
 }
 
 /// A nameplate reserved for a receiver.
@@ -161,6 +164,11 @@ impl<T> Book<T> {
                     .parse::<Nameplate>()
                     .map_err(|_| Refused::BadNameplate)?;
                 let nameplate = nameplate.as_str().to_string();
+                // Charged before it is looked at: `taken` would otherwise find waiting
+                // nameplates for a guesser at no cost (~1,300 lookups a second).
+                if !self.joins.allow(now, observed.ip()) {
+                    return Err(Refused::Lookups);
+                }
                 if self.waiting.contains_key(&nameplate) {
                     return Err(Refused::Taken);
                 }
@@ -583,6 +591,25 @@ mod tests {
             "another source is not affected"
         );
         assert!(w.book.allow_join(w.now + Duration::from_secs(1), a), "1/s");
+    }
+
+    #[test]
+    fn chosen_nameplates_are_charged_to_the_join_limit() {
+        let mut w = World::new(limits());
+        // Two lookups of a taken nameplate spend the burst of 2 ...
+        w.register("198.51.100.1:1", Some("42"), 1);
+        for _ in 0..2 {
+            let taken = w.try_register("198.51.100.9:1", Some("42"), 60, 2);
+            assert_eq!(taken, Err(Refused::Taken));
+        }
+        // ... so the third is refused as a lookup, and so is a join from that source.
+        let third = w.try_register("198.51.100.9:1", Some("43"), 60, 3);
+        assert_eq!(third, Err(Refused::Lookups));
+        assert!(!w.book.allow_join(w.now, "198.51.100.9".parse().unwrap()));
+        // A random nameplate is no lookup, and another source is not affected.
+        assert!(w.try_register("198.51.100.9:1", None, 60, 4).is_ok());
+        let other = w.try_register("198.51.100.8:1", Some("42"), 60, 5);
+        assert_eq!(other, Err(Refused::Taken));
     }
 
     fn seal(bytes: &[u8]) -> Request {

@@ -463,6 +463,9 @@ impl Rendezvous {
             }
             Refused::BadNameplate => self.malformed("not a valid nameplate"),
             Refused::Taken => error(ErrorCode::Taken, "that code is in use; pick another"),
+            Refused::Lookups => {
+                self.limited("too many chosen codes from your address; wait a little")
+            }
         }
     }
 
