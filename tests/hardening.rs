@@ -1100,65 +1100,122 @@ fn abandoned_offers_do_not_keep_names_reserved() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 9. --overwrite and links
+// 9. Links planted where partials live
 // ---------------------------------------------------------------------------------------
 
+#[derive(Clone, Copy, Debug)]
 enum Link {
     Symbolic,
     Hard,
 }
 
-/// `out/f.txt.part` is a link to a victim outside `out/`; sending `f.txt` with
-/// `--overwrite` must leave the victim alone and store the bytes in `out/f.txt`.
-fn overwrite_does_not_write_through(link: Link) {
-    let (rhome, shome, root) = (Home::new(), Home::new(), tempdir());
+/// Make `at` a link of kind `link` to `victim`.
+fn plant(link: Link, victim: &Path, at: &Path) {
+    match link {
+        Link::Symbolic => std::os::unix::fs::symlink(victim, at).unwrap(),
+        Link::Hard => fs::hard_link(victim, at).unwrap(),
+    }
+}
+
+/// A small file (stored from memory, written to a fresh partial) and a large one (offered
+/// a resume, because a partial with its hash seems to exist) arrive while the partial
+/// directory holds, under the very names the receiver uses for them (`HASH.part`), links
+/// to the user's own files outside `out/`. The receiver must neither write through nor
+/// resume through them: the victims keep their bytes and the files are stored as sent.
+/// With `--overwrite`, the destination names are planted links too, and must be replaced.
+fn links_where_partials_live_are_not_written_through(link: Link, overwrite: bool) {
+    let (rhome, shome, root, src) = (Home::new(), Home::new(), tempdir(), tempdir());
     let out = root.path().join("out");
     fs::create_dir(&out).unwrap();
-    let victim = root.path().join("victim.txt");
-    let precious = b"the user's own file, outside the download directory\n";
-    fs::write(&victim, precious).unwrap();
-    let part = out.join("f.txt.part");
-    match link {
-        Link::Symbolic => std::os::unix::fs::symlink(&victim, &part).unwrap(),
-        Link::Hard => fs::hard_link(&victim, &part).unwrap(),
+    let small = src.path().join("small.txt");
+    random_file(&small, 10_000, 9);
+    let large = src.path().join("large.bin");
+    random_file(&large, 2 * transfer::SMALL_FILE, 10);
+    let mut extra = vec!["--yes", "--once"];
+    if overwrite {
+        extra.push("--overwrite");
     }
-    let src = tempdir();
-    let file = src.path().join("f.txt");
-    random_file(&file, 10_000, 9);
+    // The receiver makes its partial directory (and cleans it) as it starts: plant after.
+    let receiver = Receiver::start(rhome.path(), &out, 0, &extra);
+    let partials = out.join(transfer::PARTIAL_DIR);
+    assert!(partials.is_dir(), "no {partials:?}");
+    let precious = b"the user's own file, outside the download directory\n";
+    let mut victims = Vec::new();
+    for (file, name) in [(&small, "small.txt"), (&large, "large.bin")] {
+        let victim = root.path().join(format!("victim-part-{name}"));
+        fs::write(&victim, precious).unwrap();
+        plant(
+            link,
+            &victim,
+            &partials.join(format!("{}.part", blake3_file(file))),
+        );
+        victims.push(victim);
+        if overwrite {
+            let victim = root.path().join(format!("victim-dest-{name}"));
+            fs::write(&victim, precious).unwrap();
+            plant(link, &victim, &out.join(name));
+            victims.push(victim);
+        }
+    }
 
-    let receiver = Receiver::start(rhome.path(), &out, 0, &["--yes", "--once", "--overwrite"]);
     let sender = send(
         shome.path(),
-        &[&file],
+        &[&small, &large],
         receiver.port,
         &["--peer", &receiver.fingerprint],
         SHORT,
     );
     let received = receiver.proc.finish(SHORT);
-    let victim_now = fs::read(&victim).unwrap();
-    assert!(
-        victim_now == precious,
-        "the victim outside out/ was written through {part:?}: it now holds {} bytes \
-         (the sent file has {})",
-        victim_now.len(),
-        fs::metadata(&file).unwrap().len()
-    );
-    let stored = out.join("f.txt");
-    let meta = fs::symlink_metadata(&stored).expect("out/f.txt");
-    assert!(meta.file_type().is_file(), "out/f.txt is {meta:?}");
-    assert_eq!(fs::read(&stored).unwrap(), fs::read(&file).unwrap());
+    for victim in &victims {
+        let now = fs::read(victim).unwrap();
+        assert!(
+            now == precious,
+            "{victim:?} ({link:?} link, overwrite {overwrite}) was written through: it now \
+             holds {} bytes",
+            now.len()
+        );
+    }
     sender.assert_success();
     received.assert_success();
+    for (file, name) in [(&small, "small.txt"), (&large, "large.bin")] {
+        let sent = sender
+            .all("sent")
+            .into_iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no sent event for {name}\n{sender:#?}"));
+        let saved_as = sent["saved_as"].as_str().expect("saved_as");
+        if overwrite {
+            assert_eq!(saved_as, name, "--overwrite takes the name: {sent}");
+        }
+        let stored = out.join(saved_as);
+        let meta = fs::symlink_metadata(&stored).expect("stored file");
+        assert!(meta.file_type().is_file(), "{stored:?} is {meta:?}");
+        assert_eq!(
+            fs::read(&stored).unwrap(),
+            fs::read(file).unwrap(),
+            "{name}"
+        );
+    }
 }
 
 #[test]
-fn overwrite_does_not_follow_a_symlinked_part_file() {
-    overwrite_does_not_write_through(Link::Symbolic);
+fn a_symlink_where_a_partial_goes_is_not_followed() {
+    links_where_partials_live_are_not_written_through(Link::Symbolic, false);
 }
 
 #[test]
-fn overwrite_does_not_write_through_a_hard_linked_part_file() {
-    overwrite_does_not_write_through(Link::Hard);
+fn a_hard_link_where_a_partial_goes_is_not_written_through() {
+    links_where_partials_live_are_not_written_through(Link::Hard, false);
+}
+
+#[test]
+fn overwrite_does_not_follow_symlinks_at_the_partial_or_the_destination() {
+    links_where_partials_live_are_not_written_through(Link::Symbolic, true);
+}
+
+#[test]
+fn overwrite_does_not_write_through_hard_links_at_the_partial_or_the_destination() {
+    links_where_partials_live_are_not_written_through(Link::Hard, true);
 }
 
 // ---------------------------------------------------------------------------------------
