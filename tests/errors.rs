@@ -90,25 +90,29 @@ impl Drop for Throttle {
     }
 }
 
-/// The one error event of a finished process, which must contain `what`.
+/// The one `error` event of a finished process (the README promises one line per side),
+/// which must contain `what`.
 fn one_error(finished: &Finished, what: &str) -> String {
     let errors: Vec<String> = finished
         .all("error")
         .iter()
         .map(|e| e["message"].as_str().unwrap().to_string())
         .collect();
+    let [error] = &errors[..] else {
+        panic!(
+            "{} printed {} error events, not one: {errors:?}\n{finished:#?}",
+            finished.name,
+            errors.len()
+        );
+    };
     assert!(
-        errors.iter().any(|e| e.contains(what)),
-        "{} says {errors:?}, nothing about {what:?}\n{finished:#?}",
+        error.contains(what),
+        "{} says {error:?}, nothing about {what:?}\n{finished:#?}",
         finished.name
     );
-    assert!(
-        errors.iter().all(|e| !e.contains('\n')),
-        "one line each: {errors:?}"
-    );
-    let found = errors.into_iter().find(|e| e.contains(what)).unwrap();
-    eprintln!("{}: {found}", finished.name);
-    found
+    assert!(!error.contains('\n'), "one line: {error:?}");
+    eprintln!("{}: {error}", finished.name);
+    error.clone()
 }
 
 /// Nothing was delivered: no `sent`/`received` event, no file under its final name.

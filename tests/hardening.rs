@@ -615,8 +615,9 @@ fn dripping_streams_do_not_exhaust_threads() {
 }
 
 /// With `--stall-timeout 3s --min-rate 64KiB`, a file dripping one byte every 2 s
-/// (never silent for 3 s, but far below the minimum rate) is aborted within ~15 s, with
-/// an `error` event, and nothing is stored under its name.
+/// (never silent for 3 s, but far below the minimum rate) is aborted within ~15 s with
+/// exactly one `error` line, which gives the minimum-rate reason, and nothing is left:
+/// no file under its name, no partial.
 #[test]
 fn slow_drip_is_aborted_by_min_rate() {
     let rt = peer::runtime();
@@ -679,11 +680,20 @@ fn slow_drip_is_aborted_by_min_rate() {
         Ok(Err(_)) => {} // stream stopped/reset or connection closed
         Err(_) => panic!("the hostile side still waits for a verdict after the error"),
     }
-    thread::sleep(Duration::from_millis(500));
-    let names = list_dir(out.path());
-    assert!(!names.contains("drip.bin"), "{names:?}");
-    assert!(!names.contains("drip.bin.part"), "{names:?}");
     drop((peer, control));
+    // Everything the receiver printed about this sender, once it has stopped.
+    let finished = stop(receiver, libc::SIGTERM);
+    let errors: Vec<&str> = finished
+        .all("error")
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        matches!(errors[..], [one] if one.contains("less than the minimum")),
+        "one error line, with the minimum-rate reason: {errors:?}"
+    );
+    let names = list_dir(out.path());
+    assert!(names.is_empty(), "left behind: {names:?}");
 }
 
 // ---------------------------------------------------------------------------------------

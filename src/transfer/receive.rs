@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
@@ -715,6 +715,7 @@ impl Receiver {
             small_budget: self.small_budget.clone(),
             owner: owner_of(peer),
             budget: self.manifest_budget.clone(),
+            cut: AtomicBool::new(false),
         });
         let mut last_moved = 0;
         let mut tasks: tokio::task::JoinSet<Vec<FileReport>> = tokio::task::JoinSet::new();
@@ -741,6 +742,7 @@ impl Receiver {
                             period.as_secs_f64(),
                             human_bytes(self.options.min_rate)
                         );
+                        job.cut.store(true, Ordering::Relaxed);
                         crate::close_gate::close(conn, codes::PROTOCOL.into(), b"too slow");
                         outcome = Err(TransferError::protocol(why));
                         break;
@@ -803,7 +805,7 @@ impl Receiver {
         let left: Vec<Plan> = job.lock_plans().drain().map(|(_, plan)| plan).collect();
         for plan in left {
             let report = failed(&plan.offer, "the sender never sent it");
-            observer.finished(&report);
+            job.report(&**observer, &report);
             reports.insert(plan.offer.id, report);
         }
         while let Some(joined) = tasks.join_next().await {
@@ -972,6 +974,9 @@ struct StreamJob {
     owner: Owner,
     /// Bounds the memory of resumed files' trees (shared with manifests).
     budget: Arc<Semaphore>,
+    /// Set when this side cut the connection (too slow): that reason is the batch's one
+    /// error, so the files it cut off are not reported as failures one by one.
+    cut: AtomicBool,
 }
 
 /// A small file of a stream, waiting for its batch to be stored.
@@ -1005,6 +1010,14 @@ impl StreamJob {
 
     fn put_back(&self, plan: Plan) {
         self.lock_plans().insert(plan.offer.id, plan);
+    }
+
+    /// Tell `observer` how a file ended, unless it failed because this side cut the
+    /// connection (see [`StreamJob::cut`]).
+    fn report(&self, observer: &dyn Observer, report: &FileReport) {
+        if report.is_verified() || !self.cut.load(Ordering::Relaxed) {
+            observer.finished(report);
+        }
     }
 
     /// The saved name as the sender is told it: relative to the output directory.
@@ -1077,7 +1090,7 @@ impl StreamJob {
                 let (report, ended) = self
                     .receive_large(plan, &mut send, &mut recv, observer)
                     .await;
-                observer.finished(&report);
+                self.report(observer, &report);
                 reports.push(report);
                 if matches!(ended, Ended::Broken) {
                     let _ = recv.stop(codes::DECLINED.into());
@@ -1212,7 +1225,7 @@ impl StreamJob {
                 Pending::Failed(plan, hash, why) => (plan, Err((hash, why))),
             };
             let report = self.answer(plan, outcome, send).await;
-            observer.finished(&report);
+            self.report(observer, &report);
             reports.push(report);
         }
     }
