@@ -186,3 +186,50 @@ fn a_receiver_without_a_terminal_admits_code_holders_only() {
     assert_eq!(list_dir(out.path()), names(&["ticket.txt"]));
     receiver.interrupt(SHORT);
 }
+
+/// A wrong code (the right nameplate, one word off) is refused on both sides with "the
+/// code did not match", and it burns the code: the right code no longer finds anyone,
+/// and the receiver offers a new code, which works.
+#[test]
+fn a_wrong_code_is_refused_on_both_sides_and_burns_the_code() {
+    let (rvhome, rhome, shome) = (Home::new(), Home::new(), Home::new());
+    let port = free_port_pair();
+    let _rv = rendezvous(&rvhome, port);
+    let via = format!("127.0.0.1:{port}");
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("coded.bin");
+    random_file(&file, 1000, 13);
+    // A chosen code with a nameplate no random one has (those stay below 100 here), so the
+    // old code cannot name the receiver's next registration by chance.
+    let chosen = "4343-crossover-clockwork";
+    let (mut receiver, code) =
+        receive_by_code(&rhome, out.path(), &via, &["--yes", "--code", chosen]);
+    let wrong = wrong_code(&code.parse().expect("the receiver's code")).to_string();
+    assert_ne!(wrong, code);
+
+    let guessed = send_code(&shome, &file, &wrong, &via);
+    guessed.assert_failure();
+    // Each side finds the code wrong itself (not "the other side gave up: ...").
+    let wrong_code_said = "the code did not match: it was mistyped";
+    let said = guessed.one("error")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(said.contains(wrong_code_said), "sender: {said}");
+    let error = receiver.wait_event("error", SHORT);
+    let said = error["message"].as_str().unwrap();
+    assert!(said.contains(wrong_code_said), "receiver: {said}");
+    // The receiver withdrew the code and offers another.
+    let second = next_code(&mut receiver);
+    assert!(!second.starts_with("4343-"), "a new nameplate: {second}");
+    // The right code is no use now.
+    let late = send_code(&shome, &file, &code, &via);
+    late.assert_failure();
+    let message = late.messages();
+    assert!(message.contains("no receiver is waiting"), "{message}");
+    // The new one is.
+    let sent = send_code(&shome, &file, &second, &via);
+    sent.assert_success();
+    assert_eq!(list_dir(out.path()), names(&["coded.bin"]));
+    receiver.interrupt(SHORT);
+}

@@ -509,6 +509,22 @@ pub fn list_dir(dir: &Path) -> BTreeSet<String> {
     names
 }
 
+/// `code` with its second word replaced by another from the same list: the same nameplate,
+/// the wrong secret (what a guesser, or a typo, tries).
+pub fn wrong_code(code: &qpunch::meet::code::Code) -> qpunch::meet::code::Code {
+    use qpunch::meet::code::{EVEN_WORDS, ODD_WORDS};
+    let [first, second] = code.words();
+    let list = if EVEN_WORDS.contains(&second) {
+        &EVEN_WORDS
+    } else {
+        &ODD_WORDS
+    };
+    let other = list.iter().find(|w| **w != second).expect("another word");
+    format!("{}-{first}-{other}", code.nameplate())
+        .parse()
+        .expect("a well-formed code")
+}
+
 /// A set of names, for comparing with [`list_dir`].
 pub fn names(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|n| n.to_string()).collect()
