@@ -1466,8 +1466,8 @@ fn receiver_output_escapes_what_the_sender_says() {
 // 11. Dotfiles and the default directory
 // ---------------------------------------------------------------------------------------
 
-/// Send `src/.bash_aliases` to a `receive --yes --once EXTRA...`; returns the out dir's
-/// listing, the out dir, and the bytes sent.
+/// Send `src/.bash_aliases` to a `receive --yes --once EXTRA...`: the send must succeed.
+/// Returns the out dir's listing, the out dir, and the bytes sent.
 fn send_dotfile(extra: &[&str]) -> (BTreeSet<String>, tempfile::TempDir, Vec<u8>) {
     let (rhome, shome, out) = (Home::new(), Home::new(), tempdir());
     let contents = b"alias ls='rm -rf ~'\n".to_vec();
@@ -1483,20 +1483,20 @@ fn send_dotfile(extra: &[&str]) -> (BTreeSet<String>, tempfile::TempDir, Vec<u8>
         SHORT,
     );
     let received = receiver.proc.finish(SHORT);
-    eprintln!(
-        "dotfile with {extra:?}: sender {}, receiver {}",
-        sender.status, received.status
-    );
+    sender.assert_success();
+    received.assert_success();
     (list_dir(out.path()), out, contents)
 }
 
-/// By default an offered `.bash_aliases` never lands as a dotfile (renamed or declined).
+/// By default an offered `.bash_aliases` is stored, but never as a dotfile: as
+/// `_bash_aliases`.
 #[test]
 fn dotfiles_are_not_stored_as_dotfiles_by_default() {
-    let (listing, _out, _) = send_dotfile(&[]);
-    assert!(
-        listing.iter().all(|n| !n.starts_with('.')),
-        "a dotfile landed in the download directory: {listing:?}"
+    let (listing, out, contents) = send_dotfile(&[]);
+    assert_eq!(listing, names(&["_bash_aliases"]));
+    assert_eq!(
+        fs::read(out.path().join("_bash_aliases")).unwrap(),
+        contents
     );
 }
 
