@@ -1237,6 +1237,11 @@ fn overwrite_does_not_write_through_hard_links_at_the_partial_or_the_destination
 const EVIL: &str =
     "\u{1b}]0;pwned\u{7}\u{1b}[31mred\u{9b}31m\u{202e}txt.exe\nforged line: all files verified";
 
+/// [`EVIL`] as it must be shown: every control escaped in Rust's `\u{..}` notation, the
+/// rest as sent. Clean output that does not show it would hide what the peer said.
+const EVIL_SHOWN: &str = "\\u{1b}]0;pwned\\u{7}\\u{1b}[31mred\\u{9b}31m\\u{202e}txt.exe\\u{a}\
+     forged line: all files verified";
+
 /// Whether `text` shows peer-controlled terminal controls raw: an ESC, a C1 CSI, an
 /// RLO, or a line starting with "forged line".
 fn leaks(text: &str) -> bool {
@@ -1344,8 +1349,16 @@ fn sender_output_escapes_what_the_receiver_says() {
     ];
     rt.block_on(hostile).expect("hostile receiver");
     let mut outputs = Vec::new();
-    for (what, run) in &runs {
+    // The decline reason and the verdict error in the first run, a close reason in each of
+    // the others: all shown, escaped.
+    for ((what, run), shown) in runs.iter().zip([2, 1, 1]) {
         assert!(!run.status.success(), "{what}: {run:#?}");
+        assert_eq!(
+            run.stderr.matches(EVIL_SHOWN).count(),
+            shown,
+            "sender ({what}) shows what the receiver said, escaped:\n{}",
+            run.stderr
+        );
         outputs.push((format!("sender ({what}), stderr"), run.stderr.clone()));
         outputs.push((format!("sender ({what}), stdout"), run.text.join("\n")));
     }
@@ -1378,7 +1391,12 @@ fn receiver_output_escapes_what_the_sender_says() {
     let identity = receiver.wait_text(|l| l.trim_start().starts_with("identity:"), SHORT);
     let fp: Fingerprint = identity.rsplit(' ').next().unwrap().parse().expect("fp");
     let to = target(port);
-    let pause = || thread::sleep(Duration::from_millis(400));
+    // Each attack in turn, once the receiver has said what it made of the one before.
+    let said = |wanted: &str| {
+        let line = receiver.wait_stderr(|l| l.contains(wanted), SHORT);
+        eprintln!("receiver: {line}");
+        line
+    };
 
     rt.block_on(async {
         // 1. Close with EVIL right after the handshake.
@@ -1387,7 +1405,7 @@ fn receiver_output_escapes_what_the_sender_says() {
             .close(transfer::codes::PROTOCOL.into(), EVIL.as_bytes());
         peer.endpoint.wait_idle().await;
     });
-    pause();
+    said(&format!("closed by peer: {EVIL_SHOWN}"));
     rt.block_on(async {
         // 2. Names and hashes full of EVIL (declined), then close with EVIL.
         let peer = connect_from(lo(3), to, fp).await.expect("connect");
@@ -1409,7 +1427,8 @@ fn receiver_output_escapes_what_the_sender_says() {
             .close(transfer::codes::PROTOCOL.into(), EVIL.as_bytes());
         peer.endpoint.wait_idle().await;
     });
-    pause();
+    let declined = said("declined ");
+    assert!(declined.contains(EVIL_SHOWN), "{declined}");
     rt.block_on(async {
         // 3. A frame that is not a manifest, with EVIL where a number belongs.
         let peer = connect_from(lo(4), to, fp).await.expect("connect");
@@ -1425,7 +1444,7 @@ fn receiver_output_escapes_what_the_sender_says() {
             .close(transfer::codes::PROTOCOL.into(), EVIL.as_bytes());
         peer.endpoint.wait_idle().await;
     });
-    pause();
+    said("bad frame");
     rt.block_on(async {
         // 4. A real file, cut off mid-stream with EVIL.
         let peer = connect_from(lo(5), to, fp).await.expect("connect");
@@ -1452,13 +1471,20 @@ fn receiver_output_escapes_what_the_sender_says() {
             .close(transfer::codes::PROTOCOL.into(), EVIL.as_bytes());
         peer.endpoint.wait_idle().await;
     });
-    pause();
+    said("cut.bin: ");
     receiver.signal(libc::SIGINT);
     let finished = receiver.finish(SHORT);
     assert_clean(&[
         ("receiver stderr".into(), finished.stderr.clone()),
         ("receiver stdout".into(), finished.text.join("\n")),
     ]);
+    // The close reason once, the offered name twice (declined, and why).
+    assert_eq!(
+        finished.stderr.matches(EVIL_SHOWN).count(),
+        3,
+        "the receiver shows what the sender said, escaped:\n{}",
+        finished.stderr
+    );
     assert!(!out.path().join("cut.bin").exists());
 }
 

@@ -226,6 +226,23 @@ impl Proc {
         }
     }
 
+    /// Wait until stderr holds a line satisfying `wanted` (lines read before count too) and
+    /// return it. Panics at `timeout`.
+    pub fn wait_stderr(&self, wanted: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.stderr.lock().unwrap().lines().find(|l| wanted(l)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for a line on stderr\n{}",
+                self.diagnostics()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Send signal `signal` (e.g. `libc::SIGINT`) to the process.
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on the pid of a child we own and have not reaped yet (it is
