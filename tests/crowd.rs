@@ -3,9 +3,6 @@
 //! send of thousands of small files (bundled streams, batched syncs).
 
 mod common;
-#[allow(dead_code)]
-#[path = "hardening/sys.rs"]
-mod sys;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

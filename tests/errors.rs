@@ -9,9 +9,6 @@
 //! receiver's partial file grow.
 
 mod common;
-#[allow(dead_code)]
-#[path = "hardening/sys.rs"]
-mod sys;
 
 use std::path::Path;
 use std::sync::Arc;

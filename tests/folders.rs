@@ -3,9 +3,6 @@
 //! refused component by component, progress and summary events.
 
 mod common;
-#[allow(dead_code)]
-#[path = "hardening/pty.rs"]
-mod pty;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -9,12 +9,6 @@
 //! 127.0.0.2, 127.0.0.3, ... (all of 127/8 is loopback on Linux).
 
 mod common;
-#[path = "hardening/peer.rs"]
-mod peer;
-#[path = "hardening/pty.rs"]
-mod pty;
-#[path = "hardening/sys.rs"]
-mod sys;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -26,9 +20,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::pty::{PROMPT, PtyProc};
 use common::*;
 use peer::{connect_from, lo, offer, offer_of, read_frame, write_frame, write_raw_frame};
-use pty::{PROMPT, PtyProc};
 use qpunch::identity::{Fingerprint, Identity};
 use qpunch::node::{Node, NodeConfig};
 use qpunch::transfer::{self, Decision, Decisions, FileHeader, FileResult, Manifest};

@@ -17,9 +17,6 @@
 //! Distinct source addresses are 127.0.0.x (all of 127/8 is loopback on Linux).
 
 mod common;
-#[allow(dead_code)]
-#[path = "hardening/sys.rs"]
-mod sys;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -1137,7 +1134,7 @@ async fn register(ip: IpAddr, addr: SocketAddr) -> (Arc<Node>, RendezvousClient,
 fn memory_per_registration_is_bounded() {
     let (_home, proc, addr) = rendezvous_process();
     let pid = proc.id();
-    let kib = |field| sys::status_field(pid, field).expect("rendezvous alive") * 1024;
+    let kib = |field| common::sys::status_field(pid, field).expect("rendezvous alive") * 1024;
     let rt = runtime();
     let (idle, peak, rss) = rt.block_on(async {
         // Warm up (first connections, first allocations of every kind), then let go.
@@ -1845,7 +1842,7 @@ fn memory_per_stuck_connection_is_bounded() {
     const STUCK: usize = 100;
     let (_home, proc, addr) = rendezvous_process();
     let pid = proc.id();
-    let kib = |field| sys::status_field(pid, field).expect("rendezvous alive") * 1024;
+    let kib = |field| common::sys::status_field(pid, field).expect("rendezvous alive") * 1024;
     let rt = runtime();
     let (idle, peak) = rt.block_on(async {
         let warm: Vec<_> =

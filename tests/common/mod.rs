@@ -4,7 +4,20 @@
 //!
 //! Every child process is owned by a [`Proc`], which kills and reaps it when dropped, so
 //! a failing (panicking) test never leaves a receiver running.
+//!
+//! Submodules: [`peer`] (hostile peers speaking the transfer protocol by hand), [`pty`]
+//! (a `qpunch` on a pseudo-terminal, to answer its prompts), [`seed`] (the seed's Go
+//! program), [`sys`] (what the kernel says about a process; root-only set-up; skipping).
+//!
+//! Every test file is its own crate and compiles this whole tree with `mod common;`, but
+//! each uses a different part of it: `dead_code` is allowed here, once for the tree,
+//! rather than on every item some test file does not use.
 #![allow(dead_code)]
+
+pub mod peer;
+pub mod pty;
+pub mod seed;
+pub mod sys;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};

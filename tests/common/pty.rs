@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::BIN;
+use super::BIN;
 
 /// The consent prompt's question.
 pub const PROMPT: &str = "Accept? [y/N]";
