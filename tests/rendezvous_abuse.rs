@@ -1031,11 +1031,28 @@ async fn a_reused_nameplate_survives_the_end_of_the_previous_pairing() {
     let (mut b, _) = second_receiver.open(Some(&nameplate), ttl).await.unwrap();
     let b_pake = some_pake(&nameplate);
     b.pake(&b_pake).await.unwrap();
-    // The first pairing ends.
-    drop((a, s1));
+    // The first pairing ends, each side giving up in turn, and then the sender leaving.
+    let mut s1 = s1;
+    s1.fail("the sender gives up").await.unwrap();
+    assert!(
+        matches!(a.sealed().await, Ok(Err(_))),
+        "the receiver is told"
+    );
+    a.fail("the receiver gives up").await.unwrap();
+    assert!(
+        matches!(s1.sealed().await, Ok(Err(_))),
+        "the sender is told"
+    );
+    s1.finish(STEP).await;
+    // The rendezvous ends the receiver's exchange once its partner's is over: it lets go
+    // of what that exchange registered first, and then closes the stream. So once the
+    // stream is closed here, the release has happened (no time to guess).
+    assert!(
+        matches!(a.next().await, Err(ClientError::Closed)),
+        "the first pairing's exchange ends"
+    );
     first_receiver.connection().close(0u32.into(), b"bye");
     first_sender.connection().close(0u32.into(), b"bye");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         rv.rendezvous.waiting(),
         1,
