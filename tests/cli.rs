@@ -211,7 +211,7 @@ fn sender_not_on_allow_list_is_refused() {
     );
     sender.assert_failure();
     // A refused stranger is not "the one" transfer: `--once` keeps waiting for it.
-    let mut proc = receiver.proc;
+    let proc = receiver.proc;
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(
         proc.running(),

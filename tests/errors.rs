@@ -31,7 +31,7 @@ fn partial_bytes(out: &Path) -> u64 {
 }
 
 /// Wait until the receiver's partials hold at least `bytes`.
-fn wait_partial(out: &Path, bytes: u64, sender: &mut Proc) {
+fn wait_partial(out: &Path, bytes: u64, sender: &Proc) {
     let deadline = Instant::now() + LONG;
     while partial_bytes(out) < bytes {
         assert!(
@@ -44,23 +44,28 @@ fn wait_partial(out: &Path, bytes: u64, sender: &mut Proc) {
     }
 }
 
-/// Keeps process `pid` stopped most of the time (running 4 ms of every 20), so that a
+/// Keeps a process stopped most of the time (running 4 ms of every 20), so that a
 /// transfer can be caught in flight; lets it run freely once dropped.
-struct Throttle {
+///
+/// It borrows the [`Proc`]: the process cannot be reaped (by `finish`, `kill` or drop)
+/// while the throttle still signals its pid, and [`Proc::running`] does not reap it, so a
+/// signal never reaches another process that reused the pid.
+struct Throttle<'a> {
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
-    pid: i32,
+    proc: &'a Proc,
 }
 
-impl Throttle {
-    fn start(pid: u32) -> Throttle {
+impl<'a> Throttle<'a> {
+    fn start(proc: &'a Proc) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let pid = pid as i32;
+        let pid = proc.id() as i32;
         let thread = {
             let stop = stop.clone();
             thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    // SAFETY: signals to a child process the test owns.
+                    // SAFETY: signals to a child the test owns and has not reaped (see
+                    // above: the throttle is joined before the Proc can be reaped).
                     unsafe { libc::kill(pid, libc::SIGSTOP) };
                     thread::sleep(Duration::from_millis(16));
                     unsafe { libc::kill(pid, libc::SIGCONT) };
@@ -71,19 +76,18 @@ impl Throttle {
         Throttle {
             stop,
             thread: Some(thread),
-            pid,
+            proc,
         }
     }
 }
 
-impl Drop for Throttle {
+impl Drop for Throttle<'_> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        // SAFETY: as above.
-        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+        self.proc.signal(libc::SIGCONT);
     }
 }
 
@@ -139,14 +143,14 @@ fn a_vanished_receiver_is_an_error_and_the_partial_resumes() {
     random_file(&file, SIZE, 1);
 
     let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
-    let mut sender = spawn_send(
+    let sender = spawn_send(
         shome.path(),
         &[&file],
         receiver.port,
         &["--stall-timeout", "2s"],
     );
-    let throttle = Throttle::start(sender.id());
-    wait_partial(out.path(), 8 * MIB, &mut sender);
+    let throttle = Throttle::start(&sender);
+    wait_partial(out.path(), 8 * MIB, &sender);
     let received = receiver.proc.kill();
     drop(throttle);
     let kept = partial_bytes(out.path());
@@ -193,11 +197,11 @@ fn a_vanished_sender_is_an_error_and_the_partial_is_kept() {
         0,
         &["--yes", "--once", "--stall-timeout", "2s"],
     );
-    let mut sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
-    let throttle = Throttle::start(sender.id());
-    wait_partial(out.path(), 4 * MIB, &mut sender);
-    let sent = sender.kill();
+    let sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
+    let throttle = Throttle::start(&sender);
+    wait_partial(out.path(), 4 * MIB, &sender);
     drop(throttle);
+    let sent = sender.kill();
     let received = receiver.proc.finish(SHORT);
     received.assert_failure();
     one_error(&received, "sent nothing for 2 s");
@@ -218,9 +222,9 @@ fn ctrl_c_on_either_side_keeps_the_partial() {
     // The sender is interrupted.
     let out = tempdir();
     let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
-    let mut sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
-    let throttle = Throttle::start(sender.id());
-    wait_partial(out.path(), 4 * MIB, &mut sender);
+    let sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
+    let throttle = Throttle::start(&sender);
+    wait_partial(out.path(), 4 * MIB, &sender);
     drop(throttle);
     let started = Instant::now();
     let sent = sender.interrupt(SHORT);
@@ -236,9 +240,9 @@ fn ctrl_c_on_either_side_keeps_the_partial() {
     // The receiver is interrupted.
     let out = tempdir();
     let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
-    let mut sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
-    let throttle = Throttle::start(sender.id());
-    wait_partial(out.path(), 4 * MIB, &mut sender);
+    let sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
+    let throttle = Throttle::start(&sender);
+    wait_partial(out.path(), 4 * MIB, &sender);
     let received = receiver.proc.interrupt(SHORT);
     drop(throttle);
     let sent = sender.finish(SHORT);
@@ -258,9 +262,9 @@ fn a_file_that_changes_while_sent_is_refused_on_both_sides() {
     let file = src.path().join("growing.log");
     random_file(&file, SIZE, 4);
     let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
-    let mut sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
-    let throttle = Throttle::start(sender.id());
-    wait_partial(out.path(), 2 * MIB, &mut sender);
+    let sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
+    let throttle = Throttle::start(&sender);
+    wait_partial(out.path(), 2 * MIB, &sender);
     {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
@@ -297,9 +301,9 @@ fn a_full_disk_is_a_clear_error_on_both_sides() {
     let file = src.path().join("big.bin");
     random_file(&file, SIZE, 5);
     let receiver = Receiver::start(rhome.path(), &out, 0, &["--yes", "--once"]);
-    let mut sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
-    let throttle = Throttle::start(sender.id());
-    wait_partial(&out, 2 * MIB, &mut sender);
+    let sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
+    let throttle = Throttle::start(&sender);
+    wait_partial(&out, 2 * MIB, &sender);
     // Someone else fills the disk meanwhile.
     let filler = mnt.path().join("filler");
     let _ = std::fs::write(&filler, vec![7u8; 32 * MIB as usize]);

@@ -288,9 +288,25 @@ impl Proc {
         self.into_finished(status)
     }
 
-    /// Whether the process is still running.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+    /// Whether the process is still running. It does not reap the process (`WNOWAIT`): its
+    /// pid stays ours until [`Proc::finish`], [`Proc::kill`] or drop, so signals sent to it
+    /// in the meantime (see [`Proc::signal`]) cannot reach a process that reused the pid.
+    pub fn running(&self) -> bool {
+        // SAFETY: waitid(2) on our own child with a zeroed siginfo it fills in; WNOWAIT
+        // leaves the child waitable, so `Child` still reaps it later.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        assert_eq!(rc, 0, "waitid({})", self.child.id());
+        // With WNOHANG, si_pid stays 0 while the child has not exited.
+        // SAFETY: siginfo_t filled in (or left zeroed) by waitid.
+        unsafe { info.si_pid() == 0 }
     }
 
     /// Send SIGINT (as Ctrl-C would), then collect what it printed until it exits.
