@@ -12,9 +12,7 @@ use std::time::Duration;
 use common::*;
 use qpunch::identity::Identity;
 use qpunch::node::{Node, NodeConfig};
-use qpunch::transfer::{
-    self, Decision, Decisions, FileOffer, Manifest, Policy, Quiet, ReceiveOptions,
-};
+use qpunch::transfer::{self, Decision, FileOffer, Manifest, Policy, Quiet, ReceiveOptions};
 
 #[test]
 fn a_folder_arrives_as_a_tree() {
@@ -210,22 +208,14 @@ async fn hostile_folder_names_are_declined() {
     });
     let client = node(false);
     let peer = client.connect(to, Some(fp)).await.unwrap();
-    let (mut control, mut answers) = peer.connection.open_bi().await.unwrap();
     let manifest = Manifest {
         files,
         dirs: vec![vec!["..".into(), "escaped".into()], vec!["fine".into()]],
     };
-    let body = serde_json::to_vec(&manifest).unwrap();
-    control
-        .write_all(&(body.len() as u32).to_be_bytes())
+    let mut control = common::peer::send_manifest(&peer.connection, &manifest)
         .await
         .unwrap();
-    control.write_all(&body).await.unwrap();
-    let mut len = [0u8; 4];
-    answers.read_exact(&mut len).await.unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    answers.read_exact(&mut body).await.unwrap();
-    let Decisions { decisions } = serde_json::from_slice(&body).unwrap();
+    let decisions = control.decisions(SHORT).await.unwrap();
     for (i, (dir, why)) in cases.iter().enumerate() {
         match &decisions[i] {
             Decision::Decline { reason, .. } => {

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::pty::{PROMPT, PtyProc};
 use common::*;
-use peer::{connect_from, lo, offer, offer_of, read_frame, write_frame, write_raw_frame};
+use peer::{
+    connect_from, lo, offer, offer_files, offer_of, read_frame, write_frame, write_raw_frame,
+};
 use qpunch::identity::{Fingerprint, Identity};
 use qpunch::node::{Node, NodeConfig};
 use qpunch::transfer::{self, Decision, Decisions, FileHeader, FileResult, Manifest};
@@ -494,27 +496,15 @@ async fn drip(
         return;
     };
     let conn = &peer.conn;
-    let Ok((mut control, mut answers)) = conn.open_bi().await else {
-        let _ = opened.send(0);
-        return;
-    };
     let offers = (0..files)
         .map(|i| offer(i, &format!("drip-{ip}-{i}.bin"), size))
         .collect();
-    let decisions = async {
-        write_frame(
-            &mut control,
-            &Manifest {
-                files: offers,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        read_frame::<Decisions>(&mut answers).await
+    let Ok(mut control) = offer_files(conn, offers).await else {
+        let _ = opened.send(0);
+        return;
     };
-    let accepted: Vec<u32> = match tokio::time::timeout(Duration::from_secs(10), decisions).await {
-        Ok(Ok(Decisions { decisions })) => decisions
+    let accepted: Vec<u32> = match control.decisions(Duration::from_secs(10)).await {
+        Ok(decisions) => decisions
             .iter()
             .filter_map(|d| match d {
                 Decision::Accept { id, .. } => Some(*id),
@@ -626,18 +616,9 @@ fn slow_drip_is_aborted_by_min_rate() {
 
     let (peer, control, mut file_send, mut file_recv) = rt.block_on(async {
         let peer = connect_from(lo(2), to, fp).await.expect("connect");
-        let (mut control, mut answers) = peer.conn.open_bi().await.unwrap();
         let files = vec![offer(0, "drip.bin", MIB)];
-        write_frame(
-            &mut control,
-            &Manifest {
-                files,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .unwrap();
-        let Decisions { decisions } = read_frame(&mut answers).await.expect("decisions");
+        let mut control = offer_files(&peer.conn, files).await.expect("offer");
+        let decisions = control.decisions(SHORT).await.expect("decisions");
         assert!(
             matches!(decisions[..], [Decision::Accept { id: 0, offset: 0 }]),
             "{decisions:?}"
@@ -647,7 +628,7 @@ fn slow_drip_is_aborted_by_min_rate() {
             .await
             .unwrap();
         send.write_all(&[0]).await.unwrap();
-        (peer, (control, answers), send, recv)
+        (peer, control, send, recv)
     });
     let dripping = Instant::now();
     // The verdict (or the stream/connection failing) on the hostile side.
@@ -744,22 +725,9 @@ fn ten_thousand_same_name_offers_do_not_freeze_the_receiver() {
     thread::sleep(Duration::from_millis(500));
 
     let (offered_at, decisions) = rt.block_on(async {
-        let (mut control, mut answers) = peer.conn.open_bi().await.unwrap();
-        write_frame(
-            &mut control,
-            &Manifest {
-                files,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .unwrap();
+        let mut control = offer_files(&peer.conn, files).await.unwrap();
         let offered_at = Instant::now();
-        let decisions = tokio::time::timeout(
-            Duration::from_secs(10),
-            read_frame::<Decisions>(&mut answers),
-        )
-        .await;
+        let decisions = control.decisions(Duration::from_secs(10)).await;
         (offered_at, decisions.map(|d| (d, Instant::now())))
     });
     thread::sleep(Duration::from_secs(1));
@@ -772,13 +740,8 @@ fn ten_thousand_same_name_offers_do_not_freeze_the_receiver() {
     marks.push(probing_until);
     let gap = marks.windows(2).map(|w| w[1] - w[0]).max().unwrap();
     let decided = match &decisions {
-        Ok((Ok(d), at)) => format!(
-            "{} decisions after {:?}",
-            d.decisions.len(),
-            *at - offered_at
-        ),
-        Ok((Err(e), _)) => format!("no decisions: {e}"),
-        Err(_) => "no decisions within 10 s".to_string(),
+        Ok((d, at)) => format!("{} decisions after {:?}", d.len(), *at - offered_at),
+        Err(e) => format!("no decisions: {e}"),
     };
     eprintln!(
         "{} probe replies, longest gap {gap:?}; {decided}",
@@ -788,7 +751,7 @@ fn ten_thousand_same_name_offers_do_not_freeze_the_receiver() {
         gap <= Duration::from_secs(1),
         "probes went unanswered for {gap:?} while the receiver decided ({decided})"
     );
-    let Ok((Ok(Decisions { decisions }), _)) = decisions else {
+    let Ok((decisions, _)) = decisions else {
         panic!("{decided}");
     };
     assert_eq!(decisions.len(), FILES as usize);
@@ -1077,18 +1040,9 @@ fn abandoned_offers_do_not_keep_names_reserved() {
             let peer = connect_from(lo(2), target(port), fp)
                 .await
                 .expect("connect");
-            let (mut send, recv) = peer.conn.open_bi().await.unwrap();
             let files = vec![offer_of(0, "f.txt", data)];
-            write_frame(
-                &mut send,
-                &Manifest {
-                    files,
-                    ..Manifest::default()
-                },
-            )
-            .await
-            .unwrap();
-            (peer, (send, recv))
+            let control = offer_files(&peer.conn, files).await.unwrap();
+            (peer, control)
         });
         receiver.wait_for(PROMPT, round, SHORT);
         peer.conn.close(0u32.into(), b"gone");
@@ -1412,26 +1366,16 @@ fn receiver_output_escapes_what_the_sender_says() {
     rt.block_on(async {
         // 2. Names and hashes full of EVIL (declined), then close with EVIL.
         let peer = connect_from(lo(3), to, fp).await.expect("connect");
-        let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
         let mut bad_hash = offer(1, "ok.txt", 1);
         bad_hash.blake3 = EVIL.into();
         let files = vec![offer(0, &format!("{EVIL}.txt"), 1), bad_hash];
-        write_frame(
-            &mut send,
-            &Manifest {
-                files,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .unwrap();
-        let _ = read_frame::<Decisions>(&mut recv).await;
+        let mut control = offer_files(&peer.conn, files).await.unwrap();
+        let _ = control.decisions(SHORT).await;
         peer.conn
             .close(transfer::codes::PROTOCOL.into(), EVIL.as_bytes());
         peer.endpoint.wait_idle().await;
     });
-    let declined = said("declined ");
-    assert!(declined.contains(EVIL_SHOWN), "{declined}");
+    said(&format!("declined {EVIL_SHOWN}"));
     rt.block_on(async {
         // 3. A frame that is not a manifest, with EVIL where a number belongs.
         let peer = connect_from(lo(4), to, fp).await.expect("connect");
@@ -1452,18 +1396,9 @@ fn receiver_output_escapes_what_the_sender_says() {
         // 4. A real file, cut off mid-stream with EVIL.
         let peer = connect_from(lo(5), to, fp).await.expect("connect");
         let data = vec![7u8; 200_000];
-        let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
         let files = vec![offer_of(0, "cut.bin", &data)];
-        write_frame(
-            &mut send,
-            &Manifest {
-                files,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .unwrap();
-        let _ = read_frame::<Decisions>(&mut recv).await;
+        let mut control = offer_files(&peer.conn, files).await.unwrap();
+        let _ = control.decisions(SHORT).await;
         let (mut file, _verdict) = peer.conn.open_bi().await.unwrap();
         write_frame(&mut file, &FileHeader { id: 0, offset: 0 })
             .await
@@ -1593,21 +1528,10 @@ fn offer_and_decide(
         let peer = connect_from(lo(2), target(port), fp)
             .await
             .map_err(|e| e.to_string())?;
-        let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_frame(
-            &mut send,
-            &Manifest {
-                files,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let decided = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
-            .await
-            .map_err(|_| "no decisions within 10 s".to_string())?;
+        let mut control = offer_files(&peer.conn, files).await?;
+        let decided = control.decisions(Duration::from_secs(10)).await;
         peer.conn.close(0u32.into(), b"");
-        decided.map(|Decisions { decisions }| decisions)
+        decided
     })
 }
 
