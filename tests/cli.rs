@@ -241,19 +241,12 @@ fn receiver_without_tty_or_policy_refuses_to_start() {
     let home = Home::new();
     let out = tempdir();
     for json in [true, false] {
-        let mut args = vec![
-            "receive",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--out",
-            s(out.path()),
-            "--once",
-        ];
-        if json {
-            args.push("--json");
-        }
+        let flags: &[&str] = if json {
+            &["--once", "--json"]
+        } else {
+            &["--once"]
+        };
+        let args = receive_args(0, Some(out.path()), flags);
         let finished = Proc::spawn("receiver", home.path(), &args).finish(SHORT);
         assert!(!finished.status.success(), "{finished:#?}");
         assert!(finished.all("listening").is_empty(), "{finished:#?}");

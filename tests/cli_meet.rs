@@ -27,17 +27,6 @@ fn rendezvous(home: &Home, port: u16) -> Proc {
     proc
 }
 
-/// A free UDP port whose successor is free too (the rendezvous binds both).
-fn free_port_pair() -> u16 {
-    loop {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        if port < 65535 && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-}
-
 /// `receive --via` with `extra` flags; returns it and its first code.
 fn receive_by_code(
     home: &Home,
@@ -45,20 +34,9 @@ fn receive_by_code(
     via: &str,
     extra: &[&str],
 ) -> (Proc, String) {
-    let mut args = vec![
-        "receive",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--out",
-        s(out),
-        "--via",
-        via,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let mut proc = Proc::spawn("receiver", home.path(), &args);
+    let mut flags = vec!["--via", via, "--json"];
+    flags.extend_from_slice(extra);
+    let mut proc = Proc::spawn("receiver", home.path(), &receive_args(0, Some(out), &flags));
     let code = next_code(&mut proc);
     (proc, code)
 }

@@ -353,18 +353,7 @@ fn permission_denied_is_a_clear_error_on_both_sides() {
         give_to_nobody(dir.path());
     }
     let spawn_receiver = |out: &Path| {
-        let args = [
-            "receive",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--out",
-            s(out),
-            "--json",
-            "--yes",
-            "--once",
-        ];
+        let args = receive_args(0, Some(out), &["--json", "--yes", "--once"]);
         let mut proc = Proc::spawn_with("receiver", rhome.path(), &args, as_nobody);
         let port = proc.wait_event("listening", SHORT)["port"]
             .as_u64()

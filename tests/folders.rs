@@ -258,17 +258,7 @@ fn the_consent_prompt_shows_counts_size_and_top_level_names() {
     random_file(&album.join("disc 2/bonus.flac"), 5000, 99);
     let loose = src.path().join("notes.txt");
     random_file(&loose, 123, 100);
-    let args = [
-        "receive",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--out",
-        s(out.path()),
-        "--json",
-        "--once",
-    ];
+    let args = receive_args(0, Some(out.path()), &["--json", "--once"]);
     let mut receiver = pty::PtyProc::spawn(rhome.path(), &args);
     let listening = receiver.wait_events("listening", 1, SHORT).remove(0);
     let port = listening["port"].as_u64().unwrap() as u16;

@@ -1002,18 +1002,9 @@ fn once_with_allow_list_outlasts_a_refused_stranger() {
 
 /// `qpunch receive --json` on a pty (so it asks), bound to 127.0.0.1.
 fn pty_receiver(home: &Path, out: &Path, extra: &[&str]) -> (PtyProc, u16, Fingerprint) {
-    let mut args = vec![
-        "receive",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--out",
-        s(out),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let receiver = PtyProc::spawn(home, &args);
+    let mut flags = vec!["--json"];
+    flags.extend_from_slice(extra);
+    let receiver = PtyProc::spawn(home, &receive_args(0, Some(out), &flags));
     let listening = receiver.wait_events("listening", 1, SHORT).remove(0);
     let port = listening["port"].as_u64().expect("port") as u16;
     let fp = listening["fingerprint"]
@@ -1329,20 +1320,8 @@ fn sender_output_escapes_what_the_receiver_says() {
 fn receiver_output_escapes_what_the_sender_says() {
     let rt = peer::runtime();
     let (rhome, out) = (Home::new(), tempdir());
-    let mut receiver = Proc::spawn(
-        "receiver",
-        rhome.path(),
-        &[
-            "receive",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--out",
-            s(out.path()),
-            "--yes",
-        ],
-    );
+    let args = receive_args(0, Some(out.path()), &["--yes"]);
+    let mut receiver = Proc::spawn("receiver", rhome.path(), &args);
     let banner = receiver.wait_text(|l| l.starts_with("qpunch is receiving on UDP port"), SHORT);
     let port: u16 = banner.rsplit(' ').next().unwrap().parse().expect("port");
     let identity = receiver.wait_text(|l| l.trim_start().starts_with("identity:"), SHORT);
@@ -1481,16 +1460,8 @@ fn allow_dotfiles_stores_them_as_named() {
 fn default_out_dir_is_downloads_qpunch() {
     let (rhome, shome, home, cwd) = (Home::new(), Home::new(), tempdir(), tempdir());
     let (_src, file) = small_file("hello.txt", b"hello\n");
-    let args = [
-        "receive",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--json",
-        "--yes",
-        "--once",
-    ];
+    // No --out: the default folder.
+    let args = receive_args(0, None, &["--json", "--yes", "--once"]);
     let mut proc = Proc::spawn_with("receiver", rhome.path(), &args, |cmd| {
         cmd.env("HOME", home.path())
             .env_remove("XDG_DOWNLOAD_DIR")

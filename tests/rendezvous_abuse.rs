@@ -1094,7 +1094,7 @@ const PER_REGISTRATION: u64 = 64 << 10;
 /// alone): its home (keep it), the process and its address.
 fn rendezvous_process() -> (common::Home, common::Proc, SocketAddr) {
     let home = common::Home::new();
-    let port = free_port_pair();
+    let port = common::free_port_pair();
     let mut proc = common::Proc::spawn(
         "rendezvous",
         home.path(),
@@ -1109,18 +1109,6 @@ fn rendezvous_process() -> (common::Home, common::Proc, SocketAddr) {
     );
     proc.wait_event("rendezvous", common::SHORT);
     (home, proc, SocketAddr::from(([127, 0, 0, 1], port)))
-}
-
-/// A free UDP port whose successor is free too (the rendezvous's alternate port).
-fn free_port_pair() -> u16 {
-    for _ in 0..100 {
-        let first = UdpSocket::bind((lo(1), 0)).unwrap();
-        let port = first.local_addr().unwrap().port();
-        if port < u16::MAX && UdpSocket::bind((lo(1), port + 1)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free pair of UDP ports");
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -20,6 +20,7 @@ pub mod seed;
 pub mod sys;
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -95,7 +96,7 @@ pub struct Proc {
 
 impl Proc {
     /// Start `qpunch ARGS...` with `QPUNCH_HOME=home`, stdin from /dev/null (not a TTY).
-    pub fn spawn(name: &str, home: &Path, args: &[&str]) -> Self {
+    pub fn spawn(name: &str, home: &Path, args: &[impl AsRef<OsStr>]) -> Self {
         Self::spawn_with(name, home, args, |_| {})
     }
 
@@ -104,7 +105,7 @@ impl Proc {
     pub fn spawn_with(
         name: &str,
         home: &Path,
-        args: &[&str],
+        args: &[impl AsRef<OsStr>],
         configure: impl FnOnce(&mut Command),
     ) -> Self {
         let mut command = Command::new(BIN);
@@ -416,19 +417,9 @@ impl Receiver {
     /// `qpunch receive --bind 127.0.0.1 --port PORT --out OUT --json EXTRA...`, waiting
     /// for its `listening` event. `port` 0 picks a free port.
     pub fn start(home: &Path, out: &Path, port: u16, extra: &[&str]) -> Self {
-        let port_arg = port.to_string();
-        let mut args = vec![
-            "receive",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port_arg,
-            "--out",
-            s(out),
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        let mut proc = Proc::spawn("receiver", home, &args);
+        let mut json = vec!["--json"];
+        json.extend_from_slice(extra);
+        let mut proc = Proc::spawn("receiver", home, &receive_args(port, Some(out), &json));
         let listening = proc.wait_event("listening", SHORT);
         let bound = listening["port"].as_u64().expect("listening.port") as u16;
         assert_ne!(bound, 0, "{}", proc.diagnostics());
@@ -456,6 +447,33 @@ impl Receiver {
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+}
+
+/// The arguments of every test receiver: `receive --bind 127.0.0.1 --port PORT`
+/// (0: any free port), `--out OUT` unless `out` is `None` (the default folder), then
+/// `extra` (`--json`, policy flags, ...).
+pub fn receive_args(port: u16, out: Option<&Path>, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["receive", "--bind", "127.0.0.1", "--port"]
+        .map(String::from)
+        .into();
+    args.push(port.to_string());
+    if let Some(out) = out {
+        args.extend(["--out".to_string(), s(out).to_string()]);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// A free UDP port on 127.0.0.1 whose successor is free too (a rendezvous binds both).
+pub fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let first = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free pair of UDP ports");
 }
 
 /// Start `qpunch send FILES... --to 127.0.0.1:PORT --punch-timeout 3s --json EXTRA...`.
