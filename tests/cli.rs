@@ -67,7 +67,7 @@ fn check_delivery(
     saved_as
 }
 
-/// Case 1: Files of 0 B, 1 B and 64 MiB in one send arrive verified under their own names.
+/// Files of 0 B, 1 B and 64 MiB in one send arrive verified under their own names.
 #[test]
 fn three_sizes_in_one_send_arrive_verified() {
     let (rhome, shome) = (Home::new(), Home::new());
@@ -109,7 +109,7 @@ fn three_sizes_in_one_send_arrive_verified() {
     assert_eq!(received.one("connected")["fingerprint"], sender_fp);
 }
 
-/// Case 2: The socket that punched is the socket QUIC uses: same local port.
+/// The socket that punched is the socket QUIC uses: same local port.
 #[test]
 fn punched_port_survives_hand_over_to_quic() {
     let (rhome, shome) = (Home::new(), Home::new());
@@ -147,7 +147,7 @@ fn punched_port_survives_hand_over_to_quic() {
     assert!(received.one("stats")["probes_answered"].as_u64().unwrap() >= 1);
 }
 
-/// Case 3: `--peer` naming another identity: the handshake is refused and nothing is sent.
+/// `--peer` naming another identity: the handshake is refused and nothing is sent.
 #[test]
 fn wrong_peer_fingerprint_is_refused() {
     let (rhome, shome, other) = (Home::new(), Home::new(), Home::new());
@@ -185,7 +185,7 @@ fn wrong_peer_fingerprint_is_refused() {
     assert_eq!(list_dir(out.path()), BTreeSet::new());
 }
 
-/// Case 4: A receiver with `--allow` for someone else refuses this sender.
+/// A receiver with `--allow` for someone else refuses this sender.
 #[test]
 fn sender_not_on_allow_list_is_refused() {
     let (rhome, shome, other) = (Home::new(), Home::new(), Home::new());
@@ -235,7 +235,7 @@ fn sender_not_on_allow_list_is_refused() {
     assert_eq!(list_dir(out.path()), BTreeSet::new());
 }
 
-/// Case 5: No terminal and neither `--yes` nor `--allow`: refuse to start at all.
+/// No terminal and neither `--yes` nor `--allow`: refuse to start at all.
 #[test]
 fn receiver_without_tty_or_policy_refuses_to_start() {
     let home = Home::new();
@@ -263,7 +263,7 @@ fn receiver_without_tty_or_policy_refuses_to_start() {
     assert_eq!(list_dir(out.path()), BTreeSet::new());
 }
 
-/// Case 6: Trust on first use, then a changed identity on the same address is refused.
+/// Trust on first use, then a changed identity on the same address is refused.
 #[test]
 fn changed_receiver_identity_is_refused_after_first_use() {
     let (first_home, second_home, shome) = (Home::new(), Home::new(), Home::new());
@@ -403,7 +403,7 @@ fn corrupted_probe(rng: &mut impl Rng, variant: usize) -> Vec<u8> {
     d
 }
 
-/// Case 7: Junk datagrams at the receiver's port during a 64 MiB transfer are dropped and
+/// Junk datagrams at the receiver's port during a 64 MiB transfer are dropped and
 /// counted; the transfer still completes verified.
 #[test]
 fn spray_of_junk_datagrams_does_not_disturb_transfer() {
@@ -449,7 +449,7 @@ fn spray_of_junk_datagrams_does_not_disturb_transfer() {
     );
 }
 
-/// Case 8: An existing file is kept (the new one gets ` (1)`), unless `--overwrite`.
+/// An existing file is kept (the new one gets ` (1)`), unless `--overwrite`.
 #[test]
 fn existing_file_is_not_overwritten_unless_asked() {
     let (rhome, shome) = (Home::new(), Home::new());
@@ -494,7 +494,7 @@ fn existing_file_is_not_overwritten_unless_asked() {
     assert_eq!(list_dir(out.path()), names(&["a.txt", "a (1).txt"]));
 }
 
-/// Case 9: `qpunch id` is stable, distinct per home, and the key file is private.
+/// `qpunch id` is stable, distinct per home, and the key file is private.
 #[test]
 fn id_is_stable_and_key_is_private() {
     let (home, other) = (Home::new(), Home::new());
@@ -525,7 +525,7 @@ fn id_is_stable_and_key_is_private() {
     assert_eq!(receiver.fingerprint, first);
 }
 
-/// Case 10: `--cc` picks each side's congestion controller: a NewReno receiver takes a file from a
+/// `--cc` picks each side's congestion controller: a NewReno receiver takes a file from a
 /// CUBIC sender, and an unknown name is refused before anything happens, listing the
 /// names that exist. (Which controller runs is checked in `node`'s unit tests; the path
 /// benchmark measures what each is worth.)
@@ -577,7 +577,7 @@ fn congestion_controller_is_chosen_per_side() {
     }
 }
 
-/// Case 11: One unreadable line in known_peers does not stop a send: it is reported (file
+/// One unreadable line in known_peers does not stop a send: it is reported (file
 /// and line) and kept as it was, and the new peer is remembered after it.
 #[test]
 fn bad_known_peers_line_is_reported_and_kept() {
@@ -607,7 +607,7 @@ fn bad_known_peers_line_is_reported_and_kept() {
     assert_eq!(now, format!("{original}{added}"));
 }
 
-/// Case 12: Like ssh, an identity key that others may read is refused (with the `chmod`
+/// Like ssh, an identity key that others may read is refused (with the `chmod`
 /// that fixes it), and a qpunch home that others may write to is warned about.
 #[cfg(unix)]
 #[test]
@@ -674,7 +674,7 @@ fn answer_from_elsewhere(probed: &UdpSocket, elsewhere: &UdpSocket) -> std::net:
     }
 }
 
-/// Case 13: A probe reply from an address other than the probed one is not trusted on
+/// A probe reply from an address other than the probed one is not trusted on
 /// first use: without `--peer` the sender refuses before any QUIC (nothing reaches the
 /// other address, nothing is remembered); with `--peer` the address does not matter and
 /// TLS pinning decides (here: refuses the impostor's key).

@@ -1,8 +1,8 @@
-//! Issue 5: hardening `qpunch receive` against hostile peers, played by the attacker.
+//! Hardening `qpunch receive` against hostile peers, played by the attacker.
 //!
 //! Each test drives the real `qpunch` binary over loopback and attacks it with peers built
 //! from the library (real quinn, real TLS, frames written by hand), then checks what the
-//! contract of the fix promises: limits on connections, handshakes, memory, threads and
+//! contract promises: limits on connections, handshakes, memory, threads and
 //! probe replies; a stats event on SIGINT/SIGTERM; no leaked name reservations; no writes
 //! through links; no raw terminal controls from peers; no dotfiles by default; and a
 //! consent step that checks free space first. Distinct source addresses come from
@@ -158,7 +158,7 @@ fn assert_delivered(sender: &Finished, name: &str, source: &Path, out: &Path) {
 }
 
 // ---------------------------------------------------------------------------------------
-// 1. Stalled handshakes
+// Stalled handshakes
 // ---------------------------------------------------------------------------------------
 
 /// Three sources each send one real QUIC Initial and never continue. An honest sender
@@ -266,7 +266,7 @@ fn half_open_handshakes_beyond_16_get_a_retry() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 2. Connection budget
+// Connection budget
 // ---------------------------------------------------------------------------------------
 
 static JUNK: [u8; 64 << 10] = [0x5a; 64 << 10];
@@ -475,7 +475,7 @@ fn fifth_connection_from_one_address_is_refused() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 3. Disk threads and slow drip
+// Disk threads and slow drip
 // ---------------------------------------------------------------------------------------
 
 /// Connect from `ip`, offer `files` files of `size` bytes, open a stream for each
@@ -672,7 +672,7 @@ fn slow_drip_is_aborted_by_min_rate() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 4. One huge manifest must not freeze the receiver
+// One huge manifest must not freeze the receiver
 // ---------------------------------------------------------------------------------------
 
 /// Send a probe every 100 ms from `ip` to `to` until `stop`; returns when replies came.
@@ -758,7 +758,7 @@ fn ten_thousand_same_name_offers_do_not_freeze_the_receiver() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 5. Probe flood
+// Probe flood
 // ---------------------------------------------------------------------------------------
 
 /// Send probes from `socket` to `to` every 50 ms until one is answered; whether one was
@@ -849,7 +849,7 @@ fn probe_flood_from_one_source_is_rate_limited() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 6. Cancel safety of the accept loop
+// Cancel safety of the accept loop
 // ---------------------------------------------------------------------------------------
 
 /// 5 rounds of 20 concurrent senders (64 KiB each) to one `receive --yes`, while a
@@ -955,7 +955,7 @@ fn concurrent_senders_survive_a_connect_and_close_loop() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 7. --once with an allow list
+// --once with an allow list
 // ---------------------------------------------------------------------------------------
 
 /// `receive --once --allow FP`: a stranger offering a file first is refused and does not
@@ -997,7 +997,7 @@ fn once_with_allow_list_outlasts_a_refused_stranger() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 8. Name reservations of abandoned offers
+// Name reservations of abandoned offers
 // ---------------------------------------------------------------------------------------
 
 /// `qpunch receive --json` on a pty (so it asks), bound to 127.0.0.1.
@@ -1058,7 +1058,7 @@ fn abandoned_offers_do_not_keep_names_reserved() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 9. Links planted where partials live
+// Links planted where partials live
 // ---------------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
@@ -1177,7 +1177,7 @@ fn overwrite_does_not_write_through_hard_links_at_the_partial_or_the_destination
 }
 
 // ---------------------------------------------------------------------------------------
-// 10. Terminal escapes from peers
+// Terminal escapes from peers
 // ---------------------------------------------------------------------------------------
 
 /// Peer-controlled text that would retitle and recolour the terminal, use a C1 CSI,
@@ -1406,7 +1406,7 @@ fn receiver_output_escapes_what_the_sender_says() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 11. Dotfiles and the default directory
+// Dotfiles and the default directory
 // ---------------------------------------------------------------------------------------
 
 /// Send `src/.bash_aliases` to a `receive --yes --once EXTRA...`: the send must succeed.
@@ -1485,7 +1485,7 @@ fn default_out_dir_is_downloads_qpunch() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 12. Consent and free space
+// Consent and free space
 // ---------------------------------------------------------------------------------------
 
 /// Offer `files` from a hostile sender and wait up to 10 s for the decisions.
@@ -1582,7 +1582,7 @@ fn offers_beyond_free_space_are_declined_before_asking() {
 // Proof under load: honest senders among strangers
 // ---------------------------------------------------------------------------------------
 
-/// The issue's load test, bounded in count and time, on loopback: 200 authenticated
+/// A load test, bounded in count and time, on loopback: 200 authenticated
 /// strangers from 200 addresses flood everything flow control allows (see [`attack`]),
 /// a probe flood runs from 4 more, and meanwhile 50 honest senders start at once. Every
 /// honest file arrives verified, the receiver's peak RSS stays under 200 MiB (the README

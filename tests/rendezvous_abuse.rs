@@ -1,4 +1,4 @@
-//! Issue 6: the rendezvous under abuse, and a rendezvous that lies.
+//! The rendezvous under abuse, and a rendezvous that lies.
 //!
 //! **Abuse.** A real rendezvous (the library's, served in this process; for memory, the
 //! `qpunch rendezvous` binary in a child process) is attacked over loopback with real QUIC:
@@ -274,7 +274,7 @@ fn refused_as_wrong_code(result: &Result<impl std::fmt::Debug, MeetError>) -> bo
 }
 
 // =======================================================================================
-// Part 1: the rendezvous under abuse
+// The rendezvous under abuse
 // =======================================================================================
 
 // ---------------------------------------------------------------------------------------
@@ -1181,7 +1181,7 @@ fn memory_per_registration_is_bounded() {
 }
 
 // =======================================================================================
-// Part 2: a rendezvous that lies
+// A rendezvous that lies
 // =======================================================================================
 
 /// One exchange (stream) a client opened on the [`Liar`], with its first request.
@@ -1502,7 +1502,7 @@ async fn impersonate(
     (welcomed, sent)
 }
 
-/// (a) The rendezvous answers each side with its own PAKE messages and sealed hellos that
+/// The rendezvous answers each side with its own PAKE messages and sealed hellos that
 /// carry its own fingerprint, guessing the code's words. Both sides refuse (the hellos do
 /// not open), no peer connects to the impostor, nothing is written.
 #[tokio::test]
@@ -1524,7 +1524,7 @@ async fn a_rendezvous_substituting_its_own_fingerprint_is_refused() {
     pair.assert_nothing_written();
 }
 
-/// The control for (a): the same impostor with the right code (an online guess that
+/// The control for the test above: the same impostor with the right code (an online guess that
 /// succeeded, 1 in 65,536) does get the sender to connect to it, so the refusal above
 /// comes from the code alone, not from a broken test double.
 #[tokio::test]
@@ -1708,21 +1708,21 @@ async fn mixed_pairings(mix: Mix, base: u8) {
     b.assert_nothing_written();
 }
 
-/// (c) Two pairings crossed end to end (receiver A with sender B, receiver B with
+/// Two pairings crossed end to end (receiver A with sender B, receiver B with
 /// sender A): all four refuse.
 #[tokio::test]
 async fn crossed_partners_of_two_pairings_are_refused() {
     mixed_pairings(Mix::Partners, 50).await;
 }
 
-/// (c) Two pairings whose PAKE messages are relayed honestly but whose sealed hellos are
+/// Two pairings whose PAKE messages are relayed honestly but whose sealed hellos are
 /// swapped between them: all four refuse.
 #[tokio::test]
 async fn hellos_swapped_between_two_pairings_are_refused() {
     mixed_pairings(Mix::Hellos, 60).await;
 }
 
-/// (d) A man in the middle on the path: the liar relays the PAKE and the hellos faithfully
+/// A man in the middle on the path: the liar relays the PAKE and the hellos faithfully
 /// (it cannot change them) but gives each side its own address as the peer's, and holds
 /// the hellos back until the punch toward it has succeeded. The sender connects to the
 /// impostor with the receiver's fingerprint pinned: the handshake fails on that pin,
