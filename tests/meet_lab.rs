@@ -1102,7 +1102,8 @@ fn lan_receiver_stops_making_codes_after_three_wrong_ones() {
     assert!(receiving.proc.try_exit().is_none(), "still serving");
 }
 
-/// A sender whose network drops UDP gives up within 15 s, saying UDP is the problem.
+/// A sender whose network drops UDP gives up after 5 s (no answer from the rendezvous),
+/// saying UDP is the problem.
 #[test]
 fn udp_blocked_fails_fast_and_explains() {
     const TEST: &str = "udp_blocked_fails_fast_and_explains";
@@ -1111,6 +1112,9 @@ fn udp_blocked_fails_fast_and_explains() {
     }
     let failed = meeting_that_fails("ublk", Nat::Cone, Nat::UdpBlocked);
     let (message, took) = (&failed.message, failed.took);
-    assert!(message.contains("UDP"), "{message}");
     eprintln!("{TEST}: gave up after {took:?}: {message}");
+    assert!(message.contains("UDP"), "{message}");
+    // The README's figure: 5 s when no probe gets out at all (plus start-up).
+    assert!(message.contains("within 5s"), "{message}");
+    assert!(took < Duration::from_secs(7), "gave up after {took:?}");
 }
