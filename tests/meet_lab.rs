@@ -725,7 +725,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 /// Campaign: 20 meetings in each birthday cell (cone x symmetric, symmetric x cone), 10 ms
-/// per site link; prints the success rate and median times. Target: >= 95 %, <= 5 s.
+/// per site link: every one connects (the README's 20/20), with a median under 1.5 s from
+/// pairing and 2 s from `qpunch send` starting (the README states 0.6-1.3 s and 0.8-1.5 s
+/// measured; the margin is for builds running beside it).
 #[test]
 #[ignore = "campaign: cargo test --test meet_lab -- --ignored --nocapture birthday"]
 fn birthday_campaign() {
@@ -750,9 +752,14 @@ fn birthday_campaign() {
             ok.len(),
             runs.len()
         );
+        assert_eq!(ok.len(), runs.len(), "{name}: not every attempt connected");
         assert!(
-            ok.len() * 100 >= runs.len() * 95,
-            "{name}: success rate under 95 %"
+            from_pairing <= Duration::from_millis(1500),
+            "{name}: median {from_pairing:?} from pairing"
+        );
+        assert!(
+            from_start <= Duration::from_secs(2),
+            "{name}: median {from_start:?} from send starting"
         );
     }
 }
