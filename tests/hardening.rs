@@ -1037,11 +1037,13 @@ fn abandoned_offers_do_not_keep_names_reserved() {
             (peer, control)
         });
         receiver.wait_for(PROMPT, round, SHORT);
+        // The sender vanishes while the prompt waits (its close is out before the answer).
         peer.conn.close(0u32.into(), b"gone");
+        rt.block_on(peer.endpoint.wait_idle());
         drop((control, peer));
-        thread::sleep(Duration::from_millis(200));
         receiver.type_text("y\n");
-        thread::sleep(Duration::from_millis(300));
+        // The receiver finds the sender gone once it has its answer, and says so.
+        receiver.wait_events("error", round, SHORT);
     }
 
     let sender = spawn_send(shome.path(), &[&file], port, &["--peer", &fp.to_string()]);
