@@ -672,6 +672,44 @@ fn slow_drip_is_aborted_by_min_rate() {
     assert!(names.is_empty(), "left behind: {names:?}");
 }
 
+/// A sender whose two files are accepted but who never opens a stream for them is cut off
+/// after `--stall-timeout`, with exactly one `error` line saying it sent nothing (not one
+/// more per file it never sent).
+#[test]
+fn a_silent_sender_is_cut_off_with_one_error() {
+    let rt = peer::runtime();
+    let (rhome, out) = (Home::new(), tempdir());
+    let mut receiver = Receiver::start(
+        rhome.path(),
+        out.path(),
+        0,
+        &["--yes", "--stall-timeout", "2s"],
+    );
+    let (to, fp) = (target(receiver.port), fingerprint(&receiver));
+    let (peer, control) = rt.block_on(async {
+        let peer = connect_from(lo(2), to, fp).await.expect("connect");
+        let files = vec![offer(0, "one.bin", MIB), offer(1, "two.bin", 1000)];
+        let mut control = offer_files(&peer.conn, files).await.expect("offer");
+        let decisions = control.decisions(SHORT).await.expect("decisions");
+        assert_eq!(decisions.len(), 2, "{decisions:?}");
+        (peer, control)
+    });
+    let error = receiver.proc.wait_event("error", SHORT);
+    eprintln!("silent sender: {error}");
+    drop((control, peer));
+    let finished = stop(receiver, libc::SIGTERM);
+    let errors: Vec<&str> = finished
+        .all("error")
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        matches!(errors[..], [one] if one.contains("sent nothing for 2 s")),
+        "one error line, saying the sender sent nothing: {errors:?}"
+    );
+    assert!(list_dir(out.path()).is_empty());
+}
+
 // ---------------------------------------------------------------------------------------
 // One huge manifest must not freeze the receiver
 // ---------------------------------------------------------------------------------------

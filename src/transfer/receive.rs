@@ -751,6 +751,7 @@ impl Receiver {
                     continue;
                 }
                 _ = tokio::time::sleep(stall), if tasks.is_empty() => {
+                    job.cut.store(true, Ordering::Relaxed);
                     crate::close_gate::close(conn, codes::PROTOCOL.into(), b"stalled");
                     outcome = Err(stalled(stall));
                     break;
@@ -974,8 +975,8 @@ struct StreamJob {
     owner: Owner,
     /// Bounds the memory of resumed files' trees (shared with manifests).
     budget: Arc<Semaphore>,
-    /// Set when this side cut the connection (too slow): that reason is the batch's one
-    /// error, so the files it cut off are not reported as failures one by one.
+    /// Set when this side cut the connection (too slow, or silent): that reason is the
+    /// batch's one error, so the files it cut off are not reported as failures one by one.
     cut: AtomicBool,
 }
 
