@@ -185,7 +185,8 @@ fn wrong_peer_fingerprint_is_refused() {
     assert_eq!(list_dir(out.path()), BTreeSet::new());
 }
 
-/// A receiver with `--allow` for someone else refuses this sender.
+/// A receiver with `--allow` for someone else refuses this sender, says whom it refused,
+/// and with `--once` still takes the allowed sender's files afterwards.
 #[test]
 fn sender_not_on_allow_list_is_refused() {
     let (rhome, shome, other) = (Home::new(), Home::new(), Home::new());
@@ -210,16 +211,20 @@ fn sender_not_on_allow_list_is_refused() {
         SHORT,
     );
     sender.assert_failure();
-    // A refused stranger is not "the one" transfer: `--once` keeps waiting for it.
-    let proc = receiver.proc;
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(
-        proc.running(),
-        "a stranger ended --once\n{}",
-        proc.diagnostics()
+    // A refused stranger is not "the one" transfer: `--once` still waits, and takes the
+    // allowed sender's.
+    let wanted = src.path().join("wanted.txt");
+    random_file(&wanted, 1000, 7);
+    let allowed_sender = send(
+        other.path(),
+        &[&wanted],
+        receiver.port,
+        &["--peer", &receiver.fingerprint],
+        SHORT,
     );
-    let received = proc.interrupt(SHORT);
-    received.assert_failure();
+    allowed_sender.assert_success();
+    let received = receiver.proc.finish(SHORT);
+    received.assert_success();
 
     let message = sender.messages().to_lowercase();
     assert!(
@@ -227,12 +232,12 @@ fn sender_not_on_allow_list_is_refused() {
         "{message}"
     );
     assert!(sender.all("sent").is_empty(), "{sender:#?}");
-    assert!(received.all("received").is_empty(), "{received:#?}");
+    assert_eq!(received.one("received")["name"], "wanted.txt");
     assert!(
         received.messages().contains(&sender_fp),
         "the receiver says whom it refused\n{received:#?}"
     );
-    assert_eq!(list_dir(out.path()), BTreeSet::new());
+    assert_eq!(list_dir(out.path()), names(&["wanted.txt"]));
 }
 
 /// No terminal and neither `--yes` nor `--allow`: refuse to start at all.
