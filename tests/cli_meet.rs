@@ -27,17 +27,6 @@ fn rendezvous(home: &Home, port: u16) -> Proc {
     proc
 }
 
-/// A free UDP port whose successor is free too (the rendezvous binds both).
-fn free_port_pair() -> u16 {
-    loop {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        if port < 65535 && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-}
-
 /// `receive --via` with `extra` flags; returns it and its first code.
 fn receive_by_code(
     home: &Home,
@@ -45,20 +34,9 @@ fn receive_by_code(
     via: &str,
     extra: &[&str],
 ) -> (Proc, String) {
-    let mut args = vec![
-        "receive",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--out",
-        s(out),
-        "--via",
-        via,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let mut proc = Proc::spawn("receiver", home.path(), &args);
+    let mut flags = vec!["--via", via, "--json"];
+    flags.extend_from_slice(extra);
+    let mut proc = Proc::spawn("receiver", home.path(), &receive_args(0, Some(out), &flags));
     let code = next_code(&mut proc);
     (proc, code)
 }
@@ -184,5 +162,52 @@ fn a_receiver_without_a_terminal_admits_code_holders_only() {
     let sent = send_code(&shome, &file, &code, &via);
     sent.assert_success();
     assert_eq!(list_dir(out.path()), names(&["ticket.txt"]));
+    receiver.interrupt(SHORT);
+}
+
+/// A wrong code (the right nameplate, one word off) is refused on both sides with "the
+/// code did not match", and it burns the code: the right code no longer finds anyone,
+/// and the receiver offers a new code, which works.
+#[test]
+fn a_wrong_code_is_refused_on_both_sides_and_burns_the_code() {
+    let (rvhome, rhome, shome) = (Home::new(), Home::new(), Home::new());
+    let port = free_port_pair();
+    let _rv = rendezvous(&rvhome, port);
+    let via = format!("127.0.0.1:{port}");
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("coded.bin");
+    random_file(&file, 1000, 13);
+    // A chosen code with a nameplate no random one has (those stay below 100 here), so the
+    // old code cannot name the receiver's next registration by chance.
+    let chosen = "4343-crossover-clockwork";
+    let (mut receiver, code) =
+        receive_by_code(&rhome, out.path(), &via, &["--yes", "--code", chosen]);
+    let wrong = wrong_code(&code.parse().expect("the receiver's code")).to_string();
+    assert_ne!(wrong, code);
+
+    let guessed = send_code(&shome, &file, &wrong, &via);
+    guessed.assert_failure();
+    // Each side finds the code wrong itself (not "the other side gave up: ...").
+    let wrong_code_said = "the code did not match: it was mistyped";
+    let said = guessed.one("error")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(said.contains(wrong_code_said), "sender: {said}");
+    let error = receiver.wait_event("error", SHORT);
+    let said = error["message"].as_str().unwrap();
+    assert!(said.contains(wrong_code_said), "receiver: {said}");
+    // The receiver withdrew the code and offers another.
+    let second = next_code(&mut receiver);
+    assert!(!second.starts_with("4343-"), "a new nameplate: {second}");
+    // The right code is no use now.
+    let late = send_code(&shome, &file, &code, &via);
+    late.assert_failure();
+    let message = late.messages();
+    assert!(message.contains("no receiver is waiting"), "{message}");
+    // The new one is.
+    let sent = send_code(&shome, &file, &second, &via);
+    sent.assert_success();
+    assert_eq!(list_dir(out.path()), names(&["coded.bin"]));
     receiver.interrupt(SHORT);
 }

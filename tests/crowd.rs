@@ -3,9 +3,6 @@
 //! send of thousands of small files (bundled streams, batched syncs).
 
 mod common;
-#[allow(dead_code)]
-#[path = "hardening/sys.rs"]
-mod sys;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +11,16 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Six senders of 8 MiB each start together: every file arrives verified, the last one
-/// finishes within a few times the first, and the receiver's peak RSS stays bounded.
+/// When the receiver first saw each file in flight (bytes in its partial) and stored.
+#[derive(Default, Clone, Copy, Debug)]
+struct Seen {
+    started: Option<Instant>,
+    stored: Option<Instant>,
+}
+
+/// Six senders of 8 MiB each start together: every file arrives verified, none starves
+/// (every file was in flight at the receiver before any was stored), and the receiver's
+/// peak RSS stays bounded.
 #[test]
 fn six_senders_at_once_all_complete() {
     const SENDERS: usize = 6;
@@ -31,69 +36,105 @@ fn six_senders_at_once_all_complete() {
         })
         .collect();
     let homes: Vec<Home> = (0..SENDERS).map(|_| Home::new()).collect();
+    // What the receiver's folder shows, every millisecond: a file is in flight once its
+    // partial (named by its hash) holds bytes, stored once its name exists.
+    let watched: Vec<(std::path::PathBuf, String)> = files
+        .iter()
+        .map(|f| (out.path().join(f.file_name().unwrap()), blake3_file(f)))
+        .collect();
+    let partials = out.path().join(qpunch::transfer::PARTIAL_DIR);
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
         let sampling = sampling.clone();
         thread::spawn(move || {
             let mut peak = 0.0f64;
+            let mut seen = [Seen::default(); SENDERS];
             while sampling.load(Ordering::SeqCst) {
                 peak = peak.max(sys::peak_rss_mib(pid).unwrap_or(0.0));
-                thread::sleep(Duration::from_millis(50));
+                let in_flight: Vec<String> = std::fs::read_dir(&partials)
+                    .map(|entries| {
+                        entries
+                            .filter_map(|e| e.ok())
+                            .filter(|e| e.metadata().is_ok_and(|m| m.len() > 0))
+                            .filter_map(|e| e.file_name().into_string().ok())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let now = Instant::now();
+                for ((stored_as, hash), seen) in watched.iter().zip(&mut seen) {
+                    let stored = stored_as.exists();
+                    if stored || in_flight.iter().any(|name| name.starts_with(hash.as_str())) {
+                        seen.started.get_or_insert(now);
+                    }
+                    if stored {
+                        seen.stored.get_or_insert(now);
+                    }
+                }
+                thread::sleep(Duration::from_millis(1));
             }
-            peak
+            (peak, seen)
         })
     };
-    let start = Instant::now();
+    // Every sender is held (stopped) as soon as it is spawned, and all are let go at once:
+    // none has a head start from being spawned first.
     let senders: Vec<_> = files
         .iter()
         .zip(&homes)
         .map(|(file, home)| {
-            spawn_send(
+            let sender = spawn_send(
                 home.path(),
                 &[file.as_path()],
                 receiver.port,
                 &["--peer", &receiver.fingerprint],
-            )
+            );
+            sender.signal(libc::SIGSTOP);
+            sender
         })
         .collect();
-    // Each sender is waited for on its own thread, so its finish time is its own.
-    let waiting: Vec<_> = senders
-        .into_iter()
-        .map(|sender| {
-            thread::spawn(move || {
-                let finished = sender.finish(LONG);
-                (finished, start.elapsed())
-            })
-        })
-        .collect();
-    let mut times = Vec::new();
-    for (i, waiter) in waiting.into_iter().enumerate() {
-        let (finished, took) = waiter.join().unwrap();
-        finished.assert_success();
-        times.push((i, took));
+    for sender in &senders {
+        sender.signal(libc::SIGCONT);
+    }
+    for sender in senders {
+        sender.finish(LONG).assert_success();
     }
     for _ in 0..SENDERS {
         receiver.proc.wait_event("received", LONG);
     }
     sampling.store(false, Ordering::SeqCst);
-    let peak = sampler.join().unwrap();
+    let (peak, seen) = sampler.join().unwrap();
     receiver.proc.interrupt(SHORT);
     for file in &files {
         let name = file.file_name().unwrap();
         assert_eq!(blake3_file(&out.path().join(name)), blake3_file(file));
     }
-    let secs: Vec<f64> = times.iter().map(|(_, t)| t.as_secs_f64()).collect();
-    let (first, last) = (
-        secs.iter().cloned().fold(f64::MAX, f64::min),
-        secs.iter().cloned().fold(0.0, f64::max),
-    );
+    let first_stored = seen.iter().filter_map(|s| s.stored).min().expect("stored");
+    let spread: Vec<String> = seen
+        .iter()
+        .map(|s| {
+            // Seconds relative to the first file stored (negative: before it).
+            let at = |t: Option<Instant>| match t {
+                Some(t) if t >= first_stored => {
+                    format!("{:+.3} s", (t - first_stored).as_secs_f64())
+                }
+                Some(t) => format!("-{:.3} s", (first_stored - t).as_secs_f64()),
+                None => "never".into(),
+            };
+            format!("in flight {} stored {}", at(s.started), at(s.stored))
+        })
+        .collect();
     eprintln!(
-        "{SENDERS} senders x {} MiB: finished between {first:.2} s and {last:.2} s; receiver peak RSS {peak:.0} MiB",
+        "{SENDERS} senders x {} MiB, relative to the first file stored: {spread:#?}; \
+         receiver peak RSS {peak:.0} MiB",
         SIZE >> 20
     );
     assert!(peak < 300.0, "receiver peak RSS {peak} MiB");
-    // None starves: the last finishes within a few times the first (plus start-up).
-    assert!(last <= 3.0 * first + 2.0, "{secs:?}");
+    // None starves: every file was in flight before the first was stored.
+    for (i, s) in seen.iter().enumerate() {
+        assert!(
+            s.started.is_some_and(|t| t < first_stored),
+            "from-{i}.bin was not in flight before the first file was stored: {spread:#?}"
+        );
+    }
 }
 
 /// Two thousand 1 KiB files in one folder arrive, each verified and under its name,

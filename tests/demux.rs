@@ -1,6 +1,8 @@
 //! The shared socket after hand-over: probes are still answered, a live node can punch
 //! to new peers, and garbage is dropped and counted, all while QUIC keeps working.
 
+mod common;
+
 use std::time::Duration;
 
 use qpunch::identity::Identity;
@@ -167,7 +169,11 @@ async fn oversized_gso_batches_arrive_whole() {
     )
     .unwrap();
     if socket.max_transmit_segments() < 2 {
-        eprintln!("SKIPPED: no UDP GSO on this kernel, quinn never batches");
+        // Loud, or a failure under CI (`.ci/run` sets CI=1): never an invisible pass.
+        common::sys::skip(
+            "oversized_gso_batches_arrive_whole",
+            "no UDP GSO on this kernel, quinn never batches",
+        );
         return;
     }
     let mut contents = Vec::with_capacity(segment * count);

@@ -9,9 +9,6 @@
 //! receiver's partial file grow.
 
 mod common;
-#[allow(dead_code)]
-#[path = "hardening/sys.rs"]
-mod sys;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,7 +31,7 @@ fn partial_bytes(out: &Path) -> u64 {
 }
 
 /// Wait until the receiver's partials hold at least `bytes`.
-fn wait_partial(out: &Path, bytes: u64, sender: &mut Proc) {
+fn wait_partial(out: &Path, bytes: u64, sender: &Proc) {
     let deadline = Instant::now() + LONG;
     while partial_bytes(out) < bytes {
         assert!(
@@ -47,23 +44,28 @@ fn wait_partial(out: &Path, bytes: u64, sender: &mut Proc) {
     }
 }
 
-/// Keeps process `pid` stopped most of the time (running 4 ms of every 20), so that a
+/// Keeps a process stopped most of the time (running 4 ms of every 20), so that a
 /// transfer can be caught in flight; lets it run freely once dropped.
-struct Throttle {
+///
+/// It borrows the [`Proc`]: the process cannot be reaped (by `finish`, `kill` or drop)
+/// while the throttle still signals its pid, and [`Proc::running`] does not reap it, so a
+/// signal never reaches another process that reused the pid.
+struct Throttle<'a> {
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
-    pid: i32,
+    proc: &'a Proc,
 }
 
-impl Throttle {
-    fn start(pid: u32) -> Throttle {
+impl<'a> Throttle<'a> {
+    fn start(proc: &'a Proc) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let pid = pid as i32;
+        let pid = proc.id() as i32;
         let thread = {
             let stop = stop.clone();
             thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    // SAFETY: signals to a child process the test owns.
+                    // SAFETY: signals to a child the test owns and has not reaped (see
+                    // above: the throttle is joined before the Proc can be reaped).
                     unsafe { libc::kill(pid, libc::SIGSTOP) };
                     thread::sleep(Duration::from_millis(16));
                     unsafe { libc::kill(pid, libc::SIGCONT) };
@@ -74,52 +76,60 @@ impl Throttle {
         Throttle {
             stop,
             thread: Some(thread),
-            pid,
+            proc,
         }
     }
 }
 
-impl Drop for Throttle {
+impl Drop for Throttle<'_> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        // SAFETY: as above.
-        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+        self.proc.signal(libc::SIGCONT);
     }
 }
 
-/// The one error event of a finished process, which must contain `what`.
+/// The one `error` event of a finished process (the README promises one line per side),
+/// which must contain `what`.
 fn one_error(finished: &Finished, what: &str) -> String {
     let errors: Vec<String> = finished
         .all("error")
         .iter()
         .map(|e| e["message"].as_str().unwrap().to_string())
         .collect();
+    let [error] = &errors[..] else {
+        panic!(
+            "{} printed {} error events, not one: {errors:?}\n{finished:#?}",
+            finished.name,
+            errors.len()
+        );
+    };
     assert!(
-        errors.iter().any(|e| e.contains(what)),
-        "{} says {errors:?}, nothing about {what:?}\n{finished:#?}",
+        error.contains(what),
+        "{} says {error:?}, nothing about {what:?}\n{finished:#?}",
         finished.name
     );
-    assert!(
-        errors.iter().all(|e| !e.contains('\n')),
-        "one line each: {errors:?}"
-    );
-    let found = errors.into_iter().find(|e| e.contains(what)).unwrap();
-    eprintln!("{}: {found}", finished.name);
-    found
+    assert!(!error.contains('\n'), "one line: {error:?}");
+    eprintln!("{}: {error}", finished.name);
+    error.clone()
 }
 
-/// Nothing was delivered: no `sent`/`received` event, no file under its final name.
+/// Nothing was delivered: no `sent`/`received` event, and nothing in `out` (the
+/// receiver's `--out`) but partial files and empty folders (one made before the test).
 fn nothing_delivered(sender: &Finished, receiver: &Finished, out: &Path) {
     assert!(sender.all("sent").is_empty(), "{sender:#?}");
     assert!(receiver.all("received").is_empty(), "{receiver:#?}");
-    let listed = list_dir(out);
-    assert!(
-        listed.iter().all(|n| n.starts_with(".qpunch-partial/")),
-        "{listed:?}"
-    );
+    let delivered: Vec<String> = list_dir(out)
+        .into_iter()
+        .filter(|name| {
+            let path = out.join(name);
+            let empty_folder = path.is_dir() && list_dir(&path).is_empty();
+            !name.starts_with(".qpunch-partial/") && !empty_folder
+        })
+        .collect();
+    assert!(delivered.is_empty(), "delivered to {out:?}: {delivered:?}");
 }
 
 /// The receiver vanishes (SIGKILL) mid-transfer: the sender gives up after its stall
@@ -133,14 +143,14 @@ fn a_vanished_receiver_is_an_error_and_the_partial_resumes() {
     random_file(&file, SIZE, 1);
 
     let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
-    let mut sender = spawn_send(
+    let sender = spawn_send(
         shome.path(),
         &[&file],
         receiver.port,
         &["--stall-timeout", "2s"],
     );
-    let throttle = Throttle::start(sender.id());
-    wait_partial(out.path(), 8 * MIB, &mut sender);
+    let throttle = Throttle::start(&sender);
+    wait_partial(out.path(), 8 * MIB, &sender);
     let received = receiver.proc.kill();
     drop(throttle);
     let kept = partial_bytes(out.path());
@@ -187,11 +197,11 @@ fn a_vanished_sender_is_an_error_and_the_partial_is_kept() {
         0,
         &["--yes", "--once", "--stall-timeout", "2s"],
     );
-    let mut sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
-    let throttle = Throttle::start(sender.id());
-    wait_partial(out.path(), 4 * MIB, &mut sender);
-    let sent = sender.kill();
+    let sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
+    let throttle = Throttle::start(&sender);
+    wait_partial(out.path(), 4 * MIB, &sender);
     drop(throttle);
+    let sent = sender.kill();
     let received = receiver.proc.finish(SHORT);
     received.assert_failure();
     one_error(&received, "sent nothing for 2 s");
@@ -212,9 +222,9 @@ fn ctrl_c_on_either_side_keeps_the_partial() {
     // The sender is interrupted.
     let out = tempdir();
     let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
-    let mut sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
-    let throttle = Throttle::start(sender.id());
-    wait_partial(out.path(), 4 * MIB, &mut sender);
+    let sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
+    let throttle = Throttle::start(&sender);
+    wait_partial(out.path(), 4 * MIB, &sender);
     drop(throttle);
     let started = Instant::now();
     let sent = sender.interrupt(SHORT);
@@ -230,9 +240,9 @@ fn ctrl_c_on_either_side_keeps_the_partial() {
     // The receiver is interrupted.
     let out = tempdir();
     let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
-    let mut sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
-    let throttle = Throttle::start(sender.id());
-    wait_partial(out.path(), 4 * MIB, &mut sender);
+    let sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
+    let throttle = Throttle::start(&sender);
+    wait_partial(out.path(), 4 * MIB, &sender);
     let received = receiver.proc.interrupt(SHORT);
     drop(throttle);
     let sent = sender.finish(SHORT);
@@ -252,9 +262,9 @@ fn a_file_that_changes_while_sent_is_refused_on_both_sides() {
     let file = src.path().join("growing.log");
     random_file(&file, SIZE, 4);
     let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
-    let mut sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
-    let throttle = Throttle::start(sender.id());
-    wait_partial(out.path(), 2 * MIB, &mut sender);
+    let sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
+    let throttle = Throttle::start(&sender);
+    wait_partial(out.path(), 2 * MIB, &sender);
     {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
@@ -291,9 +301,9 @@ fn a_full_disk_is_a_clear_error_on_both_sides() {
     let file = src.path().join("big.bin");
     random_file(&file, SIZE, 5);
     let receiver = Receiver::start(rhome.path(), &out, 0, &["--yes", "--once"]);
-    let mut sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
-    let throttle = Throttle::start(sender.id());
-    wait_partial(&out, 2 * MIB, &mut sender);
+    let sender = spawn_send(shome.path(), &[&file], receiver.port, &[]);
+    let throttle = Throttle::start(&sender);
+    wait_partial(&out, 2 * MIB, &sender);
     // Someone else fills the disk meanwhile.
     let filler = mnt.path().join("filler");
     let _ = std::fs::write(&filler, vec![7u8; 32 * MIB as usize]);
@@ -326,7 +336,7 @@ fn traversable(path: &Path) {
 
 /// Permission denied on each side, with the processes running as `nobody`: the receiver
 /// cannot write into a folder it does not own; the sender cannot read a file it does not
-/// own. One clear error each, non-zero exits, nothing delivered.
+/// own. One clear error each, non-zero exits, nothing delivered anywhere in `--out`.
 #[test]
 fn permission_denied_is_a_clear_error_on_both_sides() {
     let test = "permission_denied_is_a_clear_error_on_both_sides";
@@ -343,18 +353,7 @@ fn permission_denied_is_a_clear_error_on_both_sides() {
         give_to_nobody(dir.path());
     }
     let spawn_receiver = |out: &Path| {
-        let args = [
-            "receive",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--out",
-            s(out),
-            "--json",
-            "--yes",
-            "--once",
-        ];
+        let args = receive_args(0, Some(out), &["--json", "--yes", "--once"]);
         let mut proc = Proc::spawn_with("receiver", rhome.path(), &args, as_nobody);
         let port = proc.wait_event("listening", SHORT)["port"]
             .as_u64()
@@ -382,7 +381,7 @@ fn permission_denied_is_a_clear_error_on_both_sides() {
     received.assert_failure();
     one_error(&received, "Permission denied");
     one_error(&sent, "Permission denied");
-    nothing_delivered(&sent, &received, &out.path().join("photos"));
+    nothing_delivered(&sent, &received, out.path());
     assert!(partial_bytes(out.path()) >= MIB, "what arrived is kept");
 
     // The sender: a file only root may read.
@@ -406,5 +405,5 @@ fn permission_denied_is_a_clear_error_on_both_sides() {
         "{error}"
     );
     let received = receiver.kill();
-    nothing_delivered(&sent, &received, &out.path().join("photos"));
+    nothing_delivered(&sent, &received, out.path());
 }

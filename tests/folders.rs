@@ -3,9 +3,6 @@
 //! refused component by component, progress and summary events.
 
 mod common;
-#[allow(dead_code)]
-#[path = "hardening/pty.rs"]
-mod pty;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -15,9 +12,7 @@ use std::time::Duration;
 use common::*;
 use qpunch::identity::Identity;
 use qpunch::node::{Node, NodeConfig};
-use qpunch::transfer::{
-    self, Decision, Decisions, FileOffer, Manifest, Policy, Quiet, ReceiveOptions,
-};
+use qpunch::transfer::{self, Decision, FileOffer, Manifest, Policy, Quiet, ReceiveOptions};
 
 #[test]
 fn a_folder_arrives_as_a_tree() {
@@ -213,22 +208,14 @@ async fn hostile_folder_names_are_declined() {
     });
     let client = node(false);
     let peer = client.connect(to, Some(fp)).await.unwrap();
-    let (mut control, mut answers) = peer.connection.open_bi().await.unwrap();
     let manifest = Manifest {
         files,
         dirs: vec![vec!["..".into(), "escaped".into()], vec!["fine".into()]],
     };
-    let body = serde_json::to_vec(&manifest).unwrap();
-    control
-        .write_all(&(body.len() as u32).to_be_bytes())
+    let mut control = common::peer::send_manifest(&peer.connection, &manifest)
         .await
         .unwrap();
-    control.write_all(&body).await.unwrap();
-    let mut len = [0u8; 4];
-    answers.read_exact(&mut len).await.unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    answers.read_exact(&mut body).await.unwrap();
-    let Decisions { decisions } = serde_json::from_slice(&body).unwrap();
+    let decisions = control.decisions(SHORT).await.unwrap();
     for (i, (dir, why)) in cases.iter().enumerate() {
         match &decisions[i] {
             Decision::Decline { reason, .. } => {
@@ -271,17 +258,7 @@ fn the_consent_prompt_shows_counts_size_and_top_level_names() {
     random_file(&album.join("disc 2/bonus.flac"), 5000, 99);
     let loose = src.path().join("notes.txt");
     random_file(&loose, 123, 100);
-    let args = [
-        "receive",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--out",
-        s(out.path()),
-        "--json",
-        "--once",
-    ];
+    let args = receive_args(0, Some(out.path()), &["--json", "--once"]);
     let mut receiver = pty::PtyProc::spawn(rhome.path(), &args);
     let listening = receiver.wait_events("listening", 1, SHORT).remove(0);
     let port = listening["port"].as_u64().unwrap() as u16;

@@ -1,34 +1,30 @@
-//! Issue 5: hardening `qpunch receive` against hostile peers, played by the attacker.
+//! Hardening `qpunch receive` against hostile peers, played by the attacker.
 //!
 //! Each test drives the real `qpunch` binary over loopback and attacks it with peers built
 //! from the library (real quinn, real TLS, frames written by hand), then checks what the
-//! contract of the fix promises: limits on connections, handshakes, memory, threads and
+//! contract promises: limits on connections, handshakes, memory, threads and
 //! probe replies; a stats event on SIGINT/SIGTERM; no leaked name reservations; no writes
 //! through links; no raw terminal controls from peers; no dotfiles by default; and a
 //! consent step that checks free space first. Distinct source addresses come from
 //! 127.0.0.2, 127.0.0.3, ... (all of 127/8 is loopback on Linux).
 
 mod common;
-#[path = "hardening/peer.rs"]
-mod peer;
-#[path = "hardening/pty.rs"]
-mod pty;
-#[path = "hardening/sys.rs"]
-mod sys;
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::pty::{PROMPT, PtyProc};
 use common::*;
-use peer::{connect_from, lo, offer, offer_of, read_frame, write_frame, write_raw_frame};
-use pty::{PROMPT, PtyProc};
+use peer::{
+    connect_from, lo, offer, offer_files, offer_of, read_frame, write_frame, write_raw_frame,
+};
 use qpunch::identity::{Fingerprint, Identity};
 use qpunch::node::{Node, NodeConfig};
 use qpunch::transfer::{self, Decision, Decisions, FileHeader, FileResult, Manifest};
@@ -162,7 +158,7 @@ fn assert_delivered(sender: &Finished, name: &str, source: &Path, out: &Path) {
 }
 
 // ---------------------------------------------------------------------------------------
-// 1. Stalled handshakes
+// Stalled handshakes
 // ---------------------------------------------------------------------------------------
 
 /// Three sources each send one real QUIC Initial and never continue. An honest sender
@@ -270,7 +266,7 @@ fn half_open_handshakes_beyond_16_get_a_retry() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 2. Connection budget
+// Connection budget
 // ---------------------------------------------------------------------------------------
 
 static JUNK: [u8; 64 << 10] = [0x5a; 64 << 10];
@@ -379,13 +375,14 @@ fn flood_from_strangers(
     (peers, conns, sampler)
 }
 
-/// 40 authenticated strangers from 40 addresses flood everything flow control allows and
+/// 254 authenticated strangers from 254 addresses (with the honest sender, the whole
+/// default budget of 256 connections but one) flood everything flow control allows and
 /// hold it for ~10 s; an honest 1 MiB send still completes, and the receiver's peak RSS
-/// stays below 150 MiB.
+/// stays below the README's bound against strangers, ~120 MiB.
 #[test]
 fn flooding_connections_do_not_blow_up_memory() {
-    const HOSTILE: u8 = 40;
-    const RSS_LIMIT_MIB: f64 = 150.0;
+    const HOSTILE: u8 = 254;
+    const RSS_LIMIT_MIB: f64 = 120.0;
     const HOLD: Duration = Duration::from_secs(10);
     let rt = peer::runtime();
     let (rhome, shome, out, src) = (Home::new(), Home::new(), tempdir(), tempdir());
@@ -479,7 +476,7 @@ fn fifth_connection_from_one_address_is_refused() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 3. Disk threads and slow drip
+// Disk threads and slow drip
 // ---------------------------------------------------------------------------------------
 
 /// Connect from `ip`, offer `files` files of `size` bytes, open a stream for each
@@ -500,27 +497,15 @@ async fn drip(
         return;
     };
     let conn = &peer.conn;
-    let Ok((mut control, mut answers)) = conn.open_bi().await else {
-        let _ = opened.send(0);
-        return;
-    };
     let offers = (0..files)
         .map(|i| offer(i, &format!("drip-{ip}-{i}.bin"), size))
         .collect();
-    let decisions = async {
-        write_frame(
-            &mut control,
-            &Manifest {
-                files: offers,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        read_frame::<Decisions>(&mut answers).await
+    let Ok(mut control) = offer_files(conn, offers).await else {
+        let _ = opened.send(0);
+        return;
     };
-    let accepted: Vec<u32> = match tokio::time::timeout(Duration::from_secs(10), decisions).await {
-        Ok(Ok(Decisions { decisions })) => decisions
+    let accepted: Vec<u32> = match control.decisions(Duration::from_secs(10)).await {
+        Ok(decisions) => decisions
             .iter()
             .filter_map(|d| match d {
                 Decision::Accept { id, .. } => Some(*id),
@@ -615,8 +600,9 @@ fn dripping_streams_do_not_exhaust_threads() {
 }
 
 /// With `--stall-timeout 3s --min-rate 64KiB`, a file dripping one byte every 2 s
-/// (never silent for 3 s, but far below the minimum rate) is aborted within ~15 s, with
-/// an `error` event, and nothing is stored under its name.
+/// (never silent for 3 s, but far below the minimum rate) is aborted within ~15 s with
+/// exactly one `error` line, which gives the minimum-rate reason, and nothing is left:
+/// no file under its name, no partial.
 #[test]
 fn slow_drip_is_aborted_by_min_rate() {
     let rt = peer::runtime();
@@ -631,18 +617,9 @@ fn slow_drip_is_aborted_by_min_rate() {
 
     let (peer, control, mut file_send, mut file_recv) = rt.block_on(async {
         let peer = connect_from(lo(2), to, fp).await.expect("connect");
-        let (mut control, mut answers) = peer.conn.open_bi().await.unwrap();
         let files = vec![offer(0, "drip.bin", MIB)];
-        write_frame(
-            &mut control,
-            &Manifest {
-                files,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .unwrap();
-        let Decisions { decisions } = read_frame(&mut answers).await.expect("decisions");
+        let mut control = offer_files(&peer.conn, files).await.expect("offer");
+        let decisions = control.decisions(SHORT).await.expect("decisions");
         assert!(
             matches!(decisions[..], [Decision::Accept { id: 0, offset: 0 }]),
             "{decisions:?}"
@@ -652,7 +629,7 @@ fn slow_drip_is_aborted_by_min_rate() {
             .await
             .unwrap();
         send.write_all(&[0]).await.unwrap();
-        (peer, (control, answers), send, recv)
+        (peer, control, send, recv)
     });
     let dripping = Instant::now();
     // The verdict (or the stream/connection failing) on the hostile side.
@@ -679,15 +656,62 @@ fn slow_drip_is_aborted_by_min_rate() {
         Ok(Err(_)) => {} // stream stopped/reset or connection closed
         Err(_) => panic!("the hostile side still waits for a verdict after the error"),
     }
-    thread::sleep(Duration::from_millis(500));
-    let names = list_dir(out.path());
-    assert!(!names.contains("drip.bin"), "{names:?}");
-    assert!(!names.contains("drip.bin.part"), "{names:?}");
     drop((peer, control));
+    // Everything the receiver printed about this sender, once it has stopped.
+    let finished = stop(receiver, libc::SIGTERM);
+    let errors: Vec<&str> = finished
+        .all("error")
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        matches!(errors[..], [one] if one.contains("less than the minimum")),
+        "one error line, with the minimum-rate reason: {errors:?}"
+    );
+    let names = list_dir(out.path());
+    assert!(names.is_empty(), "left behind: {names:?}");
+}
+
+/// A sender whose two files are accepted but who never opens a stream for them is cut off
+/// after `--stall-timeout`, with exactly one `error` line saying it sent nothing (not one
+/// more per file it never sent).
+#[test]
+fn a_silent_sender_is_cut_off_with_one_error() {
+    let rt = peer::runtime();
+    let (rhome, out) = (Home::new(), tempdir());
+    let mut receiver = Receiver::start(
+        rhome.path(),
+        out.path(),
+        0,
+        &["--yes", "--stall-timeout", "2s"],
+    );
+    let (to, fp) = (target(receiver.port), fingerprint(&receiver));
+    let (peer, control) = rt.block_on(async {
+        let peer = connect_from(lo(2), to, fp).await.expect("connect");
+        let files = vec![offer(0, "one.bin", MIB), offer(1, "two.bin", 1000)];
+        let mut control = offer_files(&peer.conn, files).await.expect("offer");
+        let decisions = control.decisions(SHORT).await.expect("decisions");
+        assert_eq!(decisions.len(), 2, "{decisions:?}");
+        (peer, control)
+    });
+    let error = receiver.proc.wait_event("error", SHORT);
+    eprintln!("silent sender: {error}");
+    drop((control, peer));
+    let finished = stop(receiver, libc::SIGTERM);
+    let errors: Vec<&str> = finished
+        .all("error")
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        matches!(errors[..], [one] if one.contains("sent nothing for 2 s")),
+        "one error line, saying the sender sent nothing: {errors:?}"
+    );
+    assert!(list_dir(out.path()).is_empty());
 }
 
 // ---------------------------------------------------------------------------------------
-// 4. One huge manifest must not freeze the receiver
+// One huge manifest must not freeze the receiver
 // ---------------------------------------------------------------------------------------
 
 /// Send a probe every 100 ms from `ip` to `to` until `stop`; returns when replies came.
@@ -740,22 +764,9 @@ fn ten_thousand_same_name_offers_do_not_freeze_the_receiver() {
     thread::sleep(Duration::from_millis(500));
 
     let (offered_at, decisions) = rt.block_on(async {
-        let (mut control, mut answers) = peer.conn.open_bi().await.unwrap();
-        write_frame(
-            &mut control,
-            &Manifest {
-                files,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .unwrap();
+        let mut control = offer_files(&peer.conn, files).await.unwrap();
         let offered_at = Instant::now();
-        let decisions = tokio::time::timeout(
-            Duration::from_secs(10),
-            read_frame::<Decisions>(&mut answers),
-        )
-        .await;
+        let decisions = control.decisions(Duration::from_secs(10)).await;
         (offered_at, decisions.map(|d| (d, Instant::now())))
     });
     thread::sleep(Duration::from_secs(1));
@@ -768,13 +779,8 @@ fn ten_thousand_same_name_offers_do_not_freeze_the_receiver() {
     marks.push(probing_until);
     let gap = marks.windows(2).map(|w| w[1] - w[0]).max().unwrap();
     let decided = match &decisions {
-        Ok((Ok(d), at)) => format!(
-            "{} decisions after {:?}",
-            d.decisions.len(),
-            *at - offered_at
-        ),
-        Ok((Err(e), _)) => format!("no decisions: {e}"),
-        Err(_) => "no decisions within 10 s".to_string(),
+        Ok((d, at)) => format!("{} decisions after {:?}", d.len(), *at - offered_at),
+        Err(e) => format!("no decisions: {e}"),
     };
     eprintln!(
         "{} probe replies, longest gap {gap:?}; {decided}",
@@ -784,71 +790,59 @@ fn ten_thousand_same_name_offers_do_not_freeze_the_receiver() {
         gap <= Duration::from_secs(1),
         "probes went unanswered for {gap:?} while the receiver decided ({decided})"
     );
-    let Ok((Ok(Decisions { decisions }), _)) = decisions else {
+    let Ok((decisions, _)) = decisions else {
         panic!("{decided}");
     };
     assert_eq!(decisions.len(), FILES as usize);
 }
 
 // ---------------------------------------------------------------------------------------
-// 5. Probe flood
+// Probe flood
 // ---------------------------------------------------------------------------------------
 
-/// 3,000 valid probes from one socket as fast as possible: that source gets at most
-/// ~100 replies, another source is still answered, and `stats` counts the limiting.
+/// Send probes from `socket` to `to` every 50 ms until one is answered; whether one was
+/// within `timeout`.
+fn answered(socket: &UdpSocket, to: SocketAddr, timeout: Duration) -> bool {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 512];
+    let mut txids = BTreeSet::new();
+    while Instant::now() < deadline {
+        let (message, bytes) = probe();
+        txids.insert(message.txid());
+        let _ = socket.send_to(&bytes, to);
+        if let Ok((n, _)) = socket.recv_from(&mut buf)
+            && is_reply_to(&buf[..n], &txids)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// 3,000 valid probes from one socket as fast as possible: that source gets no more
+/// replies than its budget allows for the time the flood took (a burst of 32, then 16 a
+/// second), another source is still answered during and after the flood, and `stats`
+/// counts the limiting.
 #[test]
 fn probe_flood_from_one_source_is_rate_limited() {
     const FLOOD: usize = 3_000;
-    const MAX_REPLIES: usize = 100;
+    // The budget the README states: a burst of 32 replies per source, then 16 a second.
+    const BURST: usize = 32;
+    const RATE: f64 = 16.0;
     let (rhome, out) = (Home::new(), tempdir());
     let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes"]);
     let to = target(receiver.port);
 
     let flooder = UdpSocket::bind((lo(2), 0)).expect("bind flooder");
-    flooder
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
     let probes: Vec<(Message, Vec<u8>)> = (0..FLOOD).map(|_| probe()).collect();
     let txids: BTreeSet<[u8; 12]> = probes.iter().map(|(m, _)| m.txid()).collect();
-    let stop_counting = Arc::new(AtomicBool::new(false));
-    let counted = Arc::new(AtomicUsize::new(0));
-    let counter = {
-        let (socket, stop, counted) = (
-            flooder.try_clone().unwrap(),
-            stop_counting.clone(),
-            counted.clone(),
-        );
-        thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, _)) = socket.recv_from(&mut buf)
-                    && is_reply_to(&buf[..n], &txids)
-                {
-                    counted.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
-    // Another source, probing every 50 ms during and after the flood.
-    let bystander = thread::spawn(move || {
+    // Another source, probing during the flood.
+    let during = thread::spawn(move || {
         let socket = UdpSocket::bind((lo(3), 0)).expect("bind bystander");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = [0u8; 512];
-        let mut txids = BTreeSet::new();
-        while Instant::now() < deadline {
-            let (message, bytes) = probe();
-            txids.insert(message.txid());
-            let _ = socket.send_to(&bytes, to);
-            if let Ok((n, _)) = socket.recv_from(&mut buf)
-                && is_reply_to(&buf[..n], &txids)
-            {
-                return true;
-            }
-        }
-        false
+        answered(&socket, to, Duration::from_secs(5))
     });
 
     let started = Instant::now();
@@ -856,24 +850,45 @@ fn probe_flood_from_one_source_is_rate_limited() {
         let _ = flooder.send_to(bytes, to);
     }
     let flood_took = started.elapsed();
-    thread::sleep(Duration::from_secs(1));
-    stop_counting.store(true, Ordering::Relaxed);
-    counter.join().expect("counter");
-    let bystander_answered = bystander.join().expect("bystander");
-    let replies = counted.load(Ordering::Relaxed);
+    // And after it. The receiver reads datagrams in the order they came, so once this is
+    // answered it has handled (answered or limited) every probe of the flood, and on
+    // loopback its replies already wait in the flooder's socket: no time to guess.
+    let after = UdpSocket::bind((lo(4), 0)).expect("bind second bystander");
+    let answered_after = answered(&after, to, SHORT);
+    let window = started.elapsed();
+    flooder.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 512];
+    let mut replies = 0;
+    while let Ok((n, _)) = flooder.recv_from(&mut buf) {
+        if is_reply_to(&buf[..n], &txids) {
+            replies += 1;
+        }
+    }
+    let answered_during = during.join().expect("bystander");
     let finished = stop(receiver, libc::SIGINT);
-    eprintln!("flood of {FLOOD} probes in {flood_took:?}: {replies} replies");
-    assert!(
-        replies <= MAX_REPLIES,
-        "one source flooding {FLOOD} probes got {replies} replies"
+    let allowed = BURST + (RATE * window.as_secs_f64()).ceil() as usize;
+    eprintln!(
+        "flood of {FLOOD} probes in {flood_took:?}, all handled within {window:?}: \
+         {replies} replies (budget {allowed})"
     );
-    assert!(bystander_answered, "another source was not answered");
+    assert!(
+        replies <= allowed,
+        "one source flooding {FLOOD} probes got {replies} replies in {window:?}"
+    );
+    assert!(
+        answered_during,
+        "another source was not answered during the flood"
+    );
+    assert!(
+        answered_after,
+        "another source was not answered after the flood"
+    );
     let limited = stat(&finished, "probes_limited");
     assert!(limited > 0, "stats: {}", finished.one("stats"));
 }
 
 // ---------------------------------------------------------------------------------------
-// 6. Cancel safety of the accept loop
+// Cancel safety of the accept loop
 // ---------------------------------------------------------------------------------------
 
 /// 5 rounds of 20 concurrent senders (64 KiB each) to one `receive --yes`, while a
@@ -979,7 +994,7 @@ fn concurrent_senders_survive_a_connect_and_close_loop() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 7. --once with an allow list
+// --once with an allow list
 // ---------------------------------------------------------------------------------------
 
 /// `receive --once --allow FP`: a stranger offering a file first is refused and does not
@@ -1021,23 +1036,14 @@ fn once_with_allow_list_outlasts_a_refused_stranger() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 8. Name reservations of abandoned offers
+// Name reservations of abandoned offers
 // ---------------------------------------------------------------------------------------
 
 /// `qpunch receive --json` on a pty (so it asks), bound to 127.0.0.1.
 fn pty_receiver(home: &Path, out: &Path, extra: &[&str]) -> (PtyProc, u16, Fingerprint) {
-    let mut args = vec![
-        "receive",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--out",
-        s(out),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let receiver = PtyProc::spawn(home, &args);
+    let mut flags = vec!["--json"];
+    flags.extend_from_slice(extra);
+    let receiver = PtyProc::spawn(home, &receive_args(0, Some(out), &flags));
     let listening = receiver.wait_events("listening", 1, SHORT).remove(0);
     let port = listening["port"].as_u64().expect("port") as u16;
     let fp = listening["fingerprint"]
@@ -1064,25 +1070,18 @@ fn abandoned_offers_do_not_keep_names_reserved() {
             let peer = connect_from(lo(2), target(port), fp)
                 .await
                 .expect("connect");
-            let (mut send, recv) = peer.conn.open_bi().await.unwrap();
             let files = vec![offer_of(0, "f.txt", data)];
-            write_frame(
-                &mut send,
-                &Manifest {
-                    files,
-                    ..Manifest::default()
-                },
-            )
-            .await
-            .unwrap();
-            (peer, (send, recv))
+            let control = offer_files(&peer.conn, files).await.unwrap();
+            (peer, control)
         });
         receiver.wait_for(PROMPT, round, SHORT);
+        // The sender vanishes while the prompt waits (its close is out before the answer).
         peer.conn.close(0u32.into(), b"gone");
+        rt.block_on(peer.endpoint.wait_idle());
         drop((control, peer));
-        thread::sleep(Duration::from_millis(200));
         receiver.type_text("y\n");
-        thread::sleep(Duration::from_millis(300));
+        // The receiver finds the sender gone once it has its answer, and says so.
+        receiver.wait_events("error", round, SHORT);
     }
 
     let sender = spawn_send(shome.path(), &[&file], port, &["--peer", &fp.to_string()]);
@@ -1100,75 +1099,137 @@ fn abandoned_offers_do_not_keep_names_reserved() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 9. --overwrite and links
+// Links planted where partials live
 // ---------------------------------------------------------------------------------------
 
+#[derive(Clone, Copy, Debug)]
 enum Link {
     Symbolic,
     Hard,
 }
 
-/// `out/f.txt.part` is a link to a victim outside `out/`; sending `f.txt` with
-/// `--overwrite` must leave the victim alone and store the bytes in `out/f.txt`.
-fn overwrite_does_not_write_through(link: Link) {
-    let (rhome, shome, root) = (Home::new(), Home::new(), tempdir());
+/// Make `at` a link of kind `link` to `victim`.
+fn plant(link: Link, victim: &Path, at: &Path) {
+    match link {
+        Link::Symbolic => std::os::unix::fs::symlink(victim, at).unwrap(),
+        Link::Hard => fs::hard_link(victim, at).unwrap(),
+    }
+}
+
+/// A small file (stored from memory, written to a fresh partial) and a large one (offered
+/// a resume, because a partial with its hash seems to exist) arrive while the partial
+/// directory holds, under the very names the receiver uses for them (`HASH.part`), links
+/// to the user's own files outside `out/`. The receiver must neither write through nor
+/// resume through them: the victims keep their bytes and the files are stored as sent.
+/// With `--overwrite`, the destination names are planted links too, and must be replaced.
+fn links_where_partials_live_are_not_written_through(link: Link, overwrite: bool) {
+    let (rhome, shome, root, src) = (Home::new(), Home::new(), tempdir(), tempdir());
     let out = root.path().join("out");
     fs::create_dir(&out).unwrap();
-    let victim = root.path().join("victim.txt");
-    let precious = b"the user's own file, outside the download directory\n";
-    fs::write(&victim, precious).unwrap();
-    let part = out.join("f.txt.part");
-    match link {
-        Link::Symbolic => std::os::unix::fs::symlink(&victim, &part).unwrap(),
-        Link::Hard => fs::hard_link(&victim, &part).unwrap(),
+    let small = src.path().join("small.txt");
+    random_file(&small, 10_000, 9);
+    let large = src.path().join("large.bin");
+    random_file(&large, 2 * transfer::SMALL_FILE, 10);
+    let mut extra = vec!["--yes", "--once"];
+    if overwrite {
+        extra.push("--overwrite");
     }
-    let src = tempdir();
-    let file = src.path().join("f.txt");
-    random_file(&file, 10_000, 9);
+    // The receiver makes its partial directory (and cleans it) as it starts: plant after.
+    let receiver = Receiver::start(rhome.path(), &out, 0, &extra);
+    let partials = out.join(transfer::PARTIAL_DIR);
+    assert!(partials.is_dir(), "no {partials:?}");
+    let precious = b"the user's own file, outside the download directory\n";
+    let mut victims = Vec::new();
+    for (file, name) in [(&small, "small.txt"), (&large, "large.bin")] {
+        let victim = root.path().join(format!("victim-part-{name}"));
+        fs::write(&victim, precious).unwrap();
+        plant(
+            link,
+            &victim,
+            &partials.join(format!("{}.part", blake3_file(file))),
+        );
+        victims.push(victim);
+        if overwrite {
+            let victim = root.path().join(format!("victim-dest-{name}"));
+            fs::write(&victim, precious).unwrap();
+            plant(link, &victim, &out.join(name));
+            victims.push(victim);
+        }
+    }
 
-    let receiver = Receiver::start(rhome.path(), &out, 0, &["--yes", "--once", "--overwrite"]);
     let sender = send(
         shome.path(),
-        &[&file],
+        &[&small, &large],
         receiver.port,
         &["--peer", &receiver.fingerprint],
         SHORT,
     );
     let received = receiver.proc.finish(SHORT);
-    let victim_now = fs::read(&victim).unwrap();
-    assert!(
-        victim_now == precious,
-        "the victim outside out/ was written through {part:?}: it now holds {} bytes \
-         (the sent file has {})",
-        victim_now.len(),
-        fs::metadata(&file).unwrap().len()
-    );
-    let stored = out.join("f.txt");
-    let meta = fs::symlink_metadata(&stored).expect("out/f.txt");
-    assert!(meta.file_type().is_file(), "out/f.txt is {meta:?}");
-    assert_eq!(fs::read(&stored).unwrap(), fs::read(&file).unwrap());
+    for victim in &victims {
+        let now = fs::read(victim).unwrap();
+        assert!(
+            now == precious,
+            "{victim:?} ({link:?} link, overwrite {overwrite}) was written through: it now \
+             holds {} bytes",
+            now.len()
+        );
+    }
     sender.assert_success();
     received.assert_success();
+    for (file, name) in [(&small, "small.txt"), (&large, "large.bin")] {
+        let sent = sender
+            .all("sent")
+            .into_iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no sent event for {name}\n{sender:#?}"));
+        let saved_as = sent["saved_as"].as_str().expect("saved_as");
+        if overwrite {
+            assert_eq!(saved_as, name, "--overwrite takes the name: {sent}");
+        }
+        let stored = out.join(saved_as);
+        let meta = fs::symlink_metadata(&stored).expect("stored file");
+        assert!(meta.file_type().is_file(), "{stored:?} is {meta:?}");
+        assert_eq!(
+            fs::read(&stored).unwrap(),
+            fs::read(file).unwrap(),
+            "{name}"
+        );
+    }
 }
 
 #[test]
-fn overwrite_does_not_follow_a_symlinked_part_file() {
-    overwrite_does_not_write_through(Link::Symbolic);
+fn a_symlink_where_a_partial_goes_is_not_followed() {
+    links_where_partials_live_are_not_written_through(Link::Symbolic, false);
 }
 
 #[test]
-fn overwrite_does_not_write_through_a_hard_linked_part_file() {
-    overwrite_does_not_write_through(Link::Hard);
+fn a_hard_link_where_a_partial_goes_is_not_written_through() {
+    links_where_partials_live_are_not_written_through(Link::Hard, false);
+}
+
+#[test]
+fn overwrite_does_not_follow_symlinks_at_the_partial_or_the_destination() {
+    links_where_partials_live_are_not_written_through(Link::Symbolic, true);
+}
+
+#[test]
+fn overwrite_does_not_write_through_hard_links_at_the_partial_or_the_destination() {
+    links_where_partials_live_are_not_written_through(Link::Hard, true);
 }
 
 // ---------------------------------------------------------------------------------------
-// 10. Terminal escapes from peers
+// Terminal escapes from peers
 // ---------------------------------------------------------------------------------------
 
 /// Peer-controlled text that would retitle and recolour the terminal, use a C1 CSI,
 /// reverse the text direction and forge a log line if printed raw.
 const EVIL: &str =
     "\u{1b}]0;pwned\u{7}\u{1b}[31mred\u{9b}31m\u{202e}txt.exe\nforged line: all files verified";
+
+/// [`EVIL`] as it must be shown: every control escaped in Rust's `\u{..}` notation, the
+/// rest as sent. Clean output that does not show it would hide what the peer said.
+const EVIL_SHOWN: &str = "\\u{1b}]0;pwned\\u{7}\\u{1b}[31mred\\u{9b}31m\\u{202e}txt.exe\\u{a}\
+     forged line: all files verified";
 
 /// Whether `text` shows peer-controlled terminal controls raw: an ESC, a C1 CSI, an
 /// RLO, or a line starting with "forged line".
@@ -1277,8 +1338,16 @@ fn sender_output_escapes_what_the_receiver_says() {
     ];
     rt.block_on(hostile).expect("hostile receiver");
     let mut outputs = Vec::new();
-    for (what, run) in &runs {
+    // The decline reason and the verdict error in the first run, a close reason in each of
+    // the others: all shown, escaped.
+    for ((what, run), shown) in runs.iter().zip([2, 1, 1]) {
         assert!(!run.status.success(), "{what}: {run:#?}");
+        assert_eq!(
+            run.stderr.matches(EVIL_SHOWN).count(),
+            shown,
+            "sender ({what}) shows what the receiver said, escaped:\n{}",
+            run.stderr
+        );
         outputs.push((format!("sender ({what}), stderr"), run.stderr.clone()));
         outputs.push((format!("sender ({what}), stdout"), run.text.join("\n")));
     }
@@ -1292,26 +1361,19 @@ fn sender_output_escapes_what_the_receiver_says() {
 fn receiver_output_escapes_what_the_sender_says() {
     let rt = peer::runtime();
     let (rhome, out) = (Home::new(), tempdir());
-    let mut receiver = Proc::spawn(
-        "receiver",
-        rhome.path(),
-        &[
-            "receive",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--out",
-            s(out.path()),
-            "--yes",
-        ],
-    );
+    let args = receive_args(0, Some(out.path()), &["--yes"]);
+    let mut receiver = Proc::spawn("receiver", rhome.path(), &args);
     let banner = receiver.wait_text(|l| l.starts_with("qpunch is receiving on UDP port"), SHORT);
     let port: u16 = banner.rsplit(' ').next().unwrap().parse().expect("port");
     let identity = receiver.wait_text(|l| l.trim_start().starts_with("identity:"), SHORT);
     let fp: Fingerprint = identity.rsplit(' ').next().unwrap().parse().expect("fp");
     let to = target(port);
-    let pause = || thread::sleep(Duration::from_millis(400));
+    // Each attack in turn, once the receiver has said what it made of the one before.
+    let said = |wanted: &str| {
+        let line = receiver.wait_stderr(|l| l.contains(wanted), SHORT);
+        eprintln!("receiver: {line}");
+        line
+    };
 
     rt.block_on(async {
         // 1. Close with EVIL right after the handshake.
@@ -1320,29 +1382,20 @@ fn receiver_output_escapes_what_the_sender_says() {
             .close(transfer::codes::PROTOCOL.into(), EVIL.as_bytes());
         peer.endpoint.wait_idle().await;
     });
-    pause();
+    said(&format!("closed by peer: {EVIL_SHOWN}"));
     rt.block_on(async {
         // 2. Names and hashes full of EVIL (declined), then close with EVIL.
         let peer = connect_from(lo(3), to, fp).await.expect("connect");
-        let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
         let mut bad_hash = offer(1, "ok.txt", 1);
         bad_hash.blake3 = EVIL.into();
         let files = vec![offer(0, &format!("{EVIL}.txt"), 1), bad_hash];
-        write_frame(
-            &mut send,
-            &Manifest {
-                files,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .unwrap();
-        let _ = read_frame::<Decisions>(&mut recv).await;
+        let mut control = offer_files(&peer.conn, files).await.unwrap();
+        let _ = control.decisions(SHORT).await;
         peer.conn
             .close(transfer::codes::PROTOCOL.into(), EVIL.as_bytes());
         peer.endpoint.wait_idle().await;
     });
-    pause();
+    said(&format!("declined {EVIL_SHOWN}"));
     rt.block_on(async {
         // 3. A frame that is not a manifest, with EVIL where a number belongs.
         let peer = connect_from(lo(4), to, fp).await.expect("connect");
@@ -1358,23 +1411,14 @@ fn receiver_output_escapes_what_the_sender_says() {
             .close(transfer::codes::PROTOCOL.into(), EVIL.as_bytes());
         peer.endpoint.wait_idle().await;
     });
-    pause();
+    said("bad frame");
     rt.block_on(async {
         // 4. A real file, cut off mid-stream with EVIL.
         let peer = connect_from(lo(5), to, fp).await.expect("connect");
         let data = vec![7u8; 200_000];
-        let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
         let files = vec![offer_of(0, "cut.bin", &data)];
-        write_frame(
-            &mut send,
-            &Manifest {
-                files,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .unwrap();
-        let _ = read_frame::<Decisions>(&mut recv).await;
+        let mut control = offer_files(&peer.conn, files).await.unwrap();
+        let _ = control.decisions(SHORT).await;
         let (mut file, _verdict) = peer.conn.open_bi().await.unwrap();
         write_frame(&mut file, &FileHeader { id: 0, offset: 0 })
             .await
@@ -1385,22 +1429,29 @@ fn receiver_output_escapes_what_the_sender_says() {
             .close(transfer::codes::PROTOCOL.into(), EVIL.as_bytes());
         peer.endpoint.wait_idle().await;
     });
-    pause();
+    said("cut.bin: ");
     receiver.signal(libc::SIGINT);
     let finished = receiver.finish(SHORT);
     assert_clean(&[
         ("receiver stderr".into(), finished.stderr.clone()),
         ("receiver stdout".into(), finished.text.join("\n")),
     ]);
+    // The close reason once, the offered name twice (declined, and why).
+    assert_eq!(
+        finished.stderr.matches(EVIL_SHOWN).count(),
+        3,
+        "the receiver shows what the sender said, escaped:\n{}",
+        finished.stderr
+    );
     assert!(!out.path().join("cut.bin").exists());
 }
 
 // ---------------------------------------------------------------------------------------
-// 11. Dotfiles and the default directory
+// Dotfiles and the default directory
 // ---------------------------------------------------------------------------------------
 
-/// Send `src/.bash_aliases` to a `receive --yes --once EXTRA...`; returns the out dir's
-/// listing, the out dir, and the bytes sent.
+/// Send `src/.bash_aliases` to a `receive --yes --once EXTRA...`: the send must succeed.
+/// Returns the out dir's listing, the out dir, and the bytes sent.
 fn send_dotfile(extra: &[&str]) -> (BTreeSet<String>, tempfile::TempDir, Vec<u8>) {
     let (rhome, shome, out) = (Home::new(), Home::new(), tempdir());
     let contents = b"alias ls='rm -rf ~'\n".to_vec();
@@ -1416,20 +1467,20 @@ fn send_dotfile(extra: &[&str]) -> (BTreeSet<String>, tempfile::TempDir, Vec<u8>
         SHORT,
     );
     let received = receiver.proc.finish(SHORT);
-    eprintln!(
-        "dotfile with {extra:?}: sender {}, receiver {}",
-        sender.status, received.status
-    );
+    sender.assert_success();
+    received.assert_success();
     (list_dir(out.path()), out, contents)
 }
 
-/// By default an offered `.bash_aliases` never lands as a dotfile (renamed or declined).
+/// By default an offered `.bash_aliases` is stored, but never as a dotfile: as
+/// `_bash_aliases`.
 #[test]
 fn dotfiles_are_not_stored_as_dotfiles_by_default() {
-    let (listing, _out, _) = send_dotfile(&[]);
-    assert!(
-        listing.iter().all(|n| !n.starts_with('.')),
-        "a dotfile landed in the download directory: {listing:?}"
+    let (listing, out, contents) = send_dotfile(&[]);
+    assert_eq!(listing, names(&["_bash_aliases"]));
+    assert_eq!(
+        fs::read(out.path().join("_bash_aliases")).unwrap(),
+        contents
     );
 }
 
@@ -1450,16 +1501,8 @@ fn allow_dotfiles_stores_them_as_named() {
 fn default_out_dir_is_downloads_qpunch() {
     let (rhome, shome, home, cwd) = (Home::new(), Home::new(), tempdir(), tempdir());
     let (_src, file) = small_file("hello.txt", b"hello\n");
-    let args = [
-        "receive",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--json",
-        "--yes",
-        "--once",
-    ];
+    // No --out: the default folder.
+    let args = receive_args(0, None, &["--json", "--yes", "--once"]);
     let mut proc = Proc::spawn_with("receiver", rhome.path(), &args, |cmd| {
         cmd.env("HOME", home.path())
             .env_remove("XDG_DOWNLOAD_DIR")
@@ -1483,7 +1526,7 @@ fn default_out_dir_is_downloads_qpunch() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 12. Consent and free space
+// Consent and free space
 // ---------------------------------------------------------------------------------------
 
 /// Offer `files` from a hostile sender and wait up to 10 s for the decisions.
@@ -1497,21 +1540,10 @@ fn offer_and_decide(
         let peer = connect_from(lo(2), target(port), fp)
             .await
             .map_err(|e| e.to_string())?;
-        let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_frame(
-            &mut send,
-            &Manifest {
-                files,
-                ..Manifest::default()
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let decided = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
-            .await
-            .map_err(|_| "no decisions within 10 s".to_string())?;
+        let mut control = offer_files(&peer.conn, files).await?;
+        let decided = control.decisions(Duration::from_secs(10)).await;
         peer.conn.close(0u32.into(), b"");
-        decided.map(|Decisions { decisions }| decisions)
+        decided
     })
 }
 
@@ -1591,11 +1623,12 @@ fn offers_beyond_free_space_are_declined_before_asking() {
 // Proof under load: honest senders among strangers
 // ---------------------------------------------------------------------------------------
 
-/// The issue's load test, bounded in count and time, on loopback: 200 authenticated
+/// A load test, bounded in count and time, on loopback: 200 authenticated
 /// strangers from 200 addresses flood everything flow control allows (see [`attack`]),
 /// a probe flood runs from 4 more, and meanwhile 50 honest senders start at once. Every
-/// honest file arrives verified, the receiver's peak RSS stays under 200 MiB (the README
-/// states ~120 MiB against strangers), and no partial file is left behind.
+/// honest file arrives verified, the receiver's peak RSS stays under the README's bound
+/// against strangers, ~120 MiB (the honest files are small), and no partial file is left
+/// behind.
 ///
 /// The honest senders all come from 127.0.0.1 (`qpunch send` has no `--bind`), so the
 /// receiver allows 64 connections per address instead of 32; the strangers each have an
@@ -1604,7 +1637,7 @@ fn offers_beyond_free_space_are_declined_before_asking() {
 fn fifty_honest_senders_among_two_hundred_strangers_and_a_probe_flood() {
     const HOSTILE: u8 = 200;
     const HONEST: usize = 50;
-    const RSS_LIMIT_MIB: f64 = 200.0;
+    const RSS_LIMIT_MIB: f64 = 120.0;
     let rt = peer::runtime();
     let (rhome, out, src) = (Home::new(), tempdir(), tempdir());
     let receiver = Receiver::start(

@@ -6,7 +6,6 @@
 //! PATH) the original program itself, built from `tests/seed/main.go`, meets qpunch.
 
 mod common;
-mod seed;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;

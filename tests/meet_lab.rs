@@ -725,7 +725,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 /// Campaign: 20 meetings in each birthday cell (cone x symmetric, symmetric x cone), 10 ms
-/// per site link; prints the success rate and median times. Target: >= 95 %, <= 5 s.
+/// per site link: every one connects (the README's 20/20), with a median under 1.5 s from
+/// pairing and 2 s from `qpunch send` starting (the README states 0.6-1.3 s and 0.8-1.5 s
+/// measured; the margin is for builds running beside it).
 #[test]
 #[ignore = "campaign: cargo test --test meet_lab -- --ignored --nocapture birthday"]
 fn birthday_campaign() {
@@ -750,9 +752,14 @@ fn birthday_campaign() {
             ok.len(),
             runs.len()
         );
+        assert_eq!(ok.len(), runs.len(), "{name}: not every attempt connected");
         assert!(
-            ok.len() * 100 >= runs.len() * 95,
-            "{name}: success rate under 95 %"
+            from_pairing <= Duration::from_millis(1500),
+            "{name}: median {from_pairing:?} from pairing"
+        );
+        assert!(
+            from_start <= Duration::from_secs(2),
+            "{name}: median {from_start:?} from send starting"
         );
     }
 }
@@ -1195,7 +1202,8 @@ fn lan_receiver_stops_making_codes_after_three_wrong_ones() {
     assert!(receiving.proc.try_exit().is_none(), "still serving");
 }
 
-/// A sender whose network drops UDP gives up within 15 s, saying UDP is the problem.
+/// A sender whose network drops UDP gives up after 5 s (no answer from the rendezvous),
+/// saying UDP is the problem.
 #[test]
 fn udp_blocked_fails_fast_and_explains() {
     const TEST: &str = "udp_blocked_fails_fast_and_explains";
@@ -1204,6 +1212,9 @@ fn udp_blocked_fails_fast_and_explains() {
     }
     let failed = meeting_that_fails("ublk", Nat::Cone, Nat::UdpBlocked);
     let (message, took) = (&failed.message, failed.took);
-    assert!(message.contains("UDP"), "{message}");
     eprintln!("{TEST}: gave up after {took:?}: {message}");
+    assert!(message.contains("UDP"), "{message}");
+    // The README's figure: 5 s when no probe gets out at all (plus start-up).
+    assert!(message.contains("within 5s"), "{message}");
+    assert!(took < Duration::from_secs(7), "gave up after {took:?}");
 }

@@ -6,15 +6,15 @@
 //! test prints a loud SKIPPED message and passes, unless the `CI` environment variable is
 //! set: then it fails.
 
+mod common;
 #[path = "nat_lab/lab.rs"]
 mod lab;
-#[path = "seed/mod.rs"]
-mod seed;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::seed;
 use lab::{CLIENT_IP, Lab, Nat, PUBLIC_IP, Proc, ROUTER_WAN_IP};
 use serde_json::Value;
 

@@ -1,4 +1,4 @@
-//! Issue 6: the rendezvous under abuse, and a rendezvous that lies.
+//! The rendezvous under abuse, and a rendezvous that lies.
 //!
 //! **Abuse.** A real rendezvous (the library's, served in this process; for memory, the
 //! `qpunch rendezvous` binary in a child process) is attacked over loopback with real QUIC:
@@ -17,9 +17,6 @@
 //! Distinct source addresses are 127.0.0.x (all of 127/8 is loopback on Linux).
 
 mod common;
-#[allow(dead_code)]
-#[path = "hardening/sys.rs"]
-mod sys;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -253,25 +250,6 @@ async fn honest_pair(
     started.elapsed()
 }
 
-/// Another word at the same position in the list as `word`.
-fn other_word(word: &str) -> &'static str {
-    use qpunch::meet::code::{EVEN_WORDS, ODD_WORDS};
-    let list = if EVEN_WORDS.contains(&word) {
-        &EVEN_WORDS
-    } else {
-        &ODD_WORDS
-    };
-    list.iter().copied().find(|w| *w != word).unwrap()
-}
-
-/// `code` with its last word changed: what a guesser (or the lying rendezvous) may try.
-fn wrong_code(code: &Code) -> Code {
-    let [first, second] = code.words();
-    format!("{}-{first}-{}", code.nameplate(), other_word(second))
-        .parse()
-        .unwrap()
-}
-
 fn hex(bytes: &[u8]) -> String {
     data_encoding::HEXLOWER.encode(bytes)
 }
@@ -288,14 +266,15 @@ fn some_pake(nameplate: &Nameplate) -> Vec<u8> {
     Pake::start(&code, Role::Receiver, &mut rand::rng()).1
 }
 
-/// Whether a meeting ended the way a wrong code (or tampering) must: refused, on this
-/// side or the other.
+/// Whether a meeting ended the way a wrong code (or tampering) must: each side checks the
+/// other's sealed hello itself, so each finds the code wrong (never just "the other side
+/// gave up").
 fn refused_as_wrong_code(result: &Result<impl std::fmt::Debug, MeetError>) -> bool {
-    matches!(result, Err(MeetError::WrongCode | MeetError::PeerFailed(_)))
+    matches!(result, Err(MeetError::WrongCode))
 }
 
 // =======================================================================================
-// Part 1: the rendezvous under abuse
+// The rendezvous under abuse
 // =======================================================================================
 
 // ---------------------------------------------------------------------------------------
@@ -877,7 +856,7 @@ async fn a_wrong_guess_burns_the_nameplate_and_both_sides_are_told() {
     let guesser = node_on(lo(14), false);
     let gclient = connect(&guesser, rv.addr).await;
     let guessed = meeting(&guesser, &gclient, &Silent)
-        .dial(&wrong_code(&code))
+        .dial(&common::wrong_code(&code))
         .await;
     let welcomed = welcoming.await.unwrap();
     eprintln!("guesser: {guessed:?}\nreceiver: {welcomed:?}");
@@ -887,10 +866,7 @@ async fn a_wrong_guess_burns_the_nameplate_and_both_sides_are_told() {
         guessed.unwrap_err().to_string(),
         welcomed.unwrap_err().to_string(),
     ] {
-        assert!(
-            text.contains("the code did not match") || text.contains("the other side gave up"),
-            "{text}"
-        );
+        assert!(text.contains("the code did not match"), "{text}");
     }
     // The right code is no use now, from anywhere.
     let late = node_on(lo(15), false);
@@ -1055,11 +1031,28 @@ async fn a_reused_nameplate_survives_the_end_of_the_previous_pairing() {
     let (mut b, _) = second_receiver.open(Some(&nameplate), ttl).await.unwrap();
     let b_pake = some_pake(&nameplate);
     b.pake(&b_pake).await.unwrap();
-    // The first pairing ends.
-    drop((a, s1));
+    // The first pairing ends, each side giving up in turn, and then the sender leaving.
+    let mut s1 = s1;
+    s1.fail("the sender gives up").await.unwrap();
+    assert!(
+        matches!(a.sealed().await, Ok(Err(_))),
+        "the receiver is told"
+    );
+    a.fail("the receiver gives up").await.unwrap();
+    assert!(
+        matches!(s1.sealed().await, Ok(Err(_))),
+        "the sender is told"
+    );
+    s1.finish(STEP).await;
+    // The rendezvous ends the receiver's exchange once its partner's is over: it lets go
+    // of what that exchange registered first, and then closes the stream. So once the
+    // stream is closed here, the release has happened (no time to guess).
+    assert!(
+        matches!(a.next().await, Err(ClientError::Closed)),
+        "the first pairing's exchange ends"
+    );
     first_receiver.connection().close(0u32.into(), b"bye");
     first_sender.connection().close(0u32.into(), b"bye");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         rv.rendezvous.waiting(),
         1,
@@ -1101,7 +1094,7 @@ const PER_REGISTRATION: u64 = 64 << 10;
 /// alone): its home (keep it), the process and its address.
 fn rendezvous_process() -> (common::Home, common::Proc, SocketAddr) {
     let home = common::Home::new();
-    let port = free_port_pair();
+    let port = common::free_port_pair();
     let mut proc = common::Proc::spawn(
         "rendezvous",
         home.path(),
@@ -1116,18 +1109,6 @@ fn rendezvous_process() -> (common::Home, common::Proc, SocketAddr) {
     );
     proc.wait_event("rendezvous", common::SHORT);
     (home, proc, SocketAddr::from(([127, 0, 0, 1], port)))
-}
-
-/// A free UDP port whose successor is free too (the rendezvous's alternate port).
-fn free_port_pair() -> u16 {
-    for _ in 0..100 {
-        let first = UdpSocket::bind((lo(1), 0)).unwrap();
-        let port = first.local_addr().unwrap().port();
-        if port < u16::MAX && UdpSocket::bind((lo(1), port + 1)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free pair of UDP ports");
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -1158,7 +1139,7 @@ async fn register(ip: IpAddr, addr: SocketAddr) -> (Arc<Node>, RendezvousClient,
 fn memory_per_registration_is_bounded() {
     let (_home, proc, addr) = rendezvous_process();
     let pid = proc.id();
-    let kib = |field| sys::status_field(pid, field).expect("rendezvous alive") * 1024;
+    let kib = |field| common::sys::status_field(pid, field).expect("rendezvous alive") * 1024;
     let rt = runtime();
     let (idle, peak, rss) = rt.block_on(async {
         // Warm up (first connections, first allocations of every kind), then let go.
@@ -1200,7 +1181,7 @@ fn memory_per_registration_is_bounded() {
 }
 
 // =======================================================================================
-// Part 2: a rendezvous that lies
+// A rendezvous that lies
 // =======================================================================================
 
 /// One exchange (stream) a client opened on the [`Liar`], with its first request.
@@ -1521,7 +1502,7 @@ async fn impersonate(
     (welcomed, sent)
 }
 
-/// (a) The rendezvous answers each side with its own PAKE messages and sealed hellos that
+/// The rendezvous answers each side with its own PAKE messages and sealed hellos that
 /// carry its own fingerprint, guessing the code's words. Both sides refuse (the hellos do
 /// not open), no peer connects to the impostor, nothing is written.
 #[tokio::test]
@@ -1529,7 +1510,7 @@ async fn a_rendezvous_substituting_its_own_fingerprint_is_refused() {
     let mut liar = Liar::start(lo(30));
     let pair = Pair::new(lo(31), lo(32));
     let code = fresh_code(7);
-    let (welcomed, sent) = impersonate(&mut liar, &pair, &code, &wrong_code(&code)).await;
+    let (welcomed, sent) = impersonate(&mut liar, &pair, &code, &common::wrong_code(&code)).await;
     eprintln!("receiver: {welcomed:?}\nsender: {sent:?}");
     for (side, text) in [
         ("receiver", welcomed.map(drop).unwrap_err().to_string()),
@@ -1543,7 +1524,7 @@ async fn a_rendezvous_substituting_its_own_fingerprint_is_refused() {
     pair.assert_nothing_written();
 }
 
-/// The control for (a): the same impostor with the right code (an online guess that
+/// The control for the test above: the same impostor with the right code (an online guess that
 /// succeeded, 1 in 65,536) does get the sender to connect to it, so the refusal above
 /// comes from the code alone, not from a broken test double.
 #[tokio::test]
@@ -1727,21 +1708,21 @@ async fn mixed_pairings(mix: Mix, base: u8) {
     b.assert_nothing_written();
 }
 
-/// (c) Two pairings crossed end to end (receiver A with sender B, receiver B with
+/// Two pairings crossed end to end (receiver A with sender B, receiver B with
 /// sender A): all four refuse.
 #[tokio::test]
 async fn crossed_partners_of_two_pairings_are_refused() {
     mixed_pairings(Mix::Partners, 50).await;
 }
 
-/// (c) Two pairings whose PAKE messages are relayed honestly but whose sealed hellos are
+/// Two pairings whose PAKE messages are relayed honestly but whose sealed hellos are
 /// swapped between them: all four refuse.
 #[tokio::test]
 async fn hellos_swapped_between_two_pairings_are_refused() {
     mixed_pairings(Mix::Hellos, 60).await;
 }
 
-/// (d) A man in the middle on the path: the liar relays the PAKE and the hellos faithfully
+/// A man in the middle on the path: the liar relays the PAKE and the hellos faithfully
 /// (it cannot change them) but gives each side its own address as the peer's, and holds
 /// the hellos back until the punch toward it has succeeded. The sender connects to the
 /// impostor with the receiver's fingerprint pinned: the handshake fails on that pin,
@@ -1866,7 +1847,7 @@ fn memory_per_stuck_connection_is_bounded() {
     const STUCK: usize = 100;
     let (_home, proc, addr) = rendezvous_process();
     let pid = proc.id();
-    let kib = |field| sys::status_field(pid, field).expect("rendezvous alive") * 1024;
+    let kib = |field| common::sys::status_field(pid, field).expect("rendezvous alive") * 1024;
     let rt = runtime();
     let (idle, peak) = rt.block_on(async {
         let warm: Vec<_> =

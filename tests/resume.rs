@@ -125,6 +125,12 @@ fn partials(out: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// Whether no transfer writes `path` any more: a receiver holds a lock on every partial
+/// it writes (see `transfer::store`), until the last byte is on disk.
+fn unlocked(path: &Path) -> bool {
+    std::fs::File::open(path).is_ok_and(|file| file.try_lock().is_ok())
+}
+
 /// Wait until `out` holds no partial in use: `check` passes on it, or time runs out.
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -155,15 +161,13 @@ async fn a_cut_at_half_resumes_with_only_the_missing_half() {
     );
     // The receiver keeps the partial, never the final name.
     eventually("the partial to be kept", || partials(out.path()).len() == 1).await;
-    let size = || std::fs::metadata(&partials(out.path())[0]).unwrap().len();
-    let mut kept = size();
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if size() == kept {
-            break;
-        }
-        kept = size();
-    }
+    // Its size is final once the cut transfer has let go of it (no writer holds its lock).
+    let partial = partials(out.path()).remove(0);
+    eventually("the cut transfer to let go of its partial", || {
+        unlocked(&partial)
+    })
+    .await;
+    let kept = std::fs::metadata(&partial).unwrap().len();
     assert!(!out.path().join("big.bin").exists());
     assert!((GROUP..=SIZE).contains(&kept), "kept {kept} bytes");
 

@@ -158,7 +158,7 @@ impl Meeting<'_> {
             .finish(&paired.pake)
             .map_err(|_| MeetError::WrongCode)?;
         let found = self.meet(&mut exchange, keys, &paired, heard, |_| {}).await;
-        tokio::spawn(exchange.finish(FINISH));
+        finish(exchange, found.is_err()).await;
         let found = found?;
         let (path, peer_hello, side_node) = (found.path, found.hello, found.node);
         let method = found.method;
@@ -211,7 +211,7 @@ impl Meeting<'_> {
                 admit(hello.fingerprint, ticket_ttl)
             })
             .await;
-        tokio::spawn(exchange.finish(FINISH));
+        finish(exchange, found.is_err()).await;
         let found = found?;
         self.events.punched(&found.path, found.method);
         Ok(Welcomed {
@@ -221,6 +221,18 @@ impl Meeting<'_> {
             method: found.method,
             node: found.node,
         })
+    }
+}
+
+/// End our side of the exchange. After a failed meeting the caller may exit at once (the
+/// CLI does): wait, at most [`FINISH`], until the rendezvous has our last messages (our
+/// sealed hello, why we gave up), or the peer never learns that the code was wrong. After a
+/// success, let that happen in the background.
+async fn finish(exchange: Exchange, failed: bool) {
+    if failed {
+        exchange.finish(FINISH).await;
+    } else {
+        tokio::spawn(exchange.finish(FINISH));
     }
 }
 

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
@@ -623,6 +623,7 @@ impl Receiver {
             small_budget: self.small_budget.clone(),
             owner: owner_of(peer),
             budget: self.manifest_budget.clone(),
+            cut: AtomicBool::new(false),
         });
         let mut last_moved = 0;
         let mut tasks: tokio::task::JoinSet<Vec<FileReport>> = tokio::task::JoinSet::new();
@@ -649,6 +650,7 @@ impl Receiver {
                             period.as_secs_f64(),
                             human_bytes(self.options.min_rate)
                         );
+                        job.cut.store(true, Ordering::Relaxed);
                         crate::close_gate::close(conn, codes::PROTOCOL.into(), b"too slow");
                         outcome = Err(TransferError::protocol(why));
                         break;
@@ -657,6 +659,7 @@ impl Receiver {
                     continue;
                 }
                 _ = tokio::time::sleep(stall), if tasks.is_empty() => {
+                    job.cut.store(true, Ordering::Relaxed);
                     crate::close_gate::close(conn, codes::PROTOCOL.into(), b"stalled");
                     outcome = Err(stalled(stall));
                     break;
@@ -711,7 +714,7 @@ impl Receiver {
         let left: Vec<Plan> = job.lock_plans().drain().map(|(_, plan)| plan).collect();
         for plan in left {
             let report = failed(&plan.offer, "the sender never sent it");
-            observer.finished(&report);
+            job.report(&**observer, &report);
             reports.insert(plan.offer.id, report);
         }
         while let Some(joined) = tasks.join_next().await {

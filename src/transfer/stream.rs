@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -90,6 +90,9 @@ pub(super) struct StreamJob {
     pub(super) owner: Owner,
     /// Bounds the memory of resumed files' trees (shared with manifests).
     pub(super) budget: Arc<Semaphore>,
+    /// Set when this side cut the connection (too slow, or silent): that reason is the
+    /// batch's one error, so the files it cut off are not reported as failures one by one.
+    pub(super) cut: AtomicBool,
 }
 
 /// A small file of a stream, waiting for its batch to be stored.
@@ -123,6 +126,14 @@ impl StreamJob {
 
     pub(super) fn put_back(&self, plan: Plan) {
         self.lock_plans().insert(plan.offer.id, plan);
+    }
+
+    /// Tell `observer` how a file ended, unless it failed because this side cut the
+    /// connection (see [`StreamJob::cut`]).
+    pub(super) fn report(&self, observer: &dyn Observer, report: &FileReport) {
+        if report.is_verified() || !self.cut.load(Ordering::Relaxed) {
+            observer.finished(report);
+        }
     }
 
     /// The saved name as the sender is told it: relative to the output directory.
@@ -195,7 +206,7 @@ impl StreamJob {
                 let (report, ended) = self
                     .receive_large(plan, &mut send, &mut recv, observer)
                     .await;
-                observer.finished(&report);
+                self.report(observer, &report);
                 reports.push(report);
                 if matches!(ended, Ended::Broken) {
                     let _ = recv.stop(codes::DECLINED.into());
@@ -330,7 +341,7 @@ impl StreamJob {
                 Pending::Failed(plan, hash, why) => (plan, Err((hash, why))),
             };
             let report = self.answer(plan, outcome, send).await;
-            observer.finished(&report);
+            self.report(observer, &report);
             reports.push(report);
         }
     }

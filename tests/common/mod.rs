@@ -4,9 +4,23 @@
 //!
 //! Every child process is owned by a [`Proc`], which kills and reaps it when dropped, so
 //! a failing (panicking) test never leaves a receiver running.
+//!
+//! Submodules: [`peer`] (hostile peers speaking the transfer protocol by hand), [`pty`]
+//! (a `qpunch` on a pseudo-terminal, to answer its prompts), [`seed`] (the seed's Go
+//! program), [`sys`] (what the kernel says about a process; root-only set-up; skipping).
+//!
+//! Every test file is its own crate and compiles this whole tree with `mod common;`, but
+//! each uses a different part of it: `dead_code` is allowed here, once for the tree,
+//! rather than on every item some test file does not use.
 #![allow(dead_code)]
 
+pub mod peer;
+pub mod pty;
+pub mod seed;
+pub mod sys;
+
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -82,7 +96,7 @@ pub struct Proc {
 
 impl Proc {
     /// Start `qpunch ARGS...` with `QPUNCH_HOME=home`, stdin from /dev/null (not a TTY).
-    pub fn spawn(name: &str, home: &Path, args: &[&str]) -> Self {
+    pub fn spawn(name: &str, home: &Path, args: &[impl AsRef<OsStr>]) -> Self {
         Self::spawn_with(name, home, args, |_| {})
     }
 
@@ -91,7 +105,7 @@ impl Proc {
     pub fn spawn_with(
         name: &str,
         home: &Path,
-        args: &[&str],
+        args: &[impl AsRef<OsStr>],
         configure: impl FnOnce(&mut Command),
     ) -> Self {
         let mut command = Command::new(BIN);
@@ -226,6 +240,23 @@ impl Proc {
         }
     }
 
+    /// Wait until stderr holds a line satisfying `wanted` (lines read before count too) and
+    /// return it. Panics at `timeout`.
+    pub fn wait_stderr(&self, wanted: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.stderr.lock().unwrap().lines().find(|l| wanted(l)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for a line on stderr\n{}",
+                self.diagnostics()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Send signal `signal` (e.g. `libc::SIGINT`) to the process.
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on the pid of a child we own and have not reaped yet (it is
@@ -258,9 +289,25 @@ impl Proc {
         self.into_finished(status)
     }
 
-    /// Whether the process is still running.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+    /// Whether the process is still running. It does not reap the process (`WNOWAIT`): its
+    /// pid stays ours until [`Proc::finish`], [`Proc::kill`] or drop, so signals sent to it
+    /// in the meantime (see [`Proc::signal`]) cannot reach a process that reused the pid.
+    pub fn running(&self) -> bool {
+        // SAFETY: waitid(2) on our own child with a zeroed siginfo it fills in; WNOWAIT
+        // leaves the child waitable, so `Child` still reaps it later.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        assert_eq!(rc, 0, "waitid({})", self.child.id());
+        // With WNOHANG, si_pid stays 0 while the child has not exited.
+        // SAFETY: siginfo_t filled in (or left zeroed) by waitid.
+        unsafe { info.si_pid() == 0 }
     }
 
     /// Send SIGINT (as Ctrl-C would), then collect what it printed until it exits.
@@ -370,19 +417,9 @@ impl Receiver {
     /// `qpunch receive --bind 127.0.0.1 --port PORT --out OUT --json EXTRA...`, waiting
     /// for its `listening` event. `port` 0 picks a free port.
     pub fn start(home: &Path, out: &Path, port: u16, extra: &[&str]) -> Self {
-        let port_arg = port.to_string();
-        let mut args = vec![
-            "receive",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port_arg,
-            "--out",
-            s(out),
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        let mut proc = Proc::spawn("receiver", home, &args);
+        let mut json = vec!["--json"];
+        json.extend_from_slice(extra);
+        let mut proc = Proc::spawn("receiver", home, &receive_args(port, Some(out), &json));
         let listening = proc.wait_event("listening", SHORT);
         let bound = listening["port"].as_u64().expect("listening.port") as u16;
         assert_ne!(bound, 0, "{}", proc.diagnostics());
@@ -410,6 +447,33 @@ impl Receiver {
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+}
+
+/// The arguments of every test receiver: `receive --bind 127.0.0.1 --port PORT`
+/// (0: any free port), `--out OUT` unless `out` is `None` (the default folder), then
+/// `extra` (`--json`, policy flags, ...).
+pub fn receive_args(port: u16, out: Option<&Path>, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["receive", "--bind", "127.0.0.1", "--port"]
+        .map(String::from)
+        .into();
+    args.push(port.to_string());
+    if let Some(out) = out {
+        args.extend(["--out".to_string(), s(out).to_string()]);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// A free UDP port on 127.0.0.1 whose successor is free too (a rendezvous binds both).
+pub fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let first = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free pair of UDP ports");
 }
 
 /// Start `qpunch send FILES... --to 127.0.0.1:PORT --punch-timeout 3s --json EXTRA...`.
@@ -507,6 +571,22 @@ pub fn list_dir(dir: &Path) -> BTreeSet<String> {
         }
     }
     names
+}
+
+/// `code` with its second word replaced by another from the same list: the same nameplate,
+/// the wrong secret (what a guesser, or a typo, tries).
+pub fn wrong_code(code: &qpunch::meet::code::Code) -> qpunch::meet::code::Code {
+    use qpunch::meet::code::{EVEN_WORDS, ODD_WORDS};
+    let [first, second] = code.words();
+    let list = if EVEN_WORDS.contains(&second) {
+        &EVEN_WORDS
+    } else {
+        &ODD_WORDS
+    };
+    let other = list.iter().find(|w| **w != second).expect("another word");
+    format!("{}-{first}-{other}", code.nameplate())
+        .parse()
+        .expect("a well-formed code")
 }
 
 /// A set of names, for comparing with [`list_dir`].

@@ -15,6 +15,12 @@
 //! parallel threads; dropping a [`Topology`] (or [`Lab`]) stops its delay elements, kills
 //! what runs inside and deletes the namespaces, also when the test panics. [`Proc`] kills
 //! its child on drop. Nothing here ever routes outside the lab's namespaces.
+//!
+//! Three test files and two benches (`benches/path.rs`, `benches/nat_lab_delay.rs`) include
+//! this file with `#[path]` (a bench cannot reach `tests/common/`), and each uses a
+//! different part of it: `dead_code` and unused re-exports are allowed here, once, rather
+//! than on every item. The submodules are named by `#[path]` so that the includes resolve
+//! the same way from `tests/` and from `benches/`.
 
 #![allow(dead_code)]
 

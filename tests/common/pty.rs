@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::BIN;
+use super::BIN;
 
 /// The consent prompt's question.
 pub const PROMPT: &str = "Accept? [y/N]";
@@ -33,7 +33,7 @@ fn cloexec(fd: &OwnedFd) {
 
 impl PtyProc {
     /// Start `qpunch ARGS...` with `QPUNCH_HOME=home` on a fresh pseudo terminal.
-    pub fn spawn(home: &Path, args: &[&str]) -> Self {
+    pub fn spawn(home: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> Self {
         let (mut master, mut slave) = (-1, -1);
         // SAFETY: openpty writes two descriptors into the provided ints; the name,
         // termios and window-size pointers may be null.

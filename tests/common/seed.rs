@@ -6,9 +6,7 @@
 //! SKIPPED, except under CI (the `CI` variable), where `.ci/run` installs Go and a
 //! missing toolchain is an error.
 
-#![allow(dead_code)]
-
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -152,15 +150,7 @@ fn go_tool() -> Option<PathBuf> {
 /// `go` (panics instead when `CI` is set).
 pub fn build(test: &str) -> Option<GoSeed> {
     let Some(go) = go_tool() else {
-        if std::env::var_os("CI").is_some() {
-            panic!("{test}: CI is set, so the Go interop test must run, but `go` is not on PATH");
-        }
-        let stars = "*".repeat(78);
-        // Straight to the stderr handle: libtest captures `eprintln!` of passing tests.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n{stars}\n{test}: SKIPPED (needs the Go toolchain: `go` is not on PATH)\n{stars}"
-        );
+        super::sys::skip(test, "needs the Go toolchain: `go` is not on PATH");
         return None;
     };
     let dir = tempfile::Builder::new()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qpunch::identity::{Fingerprint, Identity};
-use qpunch::transfer::{self, FileOffer};
+use qpunch::transfer::{self, Decision, Decisions, FileOffer, Manifest};
 
 /// A tokio runtime for the hostile side, separate from the test thread, so the test can
 /// block on child processes while hostile tasks keep running.
@@ -124,6 +124,46 @@ pub async fn read_frame<T: serde::de::DeserializeOwned>(
         .await
         .map_err(|e| format!("frame body: {e}"))?;
     serde_json::from_slice(&body).map_err(|e| format!("frame JSON: {e}"))
+}
+
+/// A hostile sender's control stream, once its manifest went out.
+pub struct Control {
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+/// Open the control stream on `conn` and send `manifest` on it, as `qpunch send` does first.
+pub async fn send_manifest(
+    conn: &quinn::Connection,
+    manifest: &Manifest,
+) -> Result<Control, String> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, manifest)
+        .await
+        .map_err(|e| format!("manifest: {e}"))?;
+    Ok(Control { send, recv })
+}
+
+/// [`send_manifest`] of a manifest offering `files` (no empty folders).
+pub async fn offer_files(
+    conn: &quinn::Connection,
+    files: Vec<FileOffer>,
+) -> Result<Control, String> {
+    let manifest = Manifest {
+        files,
+        ..Manifest::default()
+    };
+    send_manifest(conn, &manifest).await
+}
+
+impl Control {
+    /// The receiver's answer to the manifest, within `timeout`.
+    pub async fn decisions(&mut self, timeout: Duration) -> Result<Vec<Decision>, String> {
+        match tokio::time::timeout(timeout, read_frame::<Decisions>(&mut self.recv)).await {
+            Ok(decided) => decided.map(|Decisions { decisions }| decisions),
+            Err(_) => Err(format!("no decisions within {timeout:?}")),
+        }
+    }
 }
 
 /// A well-formed random BLAKE3 hash (lowercase hex) that matches no data we send.
