@@ -12,6 +12,10 @@
 //! 3. **Registrations held**: that many receivers (one connection each, from their own
 //!    addresses) wait with an open nameplate; peak resident memory over idle, per
 //!    registration.
+//! 4. **Idle connections**: as many clients connect and ask only for `info`, then hold
+//!    their connections with keep-alives; peak resident memory per connection, and how long
+//!    until the rendezvous has evicted them all (it closes a connection that holds no
+//!    exchange after 30 s).
 //!
 //! Pairings per second are wall-clock figures for this machine with this client load;
 //! pairings per CPU-second divides by the rendezvous process's own CPU time (user and
@@ -105,6 +109,36 @@ fn main() -> anyhow::Result<()> {
             mib(peak),
             mib(now),
             per / 1024.0
+        );
+        drop(registrations);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let before = status_bytes(pid, "VmRSS")?;
+        let mut idlers = Vec::with_capacity(held);
+        for batch in (0..held).step_by(inflight) {
+            let ips = (batch..(batch + inflight).min(held)).map(|i| source(4, i));
+            for r in futures_util::future::join_all(ips.map(|ip| idle_client(ip, addr))).await {
+                idlers.push(r?);
+            }
+        }
+        let connected = Instant::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (peak, now) = (status_bytes(pid, "VmHWM")?, status_bytes(pid, "VmRSS")?);
+        let per = now.saturating_sub(before) as f64 / held as f64;
+        let all_closed = futures_util::future::join_all(
+            idlers.iter().map(|(_, client)| client.connection().closed()),
+        );
+        let evicted = tokio::time::timeout(Duration::from_secs(60), all_closed).await.is_ok();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        println!(
+            "{held} idle connections: {:.1} MiB before, {:.1} MiB with them ({:.1} KiB each),              peak so far {:.1} MiB; {} {:.1?} after they connected; {:.1} MiB after",
+            mib(before),
+            mib(now),
+            per / 1024.0,
+            mib(peak),
+            if evicted { "all evicted" } else { "NOT all evicted" },
+            connected.elapsed(),
+            mib(status_bytes(pid, "VmRSS")?),
         );
         anyhow::Ok(())
     });
@@ -369,6 +403,16 @@ impl Pool {
 }
 
 /// A receiver waiting with an open nameplate: keep everything returned to keep it.
+/// A client that connects, asks for `info` and then only keeps its connection alive.
+async fn idle_client(
+    ip: IpAddr,
+    addr: SocketAddr,
+) -> anyhow::Result<(Arc<Node>, RendezvousClient)> {
+    let (node, client) = connect(ip, addr).await?;
+    client.info().await?;
+    Ok((node, client))
+}
+
 async fn register(
     ip: IpAddr,
     addr: SocketAddr,
