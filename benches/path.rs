@@ -21,8 +21,9 @@
 //! last byte was on the receiver's disk ("last byte"), which leaves out the receiver's
 //! fsync, hash check and verdict: the transport's share.
 //!
-//! It prints every sample, then a markdown table of medians with ratios and the targets of
-//! issue 7 (>= 90 % of the link rate at 0 % loss; >= 1.0x kernel TCP bbr on lossy paths).
+//! It prints every sample, then a markdown table of medians with ratios and the transfer
+//! engine's targets on a real path (>= 90 % of the link rate at 0 % loss; >= 1.0x kernel
+//! TCP bbr on lossy paths).
 //! A transfer still running after the cap (`QPUNCH_PATH_CAP`) is stopped and counted at
 //! what it delivered by then (marked `*`): loss-based controllers crawl at 5 % loss.
 //!
