@@ -284,12 +284,22 @@ impl Meeting<'_> {
         events.hello(&peer_hello);
         // The peer's public address, as it sealed it: what the rendezvous told *it*.
         let peer_public = public_of(&peer_hello, paired.observed, &ifaces);
-        for &candidate in &peer_hello.candidates {
-            let candidate = canonical(candidate);
-            let kind = match candidates::kind_of(candidate, &ifaces) {
-                Kind::Host if Some(candidate) == peer_public => Kind::Reflexive,
-                kind => kind,
-            };
+        let mut offered: Vec<(SocketAddr, Kind)> = peer_hello
+            .candidates
+            .iter()
+            .map(|&candidate| {
+                let candidate = canonical(candidate);
+                let kind = match candidates::kind_of(candidate, &ifaces) {
+                    Kind::Host if Some(candidate) == peer_public => Kind::Reflexive,
+                    kind => kind,
+                };
+                (candidate, kind)
+            })
+            .collect();
+        // Best first: the traversal probes the first one it learns at once and paces the
+        // rest, so a private address of the peer's must not delay its public one.
+        offered.sort_by_key(|&(_, kind)| kind);
+        for (candidate, kind) in offered {
             let _ = updates.send(Update::Candidate(candidate, kind));
         }
         let theirs = Mapping::from_token(&peer_hello.nat);
