@@ -1982,3 +1982,86 @@ async fn a_client_that_does_not_read_loses_its_nameplates() {
         "nameplates held by a client that never reads"
     );
 }
+
+/// (f) A stranger who floods a waiting receiver with probes (from before the pairing, so
+/// they wait in line as triggered checks) and answers every probe it gets with a reply
+/// carrying the right txid: in version 1 an unauthenticated probe made its source a
+/// preferred candidate and any reply with a known txid chose the path. Now, with probes
+/// keyed by the PAKE, the receiver never probes the stranger at all, and the path is the
+/// sender's.
+#[tokio::test]
+async fn unauthenticated_probes_and_replies_do_not_steer_the_path() {
+    let rv = serve(RendezvousConfig::default());
+    let pair = Pair::new(lo(85), lo(86));
+    let target = pair.rnode.local_addr().unwrap();
+    let stranger = Arc::new(
+        tokio::net::UdpSocket::bind(SocketAddr::new(lo(84), 0))
+            .await
+            .unwrap(),
+    );
+    let probed_back = Arc::new(AtomicUsize::new(0));
+    let flooding = {
+        let stranger = stranger.clone();
+        tokio::spawn(async move {
+            loop {
+                let probe = qpunch::wire::Message::Probe {
+                    txid: rand::random(),
+                };
+                let _ = stranger.send_to(&probe.to_vec(), target).await;
+                // The authenticated type with a tag it cannot compute.
+                let mut forged = probe.to_vec();
+                forged[0] = 0x11;
+                forged.extend_from_slice(&[0xee; 16]);
+                let _ = stranger.send_to(&forged, target).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let answering = {
+        let (stranger, probed_back) = (stranger.clone(), probed_back.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = stranger.recv_from(&mut buf).await {
+                // A probe (plain 0x01 or authenticated 0x11): its txid is in the clear.
+                if n >= 18 && (buf[0] == 0x01 || buf[0] == 0x11) {
+                    probed_back.fetch_add(1, Ordering::SeqCst);
+                    let txid: [u8; 12] = buf[6..18].try_into().unwrap();
+                    let reply = qpunch::wire::Message::Reply {
+                        txid,
+                        observed: from,
+                    };
+                    let _ = stranger.send_to(&reply.to_vec(), from).await;
+                }
+            }
+        })
+    };
+    // The receiver waits on its code while the flood queues up; then the sender joins.
+    let code = fresh_code(13);
+    let rclient = connect(&pair.rnode, rv.addr).await;
+    let (welcoming, _) = welcome(
+        pair.rnode.clone(),
+        pair.receiver.clone(),
+        rclient,
+        Some(code.clone()),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sclient = connect(&pair.snode, rv.addr).await;
+    let sending = send_by_code(pair.snode.clone(), sclient, code, pair.file.clone());
+    let welcomed = welcoming
+        .await
+        .unwrap()
+        .expect("the receiver met the sender");
+    let sent = sending.await.unwrap();
+    flooding.abort();
+    answering.abort();
+    let sent = sent
+        .expect("the sender met the receiver")
+        .expect("the file was sent");
+    assert!(sent[0].is_verified(), "{sent:?}");
+    assert_eq!(welcomed.path.peer, pair.snode.local_addr().unwrap());
+    assert_eq!(
+        probed_back.load(Ordering::SeqCst),
+        0,
+        "the receiver probed the stranger back"
+    );
+}
