@@ -298,6 +298,10 @@ fn closed(traversal: &Traversal) -> TraverseError {
 ///
 /// With a meeting's `keys` every socket's traversal is authenticated, and a socket answers
 /// (and counts as probed) only probes that verify: nobody but the peer can make one win.
+/// Each socket then probes `target` once, and again only when the peer's probe reaches it
+/// (a triggered check): the first probe is what opens the mapping the hunt looks for, and
+/// until the peer has answered, `target` is only what the rendezvous told the peer about
+/// itself, so a lie there gets one probe per socket, not a dozen.
 pub async fn birthday(
     bind: SocketAddr,
     target: SocketAddr,
@@ -319,7 +323,12 @@ pub async fn birthday(
             tokio::time::sleep(spread * i as u32).await;
             let mut traversal = match &keys {
                 Some(keys) => {
-                    Traversal::authenticated(config, Instant::now(), rand::random(), keys.clone())
+                    let once = TraverseConfig {
+                        initial_rto: config.timeout,
+                        max_rto: config.timeout,
+                        ..config
+                    };
+                    Traversal::authenticated(once, Instant::now(), rand::random(), keys.clone())
                 }
                 None => Traversal::new(config, Instant::now(), rand::random()),
             };
@@ -422,6 +431,74 @@ mod tests {
     use crate::wire::Message;
     use std::collections::HashMap;
     use std::time::Duration;
+
+    /// After a PAKE each birthday socket probes the target once (until the peer's probe
+    /// reaches it), with a tag, and answers only probes that carry the peer's tag.
+    #[tokio::test]
+    async fn authenticated_birthday_sockets_probe_once_and_answer_only_the_peer() {
+        use crate::wire::{ProbeKey, ProbeKeys};
+        let (x, y) = (ProbeKey::from_bytes([1; 32]), ProbeKey::from_bytes([2; 32]));
+        let hard_keys = ProbeKeys {
+            ours: x.clone(),
+            theirs: y.clone(),
+        };
+        let easy_keys = ProbeKeys { ours: y, theirs: x };
+        let easy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = easy.local_addr().unwrap();
+        let hard = tokio::spawn(birthday(
+            "127.0.0.1:0".parse().unwrap(),
+            target,
+            4,
+            TraverseConfig::default(),
+            Some(hard_keys),
+        ));
+        let mut buf = [0u8; 1500];
+        let mut probes: HashMap<SocketAddr, usize> = HashMap::new();
+        let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, easy.recv_from(&mut buf)).await
+        {
+            let Ok(Message::Probe { .. }) =
+                Message::decode_authenticated(&buf[..n], &easy_keys.theirs)
+            else {
+                panic!("an unauthenticated datagram from {from}")
+            };
+            *probes.entry(from).or_default() += 1;
+        }
+        assert_eq!(probes.len(), 4, "{probes:?}");
+        assert!(probes.values().all(|&n| n == 1), "{probes:?}");
+        let a = *probes.keys().next().unwrap();
+        // A stranger's plain probe is not answered.
+        let plain = Message::Probe {
+            txid: rand::random(),
+        };
+        easy.send_to(&plain.to_vec(), a).await.unwrap();
+        let heard =
+            tokio::time::timeout(Duration::from_millis(300), easy.recv_from(&mut buf)).await;
+        assert!(heard.is_err(), "answered a plain probe: {heard:?}");
+        // The peer's is: a tagged reply, and a triggered check back.
+        easy.send_to(&plain.to_authenticated_vec(&easy_keys.ours), a)
+            .await
+            .unwrap();
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let (n, from) = tokio::time::timeout(Duration::from_secs(2), easy.recv_from(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert_eq!(from, a);
+            match Message::decode_authenticated(&buf[..n], &easy_keys.theirs) {
+                Ok(Message::Reply { txid, .. }) => {
+                    assert_eq!(txid, plain.txid());
+                    kinds.push("reply");
+                }
+                Ok(Message::Probe { .. }) => kinds.push("probe"),
+                other => panic!("{other:?}"),
+            }
+        }
+        kinds.sort();
+        assert_eq!(kinds, ["probe", "reply"]);
+        hard.abort();
+    }
 
     /// The easy side probes socket B first and answers socket A's probe before B's: A has
     /// its reply first, yet B, the socket the easy side chose, must win.
