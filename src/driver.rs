@@ -263,7 +263,7 @@ pub async fn beacon(
             txid: rand::random(),
         };
         let contents = match &keys {
-            Some(keys) => probe.to_authenticated_vec(&keys.ours),
+            Some(keys) => crate::wire::authenticated_probe(probe.txid(), peer, &keys.ours),
             None => probe.to_vec(),
         };
         let _ = socket.send_probe(peer, &contents).await;

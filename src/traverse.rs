@@ -28,7 +28,11 @@
 //! peer is whoever knows the code, not whoever probes, so every probe and reply carries a
 //! tag under a key from the PAKE ([`crate::wire::ProbeKeys`]), and the rules tighten:
 //! - a probe from the peer becomes a candidate (a triggered check) only if its tag
-//!   verifies: an unauthenticated prober cannot add an address, let alone a preferred one;
+//!   verifies: an unauthenticated prober cannot add an address, let alone a preferred one.
+//!   A verified probe from an address we have probed ourselves finishes the traversal at
+//!   once: each side's probe got through the other's NAT, so the path works both ways
+//!   (half a round trip sooner than waiting for our reply; it names the address it was
+//!   sent to, our reflexive address);
 //! - a reply counts only if its tag verifies *and* it comes from the very address its probe
 //!   went to: a reply with a guessed or sniffed txid from elsewhere does not choose the path;
 //! - random ports are probed ([`Traversal::start_birthday`]) only on the IP of a candidate
@@ -134,7 +138,8 @@ impl Kind {
     }
 }
 
-/// Success: a path that carried a probe and its reply.
+/// Success: a path that carried a probe and its reply (or, in authenticated mode, our
+/// probe to an address and the peer's probe from it, which proves the same).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Path {
     /// Where the reply came from: the address QUIC should use.
@@ -143,7 +148,8 @@ pub struct Path {
     pub kind: Kind,
     /// Our address as the peer saw it.
     pub reflexive: SocketAddr,
-    /// From the answered probe to its reply.
+    /// From the answered probe to its reply (from our first probe to the address, when
+    /// the peer's probe from it came first: then less than a round trip).
     pub rtt: Duration,
 }
 
@@ -189,6 +195,8 @@ struct Check {
     kind: Kind,
     due: Instant,
     rto: Duration,
+    /// When we first probed it (`None` until then).
+    first_sent: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -314,6 +322,7 @@ impl Traversal {
             kind,
             due: now,
             rto: self.config.initial_rto,
+            first_sent: None,
         });
     }
 
@@ -325,17 +334,33 @@ impl Traversal {
         if self.outcome.is_some() {
             return;
         }
-        if let Some(keys) = &self.keys
-            && !matches!(
-                Message::decode_authenticated(datagram, &keys.theirs),
-                Ok(Message::Probe { .. })
-            )
-        {
-            self.stats.probes_ignored += 1;
-            return;
+        let mut to = None;
+        if let Some(keys) = &self.keys {
+            match Message::decode_authenticated_to(datagram, &keys.theirs) {
+                Ok((Message::Probe { .. }, probed)) => to = probed,
+                _ => {
+                    self.stats.probes_ignored += 1;
+                    return;
+                }
+            }
         }
         self.stats.peer_probes += 1;
         let from = canonical(from);
+        // Authenticated, from an address we have probed ourselves: the peer's NAT let our
+        // probe's mapping in (it probes us from it) and ours let its probe in, so the path
+        // works both ways; no need to wait another half round trip for our reply.
+        if let Some(to) = to
+            && let Some(check) = self.checks.iter().find(|c| c.addr == from)
+            && let Some(first_sent) = check.first_sent
+        {
+            self.outcome = Some(Ok(Path {
+                peer: from,
+                kind: check.kind,
+                reflexive: canonical(to),
+                rtt: now.saturating_duration_since(first_sent),
+            }));
+            return;
+        }
         let hunted = self
             .birthday
             .as_ref()
@@ -407,6 +432,7 @@ impl Traversal {
             .filter(|c| c.due <= now)
             .min_by_key(|c| (c.kind, c.due))?;
         let (destination, kind) = (check.addr, check.kind);
+        check.first_sent.get_or_insert(now);
         check.due = now + check.rto;
         check.rto = (check.rto * 2).min(self.config.max_rto);
         self.next_paced = now + self.config.pacing;
@@ -500,10 +526,9 @@ impl Traversal {
             destination: canonical(destination),
         });
         self.stats.probes += 1;
-        let probe = Message::Probe { txid };
         let contents = match &self.keys {
-            Some(keys) => probe.to_authenticated_vec(&keys.ours),
-            None => probe.to_vec(),
+            Some(keys) => crate::wire::authenticated_probe(txid, destination, &keys.ours),
+            None => Message::Probe { txid }.to_vec(),
         };
         Transmit {
             destination,
@@ -716,11 +741,14 @@ mod tests {
                         };
                         self.send(p, s, reply.destination, reply.contents);
                         let now = self.now;
-                        self.peers[p].sockets[s].trav.handle_peer_probe(
-                            now,
-                            packet.from,
-                            &packet.bytes,
-                        );
+                        let trav = &mut self.peers[p].sockets[s].trav;
+                        trav.handle_peer_probe(now, packet.from, &packet.bytes);
+                        // Authenticated, a probe may prove the path by itself.
+                        if let Some(Ok(path)) = trav.outcome()
+                            && self.won[p].is_none()
+                        {
+                            self.won[p] = Some((s, now - self.start, path.clone()));
+                        }
                     }
                     Ok(Message::Reply { .. }) => {
                         let now = self.now;
@@ -941,21 +969,44 @@ mod tests {
     }
 
     #[test]
-    fn authenticated_pairs_meet_as_fast_as_plain_ones() {
-        for (a, b) in [
-            (NatKind::Cone, NatKind::Cone),
-            (NatKind::Open, NatKind::Symmetric),
+    fn authenticated_pairs_meet_at_least_as_fast_as_plain_ones() {
+        // Crossing probes prove a cone x cone path half a round trip sooner.
+        for (a, b, sooner) in [
+            (NatKind::Cone, NatKind::Cone, [ms(20), ms(20)]),
+            (NatKind::Open, NatKind::Symmetric, [ms(0), ms(0)]),
         ] {
             let (mut plain, mut auth) = (pair(a, b), pair_with(a, b, true));
             plain.run();
             auth.run();
-            for p in 0..2 {
+            for (p, sooner) in sooner.into_iter().enumerate() {
                 let (_, took_plain, path_plain) = plain.won[p].clone().expect("plain path");
                 let (_, took_auth, path_auth) = auth.won[p].clone().expect("authenticated path");
-                assert_eq!(took_auth, took_plain, "{a:?} x {b:?}, peer {p}");
-                assert_eq!(path_auth, path_plain, "{a:?} x {b:?}, peer {p}");
+                assert_eq!(took_auth + sooner, took_plain, "{a:?} x {b:?}, peer {p}");
+                assert_eq!(
+                    (path_auth.peer, path_auth.kind, path_auth.reflexive),
+                    (path_plain.peer, path_plain.kind, path_plain.reflexive),
+                    "{a:?} x {b:?}, peer {p}"
+                );
             }
         }
+    }
+
+    #[test]
+    fn after_a_pake_the_peers_probe_from_a_probed_address_proves_the_path() {
+        let t0 = Instant::now();
+        let peer = addr("198.51.100.1:1");
+        let (mut t, _) = authenticated_probe_sent(t0, peer);
+        let ours = addr("203.0.113.9:9");
+        let theirs = |to| crate::wire::authenticated_probe([5; 12], to, &keys(false).ours);
+        // From an address we never probed: only a triggered check.
+        t.handle_peer_probe(t0 + ms(5), addr("198.51.100.1:2"), &theirs(ours));
+        assert!(t.outcome().is_none());
+        // From the probed one: the path, our address as the peer names it.
+        t.handle_peer_probe(t0 + ms(20), peer, &theirs(ours));
+        let Some(Ok(path)) = t.outcome() else {
+            panic!("{:?}", t.outcome())
+        };
+        assert_eq!((path.peer, path.reflexive, path.rtt), (peer, ours, ms(20)));
     }
 
     /// A traversal after a PAKE (as side a) that has probed `peer` once: the probe's txid.

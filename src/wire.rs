@@ -25,10 +25,10 @@
 //!
 //! After a meeting by code both peers hold keys from the PAKE, and their probes prove it:
 //! an authenticated probe or reply is the datagram above with the type byte `0x11`
-//! (probe) or `0x12` (reply), followed by a 16-byte tag, keyed BLAKE3 under the sender's
-//! [`ProbeKey`] over everything before it (so over the txid and, in a reply, the observed
-//! address). Each direction has its own key ([`ProbeKeys`]), so a probe reflected back at
-//! its sender does not verify. An authenticated probe is [`AUTH_PROBE_LEN`] bytes, at
+//! (probe) or `0x12` (reply), a probe followed by the address it was sent to (encoded like
+//! a reply's observed address), then a 16-byte tag, keyed BLAKE3 under the sender's
+//! [`ProbeKey`] over everything before it (so over the txid and the address). Each direction has its own key ([`ProbeKeys`]), so a probe reflected back at
+//! its sender does not verify. An authenticated probe is at least [`AUTH_PROBE_LEN`] bytes,
 //! least as long as any authenticated reply (64 bytes at most), so it amplifies nothing
 //! either. Without a PAKE (a direct punch, the Go demo) the plain format above is used,
 //! unchanged; the plain decoder ([`Message::decode`]) refuses the authenticated types
@@ -118,9 +118,9 @@ pub type TxId = [u8; 12];
 /// Length of the tag that ends an authenticated probe or reply.
 pub const AUTH_TAG_LEN: usize = 16;
 
-/// Length of an authenticated probe: a padded probe and its tag. Any authenticated reply
-/// (at most 48 + 16 bytes) is shorter.
-pub const AUTH_PROBE_LEN: usize = PROBE_LEN + AUTH_TAG_LEN;
+/// Shortest authenticated probe: a padded probe, an IPv4 destination and the tag. Any
+/// authenticated reply (at most 48 + 16 bytes) is shorter.
+pub const AUTH_PROBE_LEN: usize = PROBE_LEN + 7 + AUTH_TAG_LEN;
 
 const TYPE_PROBE: u8 = 0x01;
 const TYPE_REPLY: u8 = 0x02;
@@ -321,11 +321,20 @@ impl Message {
 }
 
 impl Message {
-    /// Appends the authenticated encoding under `key` (ours: see [`ProbeKeys`]).
+    /// Appends the authenticated encoding under `key` (ours: see [`ProbeKeys`]). A probe
+    /// names no destination (see [`authenticated_probe`]).
     pub fn encode_authenticated(&self, key: &ProbeKey, out: &mut Vec<u8>) {
+        self.encode_authenticated_to(None, key, out);
+    }
+
+    fn encode_authenticated_to(&self, to: Option<SocketAddr>, key: &ProbeKey, out: &mut Vec<u8>) {
         let start = out.len();
         self.encode(out);
         out[start] |= AUTHENTICATED;
+        if let Message::Probe { txid } = self {
+            let unspecified = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
+            encode_address(out, txid, to.unwrap_or(unspecified));
+        }
         let tag = key.tag(&out[start..]);
         out.extend_from_slice(&tag);
     }
@@ -335,6 +344,26 @@ impl Message {
         let mut out = Vec::with_capacity(AUTH_PROBE_LEN);
         self.encode_authenticated(key, &mut out);
         out
+    }
+
+    /// Like [`decode_authenticated`](Self::decode_authenticated), also returning the
+    /// address an authenticated probe was sent to, as its sender knew it (`None` for a
+    /// reply, or a probe that names none): the receiver's own address as the peer sees it.
+    pub fn decode_authenticated_to(
+        datagram: &[u8],
+        key: &ProbeKey,
+    ) -> Result<(Message, Option<SocketAddr>), WireError> {
+        let message = Message::decode_authenticated(datagram, key)?;
+        let to = match message {
+            Message::Probe { txid } => {
+                // Verified and parsed already: the address follows the padded probe.
+                let body = &datagram[PROBE_LEN..datagram.len() - AUTH_TAG_LEN];
+                let to = decode_address(&mut Reader { rest: body }, &txid)?;
+                Some(to).filter(|to| !to.ip().is_unspecified() || to.port() != 0)
+            }
+            Message::Reply { .. } => None,
+        };
+        Ok((message, to))
     }
 
     /// Parses an authenticated datagram whose tag must verify under `key` (the peer's:
@@ -361,8 +390,30 @@ impl Message {
         let plain = &mut plain[..body.len()];
         plain.copy_from_slice(body);
         plain[0] &= !AUTHENTICATED;
+        if first == TYPE_PROBE | AUTHENTICATED {
+            // A padded probe, then the address it was sent to.
+            let (probe, to) = plain
+                .split_at_checked(PROBE_LEN)
+                .ok_or(WireError::Truncated)?;
+            let message = Message::decode(probe)?;
+            let mut r = Reader { rest: to };
+            decode_address(&mut r, &message.txid())?;
+            if !r.rest.is_empty() {
+                return Err(WireError::TrailingBytes);
+            }
+            return Ok(message);
+        }
         Message::decode(plain)
     }
+}
+
+/// An authenticated probe with transaction id `txid`, sent to `to`, tagged under our key
+/// `key`. The destination travels with it (XORed like a reply's observed address) so the
+/// peer learns how we reach it, and knows a path both ways exists when it probed us too.
+pub fn authenticated_probe(txid: TxId, to: SocketAddr, key: &ProbeKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(AUTH_PROBE_LEN);
+    Message::Probe { txid }.encode_authenticated_to(Some(to), key, &mut out);
+    out
 }
 
 /// Whether `datagram` is of an authenticated type (it may still fail to verify).
@@ -536,6 +587,35 @@ mod tests {
         // The plain formats are untouched by the authenticated ones.
         assert_eq!(Message::Probe { txid: TXID }.to_vec().len(), PROBE_LEN);
         assert!(!is_authenticated(&Message::Probe { txid: TXID }.to_vec()));
+    }
+
+    #[test]
+    fn an_authenticated_probe_names_its_destination() {
+        let key = ProbeKey::from_bytes([4; 32]);
+        for to in ["198.51.100.7:40000", "[2001:db8::7]:9"] {
+            let to: SocketAddr = to.parse().unwrap();
+            let bytes = authenticated_probe(TXID, to, &key);
+            assert!(bytes.len() <= MAX_DATAGRAM && bytes.len() >= AUTH_PROBE_LEN);
+            assert_eq!(
+                Message::decode_authenticated_to(&bytes, &key),
+                Ok((Message::Probe { txid: TXID }, Some(to)))
+            );
+            // The destination is XORed, like a reply's observed address.
+            let port = to.port().to_be_bytes();
+            assert!(!bytes.windows(2).any(|w| w == port), "{to} in the clear");
+            // And tagged: an edited destination does not verify.
+            let mut forged = bytes.clone();
+            forged[PROBE_LEN + 3] ^= 1;
+            assert_eq!(
+                Message::decode_authenticated(&forged, &key),
+                Err(WireError::BadTag)
+            );
+        }
+        let bare = Message::Probe { txid: TXID }.to_authenticated_vec(&key);
+        assert_eq!(
+            Message::decode_authenticated_to(&bare, &key),
+            Ok((Message::Probe { txid: TXID }, None))
+        );
     }
 
     #[test]
