@@ -18,6 +18,7 @@ use crate::socket::DemuxSocket;
 use crate::traverse::{
     Birthday, Kind, Path, Traversal, TraverseConfig, TraverseError, TraverseStats,
 };
+use crate::wire::ProbeKeys;
 
 /// Why a punch did not produce a path.
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +173,7 @@ pub async fn traverse(
 #[derive(Debug)]
 pub struct Heard {
     replies: broadcast::Receiver<crate::socket::ProbeReply>,
-    probes: broadcast::Receiver<SocketAddr>,
+    probes: broadcast::Receiver<crate::socket::ProbeReply>,
 }
 
 impl Heard {
@@ -227,14 +228,18 @@ pub async fn traverse_heard(
                 }
             },
             probe = probes.recv() => {
-                if let Ok(from) = probe {
+                if let Ok((from, data)) = probe {
                     tracing::debug!(%from, "peer probe: triggered check");
-                    traversal.handle_peer_probe(Instant::now(), from);
+                    traversal.handle_peer_probe(Instant::now(), from, &data);
                 }
             }
             update = updates.recv(), if updates_open => match update.inspect(|u| tracing::debug!(?u, "traversal update")) {
                 Some(Update::Candidate(addr, kind)) => traversal.add_candidate(Instant::now(), addr, kind),
-                Some(Update::Birthday(b)) => traversal.start_birthday(Instant::now(), b),
+                Some(Update::Birthday(b)) => {
+                    if !traversal.start_birthday(Instant::now(), b) {
+                        tracing::debug!(ip = %b.ip, "birthday hunt refused: not a candidate's IP");
+                    }
+                }
                 None => updates_open = false,
             },
             _ = tokio::time::sleep_until(deadline.into()) => {}
@@ -245,17 +250,23 @@ pub async fn traverse_heard(
 /// After finding a path, keep probing it for a while (every 150 ms for `linger`): the peer
 /// may not have heard us yet (our first probe can arrive before it listens), and each of
 /// these probes is a triggered check for it. Replies are ignored; answering is the socket's.
+/// With a meeting's `keys` the probes are authenticated (the peer counts no others).
 pub async fn beacon(
     socket: std::sync::Arc<DemuxSocket>,
     peer: SocketAddr,
     linger: std::time::Duration,
+    keys: Option<ProbeKeys>,
 ) {
     let until = tokio::time::Instant::now() + linger;
     while tokio::time::Instant::now() < until {
         let probe = crate::wire::Message::Probe {
             txid: rand::random(),
         };
-        let _ = socket.send_probe(peer, &probe.to_vec()).await;
+        let contents = match &keys {
+            Some(keys) => crate::wire::authenticated_probe(probe.txid(), peer, &keys.ours),
+            None => probe.to_vec(),
+        };
+        let _ = socket.send_probe(peer, &contents).await;
         tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     }
 }
@@ -284,17 +295,25 @@ fn closed(traversal: &Traversal) -> TraverseError {
 ///
 /// Sockets start a few milliseconds apart, so `count` first probes do not leave as one
 /// burst; each then backs off like any traversal.
+///
+/// With a meeting's `keys` every socket's traversal is authenticated, and a socket answers
+/// (and counts as probed) only probes that verify: nobody but the peer can make one win.
+/// Each socket then probes `target` once, and again only when the peer's probe reaches it
+/// (a triggered check): the first probe is what opens the mapping the hunt looks for, and
+/// until the peer has answered, `target` is only what the rendezvous told the peer about
+/// itself, so a lie there gets one probe per socket, not a dozen.
 pub async fn birthday(
     bind: SocketAddr,
     target: SocketAddr,
     count: usize,
     config: TraverseConfig,
+    keys: Option<ProbeKeys>,
 ) -> Result<(std::net::UdpSocket, Path), DriveError> {
     let mut tasks = tokio::task::JoinSet::new();
     let spread = std::time::Duration::from_millis(500) / count.max(1) as u32;
     let first_probed = Arc::new(AtomicUsize::new(NOT_PROBED));
     for i in 0..count {
-        let first_probed = first_probed.clone();
+        let (first_probed, keys) = (first_probed.clone(), keys.clone());
         let socket = tokio::net::UdpSocket::from_std({
             let s = crate::socket::bind(bind)?;
             s.set_nonblocking(true)?;
@@ -302,9 +321,20 @@ pub async fn birthday(
         })?;
         tasks.spawn(async move {
             tokio::time::sleep(spread * i as u32).await;
-            let mut traversal = Traversal::new(config, Instant::now(), rand::random());
+            let mut traversal = match &keys {
+                Some(keys) => {
+                    let once = TraverseConfig {
+                        initial_rto: config.timeout,
+                        max_rto: config.timeout,
+                        ..config
+                    };
+                    Traversal::authenticated(once, Instant::now(), rand::random(), keys.clone())
+                }
+                None => Traversal::new(config, Instant::now(), rand::random()),
+            };
             traversal.add_candidate(Instant::now(), target, Kind::Reflexive);
-            let outcome = one_birthday_socket(&socket, traversal, i, &first_probed).await;
+            let outcome =
+                one_birthday_socket(&socket, traversal, i, &first_probed, keys.as_ref()).await;
             outcome.map(|path| (socket, path))
         });
     }
@@ -336,6 +366,7 @@ async fn one_birthday_socket(
     mut traversal: Traversal,
     me: usize,
     first_probed: &AtomicUsize,
+    keys: Option<&ProbeKeys>,
 ) -> Result<Path, DriveError> {
     let mut buf = vec![0u8; crate::wire::MAX_DATAGRAM + 1];
     loop {
@@ -361,11 +392,19 @@ async fn one_birthday_socket(
             received = socket.recv_from(&mut buf) => {
                 let Ok((n, from)) = received else { continue };
                 let data = &buf[..n];
-                match crate::wire::Message::decode(data) {
+                let decoded = match keys {
+                    Some(keys) => crate::wire::Message::decode_authenticated(data, &keys.theirs),
+                    None => crate::wire::Message::decode(data),
+                };
+                match decoded {
                     Ok(crate::wire::Message::Probe { txid }) => {
-                        // Only the peer can know these sockets exist: no rate limit needed
+                        // Only the peer can know these sockets exist (and, after a PAKE,
+                        // only it can make a probe that verifies): no rate limit needed
                         // beyond the traversal's own pacing of its answers' triggers.
-                        let reply = crate::punch::reply_to(from, txid);
+                        let reply = match keys {
+                            Some(keys) => crate::punch::authenticated_reply_to(from, txid, &keys.ours),
+                            None => crate::punch::reply_to(from, txid),
+                        };
                         let _ = socket.send_to(&reply.contents, reply.destination).await;
                         let _ = first_probed.compare_exchange(
                             NOT_PROBED,
@@ -373,7 +412,7 @@ async fn one_birthday_socket(
                             Ordering::SeqCst,
                             Ordering::SeqCst,
                         );
-                        traversal.handle_peer_probe(Instant::now(), from);
+                        traversal.handle_peer_probe(Instant::now(), from, data);
                     }
                     Ok(crate::wire::Message::Reply { .. }) => {
                         traversal.handle_reply(Instant::now(), from, data);
@@ -393,6 +432,74 @@ mod tests {
     use std::collections::HashMap;
     use std::time::Duration;
 
+    /// After a PAKE each birthday socket probes the target once (until the peer's probe
+    /// reaches it), with a tag, and answers only probes that carry the peer's tag.
+    #[tokio::test]
+    async fn authenticated_birthday_sockets_probe_once_and_answer_only_the_peer() {
+        use crate::wire::{ProbeKey, ProbeKeys};
+        let (x, y) = (ProbeKey::from_bytes([1; 32]), ProbeKey::from_bytes([2; 32]));
+        let hard_keys = ProbeKeys {
+            ours: x.clone(),
+            theirs: y.clone(),
+        };
+        let easy_keys = ProbeKeys { ours: y, theirs: x };
+        let easy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = easy.local_addr().unwrap();
+        let hard = tokio::spawn(birthday(
+            "127.0.0.1:0".parse().unwrap(),
+            target,
+            4,
+            TraverseConfig::default(),
+            Some(hard_keys),
+        ));
+        let mut buf = [0u8; 1500];
+        let mut probes: HashMap<SocketAddr, usize> = HashMap::new();
+        let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, easy.recv_from(&mut buf)).await
+        {
+            let Ok(Message::Probe { .. }) =
+                Message::decode_authenticated(&buf[..n], &easy_keys.theirs)
+            else {
+                panic!("an unauthenticated datagram from {from}")
+            };
+            *probes.entry(from).or_default() += 1;
+        }
+        assert_eq!(probes.len(), 4, "{probes:?}");
+        assert!(probes.values().all(|&n| n == 1), "{probes:?}");
+        let a = *probes.keys().next().unwrap();
+        // A stranger's plain probe is not answered.
+        let plain = Message::Probe {
+            txid: rand::random(),
+        };
+        easy.send_to(&plain.to_vec(), a).await.unwrap();
+        let heard =
+            tokio::time::timeout(Duration::from_millis(300), easy.recv_from(&mut buf)).await;
+        assert!(heard.is_err(), "answered a plain probe: {heard:?}");
+        // The peer's is: a tagged reply, and a triggered check back.
+        easy.send_to(&plain.to_authenticated_vec(&easy_keys.ours), a)
+            .await
+            .unwrap();
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let (n, from) = tokio::time::timeout(Duration::from_secs(2), easy.recv_from(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert_eq!(from, a);
+            match Message::decode_authenticated(&buf[..n], &easy_keys.theirs) {
+                Ok(Message::Reply { txid, .. }) => {
+                    assert_eq!(txid, plain.txid());
+                    kinds.push("reply");
+                }
+                Ok(Message::Probe { .. }) => kinds.push("probe"),
+                other => panic!("{other:?}"),
+            }
+        }
+        kinds.sort();
+        assert_eq!(kinds, ["probe", "reply"]);
+        hard.abort();
+    }
+
     /// The easy side probes socket B first and answers socket A's probe before B's: A has
     /// its reply first, yet B, the socket the easy side chose, must win.
     #[tokio::test]
@@ -404,6 +511,7 @@ mod tests {
             target,
             2,
             TraverseConfig::default(),
+            None,
         ));
         // The latest probe of each hard socket, until both have probed.
         let mut buf = [0u8; 1500];

@@ -362,6 +362,20 @@ pub fn reply_to(from: SocketAddr, txid: TxId) -> Transmit {
     }
 }
 
+/// The reply to the authenticated probe `txid` from `from` (a peer met by code), tagged
+/// under our probe key `ours` so the peer can tell it from a forgery (see
+/// [`crate::wire::Message::encode_authenticated`]).
+pub fn authenticated_reply_to(from: SocketAddr, txid: TxId, ours: &wire::ProbeKey) -> Transmit {
+    Transmit {
+        destination: from,
+        contents: Message::Reply {
+            txid,
+            observed: from,
+        }
+        .to_authenticated_vec(ours),
+    }
+}
+
 /// The answer to the Go demo's probe from `from`: its exact reply ([`wire::LEGACY_REPLY`],
 /// 10 bytes for 13), back to the address the probe came from. It cannot carry a txid or
 /// the observed address: the demo's client expects exactly these bytes.

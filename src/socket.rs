@@ -8,7 +8,9 @@
 //! recognised before that (see [`crate::wire`]). Probes are answered right here, inside
 //! quinn's receive path, so a running endpoint keeps answering late or repeated probes,
 //! and replies to probes *we* send are handed to whoever is punching
-//! ([`DemuxSocket::subscribe`]).
+//! ([`DemuxSocket::subscribe`]). While a meeting by code runs, its probe keys are
+//! registered here ([`DemuxSocket::authenticate`]): authenticated probes that verify under
+//! one of them are answered with an authenticated reply, and the others go unanswered.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -25,7 +27,7 @@ use tokio::sync::broadcast;
 
 use crate::punch::{self, reply_to};
 use crate::ratelimit::{RateConfig, RateLimiter};
-use crate::wire::{self, Class, Legacy, Message};
+use crate::wire::{self, Class, Legacy, Message, ProbeKeys};
 
 /// Kernel send/receive buffer size requested for the socket. quinn does not size them,
 /// and the default (~200 KiB) caps throughput at high rates: 4 MiB roughly doubles it.
@@ -81,13 +83,31 @@ struct Counters {
 /// A reply to one of our probes: where it came from and its bytes.
 pub type ProbeReply = (SocketAddr, Vec<u8>);
 
+/// While alive, the socket answers probes authenticated under one meeting's keys (see
+/// [`DemuxSocket::authenticate`]). Keep it as long as the peer may still probe.
+#[derive(Debug)]
+pub struct Authenticating {
+    socket: Arc<DemuxSocket>,
+    id: u64,
+}
+
+impl Drop for Authenticating {
+    fn drop(&mut self) {
+        self.socket.lock_keys().retain(|(id, _)| *id != self.id);
+    }
+}
+
 /// A quinn [`AsyncUdpSocket`] that also speaks the probe protocol on the same port.
 pub struct DemuxSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     replies: broadcast::Sender<ProbeReply>,
-    /// Sources of valid probes we answered: a peer we are meeting probes us from an
-    /// address its NAT just opened, which is worth probing back at once.
-    probes: broadcast::Sender<SocketAddr>,
+    /// Valid probes we answered, with their sources: a peer we are meeting probes us from
+    /// an address its NAT just opened, which is worth probing back at once (whether the
+    /// prober is the peer, the traversal decides from the datagram).
+    probes: broadcast::Sender<ProbeReply>,
+    /// The probe keys of the meetings in progress, by registration number.
+    keys: Mutex<Vec<(u64, ProbeKeys)>>,
+    next_key: AtomicU64,
     counters: Counters,
     /// Replies are rationed per source: probes are unauthenticated and may be forged.
     limiter: Mutex<RateLimiter>,
@@ -118,6 +138,8 @@ impl DemuxSocket {
             inner,
             replies,
             probes,
+            keys: Mutex::new(Vec::new()),
+            next_key: AtomicU64::new(0),
             counters: Counters::default(),
             limiter: Mutex::new(RateLimiter::new(rate, Instant::now())),
         }))
@@ -128,10 +150,38 @@ impl DemuxSocket {
         self.replies.subscribe()
     }
 
-    /// The source of every valid probe this socket answers from now on (see
+    /// Every valid probe this socket answers from now on, with its source (see
     /// [`crate::traverse::Traversal::handle_peer_probe`]).
-    pub fn subscribe_probes(&self) -> broadcast::Receiver<SocketAddr> {
+    pub fn subscribe_probes(&self) -> broadcast::Receiver<ProbeReply> {
         self.probes.subscribe()
+    }
+
+    /// Answer authenticated probes that verify under `keys` (a meeting's, from its PAKE)
+    /// until the returned guard is dropped.
+    pub fn authenticate(self: &Arc<Self>, keys: ProbeKeys) -> Authenticating {
+        let id = self.next_key.fetch_add(1, Ordering::Relaxed);
+        self.lock_keys().push((id, keys));
+        Authenticating {
+            socket: self.clone(),
+            id,
+        }
+    }
+
+    fn lock_keys(&self) -> std::sync::MutexGuard<'_, Vec<(u64, ProbeKeys)>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The authenticated reply to `data`, if it is a probe that verifies under a
+    /// registered key.
+    fn authenticated_reply(&self, from: SocketAddr, data: &[u8]) -> Option<punch::Transmit> {
+        self.lock_keys().iter().find_map(|(_, keys)| {
+            match Message::decode_authenticated(data, &keys.theirs) {
+                Ok(Message::Probe { txid }) => {
+                    Some(punch::authenticated_reply_to(from, txid, &keys.ours))
+                }
+                _ => None,
+            }
+        })
     }
 
     /// Send one probe datagram, waiting while the socket's send buffer is full.
@@ -207,13 +257,28 @@ impl DemuxSocket {
             }
             // A Go demo server's answer to our probe: the puncher decides if it counts.
             Class::Legacy(Legacy::Reply) => self.route(from, data),
+            // An authenticated probe is answered only under a meeting's keys; an
+            // authenticated reply goes to the traversal, which checks it.
+            Class::Probe if wire::is_authenticated(data) => {
+                if wire::is_authenticated_reply(data) {
+                    self.route(from, data);
+                } else if let Some(reply) = self.authenticated_reply(from, data) {
+                    if self.answer(&reply, local_ip) {
+                        self.counters.answered.fetch_add(1, Ordering::Relaxed);
+                        let _ = self.probes.send((from, data.to_vec()));
+                    }
+                } else {
+                    self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::trace!(%from, "dropped a probe that no meeting's key verifies");
+                }
+            }
             // (`Quic` is never passed here; the decoder would refuse it.)
             Class::Probe | Class::Quic => match Message::decode(data) {
                 Ok(Message::Probe { txid }) => {
                     if self.answer(&reply_to(from, txid), local_ip) {
                         self.counters.answered.fetch_add(1, Ordering::Relaxed);
                         // Nobody listening is the common case: nothing is being met.
-                        let _ = self.probes.send(from);
+                        let _ = self.probes.send((from, data.to_vec()));
                     }
                 }
                 Ok(Message::Reply { .. }) => self.route(from, data),

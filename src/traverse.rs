@@ -23,13 +23,31 @@
 //!
 //! Every probe has its own transaction id (a random base XOR a sequence number), so a
 //! reply identifies exactly the probe it answers, and only ours count.
+//!
+//! **Authenticated mode** ([`Traversal::authenticated`]), after a meeting by code: the
+//! peer is whoever knows the code, not whoever probes, so every probe and reply carries a
+//! tag under a key from the PAKE ([`crate::wire::ProbeKeys`]), and the rules tighten:
+//! - a probe from the peer becomes a candidate (a triggered check) only if its tag
+//!   verifies: an unauthenticated prober cannot add an address, let alone a preferred one.
+//!   A verified probe from an address we have probed ourselves finishes the traversal at
+//!   once: each side's probe got through the other's NAT, so the path works both ways
+//!   (half a round trip sooner than waiting for our reply; it names the address it was
+//!   sent to, our reflexive address);
+//! - a reply counts only if its tag verifies *and* it comes from the very address its probe
+//!   went to: a reply with a guessed or sniffed txid from elsewhere does not choose the path;
+//! - random ports are probed ([`Traversal::start_birthday`]) only on the IP of a candidate
+//!   we already have, i.e. one the peer sealed into its hello or one an authenticated probe
+//!   came from, never an IP someone else names.
+//!
+//! Candidates themselves come from the caller: in a meeting, only from the peer's sealed
+//! hello (the rendezvous gives no addresses), so a rendezvous cannot aim probes anywhere.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::addr::canonical;
 use crate::punch::Transmit;
-use crate::wire::{Message, TxId};
+use crate::wire::{Message, ProbeKeys, TxId};
 
 /// Most candidates tracked: the sealed hello carries at most 32, the rest are
 /// peer-reflexive, and a peer spraying probes from many ports must not grow this.
@@ -97,7 +115,8 @@ pub enum Kind {
     Ipv6,
     /// Where a probe from the peer came from: a NAT mapping that certainly exists.
     PeerReflexive,
-    /// The peer's public address as the rendezvous saw it.
+    /// The peer's public address as the rendezvous saw it (and the peer sealed into its
+    /// hello).
     Reflexive,
     /// Any other address of the peer's interfaces.
     Host,
@@ -119,7 +138,8 @@ impl Kind {
     }
 }
 
-/// Success: a path that carried a probe and its reply.
+/// Success: a path that carried a probe and its reply (or, in authenticated mode, our
+/// probe to an address and the peer's probe from it, which proves the same).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Path {
     /// Where the reply came from: the address QUIC should use.
@@ -128,7 +148,8 @@ pub struct Path {
     pub kind: Kind,
     /// Our address as the peer saw it.
     pub reflexive: SocketAddr,
-    /// From the answered probe to its reply.
+    /// From the answered probe to its reply (from our first probe to the address, when
+    /// the peer's probe from it came first: then less than a round trip).
     pub rtt: Duration,
 }
 
@@ -156,8 +177,14 @@ pub struct TraverseStats {
     pub birthday_probes: u64,
     /// Probes from the peer that we saw (each a triggered check).
     pub peer_probes: u64,
-    /// Replies that matched none of our outstanding probes.
+    /// Replies that matched none of our outstanding probes (or, authenticated, did not
+    /// verify or came from another address than the probe went to).
     pub replies_ignored: u64,
+    /// Probes from someone who is not the peer (authenticated mode: no valid tag); they
+    /// made no candidate.
+    pub probes_ignored: u64,
+    /// Birthday hunts refused because their IP was no candidate's (authenticated mode).
+    pub birthdays_refused: u64,
     /// Candidates not added because [`MAX_CANDIDATES`] were known.
     pub candidates_dropped: u64,
 }
@@ -168,6 +195,8 @@ struct Check {
     kind: Kind,
     due: Instant,
     rto: Duration,
+    /// When we first probed it (`None` until then).
+    first_sent: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -175,6 +204,8 @@ struct Sent {
     seq: u32,
     kind: Kind,
     at: Instant,
+    /// Where the probe went: in authenticated mode, the only address whose reply counts.
+    destination: SocketAddr,
 }
 
 #[derive(Debug)]
@@ -203,6 +234,8 @@ pub struct Traversal {
     rng: u64,
     stats: TraverseStats,
     outcome: Option<Result<Path, TraverseError>>,
+    /// Authenticated mode: our key tags probes, the peer's checks its probes and replies.
+    keys: Option<ProbeKeys>,
 }
 
 impl Traversal {
@@ -225,11 +258,41 @@ impl Traversal {
             rng,
             stats: TraverseStats::default(),
             outcome: None,
+            keys: None,
         }
     }
 
-    /// Also probe random ports of `birthday.ip`, starting now.
-    pub fn start_birthday(&mut self, now: Instant, birthday: Birthday) {
+    /// Like [`new`](Self::new), in authenticated mode (see the module docs): for a peer
+    /// met by code, whose probe keys `keys` came from the PAKE.
+    pub fn authenticated(
+        config: TraverseConfig,
+        now: Instant,
+        seed: [u8; 20],
+        keys: ProbeKeys,
+    ) -> Self {
+        Traversal {
+            keys: Some(keys),
+            ..Traversal::new(config, now, seed)
+        }
+    }
+
+    /// Whether probes and replies must carry the peer's tag.
+    pub fn is_authenticated(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// Also probe random ports of `birthday.ip`, starting now. In authenticated mode only
+    /// the IP of a known candidate is hunted (one the peer sealed, or one its authenticated
+    /// probe came from); any other is refused, and false returned.
+    pub fn start_birthday(&mut self, now: Instant, birthday: Birthday) -> bool {
+        let birthday = Birthday {
+            ip: birthday.ip.to_canonical(),
+            ..birthday
+        };
+        if self.keys.is_some() && !self.checks.iter().any(|c| c.addr.ip() == birthday.ip) {
+            self.stats.birthdays_refused += 1;
+            return false;
+        }
         let interval = Duration::from_secs(1) / birthday.rate.max(1);
         self.birthday = Some(BirthdayState {
             config: birthday,
@@ -238,6 +301,7 @@ impl Traversal {
             sent: 0,
             probed: std::collections::HashSet::new(),
         });
+        true
     }
 
     /// Add a candidate (ignored if known, or if [`MAX_CANDIDATES`] are). New candidates
@@ -258,17 +322,45 @@ impl Traversal {
             kind,
             due: now,
             rto: self.config.initial_rto,
+            first_sent: None,
         });
     }
 
-    /// The peer's probe from `from` reached us (and was answered by the socket): its NAT
-    /// is open toward us there, so probe that address at once (a triggered check).
-    pub fn handle_peer_probe(&mut self, now: Instant, from: SocketAddr) {
+    /// The peer's probe `datagram` from `from` reached us (and was answered by the
+    /// socket): its NAT is open toward us there, so probe that address at once (a
+    /// triggered check). In authenticated mode a probe whose tag does not verify under the
+    /// peer's key is only counted ([`TraverseStats::probes_ignored`]).
+    pub fn handle_peer_probe(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         if self.outcome.is_some() {
             return;
         }
+        let mut to = None;
+        if let Some(keys) = &self.keys {
+            match Message::decode_authenticated_to(datagram, &keys.theirs) {
+                Ok((Message::Probe { .. }, probed)) => to = probed,
+                _ => {
+                    self.stats.probes_ignored += 1;
+                    return;
+                }
+            }
+        }
         self.stats.peer_probes += 1;
         let from = canonical(from);
+        // Authenticated, from an address we have probed ourselves: the peer's NAT let our
+        // probe's mapping in (it probes us from it) and ours let its probe in, so the path
+        // works both ways; no need to wait another half round trip for our reply.
+        if let Some(to) = to
+            && let Some(check) = self.checks.iter().find(|c| c.addr == from)
+            && let Some(first_sent) = check.first_sent
+        {
+            self.outcome = Some(Ok(Path {
+                peer: from,
+                kind: check.kind,
+                reflexive: canonical(to),
+                rtt: now.saturating_duration_since(first_sent),
+            }));
+            return;
+        }
         let hunted = self
             .birthday
             .as_ref()
@@ -290,21 +382,31 @@ impl Traversal {
     }
 
     /// Feed a probe reply (any datagram the socket routed to punchers). Returns true when
-    /// it answers one of our probes, which finishes the traversal successfully.
+    /// it answers one of our probes, which finishes the traversal successfully. In
+    /// authenticated mode the reply must verify under the peer's key and come from the
+    /// address the probe went to.
     pub fn handle_reply(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) -> bool {
         if self.outcome.is_some() {
             return false;
         }
-        let Ok(Message::Reply { txid, observed }) = Message::decode(datagram) else {
+        let from = canonical(from);
+        let decoded = match &self.keys {
+            Some(keys) => Message::decode_authenticated(datagram, &keys.theirs),
+            None => Message::decode(datagram),
+        };
+        let Ok(Message::Reply { txid, observed }) = decoded else {
             self.stats.replies_ignored += 1;
             return false;
         };
-        let Some(sent) = self.lookup(&txid) else {
+        let Some(sent) = self
+            .lookup(&txid)
+            .filter(|sent| self.keys.is_none() || sent.destination == from)
+        else {
             self.stats.replies_ignored += 1;
             return false;
         };
         self.outcome = Some(Ok(Path {
-            peer: canonical(from),
+            peer: from,
             kind: sent.kind,
             reflexive: canonical(observed),
             rtt: now.saturating_duration_since(sent.at),
@@ -330,6 +432,7 @@ impl Traversal {
             .filter(|c| c.due <= now)
             .min_by_key(|c| (c.kind, c.due))?;
         let (destination, kind) = (check.addr, check.kind);
+        check.first_sent.get_or_insert(now);
         check.due = now + check.rto;
         check.rto = (check.rto * 2).min(self.config.max_rto);
         self.next_paced = now + self.config.pacing;
@@ -416,11 +519,20 @@ impl Traversal {
         for (b, s) in txid[8..].iter_mut().zip(seq.to_be_bytes()) {
             *b ^= s;
         }
-        self.ring[seq as usize % SENT_RING] = Some(Sent { seq, kind, at: now });
+        self.ring[seq as usize % SENT_RING] = Some(Sent {
+            seq,
+            kind,
+            at: now,
+            destination: canonical(destination),
+        });
         self.stats.probes += 1;
+        let contents = match &self.keys {
+            Some(keys) => crate::wire::authenticated_probe(txid, destination, &keys.ours),
+            None => Message::Probe { txid }.to_vec(),
+        };
         Transmit {
             destination,
-            contents: Message::Probe { txid }.to_vec(),
+            contents,
         }
     }
 
@@ -538,9 +650,11 @@ mod tests {
     }
 
     /// A peer: one or more sockets behind one NAT (or none: `nat` is None on a LAN test).
+    /// With `keys`, its sockets answer only authenticated probes, as a meeting's do.
     struct Peer {
         nat: Nat,
         sockets: Vec<Socket>,
+        keys: Option<ProbeKeys>,
     }
 
     #[derive(PartialEq, Eq)]
@@ -612,15 +726,29 @@ mod tests {
                 else {
                     return;
                 };
-                match Message::decode(&packet.bytes) {
+                let decoded = match &self.peers[p].keys {
+                    Some(keys) => Message::decode_authenticated(&packet.bytes, &keys.theirs),
+                    None => Message::decode(&packet.bytes),
+                };
+                match decoded {
                     Ok(Message::Probe { txid }) => {
                         // The socket answers, and the traversal makes a triggered check.
-                        let reply = crate::punch::reply_to(packet.from, txid);
+                        let reply = match &self.peers[p].keys {
+                            Some(keys) => {
+                                crate::punch::authenticated_reply_to(packet.from, txid, &keys.ours)
+                            }
+                            None => crate::punch::reply_to(packet.from, txid),
+                        };
                         self.send(p, s, reply.destination, reply.contents);
                         let now = self.now;
-                        self.peers[p].sockets[s]
-                            .trav
-                            .handle_peer_probe(now, packet.from);
+                        let trav = &mut self.peers[p].sockets[s].trav;
+                        trav.handle_peer_probe(now, packet.from, &packet.bytes);
+                        // Authenticated, a probe may prove the path by itself.
+                        if let Some(Ok(path)) = trav.outcome()
+                            && self.won[p].is_none()
+                        {
+                            self.won[p] = Some((s, now - self.start, path.clone()));
+                        }
                     }
                     Ok(Message::Reply { .. }) => {
                         let now = self.now;
@@ -685,6 +813,28 @@ mod tests {
                 private: addr(private),
                 trav: Traversal::new(TraverseConfig::default(), Instant::now(), seed(n)),
             }],
+            keys: None,
+        }
+    }
+
+    /// The probe keys of one meeting, as side `a` (true) or side `b` holds them.
+    fn keys(a: bool) -> ProbeKeys {
+        let (x, y) = (
+            crate::wire::ProbeKey::from_bytes([0xa1; 32]),
+            crate::wire::ProbeKey::from_bytes([0xb2; 32]),
+        );
+        if a {
+            ProbeKeys { ours: x, theirs: y }
+        } else {
+            ProbeKeys { ours: y, theirs: x }
+        }
+    }
+
+    /// A traversal, authenticated with side `a`'s or `b`'s keys when `auth`.
+    fn trav(now: Instant, n: u8, auth: Option<bool>) -> Traversal {
+        match auth {
+            Some(a) => Traversal::authenticated(TraverseConfig::default(), now, seed(n), keys(a)),
+            None => Traversal::new(TraverseConfig::default(), now, seed(n)),
         }
     }
 
@@ -695,17 +845,26 @@ mod tests {
     }
 
     fn pair(a_kind: NatKind, b_kind: NatKind) -> World {
+        pair_with(a_kind, b_kind, false)
+    }
+
+    /// Two peers, each probing the other's reflexive address (as from its sealed hello),
+    /// authenticated when `auth` (as after a PAKE).
+    fn pair_with(a_kind: NatKind, b_kind: NatKind, auth: bool) -> World {
         let mut a = peer(a_kind, "203.0.113.1", "10.0.1.2:5000", 1);
         let mut b = peer(b_kind, "203.0.113.2", "10.0.2.2:6000", 2);
+        if auth {
+            (a.keys, b.keys) = (Some(keys(true)), Some(keys(false)));
+        }
         let (ra, rb) = (reflexive(&mut a), reflexive(&mut b));
         let mut world = World::new(a, b, ms(20));
         let now = world.now;
         for p in world.peers[0].sockets.iter_mut() {
-            p.trav = Traversal::new(TraverseConfig::default(), now, seed(1));
+            p.trav = trav(now, 1, auth.then_some(true));
             p.trav.add_candidate(now, rb, Kind::Reflexive);
         }
         for p in world.peers[1].sockets.iter_mut() {
-            p.trav = Traversal::new(TraverseConfig::default(), now, seed(2));
+            p.trav = trav(now, 2, auth.then_some(false));
             p.trav.add_candidate(now, ra, Kind::Reflexive);
         }
         world
@@ -752,21 +911,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn cone_and_symmetric_meet_by_birthday() {
-        // Peer 1 (hard) holds 256 sockets, each probing peer 0's reflexive address;
-        // peer 0 (easy) probes random ports of peer 1's public IP.
+    /// Peer 1 (hard) holds 256 sockets, each probing peer 0's reflexive address; peer 0
+    /// (easy) probes random ports of peer 1's public IP, which its sealed hello named (its
+    /// reflexive address toward the rendezvous, a mapping nobody else may use).
+    fn birthday_world(auth: bool) -> World {
         let mut easy = peer(NatKind::Cone, "203.0.113.1", "10.0.1.2:5000", 1);
         let mut hard = Peer {
             nat: Nat::new(NatKind::Symmetric, "203.0.113.2", 77),
             sockets: Vec::new(),
+            keys: auth.then(|| keys(false)),
         };
+        easy.keys = auth.then(|| keys(true));
         let easy_reflexive = reflexive(&mut easy);
         let mut world = World::new(easy, hard_placeholder(), ms(20));
         let now = world.now;
         for i in 0..256u16 {
-            let mut trav =
-                Traversal::new(TraverseConfig::default(), now, seed(3 + (i % 200) as u8));
+            let mut trav = trav(now, 3 + (i % 200) as u8, auth.then_some(false));
             trav.add_candidate(now, easy_reflexive, Kind::Reflexive);
             hard.sockets.push(Socket {
                 private: SocketAddr::new(Ipv4Addr::new(10, 0, 2, 2).into(), 20_000 + i),
@@ -774,9 +934,15 @@ mod tests {
             });
         }
         world.peers[1] = hard;
-        let trav = &mut world.peers[0].sockets[0].trav;
-        *trav = Traversal::new(TraverseConfig::default(), now, seed(1));
-        trav.start_birthday(now, Birthday::toward("203.0.113.2".parse().unwrap()));
+        let trav_easy = &mut world.peers[0].sockets[0].trav;
+        *trav_easy = trav(now, 1, auth.then_some(true));
+        trav_easy.add_candidate(now, addr("203.0.113.2:40000"), Kind::Reflexive);
+        assert!(trav_easy.start_birthday(now, Birthday::toward("203.0.113.2".parse().unwrap())));
+        world
+    }
+
+    fn meet_by_birthday(auth: bool) {
+        let mut world = birthday_world(auth);
         world.run();
         let (_, took_easy, easy_path) = world.won[0].clone().expect("easy side");
         let (_, took_hard, _) = world.won[1].clone().expect("hard side");
@@ -792,10 +958,168 @@ mod tests {
         assert!(stats.birthday_probes <= 3000);
     }
 
+    #[test]
+    fn cone_and_symmetric_meet_by_birthday() {
+        meet_by_birthday(false);
+    }
+
+    #[test]
+    fn cone_and_symmetric_meet_by_birthday_authenticated() {
+        meet_by_birthday(true);
+    }
+
+    #[test]
+    fn authenticated_pairs_meet_at_least_as_fast_as_plain_ones() {
+        // Crossing probes prove a cone x cone path half a round trip sooner.
+        for (a, b, sooner) in [
+            (NatKind::Cone, NatKind::Cone, [ms(20), ms(20)]),
+            (NatKind::Open, NatKind::Symmetric, [ms(0), ms(0)]),
+        ] {
+            let (mut plain, mut auth) = (pair(a, b), pair_with(a, b, true));
+            plain.run();
+            auth.run();
+            for (p, sooner) in sooner.into_iter().enumerate() {
+                let (_, took_plain, path_plain) = plain.won[p].clone().expect("plain path");
+                let (_, took_auth, path_auth) = auth.won[p].clone().expect("authenticated path");
+                assert_eq!(took_auth + sooner, took_plain, "{a:?} x {b:?}, peer {p}");
+                assert_eq!(
+                    (path_auth.peer, path_auth.kind, path_auth.reflexive),
+                    (path_plain.peer, path_plain.kind, path_plain.reflexive),
+                    "{a:?} x {b:?}, peer {p}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn after_a_pake_the_peers_probe_from_a_probed_address_proves_the_path() {
+        let t0 = Instant::now();
+        let peer = addr("198.51.100.1:1");
+        let (mut t, _) = authenticated_probe_sent(t0, peer);
+        let ours = addr("203.0.113.9:9");
+        let theirs = |to| crate::wire::authenticated_probe([5; 12], to, &keys(false).ours);
+        // From an address we never probed: only a triggered check.
+        t.handle_peer_probe(t0 + ms(5), addr("198.51.100.1:2"), &theirs(ours));
+        assert!(t.outcome().is_none());
+        // From the probed one: the path, our address as the peer names it.
+        t.handle_peer_probe(t0 + ms(20), peer, &theirs(ours));
+        let Some(Ok(path)) = t.outcome() else {
+            panic!("{:?}", t.outcome())
+        };
+        assert_eq!((path.peer, path.reflexive, path.rtt), (peer, ours, ms(20)));
+    }
+
+    /// A traversal after a PAKE (as side a) that has probed `peer` once: the probe's txid.
+    fn authenticated_probe_sent(t0: Instant, peer: SocketAddr) -> (Traversal, TxId) {
+        let mut t = trav(t0, 4, Some(true));
+        t.add_candidate(t0, peer, Kind::Reflexive);
+        let probe = t.poll_transmit(t0).unwrap();
+        assert_eq!(probe.contents.len(), crate::wire::AUTH_PROBE_LEN);
+        let Ok(Message::Probe { txid }) =
+            Message::decode_authenticated(&probe.contents, &keys(false).theirs)
+        else {
+            panic!("the peer can verify our probe")
+        };
+        (t, txid)
+    }
+
+    #[test]
+    fn after_a_pake_an_unauthenticated_reply_does_not_choose_the_path() {
+        let t0 = Instant::now();
+        let peer = addr("198.51.100.1:1");
+        let (mut t, txid) = authenticated_probe_sent(t0, peer);
+        let observed = addr("203.0.113.9:9");
+        let reply = Message::Reply { txid, observed };
+        // The right txid (sniffed, or guessed) in a plain reply, from the right address.
+        assert!(!t.handle_reply(t0, peer, &reply.to_vec()));
+        // Tagged under a wrong key (a wrong code), or under our own (reflected).
+        let wrong = crate::wire::ProbeKey::from_bytes([9; 32]);
+        assert!(!t.handle_reply(t0, peer, &reply.to_authenticated_vec(&wrong)));
+        assert!(!t.handle_reply(t0, peer, &reply.to_authenticated_vec(&keys(true).ours)));
+        assert_eq!(t.stats().replies_ignored, 3);
+        assert!(t.outcome().is_none());
+        // The peer's own reply counts.
+        assert!(t.handle_reply(
+            t0 + ms(30),
+            peer,
+            &reply.to_authenticated_vec(&keys(false).ours)
+        ));
+        assert_eq!(t.outcome().unwrap().as_ref().unwrap().peer, peer);
+    }
+
+    #[test]
+    fn after_a_pake_a_reply_from_another_address_than_probed_does_not_count() {
+        let t0 = Instant::now();
+        let peer = addr("198.51.100.1:1");
+        let (mut t, txid) = authenticated_probe_sent(t0, peer);
+        let genuine = Message::Reply {
+            txid,
+            observed: addr("203.0.113.9:9"),
+        }
+        .to_authenticated_vec(&keys(false).ours);
+        // A valid reply, relayed from elsewhere (another port, another host).
+        for elsewhere in ["198.51.100.1:2", "192.0.2.66:1"] {
+            assert!(
+                !t.handle_reply(t0, addr(elsewhere), &genuine),
+                "{elsewhere}"
+            );
+        }
+        assert!(t.outcome().is_none());
+        // The same reply from the probed address, written IPv4-mapped, counts.
+        assert!(t.handle_reply(t0, addr("[::ffff:198.51.100.1]:1"), &genuine));
+    }
+
+    #[test]
+    fn after_a_pake_an_unauthenticated_probe_makes_no_candidate() {
+        let t0 = Instant::now();
+        let mut t = trav(t0, 5, Some(true));
+        let stranger = addr("192.0.2.66:4444");
+        let plain = Message::Probe { txid: [1; 12] };
+        t.handle_peer_probe(t0, stranger, &plain.to_vec());
+        let wrong = crate::wire::ProbeKey::from_bytes([9; 32]);
+        t.handle_peer_probe(t0, stranger, &plain.to_authenticated_vec(&wrong));
+        // Our own probe reflected back at us is not the peer's either.
+        t.handle_peer_probe(t0, stranger, &plain.to_authenticated_vec(&keys(true).ours));
+        assert_eq!(t.candidates(), vec![]);
+        assert_eq!(t.poll_transmit(t0), None, "nothing to probe");
+        assert_eq!((t.stats().probes_ignored, t.stats().peer_probes), (3, 0));
+        // The peer's authenticated probe is a triggered check, as ever.
+        let peer = addr("198.51.100.7:7");
+        t.handle_peer_probe(t0, peer, &plain.to_authenticated_vec(&keys(false).ours));
+        assert_eq!(t.candidates(), vec![(peer, Kind::PeerReflexive)]);
+        assert_eq!(t.poll_transmit(t0).unwrap().destination, peer);
+    }
+
+    #[test]
+    fn after_a_pake_random_ports_are_hunted_only_on_a_candidates_ip() {
+        let t0 = Instant::now();
+        let mut t = trav(t0, 6, Some(true));
+        let victim: IpAddr = "192.0.2.66".parse().unwrap();
+        assert!(!t.start_birthday(t0, Birthday::toward(victim)));
+        assert_eq!(t.poll_transmit(t0), None, "no spray toward a named IP");
+        assert_eq!(t.stats().birthdays_refused, 1);
+        // The IP of the address the peer sealed (as the session adds it) is hunted.
+        t.add_candidate(t0, addr("203.0.113.2:40000"), Kind::Reflexive);
+        assert!(t.start_birthday(t0, Birthday::toward("::ffff:203.0.113.2".parse().unwrap())));
+        let mut sent = 0;
+        while let Some(tx) = t.poll_transmit(t0) {
+            assert_eq!(
+                tx.destination.ip(),
+                "203.0.113.2".parse::<IpAddr>().unwrap()
+            );
+            sent += 1;
+        }
+        assert!(sent >= 1);
+        // Without a PAKE (a plain traversal) the caller's word is taken, as before.
+        let mut plain = trav(t0, 7, None);
+        assert!(plain.start_birthday(t0, Birthday::toward(victim)));
+    }
+
     fn hard_placeholder() -> Peer {
         Peer {
             nat: Nat::new(NatKind::Symmetric, "203.0.113.2", 77),
             sockets: Vec::new(),
+            keys: None,
         }
     }
 
@@ -813,7 +1137,7 @@ mod tests {
         let second = t.poll_transmit(t0 + ms(50)).unwrap();
         assert_eq!(second.destination, addr("[2001:db8::5]:1"), "then IPv6");
         // A probe from a new address: checked at once, pacing or not.
-        t.handle_peer_probe(t0 + ms(60), addr("198.51.100.9:7"));
+        t.handle_peer_probe(t0 + ms(60), addr("198.51.100.9:7"), &[]);
         let triggered = t.poll_transmit(t0 + ms(60)).unwrap();
         assert_eq!(triggered.destination, addr("198.51.100.9:7"));
         assert_eq!(t.stats().peer_probes, 1);
@@ -864,6 +1188,7 @@ mod tests {
             t.handle_peer_probe(
                 t0,
                 SocketAddr::new(Ipv4Addr::new(198, 51, 100, 1).into(), port),
+                &[],
             );
         }
         assert_eq!(t.candidates().len(), MAX_CANDIDATES);
@@ -888,8 +1213,8 @@ mod tests {
         let hard: IpAddr = "203.0.113.2".parse().unwrap();
         t.start_birthday(t0, Birthday::toward(hard));
         let hunted = t.poll_transmit(t0).unwrap().destination;
-        t.handle_peer_probe(t0, hunted);
-        t.handle_peer_probe(t0, SocketAddr::new(hard, hunted.port() ^ 1));
+        t.handle_peer_probe(t0, hunted, &[]);
+        t.handle_peer_probe(t0, SocketAddr::new(hard, hunted.port() ^ 1), &[]);
         let kinds: Vec<Kind> = t.candidates().iter().map(|&(_, k)| k).collect();
         assert_eq!(kinds, vec![Kind::PeerReflexive, Kind::Birthday]);
         assert!(t.candidates().contains(&(hunted, Kind::Birthday)));

@@ -21,6 +21,19 @@
 //! | next               | greeting       | UTF-8, any text                                |
 //! | rest (probe)       | padding        | zero bytes up to [`PROBE_LEN`]                 |
 //!
+//! ## Authenticated probes
+//!
+//! After a meeting by code both peers hold keys from the PAKE, and their probes prove it:
+//! an authenticated probe or reply is the datagram above with the type byte `0x11`
+//! (probe) or `0x12` (reply), a probe followed by the address it was sent to (encoded like
+//! a reply's observed address), then a 16-byte tag, keyed BLAKE3 under the sender's
+//! [`ProbeKey`] over everything before it (so over the txid and the address). Each direction has its own key ([`ProbeKeys`]), so a probe reflected back at
+//! its sender does not verify. An authenticated probe is at least [`AUTH_PROBE_LEN`] bytes,
+//! least as long as any authenticated reply (64 bytes at most), so it amplifies nothing
+//! either. Without a PAKE (a direct punch, the Go demo) the plain format above is used,
+//! unchanged; the plain decoder ([`Message::decode`]) refuses the authenticated types
+//! ([`WireError::UnknownType`]) and [`Message::decode_authenticated`] refuses the plain ones.
+//!
 //! The observed address is XORed (STUN's XOR-MAPPED-ADDRESS trick) because some
 //! NATs "helpfully" rewrite anything in a payload that looks like their own
 //! address. The greeting is there for humans staring at packet captures.
@@ -102,8 +115,17 @@ const _: () = assert!(LEGACY_REPLY.len() < LEGACY_PROBE.len(), "no amplification
 /// Transaction id: lets a prober match a reply to the exact probe it answers.
 pub type TxId = [u8; 12];
 
+/// Length of the tag that ends an authenticated probe or reply.
+pub const AUTH_TAG_LEN: usize = 16;
+
+/// Shortest authenticated probe: a padded probe, an IPv4 destination and the tag. Any
+/// authenticated reply (at most 48 + 16 bytes) is shorter.
+pub const AUTH_PROBE_LEN: usize = PROBE_LEN + 7 + AUTH_TAG_LEN;
+
 const TYPE_PROBE: u8 = 0x01;
 const TYPE_REPLY: u8 = 0x02;
+/// A plain type with this bit set: the authenticated variant (tag appended).
+const AUTHENTICATED: u8 = 0x10;
 const QUIC_FIXED_BIT: u8 = 0x40;
 const FAMILY_V4: u8 = 4;
 const FAMILY_V6: u8 = 6;
@@ -207,6 +229,9 @@ pub enum WireError {
     /// A probe shorter than [`PROBE_LEN`]: answering it could amplify traffic.
     #[error("probe of {0} bytes is not padded to {len}", len = PROBE_LEN)]
     Unpadded(usize),
+    /// An authenticated probe or reply whose tag does not verify under the key.
+    #[error("authentication tag does not verify")]
+    BadTag,
 }
 
 impl Message {
@@ -293,6 +318,156 @@ impl Message {
             Message::Probe { txid } | Message::Reply { txid, .. } => *txid,
         }
     }
+}
+
+impl Message {
+    /// Appends the authenticated encoding under `key` (ours: see [`ProbeKeys`]). A probe
+    /// names no destination (see [`authenticated_probe`]).
+    pub fn encode_authenticated(&self, key: &ProbeKey, out: &mut Vec<u8>) {
+        self.encode_authenticated_to(None, key, out);
+    }
+
+    fn encode_authenticated_to(&self, to: Option<SocketAddr>, key: &ProbeKey, out: &mut Vec<u8>) {
+        let start = out.len();
+        self.encode(out);
+        out[start] |= AUTHENTICATED;
+        if let Message::Probe { txid } = self {
+            let unspecified = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
+            encode_address(out, txid, to.unwrap_or(unspecified));
+        }
+        let tag = key.tag(&out[start..]);
+        out.extend_from_slice(&tag);
+    }
+
+    /// Encodes, authenticated under `key`, into a fresh buffer.
+    pub fn to_authenticated_vec(&self, key: &ProbeKey) -> Vec<u8> {
+        let mut out = Vec::with_capacity(AUTH_PROBE_LEN);
+        self.encode_authenticated(key, &mut out);
+        out
+    }
+
+    /// Like [`decode_authenticated`](Self::decode_authenticated), also returning the
+    /// address an authenticated probe was sent to, as its sender knew it (`None` for a
+    /// reply, or a probe that names none): the receiver's own address as the peer sees it.
+    pub fn decode_authenticated_to(
+        datagram: &[u8],
+        key: &ProbeKey,
+    ) -> Result<(Message, Option<SocketAddr>), WireError> {
+        let message = Message::decode_authenticated(datagram, key)?;
+        let to = match message {
+            Message::Probe { txid } => {
+                // Verified and parsed already: the address follows the padded probe.
+                let body = &datagram[PROBE_LEN..datagram.len() - AUTH_TAG_LEN];
+                let to = decode_address(&mut Reader { rest: body }, &txid)?;
+                Some(to).filter(|to| !to.ip().is_unspecified() || to.port() != 0)
+            }
+            Message::Reply { .. } => None,
+        };
+        Ok((message, to))
+    }
+
+    /// Parses an authenticated datagram whose tag must verify under `key` (the peer's:
+    /// see [`ProbeKeys`]). The tag is checked, in constant time, before anything else is
+    /// parsed. Never panics and never allocates, whatever the input.
+    pub fn decode_authenticated(datagram: &[u8], key: &ProbeKey) -> Result<Message, WireError> {
+        let first = *datagram.first().ok_or(WireError::Empty)?;
+        if first & QUIC_FIXED_BIT != 0 {
+            return Err(WireError::NotProbe);
+        }
+        if datagram.len() > MAX_DATAGRAM {
+            return Err(WireError::TooLong(datagram.len()));
+        }
+        if first != TYPE_PROBE | AUTHENTICATED && first != TYPE_REPLY | AUTHENTICATED {
+            return Err(WireError::UnknownType(first));
+        }
+        let (body, tag) = datagram
+            .split_last_chunk::<AUTH_TAG_LEN>()
+            .ok_or(WireError::Truncated)?;
+        if !key.verify(body, tag) {
+            return Err(WireError::BadTag);
+        }
+        let mut plain = [0u8; MAX_DATAGRAM];
+        let plain = &mut plain[..body.len()];
+        plain.copy_from_slice(body);
+        plain[0] &= !AUTHENTICATED;
+        if first == TYPE_PROBE | AUTHENTICATED {
+            // A padded probe, then the address it was sent to.
+            let (probe, to) = plain
+                .split_at_checked(PROBE_LEN)
+                .ok_or(WireError::Truncated)?;
+            let message = Message::decode(probe)?;
+            let mut r = Reader { rest: to };
+            decode_address(&mut r, &message.txid())?;
+            if !r.rest.is_empty() {
+                return Err(WireError::TrailingBytes);
+            }
+            return Ok(message);
+        }
+        Message::decode(plain)
+    }
+}
+
+/// An authenticated probe with transaction id `txid`, sent to `to`, tagged under our key
+/// `key`. The destination travels with it (XORed like a reply's observed address) so the
+/// peer learns how we reach it, and knows a path both ways exists when it probed us too.
+pub fn authenticated_probe(txid: TxId, to: SocketAddr, key: &ProbeKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(AUTH_PROBE_LEN);
+    Message::Probe { txid }.encode_authenticated_to(Some(to), key, &mut out);
+    out
+}
+
+/// Whether `datagram` is of an authenticated type (it may still fail to verify).
+pub fn is_authenticated(datagram: &[u8]) -> bool {
+    datagram
+        .first()
+        .is_some_and(|&b| b == TYPE_PROBE | AUTHENTICATED || b == TYPE_REPLY | AUTHENTICATED)
+}
+
+/// Whether `datagram` is of the authenticated reply type (it may still fail to verify).
+pub fn is_authenticated_reply(datagram: &[u8]) -> bool {
+    datagram.first() == Some(&(TYPE_REPLY | AUTHENTICATED))
+}
+
+/// A key that tags probes and replies (keyed BLAKE3, truncated to [`AUTH_TAG_LEN`]).
+/// Made from a PAKE's shared secret, one per direction ([`ProbeKeys`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProbeKey([u8; 32]);
+
+impl std::fmt::Debug for ProbeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProbeKey(..)")
+    }
+}
+
+impl ProbeKey {
+    /// A key from 32 secret bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        ProbeKey(bytes)
+    }
+
+    fn tag(&self, body: &[u8]) -> [u8; AUTH_TAG_LEN] {
+        let hash = blake3::keyed_hash(&self.0, body);
+        let mut tag = [0; AUTH_TAG_LEN];
+        tag.copy_from_slice(&hash.as_bytes()[..AUTH_TAG_LEN]);
+        tag
+    }
+
+    /// Constant time: how much of a forged tag is right must not show in the timing.
+    fn verify(&self, body: &[u8], tag: &[u8; AUTH_TAG_LEN]) -> bool {
+        let ours = self.tag(body);
+        ours.iter().zip(tag).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+    }
+}
+
+/// The probe keys of one meeting, as one side holds them: `ours` tags what this side
+/// sends (probes and replies), `theirs` checks what the peer sends. The peer holds the same
+/// two keys the other way round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeKeys {
+    /// Tags our probes and replies.
+    pub ours: ProbeKey,
+    /// Checks the peer's.
+    pub theirs: ProbeKey,
 }
 
 /// `MAGIC ‖ txid`: the 16-byte mask for the observed address.
@@ -390,6 +565,58 @@ mod tests {
 
     /// Offset of the greeting length byte in an encoded IPv4 reply.
     const V4_GREETING_AT: usize = 18 + 1 + 2 + 4;
+
+    #[test]
+    fn an_authenticated_reply_is_never_longer_than_the_probe() {
+        let key = ProbeKey::from_bytes([3; 32]);
+        let probe = Message::Probe { txid: TXID }.to_authenticated_vec(&key);
+        assert_eq!(probe.len(), AUTH_PROBE_LEN);
+        assert_eq!(probe[0], 0x11);
+        let v6 = Message::Reply {
+            txid: TXID,
+            observed: "[2001:db8::1]:9".parse().unwrap(),
+        };
+        let reply = v6.to_authenticated_vec(&key);
+        assert_eq!(reply[0], 0x12);
+        assert!(
+            reply.len() <= probe.len(),
+            "{} > {}",
+            reply.len(),
+            probe.len()
+        );
+        // The plain formats are untouched by the authenticated ones.
+        assert_eq!(Message::Probe { txid: TXID }.to_vec().len(), PROBE_LEN);
+        assert!(!is_authenticated(&Message::Probe { txid: TXID }.to_vec()));
+    }
+
+    #[test]
+    fn an_authenticated_probe_names_its_destination() {
+        let key = ProbeKey::from_bytes([4; 32]);
+        for to in ["198.51.100.7:40000", "[2001:db8::7]:9"] {
+            let to: SocketAddr = to.parse().unwrap();
+            let bytes = authenticated_probe(TXID, to, &key);
+            assert!(bytes.len() <= MAX_DATAGRAM && bytes.len() >= AUTH_PROBE_LEN);
+            assert_eq!(
+                Message::decode_authenticated_to(&bytes, &key),
+                Ok((Message::Probe { txid: TXID }, Some(to)))
+            );
+            // The destination is XORed, like a reply's observed address.
+            let port = to.port().to_be_bytes();
+            assert!(!bytes.windows(2).any(|w| w == port), "{to} in the clear");
+            // And tagged: an edited destination does not verify.
+            let mut forged = bytes.clone();
+            forged[PROBE_LEN + 3] ^= 1;
+            assert_eq!(
+                Message::decode_authenticated(&forged, &key),
+                Err(WireError::BadTag)
+            );
+        }
+        let bare = Message::Probe { txid: TXID }.to_authenticated_vec(&key);
+        assert_eq!(
+            Message::decode_authenticated_to(&bare, &key),
+            Ok((Message::Probe { txid: TXID }, None))
+        );
+    }
 
     #[test]
     fn classify_routes_by_fixed_bit() {
@@ -653,6 +880,28 @@ mod tests {
             if let Ok(decoded) = Message::decode(&bytes) {
                 prop_assert_eq!(Message::decode(&decoded.to_vec()), Ok(decoded));
             }
+        }
+
+        #[test]
+        fn authenticated_round_trip_and_any_edit_fails(msg in any_message(), at in any::<prop::sample::Index>(), flip in 1u8..) {
+            let (key, other) = (ProbeKey::from_bytes([7; 32]), ProbeKey::from_bytes([8; 32]));
+            let bytes = msg.to_authenticated_vec(&key);
+            prop_assert!(bytes.len() <= AUTH_PROBE_LEN);
+            prop_assert_eq!(classify(&bytes), Class::Probe);
+            prop_assert!(is_authenticated(&bytes));
+            prop_assert_eq!(Message::decode_authenticated(&bytes, &key), Ok(msg.clone()));
+            prop_assert_eq!(Message::decode_authenticated(&bytes, &other), Err(WireError::BadTag));
+            prop_assert!(Message::decode(&bytes).is_err(), "the plain decoder refuses it");
+            prop_assert!(Message::decode_authenticated(&msg.to_vec(), &key).is_err(), "a plain one is refused");
+            let mut edited = bytes.clone();
+            let i = at.index(edited.len());
+            edited[i] ^= flip;
+            prop_assert!(Message::decode_authenticated(&edited, &key).is_err(), "byte {} edited", i);
+        }
+
+        #[test]
+        fn decode_authenticated_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Message::decode_authenticated(&bytes, &ProbeKey::from_bytes([1; 32]));
         }
 
         #[test]

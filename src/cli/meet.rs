@@ -143,12 +143,12 @@ impl MeetEvents for CliEvents {
         }
     }
 
-    fn paired(&self, nameplate: &Nameplate, peer: SocketAddr) {
+    fn paired(&self, nameplate: &Nameplate) {
+        // The peer's address arrives with its sealed hello (its last candidate).
         *self.pairing.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((nameplate.to_string(), canonical(peer)));
+            Some((nameplate.to_string(), SocketAddr::from(([0, 0, 0, 0], 0))));
         self.ui.say(&format!(
-            "paired on {nameplate} with a peer at {}; punching ...",
-            canonical(peer)
+            "paired on {nameplate}; swapping sealed hellos ..."
         ));
     }
 
@@ -159,6 +159,7 @@ impl MeetEvents for CliEvents {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .unwrap_or_else(|| (String::new(), SocketAddr::from(([0, 0, 0, 0], 0))));
+        let peer = hello.candidates.last().map_or(peer, |&c| canonical(c));
         let nat = qpunch::natcheck::Mapping::from_token(&hello.nat);
         self.ui.event(
             Event::Paired {

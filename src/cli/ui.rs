@@ -31,7 +31,7 @@ pub enum Event {
     /// The rendezvous paired us with a peer and the code matched.
     Paired {
         nameplate: String,
-        /// The peer's public address, as the rendezvous saw it.
+        /// The peer's public address, as its sealed hello gives it (its last candidate).
         peer: String,
         /// The addresses the peer offered in its sealed hello.
         candidates: Vec<String>,

@@ -22,8 +22,9 @@
 //! **Keys.** The SPAKE2 output (already a hash over password, identity, both messages and
 //! the shared point) is the HKDF-SHA256 input key; the salt is a hash of the nameplate and
 //! both framed messages in role order. HKDF expands it, under distinct labels, into one
-//! ChaCha20-Poly1305 key per direction (receiver → sender, sender → receiver) and one
-//! HMAC-SHA256 key for [`SessionKeys::bind`]. Separate directions mean a peer's own sealed
+//! ChaCha20-Poly1305 key per direction (receiver → sender, sender → receiver), one
+//! HMAC-SHA256 key for [`SessionKeys::bind`], and one probe key per direction
+//! ([`SessionKeys::probe_keys`]). Separate directions mean a peer's own sealed
 //! hello, reflected back at it, fails to open, and so does a hello from a peer that took
 //! the same role.
 //!
@@ -47,11 +48,23 @@ use spake2::{Ed25519Group, Identity, Password, Spake2};
 
 use super::code::{Code, Nameplate};
 use crate::identity::Fingerprint;
+use crate::wire::{ProbeKey, ProbeKeys};
+
+/// HKDF output length for a probe key.
+struct ProbeKeyLen;
+
+impl hkdf::KeyType for ProbeKeyLen {
+    fn len(&self) -> usize {
+        32
+    }
+}
 
 /// Version of the meet protocol: the first byte of every PAKE message and of every hello,
 /// bumped on any incompatible change so mismatched peers fail with a clear error instead
-/// of a confusing "wrong code".
-pub const VERSION: u8 = 1;
+/// of a confusing "wrong code". Version 2: the rendezvous no longer gives the peer's
+/// address (only the hellos carry addresses), and probes after the PAKE are authenticated
+/// ([`SessionKeys::probe_keys`]); a version-1 peer would neither be probed nor answered.
+pub const VERSION: u8 = 2;
 
 // The sizes the rendezvous carries are its own (it checks them on the wire, and sits
 // below this module); the PAKE and the sealed hello are built to fit them exactly.
@@ -81,6 +94,8 @@ const TRANSCRIPT_LABEL: &[u8] = b"qpunch-meet/1 transcript";
 const RECEIVER_TO_SENDER: &[u8] = b"qpunch-meet/1 hello receiver->sender";
 const SENDER_TO_RECEIVER: &[u8] = b"qpunch-meet/1 hello sender->receiver";
 const BIND_LABEL: &[u8] = b"qpunch-meet/1 bind tls";
+const PROBES_RECEIVER_TO_SENDER: &[u8] = b"qpunch-meet/2 probes receiver->sender";
+const PROBES_SENDER_TO_RECEIVER: &[u8] = b"qpunch-meet/2 probes sender->receiver";
 const HELLO_AAD: &[u8] = b"qpunch-meet/1 hello";
 const FAMILY_V4: u8 = 4;
 const FAMILY_V6: u8 = 6;
@@ -404,6 +419,7 @@ pub struct SessionKeys {
     seal_key: Option<aead::LessSafeKey>,
     open_key: aead::LessSafeKey,
     bind_key: hmac::Key,
+    probe_keys: ProbeKeys,
 }
 
 impl fmt::Debug for SessionKeys {
@@ -448,17 +464,46 @@ impl SessionKeys {
             prk.expand(&[BIND_LABEL], hmac::HMAC_SHA256)
                 .expect("a 32-byte HKDF output is within limits"),
         );
+        let probe_key = |label: &[u8]| {
+            let mut bytes = [0; 32];
+            prk.expand(&[label], ProbeKeyLen)
+                .and_then(|okm| okm.fill(&mut bytes))
+                .expect("a 32-byte HKDF output is within limits");
+            ProbeKey::from_bytes(bytes)
+        };
+        let (to_sender, to_receiver) = (
+            probe_key(PROBES_RECEIVER_TO_SENDER),
+            probe_key(PROBES_SENDER_TO_RECEIVER),
+        );
+        let probe_keys = match role {
+            Role::Receiver => ProbeKeys {
+                ours: to_sender,
+                theirs: to_receiver,
+            },
+            Role::Sender => ProbeKeys {
+                ours: to_receiver,
+                theirs: to_sender,
+            },
+        };
         SessionKeys {
             role,
             seal_key: Some(seal_key),
             open_key,
             bind_key,
+            probe_keys,
         }
     }
 
     /// This side's role.
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// The keys that authenticate this meeting's probes and replies (one per direction,
+    /// each under its own HKDF label): only someone who knows the code can make a probe
+    /// the peer answers as ours, or a reply that counts (see [`crate::traverse`]).
+    pub fn probe_keys(&self) -> ProbeKeys {
+        self.probe_keys.clone()
     }
 
     /// Seals our hello for the peer. Works once: the key is used for this one message
@@ -894,6 +939,26 @@ mod tests {
     }
 
     #[test]
+    fn probe_keys_agree_per_direction_and_differ_across_sessions_and_codes() {
+        let (receiver, sender) = pair(CODE, CODE, 56);
+        let (r, s) = (receiver.probe_keys(), sender.probe_keys());
+        assert_eq!(
+            r.ours, s.theirs,
+            "the receiver's probes verify at the sender"
+        );
+        assert_eq!(s.ours, r.theirs, "and the other way");
+        assert_ne!(r.ours, r.theirs, "a reflected probe does not verify");
+        let (again, _) = pair(CODE, CODE, 57);
+        assert_ne!(again.probe_keys().ours, r.ours, "fresh keys each session");
+        let (_, guesser) = pair(CODE, "7-clockwork-councilman", 56);
+        assert_ne!(
+            guesser.probe_keys().ours,
+            r.theirs,
+            "a wrong code gives other keys"
+        );
+    }
+
+    #[test]
     fn seal_works_once() {
         let (mut receiver, _) = pair(CODE, CODE, 60);
         let mut wrong_role = hello(Role::Receiver, "receiver");
@@ -957,6 +1022,12 @@ mod tests {
             finish(&newer),
             Some(PakeError::UnsupportedVersion(VERSION + 1))
         );
+        // A peer of the previous version (it would probe unauthenticated) fails by name.
+        let mut older = peer.clone();
+        older[0] = 1;
+        assert_eq!(finish(&older), Some(PakeError::UnsupportedVersion(1)));
+        let text = PakeError::UnsupportedVersion(1).to_string();
+        assert!(text.contains("version 1, this qpunch speaks 2"), "{text}");
         let mut side = peer.clone();
         side[1] = b'A';
         assert_eq!(
@@ -1084,11 +1155,12 @@ mod tests {
         assert_eq!(Hello::decode(&trailing), Err(HelloError::TrailingBytes));
         assert_eq!(Hello::decode(&empty[..23]), Err(HelloError::Truncated));
         assert_eq!(Hello::decode(&[]), Err(HelloError::Truncated));
+        // A hello of the previous version (no authenticated probes) is refused by name.
         let mut version = empty.clone();
-        version[0] = 2;
+        version[0] = 1;
         assert_eq!(
             Hello::decode(&version),
-            Err(HelloError::UnsupportedVersion(2))
+            Err(HelloError::UnsupportedVersion(1))
         );
         let mut role = empty.clone();
         role[1] = 3;

@@ -5,19 +5,24 @@
 //!  open ───────────────────────▶ nameplate 7
 //!  ◀─── opened 7 ─────────────
 //!  pake(code) ─────────────────▶              ◀──────────────── join 7, pake(code)
-//!  ◀─── paired: B's pake, B's address ─┴─ paired: A's pake, A's address ───▶
-//!  punch B ═══════════════════════ probes both ways at once ══════════════ punch A
-//!  seal(hello A) ──────────────▶ relayed ────────────────────────▶ open → A's fingerprint
-//!  open → B's fingerprint ◀──── relayed ◀─────────────────────────── seal(hello B)
+//!  ◀─── paired: B's pake, A's own address ─┴─ paired: A's pake, B's own address ───▶
+//!  seal(hello A) ──────────────▶ relayed ────────────────────────▶ open → A's fingerprint,
+//!  open → B's fingerprint,  ◀──── relayed ◀─────────────────────── seal(hello B)   addresses
+//!    addresses
+//!  punch B ════════════════ authenticated probes both ways at once ═════════ punch A
 //!  ticket for B                                                    QUIC to the answered
 //!  ◀══════════════════ QUIC, TLS pinned to A's fingerprint ═════════ address, pinned
 //! ```
 //!
-//! Punching starts the moment the rendezvous pairs the two, toward the public addresses it
-//! saw; the hellos (sealed under the PAKE's keys, so only someone who knows the code can
-//! read or write them) add each side's LAN and IPv6 addresses and its NAT behaviour, and
-//! pick the strategy: ordinary simultaneous punching, or the birthday technique when exactly
-//! one side's NAT maps per destination. A hello that does not open means a wrong code or
+//! The rendezvous gives no peer addresses: before the PAKE anyone who joins would learn
+//! them, and a rendezvous could name any address it likes. Each side puts its own public
+//! address (as the rendezvous saw it) into its hello, sealed under the PAKE's keys with its
+//! LAN and IPv6 addresses and its NAT behaviour, so only someone who knows the code can read
+//! or write them. Punching starts as soon as the peer's hello opens (or, if the peer's
+//! authenticated probes arrive first, at once toward them), with probes and replies tagged
+//! under keys from the PAKE ([`crate::traverse`]'s authenticated mode), and the hellos pick
+//! the strategy: ordinary simultaneous punching, or the birthday technique when exactly one
+//! side's NAT maps per destination. A hello that does not open means a wrong code or
 //! tampering: that side says so through the rendezvous, and the nameplate is already gone.
 
 use std::net::SocketAddr;
@@ -48,8 +53,8 @@ const FINISH: Duration = Duration::from_secs(5);
 pub trait MeetEvents: Send + Sync {
     /// Receiver: a code is ready to be passed on.
     fn code(&self, _code: &Code, _expires: Duration) {}
-    /// The rendezvous paired us with a peer at `peer` (as it saw it).
-    fn paired(&self, _nameplate: &Nameplate, _peer: SocketAddr) {}
+    /// The rendezvous paired us with a peer (its addresses come with its sealed hello).
+    fn paired(&self, _nameplate: &Nameplate) {}
     /// The peer's sealed hello opened: its addresses and NAT behaviour are known.
     fn hello(&self, _hello: &Hello) {}
     /// A path was found.
@@ -153,7 +158,7 @@ impl Meeting<'_> {
         let heard = driver::Heard::subscribe(self.node.socket());
         let (pake, message) = Pake::start(code, Role::Sender, &mut rand::rng());
         let (mut exchange, paired) = self.rendezvous.join(code.nameplate(), &message).await?;
-        self.events.paired(code.nameplate(), paired.peer);
+        self.events.paired(code.nameplate());
         let keys = pake
             .finish(&paired.pake)
             .map_err(|_| MeetError::WrongCode)?;
@@ -199,7 +204,7 @@ impl Meeting<'_> {
         exchange.pake(&message).await?;
         self.events.code(&code, opened.expires);
         let paired = exchange.paired().await?;
-        self.events.paired(code.nameplate(), paired.peer);
+        self.events.paired(code.nameplate());
         let keys = pake
             .finish(&paired.pake)
             .map_err(|_| MeetError::WrongCode)?;
@@ -256,12 +261,19 @@ impl Meeting<'_> {
         on_hello: impl FnOnce(&Hello),
     ) -> Result<Found, MeetError> {
         let (node, ours, config, events) = (self.node, self.nat, self.config, self.events);
-        let peer_public = canonical(paired.peer);
-        // Punch toward the peer's public address right away: it is likely to work, and the
-        // sooner both NATs have a mapping toward each other, the sooner it does.
+        let probe_keys = keys.probe_keys();
+        // The peer may open our hello before we open its own, and probe at once: answer
+        // (and count) its authenticated probes from now on. Nobody else's count.
+        let answering = node.socket().authenticate(probe_keys.clone());
+        // No candidates yet: addresses come only from the sealed hello, or from the peer's
+        // authenticated probes (a triggered check each), whichever arrives first.
         let (updates, receive_updates) = mpsc::unbounded_channel();
-        let mut traversal = Traversal::new(config.traverse, Instant::now(), rand::random());
-        traversal.add_candidate(Instant::now(), peer_public, Kind::Reflexive);
+        let traversal = Traversal::authenticated(
+            config.traverse,
+            Instant::now(),
+            rand::random(),
+            probe_keys.clone(),
+        );
         let socket = node.socket().clone();
         let mut punching = AbortOnDrop(tokio::spawn(async move {
             driver::traverse_heard(&socket, traversal, receive_updates, heard).await
@@ -282,18 +294,34 @@ impl Meeting<'_> {
         };
         on_hello(&peer_hello);
         events.hello(&peer_hello);
-        for &candidate in &peer_hello.candidates {
-            let kind = candidates::kind_of(candidate, &ifaces);
+        // The peer's public address, as it sealed it: what the rendezvous told *it*.
+        let peer_public = public_of(&peer_hello, paired.observed, &ifaces);
+        let mut offered: Vec<(SocketAddr, Kind)> = peer_hello
+            .candidates
+            .iter()
+            .map(|&candidate| {
+                let candidate = canonical(candidate);
+                let kind = match candidates::kind_of(candidate, &ifaces) {
+                    Kind::Host if Some(candidate) == peer_public => Kind::Reflexive,
+                    kind => kind,
+                };
+                (candidate, kind)
+            })
+            .collect();
+        // Best first: the traversal probes the first one it learns at once and paces the
+        // rest, so a private address of the peer's must not delay its public one.
+        offered.sort_by_key(|&(_, kind)| kind);
+        for (candidate, kind) in offered {
             let _ = updates.send(Update::Candidate(candidate, kind));
         }
         let theirs = Mapping::from_token(&peer_hello.nat);
         let strategy = strategy::choose(ours, theirs, &config);
         let mut birthday = None;
-        match strategy.birthday {
-            Some(BirthdayRole::Hunt) => {
+        match (strategy.birthday, peer_public) {
+            (Some(BirthdayRole::Hunt), Some(peer_public)) => {
                 let _ = updates.send(Update::Birthday(Birthday::toward(peer_public.ip())));
             }
-            Some(BirthdayRole::Hold { sockets }) => {
+            (Some(BirthdayRole::Hold { sockets }), Some(peer_public)) => {
                 let bind = SocketAddr::new(
                     if peer_public.is_ipv4() {
                         std::net::Ipv4Addr::UNSPECIFIED.into()
@@ -303,11 +331,13 @@ impl Meeting<'_> {
                     0,
                 );
                 let traverse = config.traverse;
+                let keys = Some(probe_keys.clone());
                 birthday = Some(AbortOnDrop(tokio::spawn(async move {
-                    driver::birthday(bind, peer_public, sockets, traverse).await
+                    driver::birthday(bind, peer_public, sockets, traverse, keys).await
                 })));
             }
-            None => {}
+            // No public address of the peer's family: ordinary punching only.
+            _ => {}
         }
         let patience = strategy.patience;
         let no_path = MeetError::NoPath { ours, theirs };
@@ -341,7 +371,8 @@ impl Meeting<'_> {
                     accept: keys.role() == Role::Receiver,
                     ..node.config().clone()
                 };
-                ("birthday", Some(Arc::new(Node::new(socket, config)?)))
+                let side = Arc::new(Node::new(socket, config)?);
+                ("birthday", Some(side))
             }
             None if path.kind == Kind::Birthday => ("birthday", None),
             // Judged by the address that answered (a candidate first probed as the peer's
@@ -351,8 +382,17 @@ impl Meeting<'_> {
         };
         // Our probes found the path; the peer's may not have yet (it may not have been
         // listening when ours arrived). Keep showing it the way for a few seconds.
+        // Our socket keeps answering the peer's authenticated probes for as long as its own
+        // traversal may run.
         let winner = side.as_ref().unwrap_or(node).socket().clone();
-        tokio::spawn(driver::beacon(winner, path.peer, BEACON));
+        let answering_winner = winner.authenticate(probe_keys.clone());
+        let linger = config.traverse.timeout;
+        let peer = path.peer;
+        tokio::spawn(async move {
+            driver::beacon(winner, peer, BEACON, Some(probe_keys)).await;
+            tokio::time::sleep(linger.saturating_sub(BEACON)).await;
+            drop((answering, answering_winner));
+        });
         Ok(Found {
             path,
             method,
@@ -399,6 +439,19 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// The peer's public address from its hello: the last candidate (its hello puts its
+/// reflexive address last) of our own public address's family that is not on our networks.
+fn public_of(hello: &Hello, ours: SocketAddr, ifaces: &[Interface]) -> Option<SocketAddr> {
+    let ours = canonical(ours);
+    let family = |a: &SocketAddr| a.is_ipv4() == ours.is_ipv4();
+    hello
+        .candidates
+        .iter()
+        .map(|&c| canonical(c))
+        .filter(family)
+        .rfind(|&c| candidates::kind_of(c, ifaces) != Kind::Lan)
 }
 
 /// Our hello: fingerprint, addresses (LAN first, the public one last), NAT behaviour.

@@ -80,9 +80,7 @@ pub struct Opened {
 pub struct Paired {
     /// Its PAKE message.
     pub pake: Vec<u8>,
-    /// Its public address, as the rendezvous sees it.
-    pub peer: SocketAddr,
-    /// Ours.
+    /// Our public address, as the rendezvous sees it (the peer's is in its sealed hello).
     pub observed: SocketAddr,
 }
 
@@ -254,18 +252,10 @@ impl Exchange {
     /// Wait for [`Response::Paired`] (a receiver waits here after opening).
     pub async fn paired(&mut self) -> Result<Paired, ClientError> {
         match self.next().await? {
-            Response::Paired {
-                pake,
-                peer,
-                observed,
-            } => {
+            Response::Paired { pake, observed } => {
                 let pake = from_hex(&pake, PAKE_MSG_LEN)
                     .ok_or_else(|| ClientError::Protocol("bad PAKE message".into()))?;
-                Ok(Paired {
-                    pake,
-                    peer,
-                    observed,
-                })
+                Ok(Paired { pake, observed })
             }
             other => Err(unexpected(other)),
         }

@@ -51,14 +51,16 @@ pub use server::{
     Bound, IDLE_CLOSE, NoEvents, Rendezvous, RendezvousConfig, RendezvousEvents, RendezvousStats,
 };
 
-/// ALPN of the rendezvous protocol.
-pub const ALPN: &[u8] = b"qpunch-rendezvous/1";
+/// ALPN of the rendezvous protocol. Version 2: [`Response::Paired`] no longer carries the
+/// peer's address (addresses travel only in the sealed hellos), so a client or server of
+/// version 1 fails at the handshake ("no application protocol") instead of mid-exchange.
+pub const ALPN: &[u8] = b"qpunch-rendezvous/2";
 /// Default UDP port of a rendezvous; the next port answers probes only (NAT checks).
 pub const DEFAULT_PORT: u16 = 9200;
 /// Largest message either side accepts.
 pub const MAX_MESSAGE: usize = 8 << 10;
-/// Protocol version carried in [`Response::Welcome`].
-pub const VERSION: u8 = 1;
+/// Protocol version carried in [`Response::Welcome`] (the one in [`ALPN`]).
+pub const VERSION: u8 = 2;
 /// Length of a PAKE message the rendezvous relays: the meet protocol's version byte and
 /// SPAKE2's side byte plus point. [`crate::meet::pake`] builds them, to this length.
 pub const PAKE_MSG_LEN: usize = 1 + 33;
@@ -144,12 +146,12 @@ pub enum Response {
         /// The client's address as seen here.
         observed: SocketAddr,
     },
-    /// The peer is here.
+    /// The peer is here. Its address is not given: before the PAKE, anyone who joins
+    /// would learn it, and an address the rendezvous gives is one it could make up. Each
+    /// side puts its own `observed` address into its sealed hello instead.
     Paired {
         /// The peer's PAKE message, hex.
         pake: String,
-        /// The peer's address as seen here.
-        peer: SocketAddr,
         /// Our own address as seen here.
         observed: SocketAddr,
     },

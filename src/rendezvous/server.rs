@@ -132,10 +132,9 @@ impl RendezvousEvents for NoEvents {}
 /// What one session tells the other, once paired.
 #[derive(Debug)]
 enum Relay {
-    /// The sender joined (to the receiver's session): its PAKE, address, and the way back.
+    /// The sender joined (to the receiver's session): its PAKE and the way back.
     Paired {
         pake: Vec<u8>,
-        peer: SocketAddr,
         partner: mpsc::Sender<Relay>,
     },
     /// A sealed hello or a failure report.
@@ -428,17 +427,11 @@ impl Rendezvous {
             _ = requests.recv() => return,
             () = shutdown.recv() => return,
         };
-        let Some(Relay::Paired {
-            pake,
-            peer,
-            partner,
-        }) = paired
-        else {
+        let Some(Relay::Paired { pake, partner }) = paired else {
             return;
         };
         let message = Response::Paired {
             pake: to_hex(&pake),
-            peer,
             observed,
         };
         if self.say(send, &message).await.is_ok() {
@@ -519,11 +512,7 @@ impl Rendezvous {
             return;
         };
         let (partner, mut inbox) = mpsc::channel(4);
-        let paired = Relay::Paired {
-            pake,
-            peer: observed,
-            partner,
-        };
+        let paired = Relay::Paired { pake, partner };
         if waiting.session.send(paired).await.is_err() {
             // The receiver left just now: as good as unknown.
             self.counters.unknown.fetch_add(1, Ordering::Relaxed);
@@ -539,7 +528,6 @@ impl Rendezvous {
         self.events.paired(&nameplate, waiting.observed, observed);
         let message = Response::Paired {
             pake: to_hex(&waiting.pake),
-            peer: waiting.observed,
             observed,
         };
         if self.say(send, &message).await.is_ok() {

@@ -427,6 +427,10 @@ impl Drop for Announcement {
 mod tests {
     use super::*;
 
+    /// The meet protocol version an announcement carries today.
+    const CURRENT: &[u8] = b"2";
+    const _: () = assert!(pake::VERSION == 2, "update CURRENT");
+
     fn np(s: &str) -> Nameplate {
         s.parse().unwrap()
     }
@@ -444,7 +448,7 @@ mod tests {
             instance,
             9199,
             ips.iter().map(|s| ip(s)),
-            Some(b"1"),
+            Some(CURRENT),
             Some(nameplate.as_bytes()),
         )
     }
@@ -481,7 +485,7 @@ mod tests {
             Err(BadAnnouncement::Version(None))
         );
         assert!(matches!(
-            one(Some(b"2"), Some(b"7"), 1, &good),
+            one(Some(b"1"), Some(b"7"), 1, &good),
             Err(BadAnnouncement::Version(Some(_)))
         ));
         // The version shown is escaped and short.
@@ -497,17 +501,17 @@ mod tests {
         assert!(shown.len() < 40, "{shown:?}");
         for bad in [&b""[..], b"7-x", b"\xff", b"seven eight", &[b'1'; 40]] {
             assert_eq!(
-                one(Some(b"1"), Some(bad), 1, &good),
+                one(Some(CURRENT), Some(bad), 1, &good),
                 Err(BadAnnouncement::Nameplate),
                 "{bad:?}"
             );
         }
         assert_eq!(
-            one(Some(b"1"), None, 1, &good),
+            one(Some(CURRENT), None, 1, &good),
             Err(BadAnnouncement::Nameplate)
         );
         assert_eq!(
-            one(Some(b"1"), Some(b"7"), 0, &good),
+            one(Some(CURRENT), Some(b"7"), 0, &good),
             Err(BadAnnouncement::Port)
         );
         let useless = [
@@ -519,12 +523,12 @@ mod tests {
             "ff02::fb",
         ];
         assert_eq!(
-            one(Some(b"1"), Some(b"7"), 1, &useless),
+            one(Some(CURRENT), Some(b"7"), 1, &useless),
             Err(BadAnnouncement::NoAddress)
         );
         // Mixed: only the usable ones stay, IPv4-mapped shown as IPv4, no duplicates.
         let read = one(
-            Some(b"1"),
+            Some(CURRENT),
             Some(b"Seven7"),
             5,
             &[
@@ -601,7 +605,7 @@ mod tests {
         // One instance announced again on another port is a second receiver too.
         let mut ports = Sightings::new(np("7"), Vec::new());
         ports.see(Instant::now(), announced("a", "7", &["198.51.100.7"]));
-        let moved = read_announcement("a", 9200, [ip("198.51.100.8")], Some(b"1"), Some(b"7"));
+        let moved = read_announcement("a", 9200, [ip("198.51.100.8")], Some(CURRENT), Some(b"7"));
         ports.see(Instant::now(), moved);
         assert_eq!(ports.ambiguous(), Some(2));
         // One announcement with many addresses keeps the first few.
