@@ -16,7 +16,7 @@ use qpunch::node::{self, Congestion, Node, NodeConfig};
 use qpunch::punch::PunchConfig;
 use qpunch::transfer::{self, Outgoing, Policy, ReceiveOptions, Receiver};
 
-use super::send::{report_connected, report_punched};
+use super::common::{report_connected, report_punched};
 use super::ui::{FileProgress, Side, Ui};
 use super::{congestion_parser, parse_size};
 
@@ -86,7 +86,7 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         progress,
     )
     .await?;
-    qpunch::close_gate::close(&peer.connection, transfer::codes::DONE.into(), b"done");
+    peer.close(transfer::codes::DONE, b"done");
     sending.close(node::QUICK_LINGER).await;
     let elapsed = started.elapsed();
     let (received, stats) = receiver_task.await.context("receiver crashed")??;

@@ -1,5 +1,10 @@
 //! The `qpunch` command line: argument parsing and the glue between library and terminal.
+//!
+//! One room per command (`send`, `receive`, `demo`, `rendezvous`, `natcheck`); what they
+//! share lives in `common` (events and addresses), `meet` (meeting by code) and `ui`
+//! (rendering), so that no command imports another.
 
+mod common;
 mod demo;
 mod meet;
 mod natcheck;

@@ -1,7 +1,7 @@
 //! `qpunch receive`: answer probes, accept QUIC, ask or check, store verified files.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,11 +11,12 @@ use clap::Args;
 use qpunch::identity::Fingerprint;
 use qpunch::node::{Congestion, Node, NodeConfig, NodeError, PeerConnection};
 use qpunch::server::{Limits, Server};
+use qpunch::share::consent::Accept;
 use qpunch::transfer::{
-    self, FileReport, Observer, Policy, ReceiveEvents, ReceiveOptions, Receiver, TransferError,
+    self, Consent, FileReport, Observer, ReceiveEvents, ReceiveOptions, Receiver, TransferError,
 };
 
-use super::send::report_connected;
+use super::common::{bind_addr, canonical, reachable_addrs, report_connected};
 use super::ui::{Event, FileProgress, Side, TerminalConsent, Ui};
 use super::{
     DEFAULT_PORT, congestion_parser, load_identity, parse_duration, parse_fingerprint, parse_size,
@@ -115,16 +116,13 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             super::meet::ENV
         );
     }
-    let policy = if !args.allow.is_empty() {
-        Policy::Allow(args.allow.clone())
-    } else if args.yes {
-        Policy::AcceptAll
-    } else if TerminalConsent::available() {
-        Policy::Ask(Arc::new(TerminalConsent { ui: ui.clone() }))
-    } else if rendezvous.is_some() || lan_codes {
-        // A code is a ticket: its holder is let in; nobody else.
-        Policy::Allow(Vec::new())
-    } else {
+    let accept = Accept {
+        everyone: args.yes,
+        allow: args.allow.clone(),
+        ask: TerminalConsent::available()
+            .then(|| Arc::new(TerminalConsent { ui: ui.clone() }) as Arc<dyn Consent>),
+    };
+    let Ok(policy) = accept.policy(rendezvous.is_some() || lan_codes) else {
         bail!(
             "refusing to receive: there is no terminal to ask for consent. \
              Pass --yes to accept files from anyone, or --allow FINGERPRINT to accept a known sender"
@@ -491,7 +489,7 @@ impl LanCodes {
                 Some(Outcome::Used { sender, remote }) => {
                     self.ui.say(&format!(
                         "{sender} at {} proved the code {}",
-                        super::send::canonical(remote),
+                        canonical(remote),
                         code.nameplate()
                     ));
                     if self.once {
@@ -503,7 +501,7 @@ impl LanCodes {
                     self.ui.error(&format!(
                         "meeting failed: the code did not match (the sender at {} mistyped it, \
                          or is guessing); {code} cannot be used again",
-                        super::send::canonical(remote)
+                        canonical(remote)
                     ));
                     if wrong >= lan::MAX_WRONG_CODES {
                         return self.ui.error(&format!(
@@ -604,72 +602,4 @@ fn announce(ui: &Ui, node: &Node, out: &std::path::Path) -> anyhow::Result<()> {
     );
     ui.output(&text);
     Ok(())
-}
-
-/// Addresses a sender could use: the bound one, or every interface's for a wildcard
-/// bind (non-loopback first). Behind a NAT the public address differs; the sender
-/// learns its own from the probe reply, and rendezvous will exchange them later.
-pub fn reachable_addrs(local: SocketAddr) -> Vec<SocketAddr> {
-    if !local.ip().is_unspecified() {
-        return vec![local];
-    }
-    let dual = local.is_ipv6();
-    let mut addrs: Vec<SocketAddr> = if_addrs::get_if_addrs()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|iface| iface.ip())
-        .filter(|ip| dual || ip.is_ipv4())
-        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
-        .map(|ip| SocketAddr::new(ip, local.port()))
-        .collect();
-    addrs.sort_by_key(|a| (a.ip().is_loopback(), a.is_ipv6()));
-    if addrs.is_empty() {
-        addrs.push(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), local.port()));
-    }
-    addrs
-}
-
-pub fn bind_addr(bind: &str, port: u16) -> anyhow::Result<SocketAddr> {
-    if let Ok(addr) = bind.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let bare = bind.trim_start_matches('[').trim_end_matches(']');
-    let ip: IpAddr = bare
-        .parse()
-        .with_context(|| format!("--bind {bind:?} is not an IP address"))?;
-    Ok(SocketAddr::new(ip, port))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bind_takes_an_ip_or_a_full_address() {
-        assert_eq!(
-            bind_addr("0.0.0.0", 9199).unwrap().to_string(),
-            "0.0.0.0:9199"
-        );
-        assert_eq!(bind_addr("[::]", 9199).unwrap().to_string(), "[::]:9199");
-        assert_eq!(bind_addr("::", 7).unwrap().to_string(), "[::]:7");
-        assert_eq!(
-            bind_addr("127.0.0.1:5000", 9199).unwrap().to_string(),
-            "127.0.0.1:5000"
-        );
-        assert!(bind_addr("example.com", 9199).is_err());
-    }
-
-    #[test]
-    fn announced_addresses_carry_the_port_and_put_loopback_last() {
-        let specific: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        assert_eq!(reachable_addrs(specific), vec![specific]);
-        let any: SocketAddr = "0.0.0.0:4000".parse().unwrap();
-        let addrs = reachable_addrs(any);
-        assert!(!addrs.is_empty());
-        assert!(addrs.iter().all(|a| a.port() == 4000 && a.is_ipv4()));
-        let first_loopback = addrs.iter().position(|a| a.ip().is_loopback());
-        if let Some(i) = first_loopback {
-            assert!(addrs[i..].iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
-        }
-    }
 }

@@ -21,7 +21,7 @@ pub struct RendezvousArgs {
 }
 
 pub async fn run(args: RendezvousArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
-    let bind = super::receive::bind_addr(&args.bind, args.port)?;
+    let bind = super::common::bind_addr(&args.bind, args.port)?;
     let identity = load_identity(&ui)?;
     let events = Arc::new(Pairings { ui: ui.clone() });
     let serve = |addr| {
@@ -126,7 +126,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 /// Addresses to tell peers (every interface's, for a wildcard bind).
 fn reachable(local: SocketAddr) -> Vec<String> {
-    super::receive::reachable_addrs(local)
+    super::common::reachable_addrs(local)
         .into_iter()
         .map(|a| a.to_string())
         .collect()

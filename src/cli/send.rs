@@ -10,10 +10,12 @@ use clap::Args;
 use qpunch::identity::Fingerprint;
 use qpunch::known_peers::KnownPeers;
 use qpunch::node::{self, Congestion, Node, NodeConfig, NodeError, PeerConnection};
-use qpunch::punch::{Method, PunchConfig, Punched, same_endpoint};
+use qpunch::punch::{Method, PunchConfig, Punched};
 use qpunch::transfer::tree::TreeCache;
 use qpunch::transfer::{self, Selection, SendOptions, TransferError};
+use qpunch::trust::{Trust, TrustDecision, TrustError};
 
+use super::common::{canonical, report_connected, report_punched};
 use super::ui::{Event, FileProgress, Side, Ui};
 use super::{
     DEFAULT_PORT, congestion_parser, known_peers_path, load_identity, parse_duration,
@@ -69,12 +71,12 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let (key, target) = resolve(&args.to).await?;
 
     // Whose key do we expect? An explicit --peer wins; else what we saw here before.
-    let mut known = KnownPeers::load(known_peers_path()?)?;
+    let known = KnownPeers::load(known_peers_path()?)?;
     if let Some(warning) = skipped_lines_warning(&known) {
         ui.warn(&warning);
     }
-    let remembered = known.get(&key);
-    let expected = args.peer.or(remembered);
+    let mut trust = Trust::new(known, key.clone(), args.peer);
+    let expected = trust.expected();
 
     ui.say(&format!("punching to {target} ..."));
     let punch = PunchConfig {
@@ -95,21 +97,9 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             format!("no answer from {target}: is `qpunch receive` running there, and UDP open?")
         })?;
     report_punched(&ui, &punched, punched_from);
-    if expected.is_none() && !same_endpoint(punched.peer, target) {
-        // Nothing pinned: whoever answers is about to be trusted on first use, so it must
-        // be whoever the user named. A qpunch reply is matched by its txid, not its source
-        // (see `Puncher::handle_datagram`), and anyone who saw the probe could answer from
-        // elsewhere and have QUIC dial them instead. With a pin (--peer or known_peers)
-        // the address does not matter: TLS refuses any other key.
+    if let Err(refused) = trust.check_reply(target, punched.peer) {
         node.close(node::QUICK_LINGER).await;
-        bail!(
-            "the probe reply came from {}, not from {target} where the probe went. Anyone who \
-             saw the probe can answer from elsewhere, and without --peer the key that answers \
-             would be trusted on first use: nothing was sent or remembered. If that is the \
-             receiver (behind a NAT that changes ports), check its fingerprint with its owner \
-             and pass --peer FINGERPRINT",
-            canonical(punched.peer)
-        );
+        bail!(refusal(&refused));
     }
 
     // A legacy punch proved the path, not the peer: TLS pinning below decides as always.
@@ -131,33 +121,25 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         Ok(peer) => peer,
         Err(NodeError::PeerMismatch { expected, actual }) => {
             node.close(node::QUICK_LINGER).await;
-            if args.peer.is_some() {
-                bail!(
-                    "the receiver at {key} presented identity {actual}, not the --peer {expected} you asked for; refusing to send"
-                );
-            }
-            bail!(changed_identity_warning(
-                &key,
-                expected,
-                actual,
-                known.path()
-            ));
+            bail!(refusal(&trust.mismatch(expected, actual)));
         }
         Err(e) if legacy => bail!(not_qpunch(punched.peer, &e)),
         Err(e) => return Err(e).context(format!("QUIC connection to {} failed", punched.peer)),
     };
-    if remembered.is_none() {
-        known.remember(&key, peer.fingerprint)?;
-        if args.peer.is_none() {
-            // The address actually dialled, which the check above tied to `--to`.
+    match trust.accept(peer.fingerprint) {
+        Ok(TrustDecision::FirstUse { file }) => {
+            // The address actually dialled, which `check_reply` tied to `--to`.
             ui.say(&format!(
                 "trusting {key} as {} on first use: the receiver that answered at {} \
                  (remembered in {})",
                 peer.fingerprint,
                 canonical(peer.connection.remote_address()),
-                known.path().display()
+                file.display()
             ));
         }
+        Ok(TrustDecision::Pinned) => {}
+        Err(TrustError::KnownPeers(e)) => return Err(e.into()),
+        Err(refused) => bail!(refusal(&refused)),
     }
     report_connected(&ui, &node, &peer, "direct")?;
     let to = peer_addr(&punched);
@@ -295,7 +277,7 @@ async fn deliver(
     let result = tokio::select! {
         result = sending => result,
         _ = tokio::signal::ctrl_c() => {
-            qpunch::close_gate::close(&peer.connection, transfer::codes::CANCELLED.into(), b"sender interrupted");
+            peer.close(transfer::codes::CANCELLED, b"sender interrupted");
             node.close(node::QUICK_LINGER).await;
             progress.clear();
             bail!("interrupted: run the same command again to resume");
@@ -310,7 +292,7 @@ async fn deliver(
         ),
         _ => (transfer::codes::DONE, b"done"),
     };
-    qpunch::close_gate::close(&peer.connection, code.into(), reason);
+    peer.close(code, reason);
     node.close(node::QUICK_LINGER).await;
     let reports = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     let verified = reports.iter().filter(|r| r.is_verified()).count();
@@ -335,39 +317,6 @@ fn peer_addr(punched: &Punched) -> String {
     canonical(punched.peer).to_string()
 }
 
-/// The `punched` event. `from` is the socket's address while punching, read before
-/// hand-over: `connected` shows the QUIC socket's, and the two ports must agree.
-pub fn report_punched(ui: &Ui, punched: &Punched, from: SocketAddr) {
-    let rtt_ms = punched.rtt.as_secs_f64() * 1000.0;
-    let reflexive = punched.reflexive.map(canonical);
-    let (probe, reply) = (qpunch::wire::PROBE_GREETING, qpunch::wire::REPLY_GREETING);
-    let peer = punched.peer;
-    let answer = match reflexive {
-        Some(reflexive) => format!(
-            "\"{probe}\" answered with \"{reply}\" by {peer} in {rtt_ms:.2} ms; it sees us as \
-             {reflexive}"
-        ),
-        // Only a legacy reply leaves it unknown.
-        None => format!(
-            "{peer} answered \"{probe}\" with a plain \"{reply}\" in {rtt_ms:.2} ms, like the Go \
-             hole-punching demo (it does not say how it sees us)"
-        ),
-    };
-    ui.event(
-        Event::Punched {
-            peer: peer.to_string(),
-            method: punched.method.as_str(),
-            local_addr: from.to_string(),
-            reflexive_addr: reflexive.map(|r| r.to_string()),
-            rtt_ms,
-        },
-        Some(format!(
-            "hole punched ({}): {answer}; socket {from} handed to QUIC",
-            punched.method.as_str()
-        )),
-    );
-}
-
 /// Why a peer that punched like the Go demo cannot take files; `why` is what QUIC saw.
 fn not_qpunch(peer: SocketAddr, why: &dyn std::fmt::Display) -> String {
     format!(
@@ -376,30 +325,6 @@ fn not_qpunch(peer: SocketAddr, why: &dyn std::fmt::Display) -> String {
          run `qpunch receive` on that machine",
         qpunch::wire::REPLY_GREETING
     )
-}
-
-/// The `connected` event; `path` is `direct` or `lan`.
-pub fn report_connected(
-    ui: &Ui,
-    node: &Node,
-    peer: &PeerConnection,
-    path: &'static str,
-) -> anyhow::Result<()> {
-    let remote = canonical(peer.connection.remote_address());
-    let over = if path == "lan" { " on the LAN" } else { "" };
-    ui.event(
-        Event::Connected {
-            peer: remote.to_string(),
-            fingerprint: peer.fingerprint,
-            path,
-            local_addr: node.local_addr()?.to_string(),
-        },
-        Some(format!(
-            "connected to {remote}{over} (identity {}), encrypted with TLS 1.3 over QUIC",
-            peer.fingerprint
-        )),
-    );
-    Ok(())
 }
 
 /// What to tell the user about lines of known_peers that were not understood, if any.
@@ -421,6 +346,33 @@ fn skipped_lines_warning(known: &KnownPeers) -> Option<String> {
     ))
 }
 
+/// What the user reads when the trust policy refuses a peer.
+fn refusal(refused: &TrustError) -> String {
+    match refused {
+        TrustError::ReplyFromElsewhere { target, answered } => format!(
+            "the probe reply came from {answered}, not from {target} where the probe went. Anyone who \
+             saw the probe can answer from elsewhere, and without --peer the key that answers \
+             would be trusted on first use: nothing was sent or remembered. If that is the \
+             receiver (behind a NAT that changes ports), check its fingerprint with its owner \
+             and pass --peer FINGERPRINT"
+        ),
+        TrustError::NotTheGivenKey {
+            key,
+            expected,
+            actual,
+        } => format!(
+            "the receiver at {key} presented identity {actual}, not the --peer {expected} you asked for; refusing to send"
+        ),
+        TrustError::Changed {
+            key,
+            expected,
+            actual,
+            known_peers,
+        } => changed_identity_warning(key, *expected, *actual, known_peers),
+        other => other.to_string(),
+    }
+}
+
 /// ssh-style refusal when a remembered peer shows a different key.
 fn changed_identity_warning(
     key: &str,
@@ -439,11 +391,6 @@ fn changed_identity_warning(
          then remove the line for {key} from {path} (or pass --peer {actual}).",
         path = path.display()
     )
-}
-
-/// IPv4-mapped IPv6 addresses (from dual-stack sockets) shown as plain IPv4.
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Resolve `--to` into the name remembered in known_peers and a socket address.
@@ -474,13 +421,5 @@ mod tests {
         assert_eq!(key, "localhost:9199");
         assert_eq!(addr.port(), 9199);
         assert!(addr.ip().is_loopback());
-    }
-
-    #[test]
-    fn reflexive_addresses_print_as_ipv4() {
-        let mapped: SocketAddr = "[::ffff:198.51.100.1]:5000".parse().unwrap();
-        assert_eq!(canonical(mapped).to_string(), "198.51.100.1:5000");
-        let v6: SocketAddr = "[2001:db8::1]:5000".parse().unwrap();
-        assert_eq!(canonical(v6), v6);
     }
 }
