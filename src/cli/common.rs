@@ -1,10 +1,10 @@
 //! Helpers the commands share, so that no command imports another: the `punched` and
-//! `connected` events, address display, and which addresses to announce.
+//! `connected` events, address display, and `--bind`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
-use qpunch::node::{Node, PeerConnection};
+use qpunch::identity::Fingerprint;
 use qpunch::punch::Punched;
 
 use super::ui::{Event, Ui};
@@ -42,56 +42,31 @@ pub fn report_punched(ui: &Ui, punched: &Punched, from: SocketAddr) {
     );
 }
 
-/// The `connected` event; `path` is `direct` or `lan`.
+/// The `connected` event; `path` is `direct` or `lan`, `remote` already canonical.
 pub fn report_connected(
     ui: &Ui,
-    node: &Node,
-    peer: &PeerConnection,
+    remote: SocketAddr,
+    fingerprint: Fingerprint,
     path: &'static str,
-) -> anyhow::Result<()> {
-    let remote = canonical(peer.connection.remote_address());
+    local: SocketAddr,
+) {
     let over = if path == "lan" { " on the LAN" } else { "" };
     ui.event(
         Event::Connected {
             peer: remote.to_string(),
-            fingerprint: peer.fingerprint,
+            fingerprint,
             path,
-            local_addr: node.local_addr()?.to_string(),
+            local_addr: local.to_string(),
         },
         Some(format!(
-            "connected to {remote}{over} (identity {}), encrypted with TLS 1.3 over QUIC",
-            peer.fingerprint
+            "connected to {remote}{over} (identity {fingerprint}), encrypted with TLS 1.3 over QUIC"
         )),
     );
-    Ok(())
 }
 
 /// IPv4-mapped IPv6 addresses (from dual-stack sockets) shown as plain IPv4.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-/// Addresses a sender could use: the bound one, or every interface's for a wildcard
-/// bind (non-loopback first). Behind a NAT the public address differs; the sender
-/// learns its own from the probe reply, and rendezvous will exchange them later.
-pub fn reachable_addrs(local: SocketAddr) -> Vec<SocketAddr> {
-    if !local.ip().is_unspecified() {
-        return vec![local];
-    }
-    let dual = local.is_ipv6();
-    let mut addrs: Vec<SocketAddr> = if_addrs::get_if_addrs()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|iface| iface.ip())
-        .filter(|ip| dual || ip.is_ipv4())
-        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
-        .map(|ip| SocketAddr::new(ip, local.port()))
-        .collect();
-    addrs.sort_by_key(|a| (a.ip().is_loopback(), a.is_ipv6()));
-    if addrs.is_empty() {
-        addrs.push(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), local.port()));
-    }
-    addrs
 }
 
 pub fn bind_addr(bind: &str, port: u16) -> anyhow::Result<SocketAddr> {
@@ -130,19 +105,5 @@ mod tests {
             "127.0.0.1:5000"
         );
         assert!(bind_addr("example.com", 9199).is_err());
-    }
-
-    #[test]
-    fn announced_addresses_carry_the_port_and_put_loopback_last() {
-        let specific: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        assert_eq!(reachable_addrs(specific), vec![specific]);
-        let any: SocketAddr = "0.0.0.0:4000".parse().unwrap();
-        let addrs = reachable_addrs(any);
-        assert!(!addrs.is_empty());
-        assert!(addrs.iter().all(|a| a.port() == 4000 && a.is_ipv4()));
-        let first_loopback = addrs.iter().position(|a| a.ip().is_loopback());
-        if let Some(i) = first_loopback {
-            assert!(addrs[i..].iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
-        }
     }
 }

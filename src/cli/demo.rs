@@ -78,7 +78,13 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     } = node::punch_and_hand_over(target, config, PunchConfig::default()).await?;
     report_punched(&ui, &punched, local);
     let peer = sending.connect(punched.peer, Some(receiver_fp)).await?;
-    report_connected(&ui, &sending, &peer, "direct")?;
+    report_connected(
+        &ui,
+        super::common::canonical(peer.connection.remote_address()),
+        peer.fingerprint,
+        "direct",
+        sending.local_addr()?,
+    );
     let progress = FileProgress::new(ui.clone(), Side::Sending);
     let reports = transfer::send_files(
         &peer.connection,

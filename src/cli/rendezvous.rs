@@ -126,7 +126,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 /// Addresses to tell peers (every interface's, for a wildcard bind).
 fn reachable(local: SocketAddr) -> Vec<String> {
-    super::common::reachable_addrs(local)
+    qpunch::share::reachable_addrs(local)
         .into_iter()
         .map(|a| a.to_string())
         .collect()

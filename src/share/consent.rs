@@ -35,6 +35,28 @@ impl std::fmt::Debug for Accept {
     }
 }
 
+impl Accept {
+    /// Ask `decide` about senders not on the allow list: it gets the sender and the
+    /// offered files and answers one `true` (take it) per file. It runs on a blocking
+    /// thread, one offer at a time, so it may wait for a person.
+    pub fn ask_with(
+        mut self,
+        decide: impl Fn(Fingerprint, &[FileOffer]) -> Vec<bool> + Send + Sync + 'static,
+    ) -> Self {
+        self.ask = Some(Arc::new(AskWith(decide)));
+        self
+    }
+}
+
+/// A closure as a [`Consent`].
+struct AskWith<F>(F);
+
+impl<F: Fn(Fingerprint, &[FileOffer]) -> Vec<bool> + Send + Sync> Consent for AskWith<F> {
+    fn decide(&self, sender: Fingerprint, files: &[FileOffer]) -> Vec<bool> {
+        (self.0)(sender, files)
+    }
+}
+
 /// Nobody could be asked, and nothing else lets a sender in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("there is nobody to ask for consent, no allow list, and no code to let senders in")]
