@@ -31,7 +31,7 @@ pub struct ReceiveConfig {
     pub port: u16,
     /// Who may send (see [`Accept::policy`]).
     pub accept: Accept,
-    /// The rendezvous to hand out codes through (HOST[:PORT]). Without one, codes are
+    /// The rendezvous to hand out codes through (`HOST[:PORT]`). Without one, codes are
     /// announced on the LAN (mDNS), unless bound to loopback only.
     pub rendezvous: Option<String>,
     /// The first code to use instead of a generated one.

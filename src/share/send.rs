@@ -49,7 +49,7 @@ impl Target {
 /// The options of a send (those of `qpunch send`).
 #[derive(Debug, Clone)]
 pub struct SendConfig {
-    /// The rendezvous to meet a code's receiver through (HOST[:PORT]); `None` looks for
+    /// The rendezvous to meet a code's receiver through (`HOST[:PORT]`); `None` looks for
     /// it on the local network.
     pub rendezvous: Option<String>,
     /// The receiver's fingerprint, when known: then nothing is trusted on first use.
