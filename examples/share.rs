@@ -1,17 +1,12 @@
-//! A file-sharing app in one page, over `qpunch::share` (the API `qpunch send` and
-//! `qpunch receive` are built on). The receiver asks before taking anything.
-//!
-//! ```text
-//! cargo run --example share -- receive DIR [IP:PORT]       # prints a code, or its address
-//! cargo run --example share -- send FILE CODE              # a code on this LAN
-//! cargo run --example share -- send FILE IP:PORT FINGERPRINT
-//! ```
-//! Identities are fresh on every run; with no FINGERPRINT the receiver is trusted on first
-//! use (remembered in the qpunch home's known_peers, like `qpunch send`).
+//! A file-sharing app over `qpunch::share`, the API of `qpunch send` and `qpunch receive`:
+//! `receive DIR [IP:PORT]` asks before taking files (it prints a LAN code, or its address
+//! and fingerprint when bound to one); `send FILE CODE` or `send FILE IP:PORT [FINGERPRINT]`
+//! sends a file or folder. Run it with `cargo run --example share -- ARGS`.
 
 use std::io::{BufRead, Write};
 
 use qpunch::identity::Identity;
+use qpunch::share::consent::Summary;
 use qpunch::share::{Event, FileEvent, ReceiveConfig, SendConfig, Share, Target};
 use qpunch::transfer::Outcome;
 
@@ -25,11 +20,7 @@ async fn main() -> Result<(), Error> {
     let ok = match args[..] {
         ["receive", dir, ref bind @ ..] => receive(&share, dir, bind.first()).await?,
         ["send", file, to, ref peer @ ..] => send(&share, file, to, peer.first()).await?,
-        _ => {
-            return Err(
-                "usage: share receive DIR [IP:PORT] | share send FILE TO [FINGERPRINT]".into(),
-            );
-        }
+        _ => return Err("usage: receive DIR [IP:PORT] | send FILE TO [FINGERPRINT]".into()),
     };
     std::process::exit(if ok { 0 } else { 1 });
 }
@@ -40,20 +31,17 @@ async fn receive(share: &Share, dir: &str, bind: Option<&&str>) -> Result<bool, 
     config.bind = bind.map(|b| b.parse()).transpose()?;
     config.once = true;
     config.accept = config.accept.ask_with(|sender, files| {
-        let bytes: u64 = files.iter().map(|f| f.size).sum();
+        let offer = Summary::new(sender, files); // sizes are the sender's claim: saturating
         print!(
-            "{sender} offers {} file(s), {bytes} bytes. Accept? [y/N] ",
-            files.len()
+            "{sender}: {} file(s), {} bytes. Take? [y/N] ",
+            offer.files, offer.bytes
         );
         let _ = std::io::stdout().flush();
         let mut line = String::new();
         let _ = std::io::stdin().lock().read_line(&mut line);
         vec![line.trim().eq_ignore_ascii_case("y"); files.len()]
     });
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    Ok(share.receive(config, ctrl_c).await?)
+    Ok(share.receive(config, ctrl_c()).await?)
 }
 
 /// Send `file` to `to` (a code or an address), pinned to `peer` when given.
@@ -63,13 +51,14 @@ async fn send(share: &Share, file: &str, to: &str, peer: Option<&&str>) -> Resul
         ..SendConfig::default()
     };
     let files = qpunch::transfer::select(&[file.into()])?;
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let sent = share
-        .send(&Target::parse(to)?, files, &config, ctrl_c)
-        .await?;
+    let to = Target::parse(to)?;
+    let sent = share.send(&to, files, &config, ctrl_c()).await?;
     Ok(sent.reports.iter().all(|r| r.is_verified()))
+}
+
+/// Stop (cleanly: a sender's partial files are kept for a resume) on Ctrl-C.
+async fn ctrl_c() {
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// The events this app cares about, one line each.

@@ -21,6 +21,9 @@
 //! - [`frame`]: length-prefixed JSON control messages on QUIC streams.
 //! - [`text`]: making peer-controlled text safe for terminals.
 //! - [`meet`]: one-time codes and the PAKE, to find a peer through an untrusted rendezvous.
+//! - [`trust`]: whose key a sender expects at an address (trust on first use).
+//! - [`share`]: the high-level API of `qpunch send` and `qpunch receive` (meeting, trust,
+//!   consent, transfer, typed events), for apps that embed qpunch.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

@@ -108,7 +108,7 @@ fn the_share_example_sends_a_file_over_loopback_and_asks_first() {
         .spawn()
         .map(Running)
         .unwrap();
-    let question = wait_for(&received, "Accept? [y/N]");
+    let question = wait_for(&received, "Take? [y/N]");
     assert!(question.contains("1 file(s), 3000000 bytes"), "{question}");
     receiver.0.stdin.take().unwrap().write_all(b"y\n").unwrap();
     wait_for(&received, "verified hello.bin (3000000 bytes)");
