@@ -1,6 +1,7 @@
-//! `examples/share.rs`, the file-sharing app written over `qpunch::share`, really shares a
-//! file: its receiver and its sender run as processes on loopback, over real QUIC, the
-//! receiver's consent callback is answered on its stdin, and the bytes arrive intact.
+//! The high-level API, `qpunch::share`: in-process (typed events as a stream, the consent
+//! callback) and through `examples/share.rs`, the file-sharing app written over it, whose
+//! receiver and sender run as processes. Both over loopback and real QUIC, checking the
+//! bytes that arrive.
 
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,9 @@ fn example() -> PathBuf {
         if (name.starts_with("CARGO_") && !keep) || name == "OUT_DIR" {
             cargo.env_remove(name.as_ref());
         }
+    }
+    if bin.parent().and_then(Path::file_name) == Some("release".as_ref()) {
+        cargo.arg("--release");
     }
     let status = cargo
         .args(["build", "--quiet", "--example", "share"])
@@ -126,4 +130,89 @@ fn the_share_example_sends_a_file_over_loopback_and_asks_first() {
     assert!(said.contains("verified hello.bin"), "{said}");
     assert!(receiver.0.wait().unwrap().success(), "receiver failed");
     assert_eq!(std::fs::read(inbox.join("hello.bin")).unwrap(), data);
+}
+
+#[tokio::test]
+async fn the_api_asks_first_and_streams_typed_events() {
+    use qpunch::identity::Identity;
+    use qpunch::share::{Event, FileEvent, ReceiveConfig, SendConfig, Share, Target};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let source = dir.path().join("notes.txt");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&source, &data).unwrap();
+
+    // The receiver: its events as a stream, and a consent callback that records the offer.
+    let (events, mut stream) = tokio::sync::mpsc::unbounded_channel();
+    let receiver = Share::new(Identity::generate().unwrap(), events);
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let mut config = ReceiveConfig::new(&inbox);
+    config.bind = Some("127.0.0.1:0".parse().unwrap());
+    config.once = true;
+    let offers = asked.clone();
+    config.accept = config.accept.ask_with(move |sender, files| {
+        offers.lock().unwrap().push((sender, files.len()));
+        vec![true; files.len()]
+    });
+    let receiving =
+        tokio::spawn(async move { receiver.receive(config, std::future::pending()).await });
+    let (addr, receiver_fp) = loop {
+        match stream.recv().await.expect("events until listening") {
+            Event::Listening {
+                local, fingerprint, ..
+            } => break (local, fingerprint),
+            _ => continue,
+        }
+    };
+
+    let sender = Share::new(Identity::generate().unwrap(), |_: Event| {});
+    let config = SendConfig {
+        peer: Some(receiver_fp),
+        known_peers: Some(dir.path().join("known_peers")),
+        cache_dir: Some(dir.path().join("cache")),
+        ..SendConfig::default()
+    };
+    let files = qpunch::transfer::select(&[source.clone()]).unwrap();
+    let to = Target::parse(&addr.to_string()).unwrap();
+    let sent = sender
+        .send(&to, files, &config, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(sent.to, addr);
+    assert!(
+        sent.reports.iter().all(|r| r.is_verified()),
+        "{:?}",
+        sent.reports
+    );
+    assert!(
+        receiving.await.unwrap().unwrap(),
+        "the one transfer verified"
+    );
+
+    assert_eq!(*asked.lock().unwrap(), [(sender.fingerprint(), 1)]);
+    let mut seen = Vec::new();
+    while let Ok(event) = stream.try_recv() {
+        seen.push(event);
+    }
+    let connected = seen.iter().position(|e| {
+        matches!(e, Event::Connected { fingerprint, .. } if *fingerprint == sender.fingerprint())
+    });
+    let verified = seen.iter().position(
+        |e| matches!(e, Event::File { event: FileEvent::Finished(r), .. } if r.is_verified()),
+    );
+    let finished = seen.iter().position(
+        |e| matches!(e, Event::Finished { result: Ok(reports), .. } if reports.len() == 1),
+    );
+    assert!(
+        connected < verified && verified < finished && connected.is_some(),
+        "{seen:#?}"
+    );
+    assert!(
+        matches!(seen.last(), Some(Event::Stats { .. })),
+        "{seen:#?}"
+    );
+    assert_eq!(std::fs::read(inbox.join("notes.txt")).unwrap(), data);
 }
