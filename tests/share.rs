@@ -175,7 +175,7 @@ async fn the_api_asks_first_and_streams_typed_events() {
         cache_dir: Some(dir.path().join("cache")),
         ..SendConfig::default()
     };
-    let files = qpunch::transfer::select(&[source.clone()]).unwrap();
+    let files = qpunch::transfer::select(std::slice::from_ref(&source)).unwrap();
     let to = Target::parse(&addr.to_string()).unwrap();
     let sent = sender
         .send(&to, files, &config, std::future::pending())
