@@ -26,6 +26,9 @@
 //! 8. [`natcheck`]: classifying our NAT's mapping and filtering against a rendezvous.
 //! 9. [`meet`]: one-time codes and the PAKE, to find a peer through a rendezvous or on the
 //!    LAN, then the punch.
+//! 10. [`trust`]: whose key a sender expects at an address (trust on first use).
+//! 11. [`share`]: the high-level API of `qpunch send` and `qpunch receive` (meeting,
+//!     trust, consent, transfer and typed events), for apps that embed qpunch.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -60,9 +63,11 @@ pub mod punch;
 pub mod ratelimit;
 pub mod rendezvous;
 pub mod server;
+pub mod share;
 pub mod socket;
 pub mod text;
 pub mod tls;
 pub mod transfer;
 pub mod traverse;
+pub mod trust;
 pub mod wire;

@@ -152,6 +152,14 @@ pub struct PeerConnection {
 }
 
 impl PeerConnection {
+    /// Close the connection with an application `code` and a `reason` for the peer. It
+    /// goes through the [close gate](crate::close_gate), so the close leaves even when
+    /// the congestion window is full: use this, never `connection.close` directly, or a
+    /// bulk sender's close may wait in the window until the peer's idle timeout.
+    pub fn close(&self, code: impl Into<quinn::VarInt>, reason: &[u8]) {
+        crate::close_gate::close(&self.connection, code.into(), reason);
+    }
+
     /// Lift the guard on an incoming connection once the application trusts it: grow the
     /// receive window to [`CONNECTION_WINDOW`] and allow `streams` concurrent
     /// bidirectional streams.

@@ -31,6 +31,8 @@ const LAYERS: &[&[&str]] = &[
     &["transfer", "rendezvous"],
     &["natcheck"],
     &["meet"],
+    &["trust"],
+    &["share"],
 ];
 
 /// The binary's own modules (`src/main.rs`, `src/cli/`) sit above every library room.

@@ -16,7 +16,7 @@ use qpunch::node::{self, Congestion, Node, NodeConfig};
 use qpunch::punch::PunchConfig;
 use qpunch::transfer::{self, Outgoing, Policy, ReceiveOptions, Receiver};
 
-use super::send::{report_connected, report_punched};
+use super::common::{report_connected, report_punched};
 use super::ui::{FileProgress, Side, Ui};
 use super::{congestion_parser, parse_size};
 
@@ -78,7 +78,13 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     } = node::punch_and_hand_over(target, config, PunchConfig::default()).await?;
     report_punched(&ui, &punched, local);
     let peer = sending.connect(punched.peer, Some(receiver_fp)).await?;
-    report_connected(&ui, &sending, &peer, "direct")?;
+    report_connected(
+        &ui,
+        super::common::canonical(peer.connection.remote_address()),
+        peer.fingerprint,
+        "direct",
+        sending.local_addr()?,
+    );
     let progress = FileProgress::new(ui.clone(), Side::Sending);
     let reports = transfer::send_files(
         &peer.connection,
@@ -86,7 +92,7 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         progress,
     )
     .await?;
-    qpunch::close_gate::close(&peer.connection, transfer::codes::DONE.into(), b"done");
+    peer.close(transfer::codes::DONE, b"done");
     sending.close(node::QUICK_LINGER).await;
     let elapsed = started.elapsed();
     let (received, stats) = receiver_task.await.context("receiver crashed")??;

@@ -1,18 +1,8 @@
-//! What `receive`, `send` and `nat-check` share to meet by code: which rendezvous, the
-//! connection to it with a NAT check, and the meeting's events on the terminal.
-
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+//! What `receive`, `send` and `nat-check` share about rendezvous: which one to use, and
+//! the NAT check's report.
 
 use anyhow::Context;
-use qpunch::meet::MeetEvents;
-use qpunch::meet::code::{Code, Nameplate};
-use qpunch::meet::pake::Hello;
-use qpunch::natcheck::{self, NatReport};
-use qpunch::node::Node;
-use qpunch::rendezvous::{self, RendezvousClient};
-use qpunch::traverse::Path;
+use qpunch::natcheck::NatReport;
 
 use super::ui::{Event, Ui};
 
@@ -41,25 +31,6 @@ pub fn rendezvous_name(via: Option<&str>) -> anyhow::Result<Option<String>> {
         Some(toml::Value::String(s)) => Ok(Some(s.clone())),
         Some(_) => anyhow::bail!("{}: `rendezvous` must be a string", path.display()),
     }
-}
-
-/// Connect `node` to the rendezvous `name` (HOST or HOST:PORT) and check our NAT through
-/// it; the `nat` event is emitted.
-pub async fn connect(
-    ui: &Ui,
-    node: &Node,
-    name: &str,
-) -> anyhow::Result<(RendezvousClient, NatReport)> {
-    let (_, addr) = super::resolve_host(name, rendezvous::DEFAULT_PORT).await?;
-    let client = RendezvousClient::connect(node, addr)
-        .await
-        .with_context(|| format!("cannot use the rendezvous {name}"))?;
-    // Only the mapping decides how to punch; the filtering test would cost a second.
-    let report = natcheck::check_mapping(node, &client)
-        .await
-        .with_context(|| format!("NAT check against {name} failed"))?;
-    report_nat(ui, &report, false);
-    Ok((client, report))
 }
 
 /// The `nat` event; the human line is short unless `detailed` (`qpunch nat-check`).
@@ -112,119 +83,4 @@ pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
         }
     }
     ui.event(Event::Nat(report.clone()), Some(text));
-}
-
-/// How a receiver announces each new code.
-pub type Announce = Box<dyn Fn(&Code, Duration) + Send + Sync>;
-
-/// A meeting's events, rendered.
-pub struct CliEvents {
-    pub ui: Arc<Ui>,
-    /// Receiver: how to announce each new code (the `listening` event).
-    pub listening: Option<Announce>,
-    /// The pairing in progress, completed by the peer's hello into one `paired` event.
-    pub pairing: std::sync::Mutex<Option<(String, SocketAddr)>>,
-}
-
-impl CliEvents {
-    pub fn new(ui: Arc<Ui>, listening: Option<Announce>) -> Self {
-        CliEvents {
-            ui,
-            listening,
-            pairing: std::sync::Mutex::new(None),
-        }
-    }
-}
-
-impl MeetEvents for CliEvents {
-    fn code(&self, code: &Code, expires: Duration) {
-        if let Some(listening) = &self.listening {
-            listening(code, expires);
-        }
-    }
-
-    fn paired(&self, nameplate: &Nameplate) {
-        // The peer's address arrives with its sealed hello (its last candidate).
-        *self.pairing.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((nameplate.to_string(), SocketAddr::from(([0, 0, 0, 0], 0))));
-        self.ui.say(&format!(
-            "paired on {nameplate}; swapping sealed hellos ..."
-        ));
-    }
-
-    fn hello(&self, hello: &Hello) {
-        let (nameplate, peer) = self
-            .pairing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_else(|| (String::new(), SocketAddr::from(([0, 0, 0, 0], 0))));
-        let peer = hello.candidates.last().map_or(peer, |&c| canonical(c));
-        let nat = qpunch::natcheck::Mapping::from_token(&hello.nat);
-        self.ui.event(
-            Event::Paired {
-                nameplate,
-                peer: peer.to_string(),
-                candidates: hello.candidates.iter().map(|c| c.to_string()).collect(),
-                peer_nat: nat.token(),
-            },
-            Some(format!(
-                "the code matched: the peer offers {} address(es), its NAT mapping is {}",
-                hello.candidates.len(),
-                nat.as_str()
-            )),
-        );
-    }
-
-    fn punched(&self, path: &Path, method: &'static str) {
-        let rtt_ms = path.rtt.as_secs_f64() * 1000.0;
-        self.ui.event(
-            Event::Punched {
-                peer: path.peer.to_string(),
-                method,
-                local_addr: String::new(),
-                reflexive_addr: Some(path.reflexive.to_string()),
-                rtt_ms,
-            },
-            Some(format!(
-                "hole punched ({method}): {} answered in {rtt_ms:.1} ms; it sees us as {}",
-                path.peer, path.reflexive
-            )),
-        );
-    }
-}
-
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-/// Whether `to` looks like a one-time code rather than a host: no dot, no colon, and
-/// three dash-separated parts. A mistyped word is reported as such, not looked up in DNS.
-pub fn as_code(to: &str) -> Option<anyhow::Result<Code>> {
-    let to = to.trim();
-    if to.contains(['.', ':', '[']) || to.split(['-', ' ']).filter(|p| !p.is_empty()).count() != 3 {
-        return None;
-    }
-    Some(
-        to.parse::<Code>()
-            .map_err(|e| anyhow::anyhow!("{to:?} is not a valid code: {e}")),
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn codes_are_told_from_hosts() {
-        assert!(as_code("example.com").is_none());
-        assert!(as_code("192.0.2.1:9199").is_none());
-        assert!(as_code("localhost").is_none());
-        assert!(as_code("my-laptop").is_none());
-        let code = as_code("7-crossover-clockwork").expect("looks like a code");
-        assert_eq!(code.unwrap().nameplate().as_str(), "7");
-        let typo = as_code("7-crossover-clokwork").expect("looks like a code");
-        let message = typo.unwrap_err().to_string();
-        assert!(message.contains("clockwork"), "{message}");
-    }
 }

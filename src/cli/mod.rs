@@ -1,23 +1,27 @@
 //! The `qpunch` command line: argument parsing and the glue between library and terminal.
+//!
+//! One room per command (`send`, `receive`, `demo`, `rendezvous`, `natcheck`); what they
+//! share lives in `common` (events and addresses), `meet` (which rendezvous, the NAT
+//! report), `render` (the library's share events) and `ui` (the terminal), so that no
+//! command imports another. `send` and `receive` are argument parsing around
+//! [`qpunch::share`].
 
+mod common;
 mod demo;
 mod meet;
 mod natcheck;
 mod receive;
+mod render;
 mod rendezvous;
 mod send;
 mod ui;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use qpunch::identity::{Fingerprint, Identity, config_dir};
 use qpunch::node::Congestion;
-
-/// Default UDP port of a receiver.
-pub const DEFAULT_PORT: u16 = 9199;
 
 /// Punch through NATs and send files directly, over QUIC.
 #[derive(Debug, Parser)]
@@ -96,18 +100,7 @@ pub fn run() -> ExitCode {
 /// An error and its causes on one line, like `{:#}`, but without repeating a cause that
 /// an outer message already quotes (library errors often show their source inline too).
 pub(crate) fn describe(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
+    qpunch::share::describe(e.as_ref())
 }
 
 fn init_logging(verbose: u8) {
@@ -133,48 +126,6 @@ fn load_identity(ui: &ui::Ui) -> anyhow::Result<Identity> {
         ui.warn(&warning.to_string());
     }
     Ok(identity)
-}
-
-/// The known_peers file of the config directory.
-fn known_peers_path() -> anyhow::Result<PathBuf> {
-    Ok(config_dir()?.join(qpunch::known_peers::FILE))
-}
-
-/// Resolve `HOST`, `HOST:PORT`, `IP`, `[IPv6]:PORT` (`default_port` when none is given)
-/// into the name as typed (plus the port) and a socket address.
-async fn resolve_host(
-    to: &str,
-    default_port: u16,
-) -> anyhow::Result<(String, std::net::SocketAddr)> {
-    use anyhow::Context;
-    use std::net::{IpAddr, SocketAddr};
-    if let Ok(addr) = to.parse::<SocketAddr>() {
-        return Ok((addr.to_string(), addr));
-    }
-    let bare = to.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        let addr = SocketAddr::new(ip, default_port);
-        return Ok((addr.to_string(), addr));
-    }
-    let name = match to.rsplit_once(':') {
-        Some((_, port)) if port.parse::<u16>().is_ok() => to.to_string(),
-        _ => format!("{to}:{default_port}"),
-    };
-    let addr = tokio::net::lookup_host(&name)
-        .await
-        .with_context(|| format!("cannot resolve {name}"))?
-        .next()
-        .with_context(|| format!("{name} has no address"))?;
-    Ok((name, addr))
-}
-
-/// A socket on `port` of every address, IPv6 and IPv4 (dual-stack `[::]`), or IPv4 only
-/// where the system has no IPv6: a meeting offers every family it can.
-fn bind_dual_stack(port: u16) -> anyhow::Result<std::net::UdpSocket> {
-    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-    qpunch::socket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
-        .or_else(|_| qpunch::socket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))
-        .map_err(Into::into)
 }
 
 /// Parse a duration like `10s`, `500ms` or a plain number of seconds.

@@ -24,13 +24,14 @@ pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             super::meet::ENV
         );
     };
-    let socket = super::bind_dual_stack(0)?;
+    let socket = qpunch::share::bind_dual_stack(0)?;
     let identity = qpunch::identity::Identity::generate()?;
     let node = Node::new(
         socket,
         NodeConfig::new(identity, qpunch::transfer::ALPN, false),
     )?;
-    let (_, addr) = super::resolve_host(&rendezvous, qpunch::rendezvous::DEFAULT_PORT).await?;
+    let (_, addr) =
+        qpunch::share::resolve_host(&rendezvous, qpunch::rendezvous::DEFAULT_PORT).await?;
     let client = match qpunch::rendezvous::RendezvousClient::connect(&node, addr).await {
         Ok(client) => client,
         Err(e) => {

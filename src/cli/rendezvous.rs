@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
+use qpunch::addr::canonical;
 use qpunch::rendezvous::{self, Rendezvous, RendezvousConfig, RendezvousEvents};
 
 use super::load_identity;
@@ -21,7 +22,7 @@ pub struct RendezvousArgs {
 }
 
 pub async fn run(args: RendezvousArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
-    let bind = super::receive::bind_addr(&args.bind, args.port)?;
+    let bind = super::common::bind_addr(&args.bind, args.port)?;
     let identity = load_identity(&ui)?;
     let events = Arc::new(Pairings { ui: ui.clone() });
     let serve = |addr| {
@@ -120,13 +121,9 @@ impl RendezvousEvents for Pairings {
     }
 }
 
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
 /// Addresses to tell peers (every interface's, for a wildcard bind).
 fn reachable(local: SocketAddr) -> Vec<String> {
-    super::receive::reachable_addrs(local)
+    qpunch::share::reachable_addrs(local)
         .into_iter()
         .map(|a| a.to_string())
         .collect()

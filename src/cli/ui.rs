@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qpunch::identity::Fingerprint;
+use qpunch::share::consent::Summary;
 use qpunch::text::terminal;
 use qpunch::transfer::names::display_safe;
 use qpunch::transfer::{Consent, FileOffer, FileReport, Observer, Outcome};
@@ -534,48 +535,24 @@ impl TerminalConsent {
 impl Consent for TerminalConsent {
     fn decide(&self, sender: Fingerprint, files: &[FileOffer]) -> Vec<bool> {
         let _one_at_a_time = self.ui.prompt.lock().unwrap_or_else(|e| e.into_inner());
-        // The receiver refuses offers larger than its free space before asking, but a
-        // sum of peer-chosen sizes is never trusted not to wrap.
-        let total = files.iter().fold(0u64, |sum, f| sum.saturating_add(f.size));
-        // What a person can take in: the top-level names (a folder counts once, with
-        // how many files and bytes it holds), the largest first.
-        let mut top: Vec<(String, u64, u64)> = Vec::new();
-        let mut index: HashMap<String, usize> = HashMap::new();
-        for f in files {
-            let (name, folder) = match f.dir.first() {
-                Some(folder) => (format!("{}/", display_safe(folder)), true),
-                None => (display_safe(&f.name), false),
-            };
-            let slot = *index
-                .entry(if folder {
-                    name.clone()
-                } else {
-                    format!("\0{}", f.id)
-                })
-                .or_insert_with(|| {
-                    top.push((name, 0, 0));
-                    top.len() - 1
-                });
-            top[slot].1 += 1;
-            top[slot].2 = top[slot].2.saturating_add(f.size);
-        }
-        top.sort_by_key(|t| std::cmp::Reverse(t.2));
+        let summary = Summary::new(sender, files);
         let answer = self.ui.multi.suspend(|| {
             eprintln!(
                 "\n{sender} wants to send you {} file(s), {} in all:",
-                files.len(),
-                HumanBytes(total)
+                summary.files,
+                HumanBytes(summary.bytes)
             );
             const SHOWN: usize = 20;
-            for (name, count, bytes) in top.iter().take(SHOWN) {
-                if name.ends_with('/') {
-                    eprintln!("  {name}  ({count} file(s), {})", HumanBytes(*bytes));
+            for item in summary.items.iter().take(SHOWN) {
+                let (name, bytes) = (&item.name, HumanBytes(item.bytes));
+                if item.is_folder() {
+                    eprintln!("  {name}  ({} file(s), {bytes})", item.files);
                 } else {
-                    eprintln!("  {name}  ({})", HumanBytes(*bytes));
+                    eprintln!("  {name}  ({bytes})");
                 }
             }
-            if top.len() > SHOWN {
-                eprintln!("  ... and {} more", top.len() - SHOWN);
+            if summary.items.len() > SHOWN {
+                eprintln!("  ... and {} more", summary.items.len() - SHOWN);
             }
             eprint!("Accept? [y/N] ");
             let _ = std::io::stderr().flush();

@@ -1,0 +1,107 @@
+//! Meeting by code through a rendezvous: connecting to it with a NAT check, and the
+//! meeting's progress as [`Event`]s.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Event, Events, ShareError, canonical, resolve_host};
+use crate::meet::MeetEvents;
+use crate::meet::code::{Code, Nameplate};
+use crate::meet::pake::Hello;
+use crate::natcheck::{self, Mapping, NatReport};
+use crate::node::Node;
+use crate::rendezvous::{self, RendezvousClient};
+use crate::traverse::Path;
+
+/// Connect `node` to the rendezvous `name` (HOST or HOST:PORT) and check our NAT's
+/// mapping through it (the filtering test would cost a second, and only the mapping
+/// decides how to punch); the [`Event::Nat`] is emitted.
+pub(super) async fn connect(
+    events: &dyn Events,
+    node: &Node,
+    name: &str,
+) -> Result<(RendezvousClient, NatReport), ShareError> {
+    let (_, addr) = resolve_host(name, rendezvous::DEFAULT_PORT).await?;
+    let client = RendezvousClient::connect(node, addr)
+        .await
+        .map_err(|source| ShareError::Rendezvous {
+            name: name.to_string(),
+            source,
+        })?;
+    let report = natcheck::check_mapping(node, &client)
+        .await
+        .map_err(|source| ShareError::NatCheck {
+            name: name.to_string(),
+            source,
+        })?;
+    events.event(Event::Nat(report.clone()));
+    Ok((client, report))
+}
+
+/// A receiver's announcement of each new code.
+pub(super) type Announce = Box<dyn Fn(&Code, Duration) + Send + Sync>;
+
+/// A meeting's [`MeetEvents`] as [`Event`]s.
+pub(super) struct Meeting {
+    pub(super) events: Arc<dyn Events>,
+    /// Receiver: how to announce each new code.
+    pub(super) announce: Option<Announce>,
+    /// The nameplate of the pairing in progress, completed by the peer's hello into one
+    /// `Matched` event.
+    pairing: Mutex<Option<String>>,
+}
+
+impl Meeting {
+    pub(super) fn new(events: Arc<dyn Events>, announce: Option<Announce>) -> Self {
+        Meeting {
+            events,
+            announce,
+            pairing: Mutex::new(None),
+        }
+    }
+}
+
+impl MeetEvents for Meeting {
+    fn code(&self, code: &Code, expires: Duration) {
+        if let Some(announce) = &self.announce {
+            announce(code, expires);
+        }
+    }
+
+    fn paired(&self, nameplate: &Nameplate) {
+        let nameplate = nameplate.to_string();
+        *self.pairing.lock().unwrap_or_else(|e| e.into_inner()) = Some(nameplate.clone());
+        self.events.event(Event::Pairing { nameplate });
+    }
+
+    fn hello(&self, hello: &Hello) {
+        let nameplate = self
+            .pairing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        // The peer's public address is its last candidate (the one the rendezvous saw,
+        // sealed by the peer itself).
+        let peer = hello
+            .candidates
+            .last()
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |&c| canonical(c));
+        self.events.event(Event::Matched {
+            nameplate,
+            peer,
+            candidates: hello.candidates.clone(),
+            peer_nat: Mapping::from_token(&hello.nat),
+        });
+    }
+
+    fn punched(&self, path: &Path, method: &'static str) {
+        self.events.event(Event::PathFound {
+            peer: path.peer,
+            reflexive: path.reflexive,
+            rtt: path.rtt,
+            method,
+        });
+    }
+}
