@@ -211,3 +211,66 @@ fn a_wrong_code_is_refused_on_both_sides_and_burns_the_code() {
     assert_eq!(list_dir(out.path()), names(&["coded.bin"]));
     receiver.interrupt(SHORT);
 }
+
+/// However many wrong codes come, a receiver gives away at most five guesses an hour: after
+/// the fifth sender that paired without knowing the code it opens no new code, says for
+/// how long, and has left the rendezvous (nothing waits there for a sixth guess).
+#[test]
+fn five_wrong_codes_pause_the_receiver_for_the_hour() {
+    let (rvhome, rhome, shome) = (Home::new(), Home::new(), Home::new());
+    let port = free_port_pair();
+    let _rv = rendezvous(&rvhome, port);
+    let via = format!("127.0.0.1:{port}");
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("guess.bin");
+    random_file(&file, 1000, 17);
+    let (mut receiver, mut code) = receive_by_code(&rhome, out.path(), &via, &[]);
+    for guess in 1..=5 {
+        let wrong = wrong_code(&code.parse().expect("the receiver's code")).to_string();
+        send_code(&shome, &file, &wrong, &via).assert_failure();
+        receiver.wait_event("error", SHORT);
+        if guess < 5 {
+            code = next_code(&mut receiver);
+        }
+    }
+    let paused = receiver.wait_event("codes_paused", SHORT);
+    assert_eq!(paused["guesses"], 5, "{paused}");
+    assert_eq!(paused["window_secs"], 3600, "{paused}");
+    let resume = paused["resume_in_secs"].as_u64().unwrap();
+    assert!((3500..=3600).contains(&resume), "{paused}");
+    assert!(list_dir(out.path()).is_empty());
+    let finished = receiver.interrupt(SHORT);
+    let codes: Vec<_> = (finished.all("listening").into_iter())
+        .filter_map(|l| l["code"].as_str())
+        .collect();
+    assert_eq!(codes.len(), 5, "no sixth code: {codes:?}");
+}
+
+/// A fixed code used again from the same home is warned about (guesses at it add up across
+/// runs); a fresh one is not.
+#[test]
+fn a_fixed_code_used_again_is_warned_about() {
+    let (rvhome, rhome) = (Home::new(), Home::new());
+    let port = free_port_pair();
+    let _rv = rendezvous(&rvhome, port);
+    let via = format!("127.0.0.1:{port}");
+    let out = tempdir();
+    let chosen = "4545-crossover-clockwork";
+    let reused = "used before on this machine";
+    let warned = |finished: &Finished| {
+        finished
+            .all("warning")
+            .iter()
+            .any(|w| w["message"].as_str().unwrap_or_default().contains(reused))
+    };
+    let (first, _) = receive_by_code(&rhome, out.path(), &via, &["--yes", "--code", chosen]);
+    let first = first.interrupt(SHORT);
+    assert!(!warned(&first), "a first use is not warned about");
+    let (second, _) = receive_by_code(&rhome, out.path(), &via, &["--yes", "--code", chosen]);
+    let second = second.interrupt(SHORT);
+    assert!(
+        warned(&second),
+        "the second use is warned about: {:?}",
+        second.events
+    );
+}

@@ -210,6 +210,24 @@ impl share::Events for Render {
                 fingerprint,
                 &out_dir,
             ),
+            E::CodesPaused {
+                guesses,
+                window,
+                resume_in,
+            } => ui.event(
+                Event::CodesPaused {
+                    guesses,
+                    window_secs: window.as_secs(),
+                    resume_in_secs: resume_in.as_secs(),
+                },
+                Some(format!(
+                    "{guesses} senders paired on our codes in the last {} min without knowing \
+                     them: no new code for {} min, so a guesser gets at most {guesses} tries \
+                     an hour",
+                    window.as_secs() / 60,
+                    resume_in.as_secs().div_ceil(60)
+                )),
+            ),
             E::CodeExpired => ui.event(
                 Event::CodeExpired,
                 Some("the code expired unused; here is a new one".into()),

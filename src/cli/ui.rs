@@ -56,6 +56,13 @@ pub enum Event {
     },
     /// A one-time code expired unused (a new `listening` event brings the next one).
     CodeExpired,
+    /// Senders that did not know our codes had `guesses` tries in the last `window_secs`:
+    /// no new code for `resume_in_secs` (a `listening` event brings it).
+    CodesPaused {
+        guesses: usize,
+        window_secs: u64,
+        resume_in_secs: u64,
+    },
     /// A rendezvous paired two peers.
     Pairing {
         nameplate: String,

@@ -169,6 +169,18 @@ pub enum Event {
     },
     /// Receiver: the code expired unused; a new `Code` follows.
     CodeExpired,
+    /// Receiver: this many senders paired on our codes in the last `window` without
+    /// knowing them (each had one guess): no new code for `resume_in`, so that guessers,
+    /// however many addresses they use, get at most [`crate::meet::guesses::MAX_GUESSES`]
+    /// tries in any `window`.
+    CodesPaused {
+        /// Guesses given away in the window.
+        guesses: usize,
+        /// The window.
+        window: Duration,
+        /// How long until a new code.
+        resume_in: Duration,
+    },
     /// Receiver: `sender` at `remote` proved the LAN code `code`.
     CodeUsed {
         /// Its key (it now holds a ticket).

@@ -50,6 +50,8 @@ pub(super) struct Meeting {
     /// The nameplate of the pairing in progress, completed by the peer's hello into one
     /// `Matched` event.
     pairing: Mutex<Option<String>>,
+    /// A pairing was made and its peer's hello has not (yet) opened under our keys.
+    unproven: std::sync::atomic::AtomicBool,
 }
 
 impl Meeting {
@@ -58,7 +60,15 @@ impl Meeting {
             events,
             announce,
             pairing: Mutex::new(None),
+            unproven: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the last pairing ended without its peer proving the code (its hello never
+    /// opened): then it was given a guess. Resets for the next pairing.
+    pub(super) fn take_unproven_pairing(&self) -> bool {
+        self.unproven
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -70,12 +80,16 @@ impl MeetEvents for Meeting {
     }
 
     fn paired(&self, nameplate: &Nameplate) {
+        self.unproven
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let nameplate = nameplate.to_string();
         *self.pairing.lock().unwrap_or_else(|e| e.into_inner()) = Some(nameplate.clone());
         self.events.event(Event::Pairing { nameplate });
     }
 
     fn hello(&self, hello: &Hello) {
+        self.unproven
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let nameplate = self
             .pairing
             .lock()

@@ -11,6 +11,7 @@ use super::consent::Accept;
 use super::events::FileEvents;
 use super::{DEFAULT_PORT, Event, Events, Share, ShareError, canonical, meeting, net};
 use crate::meet::code::Code;
+use crate::meet::guesses::{self, GuessBudget};
 use crate::meet::lan::{self, Desk, Door, Lan, Outcome};
 use crate::meet::{MeetConfig, MeetError, Meeting};
 use crate::node::{self, Congestion, Node, NodeConfig, NodeError, PeerConnection};
@@ -108,6 +109,9 @@ impl Share {
         stop: impl Future<Output = ()>,
     ) -> Result<bool, ShareError> {
         let policy = config.policy()?;
+        if let Some(code) = &config.code {
+            warn_if_reused(self.events.as_ref(), &code.to_string());
+        }
         let lan_codes = config.lan_codes();
         let socket = match config.bind {
             Some(bind) => crate::socket::bind(bind)?,
@@ -199,6 +203,7 @@ impl Share {
                 once: config.once,
                 limits: config.limits,
                 side_stopped,
+                guesses: GuessBudget::default(),
             };
             tokio::spawn(serving.run())
         });
@@ -306,6 +311,22 @@ fn announce_code(
     }
 }
 
+/// A fixed code is remembered (salted) in the qpunch home; one used before gets a warning:
+/// the guess bound holds per run, so a code reused across runs gives guessers more tries.
+fn warn_if_reused(events: &dyn Events, code: &str) {
+    let Ok(home) = crate::home::dir() else { return };
+    match crate::home::note_fixed_code(&home, code) {
+        Ok(true) => events.event(Event::Warning(
+            "this code was used before on this machine: every pairing on a code gives its \
+             joiner one guess at it, so reusing a code across runs adds up the guesses; \
+             leave --code out for a fresh one"
+                .into(),
+        )),
+        Ok(false) => {}
+        Err(e) => tracing::debug!("cannot remember the fixed code: {e}"),
+    }
+}
+
 /// Meeting senders by one-time code: a code at a time, each announced, until stopped.
 struct Codes {
     events: Arc<dyn Events>,
@@ -318,6 +339,17 @@ struct Codes {
     once: bool,
     limits: Limits,
     side_stopped: tokio::sync::watch::Receiver<bool>,
+    /// Guesses at our codes given away lately (see [`crate::meet::guesses`]): kept across
+    /// reconnections to the rendezvous.
+    guesses: GuessBudget,
+}
+
+/// How serving codes through one rendezvous connection ended.
+enum CodesEnded {
+    /// A meeting ended `once`.
+    Done,
+    /// The guess budget is spent: no new code for this long.
+    Pause(Duration),
 }
 
 impl Codes {
@@ -325,7 +357,19 @@ impl Codes {
         let mut delay = Duration::from_secs(1);
         loop {
             let error = match self.serve().await {
-                Ok(()) => return,
+                Ok(CodesEnded::Done) => return,
+                Ok(CodesEnded::Pause(pause)) => {
+                    self.events.event(Event::CodesPaused {
+                        guesses: self.guesses.spent(std::time::Instant::now()),
+                        window: guesses::WINDOW,
+                        resume_in: pause,
+                    });
+                    // Off the rendezvous meanwhile: an idle connection would only be
+                    // evicted, and nothing is open for anyone to guess at.
+                    tokio::time::sleep(pause).await;
+                    delay = Duration::from_secs(1);
+                    continue;
+                }
                 Err(e) => super::describe(&e),
             };
             // The rendezvous went away (restarted, network change): try again, slower.
@@ -339,8 +383,12 @@ impl Codes {
         }
     }
 
-    /// Connect to the rendezvous and serve codes until a meeting ends `once`.
-    async fn serve(&mut self) -> Result<(), ShareError> {
+    /// Connect to the rendezvous and serve codes until a meeting ends `once`, or until the
+    /// guess budget is spent.
+    async fn serve(&mut self) -> Result<CodesEnded, ShareError> {
+        if let Some(pause) = self.guesses.wait(std::time::Instant::now()) {
+            return Ok(CodesEnded::Pause(pause));
+        }
         let (client, report) =
             meeting::connect(self.events.as_ref(), &self.node, &self.rendezvous).await?;
         let (events, node, out, via) = (
@@ -368,14 +416,23 @@ impl Codes {
         // ticket rather than be refused.
         let _expecting = self.receiver.expect_tickets();
         loop {
+            if let Some(pause) = self.guesses.wait(std::time::Instant::now()) {
+                return Ok(CodesEnded::Pause(pause));
+            }
             let chosen = self.first.take();
-            match meeting.welcome(chosen.as_ref(), self.ttl, &admit).await {
+            let result = meeting.welcome(chosen.as_ref(), self.ttl, &admit).await;
+            // A pairing whose peer never proved the code gave it one guess, however the
+            // meeting ended (a wrong code, a peer that gave up or vanished).
+            if meeting_events.take_unproven_pairing() {
+                self.guesses.spend(std::time::Instant::now());
+            }
+            match result {
                 Ok(welcomed) => {
                     if let Some(side) = welcomed.node {
                         self.serve_side_node(side);
                     }
                     if self.once {
-                        return Ok(());
+                        return Ok(CodesEnded::Done);
                     }
                 }
                 Err(MeetError::Rendezvous(ClientError::Refused {
