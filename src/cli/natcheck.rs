@@ -40,7 +40,10 @@ pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
             return Ok(false);
         }
     };
-    let report = qpunch::natcheck::check(&node, &client).await?;
+    // Only addresses its name resolves to (or next to the one we reached) are probed as
+    // the rendezvous's own: it is untrusted, and names the targets.
+    let known = qpunch::share::resolve_all(&rendezvous, qpunch::rendezvous::DEFAULT_PORT).await;
+    let report = qpunch::natcheck::check_known(&node, &client, &known).await?;
     super::meet::report_nat(&ui, &report, true);
     node.close(qpunch::node::QUICK_LINGER).await;
     Ok(report.udp)

@@ -8,8 +8,8 @@
 //! vanishes. A rendezvous cannot bound this (a guesser has many addresses, and thousands of
 //! honest users share one behind a carrier-grade NAT), so the receiver does: once the
 //! budget is spent it opens no new code until the oldest guess leaves the window, and says
-//! so. With the words' 16 bits that is a chance of at most 5 in 65,536 an hour: about 1.5
-//! years of continuous guessing for even odds.
+//! so. With the words' 16 bits that is a chance of at most 5 in 65,536 an hour: about a
+//! year of continuous guessing for even odds (ln 2 x 65,536 / 5 = ~9,100 hours).
 //!
 //! Sans-IO: time comes in as `now`.
 

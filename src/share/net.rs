@@ -8,6 +8,27 @@ use super::ShareError;
 /// The UDP port a receiver listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 9199;
 
+/// Every address `to` (`HOST`, `HOST:PORT` or an IP) resolves to, for vouching that an
+/// address a server announces is really its own (see [`crate::natcheck::check_known`]).
+/// Empty when the name does not resolve.
+pub async fn resolve_all(to: &str, default_port: u16) -> Vec<IpAddr> {
+    let bare = to.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(addr) = to.parse::<SocketAddr>() {
+        return vec![addr.ip()];
+    }
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return vec![ip];
+    }
+    let name = match to.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => to.to_string(),
+        _ => format!("{to}:{default_port}"),
+    };
+    match tokio::net::lookup_host(name.as_str()).await {
+        Ok(addrs) => addrs.map(|a| a.ip()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Resolve `HOST`, `HOST:PORT`, `IP`, `[IPv6]:PORT` (`default_port` when none is given)
 /// into the name as typed (plus the port: the key known_peers remembers) and an address.
 pub async fn resolve_host(to: &str, default_port: u16) -> Result<(String, SocketAddr), ShareError> {
