@@ -22,19 +22,14 @@ fn node(accept: bool) -> Node {
 }
 
 async fn write_frame<T: serde::Serialize>(send: &mut quinn::SendStream, value: &T) {
-    let body = serde_json::to_vec(value).unwrap();
-    send.write_all(&(body.len() as u32).to_be_bytes())
-        .await
-        .unwrap();
-    send.write_all(&body).await.unwrap();
+    qpunch::frame::write(send, value).await.unwrap();
 }
 
 async fn read_frame<T: serde::de::DeserializeOwned>(recv: &mut quinn::RecvStream) -> T {
-    let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await.unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    recv.read_exact(&mut body).await.unwrap();
-    serde_json::from_slice(&body).unwrap()
+    qpunch::frame::read(recv, 64 << 20)
+        .await
+        .unwrap()
+        .expect("a frame before the stream ends")
 }
 
 /// Offer one file (id 0) by hand and check it is accepted. The control stream is

@@ -1,7 +1,6 @@
 //! What `receive`, `send` and `nat-check` share about rendezvous: which one to use, and
 //! the NAT check's report.
 
-use anyhow::Context;
 use qpunch::natcheck::NatReport;
 
 use super::ui::{Event, Ui};
@@ -18,19 +17,8 @@ pub fn rendezvous_name(via: Option<&str>) -> anyhow::Result<Option<String>> {
     if let Some(env) = std::env::var_os(ENV).filter(|v| !v.is_empty()) {
         return Ok(Some(env.to_string_lossy().into_owned()));
     }
-    let path = qpunch::identity::config_dir()?.join("config.toml");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let config: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-    match config.get("rendezvous") {
-        None => Ok(None),
-        Some(toml::Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => anyhow::bail!("{}: `rendezvous` must be a string", path.display()),
-    }
+    let home = qpunch::home::dir()?;
+    Ok(qpunch::home::Config::load(&home)?.rendezvous)
 }
 
 /// The `nat` event; the human line is short unless `detailed` (`qpunch nat-check`).

@@ -90,15 +90,17 @@ pub async fn connect_as(
     Ok(Peer { endpoint, conn })
 }
 
-/// Write one frame: 4-byte big-endian length, then the JSON of `value`.
+/// Write one frame as qpunch does ([`qpunch::frame`]: a 4-byte big-endian length, then
+/// the JSON of `value`).
 pub async fn write_frame<T: serde::Serialize>(
     send: &mut quinn::SendStream,
     value: &T,
-) -> Result<(), quinn::WriteError> {
-    write_raw_frame(send, &serde_json::to_vec(value).expect("serialize")).await
+) -> Result<(), qpunch::frame::FrameError> {
+    qpunch::frame::write(send, value).await
 }
 
-/// Write one frame around bytes that need not be valid JSON.
+/// Write one frame around bytes that need not be valid JSON (what only a hostile peer
+/// sends, so qpunch's own framing cannot produce it).
 pub async fn write_raw_frame(
     send: &mut quinn::SendStream,
     body: &[u8],
@@ -107,23 +109,15 @@ pub async fn write_raw_frame(
     send.write_all(body).await
 }
 
-/// Read one frame (at most 64 MiB) and parse it.
+/// Read one frame (at most 64 MiB) and parse it ([`qpunch::frame::read`]).
 pub async fn read_frame<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<T, String> {
-    let mut len = [0u8; 4];
-    recv.read_exact(&mut len)
-        .await
-        .map_err(|e| format!("frame length: {e}"))?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > 64 << 20 {
-        return Err(format!("frame of {len} bytes"));
+    match qpunch::frame::read(recv, 64 << 20).await {
+        Ok(Some(value)) => Ok(value),
+        Ok(None) => Err("the stream ended before a frame".into()),
+        Err(e) => Err(format!("frame: {e}")),
     }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| format!("frame body: {e}"))?;
-    serde_json::from_slice(&body).map_err(|e| format!("frame JSON: {e}"))
 }
 
 /// A hostile sender's control stream, once its manifest went out.
