@@ -14,7 +14,8 @@
 //!    [`frame`] (length-prefixed JSON messages on QUIC streams), [`identity`] (who a peer
 //!    is) and [`congestion`] (the choice of controller).
 //! 3. [`traverse`] (simultaneous punching between two NATed peers, sans-IO), [`socket`] (the
-//!    one UDP socket, shared by probes and QUIC after hand-over), [`tls`] and
+//!    one UDP socket, shared by probes and QUIC after hand-over), [`path`] (the kinds of path
+//!    and the pure chooser among them, the first brick of the path layer), [`tls`] and
 //!    [`known_peers`] (pinning a peer's identity).
 //! 4. [`driver`]: the tokio loop that runs the state machines on a socket.
 //! 5. [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
@@ -59,6 +60,7 @@ pub mod meet;
 pub mod nat;
 pub mod natcheck;
 pub mod node;
+pub mod path;
 pub mod punch;
 pub mod ratelimit;
 pub mod rendezvous;

@@ -24,7 +24,7 @@ const LAYERS: &[&[&str]] = &[
         "nat",
     ],
     &["punch", "frame", "identity", "congestion"],
-    &["traverse", "socket", "tls", "known_peers"],
+    &["traverse", "socket", "path", "tls", "known_peers"],
     &["driver"],
     &["node"],
     &["server"],
