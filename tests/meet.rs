@@ -135,7 +135,11 @@ async fn two_peers_meet_by_code_and_a_file_arrives_verified() {
         rnode.fingerprint(),
         "pinned to the receiver"
     );
-    assert_eq!(met.method, "lan", "loopback is our own network");
+    assert_eq!(
+        met.method,
+        qpunch::path::PathKind::Lan,
+        "loopback is our own network"
+    );
     let welcomed = welcoming.await.unwrap().expect("welcomed");
     assert_eq!(welcomed.sender, snode.fingerprint());
     assert_eq!(rv.waiting(), 0, "the nameplate is used up");

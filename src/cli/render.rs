@@ -155,7 +155,7 @@ impl share::Events for Render {
                 ui.event(
                     Event::Punched {
                         peer: peer.to_string(),
-                        method,
+                        method: method.as_str(),
                         local_addr: String::new(),
                         reflexive_addr: Some(reflexive.to_string()),
                         rtt_ms,
@@ -172,7 +172,7 @@ impl share::Events for Render {
                 path,
                 local,
             } => {
-                report_connected(ui, peer, fingerprint, path, local);
+                report_connected(ui, peer, fingerprint, path.as_str(), local);
                 self.connected(conn, fingerprint);
             }
             E::File { conn, event } => {

@@ -41,6 +41,7 @@ use crate::driver::{self, DriveError, Update};
 use crate::identity::Fingerprint;
 use crate::nat::Mapping;
 use crate::node::{Node, NodeConfig, NodeError, PeerConnection};
+use crate::path::PathKind;
 use crate::rendezvous::{ClientError, Exchange, Paired, RendezvousClient};
 use crate::traverse::{Birthday, Kind, Path, Traversal};
 
@@ -58,7 +59,7 @@ pub trait MeetEvents: Send + Sync {
     /// The peer's sealed hello opened: its addresses and NAT behaviour are known.
     fn hello(&self, _hello: &Hello) {}
     /// A path was found.
-    fn punched(&self, _path: &Path, _method: &'static str) {}
+    fn punched(&self, _path: &Path, _kind: PathKind) {}
 }
 
 /// [`MeetEvents`] that ignores everything.
@@ -108,8 +109,8 @@ pub struct Met {
     pub peer: PeerConnection,
     /// The path that carried a probe and its reply.
     pub path: Path,
-    /// How it was found: `direct`, `lan` or `birthday`.
-    pub method: &'static str,
+    /// How it was found: direct, on the LAN or by the birthday technique.
+    pub method: PathKind,
     /// The peer's hello.
     pub hello: Hello,
     /// When the birthday technique won on this side, the node on the winning socket:
@@ -126,8 +127,8 @@ pub struct Welcomed {
     pub sender: Fingerprint,
     /// The path our probes proved.
     pub path: Path,
-    /// How it was found: `direct`, `lan` or `birthday`.
-    pub method: &'static str,
+    /// How it was found: direct, on the LAN or by the birthday technique.
+    pub method: PathKind,
     /// When the birthday technique won on this side: the node on the winning socket,
     /// which must accept the sender's connection (serve it like the main node).
     pub node: Option<Arc<Node>>,
@@ -244,7 +245,7 @@ async fn finish(exchange: Exchange, failed: bool) {
 /// What [`meet`] found.
 struct Found {
     path: Path,
-    method: &'static str,
+    method: PathKind,
     hello: Hello,
     node: Option<Arc<Node>>,
 }
@@ -372,13 +373,13 @@ impl Meeting<'_> {
                     ..node.config().clone()
                 };
                 let side = Arc::new(Node::new(socket, config)?);
-                ("birthday", Some(side))
+                (PathKind::Birthday, Some(side))
             }
-            None if path.kind == Kind::Birthday => ("birthday", None),
+            None if path.kind == Kind::Birthday => (PathKind::Birthday, None),
             // Judged by the address that answered (a candidate first probed as the peer's
             // public address may turn out to be on our own network).
-            None if candidates::kind_of(path.peer, &ifaces) == Kind::Lan => ("lan", None),
-            None => ("direct", None),
+            None if candidates::kind_of(path.peer, &ifaces) == Kind::Lan => (PathKind::Lan, None),
+            None => (PathKind::Direct, None),
         };
         // Our probes found the path; the peer's may not have yet (it may not have been
         // listening when ours arrived). Keep showing it the way for a few seconds.

@@ -13,6 +13,7 @@ use crate::identity::Fingerprint;
 use crate::meet::code::Code;
 use crate::meet::lan::LanStats;
 use crate::natcheck::{Mapping, NatReport};
+use crate::path::PathKind;
 use crate::punch::Punched;
 use crate::server::ServerStats;
 use crate::socket::SocketStats;
@@ -115,7 +116,7 @@ pub enum Event {
         /// Round-trip time of the probe.
         rtt: Duration,
         /// `direct`, `lan` or `birthday`.
-        method: &'static str,
+        method: PathKind,
     },
     /// An authenticated QUIC connection is up. `conn` names it in later events.
     Connected {
@@ -125,8 +126,8 @@ pub enum Event {
         peer: SocketAddr,
         /// The key it proved.
         fingerprint: Fingerprint,
-        /// `direct` or `lan`.
-        path: &'static str,
+        /// [`PathKind::Direct`] or [`PathKind::Lan`] (a birthday path is direct).
+        path: PathKind,
         /// Our socket's address.
         local: SocketAddr,
     },

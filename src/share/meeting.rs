@@ -11,6 +11,7 @@ use crate::meet::code::{Code, Nameplate};
 use crate::meet::pake::Hello;
 use crate::natcheck::{self, Mapping, NatReport};
 use crate::node::Node;
+use crate::path::PathKind;
 use crate::rendezvous::{self, RendezvousClient};
 use crate::traverse::Path;
 
@@ -110,7 +111,7 @@ impl MeetEvents for Meeting {
         });
     }
 
-    fn punched(&self, path: &Path, method: &'static str) {
+    fn punched(&self, path: &Path, method: PathKind) {
         self.events.event(Event::PathFound {
             peer: path.peer,
             reflexive: path.reflexive,

@@ -87,12 +87,12 @@ pub fn reachable_addrs(local: SocketAddr) -> Vec<SocketAddr> {
     addrs
 }
 
-/// `lan` when `remote` is on one of our interfaces' networks, else `direct`.
-pub(super) fn path_to(remote: SocketAddr) -> &'static str {
+/// [`PathKind::Lan`] when `remote` is on one of our interfaces' networks, else direct.
+pub(super) fn path_to(remote: SocketAddr) -> crate::path::PathKind {
     let ifaces = crate::meet::candidates::interfaces();
     match crate::meet::candidates::kind_of(remote, &ifaces) {
-        crate::traverse::Kind::Lan => "lan",
-        _ => "direct",
+        crate::traverse::Kind::Lan => crate::path::PathKind::Lan,
+        _ => crate::path::PathKind::Direct,
     }
 }
 

@@ -14,6 +14,7 @@ use crate::known_peers::KnownPeers;
 use crate::meet::code::Code;
 use crate::meet::lan::{self, Lan};
 use crate::node::{self, Congestion, Node, NodeConfig, NodeError, PeerConnection};
+use crate::path::PathKind;
 use crate::punch::{Method, PunchConfig};
 use crate::transfer::tree::TreeCache;
 use crate::transfer::{self, FileReport, Selection, TransferError};
@@ -210,7 +211,7 @@ impl Share {
             Err(TrustError::KnownPeers(e)) => return Err(e.into()),
             Err(refused) => return Err(ShareError::Trust(refused)),
         }
-        self.connected(&node, &peer, "direct")?;
+        self.connected(&node, &peer, PathKind::Direct)?;
         let to = canonical(punched.peer);
         self.deliver(&node, &peer, files, config, to, cancel).await
     }
@@ -250,7 +251,11 @@ impl Share {
         // The rendezvous connection ends by itself once our last message there is delivered.
         drop(client);
         let sending = met.node.clone().unwrap_or_else(|| node.clone());
-        let path = if met.method == "lan" { "lan" } else { "direct" };
+        let path = if met.method == PathKind::Lan {
+            PathKind::Lan
+        } else {
+            PathKind::Direct
+        };
         self.connected(&sending, &met.peer, path)?;
         let to = canonical(met.peer.connection.remote_address());
         let delivered = self
@@ -293,7 +298,7 @@ impl Share {
             nameplate: code.nameplate().to_string(),
             addrs: dialed.sightings.addrs().to_vec(),
         });
-        self.connected(&node, &dialed.peer, "lan")?;
+        self.connected(&node, &dialed.peer, PathKind::Lan)?;
         let to = canonical(dialed.peer.connection.remote_address());
         self.deliver(&node, &dialed.peer, files, config, to, cancel)
             .await
@@ -303,7 +308,7 @@ impl Share {
         &self,
         node: &Node,
         peer: &PeerConnection,
-        path: &'static str,
+        path: PathKind,
     ) -> Result<(), ShareError> {
         self.emit(Event::Connected {
             conn: peer.connection.stable_id(),
