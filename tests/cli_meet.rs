@@ -274,3 +274,26 @@ fn a_fixed_code_used_again_is_warned_about() {
         second.events
     );
 }
+
+/// A rendezvous that restarts while a receiver waits on a code loses nothing that matters:
+/// the receiver reconnects and registers the same code again, and the code the user already
+/// passed on still works.
+#[test]
+fn a_waiting_code_survives_a_rendezvous_restart() {
+    let (rvhome, rhome, shome) = (Home::new(), Home::new(), Home::new());
+    let port = free_port_pair();
+    let first = rendezvous(&rvhome, port);
+    let via = format!("127.0.0.1:{port}");
+    let (src, out) = (tempdir(), tempdir());
+    let file = src.path().join("restart.bin");
+    random_file(&file, 5000, 19);
+    let (mut receiver, code) = receive_by_code(&rhome, out.path(), &via, &[]);
+    first.interrupt(SHORT);
+    let _second = rendezvous(&rvhome, port);
+    let again = next_code(&mut receiver);
+    assert_eq!(again, code, "the same code, registered again");
+    let sent = send_code(&shome, &file, &code, &via);
+    sent.assert_success();
+    assert_eq!(list_dir(out.path()), names(&["restart.bin"]));
+    receiver.interrupt(SHORT);
+}

@@ -53,6 +53,9 @@ pub(super) struct Meeting {
     pairing: Mutex<Option<String>>,
     /// A pairing was made and its peer's hello has not (yet) opened under our keys.
     unproven: std::sync::atomic::AtomicBool,
+    /// The last code announced, until a pairing spends it: what a receiver re-registers
+    /// when its rendezvous restarts.
+    unspent: Mutex<Option<Code>>,
 }
 
 impl Meeting {
@@ -62,7 +65,16 @@ impl Meeting {
             announce,
             pairing: Mutex::new(None),
             unproven: std::sync::atomic::AtomicBool::new(false),
+            unspent: Mutex::new(None),
         }
+    }
+
+    /// The code announced last, if no pairing has spent it yet (cleared by the call).
+    pub(super) fn take_unspent_code(&self) -> Option<Code> {
+        self.unspent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Whether the last pairing ended without its peer proving the code (its hello never
@@ -75,12 +87,17 @@ impl Meeting {
 
 impl MeetEvents for Meeting {
     fn code(&self, code: &Code, expires: Duration) {
+        *self.unspent.lock().unwrap_or_else(|e| e.into_inner()) = Some(code.clone());
         if let Some(announce) = &self.announce {
             announce(code, expires);
         }
     }
 
     fn paired(&self, nameplate: &Nameplate) {
+        self.unspent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         self.unproven
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let nameplate = nameplate.to_string();

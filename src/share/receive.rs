@@ -204,6 +204,7 @@ impl Share {
                 limits: config.limits,
                 side_stopped,
                 guesses: GuessBudget::default(),
+                reregister: false,
             };
             tokio::spawn(serving.run())
         });
@@ -342,6 +343,8 @@ struct Codes {
     /// Guesses at our codes given away lately (see [`crate::meet::guesses`]): kept across
     /// reconnections to the rendezvous.
     guesses: GuessBudget,
+    /// `first` is a code registered before, to register again after a reconnection.
+    reregister: bool,
 }
 
 /// How serving codes through one rendezvous connection ended.
@@ -420,7 +423,11 @@ impl Codes {
                 return Ok(CodesEnded::Pause(pause));
             }
             let chosen = self.first.take();
+            let again = chosen.is_some() && std::mem::take(&mut self.reregister);
             let result = meeting.welcome(chosen.as_ref(), self.ttl, &admit).await;
+            // A code nobody paired on yet outlives its rendezvous: after a reconnection it
+            // is registered again, so what the user passed on still works.
+            let unspent = meeting_events.take_unspent_code();
             // A pairing whose peer never proved the code gave it one guess, however the
             // meeting ended (a wrong code, a peer that gave up or vanished).
             if meeting_events.take_unproven_pairing() {
@@ -439,7 +446,22 @@ impl Codes {
                     code: ErrorCode::Expired,
                     ..
                 })) => self.events.event(Event::CodeExpired),
-                Err(MeetError::Rendezvous(e)) => return Err(ShareError::RendezvousLost(e)),
+                // Someone registered the nameplate while the rendezvous was away.
+                Err(MeetError::Rendezvous(ClientError::Refused {
+                    code: ErrorCode::Taken,
+                    ..
+                })) if again => self.events.event(Event::Warning(
+                    "the code's nameplate was taken while the rendezvous was away: here is a \
+                     new code"
+                        .into(),
+                )),
+                Err(MeetError::Rendezvous(e)) => {
+                    if let Some(code) = unspent {
+                        self.first = Some(code);
+                        self.reregister = true;
+                    }
+                    return Err(ShareError::RendezvousLost(e));
+                }
                 Err(e) => self.events.event(Event::MeetingFailed(e.to_string())),
             }
         }
