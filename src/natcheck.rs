@@ -22,6 +22,7 @@ use crate::addr::canonical;
 pub use crate::nat::{Filtering, Mapping, NatReport, classify_filtering, classify_mapping};
 use crate::node::Node;
 use crate::punch::PunchConfig;
+use crate::ratelimit::prefix;
 use crate::rendezvous::{ClientError, RendezvousClient};
 use crate::wire::Message;
 
@@ -87,11 +88,8 @@ fn its_own(ip: IpAddr, rv: IpAddr, known: &[IpAddr]) -> bool {
     if known.iter().any(|k| k.to_canonical() == ip) {
         return true;
     }
-    match (ip, rv) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => a.octets()[..3] == b.octets()[..3],
-        (IpAddr::V6(a), IpAddr::V6(b)) => a.segments()[..3] == b.segments()[..3],
-        _ => false,
-    }
+    let bits = if rv.is_ipv4() { 24 } else { 48 };
+    ip.is_ipv4() == rv.is_ipv4() && prefix(ip, bits) == prefix(rv, bits)
 }
 
 /// Another address of the rendezvous, of the family we reach it by.

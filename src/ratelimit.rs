@@ -104,14 +104,8 @@ pub const SITE_SHARE: u32 = 8;
 /// The IPv6 /48 of `ip`, if it is IPv6 (an IPv4 address is its own source: thousands of
 /// users may share one behind a carrier-grade NAT, so nothing wider is grouped).
 fn site_key(ip: IpAddr) -> Option<IpAddr> {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let mut s = v6.segments();
-            s[3..].fill(0);
-            Some(IpAddr::V6(s.into()))
-        }
-        IpAddr::V4(_) => None,
-    }
+    let ip = ip.to_canonical();
+    ip.is_ipv6().then(|| prefix(ip, 48))
 }
 
 impl RateLimiter {
@@ -198,13 +192,26 @@ impl RateLimiter {
 /// The identity a budget is kept for: the IPv4 address, or the IPv6 /64 (shared with
 /// [`crate::server`]'s per-source connection limit).
 pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
+    let ip = ip.to_canonical();
+    if ip.is_ipv6() { prefix(ip, 64) } else { ip }
+}
+
+/// `ip` with only its first `bits` bits kept (IPv4-mapped IPv6 counts as IPv4): the
+/// network a budget or a comparison is kept for.
+pub(crate) fn prefix(ip: IpAddr, bits: u8) -> IpAddr {
     match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let mut s = v6.segments();
-            s[4..].fill(0);
-            IpAddr::V6(s.into())
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(bits.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & mask).into())
         }
-        v4 => v4,
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(bits.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
     }
 }
 
@@ -218,6 +225,17 @@ mod tests {
 
     fn count(l: &mut RateLimiter, now: Instant, src: &str, n: usize) -> usize {
         (0..n).filter(|_| l.allow(now, ip(src))).count()
+    }
+
+    #[test]
+    fn prefixes_keep_their_leading_bits() {
+        assert_eq!(prefix(ip("198.51.100.77"), 24), ip("198.51.100.0"));
+        assert_eq!(prefix(ip("::ffff:198.51.100.77"), 24), ip("198.51.100.0"));
+        assert_eq!(prefix(ip("2001:db8:1:2:3::9"), 48), ip("2001:db8:1::"));
+        assert_eq!(prefix(ip("2001:db8:1:2ff::9"), 56), ip("2001:db8:1:200::"));
+        assert_eq!(prefix(ip("2001:db8::1"), 0), ip("::"));
+        assert_eq!(prefix(ip("192.0.2.1"), 32), ip("192.0.2.1"));
+        assert_eq!(source_key(ip("2001:db8:1:2:3::9")), ip("2001:db8:1:2::"));
     }
 
     #[test]

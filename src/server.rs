@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, broadcast, mpsc};
 
 use crate::node::{Node, NodeError, PeerConnection};
-use crate::ratelimit::source_key;
+use crate::ratelimit::{prefix, source_key};
 use crate::tls;
 
 /// Budgets of one [`Server`].
@@ -228,20 +228,15 @@ type SourceKey = (u8, IpAddr);
 /// address or an IPv6 /64), and for IPv6 its /56 and /48.
 fn source_keys(ip: IpAddr, limits: &Limits) -> Vec<(SourceKey, usize)> {
     let source = source_key(ip);
-    match source {
-        IpAddr::V6(v6) => {
-            let prefix = |bits: u8| {
-                let mask = u128::MAX << (128 - u32::from(bits));
-                (bits, IpAddr::V6((u128::from(v6) & mask).into()))
-            };
-            vec![
-                (prefix(64), limits.max_per_ip),
-                (prefix(56), limits.max_per_56),
-                (prefix(48), limits.max_per_48),
-            ]
-        }
-        v4 => vec![((32, v4), limits.max_per_ip)],
+    if source.is_ipv4() {
+        return vec![((32, source), limits.max_per_ip)];
     }
+    let key = |bits: u8| (bits, prefix(source, bits));
+    vec![
+        (key(64), limits.max_per_ip),
+        (key(56), limits.max_per_56),
+        (key(48), limits.max_per_48),
+    ]
 }
 
 impl PerSource {
