@@ -30,8 +30,9 @@ pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         socket,
         NodeConfig::new(identity, qpunch::transfer::ALPN, false),
     )?;
-    let (_, addr) =
-        qpunch::share::resolve_host(&rendezvous, qpunch::rendezvous::DEFAULT_PORT).await?;
+    let (_, addrs) =
+        qpunch::share::resolve_host_all(&rendezvous, qpunch::rendezvous::DEFAULT_PORT).await?;
+    let addr = addrs[0];
     let client = match qpunch::rendezvous::RendezvousClient::connect(&node, addr).await {
         Ok(client) => client,
         Err(e) => {
@@ -42,7 +43,7 @@ pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     };
     // Only addresses its name resolves to (or next to the one we reached) are probed as
     // the rendezvous's own: it is untrusted, and names the targets.
-    let known = qpunch::share::resolve_all(&rendezvous, qpunch::rendezvous::DEFAULT_PORT).await;
+    let known: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
     let report = qpunch::natcheck::check_known(&node, &client, &known).await?;
     super::meet::report_nat(&ui, &report, true);
     node.close(qpunch::node::QUICK_LINGER).await;

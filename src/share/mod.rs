@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use events::{Event, Events, FileEvent};
-pub use net::{DEFAULT_PORT, bind_dual_stack, reachable_addrs, resolve_all, resolve_host};
+pub use net::{DEFAULT_PORT, bind_dual_stack, reachable_addrs, resolve_host, resolve_host_all};
 pub use receive::ReceiveConfig;
 pub use send::{SendConfig, Sent, Target};
 

@@ -8,37 +8,27 @@ use super::ShareError;
 /// The UDP port a receiver listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 9199;
 
-/// Every address `to` (`HOST`, `HOST:PORT` or an IP) resolves to, for vouching that an
-/// address a server announces is really its own (see [`crate::natcheck::check_known`]).
-/// Empty when the name does not resolve.
-pub async fn resolve_all(to: &str, default_port: u16) -> Vec<IpAddr> {
-    let bare = to.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(addr) = to.parse::<SocketAddr>() {
-        return vec![addr.ip()];
-    }
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        return vec![ip];
-    }
-    let name = match to.rsplit_once(':') {
-        Some((_, port)) if port.parse::<u16>().is_ok() => to.to_string(),
-        _ => format!("{to}:{default_port}"),
-    };
-    match tokio::net::lookup_host(name.as_str()).await {
-        Ok(addrs) => addrs.map(|a| a.ip()).collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
 /// Resolve `HOST`, `HOST:PORT`, `IP`, `[IPv6]:PORT` (`default_port` when none is given)
 /// into the name as typed (plus the port: the key known_peers remembers) and an address.
 pub async fn resolve_host(to: &str, default_port: u16) -> Result<(String, SocketAddr), ShareError> {
+    let (name, addrs) = resolve_host_all(to, default_port).await?;
+    Ok((name, addrs[0]))
+}
+
+/// [`resolve_host`] with every address the name resolves to (at least one), first the
+/// one to use: the rest vouch that an address a server announces is its own (see
+/// [`crate::natcheck::check_known`]). One lookup serves both.
+pub async fn resolve_host_all(
+    to: &str,
+    default_port: u16,
+) -> Result<(String, Vec<SocketAddr>), ShareError> {
     if let Ok(addr) = to.parse::<SocketAddr>() {
-        return Ok((addr.to_string(), addr));
+        return Ok((addr.to_string(), vec![addr]));
     }
     let bare = to.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = bare.parse::<IpAddr>() {
         let addr = SocketAddr::new(ip, default_port);
-        return Ok((addr.to_string(), addr));
+        return Ok((addr.to_string(), vec![addr]));
     }
     let name = match to.rsplit_once(':') {
         Some((_, port)) if port.parse::<u16>().is_ok() => to.to_string(),
@@ -46,15 +36,15 @@ pub async fn resolve_host(to: &str, default_port: u16) -> Result<(String, Socket
     };
     let found = tokio::net::lookup_host(name.as_str())
         .await
-        .map(|mut addrs| addrs.next());
-    let first = match found {
-        Ok(first) => first,
+        .map(|addrs| addrs.collect::<Vec<SocketAddr>>());
+    let addrs = match found {
+        Ok(addrs) => addrs,
         Err(source) => return Err(ShareError::Resolve { name, source }),
     };
-    match first {
-        Some(addr) => Ok((name, addr)),
-        None => Err(ShareError::NoAddress { name }),
+    if addrs.is_empty() {
+        return Err(ShareError::NoAddress { name });
     }
+    Ok((name, addrs))
 }
 
 /// A socket on `port` of every address, IPv6 and IPv4 (dual-stack `[::]`), or IPv4 only
