@@ -215,13 +215,7 @@ fn lan_receiving(out: &std::path::Path) -> (Arc<Node>, Arc<Receiver>, Arc<Desk>)
     let node = Arc::new(Node::new(socket, config).unwrap());
     let receiver = Receiver::new(ReceiveOptions::new(out, Policy::Allow(Vec::new()))).unwrap();
     let desk = Desk::new();
-    let admitting = receiver.clone();
-    let door = Door::new(
-        receiver.clone(),
-        desk.clone(),
-        node.fingerprint(),
-        move |fp, ttl| admitting.admit(fp, ttl),
-    );
+    let door = Door::for_receiver(receiver.clone(), desk.clone(), node.fingerprint());
     let server = Server::new(node.clone(), door, Limits::default());
     tokio::spawn(server.run(std::future::pending::<()>()));
     (node, receiver, desk)

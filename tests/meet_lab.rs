@@ -958,6 +958,34 @@ fn lan_wrong_code_is_refused_on_both_sides() {
     );
 }
 
+/// A receiver on `host` as `qpunch receive` runs one with LAN codes: a node offering the
+/// files and meet ALPNs, a receiver that admits only ticket holders, behind a door that
+/// proves codes from the returned desk. Call it inside a runtime (it spawns the server).
+fn lan_receiving(
+    host: &Host,
+    out: &Path,
+) -> (
+    std::sync::Arc<qpunch::node::Node>,
+    std::sync::Arc<qpunch::meet::lan::Desk>,
+) {
+    use qpunch::identity::Identity;
+    use qpunch::meet::lan::{self, Desk, Door};
+    use qpunch::node::{Node, NodeConfig};
+    use qpunch::server::{Limits, Server};
+    use qpunch::transfer::{self, Policy, ReceiveOptions, Receiver};
+    use std::sync::Arc;
+    let mut config = NodeConfig::new(Identity::generate().unwrap(), transfer::ALPN, true);
+    config.alpn.push(lan::ALPN.to_vec());
+    let node = Arc::new(Node::new(host.udp4(0), config).unwrap());
+    let receiver = Receiver::new(ReceiveOptions::new(out, Policy::Allow(Vec::new()))).unwrap();
+    let desk = Desk::new();
+    let door = Door::for_receiver(receiver, desk.clone(), node.fingerprint());
+    tokio::spawn(
+        Server::new(node.clone(), door, Limits::default()).run(std::future::pending::<()>()),
+    );
+    (node, desk)
+}
+
 /// The library on a real LAN: the announcement is found by nameplate, an impostor
 /// announcing the same nameplate from another machine makes the sender refuse before any
 /// guess, the meeting works once it is gone, and a withdrawn code is no longer found by
@@ -970,10 +998,9 @@ fn lan_library_finds_refuses_impostors_and_withdraws() {
     }
     use qpunch::identity::Identity;
     use qpunch::meet::code::Code;
-    use qpunch::meet::lan::{self, Desk, Door, Lan, LanError, Outcome};
+    use qpunch::meet::lan::{self, Lan, LanError, Outcome};
     use qpunch::node::{Node, NodeConfig};
-    use qpunch::server::{Limits, Server};
-    use qpunch::transfer::{self, Outgoing, Policy, Quiet, ReceiveOptions, Receiver};
+    use qpunch::transfer::{self, Outgoing, Quiet};
     use std::sync::Arc;
 
     let topo = Topology::new("mdl", &[SiteSpec::new(Nat::Cone).clients(3).ipv6(false)]);
@@ -990,22 +1017,8 @@ fn lan_library_finds_refuses_impostors_and_withdraws() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let receiving = |host: &Host, out: &Path| {
-            let mut config = NodeConfig::new(Identity::generate().unwrap(), transfer::ALPN, true);
-            config.alpn.push(lan::ALPN.to_vec());
-            let node = Arc::new(Node::new(host.udp4(0), config).unwrap());
-            let receiver =
-                Receiver::new(ReceiveOptions::new(out, Policy::Allow(Vec::new()))).unwrap();
-            let desk = Desk::new();
-            let admitting = receiver.clone();
-            let door = Door::new(receiver, desk.clone(), node.fingerprint(), move |fp, ttl| {
-                admitting.admit(fp, ttl)
-            });
-            tokio::spawn(Server::new(node.clone(), door, Limits::default()).run(std::future::pending::<()>()));
-            (node, desk)
-        };
         let (out, impostor_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (rnode, desk) = receiving(rx, out.path());
+        let (rnode, desk) = lan_receiving(rx, out.path());
         let code = Code::generate(lan::random_nameplate(), &mut rand::rng());
         let mut opened = desk.open(code.clone());
         let announcement = rlan
@@ -1013,7 +1026,7 @@ fn lan_library_finds_refuses_impostors_and_withdraws() {
             .unwrap();
 
         // An impostor on the third machine announces the same nameplate.
-        let (inode, idesk) = receiving(other, impostor_out.path());
+        let (inode, idesk) = lan_receiving(other, impostor_out.path());
         let _iopened = idesk.open(code.clone());
         let impostor = olan
             .announce(code.nameplate(), inode.local_addr().unwrap())
@@ -1075,11 +1088,9 @@ fn lan_announcement_flood_makes_the_sender_refuse_unguessed() {
     }
     use qpunch::identity::Identity;
     use qpunch::meet::code::Code;
-    use qpunch::meet::lan::{self, Desk, Door, Lan, LanError};
+    use qpunch::meet::lan::{self, Lan, LanError};
     use qpunch::node::{Node, NodeConfig};
-    use qpunch::server::{Limits, Server};
-    use qpunch::transfer::{self, Policy, ReceiveOptions, Receiver};
-    use std::sync::Arc;
+    use qpunch::transfer;
 
     let topo = Topology::new("mdf", &[SiteSpec::new(Nat::Cone).clients(3).ipv6(false)]);
     let site = topo.site(0);
@@ -1094,29 +1105,9 @@ fn lan_announcement_flood_makes_the_sender_refuse_unguessed() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let receiving = |host: &Host, out: &Path| {
-            let mut config = NodeConfig::new(Identity::generate().unwrap(), transfer::ALPN, true);
-            config.alpn.push(lan::ALPN.to_vec());
-            let node = Arc::new(Node::new(host.udp4(0), config).unwrap());
-            let receiver =
-                Receiver::new(ReceiveOptions::new(out, Policy::Allow(Vec::new()))).unwrap();
-            let desk = Desk::new();
-            let admitting = receiver.clone();
-            let door = Door::new(
-                receiver,
-                desk.clone(),
-                node.fingerprint(),
-                move |fp, ttl| admitting.admit(fp, ttl),
-            );
-            tokio::spawn(
-                Server::new(node.clone(), door, Limits::default())
-                    .run(std::future::pending::<()>()),
-            );
-            (node, desk)
-        };
         let (out, impostor_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (rnode, desk) = receiving(rx, out.path());
-        let (inode, idesk) = receiving(other, impostor_out.path());
+        let (rnode, desk) = lan_receiving(rx, out.path());
+        let (inode, idesk) = lan_receiving(other, impostor_out.path());
         let code = Code::generate(lan::random_nameplate(), &mut rand::rng());
         let _opened = desk.open(code.clone());
         // The impostor answers on its node's port, and announces fifteen more.

@@ -156,13 +156,7 @@ impl Share {
         // first; the rest go straight to the receiver. (Without LAN codes the node does
         // not offer the meet protocol, and the desk stays empty.)
         let desk = Desk::new();
-        let admitting = receiver.clone();
-        let door = Door::new(
-            receiver.clone(),
-            desk.clone(),
-            node.fingerprint(),
-            move |sender, ttl| admitting.admit(sender, ttl),
-        );
+        let door = Door::for_receiver(receiver.clone(), desk.clone(), node.fingerprint());
         let server = Server::new(node.clone(), door, config.limits);
         let server_stats = server.stats();
         // Nodes on other sockets that a birthday punch handed us: served like this one,

@@ -290,6 +290,21 @@ impl<S: Service> Door<S> {
     }
 }
 
+impl Door<crate::transfer::Receiver> {
+    /// The door of a file receiver: a sender that proves the code gets a ticket from
+    /// `receiver` itself ([`crate::transfer::Receiver::admit`]), as `qpunch receive` does.
+    pub fn for_receiver(
+        receiver: Arc<crate::transfer::Receiver>,
+        desk: Arc<Desk>,
+        own: Fingerprint,
+    ) -> Arc<Self> {
+        let admitting = receiver.clone();
+        Door::new(receiver, desk, own, move |sender, ttl| {
+            admitting.admit(sender, ttl)
+        })
+    }
+}
+
 impl<S: Service> Service for Door<S> {
     async fn serve(self: Arc<Self>, peer: PeerConnection, mut shutdown: Shutdown) {
         if negotiated(&peer.connection).as_deref() == Some(ALPN) {
