@@ -142,6 +142,17 @@ struct PathState {
     steady_since: Option<Instant>,
 }
 
+impl PathState {
+    /// Best first: the better kind, then the lower RTT (unmeasured last), then the older.
+    fn rank(&self) -> (u8, Duration, PathId) {
+        (
+            self.kind.class(),
+            self.rtt.unwrap_or(Duration::MAX),
+            self.id,
+        )
+    }
+}
+
 /// Picks the path for one peer.
 #[derive(Debug, Clone)]
 pub struct Chooser {
@@ -231,7 +242,7 @@ impl Chooser {
             .paths
             .iter()
             .filter(|p| self.live(p, now))
-            .min_by_key(|p| (p.kind.class(), p.rtt.unwrap_or(Duration::MAX), p.id))?
+            .min_by_key(|p| p.rank())?
             .clone();
         let Some((current_id, chosen_at)) = self.current else {
             return self.switch(None, best.id, SwitchReason::First, now);
@@ -255,7 +266,7 @@ impl Chooser {
             .paths
             .iter()
             .filter(|p| self.live(p, now) && p.kind.class() < current.kind.class() && settled(p))
-            .min_by_key(|p| (p.kind.class(), p.rtt.unwrap_or(Duration::MAX), p.id))
+            .min_by_key(|p| p.rank())
             .map(|p| p.id);
         if let Some(to) = better {
             return self.switch(Some(current.id), to, SwitchReason::BetterKind, now);
