@@ -94,11 +94,7 @@ impl Drop for Throttle<'_> {
 /// The one `error` event of a finished process (the README promises one line per side),
 /// which must contain `what`.
 fn one_error(finished: &Finished, what: &str) -> String {
-    let errors: Vec<String> = finished
-        .all("error")
-        .iter()
-        .map(|e| e["message"].as_str().unwrap().to_string())
-        .collect();
+    let errors = finished.error_messages();
     let [error] = &errors[..] else {
         panic!(
             "{} printed {} error events, not one: {errors:?}\n{finished:#?}",
@@ -113,7 +109,7 @@ fn one_error(finished: &Finished, what: &str) -> String {
     );
     assert!(!error.contains('\n'), "one line: {error:?}");
     eprintln!("{}: {error}", finished.name);
-    error.clone()
+    error.to_string()
 }
 
 /// Nothing was delivered: no `sent`/`received` event, and nothing in `out` (the

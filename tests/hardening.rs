@@ -659,11 +659,7 @@ fn slow_drip_is_aborted_by_min_rate() {
     drop((peer, control));
     // Everything the receiver printed about this sender, once it has stopped.
     let finished = stop(receiver, libc::SIGTERM);
-    let errors: Vec<&str> = finished
-        .all("error")
-        .iter()
-        .map(|e| e["message"].as_str().unwrap_or_default())
-        .collect();
+    let errors = finished.error_messages();
     assert!(
         matches!(errors[..], [one] if one.contains("less than the minimum")),
         "one error line, with the minimum-rate reason: {errors:?}"
@@ -698,11 +694,7 @@ fn a_silent_sender_is_cut_off_with_one_error() {
     eprintln!("silent sender: {error}");
     drop((control, peer));
     let finished = stop(receiver, libc::SIGTERM);
-    let errors: Vec<&str> = finished
-        .all("error")
-        .iter()
-        .map(|e| e["message"].as_str().unwrap_or_default())
-        .collect();
+    let errors = finished.error_messages();
     assert!(
         matches!(errors[..], [one] if one.contains("sent nothing for 2 s")),
         "one error line, saying the sender sent nothing: {errors:?}"

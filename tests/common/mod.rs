@@ -377,13 +377,17 @@ impl Finished {
 
     /// All `error` messages plus stderr: where a refusal is explained.
     pub fn messages(&self) -> String {
-        let mut out: Vec<String> = self
-            .all("error")
-            .iter()
-            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
-            .collect();
-        out.push(self.stderr.clone());
+        let mut out: Vec<&str> = self.error_messages();
+        out.push(&self.stderr);
         out.join("\n")
+    }
+
+    /// The message of every `error` event, in order.
+    pub fn error_messages(&self) -> Vec<&str> {
+        self.all("error")
+            .iter()
+            .map(|e| e["message"].as_str().unwrap_or_default())
+            .collect()
     }
 
     /// Exit 0, and stdout held nothing but JSON lines.
