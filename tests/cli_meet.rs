@@ -27,6 +27,12 @@ fn rendezvous(home: &Home, port: u16) -> Proc {
     proc
 }
 
+/// A `qpunch rendezvous` on free ports of 127.0.0.1: it, its port, and its `--via`.
+fn rendezvous_anywhere(home: &Home) -> (Proc, u16, String) {
+    let port = free_port_pair();
+    (rendezvous(home, port), port, format!("127.0.0.1:{port}"))
+}
+
 /// `receive --via` with `extra` flags; returns it and its first code.
 fn receive_by_code(
     home: &Home,
@@ -63,9 +69,7 @@ fn send_code(home: &Home, file: &std::path::Path, code: &str, via: &str) -> Fini
 #[test]
 fn script_chosen_codes_then_new_codes_and_no_known_peers() {
     let (rvhome, rhome, shome) = (Home::new(), Home::new(), Home::new());
-    let port = free_port_pair();
-    let _rv = rendezvous(&rvhome, port);
-    let via = format!("127.0.0.1:{port}");
+    let (_rv, _, via) = rendezvous_anywhere(&rvhome);
     let (src, out) = (tempdir(), tempdir());
     let file = src.path().join("coded.bin");
     random_file(&file, 100_000, 11);
@@ -112,9 +116,7 @@ fn script_chosen_codes_then_new_codes_and_no_known_peers() {
 #[test]
 fn an_expired_code_is_replaced() {
     let (rvhome, rhome) = (Home::new(), Home::new());
-    let port = free_port_pair();
-    let _rv = rendezvous(&rvhome, port);
-    let via = format!("127.0.0.1:{port}");
+    let (_rv, _, via) = rendezvous_anywhere(&rvhome);
     let out = tempdir();
     let (mut receiver, first) =
         receive_by_code(&rhome, out.path(), &via, &["--yes", "--code-ttl", "1s"]);
@@ -132,9 +134,7 @@ fn an_expired_code_is_replaced() {
 #[test]
 fn a_receiver_without_a_terminal_admits_code_holders_only() {
     let (rvhome, rhome, shome, stranger) = (Home::new(), Home::new(), Home::new(), Home::new());
-    let port = free_port_pair();
-    let _rv = rendezvous(&rvhome, port);
-    let via = format!("127.0.0.1:{port}");
+    let (_rv, _, via) = rendezvous_anywhere(&rvhome);
     let (src, out) = (tempdir(), tempdir());
     let file = src.path().join("ticket.txt");
     random_file(&file, 1000, 12);
@@ -171,9 +171,7 @@ fn a_receiver_without_a_terminal_admits_code_holders_only() {
 #[test]
 fn a_wrong_code_is_refused_on_both_sides_and_burns_the_code() {
     let (rvhome, rhome, shome) = (Home::new(), Home::new(), Home::new());
-    let port = free_port_pair();
-    let _rv = rendezvous(&rvhome, port);
-    let via = format!("127.0.0.1:{port}");
+    let (_rv, _, via) = rendezvous_anywhere(&rvhome);
     let (src, out) = (tempdir(), tempdir());
     let file = src.path().join("coded.bin");
     random_file(&file, 1000, 13);
@@ -218,9 +216,7 @@ fn a_wrong_code_is_refused_on_both_sides_and_burns_the_code() {
 #[test]
 fn five_wrong_codes_pause_the_receiver_for_the_hour() {
     let (rvhome, rhome, shome) = (Home::new(), Home::new(), Home::new());
-    let port = free_port_pair();
-    let _rv = rendezvous(&rvhome, port);
-    let via = format!("127.0.0.1:{port}");
+    let (_rv, _, via) = rendezvous_anywhere(&rvhome);
     let (src, out) = (tempdir(), tempdir());
     let file = src.path().join("guess.bin");
     random_file(&file, 1000, 17);
@@ -251,9 +247,7 @@ fn five_wrong_codes_pause_the_receiver_for_the_hour() {
 #[test]
 fn a_fixed_code_used_again_is_warned_about() {
     let (rvhome, rhome) = (Home::new(), Home::new());
-    let port = free_port_pair();
-    let _rv = rendezvous(&rvhome, port);
-    let via = format!("127.0.0.1:{port}");
+    let (_rv, _, via) = rendezvous_anywhere(&rvhome);
     let out = tempdir();
     let chosen = "4545-crossover-clockwork";
     let reused = "used before on this machine";
@@ -281,9 +275,7 @@ fn a_fixed_code_used_again_is_warned_about() {
 #[test]
 fn a_waiting_code_survives_a_rendezvous_restart() {
     let (rvhome, rhome, shome) = (Home::new(), Home::new(), Home::new());
-    let port = free_port_pair();
-    let first = rendezvous(&rvhome, port);
-    let via = format!("127.0.0.1:{port}");
+    let (first, port, via) = rendezvous_anywhere(&rvhome);
     let (src, out) = (tempdir(), tempdir());
     let file = src.path().join("restart.bin");
     random_file(&file, 5000, 19);
