@@ -376,7 +376,7 @@ impl Share {
 fn tree_cache(dir: Option<PathBuf>) -> Option<Arc<TreeCache>> {
     let dir = match dir {
         Some(dir) => dir,
-        None => crate::identity::config_dir().ok()?.join("cache"),
+        None => crate::home::cache_dir(&crate::home::dir().ok()?),
     };
     match TreeCache::open(&dir) {
         Ok(cache) => Some(Arc::new(cache)),
