@@ -14,21 +14,22 @@
 //!    [`frame`] (length-prefixed JSON messages on QUIC streams), [`identity`] (who a peer
 //!    is) and [`congestion`] (the choice of controller).
 //! 3. [`traverse`] (simultaneous punching between two NATed peers, sans-IO), [`socket`] (the
-//!    one UDP socket, shared by probes and QUIC after hand-over), [`path`] (the kinds of path
-//!    and the pure chooser among them, the first brick of the path layer), [`tls`] and
+//!    one UDP socket, shared by probes and QUIC after hand-over), [`tls`] and
 //!    [`known_peers`] (pinning a peer's identity).
-//! 4. [`driver`]: the tokio loop that runs the state machines on a socket.
-//! 5. [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
-//! 6. [`server`]: the accept loop of every listening peer: budgets, concurrent handshakes,
+//! 4. [`path`]: the path layer under quinn: one mapped address per peer, mapped onto
+//!    direct and relayed paths, and the pure chooser among them.
+//! 5. [`driver`]: the tokio loop that runs the state machines on a socket.
+//! 6. [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
+//! 7. [`server`]: the accept loop of every listening peer: budgets, concurrent handshakes,
 //!    shutdown and drain.
-//! 7. [`transfer`] (verified file transfer on a connection) and [`rendezvous`] (the
+//! 8. [`transfer`] (verified file transfer on a connection) and [`rendezvous`] (the
 //!    untrusted meeting point for two NATed peers: its protocol, its pairing book, its
 //!    server and its client).
-//! 8. [`natcheck`]: classifying our NAT's mapping and filtering against a rendezvous.
-//! 9. [`meet`]: one-time codes and the PAKE, to find a peer through a rendezvous or on the
-//!    LAN, then the punch.
-//! 10. [`trust`]: whose key a sender expects at an address (trust on first use).
-//! 11. [`share`]: the high-level API of `qpunch send` and `qpunch receive` (meeting,
+//! 9. [`natcheck`]: classifying our NAT's mapping and filtering against a rendezvous.
+//! 10. [`meet`]: one-time codes and the PAKE, to find a peer through a rendezvous or on the
+//!     LAN, then the punch.
+//! 11. [`trust`]: whose key a sender expects at an address (trust on first use).
+//! 12. [`share`]: the high-level API of `qpunch send` and `qpunch receive` (meeting,
 //!     trust, consent, transfer and typed events), for apps that embed qpunch.
 //!
 //! ```no_run

@@ -1,12 +1,8 @@
-//! The kinds of path a peer connection can take, and the pure chooser that picks one.
+//! The pure chooser: which of a peer's live paths carries its packets now.
 //!
-//! This is the first brick of the path layer under quinn (like iroh's magicsock): quinn will
-//! see one stable address per peer, and the socket layer will map it onto whichever real path
-//! is best right now: the LAN, a direct or birthday-punched path, or a relay over UDP or TCP.
-//! The choice itself is plain data and functions, like [`crate::traverse`]: the driver feeds
-//! it what it heard and when, and asks it which path to use; it reads no clock and touches no
-//! socket, so every rule (preference, liveness, latency, hysteresis) is tested
-//! deterministically below.
+//! Plain data and functions, like [`crate::traverse`]: the path driver feeds it what it heard
+//! and when, and asks it which path to use; it reads no clock and touches no socket, so every
+//! rule (preference, liveness, latency, hysteresis) is tested deterministically below.
 //!
 //! The rules, in order:
 //! 1. Only live paths count: one heard from within [`ChooserConfig::stale_after`].
@@ -23,55 +19,7 @@
 
 use std::time::{Duration, Instant};
 
-/// How a packet reaches the peer. Ordered by preference, best first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum PathKind {
-    /// A direct path on the local network.
-    Lan,
-    /// A direct path across the internet (both NATs punched by probes).
-    Direct,
-    /// A direct path found by the birthday technique (a socket of its own on one side).
-    Birthday,
-    /// Relayed by the rendezvous, inside the peer's own QUIC connection to it (UDP).
-    RelayedUdp,
-    /// Relayed by the rendezvous over TLS on TCP (when UDP is blocked).
-    RelayedTcp,
-}
-
-impl PathKind {
-    /// The name in events and on the command line: `lan`, `direct`, `birthday`, `relayed`,
-    /// `relayed-tcp`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PathKind::Lan => "lan",
-            PathKind::Direct => "direct",
-            PathKind::Birthday => "birthday",
-            PathKind::RelayedUdp => "relayed",
-            PathKind::RelayedTcp => "relayed-tcp",
-        }
-    }
-
-    /// Preference class: lower is better. Direct and birthday paths are equally direct.
-    fn class(self) -> u8 {
-        match self {
-            PathKind::Lan => 0,
-            PathKind::Direct | PathKind::Birthday => 1,
-            PathKind::RelayedUdp => 2,
-            PathKind::RelayedTcp => 3,
-        }
-    }
-
-    /// Whether packets on this path pass through a relay.
-    pub fn is_relayed(self) -> bool {
-        matches!(self, PathKind::RelayedUdp | PathKind::RelayedTcp)
-    }
-}
-
-impl std::fmt::Display for PathKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use super::PathKind;
 
 /// The chooser's tuning.
 #[derive(Debug, Clone, Copy, PartialEq)]
