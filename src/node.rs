@@ -12,6 +12,7 @@ use std::time::Duration;
 pub use crate::congestion::{Congestion, UnknownCongestion};
 use crate::driver::{self, DriveError};
 use crate::identity::{Fingerprint, Identity};
+use crate::path::PathSocket;
 use crate::punch::{PunchConfig, Punched};
 use crate::ratelimit::RateConfig;
 use crate::socket::{DemuxSocket, SocketStats};
@@ -185,6 +186,7 @@ impl PeerConnection {
 pub struct Node {
     endpoint: quinn::Endpoint,
     socket: Arc<DemuxSocket>,
+    paths: Arc<PathSocket>,
     config: NodeConfig,
     /// Set by [`Node::close`]: every connection's congestion gate opens (see
     /// [`crate::close_gate`]).
@@ -198,6 +200,7 @@ impl Node {
     pub fn new(socket: std::net::UdpSocket, config: NodeConfig) -> Result<Self, NodeError> {
         socket.set_nonblocking(true)?;
         let socket = DemuxSocket::with_rate(socket, config.probe_rate)?;
+        let paths = PathSocket::new(socket.clone());
         let mut endpoint_config = quinn::EndpointConfig::default();
         // Datagrams up to this size are accepted (and advertised as acceptable to peers).
         endpoint_config
@@ -222,12 +225,13 @@ impl Node {
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             server,
-            socket.clone(),
+            paths.clone(),
             Arc::new(quinn::TokioRuntime),
         )?;
         Ok(Node {
             endpoint,
             socket,
+            paths,
             config,
             closing,
         })
@@ -261,6 +265,12 @@ impl Node {
     /// The shared socket, for probing through it (see [`crate::driver`]).
     pub fn socket(&self) -> &Arc<DemuxSocket> {
         &self.socket
+    }
+
+    /// The path layer quinn runs on: map a peer met by code onto its paths (see
+    /// [`crate::path::PeerPaths`]) and dial its mapped address.
+    pub fn paths(&self) -> &Arc<PathSocket> {
+        &self.paths
     }
 
     /// Punch to the first answering candidate through the live socket (no hand-over

@@ -93,8 +93,19 @@ pub struct Authenticating {
 
 impl Drop for Authenticating {
     fn drop(&mut self) {
-        self.socket.lock_keys().retain(|(id, _)| *id != self.id);
+        self.socket.lock_keys().retain(|r| r.id != self.id);
     }
+}
+
+/// Told the source of every probe that verifies under one registration's keys, before the
+/// datagrams that follow it in the same batch reach QUIC (see [`DemuxSocket::authenticate_with`]).
+pub type OnProbe = Arc<dyn Fn(SocketAddr) + Send + Sync>;
+
+/// One registration of probe keys.
+struct Registered {
+    id: u64,
+    keys: ProbeKeys,
+    on_probe: Option<OnProbe>,
 }
 
 /// A quinn [`AsyncUdpSocket`] that also speaks the probe protocol on the same port.
@@ -105,8 +116,8 @@ pub struct DemuxSocket {
     /// an address its NAT just opened, which is worth probing back at once (whether the
     /// prober is the peer, the traversal decides from the datagram).
     probes: broadcast::Sender<ProbeReply>,
-    /// The probe keys of the meetings in progress, by registration number.
-    keys: Mutex<Vec<(u64, ProbeKeys)>>,
+    /// The probe keys of the meetings (and peer connections) in progress.
+    keys: Mutex<Vec<Registered>>,
     next_key: AtomicU64,
     counters: Counters,
     /// Replies are rationed per source: probes are unauthenticated and may be forged.
@@ -159,29 +170,50 @@ impl DemuxSocket {
     /// Answer authenticated probes that verify under `keys` (a meeting's, from its PAKE)
     /// until the returned guard is dropped.
     pub fn authenticate(self: &Arc<Self>, keys: ProbeKeys) -> Authenticating {
+        self.register(keys, None)
+    }
+
+    /// [`authenticate`](Self::authenticate), and call `on_probe` with the source of each
+    /// probe that verifies, synchronously: the path layer learns a peer's new address
+    /// before the QUIC packets the peer sends from it right after its probe.
+    pub fn authenticate_with(
+        self: &Arc<Self>,
+        keys: ProbeKeys,
+        on_probe: OnProbe,
+    ) -> Authenticating {
+        self.register(keys, Some(on_probe))
+    }
+
+    fn register(self: &Arc<Self>, keys: ProbeKeys, on_probe: Option<OnProbe>) -> Authenticating {
         let id = self.next_key.fetch_add(1, Ordering::Relaxed);
-        self.lock_keys().push((id, keys));
+        self.lock_keys().push(Registered { id, keys, on_probe });
         Authenticating {
             socket: self.clone(),
             id,
         }
     }
 
-    fn lock_keys(&self) -> std::sync::MutexGuard<'_, Vec<(u64, ProbeKeys)>> {
+    fn lock_keys(&self) -> std::sync::MutexGuard<'_, Vec<Registered>> {
         self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The authenticated reply to `data`, if it is a probe that verifies under a
     /// registered key.
     fn authenticated_reply(&self, from: SocketAddr, data: &[u8]) -> Option<punch::Transmit> {
-        self.lock_keys().iter().find_map(|(_, keys)| {
-            match Message::decode_authenticated(data, &keys.theirs) {
-                Ok(Message::Probe { txid }) => {
-                    Some(punch::authenticated_reply_to(from, txid, &keys.ours))
-                }
+        let (reply, on_probe) = self.lock_keys().iter().find_map(|r| {
+            match Message::decode_authenticated(data, &r.keys.theirs) {
+                Ok(Message::Probe { txid }) => Some((
+                    punch::authenticated_reply_to(from, txid, &r.keys.ours),
+                    r.on_probe.clone(),
+                )),
                 _ => None,
             }
-        })
+        })?;
+        // Outside the lock: the hook takes the path layer's own.
+        if let Some(on_probe) = on_probe {
+            on_probe(from);
+        }
+        Some(reply)
     }
 
     /// Send one probe datagram, waiting while the socket's send buffer is full.
@@ -229,7 +261,7 @@ impl DemuxSocket {
     }
 
     /// An IPv4 destination on a dual-stack IPv6 socket must be written as IPv4-mapped.
-    fn map_family(&self, addr: SocketAddr) -> SocketAddr {
+    pub(crate) fn map_family(&self, addr: SocketAddr) -> SocketAddr {
         match (self.inner.local_addr(), addr) {
             (Ok(SocketAddr::V6(_)), SocketAddr::V4(v4)) => {
                 SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())

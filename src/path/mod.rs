@@ -1,6 +1,6 @@
 //! The path layer under quinn, shaped like iroh's magicsock.
 //!
-//! quinn sees one stable *mapped* address per peer (an address of a private IPv6 range that
+//! quinn sees one stable *mapped* address per peer (an address of a reserved range that
 //! no real host has); this layer maps it onto whichever real path is best right now: the LAN,
 //! a direct punched path on the node's socket, or a relay over UDP or TCP (a [`Carrier`]).
 //! Packets are rewritten both ways, so a QUIC connection never learns that its path changed,
@@ -15,9 +15,13 @@
 
 pub mod carrier;
 pub mod chooser;
+pub mod peer;
+pub mod socket;
 
 pub use carrier::Carrier;
 pub use chooser::{Chooser, ChooserConfig, PathId, Switch, SwitchReason};
+pub use peer::{PathEvent, PeerPaths, Relayed};
+pub use socket::{Attached, PathBytes, PathSocket, PathSocketStats, is_mapped};
 
 /// How a packet reaches the peer. Ordered by preference, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,6 +59,20 @@ impl PathKind {
             PathKind::RelayedUdp => 2,
             PathKind::RelayedTcp => 3,
         }
+    }
+
+    /// Every kind, best first.
+    pub const ALL: [PathKind; 5] = [
+        PathKind::Lan,
+        PathKind::Direct,
+        PathKind::Birthday,
+        PathKind::RelayedUdp,
+        PathKind::RelayedTcp,
+    ];
+
+    /// Position in [`ALL`](Self::ALL) (for per-kind counters).
+    pub fn index(self) -> usize {
+        self as usize
     }
 
     /// Whether packets on this path pass through a relay.
