@@ -1759,7 +1759,10 @@ async fn a_rendezvous_redirecting_the_peers_to_itself_is_not_followed() {
     let sent = sending.await.unwrap();
     eprintln!("receiver: {welcomed:?}\nsender: {sent:?}");
     let welcomed = welcomed.expect("the receiver's side of the meeting completes");
-    assert_eq!(welcomed.path.peer, pair.snode.local_addr().unwrap());
+    assert_eq!(
+        welcomed.path.as_ref().unwrap().peer,
+        pair.snode.local_addr().unwrap()
+    );
     assert_eq!(welcomed.sender, pair.snode.fingerprint());
     let sent = sent
         .expect("the sender met the receiver")
@@ -1820,7 +1823,10 @@ async fn a_rendezvous_lying_about_the_peer_address_aims_no_probe_at_the_victim()
         .expect("the sender met the receiver")
         .expect("the file was sent");
     assert!(sent[0].is_verified(), "{sent:?}");
-    assert_eq!(welcomed.path.peer, pair.snode.local_addr().unwrap());
+    assert_eq!(
+        welcomed.path.as_ref().unwrap().peer,
+        pair.snode.local_addr().unwrap()
+    );
     // Anything in flight (a beacon, a late retransmission) has arrived by now.
     tokio::time::sleep(Duration::from_secs(1)).await;
     counting.abort();
@@ -2196,7 +2202,10 @@ async fn unauthenticated_probes_and_replies_do_not_steer_the_path() {
         .expect("the sender met the receiver")
         .expect("the file was sent");
     assert!(sent[0].is_verified(), "{sent:?}");
-    assert_eq!(welcomed.path.peer, pair.snode.local_addr().unwrap());
+    assert_eq!(
+        welcomed.path.as_ref().unwrap().peer,
+        pair.snode.local_addr().unwrap()
+    );
     assert_eq!(
         probed_back.load(Ordering::SeqCst),
         0,

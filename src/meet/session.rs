@@ -41,7 +41,7 @@ use crate::driver::{self, DriveError, Update};
 use crate::identity::Fingerprint;
 use crate::nat::Mapping;
 use crate::node::{Node, NodeConfig, NodeError, PeerConnection};
-use crate::path::PathKind;
+use crate::path::{ChooserConfig, PathKind, PeerPaths};
 use crate::rendezvous::{ClientError, Exchange, Paired, RendezvousClient};
 use crate::traverse::{Birthday, Kind, Path, Traversal};
 
@@ -107,15 +107,19 @@ pub enum MeetError {
 pub struct Met {
     /// The connection, pinned to the fingerprint the code confirmed.
     pub peer: PeerConnection,
-    /// The path that carried a probe and its reply.
-    pub path: Path,
-    /// How it was found: direct, on the LAN or by the birthday technique.
+    /// The path that carried a probe and its reply (`None` when the connection started on
+    /// the relay before any direct path answered).
+    pub path: Option<Path>,
+    /// The kind of path the connection started on.
     pub method: PathKind,
     /// The peer's hello.
     pub hello: Hello,
     /// When the birthday technique won on this side, the node on the winning socket:
     /// keep it as long as the connection is used.
     pub node: Option<Arc<Node>>,
+    /// The peer's paths under the connection (direct, relayed, and any found later): keep
+    /// them as long as the connection is used; their events say when it moves.
+    pub paths: Option<PeerPaths>,
 }
 
 /// A meeting that found its path, on the receiver's side (the sender connects to us).
@@ -125,13 +129,15 @@ pub struct Welcomed {
     pub code: Code,
     /// Who is coming: the fingerprint its hello showed (it now holds a ticket).
     pub sender: Fingerprint,
-    /// The path our probes proved.
-    pub path: Path,
-    /// How it was found: direct, on the LAN or by the birthday technique.
+    /// The path our probes proved (`None` when the meeting went on over the relay).
+    pub path: Option<Path>,
+    /// The kind of path the sender's connection will start on.
     pub method: PathKind,
     /// When the birthday technique won on this side: the node on the winning socket,
     /// which must accept the sender's connection (serve it like the main node).
     pub node: Option<Arc<Node>>,
+    /// The sender's paths under its coming connection: keep them as long as it is served.
+    pub paths: Option<PeerPaths>,
 }
 
 /// Everything a meeting needs on one side: our node and its connection to the
@@ -166,19 +172,24 @@ impl Meeting<'_> {
         let found = self.meet(&mut exchange, keys, &paired, heard, |_| {}).await;
         finish(exchange, found.is_err()).await;
         let found = found?;
-        let (path, peer_hello, side_node) = (found.path, found.hello, found.node);
-        let method = found.method;
-        self.events.punched(&path, method);
-        let connecting = side_node.as_deref().unwrap_or(self.node);
-        let peer = connecting
-            .connect(path.peer, Some(peer_hello.fingerprint))
-            .await?;
+        if let Some(path) = &found.path {
+            self.events.punched(path, found.method);
+        }
+        // A birthday socket is a node of its own, dialled directly; every other way goes
+        // through the peer's mapped address, so the connection can move between paths.
+        let fingerprint = Some(found.hello.fingerprint);
+        let peer = match (&found.node, &found.paths, &found.path) {
+            (Some(side), _, Some(path)) => side.connect(path.peer, fingerprint).await?,
+            (_, Some(paths), _) => self.node.connect(paths.mapped(), fingerprint).await?,
+            _ => unreachable!("a meeting finds a path, a side node or the relay"),
+        };
         Ok(Met {
             peer,
-            path,
-            method,
-            hello: peer_hello,
-            node: side_node,
+            path: found.path,
+            method: found.method,
+            hello: found.hello,
+            node: found.node,
+            paths: found.paths,
         })
     }
 
@@ -219,13 +230,16 @@ impl Meeting<'_> {
             .await;
         finish(exchange, found.is_err()).await;
         let found = found?;
-        self.events.punched(&found.path, found.method);
+        if let Some(path) = &found.path {
+            self.events.punched(path, found.method);
+        }
         Ok(Welcomed {
             code,
             sender: found.hello.fingerprint,
             path: found.path,
             method: found.method,
             node: found.node,
+            paths: found.paths,
         })
     }
 }
@@ -244,10 +258,11 @@ async fn finish(exchange: Exchange, failed: bool) {
 
 /// What [`meet`] found.
 struct Found {
-    path: Path,
+    path: Option<Path>,
     method: PathKind,
     hello: Hello,
     node: Option<Arc<Node>>,
+    paths: Option<PeerPaths>,
 }
 
 impl Meeting<'_> {
@@ -266,6 +281,10 @@ impl Meeting<'_> {
         // The peer may open our hello before we open its own, and probe at once: answer
         // (and count) its authenticated probes from now on. Nobody else's count.
         let answering = node.socket().authenticate(probe_keys.clone());
+        // The peer's paths under the coming connection. From now on, a probe of the peer's
+        // from an address we did not know ties that address to the peer (see
+        // `PeerPaths`), so its QUIC packets from there reach the connection.
+        let paths = PeerPaths::new(node.paths(), probe_keys.clone(), ChooserConfig::default());
         // No candidates yet: addresses come only from the sealed hello, or from the peer's
         // authenticated probes (a triggered check each), whichever arrives first.
         let (updates, receive_updates) = mpsc::unbounded_channel();
@@ -341,30 +360,68 @@ impl Meeting<'_> {
             _ => {}
         }
         let patience = strategy.patience;
+        let relayed = self.relay(&paths);
+        // Time to first byte is not held hostage by punching: unless a birthday socket may
+        // win (it cannot move under the connection), the relay gets a head start.
+        let head_start = (relayed.is_some() && birthday.is_none()).then_some(RELAY_AFTER);
         let no_path = MeetError::NoPath { ours, theirs };
         let first = tokio::time::timeout(patience, async {
-        // Cancel-safe: polling a JoinHandle again after another branch won loses nothing.
+        // Cancel-safe: polling a JoinHandle again after another branch won loses nothing,
+        // and the relay branch only reads the paths' state.
         tokio::select! {
             joined = &mut punching.0 => match joined {
-                Ok((Ok(path), _)) => Some((path, None)),
+                Ok((Ok(path), _)) => Some(Won::Punched(path, None)),
                 _ => None,
             },
             joined = async { (&mut birthday.as_mut().expect("guarded").0).await }, if birthday.is_some() => match joined {
-                Ok(Ok((socket, path))) => Some((path, Some(socket))),
+                Ok(Ok((socket, path))) => Some(Won::Punched(path, Some(socket))),
                 _ => None,
             },
+            kind = relay_ready(&paths, head_start), if head_start.is_some() => kind.map(Won::Relayed),
         }
     })
     .await;
-        let (path, socket) = match first {
-            Ok(Some(found)) => found,
+        let won = match first {
+            Ok(Some(won)) => won,
             // One branch gave up: the other may still be running (birthday after a quick
-            // failure of the ordinary punch, or the reverse).
+            // failure of the ordinary punch, or the reverse), and the relay may answer.
             Ok(None) => match second_chance(&mut punching, &mut birthday, patience).await {
-                Some(found) => found,
+                Some((path, socket)) => Won::Punched(path, socket),
+                None => match relay_ready(&paths, relayed.map(|_| RELAY_AFTER)).await {
+                    Some(kind) => Won::Relayed(kind),
+                    None => return Err(no_path),
+                },
+            },
+            Err(_) => match relay_ready(&paths, relayed.map(|_| RELAY_AFTER)).await {
+                Some(kind) => Won::Relayed(kind),
                 None => return Err(no_path),
             },
-            Err(_) => return Err(no_path),
+        };
+        let (path, socket) = match won {
+            Won::Punched(path, socket) => (path, socket),
+            Won::Relayed(kind) => {
+                // The punch goes on behind the connection: a direct path it finds later is
+                // handed to the paths, which move the connection once it is steady.
+                let ifaces = ifaces.clone();
+                let found = paths.adder();
+                paths.hold(tokio::spawn(async move {
+                    if let Ok((Ok(path), _)) = (&mut punching.0).await {
+                        found.add_direct(path.peer, kind_of(&path, &ifaces));
+                    }
+                }));
+                paths.hold(tokio::spawn(async move {
+                    // The answering registration lives as long as the paths do.
+                    std::future::pending::<()>().await;
+                    drop(answering);
+                }));
+                return Ok(Found {
+                    path: None,
+                    method: kind,
+                    hello: peer_hello,
+                    node: None,
+                    paths: Some(paths),
+                });
+            }
         };
         let (method, side) = match socket {
             Some(socket) => {
@@ -375,11 +432,7 @@ impl Meeting<'_> {
                 let side = Arc::new(Node::new(socket, config)?);
                 (PathKind::Birthday, Some(side))
             }
-            None if path.kind == Kind::Birthday => (PathKind::Birthday, None),
-            // Judged by the address that answered (a candidate first probed as the peer's
-            // public address may turn out to be on our own network).
-            None if candidates::kind_of(path.peer, &ifaces) == Kind::Lan => (PathKind::Lan, None),
-            None => (PathKind::Direct, None),
+            None => (kind_of(&path, &ifaces), None),
         };
         // Our probes found the path; the peer's may not have yet (it may not have been
         // listening when ours arrived). Keep showing it the way for a few seconds.
@@ -394,12 +447,65 @@ impl Meeting<'_> {
             tokio::time::sleep(linger.saturating_sub(BEACON)).await;
             drop((answering, answering_winner));
         });
+        let paths = match side {
+            // The birthday socket is not under the path layer: its node is dialled directly.
+            Some(_) => None,
+            None => {
+                paths.add_direct(path.peer, method);
+                // The path just answered our probes: it answers the paths' own at once.
+                paths.first_path(FIRST_PATH).await;
+                Some(paths)
+            }
+        };
         Ok(Found {
-            path,
-            method,
+            path: Some(path),
+            method: paths
+                .as_ref()
+                .and_then(|p| p.current())
+                .map_or(method, |c| c.kind),
             hello: peer_hello,
             node: side,
+            paths,
         })
+    }
+
+    /// Give the peer's paths the relay of our rendezvous, when it offers one: returns its
+    /// kind.
+    fn relay(&self, _paths: &PeerPaths) -> Option<PathKind> {
+        None
+    }
+}
+
+/// What won the race after pairing.
+enum Won {
+    Punched(Path, Option<std::net::UdpSocket>),
+    Relayed(PathKind),
+}
+
+/// How long the relay lets punching try alone before the connection starts relayed.
+pub const RELAY_AFTER: Duration = Duration::from_millis(300);
+/// How long a just-proven direct path may take to answer the paths' own probes.
+const FIRST_PATH: Duration = Duration::from_secs(1);
+
+/// After `after`, the kind of path the peer's paths chose, once they chose one (`None` when
+/// there is no relay to wait for).
+async fn relay_ready(paths: &PeerPaths, after: Option<Duration>) -> Option<PathKind> {
+    tokio::time::sleep(after?).await;
+    paths
+        .first_path(Duration::from_secs(5))
+        .await
+        .map(|event| event.kind)
+}
+
+/// The kind of a punched path, judged by the address that answered (a candidate first
+/// probed as the peer's public address may turn out to be on our own network).
+fn kind_of(path: &Path, ifaces: &[Interface]) -> PathKind {
+    if path.kind == Kind::Birthday {
+        PathKind::Birthday
+    } else if candidates::kind_of(path.peer, ifaces) == Kind::Lan {
+        PathKind::Lan
+    } else {
+        PathKind::Direct
     }
 }
 

@@ -84,7 +84,34 @@ struct Shared {
 pub struct PeerPaths {
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+    /// Tasks that serve these paths (a relay's reader, a punch still going on): they end
+    /// with them.
+    held: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     _answering: Authenticating,
+}
+
+/// A handle that adds paths to a [`PeerPaths`] from another task (a punch that goes on
+/// behind a connection that started relayed).
+#[derive(Clone)]
+pub struct PathAdder(Arc<Shared>);
+
+impl std::fmt::Debug for PathAdder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PathAdder").field(&self.0.mapped).finish()
+    }
+}
+
+impl PathAdder {
+    /// See [`PeerPaths::add_direct`].
+    pub fn add_direct(&self, addr: SocketAddr, kind: PathKind) {
+        add_direct(&self.0, addr, kind);
+    }
+}
+
+fn add_direct(shared: &Shared, addr: SocketAddr, kind: PathKind) {
+    let addr = canonical(addr);
+    shared.socket.tie(addr, shared.mapped, kind);
+    let _ = shared.commands.try_send(Command::Direct(addr, kind));
 }
 
 impl std::fmt::Debug for PeerPaths {
@@ -99,6 +126,14 @@ impl std::fmt::Debug for PeerPaths {
 impl Drop for PeerPaths {
     fn drop(&mut self) {
         self.task.abort();
+        for task in self
+            .held
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
         self.shared.socket.remove_route(self.shared.mapped);
     }
 }
@@ -141,6 +176,7 @@ impl PeerPaths {
         PeerPaths {
             shared,
             task,
+            held: Mutex::default(),
             _answering: answering,
         }
     }
@@ -150,11 +186,22 @@ impl PeerPaths {
         self.shared.mapped
     }
 
-    /// A direct path to try: the peer's address as the traversal proved it.
+    /// A direct path to try: the peer's address as the traversal proved it. An address
+    /// already known (the peer probed us from it) takes this kind.
     pub fn add_direct(&self, addr: SocketAddr, kind: PathKind) {
-        let addr = canonical(addr);
-        self.shared.socket.tie(addr, self.shared.mapped, kind);
-        let _ = self.shared.commands.try_send(Command::Direct(addr, kind));
+        add_direct(&self.shared, addr, kind);
+    }
+
+    /// A handle that adds direct paths from elsewhere.
+    pub fn adder(&self) -> PathAdder {
+        PathAdder(self.shared.clone())
+    }
+
+    /// Keep `task` running as long as these paths live, and abort it with them.
+    pub fn hold(&self, task: tokio::task::JoinHandle<()>) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|t| !t.is_finished());
+        held.push(task);
     }
 
     /// A relay to the peer. Whoever reads the carrier gives what arrives to the returned
@@ -314,13 +361,19 @@ struct Driver {
 
 impl Driver {
     fn add(&mut self, via: Via, kind: PathKind, now: Instant) {
-        let exists = self.paths.iter().any(|p| match (&p.via, &via) {
+        let exists = self.paths.iter().position(|p| match (&p.via, &via) {
             (Via::Direct(a), Via::Direct(b)) => a == b,
             (Via::Carrier(a, _), Via::Carrier(b, _)) => a == b,
             _ => false,
         });
-        if exists {
-            return;
+        if let Some(at) = exists {
+            // Learnt first from the peer's probe (as direct), then named by the traversal,
+            // which knows a LAN address when it sees one.
+            if self.paths[at].kind != kind && kind == PathKind::Lan {
+                self.forget(at);
+            } else {
+                return;
+            }
         }
         if matches!(via, Via::Direct(_)) {
             let direct = self

@@ -409,7 +409,7 @@ impl PathSocket {
             }
             bufs[n][..datagram.len()].copy_from_slice(&datagram);
             meta[n] = RecvMeta {
-                addr: from,
+                addr: self.demux.map_family(from),
                 len: datagram.len(),
                 stride: datagram.len(),
                 ecn: None,
@@ -509,7 +509,9 @@ impl AsyncUdpSocket for PathSocket {
                     if let Some(route) = table.routes.get(&mapped) {
                         route.received.add(kind, m.len);
                     }
-                    m.addr = mapped;
+                    // As quinn wrote it: on a dual-stack socket a client connection
+                    // drops packets whose source is not spelt like its peer's address.
+                    m.addr = self.demux.map_family(mapped);
                 }
             }
         }

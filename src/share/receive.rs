@@ -432,6 +432,9 @@ impl Codes {
                     if let Some(side) = welcomed.node {
                         self.serve_side_node(side);
                     }
+                    if let Some(paths) = welcomed.paths {
+                        self.keep_paths(paths);
+                    }
                     if self.once {
                         return Ok(CodesEnded::Done);
                     }
@@ -461,6 +464,31 @@ impl Codes {
         }
     }
 
+    /// Keep a sender's paths (its connection runs on their mapped address) while its
+    /// connection is alive: until nothing has come from it for [`PATHS_IDLE`] (its
+    /// keep-alives come every few seconds while it is connected), or until stopped.
+    fn keep_paths(&self, paths: crate::path::PeerPaths) {
+        let mut stopped = self.side_stopped.clone();
+        tokio::spawn(async move {
+            let mut last = paths.bytes();
+            let mut quiet_since = tokio::time::Instant::now();
+            loop {
+                // Cancel-safe: a timer and a watch.
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stopped.wait_for(|stop| *stop) => return,
+                }
+                let now = paths.bytes();
+                if now.received != last.received {
+                    last = now;
+                    quiet_since = tokio::time::Instant::now();
+                } else if quiet_since.elapsed() > PATHS_IDLE {
+                    return;
+                }
+            }
+        });
+    }
+
     /// Serve a node a birthday punch made (the sender connects there) until stopped.
     fn serve_side_node(&self, side: Arc<Node>) {
         let server = Server::new(side.clone(), self.receiver.clone(), self.limits);
@@ -476,6 +504,10 @@ impl Codes {
         });
     }
 }
+
+/// How long a met sender's paths are kept once nothing comes from it: longer than its
+/// connection's idle timeout, so the paths never go before the connection does.
+const PATHS_IDLE: Duration = Duration::from_secs(90);
 
 /// Meeting senders by one-time code on the LAN, with no rendezvous: a code at a time,
 /// announced by mDNS until it is used, burned or expired.

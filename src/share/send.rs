@@ -251,10 +251,10 @@ impl Share {
         // The rendezvous connection ends by itself once our last message there is delivered.
         drop(client);
         let sending = met.node.clone().unwrap_or_else(|| node.clone());
-        let path = if met.method == PathKind::Lan {
-            PathKind::Lan
-        } else {
-            PathKind::Direct
+        // A birthday path is direct to the user.
+        let path = match met.method {
+            PathKind::Birthday => PathKind::Direct,
+            kind => kind,
         };
         self.connected(&sending, &met.peer, path)?;
         let to = canonical(met.peer.connection.remote_address());
