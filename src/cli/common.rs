@@ -50,7 +50,12 @@ pub fn report_connected(
     path: &'static str,
     local: SocketAddr,
 ) {
-    let over = if path == "lan" { " on the LAN" } else { "" };
+    let over = match path {
+        "lan" => " on the LAN",
+        "relayed" => " through the rendezvous's relay (end-to-end encrypted)",
+        "relayed-tcp" => " through the rendezvous's relay over TCP (end-to-end encrypted)",
+        _ => "",
+    };
     ui.event(
         Event::Connected {
             peer: remote.to_string(),

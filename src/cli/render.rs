@@ -82,7 +82,7 @@ impl Render {
                     .error(&format!("transfer from {fingerprint} failed: {e}"));
             }
             (Ok(reports), Some((progress, started))) if !reports.is_empty() => {
-                progress.summary(&reports, started.elapsed(), &self.out);
+                progress.summary(&reports, started.elapsed(), &self.out, None);
             }
             _ => {}
         }
@@ -162,6 +162,28 @@ impl share::Events for Render {
                     },
                     Some(format!(
                         "hole punched ({method}): {peer} answered in {rtt_ms:.1} ms; it sees us as {reflexive}"
+                    )),
+                );
+            }
+            E::PathChanged {
+                path,
+                from,
+                reason,
+                rtt,
+            } => {
+                let rtt_ms = rtt.map(|rtt| rtt.as_secs_f64() * 1000.0);
+                let was = from.map_or(String::new(), |from| format!(" (was {from})"));
+                let rtt_text = rtt_ms.map_or(String::new(), |ms| format!(", RTT {ms:.1} ms"));
+                ui.event(
+                    Event::Path {
+                        path: path.as_str(),
+                        from: from.map(|f| f.as_str()),
+                        reason: reason.as_str(),
+                        rtt_ms,
+                    },
+                    Some(format!(
+                        "path: now {path}{was}: {}{rtt_text}",
+                        reason.explain()
                     )),
                 );
             }

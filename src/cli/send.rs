@@ -78,7 +78,12 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         Ok(sent) => {
             let verified = sent.reports.iter().filter(|r| r.is_verified()).count();
             if let Some(progress) = render.take_sent() {
-                progress.summary(&sent.reports, sent.elapsed, &sent.to.to_string());
+                progress.summary(
+                    &sent.reports,
+                    sent.elapsed,
+                    &sent.to.to_string(),
+                    sent.paths,
+                );
             }
             Ok(verified == sent.reports.len())
         }

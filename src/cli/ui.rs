@@ -85,6 +85,13 @@ pub enum Event {
         path: &'static str,
         local_addr: String,
     },
+    /// The connection moved to another path (a meeting by code).
+    Path {
+        path: &'static str,
+        from: Option<&'static str>,
+        reason: &'static str,
+        rtt_ms: Option<f64>,
+    },
     /// A file arrived verified (receiver).
     Received {
         name: String,
@@ -125,6 +132,9 @@ pub enum Event {
         seconds: f64,
         mb_per_sec: f64,
         path: String,
+        /// Bytes sent and received over each kind of path (a meeting by code).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        by_path: Option<std::collections::BTreeMap<&'static str, [u64; 2]>>,
     },
     /// Counters of the shared socket and the server, at exit.
     Stats {
@@ -352,7 +362,13 @@ impl FileProgress {
 
     /// The summary line (and `summary` event) of a finished batch; `path` says where the
     /// files went.
-    pub fn summary(&self, reports: &[FileReport], elapsed: Duration, path: &str) {
+    pub fn summary(
+        &self,
+        reports: &[FileReport],
+        elapsed: Duration,
+        path: &str,
+        by_path: Option<qpunch::path::PathBytes>,
+    ) {
         self.clear();
         let verified: Vec<_> = reports.iter().filter(|r| r.is_verified()).collect();
         let bytes: u64 = verified.iter().map(|r| r.size).sum();
@@ -388,6 +404,22 @@ impl FileProgress {
                 HumanBytes(bytes),
             )
         };
+        let line = match by_path.map(by_kind) {
+            Some(kinds) if !kinds.is_empty() => {
+                let parts: Vec<String> = kinds
+                    .iter()
+                    .map(|(kind, [sent, received])| {
+                        format!(
+                            "{kind} {} out, {} in",
+                            HumanBytes(*sent),
+                            HumanBytes(*received)
+                        )
+                    })
+                    .collect();
+                format!("{line}; by path: {}", parts.join("; "))
+            }
+            _ => line,
+        };
         self.ui.event(
             Event::Summary {
                 files: reports.len() as u64,
@@ -397,6 +429,7 @@ impl FileProgress {
                 seconds,
                 mb_per_sec,
                 path: path.to_string(),
+                by_path: by_path.map(by_kind),
             },
             Some(line),
         );
@@ -570,4 +603,14 @@ impl Consent for TerminalConsent {
         let yes = matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes");
         vec![yes; files.len()]
     }
+}
+
+/// The kinds of path that carried anything, with bytes `[sent, received]`.
+fn by_kind(bytes: qpunch::path::PathBytes) -> std::collections::BTreeMap<&'static str, [u64; 2]> {
+    qpunch::path::PathKind::ALL
+        .iter()
+        .map(|&kind| (kind.as_str(), bytes.of(kind)))
+        .filter(|(_, (sent, received))| sent + received > 0)
+        .map(|(kind, (sent, received))| (kind, [sent, received]))
+        .collect()
 }

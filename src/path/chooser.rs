@@ -68,6 +68,28 @@ pub enum SwitchReason {
     Faster,
 }
 
+impl SwitchReason {
+    /// The name in events: `first`, `current-dead`, `better-kind`, `faster`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SwitchReason::First => "first",
+            SwitchReason::CurrentDead => "current-dead",
+            SwitchReason::BetterKind => "better-kind",
+            SwitchReason::Faster => "faster",
+        }
+    }
+
+    /// Why, for people.
+    pub fn explain(self) -> &'static str {
+        match self {
+            SwitchReason::First => "the first path that answered",
+            SwitchReason::CurrentDead => "the path in use went silent",
+            SwitchReason::BetterKind => "a better path has been answering steadily",
+            SwitchReason::Faster => "a path of the same kind answers faster",
+        }
+    }
+}
+
 /// A move from one path to another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Switch {

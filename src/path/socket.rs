@@ -8,6 +8,11 @@
 //! peer given as `host:port`) passes through untouched, so the layer costs one hash lookup
 //! per datagram batch when no peer is mapped.
 //!
+//! A real address tied to a mapped peer belongs to it: its packets all reach quinn from the
+//! mapped address. So while a [`super::PeerPaths`] lives, talk to that peer through its
+//! mapped address only; a second connection dialled to its real address from the same node
+//! would not recognise the answers.
+//!
 //! Why not let quinn migrate between real addresses? Only a client can migrate in QUIC, a
 //! relay is not an address at all, and a connection that sees its peer's address change
 //! would re-validate and restart its congestion state on every flap. Here the connection

@@ -13,7 +13,7 @@ use crate::identity::Fingerprint;
 use crate::meet::code::Code;
 use crate::meet::lan::LanStats;
 use crate::natcheck::{Mapping, NatReport};
-use crate::path::PathKind;
+use crate::path::{PathKind, SwitchReason};
 use crate::punch::Punched;
 use crate::server::ServerStats;
 use crate::socket::SocketStats;
@@ -118,6 +118,17 @@ pub enum Event {
         /// `direct`, `lan` or `birthday`.
         method: PathKind,
     },
+    /// The connection to a peer met by code moved to another path (or took its first).
+    PathChanged {
+        /// The kind of path now used.
+        path: PathKind,
+        /// The kind used before.
+        from: Option<PathKind>,
+        /// Why.
+        reason: SwitchReason,
+        /// The new path's round-trip time, as its probes measured it.
+        rtt: Option<Duration>,
+    },
     /// An authenticated QUIC connection is up. `conn` names it in later events.
     Connected {
         /// The connection's id.
@@ -126,7 +137,9 @@ pub enum Event {
         peer: SocketAddr,
         /// The key it proved.
         fingerprint: Fingerprint,
-        /// [`PathKind::Direct`] or [`PathKind::Lan`] (a birthday path is direct).
+        /// The path it starts on: [`PathKind::Direct`], [`PathKind::Lan`] (a birthday
+        /// path is direct), [`PathKind::RelayedUdp`] or [`PathKind::RelayedTcp`]; later
+        /// moves come as [`Event::PathChanged`].
         path: PathKind,
         /// Our socket's address.
         local: SocketAddr,

@@ -433,6 +433,10 @@ impl Codes {
                         self.serve_side_node(side);
                     }
                     if let Some(paths) = welcomed.paths {
+                        paths.hold(super::send::forward_path_events(
+                            &paths,
+                            self.events.clone(),
+                        ));
                         self.keep_paths(paths);
                     }
                     if self.once {

@@ -14,7 +14,7 @@ use crate::known_peers::KnownPeers;
 use crate::meet::code::Code;
 use crate::meet::lan::{self, Lan};
 use crate::node::{self, Congestion, Node, NodeConfig, NodeError, PeerConnection};
-use crate::path::PathKind;
+use crate::path::{PathBytes, PathKind};
 use crate::punch::{Method, PunchConfig};
 use crate::transfer::tree::TreeCache;
 use crate::transfer::{self, FileReport, Selection, TransferError};
@@ -91,6 +91,8 @@ pub struct Sent {
     pub elapsed: Duration,
     /// The receiver's address.
     pub to: SocketAddr,
+    /// For a meeting by code: bytes that went each way, by kind of path.
+    pub paths: Option<PathBytes>,
 }
 
 impl Share {
@@ -248,8 +250,12 @@ impl Share {
                 code: code.to_string(),
                 source,
             })?;
-        // The rendezvous connection ends by itself once our last message there is delivered.
+        // The rendezvous connection ends by itself once our last message there is delivered
+        // (or, when it relays for us, once the paths let go of it).
         drop(client);
+        if let Some(paths) = &met.paths {
+            paths.hold(forward_path_events(paths, self.events.clone()));
+        }
         let sending = met.node.clone().unwrap_or_else(|| node.clone());
         // A birthday path is direct to the user.
         let path = match met.method {
@@ -257,12 +263,19 @@ impl Share {
             kind => kind,
         };
         self.connected(&sending, &met.peer, path)?;
-        let to = canonical(met.peer.connection.remote_address());
+        let to = canonical(
+            sending
+                .paths()
+                .real_addr(met.peer.connection.remote_address()),
+        );
         let delivered = self
             .deliver(&sending, &met.peer, files, config, to, cancel)
             .await;
         node.close(node::QUICK_LINGER).await;
-        delivered
+        delivered.map(|sent| Sent {
+            paths: met.paths.as_ref().map(|p| p.bytes()),
+            ..sent
+        })
     }
 
     /// With no rendezvous: find the receiver of `code` on the local network (mDNS), prove
@@ -312,7 +325,7 @@ impl Share {
     ) -> Result<(), ShareError> {
         self.emit(Event::Connected {
             conn: peer.connection.stable_id(),
-            peer: canonical(peer.connection.remote_address()),
+            peer: canonical(node.paths().real_addr(peer.connection.remote_address())),
             fingerprint: peer.fingerprint,
             path,
             local: node.local_addr()?,
@@ -364,6 +377,7 @@ impl Share {
         node.close(node::QUICK_LINGER).await;
         let reports = result.map_err(ShareError::Transfer)?;
         Ok(Sent {
+            paths: None,
             reports,
             elapsed: started.elapsed(),
             to,
@@ -373,6 +387,34 @@ impl Share {
 
 /// The trees of hashed files (`dir`, else `<qpunch home>/cache`); a cache that cannot be
 /// opened only costs hashing again.
+/// Tell `events` every move of `paths`, until they end.
+pub(super) fn forward_path_events(
+    paths: &crate::path::PeerPaths,
+    events: Arc<dyn super::Events>,
+) -> tokio::task::JoinHandle<()> {
+    // The first path is the one `Connected` names: only moves follow.
+    let mut moves = paths.events();
+    tokio::spawn(async move {
+        loop {
+            // Cancel-safe: a broadcast receive.
+            match moves.recv().await {
+                Ok(event) => events.event(path_changed(event)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    })
+}
+
+fn path_changed(event: crate::path::PathEvent) -> Event {
+    Event::PathChanged {
+        path: event.kind,
+        from: event.from,
+        reason: event.reason,
+        rtt: event.rtt,
+    }
+}
+
 fn tree_cache(dir: Option<PathBuf>) -> Option<Arc<TreeCache>> {
     let dir = match dir {
         Some(dir) => dir,
