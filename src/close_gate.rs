@@ -33,7 +33,10 @@ impl ControllerFactory for GatedFactory {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         Box::new(Gated {
             inner: self.inner.clone().build(now, current_mtu),
+            factory: self.inner.clone(),
+            mtu: current_mtu,
             closing: Arc::new(AtomicBool::new(false)),
+            restart: Arc::new(AtomicBool::new(false)),
             node_closing: self.node_closing.clone(),
         })
     }
@@ -42,6 +45,12 @@ impl ControllerFactory for GatedFactory {
 /// A congestion controller that steps aside once its connection is closing.
 pub struct Gated {
     inner: Box<dyn Controller>,
+    /// Builds a fresh `inner` when the connection's path changes (see [`path_changed`]).
+    factory: Arc<dyn ControllerFactory + Send + Sync>,
+    /// The current MTU, for a fresh controller.
+    mtu: u16,
+    /// Set by [`path_changed`]: start over at the next event that has a clock.
+    restart: Arc<AtomicBool>,
     /// This connection is closing. Shared with the clones quinn hands out
     /// (`Connection::congestion_state`), which is how [`close`] reaches it.
     closing: Arc<AtomicBool>,
@@ -54,6 +63,14 @@ impl Gated {
         self.inner.as_ref()
     }
 
+    /// A path change was signalled: the old path's model (its bandwidth, its RTT, its
+    /// window) says nothing about the new one, so start over, as on a new connection.
+    fn restart_if_moved(&mut self, now: Instant) {
+        if self.restart.swap(false, Ordering::Relaxed) {
+            self.inner = self.factory.clone().build(now, self.mtu);
+        }
+    }
+
     fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed) || self.node_closing.load(Ordering::Relaxed)
     }
@@ -61,6 +78,7 @@ impl Gated {
 
 impl Controller for Gated {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        self.restart_if_moved(now);
         self.inner.on_sent(now, bytes, last_packet_number)
     }
 
@@ -72,6 +90,7 @@ impl Controller for Gated {
         app_limited: bool,
         rtt: &quinn_proto::RttEstimator,
     ) {
+        self.restart_if_moved(now);
         self.inner.on_ack(now, sent, bytes, app_limited, rtt)
     }
 
@@ -93,11 +112,13 @@ impl Controller for Gated {
         is_persistent_congestion: bool,
         lost_bytes: u64,
     ) {
+        self.restart_if_moved(now);
         self.inner
             .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes)
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.mtu = new_mtu;
         self.inner.on_mtu_update(new_mtu)
     }
 
@@ -117,7 +138,10 @@ impl Controller for Gated {
     fn clone_box(&self) -> Box<dyn Controller> {
         Box::new(Gated {
             inner: self.inner.clone_box(),
+            factory: self.factory.clone(),
+            mtu: self.mtu,
             closing: self.closing.clone(),
+            restart: self.restart.clone(),
             node_closing: self.node_closing.clone(),
         })
     }
@@ -128,6 +152,15 @@ impl Controller for Gated {
 
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
         self
+    }
+}
+
+/// Tell `connection`'s congestion controller that its packets now take another path
+/// (see [`crate::path`]): it starts over there, like a new connection's, at its next event.
+/// Works on any connection; only those of a [`Node`](crate::node::Node) have the gate.
+pub fn path_changed(connection: &quinn::Connection) {
+    if let Ok(gated) = connection.congestion_state().into_any().downcast::<Gated>() {
+        gated.restart.store(true, Ordering::Relaxed);
     }
 }
 

@@ -519,7 +519,8 @@ fn rendezvous_made_connection_survives_rebinding() {
 }
 
 /// Keep-alives hold a rendezvous-made hole open while the connection idles past the
-/// routers' UDP timeout (2 s here); without them the hole closes (the control).
+/// routers' UDP timeout (2 s here), and so do the path layer's probes of the current path;
+/// with neither the hole closes (the control).
 #[test]
 fn keepalive_holds_a_rendezvous_made_hole_open() {
     const TEST: &str = "keepalive_holds_a_rendezvous_made_hole_open";
@@ -549,11 +550,21 @@ fn keepalive_holds_a_rendezvous_made_hole_open() {
         .unwrap();
     runtime.block_on(async {
         let rv = in_process_rendezvous(&topo);
-        for (keep_alive, must_reach) in [(Some(Duration::from_millis(500)), true), (None, false)] {
-            let reached = meet_then_idle(&topo, rv, keep_alive, Duration::from_secs(6)).await;
+        let rare = qpunch::path::PathConfig {
+            slow: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+            ..qpunch::path::PathConfig::default()
+        };
+        let cases = [
+            (Some(Duration::from_millis(500)), rare, true),
+            (None, qpunch::path::PathConfig::default(), true),
+            (None, rare, false),
+        ];
+        for (keep_alive, paths, must_reach) in cases {
+            let reached = meet_then_idle(&topo, rv, keep_alive, paths, Duration::from_secs(6)).await;
             assert_eq!(
                 reached, must_reach,
-                "keep-alive {keep_alive:?}: the receiver reached the sender after idling: {reached}"
+                "keep-alive {keep_alive:?}, path probes every {:?}: the receiver reached the sender after idling: {reached}", paths.slow
             );
         }
     });
@@ -595,6 +606,7 @@ async fn meet_then_idle(
     topo: &Topology,
     rv: SocketAddr,
     keep_alive: Option<Duration>,
+    paths: qpunch::path::PathConfig,
     idle: Duration,
 ) -> bool {
     use qpunch::meet::{MeetConfig, Meeting, Silent};
@@ -635,7 +647,10 @@ async fn meet_then_idle(
         node: &rnode,
         rendezvous: &rclient,
         nat: Mapping::EndpointIndependent,
-        config: MeetConfig::default(),
+        config: MeetConfig {
+            paths,
+            ..MeetConfig::default()
+        },
         events: &announce,
     };
     let admitted = std::sync::Mutex::new(None);
@@ -647,14 +662,18 @@ async fn meet_then_idle(
             node: &snode,
             rendezvous: &sclient,
             nat: Mapping::EndpointIndependent,
-            config: MeetConfig::default(),
+            config: MeetConfig {
+                paths,
+                ..MeetConfig::default()
+            },
             events: &Silent,
         }
         .dial(&code)
         .await
     };
     let (welcomed, met, accepted) = tokio::join!(welcome, dial, rnode.accept());
-    welcomed.expect("welcomed");
+    // Kept: the receiver's side of the connection runs on its paths.
+    let _welcomed = welcomed.expect("welcomed");
     let met = met.expect("met");
     let accepted = accepted.unwrap().unwrap();
     assert_eq!(accepted.fingerprint, snode.fingerprint());

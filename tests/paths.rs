@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use qpunch::identity::Identity;
 use qpunch::node::{Node, NodeConfig, PeerConnection};
-use qpunch::path::{Carrier, ChooserConfig, PathEvent, PathKind, PeerPaths, Relayed};
+use qpunch::path::{Carrier, PathConfig, PathEvent, PathKind, PeerPaths, Relayed};
 use qpunch::wire::{ProbeKey, ProbeKeys};
 use tokio::sync::mpsc;
 
@@ -176,7 +176,7 @@ struct Pair {
 fn pair() -> Pair {
     let (a, b) = (node(false), node(true));
     let (ka, kb) = keys();
-    let config = ChooserConfig::default();
+    let config = PathConfig::default();
     let pa = PeerPaths::new(a.paths(), ka, config);
     let pb = PeerPaths::new(b.paths(), kb, config);
     Pair { a, b, pa, pb }

@@ -41,7 +41,7 @@ use crate::driver::{self, DriveError, Update};
 use crate::identity::Fingerprint;
 use crate::nat::Mapping;
 use crate::node::{Node, NodeConfig, NodeError, PeerConnection};
-use crate::path::{ChooserConfig, PathKind, PeerPaths};
+use crate::path::{PathKind, PeerPaths};
 use crate::rendezvous::{ClientError, Exchange, Paired, RendezvousClient};
 use crate::traverse::{Birthday, Kind, Path, Traversal};
 
@@ -284,7 +284,7 @@ impl Meeting<'_> {
         // The peer's paths under the coming connection. From now on, a probe of the peer's
         // from an address we did not know ties that address to the peer (see
         // `PeerPaths`), so its QUIC packets from there reach the connection.
-        let paths = PeerPaths::new(node.paths(), probe_keys.clone(), ChooserConfig::default());
+        let paths = PeerPaths::new(node.paths(), probe_keys.clone(), config.paths);
         // No candidates yet: addresses come only from the sealed hello, or from the peer's
         // authenticated probes (a triggered check each), whichever arrives first.
         let (updates, receive_updates) = mpsc::unbounded_channel();

@@ -20,7 +20,7 @@ use crate::nat::Mapping;
 use crate::traverse::TraverseConfig;
 
 /// How a meeting punches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MeetConfig {
     /// The simultaneous punch (pacing, backoff, and its 12 s deadline).
     pub traverse: TraverseConfig,
@@ -31,6 +31,8 @@ pub struct MeetConfig {
     pub hard_pair_timeout: Duration,
     /// How long a confirmed sender may take to connect (its ticket's lifetime).
     pub ticket_ttl: Duration,
+    /// How the connection's paths are probed and chosen.
+    pub paths: crate::path::PathConfig,
 }
 
 impl Default for MeetConfig {
@@ -40,6 +42,7 @@ impl Default for MeetConfig {
             birthday_sockets: 256,
             hard_pair_timeout: Duration::from_secs(5),
             ticket_ttl: Duration::from_secs(60),
+            paths: crate::path::PathConfig::default(),
         }
     }
 }

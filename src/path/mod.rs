@@ -20,7 +20,7 @@ pub mod socket;
 
 pub use carrier::Carrier;
 pub use chooser::{Chooser, ChooserConfig, PathId, Switch, SwitchReason};
-pub use peer::{PathAdder, PathEvent, PeerPaths, Relayed};
+pub use peer::{PathAdder, PathConfig, PathEvent, PeerPaths, Relayed};
 pub use socket::{Attached, PathBytes, PathSocket, PathSocketStats, is_mapped};
 
 /// How a packet reaches the peer. Ordered by preference, best first.

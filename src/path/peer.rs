@@ -37,12 +37,40 @@ use crate::wire::{self, Class, Message, ProbeKeys, TxId};
 
 /// Probe interval of a path being proven, or of every path while the current one is quiet.
 pub const FAST: Duration = Duration::from_millis(200);
-/// Probe interval of the current path while it answers.
+/// Probe interval of the current path while it answers. Its probes also keep the NAT
+/// mappings of the path open, like keep-alives.
 pub const SLOW: Duration = Duration::from_secs(1);
 /// Probe interval of paths kept in reserve, and of paths that never answered.
 pub const IDLE: Duration = Duration::from_secs(10);
 /// A path that has not answered for this long since it was added stops being probed fast.
 pub const GIVE_UP: Duration = Duration::from_secs(15);
+
+/// How a peer's paths are probed and chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PathConfig {
+    /// The choice among live paths.
+    pub chooser: ChooserConfig,
+    /// See [`FAST`].
+    pub fast: Duration,
+    /// See [`SLOW`].
+    pub slow: Duration,
+    /// See [`IDLE`].
+    pub idle: Duration,
+    /// See [`GIVE_UP`].
+    pub give_up: Duration,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        PathConfig {
+            chooser: ChooserConfig::default(),
+            fast: FAST,
+            slow: SLOW,
+            idle: IDLE,
+            give_up: GIVE_UP,
+        }
+    }
+}
 /// Most direct paths one peer keeps (each peer probe from a new address adds one).
 const MAX_DIRECT: usize = 8;
 /// Probes remembered per path, to match replies and measure RTT.
@@ -143,7 +171,7 @@ impl PeerPaths {
     /// meeting's). It has no path until [`add_direct`](Self::add_direct) or
     /// [`add_relay`](Self::add_relay) gives it one that answers. Must be called inside a
     /// tokio runtime.
-    pub fn new(socket: &Arc<PathSocket>, keys: ProbeKeys, config: ChooserConfig) -> Self {
+    pub fn new(socket: &Arc<PathSocket>, keys: ProbeKeys, config: PathConfig) -> Self {
         let route = socket.add_route();
         let (commands, receive) = mpsc::channel(256);
         let (events, _) = broadcast::channel(16);
@@ -355,6 +383,7 @@ impl Known {
 /// The peer's paths, the chooser over them, and when to probe each.
 struct Driver {
     shared: Arc<Shared>,
+    config: PathConfig,
     chooser: Chooser,
     paths: Vec<Known>,
 }
@@ -424,27 +453,28 @@ impl Driver {
             None => true,
             Some(c) => c
                 .last_heard
-                .is_none_or(|t| now.saturating_duration_since(t) > SLOW * 2),
+                .is_none_or(|t| now.saturating_duration_since(t) > self.config.slow * 2),
         }
     }
 
     fn interval(&self, path: &Known, now: Instant) -> Duration {
+        let c = &self.config;
         let never = path.last_heard.is_none();
-        if never && now.saturating_duration_since(path.added) > GIVE_UP {
-            return IDLE;
+        if never && now.saturating_duration_since(path.added) > c.give_up {
+            return c.idle;
         }
         if self.quiet(now) {
-            return FAST;
+            return c.fast;
         }
         let current = self
             .current()
             .expect("not quiet, so there is a current path");
         if current.id == path.id {
-            SLOW
+            c.slow
         } else if path.kind.class() < current.kind.class() {
-            FAST
+            c.fast
         } else {
-            IDLE
+            c.idle
         }
     }
 
@@ -532,7 +562,7 @@ impl Driver {
     fn next_wake(&self, now: Instant) -> Instant {
         let soonest = self.paths.iter().map(|p| p.next_probe).min();
         // The chooser's settling and staleness are checked at least this often.
-        let tick = now + FAST;
+        let tick = now + self.config.fast;
         soonest.map_or(tick, |t| t.min(tick))
     }
 }
@@ -541,11 +571,12 @@ async fn drive(
     shared: Arc<Shared>,
     mut commands: mpsc::Receiver<Command>,
     mut replies: broadcast::Receiver<ProbeReply>,
-    config: ChooserConfig,
+    config: PathConfig,
 ) {
     let mut driver = Driver {
         shared,
-        chooser: Chooser::new(config),
+        config,
+        chooser: Chooser::new(config.chooser),
         paths: Vec::new(),
     };
     loop {

@@ -436,6 +436,7 @@ impl Codes {
                         paths.hold(super::send::forward_path_events(
                             &paths,
                             self.events.clone(),
+                            None,
                         ));
                         self.keep_paths(paths);
                     }

@@ -254,7 +254,8 @@ impl Share {
         // (or, when it relays for us, once the paths let go of it).
         drop(client);
         if let Some(paths) = &met.paths {
-            paths.hold(forward_path_events(paths, self.events.clone()));
+            let connection = Some(met.peer.connection.clone());
+            paths.hold(forward_path_events(paths, self.events.clone(), connection));
         }
         let sending = met.node.clone().unwrap_or_else(|| node.clone());
         // A birthday path is direct to the user.
@@ -387,10 +388,12 @@ impl Share {
 
 /// The trees of hashed files (`dir`, else `<qpunch home>/cache`); a cache that cannot be
 /// opened only costs hashing again.
-/// Tell `events` every move of `paths`, until they end.
+/// Tell `events` every move of `paths`, until they end, and `connection`'s congestion
+/// controller that its path changed.
 pub(super) fn forward_path_events(
     paths: &crate::path::PeerPaths,
     events: Arc<dyn super::Events>,
+    connection: Option<quinn::Connection>,
 ) -> tokio::task::JoinHandle<()> {
     // The first path is the one `Connected` names: only moves follow.
     let mut moves = paths.events();
@@ -398,7 +401,13 @@ pub(super) fn forward_path_events(
         loop {
             // Cancel-safe: a broadcast receive.
             match moves.recv().await {
-                Ok(event) => events.event(path_changed(event)),
+                Ok(event) => {
+                    // The bulk sender's controller re-probes the new path.
+                    if let Some(connection) = &connection {
+                        crate::close_gate::path_changed(connection);
+                    }
+                    events.event(path_changed(event));
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
