@@ -200,18 +200,30 @@ impl DemuxSocket {
     /// The authenticated reply to `data`, if it is a probe that verifies under a
     /// registered key.
     fn authenticated_reply(&self, from: SocketAddr, data: &[u8]) -> Option<punch::Transmit> {
-        let (reply, on_probe) = self.lock_keys().iter().find_map(|r| {
-            match Message::decode_authenticated(data, &r.keys.theirs) {
-                Ok(Message::Probe { txid }) => Some((
-                    punch::authenticated_reply_to(from, txid, &r.keys.ours),
-                    r.on_probe.clone(),
-                )),
-                _ => None,
-            }
-        })?;
-        // Outside the lock: the hook takes the path layer's own.
-        if let Some(on_probe) = on_probe {
-            on_probe(from);
+        let (reply, hooks) =
+            {
+                let keys = self.lock_keys();
+                let (at, txid) =
+                    keys.iter().enumerate().find_map(
+                        |(at, r)| match Message::decode_authenticated(data, &r.keys.theirs) {
+                            Ok(Message::Probe { txid }) => Some((at, txid)),
+                            _ => None,
+                        },
+                    )?;
+                let verified = &keys[at].keys;
+                let reply = punch::authenticated_reply_to(from, txid, &verified.ours);
+                // Every registration of the same keys hears of it (a meeting and its paths may
+                // both hold them).
+                let hooks: Vec<OnProbe> = keys
+                    .iter()
+                    .filter(|r| r.keys == *verified)
+                    .filter_map(|r| r.on_probe.clone())
+                    .collect();
+                (reply, hooks)
+            };
+        // Outside the lock: a hook takes the path layer's own.
+        for hook in hooks {
+            hook(from);
         }
         Some(reply)
     }

@@ -62,13 +62,16 @@ struct Rendezvous {
 
 impl Rendezvous {
     fn start(topo: &Topology) -> Rendezvous {
+        Rendezvous::start_with(topo, &[])
+    }
+
+    /// With extra flags (`--no-relay`, ...).
+    fn start_with(topo: &Topology, extra: &[&str]) -> Rendezvous {
         let home = Home::new();
         let port = RV_PORT.to_string();
-        let mut proc = topo.public().spawn(
-            &qpunch(),
-            &["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"],
-            &home.env(),
-        );
+        let mut args = vec!["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
+        args.extend_from_slice(extra);
+        let mut proc = topo.public().spawn(&qpunch(), &args, &home.env());
         proc.wait_for("rendezvous", Duration::from_secs(20));
         Rendezvous { proc, _home: home }
     }
@@ -167,7 +170,7 @@ fn events<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
 }
 
 /// A sender's successful run: `(punched, connected)` events.
-fn sent(tx: &mut Proc, name: &str, hash: &str, timeout: Duration) -> (Value, Value) {
+fn sent(tx: &mut Proc, name: &str, hash: &str, timeout: Duration) -> (Option<Value>, Value) {
     let (status, rest) = tx.wait_exit(timeout);
     let all: Vec<Value> = tx.seen.clone();
     assert!(status.success(), "sender: {status}\n{}", tx.describe());
@@ -176,7 +179,7 @@ fn sent(tx: &mut Proc, name: &str, hash: &str, timeout: Duration) -> (Value, Val
     assert_eq!(sent[0]["name"], name);
     assert_eq!(sent[0]["blake3"], hash);
     let _ = rest;
-    let punched = events(&all, "punched").last().copied().cloned().unwrap();
+    let punched = events(&all, "punched").last().copied().cloned();
     let connected = events(&all, "connected").last().copied().cloned().unwrap();
     (punched, connected)
 }
@@ -185,9 +188,28 @@ fn addr(v: &Value) -> SocketAddr {
     v.as_str().unwrap().parse().unwrap()
 }
 
+/// The path a sender's connection ended on: its last `path` event's, or the one it
+/// connected on.
+fn final_path(all: &[Value]) -> String {
+    let moved = events(all, "path").last().map(|e| e["path"].clone());
+    let connected = events(all, "connected").last().map(|e| e["path"].clone());
+    moved
+        .or(connected)
+        .and_then(|p| p.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// What one cell of the matrix saw: each side's `punched` event (none when the connection
+/// started on the relay) and the path the sender's connection ended on.
+struct Cell {
+    receiver: Option<Value>,
+    sender: Option<Value>,
+    ended: String,
+}
+
 /// One cell of the matrix: the receiver behind `rx`, the sender behind `tx`, no IPv6 (so
-/// the IPv4 NATs decide). Returns the receiver's and the sender's `punched` events.
-fn cell(tag: &str, rx: Nat, tx: Nat) -> Option<(Value, Value)> {
+/// the IPv4 NATs decide), a rendezvous that relays.
+fn cell(tag: &str, rx: Nat, tx: Nat) -> Option<Cell> {
     if !lab::require(tag, &["tc"]) {
         return None;
     }
@@ -208,6 +230,7 @@ fn cell(tag: &str, rx: Nat, tx: Nat) -> Option<(Value, Value)> {
         receiving.proc.describe()
     );
     let (punched, connected) = sent(&mut sender, "matrix.bin", &hash, Duration::from_secs(60));
+    let ended = final_path(&sender.seen);
     receiving.finish("matrix.bin", &hash);
     // The rendezvous logged the pairing: the nameplate and both public addresses.
     let pairing = rv.proc.wait_for("pairing", Duration::from_secs(5));
@@ -217,30 +240,37 @@ fn cell(tag: &str, rx: Nat, tx: Nat) -> Option<(Value, Value)> {
         addr(&pairing["sender"]).ip(),
         std::net::IpAddr::from(topo.site(1).wan_v4)
     );
-    // The path is direct: the sender talks to the receiver's router, never the rendezvous.
-    let peer = addr(&connected["peer"]);
-    assert_eq!(
-        peer.ip(),
-        std::net::IpAddr::from(topo.site(0).wan_v4),
-        "{connected}"
-    );
-    assert_eq!(connected["path"], "direct");
+    // A direct start talks to the receiver's router, never the rendezvous.
+    if connected["path"] == "direct" {
+        let peer = addr(&connected["peer"]);
+        assert_eq!(
+            peer.ip(),
+            std::net::IpAddr::from(topo.site(0).wan_v4),
+            "{connected}"
+        );
+    }
     let received_punched = events(&receiving.proc.seen, "punched")
         .last()
         .copied()
-        .cloned()
-        .unwrap_or_else(|| panic!("receiver: no punched event\n{}", receiving.proc.describe()));
-    Some((received_punched, punched))
+        .cloned();
+    Some(Cell {
+        receiver: received_punched,
+        sender: punched,
+        ended,
+    })
 }
 
 macro_rules! matrix {
-    ($($name:ident: $rx:ident x $tx:ident => ($rx_method:expr, $tx_method:expr);)*) => {$(
+    ($($name:ident: $rx:ident x $tx:ident => ($rx_method:expr, $tx_method:expr) ends $ended:expr;)*) => {$(
         #[test]
         fn $name() {
-            if let Some((rx, tx)) = cell(stringify!($name), Nat::$rx, Nat::$tx) {
-                let expected: [(Option<&str>, &Value); 2] = [($rx_method, &rx), ($tx_method, &tx)];
+            if let Some(cell) = cell(stringify!($name), Nat::$rx, Nat::$tx) {
+                assert_eq!(cell.ended, $ended, "where the connection ended");
+                let expected: [(Option<&str>, &Option<Value>); 2] =
+                    [($rx_method, &cell.receiver), ($tx_method, &cell.sender)];
                 for (method, punched) in expected {
                     if let Some(method) = method {
+                        let punched = punched.as_ref().expect("a punched event");
                         assert_eq!(punched["method"], method, "{punched}");
                     }
                 }
@@ -253,15 +283,19 @@ macro_rules! matrix {
 // punching cannot work (a cone facing a symmetric NAT) the easy side's random-port hunt
 // must be what found it; the hard side's winning socket may be a birthday socket or its
 // main one (also a mapping the hunt can hit), so only the easy side is checked there.
+// Every cell delivers; the eight with an endpoint-independent side end direct (a punch that
+// took longer than the relay's head start moved the connection there), two symmetric NATs
+// end on the relay.
 matrix! {
-    open_x_open: Open x Open => (Some("direct"), Some("direct"));
-    open_x_cone: Open x Cone => (Some("direct"), Some("direct"));
-    open_x_symmetric: Open x Symmetric => (None, None);
-    cone_x_open: Cone x Open => (Some("direct"), Some("direct"));
-    cone_x_cone: Cone x Cone => (Some("direct"), Some("direct"));
-    cone_x_symmetric: Cone x Symmetric => (Some("birthday"), None);
-    symmetric_x_open: Symmetric x Open => (None, None);
-    symmetric_x_cone: Symmetric x Cone => (None, Some("birthday"));
+    open_x_open: Open x Open => (Some("direct"), Some("direct")) ends "direct";
+    open_x_cone: Open x Cone => (None, None) ends "direct";
+    open_x_symmetric: Open x Symmetric => (None, None) ends "direct";
+    cone_x_open: Cone x Open => (None, None) ends "direct";
+    cone_x_cone: Cone x Cone => (None, None) ends "direct";
+    cone_x_symmetric: Cone x Symmetric => (Some("birthday"), None) ends "direct";
+    symmetric_x_open: Symmetric x Open => (None, None) ends "direct";
+    symmetric_x_cone: Symmetric x Cone => (None, Some("birthday")) ends "direct";
+    symmetric_x_symmetric: Symmetric x Symmetric => (None, None) ends "relayed";
 }
 
 /// What [`meeting_that_fails`] leaves: the sender's error messages (one per line), how
@@ -277,7 +311,7 @@ struct Failed {
 
 /// A receiver behind a `receiver` NAT and a sender behind a `sender` NAT that cannot
 /// meet: the sender must give up within 15 s.
-fn meeting_that_fails(tag: &str, receiver: Nat, sender: Nat) -> Failed {
+fn meeting_that_fails(tag: &str, receiver: Nat, sender: Nat, rendezvous: &[&str]) -> Failed {
     let topo = Topology::new(
         tag,
         &[
@@ -285,7 +319,7 @@ fn meeting_that_fails(tag: &str, receiver: Nat, sender: Nat) -> Failed {
             SiteSpec::new(sender).ipv6(false),
         ],
     );
-    let rv = Rendezvous::start(&topo);
+    let rv = Rendezvous::start_with(&topo, rendezvous);
     let receiving = Receiving::start(topo.site(0).client(0), &[]);
     let dir = tempfile::tempdir().unwrap();
     let (file, _) = make_file(dir.path(), "doomed.bin", 1000);
@@ -309,15 +343,16 @@ fn meeting_that_fails(tag: &str, receiver: Nat, sender: Nat) -> Failed {
     }
 }
 
-/// Two symmetric NATs: no direct path exists. The sender gives up within 15 s with an error
-/// that names both mapping behaviours and says a relay is needed.
+/// Two symmetric NATs and a rendezvous that does not relay: no direct path exists. The
+/// sender gives up within 15 s with an error that names both mapping behaviours and says a
+/// relay is needed.
 #[test]
 fn symmetric_x_symmetric_fails_fast_and_explains() {
     const TEST: &str = "symmetric_x_symmetric_fails_fast_and_explains";
     if !lab::require(TEST, &["tc"]) {
         return;
     }
-    let failed = meeting_that_fails("sxs", Nat::Symmetric, Nat::Symmetric);
+    let failed = meeting_that_fails("sxs", Nat::Symmetric, Nat::Symmetric, &["--no-relay"]);
     let (message, took) = (&failed.message, failed.took);
     assert!(
         message.matches("address-and-port-dependent").count() >= 2,
@@ -350,6 +385,7 @@ fn peers_behind_one_router_use_the_lan() {
     let (punched, connected) = sent(&mut sender, "lan.bin", &hash, Duration::from_secs(60));
     receiving.finish("lan.bin", &hash);
     assert_eq!(connected["path"], "lan", "{connected}");
+    let punched = punched.expect("a punched event");
     assert_eq!(punched["method"], "lan", "{punched}");
     let peer = addr(&connected["peer"]);
     assert_eq!(
@@ -1220,11 +1256,142 @@ fn udp_blocked_fails_fast_and_explains() {
     if !lab::require(TEST, &["tc"]) {
         return;
     }
-    let failed = meeting_that_fails("ublk", Nat::Cone, Nat::UdpBlocked);
+    let failed = meeting_that_fails("ublk", Nat::Cone, Nat::UdpBlocked, &["--no-tcp"]);
     let (message, took) = (&failed.message, failed.took);
     eprintln!("{TEST}: gave up after {took:?}: {message}");
     assert!(message.contains("UDP"), "{message}");
     // The README's figure: 5 s when no probe gets out at all (plus start-up).
     assert!(message.contains("within 5s"), "{message}");
     assert!(took < Duration::from_secs(7), "gave up after {took:?}");
+}
+
+/// Cut (or restore) the direct path between sites `a` and `b`: each router drops what it
+/// would forward to or from the other's WAN address. The rendezvous stays reachable.
+fn block_direct(topo: &Topology, a: usize, b: usize, blocked: bool) {
+    for (site, other) in [(a, b), (b, a)] {
+        let peer = topo.site(other).wan_v4;
+        let script = if blocked {
+            format!(
+                "table inet nodirect {{}}\ndelete table inet nodirect\ntable inet nodirect {{ chain forward {{ type filter hook forward priority -10; policy accept; ip saddr {peer} drop; ip daddr {peer} drop; }} }}\n"
+            )
+        } else {
+            "table inet nodirect {}\ndelete table inet nodirect\n".to_string()
+        };
+        lab::netns::nft(&topo.site(site).router, &script);
+    }
+}
+
+/// The sender's `summary` bytes over a kind of path: `[sent, received]`.
+fn bytes_by_path(sender: &Proc, kind: &str) -> [u64; 2] {
+    let summary = events(&sender.seen, "summary").last().copied().cloned();
+    let by = summary
+        .map(|s| s["by_path"][kind].clone())
+        .unwrap_or_default();
+    [by[0].as_u64().unwrap_or(0), by[1].as_u64().unwrap_or(0)]
+}
+
+/// Time to first byte is not held hostage by punching, and the connection does not stay
+/// on the relay once a direct path exists: with the direct path between the routers
+/// blocked, the transfer starts relayed; when the block lifts, within 5 s the connection
+/// moves to the direct path (a `path` event), and the file completes there, intact, in the
+/// same connection.
+#[test]
+fn relayed_transfer_moves_to_direct_when_the_block_lifts() {
+    const TEST: &str = "relayed_transfer_moves_to_direct_when_the_block_lifts";
+    if !lab::require(TEST, &["tc"]) {
+        return;
+    }
+    let rate = lab::Rate::mbit(40.0);
+    let topo = Topology::new(
+        "upg",
+        &[
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+        ],
+    );
+    block_direct(&topo, 0, 1, true);
+    let _rv = Rendezvous::start(&topo);
+    let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), "upgrade.bin", 40 << 20);
+    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
+    let connected = sender.wait_for("connected", Duration::from_secs(30));
+    assert_eq!(connected["path"], "relayed", "{connected}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        sender.try_exit().is_none(),
+        "finished before the block lifted"
+    );
+    let lifted = Instant::now();
+    block_direct(&topo, 0, 1, false);
+    let moved = sender.wait_for("path", Duration::from_secs(15));
+    let took = lifted.elapsed();
+    assert_eq!(moved["path"], "direct", "{moved}");
+    assert_eq!(moved["from"], "relayed", "{moved}");
+    assert!(
+        took <= Duration::from_secs(5),
+        "moved {took:?} after the block lifted"
+    );
+    let (_, connected_again) = sent(&mut sender, "upgrade.bin", &hash, Duration::from_secs(120));
+    assert_eq!(connected_again, connected, "one connection");
+    receiving.finish("upgrade.bin", &hash);
+    let (relayed, direct) = (
+        bytes_by_path(&sender, "relayed"),
+        bytes_by_path(&sender, "direct"),
+    );
+    assert!(
+        relayed[0] > 0 && direct[0] > 0,
+        "relayed {relayed:?}, direct {direct:?}"
+    );
+    eprintln!(
+        "{TEST}: moved to direct {took:?} after the block lifted; sent {} MB relayed, {} MB direct",
+        relayed[0] / 1_000_000,
+        direct[0] / 1_000_000
+    );
+}
+
+/// A direct path that dies mid-transfer falls back to the relay long before the
+/// connection's idle timeout (60 s), and the file completes, intact, in the same
+/// connection.
+#[test]
+fn direct_transfer_falls_back_to_the_relay_when_the_path_dies() {
+    const TEST: &str = "direct_transfer_falls_back_to_the_relay_when_the_path_dies";
+    if !lab::require(TEST, &["tc"]) {
+        return;
+    }
+    let rate = lab::Rate::mbit(40.0);
+    let topo = Topology::new(
+        "fbk",
+        &[
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+        ],
+    );
+    let _rv = Rendezvous::start(&topo);
+    let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), "fallback.bin", 40 << 20);
+    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
+    let connected = sender.wait_for("connected", Duration::from_secs(30));
+    // A fast punch starts direct; a slower one moves there within seconds.
+    if connected["path"] != "direct" {
+        let moved = sender.wait_for("path", Duration::from_secs(10));
+        assert_eq!(moved["path"], "direct", "{moved}");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(sender.try_exit().is_none(), "finished before the cut");
+    let cut = Instant::now();
+    block_direct(&topo, 0, 1, true);
+    let moved = sender.wait_for("path", Duration::from_secs(30));
+    let took = cut.elapsed();
+    assert_eq!(moved["path"], "relayed", "{moved}");
+    assert!(
+        took < Duration::from_secs(15),
+        "fell back {took:?} after the cut"
+    );
+    sent(&mut sender, "fallback.bin", &hash, Duration::from_secs(180));
+    receiving.finish("fallback.bin", &hash);
+    let relayed = bytes_by_path(&sender, "relayed");
+    assert!(relayed[0] > 0, "relayed {relayed:?}");
+    eprintln!("{TEST}: fell back to the relay {took:?} after the direct path died");
 }

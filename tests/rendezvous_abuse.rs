@@ -1592,7 +1592,8 @@ async fn a_replayed_pairing_is_refused() {
     let old_sender_hello = join.sealed().await;
     open.seal(&old_sender_hello).await;
     join.seal(&old_receiver_hello).await;
-    welcoming.await.unwrap().expect("the relayed meeting works");
+    // Kept while the sender uses its connection: the receiver's side runs on its paths.
+    let _welcomed = welcoming.await.unwrap().expect("the relayed meeting works");
     let reports = sending
         .await
         .unwrap()

@@ -175,13 +175,15 @@ impl Meeting<'_> {
         if let Some(path) = &found.path {
             self.events.punched(path, found.method);
         }
-        // A birthday socket is a node of its own, dialled directly; every other way goes
-        // through the peer's mapped address, so the connection can move between paths.
+        // A birthday path is dialled directly, from its own node when it is ours; every other
+        // way goes through the peer's mapped address, so the connection can move between
+        // paths.
         let fingerprint = Some(found.hello.fingerprint);
-        let peer = match (&found.node, &found.paths, &found.path) {
-            (Some(side), _, Some(path)) => side.connect(path.peer, fingerprint).await?,
-            (_, Some(paths), _) => self.node.connect(paths.mapped(), fingerprint).await?,
-            _ => unreachable!("a meeting finds a path, a side node or the relay"),
+        let connecting = found.node.as_deref().unwrap_or(self.node);
+        let peer = match (&found.paths, &found.path) {
+            (Some(paths), _) => connecting.connect(paths.mapped(), fingerprint).await?,
+            (None, Some(path)) => connecting.connect(path.peer, fingerprint).await?,
+            (None, None) => unreachable!("a meeting finds a path or the relay"),
         };
         Ok(Met {
             peer,
@@ -448,7 +450,10 @@ impl Meeting<'_> {
             drop((answering, answering_winner));
         });
         let paths = match side {
-            // The birthday socket is not under the path layer: its node is dialled directly.
+            // A birthday socket is not under the path layer: its node (ours, or the peer's
+            // behind the hunted port) is dialled directly, so the paths, and the addresses
+            // they tie to the peer, go.
+            _ if method == PathKind::Birthday => None,
             Some(_) => None,
             None => {
                 paths.add_direct(path.peer, method);

@@ -186,15 +186,14 @@ impl PeerPaths {
             next_carrier: Mutex::new(0),
         });
         // A verified probe from an address of the peer's: tie it to the mapped address right
-        // away (its QUIC packets may follow in the same batch), and try it as a path.
+        // away, as its QUIC packets may follow in the same batch. It is not tried as a path
+        // of its own: during a meeting the peer probes from birthday sockets too, which no
+        // QUIC endpoint of its serves; paths come from what the traversal proved.
         let hook = {
             let shared = Arc::downgrade(&shared);
             Arc::new(move |from: SocketAddr| {
                 if let Some(shared) = shared.upgrade() {
                     shared.socket.tie(from, shared.mapped, PathKind::Direct);
-                    let _ = shared
-                        .commands
-                        .try_send(Command::Direct(from, PathKind::Direct));
                 }
             })
         };
