@@ -36,7 +36,9 @@ mod book;
 mod client;
 mod nameplate;
 mod reflector;
+mod relay;
 mod server;
+mod slot;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -47,8 +49,10 @@ pub use client::{
 };
 pub(crate) use nameplate::shown;
 pub use nameplate::{MAX_NAMEPLATE_LEN, Nameplate, NameplateError};
+pub use relay::RelayLink;
 pub use server::{
-    Bound, IDLE_CLOSE, NoEvents, Rendezvous, RendezvousConfig, RendezvousEvents, RendezvousStats,
+    Bound, IDLE_CLOSE, NoEvents, RELAY_EXPIRED, RELAY_QUOTA, RelayLimits, Rendezvous,
+    RendezvousConfig, RendezvousEvents, RendezvousStats,
 };
 
 /// ALPN of the rendezvous protocol. Version 2: [`Response::Paired`] no longer carries the
@@ -154,6 +158,11 @@ pub enum Response {
         pake: String,
         /// Our own address as seen here.
         observed: SocketAddr,
+        /// The relay slot the rendezvous opened for this pair (see [`RelayGrant`]); `None`
+        /// when it relays nothing (relaying off, or a side without datagram support).
+        /// Absent in the JSON of older rendezvous, hence the default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relay: Option<RelayGrant>,
     },
     /// The peer's sealed hello, hex.
     Sealed {
@@ -175,6 +184,27 @@ pub enum Response {
         message: String,
     },
 }
+
+/// What the rendezvous relays for one pair: QUIC DATAGRAM frames on each side's connection
+/// to it, each a tag byte ([`RELAY_PACKET`]) and an opaque payload, passed unchanged to the
+/// partner's connection. The payloads are the peers' own QUIC packets, end-to-end
+/// encrypted: the rendezvous holds no key to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayGrant {
+    /// Bytes the pair may relay, both directions together (tags included); past them the
+    /// rendezvous closes both connections with [`RELAY_QUOTA`].
+    pub quota: u64,
+    /// Bytes per second the pair may relay, both directions together (0: no limit); what
+    /// arrives faster is dropped.
+    pub rate: u64,
+    /// Seconds the slot lives; then the rendezvous closes both connections with
+    /// [`RELAY_EXPIRED`].
+    pub expires_secs: u64,
+}
+
+/// Tag of a relayed datagram that carries a packet for the partner. Other tags are
+/// reserved: the rendezvous drops them (and counts them), a client skips them.
+pub const RELAY_PACKET: u8 = 0x00;
 
 /// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
