@@ -266,6 +266,43 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"type":"nope"}"#).is_err());
     }
 
+    /// A client of this version reads an older rendezvous's pairing (no grant), and an
+    /// older client ignores the grant (serde skips unknown fields).
+    #[test]
+    fn the_relay_grant_is_optional_on_the_wire() {
+        let observed: SocketAddr = "192.0.2.1:5".parse().unwrap();
+        let old = r#"{"type":"paired","pake":"01","observed":"192.0.2.1:5"}"#;
+        assert_eq!(
+            serde_json::from_str::<Response>(old).unwrap(),
+            Response::Paired {
+                pake: "01".into(),
+                observed,
+                relay: None
+            }
+        );
+        let paired = Response::Paired {
+            pake: "01".into(),
+            observed,
+            relay: Some(RelayGrant {
+                quota: 8 << 30,
+                rate: 0,
+                expires_secs: 21600,
+            }),
+        };
+        let json = serde_json::to_string(&paired).unwrap();
+        assert!(
+            json.contains(r#""relay":{"quota":8589934592,"rate":0,"expires_secs":21600}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), paired);
+        let without = Response::Paired {
+            pake: "01".into(),
+            observed,
+            relay: None,
+        };
+        assert_eq!(serde_json::to_string(&without).unwrap(), old);
+    }
+
     #[test]
     fn hex_fields_are_bounded() {
         assert_eq!(from_hex("0a0B", 2), Some(vec![10, 11]));

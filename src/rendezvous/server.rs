@@ -296,7 +296,6 @@ impl Rendezvous {
                 ttl_secs,
             }) => {
                 self.open(
-                    observed,
                     nameplate,
                     ttl_secs,
                     &link,
@@ -309,7 +308,6 @@ impl Rendezvous {
             }
             Some(Request::Join { nameplate, pake }) => {
                 self.join(
-                    observed,
                     nameplate,
                     pake,
                     &link,
@@ -393,7 +391,6 @@ impl Rendezvous {
     /// relay.
     async fn open(
         &self,
-        observed: SocketAddr,
         wanted: Option<String>,
         ttl_secs: u32,
         link: &Arc<Link>,
@@ -401,6 +398,7 @@ impl Rendezvous {
         requests: &mut mpsc::Receiver<Request>,
         shutdown: &mut Shutdown,
     ) {
+        let observed = link.observed();
         let (to_session, mut inbox) = mpsc::channel(4);
         let registered = self.lock().register(
             now(),
@@ -518,7 +516,6 @@ impl Rendezvous {
     /// A sender: take the nameplate (single use), pair, then relay.
     async fn join(
         &self,
-        observed: SocketAddr,
         nameplate: String,
         pake: String,
         link: &Arc<Link>,
@@ -526,6 +523,7 @@ impl Rendezvous {
         requests: &mut mpsc::Receiver<Request>,
         shutdown: &mut Shutdown,
     ) {
+        let observed = link.observed();
         let allowed = self.lock().allow_join(now(), observed.ip());
         if !allowed {
             let _ = self

@@ -89,6 +89,11 @@ impl Link {
         })
     }
 
+    /// The client's address, as seen here.
+    pub fn observed(&self) -> std::net::SocketAddr {
+        self.conn.remote_address()
+    }
+
     /// The connection's idle bookkeeping.
     pub fn held(&self) -> &Arc<Held> {
         &self.held
