@@ -440,10 +440,18 @@ async fn a_relaying_pair_is_not_evicted_as_idle_and_its_survivor_is_once_alone()
     let Pair {
         receiver,
         sender,
-        exchanges,
+        mut exchanges,
         ..
     } = pair;
-    // The pairing exchanges end: only the relay slot holds the connections now.
+    // The meeting's exchange runs to its end (a sealed hello each way, then both sides
+    // finish): only the relay slot holds the connections now.
+    for exchange in exchanges.iter_mut() {
+        exchange.seal(b"sealed hello").await.unwrap();
+    }
+    for exchange in exchanges.iter_mut() {
+        let sealed = tokio::time::timeout(STEP, exchange.sealed()).await.unwrap();
+        assert_eq!(sealed.unwrap().unwrap(), b"sealed hello");
+    }
     for exchange in exchanges {
         exchange.finish(Duration::from_secs(1)).await;
     }

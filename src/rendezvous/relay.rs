@@ -118,3 +118,72 @@ impl Carrier for RelayLink {
             .map_or(0, |max| max.saturating_sub(1))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::node::{ConnectOptions, Datagrams, Node, NodeConfig};
+    use std::time::Duration;
+
+    /// A link whose far end the test drives directly (standing in for the rendezvous, so
+    /// it can send what a real one never forwards).
+    async fn link_and_far_end() -> (RelayLink, quinn::Connection, Node, Node) {
+        let node = |accept: bool| {
+            let socket = crate::socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let config = NodeConfig {
+                datagrams: accept.then_some(Datagrams::RELAY),
+                ..NodeConfig::new(Identity::generate().unwrap(), b"relay-unit/1", accept)
+            };
+            Node::new(socket, config).unwrap()
+        };
+        let (client, server) = (node(false), node(true));
+        let options = ConnectOptions {
+            datagrams: Some(Datagrams::RELAY),
+        };
+        let alpn = [b"relay-unit/1".to_vec()];
+        let (c, s) = tokio::join!(
+            client.connect_with_options(server.local_addr().unwrap(), None, &alpn, &options),
+            server.accept()
+        );
+        let (c, s) = (c.unwrap(), s.unwrap().unwrap());
+        (RelayLink::new(c.connection), s.connection, client, server)
+    }
+
+    #[tokio::test]
+    async fn recv_skips_reserved_tags_and_ends_with_the_connection() {
+        let (link, far, _client, _server) = link_and_far_end().await;
+        assert!(link.max_datagram() >= 1201, "{}", link.max_datagram());
+        assert_eq!(link.cut_reason(), None);
+        far.send_datagram(Bytes::from_static(b"\x01reserved"))
+            .unwrap();
+        far.send_datagram(Bytes::from_static(b"")).unwrap();
+        far.send_datagram(Bytes::from_static(b"\x00packet"))
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), link.recv()).await;
+        assert_eq!(got.unwrap().unwrap().as_ref(), b"packet");
+        // What the link sends arrives tagged.
+        link.send(b"back").unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), far.read_datagram()).await;
+        assert_eq!(back.unwrap().unwrap().as_ref(), b"\x00back");
+        // A cut, with a reason that tries to move the cursor: shown escaped.
+        far.close(RELAY_QUOTA.into(), b"relay quota of 5 bytes used up\x1b[2J");
+        let end = tokio::time::timeout(Duration::from_secs(5), link.recv()).await;
+        assert_eq!(end.unwrap(), None);
+        let why = link.cut_reason().unwrap();
+        assert!(why.contains("relay quota of 5 bytes used up"), "{why}");
+        assert!(!why.contains('\x1b'), "{why}");
+        assert_eq!(link.max_datagram(), 0);
+        let err = link.send(b"more").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotConnected);
+    }
+
+    #[tokio::test]
+    async fn another_close_is_no_cut() {
+        let (link, far, _client, _server) = link_and_far_end().await;
+        far.close(0x10u32.into(), b"idle");
+        let _ = tokio::time::timeout(Duration::from_secs(5), link.connection().closed()).await;
+        assert_eq!(link.cut_reason(), None);
+        assert!(link.close_reason().unwrap().contains("idle"));
+    }
+}
