@@ -281,6 +281,7 @@ impl share::Events for Render {
                     socket,
                     server,
                     lan,
+                    rendezvous: None,
                 },
                 None,
             ),
