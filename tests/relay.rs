@@ -11,8 +11,8 @@ use qpunch::identity::Identity;
 use qpunch::node::{Node, NodeConfig};
 use qpunch::path::{Carrier, PathKind};
 use qpunch::rendezvous::{
-    self, Exchange, Paired, RELAY_QUOTA, RelayLimits, RelayLink, Rendezvous, RendezvousClient,
-    RendezvousConfig, Request, Response,
+    self, Exchange, Paired, RELAY_EXPIRED, RELAY_QUOTA, RelayLimits, RelayLink, Rendezvous,
+    RendezvousClient, RendezvousConfig, Request, Response,
 };
 use tokio::sync::oneshot;
 
@@ -115,6 +115,21 @@ async fn pair(rv: &Rv, a: u8, b: u8) -> Pair {
     let receiver = Peer::connect(rv, a).await;
     let sender = Peer::connect(rv, b).await;
     pair_peers(receiver, sender).await
+}
+
+/// Run the meeting's exchange to its end, as a real meeting does (a sealed hello each way,
+/// then both sides finish): the rendezvous's pairing sessions end.
+async fn end_meeting(mut exchanges: Vec<Exchange>) {
+    for exchange in exchanges.iter_mut() {
+        exchange.seal(b"sealed hello").await.unwrap();
+    }
+    for exchange in exchanges.iter_mut() {
+        let sealed = tokio::time::timeout(STEP, exchange.sealed()).await.unwrap();
+        assert_eq!(sealed.unwrap().unwrap(), b"sealed hello");
+    }
+    for exchange in exchanges {
+        exchange.finish(Duration::from_secs(1)).await;
+    }
 }
 
 /// A payload of `len` bytes that differs from its neighbours.
@@ -440,21 +455,11 @@ async fn a_relaying_pair_is_not_evicted_as_idle_and_its_survivor_is_once_alone()
     let Pair {
         receiver,
         sender,
-        mut exchanges,
+        exchanges,
         ..
     } = pair;
-    // The meeting's exchange runs to its end (a sealed hello each way, then both sides
-    // finish): only the relay slot holds the connections now.
-    for exchange in exchanges.iter_mut() {
-        exchange.seal(b"sealed hello").await.unwrap();
-    }
-    for exchange in exchanges.iter_mut() {
-        let sealed = tokio::time::timeout(STEP, exchange.sealed()).await.unwrap();
-        assert_eq!(sealed.unwrap().unwrap(), b"sealed hello");
-    }
-    for exchange in exchanges {
-        exchange.finish(Duration::from_secs(1)).await;
-    }
+    // Only the relay slot holds the connections now.
+    end_meeting(exchanges).await;
     tokio::time::sleep(grace * 4).await;
     let (a, b) = (receiver.link(), sender.link());
     a.send(b"still here").unwrap();
@@ -490,4 +495,80 @@ async fn reserved_tags_are_dropped_and_skipped() {
     })
     .await;
     assert_eq!(rv.rendezvous.stats().relayed_packets, 1);
+}
+
+/// The application close both ends of a relay see.
+async fn closed_with(link: &RelayLink) -> quinn::ApplicationClose {
+    let closed = tokio::time::timeout(STEP, link.connection().closed())
+        .await
+        .expect("closed in time");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => close,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_slot_past_its_lifetime_ends_and_both_peers_are_told_why() {
+    let rv = serve(RendezvousConfig {
+        relay: Some(RelayLimits {
+            lifetime: Duration::from_millis(700),
+            ..RelayLimits::default()
+        }),
+        ..RendezvousConfig::default()
+    });
+    let started = tokio::time::Instant::now();
+    let pair = pair(&rv, 2, 3).await;
+    assert_eq!(pair.paired[0].relay.unwrap().expires_secs, 1);
+    let (a, b) = (pair.receiver.link(), pair.sender.link());
+    a.send(b"while it lasts").unwrap();
+    assert_eq!(recv(&b).await.unwrap().as_ref(), b"while it lasts");
+    for link in [&a, &b] {
+        let close = closed_with(link).await;
+        assert_eq!(close.error_code, RELAY_EXPIRED.into());
+        let why = link.cut_reason().unwrap();
+        assert!(why.contains("relay lifetime of 700ms ended"), "{why}");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    until("the slot is gone", || rv.rendezvous.relaying() == 0).await;
+}
+
+#[tokio::test]
+async fn a_slot_nothing_passes_through_ends_and_its_connections_go_idle() {
+    let grace = Duration::from_millis(200);
+    let idle = Duration::from_millis(600);
+    let rv = serve(RendezvousConfig {
+        idle_grace: grace,
+        relay: Some(RelayLimits {
+            idle,
+            ..RelayLimits::default()
+        }),
+        ..RendezvousConfig::default()
+    });
+    let pair = pair(&rv, 2, 3).await;
+    let Pair {
+        receiver,
+        sender,
+        exchanges,
+        ..
+    } = pair;
+    end_meeting(exchanges).await;
+    let (a, b) = (receiver.link(), sender.link());
+    // Traffic keeps it: a datagram every 200 ms for 1.2 s (twice the idle time).
+    for i in 0..6u8 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a.send(&[i]).unwrap();
+        assert_eq!(recv(&b).await.unwrap().as_ref(), &[i]);
+    }
+    assert_eq!(rv.rendezvous.relaying(), 1);
+    // Then silence: the slot ends, and both connections are evicted as idle.
+    for link in [&a, &b] {
+        assert_eq!(
+            closed_with(link).await.error_code,
+            rendezvous::IDLE_CLOSE.into()
+        );
+        assert_eq!(link.cut_reason(), None);
+    }
+    assert_eq!(rv.rendezvous.relaying(), 0);
+    assert_eq!(rv.rendezvous.stats().evicted, 2);
 }

@@ -21,7 +21,7 @@ pub struct RendezvousArgs {
     #[arg(long, default_value_t = rendezvous::DEFAULT_PORT)]
     port: u16,
     /// Relay nothing: paired peers that cannot punch a direct path cannot meet.
-    #[arg(long, conflicts_with_all = ["relay_quota", "relay_rate", "relay_lifetime"])]
+    #[arg(long, conflicts_with_all = ["relay_quota", "relay_rate", "relay_lifetime", "relay_idle"])]
     no_relay: bool,
     /// Bytes one pair may relay, both directions together (e.g. 8G, 500M); then both
     /// peers are cut off.
@@ -34,6 +34,10 @@ pub struct RendezvousArgs {
     /// How long a pair may relay (seconds, or e.g. 6h, 90m); then both peers are cut off.
     #[arg(long, default_value = "6h", value_parser = parse_duration)]
     relay_lifetime: std::time::Duration,
+    /// A pair's relay through which nothing passed for this long ends (seconds, or e.g.
+    /// 2m).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    relay_idle: std::time::Duration,
 }
 
 impl RendezvousArgs {
@@ -42,6 +46,7 @@ impl RendezvousArgs {
             quota: self.relay_quota,
             rate: self.relay_rate,
             lifetime: self.relay_lifetime,
+            idle: self.relay_idle,
         });
         RendezvousConfig {
             relay,
@@ -203,6 +208,8 @@ mod tests {
             "10M",
             "--relay-lifetime",
             "90",
+            "--relay-idle",
+            "30",
         ])
         .unwrap();
         assert_eq!(
@@ -211,6 +218,7 @@ mod tests {
                 quota: 500 << 20,
                 rate: 10 << 20,
                 lifetime: Duration::from_secs(90),
+                idle: Duration::from_secs(30),
             })
         );
         let hours = config(&["--relay-lifetime", "2h"]).unwrap();

@@ -141,7 +141,8 @@ pub trait RendezvousEvents: Send + Sync + 'static {
     /// Two peers were paired on `nameplate`.
     fn paired(&self, _nameplate: &str, _receiver: SocketAddr, _sender: SocketAddr) {}
     /// The relay slot of the pair that met on `nameplate` ended, after relaying `bytes`
-    /// (both directions): `why` is one of "a peer left", "lifetime ended", "quota used up".
+    /// (both directions): `why` is one of "a peer left", "lifetime ended", "quota used up",
+    /// "idle" (nothing passed for [`RelayLimits::idle`]).
     fn relay_ended(&self, _nameplate: &str, _bytes: u64, _why: &str) {}
 }
 

@@ -49,6 +49,14 @@ pub struct RelayLimits {
     pub rate: u64,
     /// How long a slot lives. Default 6 hours.
     pub lifetime: Duration,
+    /// A slot through which nothing passed for this long ends (default 2 minutes), and its
+    /// connections become idle (evicted after [`RendezvousConfig::idle_grace`]). Without
+    /// it, a client pairing two of its own connections would hold them for the whole
+    /// lifetime; a pair that keeps its relay as a spare path keeps it alive with the path
+    /// layer's probes.
+    ///
+    /// [`RendezvousConfig::idle_grace`]: super::RendezvousConfig::idle_grace
+    pub idle: Duration,
 }
 
 impl Default for RelayLimits {
@@ -57,6 +65,7 @@ impl Default for RelayLimits {
             quota: 8 << 30,
             rate: 0,
             lifetime: Duration::from_secs(6 * 3600),
+            idle: Duration::from_secs(120),
         }
     }
 }
@@ -163,6 +172,9 @@ pub(super) struct Slot {
     links: [Weak<Link>; 2],
     quota: u64,
     used: AtomicU64,
+    /// When the slot opened, and how long after it the last datagram passed (ms).
+    opened: Instant,
+    last: AtomicU64,
     /// `None`: no rate limit.
     bucket: Option<Mutex<Bucket>>,
     /// What keeps both connections from idle eviction while the slot lives; dropped when
@@ -201,6 +213,8 @@ impl Slot {
             links: [Arc::downgrade(a), Arc::downgrade(b)],
             quota: limits.quota,
             used: AtomicU64::new(0),
+            opened: now(),
+            last: AtomicU64::new(0),
             bucket: (limits.rate > 0).then(|| Mutex::new(Bucket::new(limits.rate, now()))),
             holding: Mutex::new(Some([Held::enter(&a.held), Held::enter(&b.held)])),
             ended: AtomicBool::new(false),
@@ -211,11 +225,11 @@ impl Slot {
         shared.live.fetch_add(1, Ordering::Relaxed);
         a.slot.send_replace(Some((slot.clone(), 0)));
         b.slot.send_replace(Some((slot.clone(), 1)));
-        tokio::spawn(slot.clone().watch(limits.lifetime));
+        tokio::spawn(slot.clone().watch(limits.lifetime, limits.idle));
         let grant = RelayGrant {
             quota: limits.quota,
             rate: limits.rate,
-            expires_secs: limits.lifetime.as_secs(),
+            expires_secs: limits.lifetime.as_secs_f64().ceil() as u64,
         };
         Some((slot, grant))
     }
@@ -225,17 +239,30 @@ impl Slot {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Until either connection ends or the lifetime does.
-    async fn watch(self: Arc<Self>, lifetime: Duration) {
+    /// Until either connection ends, the lifetime does, or nothing passed for `idle`.
+    async fn watch(self: Arc<Self>, lifetime: Duration, idle: Duration) {
         let [a, b] = &self.conns;
-        // Cancel-safe: `closed` and a timer only wait.
-        tokio::select! {
-            _ = a.closed() => self.end("a peer left"),
-            _ = b.closed() => self.end("a peer left"),
-            () = tokio::time::sleep(lifetime) => {
-                let reason = format!("relay lifetime of {} s ended", lifetime.as_secs());
-                self.close_both(RELAY_EXPIRED, &reason);
-                self.end("lifetime ended");
+        let expires = tokio::time::Instant::from_std(self.opened + lifetime);
+        loop {
+            let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let idle_at = tokio::time::Instant::from_std(self.opened + last + idle);
+            // Cancel-safe: `closed` and timers only wait.
+            tokio::select! {
+                _ = a.closed() => return self.end("a peer left"),
+                _ = b.closed() => return self.end("a peer left"),
+                () = tokio::time::sleep_until(expires) => {
+                    let reason = format!(
+                        "relay lifetime of {} ended",
+                        humantime::format_duration(lifetime)
+                    );
+                    self.close_both(RELAY_EXPIRED, &reason);
+                    return self.end("lifetime ended");
+                }
+                () = tokio::time::sleep_until(idle_at) => {
+                    if self.last.load(Ordering::Relaxed) == last.as_millis() as u64 {
+                        return self.end("idle");
+                    }
+                }
             }
         }
     }
@@ -275,6 +302,8 @@ impl Slot {
         }
         match self.conns[1 - from].send_datagram(datagram) {
             Ok(()) => {
+                let since = now().saturating_duration_since(self.opened).as_millis() as u64;
+                self.last.fetch_max(since, Ordering::Relaxed);
                 shared.packets.fetch_add(1, Ordering::Relaxed);
                 shared.bytes.fetch_add(len as u64, Ordering::Relaxed);
             }
@@ -341,5 +370,6 @@ mod tests {
         assert_eq!(d.quota, 8 << 30);
         assert_eq!(d.rate, 0);
         assert_eq!(d.lifetime, Duration::from_secs(6 * 3600));
+        assert_eq!(d.idle, Duration::from_secs(120));
     }
 }
