@@ -11,9 +11,10 @@
 //!    core sustains at a given rate each.
 //! 2. **Memory**: `QPUNCH_BENCH_RELAY_HELD` pairs (default 400) paired, their meetings
 //!    over, one packet relayed each way, all slots alive: resident memory over the idle
-//!    rendezvous, per relaying pair (its two connections and its slot); then the same on
-//!    a `--no-relay` rendezvous (two connections, no slot), so the difference is the
-//!    slot's own cost.
+//!    rendezvous, per relaying pair (its two connections and its slot). With
+//!    `QPUNCH_BENCH_RELAY_BASELINE=1`, then the same on a `--no-relay` rendezvous (two
+//!    connections, no slot; keep the count small: those pairs are evicted as idle 30 s
+//!    after their meeting, and a run past that stalls).
 //!
 //! Both sides of the bench share this machine's cores, so the throughput figure is the
 //! rendezvous's CPU per relayed byte (what scales), not a ceiling of the wall rate.
@@ -60,18 +61,18 @@ fn main() -> anyhow::Result<()> {
         rendezvous.stop();
         result?;
 
-        let mut per_pair = [0.0; 2];
-        for (relay, flags) in [(true, &[][..]), (false, &["--no-relay"][..])] {
+        let home = tempfile::tempdir()?;
+        let mut rendezvous = Rendezvous::start(&bin, home.path(), &[])?;
+        let result = memory(&rendezvous, held, true).await;
+        rendezvous.stop();
+        result?;
+        if knob("QPUNCH_BENCH_RELAY_BASELINE", 0) > 0 {
             let home = tempfile::tempdir()?;
-            let mut rendezvous = Rendezvous::start(&bin, home.path(), flags)?;
-            let result = memory(&rendezvous, held, relay).await;
+            let mut rendezvous = Rendezvous::start(&bin, home.path(), &["--no-relay"])?;
+            let result = memory(&rendezvous, held, false).await;
             rendezvous.stop();
-            per_pair[usize::from(!relay)] = result?;
+            result?;
         }
-        println!(
-            "  so a relay slot costs {:.1} KiB over the two connections of a pair",
-            (per_pair[0] - per_pair[1]) / 1024.0
-        );
         Ok(())
     })
 }
@@ -137,6 +138,9 @@ async fn throughput(
     while tasks.join_next().await.is_some() {}
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(rv.child.id())? - cpu;
+    for pair in made {
+        pair.close().await;
+    }
     let (sent, received) = (
         sent.load(Ordering::Relaxed),
         received.load(Ordering::Relaxed),
@@ -171,14 +175,16 @@ async fn memory(rv: &Rendezvous, held: usize, relay: bool) -> anyhow::Result<f64
     // Warm up (allocator arenas, the first connection's tables), then measure from there.
     let warm = Pair::make(rv.addr, 1, 0, relay).await?;
     warm.ping().await?;
-    drop(warm);
+    warm.close().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = status_bytes(pid, "VmRSS")?;
     let started = Instant::now();
     let mut pairs = Vec::with_capacity(held);
     for i in 0..held {
-        let pair = Pair::make(rv.addr, 2, i, relay).await?;
-        pair.ping().await?;
+        let pair = Pair::make(rv.addr, 2, i, relay)
+            .await
+            .with_context(|| format!("pair {i}"))?;
+        pair.ping().await.with_context(|| format!("pair {i}"))?;
         pairs.push(pair);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -188,6 +194,10 @@ async fn memory(rv: &Rendezvous, held: usize, relay: bool) -> anyhow::Result<f64
         pair.ping().await?;
     }
     let per = after.saturating_sub(before) as f64 / held as f64;
+    // Close every client now: endpoints left to drain on their own slow the next phase.
+    for pair in pairs {
+        pair.close().await;
+    }
     println!(
         "memory: {held} {} (made in {:.1} s): RSS {:.1} -> {:.1} MiB, {:.1} KiB per pair",
         if relay {
@@ -207,7 +217,7 @@ async fn memory(rv: &Rendezvous, held: usize, relay: bool) -> anyhow::Result<f64
 struct Pair {
     receiver: quinn::Connection,
     sender: quinn::Connection,
-    _nodes: (Arc<Node>, Arc<Node>),
+    nodes: (Arc<Node>, Arc<Node>),
     clients: (RendezvousClient, RendezvousClient),
     relay: bool,
 }
@@ -216,6 +226,15 @@ impl Pair {
     /// The `i`-th pair of block `block`: the receiver on 127.block.x.y, the sender on
     /// 127.(block + 100).x.y (joins are limited per source).
     async fn make(addr: SocketAddr, block: u8, i: usize, relay: bool) -> anyhow::Result<Pair> {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            Self::try_make(addr, block, i, relay),
+        )
+        .await
+        .context("pairing took over 20 s")?
+    }
+
+    async fn try_make(addr: SocketAddr, block: u8, i: usize, relay: bool) -> anyhow::Result<Pair> {
         let (rn, receiver) = connect(source(block, i), addr).await?;
         let (sn, sender) = connect(source(block + 100, i), addr).await?;
         let (mut opened, info) = receiver.open(None, Duration::from_secs(60)).await?;
@@ -242,10 +261,15 @@ impl Pair {
         Ok(Pair {
             receiver: receiver.connection().clone(),
             sender: sender.connection().clone(),
-            _nodes: (rn, sn),
+            nodes: (rn, sn),
             clients: (receiver, sender),
             relay,
         })
+    }
+
+    async fn close(self) {
+        self.nodes.0.close(qpunch::node::QUICK_LINGER).await;
+        self.nodes.1.close(qpunch::node::QUICK_LINGER).await;
     }
 
     /// One packet each way (when relayed).
