@@ -106,14 +106,17 @@ pub struct Datagrams {
 }
 
 impl Datagrams {
-    /// What a relay connection uses (both ends of a rendezvous connection): 256 KiB in,
-    /// 128 KiB out (about 100 full-size packets queued for a partner that is slower than
-    /// its peer), and 1280-byte packets from the start, so that a datagram carries
-    /// 1200-byte QUIC Initials and their tag from the handshake on (quinn falls back to
-    /// 1200 if the path drops them).
+    /// What a relay connection uses (both ends of a rendezvous connection): 256 KiB in
+    /// (read at once; it fills only while the reader falls behind), 64 KiB out (about 50
+    /// full-size packets, 5 ms at 100 Mbit/s, queued for a partner slower than its peer:
+    /// a deeper queue would only add delay before the peers' congestion control sees the
+    /// loss, and memory a client that stops reading can pin on a rendezvous), and
+    /// 1280-byte packets from the start, so that a datagram carries 1200-byte QUIC
+    /// Initials and their tag from the handshake on (quinn falls back to 1200 if the path
+    /// drops them).
     pub const RELAY: Datagrams = Datagrams {
         receive_buffer: 256 << 10,
-        send_buffer: 128 << 10,
+        send_buffer: 64 << 10,
         initial_mtu: 1280,
     };
 }

@@ -14,6 +14,11 @@
 //!    at the same moment.
 //! 3. It relays one sealed hello each way (opaque to it) and, when a peer says the code was
 //!    wrong, tells the other. A nameplate is single use: it is gone after one join.
+//! 4. When no direct path can be punched, it relays the pair's QUIC packets: QUIC DATAGRAM
+//!    frames tagged [`RELAY_PACKET`] on either peer's connection to it are passed unchanged
+//!    to the other's ([`RelayGrant`] says within which limits, [`RelayLink`] is the peer's
+//!    side, a [`crate::path::Carrier`]). The packets are end-to-end encrypted; a third
+//!    connection cannot reach a pair (see `slot.rs`).
 //!
 //! The protocol is QUIC (ALPN [`ALPN`]), one bidirectional stream per exchange, messages
 //! as length-prefixed JSON ([`crate::frame`]). Every connection must first pass a QUIC
@@ -28,7 +33,8 @@
 //! `node -> server -> rendezvous -> natcheck, meet -> cli`.
 //!
 //! Rooms: `book.rs` is the pairing book, sans-IO (register, join, PAKE relay, expiry,
-//! limits) with its unit tests; `server.rs` drives it on QUIC streams; `reflector.rs`
+//! limits) with its unit tests; `server.rs` drives it on QUIC streams; `slot.rs` is the
+//! relay between a paired receiver and sender, `relay.rs` the peer's end of it; `reflector.rs`
 //! answers NAT checks on the second port and from other addresses; `client.rs` is the
 //! peer's side; `nameplate.rs` the one name both sides share.
 

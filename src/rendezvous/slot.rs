@@ -19,7 +19,7 @@
 //! **Memory.** A slot is a few hundred bytes and one small task (it waits for either
 //! connection to close or the lifetime to end); what a relaying pair can make the
 //! rendezvous buffer is bounded by quinn's datagram buffers of its two connections
-//! ([`crate::node::Datagrams::RELAY`]: 256 KiB in, 128 KiB out, each).
+//! ([`crate::node::Datagrams::RELAY`]: 256 KiB in, 64 KiB out, each).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
