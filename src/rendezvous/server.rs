@@ -207,6 +207,10 @@ impl Rendezvous {
     /// A rendezvous on `node` (which must accept connections and speak [`super::ALPN`]),
     /// with `alt` bound to the same address and another port (it answers probes), telling
     /// clients it can be reached at `addrs`.
+    ///
+    /// To relay, `node` must have datagrams on ([`crate::node::NodeConfig::datagrams`],
+    /// [`crate::node::Datagrams::RELAY`], as [`Rendezvous::bind`] sets them); without, set
+    /// [`RendezvousConfig::relay`] to `None`.
     pub fn new(
         node: Arc<Node>,
         alt: std::net::UdpSocket,

@@ -78,6 +78,9 @@ pub(super) struct RelayShared {
     pub dropped: AtomicU64,
     pub cut: AtomicU64,
     pub live: AtomicUsize,
+    /// Held while a slot is checked for and installed on two links: a connection that
+    /// pairs twice at once (an open and a join) must not end up in two slots.
+    pub opening: Mutex<()>,
 }
 
 /// One rendezvous connection as the relay sees it: the connection, its idle bookkeeping,
@@ -200,6 +203,7 @@ impl Slot {
         shared: &Arc<RelayShared>,
         events: &Arc<dyn RendezvousEvents>,
     ) -> Option<(Arc<Slot>, RelayGrant)> {
+        let _opening = shared.opening.lock().unwrap_or_else(|e| e.into_inner());
         if Arc::ptr_eq(a, b)
             || a.conn.max_datagram_size().is_none()
             || b.conn.max_datagram_size().is_none()
