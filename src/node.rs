@@ -84,6 +84,49 @@ pub struct NodeConfig {
     /// them ([`GUARDED_WINDOW`] by default): what a stranger can make us buffer. A server
     /// whose messages are small (the rendezvous) sets less.
     pub guarded_window: u32,
+    /// QUIC DATAGRAM frames on every connection of this node (dialled and accepted), or
+    /// `None` (the default): nothing here reads datagrams, so a peer gets no buffer to
+    /// fill. The rendezvous turns them on to relay ([`Datagrams::RELAY`]); a peer turns
+    /// them on for one connection only, with [`Node::connect_with_options`].
+    pub datagrams: Option<Datagrams>,
+}
+
+/// Datagram support of a connection: how much each way may wait in quinn's buffers. Both
+/// are limits, not allocations: a full receive buffer drops the oldest datagram received,
+/// a full send buffer the oldest unsent one, as a congested UDP path would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Datagrams {
+    /// Received datagrams waiting to be read, in bytes.
+    pub receive_buffer: usize,
+    /// Datagrams waiting for the congestion window, in bytes.
+    pub send_buffer: usize,
+    /// UDP payload size from the first packet on: a relay needs room for a whole QUIC
+    /// packet (at least 1200 bytes) plus its framing in every datagram, before path MTU
+    /// discovery has said anything.
+    pub initial_mtu: u16,
+}
+
+impl Datagrams {
+    /// What a relay connection uses (both ends of a rendezvous connection): 256 KiB in
+    /// (read at once; it fills only while the reader falls behind), 64 KiB out (about 50
+    /// full-size packets, 5 ms at 100 Mbit/s, queued for a partner slower than its peer:
+    /// a deeper queue would only add delay before the peers' congestion control sees the
+    /// loss, and memory a client that stops reading can pin on a rendezvous), and
+    /// 1280-byte packets from the start, so that a datagram carries 1200-byte QUIC
+    /// Initials and their tag from the handshake on (quinn falls back to 1200 if the path
+    /// drops them).
+    pub const RELAY: Datagrams = Datagrams {
+        receive_buffer: 256 << 10,
+        send_buffer: 64 << 10,
+        initial_mtu: 1280,
+    };
+}
+
+/// Per-connection options of [`Node::connect_with_options`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// Datagram support on this connection (overrides [`NodeConfig::datagrams`]).
+    pub datagrams: Option<Datagrams>,
 }
 
 impl NodeConfig {
@@ -97,6 +140,7 @@ impl NodeConfig {
             probe_rate: RateConfig::default(),
             congestion: Congestion::default(),
             guarded_window: GUARDED_WINDOW,
+            datagrams: None,
         }
     }
 }
@@ -304,9 +348,28 @@ impl Node {
         expected: Option<Fingerprint>,
         alpn: &[Vec<u8>],
     ) -> Result<PeerConnection, NodeError> {
+        let options = ConnectOptions {
+            datagrams: self.config.datagrams,
+        };
+        self.connect_with_options(peer, expected, alpn, &options)
+            .await
+    }
+
+    /// [`connect_with_alpn`](Self::connect_with_alpn) with per-connection `options`: a
+    /// peer dials its rendezvous with datagrams on (the relay), and keeps them off on every
+    /// other connection.
+    pub async fn connect_with_options(
+        &self,
+        peer: SocketAddr,
+        expected: Option<Fingerprint>,
+        alpn: &[Vec<u8>],
+        options: &ConnectOptions,
+    ) -> Result<PeerConnection, NodeError> {
         let (crypto, seen) = tls::client_crypto(&self.config.identity, expected, alpn)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(transport(&self.config, &self.closing));
+        let mut transport = base_transport(&self.config, &self.closing);
+        datagrams(&mut transport, options.datagrams);
+        client.transport_config(Arc::new(transport));
         let connecting = self.endpoint.connect_with(client, peer, tls::SERVER_NAME)?;
         let connection = match connecting.await {
             Ok(connection) => connection,
@@ -376,18 +439,12 @@ fn guarded_transport(
     Arc::new(transport)
 }
 
-/// Transport for connections we dial: the peer was chosen (and pinned), so the windows are
-/// open from the start.
-fn transport(config: &NodeConfig, closing: &Arc<AtomicBool>) -> Arc<quinn::TransportConfig> {
-    Arc::new(base_transport(config, closing))
-}
-
 /// Transport tuning shared by both roles.
 fn base_transport(config: &NodeConfig, closing: &Arc<AtomicBool>) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
-    // Neither unidirectional streams nor datagrams are used: a peer gets none to fill.
+    // Unidirectional streams are never used, datagrams only where the configuration
+    // says so (see `datagrams` below): a peer gets nothing else to fill.
     transport.max_concurrent_uni_streams(0u32.into());
-    transport.datagram_receive_buffer_size(None);
     transport.keep_alive_interval(config.keep_alive);
     transport.congestion_controller_factory(Arc::new(crate::close_gate::GatedFactory {
         inner: config.congestion.factory(),
@@ -414,7 +471,22 @@ fn base_transport(config: &NodeConfig, closing: &Arc<AtomicBool>) -> quinn::Tran
     transport.stream_receive_window(STREAM_WINDOW.into());
     transport.receive_window(CONNECTION_WINDOW.into());
     transport.send_window(u64::from(CONNECTION_WINDOW));
+    datagrams(&mut transport, config.datagrams);
     transport
+}
+
+/// Turn datagrams on (or leave them off) in `transport`.
+fn datagrams(transport: &mut quinn::TransportConfig, datagrams: Option<Datagrams>) {
+    match datagrams {
+        None => {
+            transport.datagram_receive_buffer_size(None);
+        }
+        Some(d) => {
+            transport.datagram_receive_buffer_size(Some(d.receive_buffer));
+            transport.datagram_send_buffer_size(d.send_buffer);
+            transport.initial_mtu(d.initial_mtu);
+        }
+    }
 }
 
 /// What [`punch_and_hand_over`] produced.

@@ -303,6 +303,7 @@ impl share::Events for Render {
                     socket,
                     server,
                     lan,
+                    rendezvous: None,
                 },
                 None,
             ),

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use qpunch::addr::canonical;
-use qpunch::rendezvous::{self, Rendezvous, RendezvousConfig, RendezvousEvents};
+use qpunch::rendezvous::{self, RelayLimits, Rendezvous, RendezvousConfig, RendezvousEvents};
 
-use super::load_identity;
+use super::ui::HumanBytes;
 use super::ui::{Event, Ui};
+use super::{load_identity, parse_duration, parse_size};
 
 #[derive(Debug, Args)]
 pub struct RendezvousArgs {
@@ -19,20 +20,47 @@ pub struct RendezvousArgs {
     /// UDP port (QUIC and probes); the next port answers probes only, for NAT checks.
     #[arg(long, default_value_t = rendezvous::DEFAULT_PORT)]
     port: u16,
+    /// Relay nothing: paired peers that cannot punch a direct path cannot meet.
+    #[arg(long, conflicts_with_all = ["relay_quota", "relay_rate", "relay_lifetime", "relay_idle"])]
+    no_relay: bool,
+    /// Bytes one pair may relay, both directions together (e.g. 8G, 500M); then both
+    /// peers are cut off.
+    #[arg(long, default_value = "8G", value_parser = parse_size)]
+    relay_quota: u64,
+    /// Bytes per second one pair may relay, both directions together (e.g. 10M is
+    /// 10 MiB/s, about 84 Mbit/s); faster datagrams are dropped. 0: no limit.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    relay_rate: u64,
+    /// How long a pair may relay (seconds, or e.g. 6h, 90m); then both peers are cut off.
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    relay_lifetime: std::time::Duration,
+    /// A pair's relay through which nothing passed for this long ends (seconds, or e.g.
+    /// 2m).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    relay_idle: std::time::Duration,
+}
+
+impl RendezvousArgs {
+    fn config(&self) -> RendezvousConfig {
+        let relay = (!self.no_relay).then_some(RelayLimits {
+            quota: self.relay_quota,
+            rate: self.relay_rate,
+            lifetime: self.relay_lifetime,
+            idle: self.relay_idle,
+        });
+        RendezvousConfig {
+            relay,
+            ..RendezvousConfig::default()
+        }
+    }
 }
 
 pub async fn run(args: RendezvousArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let bind = super::common::bind_addr(&args.bind, args.port)?;
     let identity = load_identity(&ui)?;
     let events = Arc::new(Pairings { ui: ui.clone() });
-    let serve = |addr| {
-        Rendezvous::bind(
-            addr,
-            identity.clone(),
-            RendezvousConfig::default(),
-            events.clone(),
-        )
-    };
+    let config = args.config();
+    let serve = |addr| Rendezvous::bind(addr, identity.clone(), config, events.clone());
     let bound = serve(bind)
         .or_else(|e| {
             // A system without IPv6 cannot bind [::]: serve IPv4.
@@ -88,14 +116,23 @@ pub async fn run(args: RendezvousArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     bound.node.close(qpunch::node::QUICK_LINGER).await;
     let counters = bound.rendezvous.stats();
     ui.say(&format!(
-        "stopped: {} pairing(s), {} code(s) opened, {} expired, {} failed",
-        counters.paired, counters.opened, counters.expired, counters.failed
+        "stopped: {} pairing(s), {} code(s) opened, {} expired, {} failed; relayed {} in {} \
+         datagram(s), {} dropped, {} pair(s) cut at their quota",
+        counters.paired,
+        counters.opened,
+        counters.expired,
+        counters.failed,
+        HumanBytes(counters.relayed_bytes),
+        counters.relayed_packets,
+        counters.relay_dropped,
+        counters.relay_cut,
     ));
     ui.event(
         Event::Stats {
             socket: bound.node.socket_stats(),
             server: Some(stats.get()),
             lan: None,
+            rendezvous: Some(counters),
         },
         None,
     );
@@ -119,6 +156,20 @@ impl RendezvousEvents for Pairings {
             Some(format!("paired {nameplate}: {receiver} <-> {sender}")),
         );
     }
+
+    fn relay_ended(&self, nameplate: &str, bytes: u64, why: &str) {
+        self.ui.event(
+            Event::RelayEnded {
+                nameplate: nameplate.to_string(),
+                bytes,
+                why: why.to_string(),
+            },
+            Some(format!(
+                "relay {nameplate} ended ({why}): {} relayed",
+                HumanBytes(bytes)
+            )),
+        );
+    }
 }
 
 /// Addresses to tell peers (every interface's, for a wildcard bind).
@@ -127,4 +178,52 @@ fn reachable(local: SocketAddr) -> Vec<String> {
         .into_iter()
         .map(|a| a.to_string())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::time::Duration;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RendezvousArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<RendezvousConfig, clap::Error> {
+        let argv = std::iter::once("rendezvous").chain(args.iter().copied());
+        Ok(Cli::try_parse_from(argv)?.args.config())
+    }
+
+    #[test]
+    fn relay_flags_reach_the_config() {
+        assert_eq!(config(&[]).unwrap().relay, Some(RelayLimits::default()));
+        assert_eq!(config(&["--no-relay"]).unwrap().relay, None);
+        let set = config(&[
+            "--relay-quota",
+            "500M",
+            "--relay-rate",
+            "10M",
+            "--relay-lifetime",
+            "90",
+            "--relay-idle",
+            "30",
+        ])
+        .unwrap();
+        assert_eq!(
+            set.relay,
+            Some(RelayLimits {
+                quota: 500 << 20,
+                rate: 10 << 20,
+                lifetime: Duration::from_secs(90),
+                idle: Duration::from_secs(30),
+            })
+        );
+        let hours = config(&["--relay-lifetime", "2h"]).unwrap();
+        assert_eq!(hours.relay.unwrap().lifetime, Duration::from_secs(7200));
+        assert!(config(&["--no-relay", "--relay-quota", "1G"]).is_err());
+        assert!(config(&["--relay-quota", "lots"]).is_err());
+    }
 }

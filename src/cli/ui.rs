@@ -5,7 +5,8 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+pub use indicatif::HumanBytes;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qpunch::identity::Fingerprint;
 use qpunch::share::consent::Summary;
 use qpunch::text::terminal;
@@ -68,6 +69,13 @@ pub enum Event {
         nameplate: String,
         receiver: String,
         sender: String,
+    },
+    /// The relay slot of a pair ended (`why`: "a peer left", "lifetime ended", "quota
+    /// used up"), after relaying `bytes` in both directions.
+    RelayEnded {
+        nameplate: String,
+        bytes: u64,
+        why: String,
     },
     /// The probe exchange proved a path. `method`: `direct` (a qpunch reply) or
     /// `legacy` (the Go demo's plain reply, which does not carry `reflexive_addr`).
@@ -145,6 +153,9 @@ pub enum Event {
         /// Codes offered on the LAN (a receiver without a rendezvous).
         #[serde(flatten, skip_serializing_if = "Option::is_none")]
         lan: Option<qpunch::meet::lan::LanStats>,
+        /// A rendezvous's pairings and relay (`qpunch rendezvous`).
+        #[serde(flatten, skip_serializing_if = "Option::is_none")]
+        rendezvous: Option<qpunch::rendezvous::RendezvousStats>,
     },
 }
 

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::relay::RelayLink;
 use super::{
-    ALPN, ErrorCode, MAX_MESSAGE, MAX_SEALED, Nameplate, PAKE_MSG_LEN, Request, Response, from_hex,
-    to_hex,
+    ALPN, ErrorCode, MAX_MESSAGE, MAX_SEALED, Nameplate, PAKE_MSG_LEN, RelayGrant, Request,
+    Response, from_hex, to_hex,
 };
 use crate::frame::{self, FrameError};
-use crate::node::{Node, NodeError};
+use crate::node::{ConnectOptions, Datagrams, Node, NodeError};
 use crate::wire::TxId;
 
 /// How long connecting to a rendezvous may take (a Retry adds one round trip).
@@ -82,6 +83,9 @@ pub struct Paired {
     pub pake: Vec<u8>,
     /// Our public address, as the rendezvous sees it (the peer's is in its sealed hello).
     pub observed: SocketAddr,
+    /// The relay the rendezvous opened for the pair ([`RendezvousClient::relay_link`]),
+    /// or `None` (it relays nothing).
+    pub relay: Option<RelayGrant>,
 }
 
 /// A connection to a rendezvous.
@@ -94,10 +98,17 @@ pub struct RendezvousClient {
 impl RendezvousClient {
     /// Connect from `node` to the rendezvous at `addr`. Its identity is not checked: the
     /// rendezvous is untrusted by design (the PAKE protects the meeting).
+    ///
+    /// The connection carries QUIC datagrams ([`Datagrams::RELAY`]), so that once paired
+    /// it can be the pair's relay ([`relay_link`](Self::relay_link)); the node's other
+    /// connections keep them off.
     pub async fn connect(node: &Node, addr: SocketAddr) -> Result<Self, ClientError> {
         let alpn = [ALPN.to_vec()];
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, node.connect_with_alpn(addr, None, &alpn)).await;
+        let options = ConnectOptions {
+            datagrams: Some(Datagrams::RELAY),
+        };
+        let connect = node.connect_with_options(addr, None, &alpn, &options);
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, connect).await;
         match connected {
             Ok(Ok(peer)) => Ok(RendezvousClient {
                 conn: peer.connection,
@@ -116,6 +127,12 @@ impl RendezvousClient {
     /// The QUIC connection (it keeps our NAT mapping alive while we wait).
     pub fn connection(&self) -> &quinn::Connection {
         &self.conn
+    }
+
+    /// The relay through this connection: what the pair's [`Paired::relay`] grant allows
+    /// travels as datagrams to the partner. Any number of links may share a connection.
+    pub fn relay_link(&self) -> RelayLink {
+        RelayLink::new(self.conn.clone())
     }
 
     /// Ask how the rendezvous sees us.
@@ -252,10 +269,18 @@ impl Exchange {
     /// Wait for [`Response::Paired`] (a receiver waits here after opening).
     pub async fn paired(&mut self) -> Result<Paired, ClientError> {
         match self.next().await? {
-            Response::Paired { pake, observed } => {
+            Response::Paired {
+                pake,
+                observed,
+                relay,
+            } => {
                 let pake = from_hex(&pake, PAKE_MSG_LEN)
                     .ok_or_else(|| ClientError::Protocol("bad PAKE message".into()))?;
-                Ok(Paired { pake, observed })
+                Ok(Paired {
+                    pake,
+                    observed,
+                    relay,
+                })
             }
             other => Err(unexpected(other)),
         }

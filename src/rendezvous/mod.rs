@@ -14,6 +14,11 @@
 //!    at the same moment.
 //! 3. It relays one sealed hello each way (opaque to it) and, when a peer says the code was
 //!    wrong, tells the other. A nameplate is single use: it is gone after one join.
+//! 4. When no direct path can be punched, it relays the pair's QUIC packets: QUIC DATAGRAM
+//!    frames tagged [`RELAY_PACKET`] on either peer's connection to it are passed unchanged
+//!    to the other's ([`RelayGrant`] says within which limits, [`RelayLink`] is the peer's
+//!    side, a [`crate::path::Carrier`]). The packets are end-to-end encrypted; a third
+//!    connection cannot reach a pair (see `slot.rs`).
 //!
 //! The protocol is QUIC (ALPN [`ALPN`]), one bidirectional stream per exchange, messages
 //! as length-prefixed JSON ([`crate::frame`]). Every connection must first pass a QUIC
@@ -28,7 +33,8 @@
 //! `node -> server -> rendezvous -> natcheck, meet -> cli`.
 //!
 //! Rooms: `book.rs` is the pairing book, sans-IO (register, join, PAKE relay, expiry,
-//! limits) with its unit tests; `server.rs` drives it on QUIC streams; `reflector.rs`
+//! limits) with its unit tests; `server.rs` drives it on QUIC streams; `slot.rs` is the
+//! relay between a paired receiver and sender, `relay.rs` the peer's end of it; `reflector.rs`
 //! answers NAT checks on the second port and from other addresses; `client.rs` is the
 //! peer's side; `nameplate.rs` the one name both sides share.
 
@@ -36,7 +42,9 @@ mod book;
 mod client;
 mod nameplate;
 mod reflector;
+mod relay;
 mod server;
+mod slot;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -47,8 +55,10 @@ pub use client::{
 };
 pub(crate) use nameplate::shown;
 pub use nameplate::{MAX_NAMEPLATE_LEN, Nameplate, NameplateError};
+pub use relay::RelayLink;
 pub use server::{
-    Bound, IDLE_CLOSE, NoEvents, Rendezvous, RendezvousConfig, RendezvousEvents, RendezvousStats,
+    Bound, IDLE_CLOSE, NoEvents, RELAY_EXPIRED, RELAY_QUOTA, RelayLimits, Rendezvous,
+    RendezvousConfig, RendezvousEvents, RendezvousStats,
 };
 
 /// ALPN of the rendezvous protocol. Version 2: [`Response::Paired`] no longer carries the
@@ -154,6 +164,11 @@ pub enum Response {
         pake: String,
         /// Our own address as seen here.
         observed: SocketAddr,
+        /// The relay slot the rendezvous opened for this pair (see [`RelayGrant`]); `None`
+        /// when it relays nothing (relaying off, or a side without datagram support).
+        /// Absent in the JSON of older rendezvous, hence the default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relay: Option<RelayGrant>,
     },
     /// The peer's sealed hello, hex.
     Sealed {
@@ -175,6 +190,27 @@ pub enum Response {
         message: String,
     },
 }
+
+/// What the rendezvous relays for one pair: QUIC DATAGRAM frames on each side's connection
+/// to it, each a tag byte ([`RELAY_PACKET`]) and an opaque payload, passed unchanged to the
+/// partner's connection. The payloads are the peers' own QUIC packets, end-to-end
+/// encrypted: the rendezvous holds no key to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayGrant {
+    /// Bytes the pair may relay, both directions together (tags included); past them the
+    /// rendezvous closes both connections with [`RELAY_QUOTA`].
+    pub quota: u64,
+    /// Bytes per second the pair may relay, both directions together (0: no limit); what
+    /// arrives faster is dropped.
+    pub rate: u64,
+    /// Seconds the slot lives; then the rendezvous closes both connections with
+    /// [`RELAY_EXPIRED`].
+    pub expires_secs: u64,
+}
+
+/// Tag of a relayed datagram that carries a packet for the partner. Other tags are
+/// reserved: the rendezvous drops them (and counts them), a client skips them.
+pub const RELAY_PACKET: u8 = 0x00;
 
 /// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +270,43 @@ mod tests {
         let json = serde_json::to_string(&err).unwrap();
         assert!(json.contains(r#""code":"unknown_nameplate""#), "{json}");
         assert!(serde_json::from_str::<Request>(r#"{"type":"nope"}"#).is_err());
+    }
+
+    /// A client of this version reads an older rendezvous's pairing (no grant), and an
+    /// older client ignores the grant (serde skips unknown fields).
+    #[test]
+    fn the_relay_grant_is_optional_on_the_wire() {
+        let observed: SocketAddr = "192.0.2.1:5".parse().unwrap();
+        let old = r#"{"type":"paired","pake":"01","observed":"192.0.2.1:5"}"#;
+        assert_eq!(
+            serde_json::from_str::<Response>(old).unwrap(),
+            Response::Paired {
+                pake: "01".into(),
+                observed,
+                relay: None
+            }
+        );
+        let paired = Response::Paired {
+            pake: "01".into(),
+            observed,
+            relay: Some(RelayGrant {
+                quota: 8 << 30,
+                rate: 0,
+                expires_secs: 21600,
+            }),
+        };
+        let json = serde_json::to_string(&paired).unwrap();
+        assert!(
+            json.contains(r#""relay":{"quota":8589934592,"rate":0,"expires_secs":21600}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), paired);
+        let without = Response::Paired {
+            pake: "01".into(),
+            observed,
+            relay: None,
+        };
+        assert_eq!(serde_json::to_string(&without).unwrap(), old);
     }
 
     #[test]

@@ -28,7 +28,11 @@ use tokio::sync::mpsc;
 
 use super::book::{self, Book, FromClient, FromPartner, Join, Limits, Passed, Refused, Relaying};
 use super::reflector::{Reflector, announced_addrs};
-use super::{ErrorCode, MAX_MESSAGE, PAKE_MSG_LEN, Request, Response, VERSION, from_hex, to_hex};
+use super::slot::{Link, RelayShared, Slot};
+pub use super::slot::{RELAY_EXPIRED, RELAY_QUOTA, RelayLimits};
+use super::{
+    ErrorCode, MAX_MESSAGE, PAKE_MSG_LEN, RelayGrant, Request, Response, VERSION, from_hex, to_hex,
+};
 use crate::frame;
 use crate::node::{Node, PeerConnection};
 use crate::ratelimit::RateConfig;
@@ -59,8 +63,12 @@ pub struct RendezvousConfig {
     /// dropped (with its nameplate).
     pub write_timeout: Duration,
     /// A connection that holds no open or join exchange for this long is closed, however
-    /// alive its keep-alives keep it: a slot is for a meeting, not for holding.
+    /// alive its keep-alives keep it: a slot is for a meeting, not for holding. A
+    /// connection whose pair is relaying holds an exchange.
     pub idle_grace: Duration,
+    /// What a pair may relay through the rendezvous once paired (see [`RelayLimits`]);
+    /// `None`: no relaying (pairs get no grant, every datagram is dropped).
+    pub relay: Option<RelayLimits>,
 }
 
 impl Default for RendezvousConfig {
@@ -79,6 +87,7 @@ impl Default for RendezvousConfig {
             },
             write_timeout: Duration::from_secs(10),
             idle_grace: Duration::from_secs(30),
+            relay: Some(RelayLimits::default()),
         }
     }
 }
@@ -103,6 +112,16 @@ pub struct RendezvousStats {
     /// Connections closed because they held no exchange (see
     /// [`RendezvousConfig::idle_grace`]).
     pub evicted: u64,
+    /// Datagrams relayed from one peer to its partner.
+    pub relayed_packets: u64,
+    /// Bytes relayed (tags included).
+    pub relayed_bytes: u64,
+    /// Datagrams dropped: on a connection with no live relay slot (never paired, partner
+    /// gone, slot ended, relaying off), with a reserved tag, over the pair's rate, or not
+    /// taken by the partner's connection.
+    pub relay_dropped: u64,
+    /// Pairs cut for using up their relay quota.
+    pub relay_cut: u64,
 }
 
 #[derive(Debug, Default)]
@@ -121,6 +140,10 @@ struct Counters {
 pub trait RendezvousEvents: Send + Sync + 'static {
     /// Two peers were paired on `nameplate`.
     fn paired(&self, _nameplate: &str, _receiver: SocketAddr, _sender: SocketAddr) {}
+    /// The relay slot of the pair that met on `nameplate` ended, after relaying `bytes`
+    /// (both directions): `why` is one of "a peer left", "lifetime ended", "quota used up",
+    /// "idle" (nothing passed for [`RelayLimits::idle`]).
+    fn relay_ended(&self, _nameplate: &str, _bytes: u64, _why: &str) {}
 }
 
 /// [`RendezvousEvents`] that ignores everything.
@@ -136,6 +159,7 @@ enum Relay {
     Paired {
         pake: Vec<u8>,
         partner: mpsc::Sender<Relay>,
+        relay: Option<RelayGrant>,
     },
     /// A sealed hello or a failure report.
     Passed(Passed),
@@ -157,9 +181,17 @@ impl RendezvousConfig {
 pub struct Rendezvous {
     config: RendezvousConfig,
     reflector: Reflector,
-    book: Mutex<Book<mpsc::Sender<Relay>>>,
+    book: Mutex<Book<Waiter>>,
     counters: Counters,
+    relay: Arc<RelayShared>,
     events: Arc<dyn RendezvousEvents>,
+}
+
+/// What the book keeps of a waiting receiver: the way to its session, and its connection
+/// (to bind a relay slot to).
+struct Waiter {
+    session: mpsc::Sender<Relay>,
+    link: Arc<Link>,
 }
 
 impl std::fmt::Debug for Rendezvous {
@@ -175,6 +207,10 @@ impl Rendezvous {
     /// A rendezvous on `node` (which must accept connections and speak [`super::ALPN`]),
     /// with `alt` bound to the same address and another port (it answers probes), telling
     /// clients it can be reached at `addrs`.
+    ///
+    /// To relay, `node` must have datagrams on ([`crate::node::NodeConfig::datagrams`],
+    /// [`crate::node::Datagrams::RELAY`], as [`Rendezvous::bind`] sets them); without, set
+    /// [`RendezvousConfig::relay`] to `None`.
     pub fn new(
         node: Arc<Node>,
         alt: std::net::UdpSocket,
@@ -188,6 +224,7 @@ impl Rendezvous {
             reflector,
             book: Mutex::new(Book::new(config.book_limits(), now())),
             counters: Counters::default(),
+            relay: Arc::default(),
             events,
         }))
     }
@@ -204,7 +241,16 @@ impl Rendezvous {
             limited: c.limited.load(Ordering::Relaxed),
             malformed: c.malformed.load(Ordering::Relaxed),
             evicted: c.evicted.load(Ordering::Relaxed),
+            relayed_packets: self.relay.packets.load(Ordering::Relaxed),
+            relayed_bytes: self.relay.bytes.load(Ordering::Relaxed),
+            relay_dropped: self.relay.dropped.load(Ordering::Relaxed),
+            relay_cut: self.relay.cut.load(Ordering::Relaxed),
         }
+    }
+
+    /// Relay slots live right now (pairs that may relay).
+    pub fn relaying(&self) -> usize {
+        self.relay.live.load(Ordering::Relaxed)
     }
 
     /// Nameplates waiting right now.
@@ -212,7 +258,7 @@ impl Rendezvous {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Book<mpsc::Sender<Relay>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Book<Waiter>> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -224,7 +270,7 @@ impl Rendezvous {
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
         mut shutdown: Shutdown,
-        held: Arc<Held>,
+        link: Arc<Link>,
     ) {
         // Reading frames is not cancel-safe, so a task reads them into a channel; the
         // session only ever selects on channels and timers. One deep: a client that
@@ -239,7 +285,7 @@ impl Rendezvous {
         // Only a nameplate or a join holds the connection (info and reflect answer at once,
         // and a stream that says nothing is dropped above).
         let _holding = matches!(first, Some(Request::Open { .. } | Request::Join { .. }))
-            .then(|| Held::enter(&held));
+            .then(|| Held::enter(link.held()));
         let answer = match first {
             Some(Request::Info) => Some(self.welcome(observed)),
             Some(Request::Reflect {
@@ -255,9 +301,9 @@ impl Rendezvous {
                 ttl_secs,
             }) => {
                 self.open(
-                    observed,
                     nameplate,
                     ttl_secs,
+                    &link,
                     &mut send,
                     &mut requests,
                     &mut shutdown,
@@ -267,9 +313,9 @@ impl Rendezvous {
             }
             Some(Request::Join { nameplate, pake }) => {
                 self.join(
-                    observed,
                     nameplate,
                     pake,
+                    &link,
                     &mut send,
                     &mut requests,
                     &mut shutdown,
@@ -350,20 +396,24 @@ impl Rendezvous {
     /// relay.
     async fn open(
         &self,
-        observed: SocketAddr,
         wanted: Option<String>,
         ttl_secs: u32,
+        link: &Arc<Link>,
         send: &mut quinn::SendStream,
         requests: &mut mpsc::Receiver<Request>,
         shutdown: &mut Shutdown,
     ) {
+        let observed = link.observed();
         let (to_session, mut inbox) = mpsc::channel(4);
         let registered = self.lock().register(
             now(),
             observed,
             wanted.as_deref(),
             ttl_secs,
-            to_session,
+            Waiter {
+                session: to_session,
+                link: link.clone(),
+            },
             &mut rand::rng(),
         );
         let book::Registration {
@@ -427,12 +477,18 @@ impl Rendezvous {
             _ = requests.recv() => return,
             () = shutdown.recv() => return,
         };
-        let Some(Relay::Paired { pake, partner }) = paired else {
+        let Some(Relay::Paired {
+            pake,
+            partner,
+            relay,
+        }) = paired
+        else {
             return;
         };
         let message = Response::Paired {
             pake: to_hex(&pake),
             observed,
+            relay,
         };
         if self.say(send, &message).await.is_ok() {
             self.relay(send, requests, &mut inbox, &partner, shutdown)
@@ -465,13 +521,14 @@ impl Rendezvous {
     /// A sender: take the nameplate (single use), pair, then relay.
     async fn join(
         &self,
-        observed: SocketAddr,
         nameplate: String,
         pake: String,
+        link: &Arc<Link>,
         send: &mut quinn::SendStream,
         requests: &mut mpsc::Receiver<Request>,
         shutdown: &mut Shutdown,
     ) {
+        let observed = link.observed();
         let allowed = self.lock().allow_join(now(), observed.ip());
         if !allowed {
             let _ = self
@@ -512,8 +569,28 @@ impl Rendezvous {
             return;
         };
         let (partner, mut inbox) = mpsc::channel(4);
-        let paired = Relay::Paired { pake, partner };
-        if waiting.session.send(paired).await.is_err() {
+        // The slot opens before either side hears of the pairing, so neither side's first
+        // relayed packet can arrive before it.
+        let slot = self.config.relay.and_then(|limits| {
+            Slot::open(
+                &waiting.session.link,
+                link,
+                limits,
+                &nameplate,
+                &self.relay,
+                &self.events,
+            )
+        });
+        let relay = slot.as_ref().map(|(_, grant)| *grant);
+        let paired = Relay::Paired {
+            pake,
+            partner,
+            relay,
+        };
+        if waiting.session.session.send(paired).await.is_err() {
+            if let Some((slot, _)) = slot {
+                slot.end("a peer left");
+            }
             // The receiver left just now: as good as unknown.
             self.counters.unknown.fetch_add(1, Ordering::Relaxed);
             let _ = self
@@ -529,10 +606,17 @@ impl Rendezvous {
         let message = Response::Paired {
             pake: to_hex(&waiting.pake),
             observed,
+            relay,
         };
         if self.say(send, &message).await.is_ok() {
-            self.relay(send, requests, &mut inbox, &waiting.session, shutdown)
-                .await;
+            self.relay(
+                send,
+                requests,
+                &mut inbox,
+                &waiting.session.session,
+                shutdown,
+            )
+            .await;
         }
     }
 
@@ -600,7 +684,7 @@ impl Drop for Release<'_> {
 }
 
 /// The book's clock: tokio's, so a test that pauses time moves the book's time too.
-fn now() -> Instant {
+pub(super) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
@@ -623,7 +707,7 @@ async fn read_requests(mut recv: quinn::RecvStream, tx: mpsc::Sender<Request>) {
 /// Whether a connection holds an exchange, and since when it has held none: what idle
 /// eviction reads.
 #[derive(Debug)]
-struct Held(Mutex<(usize, Instant)>);
+pub(super) struct Held(Mutex<(usize, Instant)>);
 
 impl Held {
     fn new() -> Arc<Held> {
@@ -634,7 +718,7 @@ impl Held {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn enter(held: &Arc<Held>) -> Holding {
+    pub(super) fn enter(held: &Arc<Held>) -> Holding {
         held.lock().0 += 1;
         Holding(held.clone())
     }
@@ -646,8 +730,9 @@ impl Held {
     }
 }
 
-/// One held exchange; when the last one ends, the grace starts again.
-struct Holding(Arc<Held>);
+/// One held exchange (or a live relay slot); when the last one ends, the grace starts
+/// again.
+pub(super) struct Holding(Arc<Held>);
 
 impl Drop for Holding {
     fn drop(&mut self) {
@@ -669,6 +754,8 @@ impl Service for Rendezvous {
         let mut sessions = tokio::task::JoinSet::new();
         let mut shutdown = shutdown;
         let held = Held::new();
+        let link = Link::new(conn.clone(), held.clone());
+        let mut slot_changed = link.subscribe();
         loop {
             let evict_at = held.evict_at(self.config.idle_grace);
             let idle = async {
@@ -677,13 +764,23 @@ impl Service for Rendezvous {
                     None => std::future::pending().await,
                 }
             };
-            // Cancel-safe: `accept_bi` yields a stream only when it returns it; the timer
-            // and `join_next` lose nothing when dropped.
+            // Cancel-safe: `accept_bi` and `read_datagram` yield a stream or a datagram
+            // only when they return it; the timer, the watch and `join_next` lose nothing
+            // when dropped.
             let (send, recv) = tokio::select! {
                 accepted = conn.accept_bi() => match accepted {
                     Ok(streams) => streams,
                     Err(_) => break,
                 },
+                datagram = conn.read_datagram() => match datagram {
+                    Ok(datagram) => {
+                        link.received(datagram, &self.relay);
+                        continue;
+                    }
+                    Err(_) => break,
+                },
+                // A relay slot opened or ended: the idle deadline changed.
+                Ok(()) = slot_changed.changed() => continue,
                 Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
                 () = idle => {
                     if held.evict_at(self.config.idle_grace).is_some_and(|at| at <= now()) {
@@ -694,6 +791,7 @@ impl Service for Rendezvous {
                     continue;
                 }
                 () = shutdown.recv() => {
+                    link.closed();
                     sessions.shutdown().await;
                     return;
                 }
@@ -706,9 +804,12 @@ impl Service for Rendezvous {
                 send,
                 recv,
                 session_shutdown,
-                held.clone(),
+                link.clone(),
             ));
         }
+        // Whatever ended the connection ends its relay slot (the slot's own watch would
+        // see it too; this is at once).
+        link.closed();
         // The client left. What it sent last (its sealed hello, a failure) may still be
         // on its way through a session: let sessions pass it on, briefly, then stop them.
         let drain = async { while sessions.join_next().await.is_some() {} };
@@ -744,6 +845,9 @@ impl Rendezvous {
         // and it is what a client that stops being read can make us buffer.
         let node_config = crate::node::NodeConfig {
             guarded_window: WINDOW,
+            // The relay rides on QUIC DATAGRAM frames (see `slot`); a rendezvous that
+            // relays nothing still reads and drops what comes.
+            datagrams: Some(crate::node::Datagrams::RELAY),
             ..crate::node::NodeConfig::new(identity, super::ALPN, true)
         };
         let node = Arc::new(Node::new(socket, node_config)?);
