@@ -1272,7 +1272,7 @@ fn block_direct(topo: &Topology, a: usize, b: usize, blocked: bool) {
         let peer = topo.site(other).wan_v4;
         let script = if blocked {
             format!(
-                "table inet nodirect {{}}\ndelete table inet nodirect\ntable inet nodirect {{ chain forward {{ type filter hook forward priority -10; policy accept; ip saddr {peer} drop; ip daddr {peer} drop; }} }}\n"
+                "table inet nodirect {{}}\ndelete table inet nodirect\ntable inet nodirect {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n  ip saddr {peer} drop\n  ip daddr {peer} drop\n }}\n}}\n"
             )
         } else {
             "table inet nodirect {}\ndelete table inet nodirect\n".to_string()

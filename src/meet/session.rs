@@ -362,7 +362,7 @@ impl Meeting<'_> {
             _ => {}
         }
         let patience = strategy.patience;
-        let relayed = self.relay(&paths);
+        let relayed = self.relay(&paths, paired);
         // Time to first byte is not held hostage by punching: unless a birthday socket may
         // win (it cannot move under the connection), the relay gets a head start.
         let head_start = (relayed.is_some() && birthday.is_none()).then_some(RELAY_AFTER);
@@ -402,6 +402,15 @@ impl Meeting<'_> {
         let (path, socket) = match won {
             Won::Punched(path, socket) => (path, socket),
             Won::Relayed(kind) => {
+                // The peer's addresses stay candidates: the paths probe them from time to
+                // time, both ways, which punches again should the way open later (a
+                // firewall rule lifted, a punch that needed longer than the traversal).
+                for &candidate in &peer_hello.candidates {
+                    let candidate = canonical(candidate);
+                    let lan = candidates::kind_of(candidate, &ifaces) == Kind::Lan;
+                    let kind = if lan { PathKind::Lan } else { PathKind::Direct };
+                    paths.add_direct(candidate, kind);
+                }
                 // The punch goes on behind the connection: a direct path it finds later is
                 // handed to the paths, which move the connection once it is steady.
                 let ifaces = ifaces.clone();
@@ -474,10 +483,20 @@ impl Meeting<'_> {
         })
     }
 
-    /// Give the peer's paths the relay of our rendezvous, when it offers one: returns its
-    /// kind.
-    fn relay(&self, _paths: &PeerPaths) -> Option<PathKind> {
-        None
+    /// Give the peer's paths the relay of our rendezvous, when it granted one for this
+    /// pairing: returns its kind. Its reader lives as long as the paths.
+    fn relay(&self, paths: &PeerPaths, paired: &Paired) -> Option<PathKind> {
+        paired.relay.as_ref()?;
+        let link = self.rendezvous.relay_link();
+        let kind = crate::path::Carrier::kind(&link);
+        let inbound = paths.add_relay(Arc::new(link.clone()));
+        paths.hold(tokio::spawn(async move {
+            // Cancel-safe: `recv` loses no datagram when dropped.
+            while let Some(datagram) = link.recv().await {
+                inbound.deliver(datagram);
+            }
+        }));
+        Some(kind)
     }
 }
 

@@ -91,6 +91,8 @@ pub struct PathEvent {
 
 enum Command {
     Direct(SocketAddr, PathKind),
+    /// The peer probed us from this address.
+    Seen(SocketAddr),
     Carrier(usize, Arc<dyn Carrier>),
     /// An authenticated reply that came through carrier `usize`.
     CarriedReply(usize, Bytes, Instant),
@@ -186,14 +188,16 @@ impl PeerPaths {
             next_carrier: Mutex::new(0),
         });
         // A verified probe from an address of the peer's: tie it to the mapped address right
-        // away, as its QUIC packets may follow in the same batch. It is not tried as a path
-        // of its own: during a meeting the peer probes from birthday sockets too, which no
-        // QUIC endpoint of its serves; paths come from what the traversal proved.
+        // away, as its QUIC packets may follow in the same batch, and tell the driver, which
+        // tries it as a path only when the current one has gone quiet (the peer's NAT gave
+        // it a new address). Not before: during a meeting the peer also probes from birthday
+        // sockets, which no QUIC endpoint of its serves.
         let hook = {
             let shared = Arc::downgrade(&shared);
             Arc::new(move |from: SocketAddr| {
                 if let Some(shared) = shared.upgrade() {
                     shared.socket.tie(from, shared.mapped, PathKind::Direct);
+                    let _ = shared.commands.try_send(Command::Seen(canonical(from)));
                 }
             })
         };
@@ -588,6 +592,12 @@ async fn drive(
             command = commands.recv() => match command {
                 Some(Command::Direct(addr, kind)) => {
                     driver.add(Via::Direct(canonical(addr)), kind, Instant::now());
+                }
+                Some(Command::Seen(addr)) => {
+                    let now = Instant::now();
+                    if driver.quiet(now) && driver.current().is_some() {
+                        driver.add(Via::Direct(addr), PathKind::Direct, now);
+                    }
                 }
                 Some(Command::Carrier(slot, carrier)) => {
                     let kind = carrier.kind();
