@@ -1395,3 +1395,77 @@ fn direct_transfer_falls_back_to_the_relay_when_the_path_dies() {
     assert!(relayed[0] > 0, "relayed {relayed:?}");
     eprintln!("{TEST}: fell back to the relay {took:?} after the direct path died");
 }
+
+/// Move a site's router to another public address, the way a laptop's network changes:
+/// the old address goes first (deleting a primary address also deletes its secondaries),
+/// then the new one, and the NAT forgets its mappings (masquerade picks the new address).
+fn change_public_address(site: &lab::Site, new: std::net::Ipv4Addr) {
+    for args in [
+        vec![
+            "addr".to_string(),
+            "del".into(),
+            format!("{}/24", site.wan_v4),
+            "dev".into(),
+            "wan0".into(),
+        ],
+        vec![
+            "addr".to_string(),
+            "add".into(),
+            format!("{new}/24"),
+            "dev".into(),
+            "wan0".into(),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = site.router_exec("ip", &args);
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    site.flush_conntrack();
+}
+
+/// Roaming: the sender's public address changes halfway through a transfer. The direct path
+/// dies, the connection falls back to the relay at once, the sender learns its new address
+/// from the rendezvous and offers it to the receiver inside its relayed probes, the
+/// receiver probes it (which opens its own NAT's filter), and the connection moves back to
+/// a direct path: the file completes, intact, in the same connection.
+#[test]
+fn sender_changes_address_and_the_same_connection_completes() {
+    const TEST: &str = "sender_changes_address_and_the_same_connection_completes";
+    if !lab::require(TEST, &["tc", "conntrack"]) {
+        return;
+    }
+    let rate = lab::Rate::mbit(20.0);
+    let topo = Topology::new(
+        "roam",
+        &[
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+        ],
+    );
+    let _rv = Rendezvous::start(&topo);
+    let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), "roaming.bin", 48 << 20);
+    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
+    sender.wait_for("connected", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(sender.try_exit().is_none(), "finished before the move");
+    let moved_at = Instant::now();
+    change_public_address(topo.site(1), std::net::Ipv4Addr::new(198, 51, 100, 102));
+    let fell_back = sender.wait_for("path", Duration::from_secs(30));
+    assert_eq!(fell_back["path"], "relayed", "{fell_back}");
+    let fell_back_after = moved_at.elapsed();
+    let back = sender.wait_for("path", Duration::from_secs(30));
+    assert_eq!(back["path"], "direct", "{back}");
+    let direct_after = moved_at.elapsed();
+    sent(&mut sender, "roaming.bin", &hash, Duration::from_secs(180));
+    receiving.finish("roaming.bin", &hash);
+    assert_eq!(events(&sender.seen, "connected").len(), 1, "one connection");
+    eprintln!(
+        "{TEST}: relayed {fell_back_after:?} after the address changed, direct again after {direct_after:?}"
+    );
+}

@@ -41,7 +41,7 @@ use crate::driver::{self, DriveError, Update};
 use crate::identity::Fingerprint;
 use crate::nat::Mapping;
 use crate::node::{Node, NodeConfig, NodeError, PeerConnection};
-use crate::path::{PathKind, PeerPaths};
+use crate::path::{PathKind, PeerPaths, SwitchReason};
 use crate::rendezvous::{ClientError, Exchange, Paired, RendezvousClient};
 use crate::traverse::{Birthday, Kind, Path, Traversal};
 
@@ -494,6 +494,31 @@ impl Meeting<'_> {
             // Cancel-safe: `recv` loses no datagram when dropped.
             while let Some(datagram) = link.recv().await {
                 inbound.deliver(datagram);
+            }
+        }));
+        // Our public address rides in our relayed probes; when we fall back to the relay
+        // (our network changed under us, most likely), the rendezvous tells us the new one.
+        paths.set_reflexive(paired.observed);
+        let (rendezvous, adder, mut moves) =
+            (self.rendezvous.clone(), paths.adder(), paths.events());
+        paths.hold(tokio::spawn(async move {
+            loop {
+                // Cancel-safe: a broadcast receive.
+                match moves.recv().await {
+                    Ok(moved)
+                        if moved.reason == SwitchReason::CurrentDead && moved.kind.is_relayed() =>
+                    {
+                        // The new mapping may take a moment to settle: ask again later too.
+                        for wait in [0, 2, 5] {
+                            tokio::time::sleep(Duration::from_secs(wait)).await;
+                            if let Ok(welcome) = rendezvous.info().await {
+                                adder.set_reflexive(welcome.observed);
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    _ => {}
+                }
             }
         }));
         Some(kind)

@@ -93,6 +93,8 @@ enum Command {
     Direct(SocketAddr, PathKind),
     /// The peer probed us from this address.
     Seen(SocketAddr),
+    /// The peer says, through a relay, that it can be reached here.
+    Offered(SocketAddr),
     Carrier(usize, Arc<dyn Carrier>),
     /// An authenticated reply that came through carrier `usize`.
     CarriedReply(usize, Bytes, Instant),
@@ -107,6 +109,9 @@ struct Shared {
     events: broadcast::Sender<PathEvent>,
     current: Mutex<Option<PathEvent>>,
     next_carrier: Mutex<usize>,
+    /// Our public address, as our rendezvous sees it: offered to the peer in the probes we
+    /// send through relays.
+    reflexive: Mutex<Option<SocketAddr>>,
 }
 
 /// One peer's paths, behind one mapped address. Dropping it forgets the peer: its
@@ -135,6 +140,11 @@ impl PathAdder {
     /// See [`PeerPaths::add_direct`].
     pub fn add_direct(&self, addr: SocketAddr, kind: PathKind) {
         add_direct(&self.0, addr, kind);
+    }
+
+    /// See [`PeerPaths::set_reflexive`].
+    pub fn set_reflexive(&self, addr: SocketAddr) {
+        *self.0.reflexive.lock().unwrap_or_else(|e| e.into_inner()) = Some(canonical(addr));
     }
 }
 
@@ -186,6 +196,7 @@ impl PeerPaths {
             events,
             current: Mutex::new(None),
             next_carrier: Mutex::new(0),
+            reflexive: Mutex::new(None),
         });
         // A verified probe from an address of the peer's: tie it to the mapped address right
         // away, as its QUIC packets may follow in the same batch, and tell the driver, which
@@ -256,6 +267,14 @@ impl PeerPaths {
             carrier,
             slot,
         }
+    }
+
+    /// Our public address as our rendezvous sees it (after a move to another network, ask
+    /// it again): offered to the peer inside the probes sent through relays, so that a peer
+    /// whose NAT filters unknown sources probes it, and opens the way back for a direct
+    /// path. Only the peer can read it there: the probes are tagged under the meeting's keys.
+    pub fn set_reflexive(&self, addr: SocketAddr) {
+        self.adder().set_reflexive(addr);
     }
 
     /// Every move from now on.
@@ -335,12 +354,18 @@ impl Relayed {
                     .try_send(Command::CarriedReply(self.slot, datagram, at));
             }
             Class::Probe => {
-                if let Ok(Message::Probe { txid }) =
-                    Message::decode_authenticated(&datagram, &shared.keys.theirs)
+                if let Ok((Message::Probe { txid }, offered)) =
+                    Message::decode_authenticated_to(&datagram, &shared.keys.theirs)
                 {
                     let reply =
                         punch::authenticated_reply_to(shared.mapped, txid, &shared.keys.ours);
                     shared.socket.carry(&*self.carrier, &reply.contents);
+                    // On a relay the probe's address field says where the peer can be
+                    // reached directly (see `PeerPaths::set_reflexive`).
+                    if let Some(offered) = offered.filter(|a| !super::is_mapped(*a)) {
+                        let offered = Command::Offered(canonical(offered));
+                        let _ = shared.commands.try_send(offered);
+                    }
                 }
             }
             Class::Legacy(_) => {}
@@ -510,7 +535,11 @@ impl Driver {
                     let _ = shared.socket.demux().send_probe(*addr, &probe).await;
                 }
                 Via::Carrier(_, carrier) => {
-                    let probe = wire::authenticated_probe(txid, shared.mapped, &shared.keys.ours);
+                    // No destination address on a relay: the field offers ours instead.
+                    let offer = *shared.reflexive.lock().unwrap_or_else(|e| e.into_inner());
+                    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+                    let to = offer.unwrap_or(unspecified);
+                    let probe = wire::authenticated_probe(txid, to, &shared.keys.ours);
                     shared.socket.carry(&**carrier, &probe);
                 }
             }
@@ -592,6 +621,9 @@ async fn drive(
             command = commands.recv() => match command {
                 Some(Command::Direct(addr, kind)) => {
                     driver.add(Via::Direct(canonical(addr)), kind, Instant::now());
+                }
+                Some(Command::Offered(addr)) => {
+                    driver.add(Via::Direct(addr), PathKind::Direct, Instant::now());
                 }
                 Some(Command::Seen(addr)) => {
                     let now = Instant::now();
