@@ -572,3 +572,111 @@ async fn a_slot_nothing_passes_through_ends_and_its_connections_go_idle() {
     assert_eq!(rv.rendezvous.relaying(), 0);
     assert_eq!(rv.rendezvous.stats().evicted, 2);
 }
+
+/// Everything one side gives its relay link, i.e. everything the relay forwards from it.
+#[derive(Debug)]
+struct Captured {
+    link: RelayLink,
+    log: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Carrier for Captured {
+    fn kind(&self) -> PathKind {
+        self.link.kind()
+    }
+
+    fn send(&self, datagram: &[u8]) -> std::io::Result<()> {
+        self.log.lock().unwrap().extend_from_slice(datagram);
+        self.link.send(datagram)
+    }
+
+    fn max_datagram(&self) -> usize {
+        self.link.max_datagram()
+    }
+}
+
+/// A node on `127.0.0.n` and its rendezvous client.
+async fn endpoint(rv: &Rv, n: u8, accept: bool) -> (Arc<Node>, RendezvousClient) {
+    let socket = qpunch::socket::bind(SocketAddr::new(lo(n), 0)).unwrap();
+    let config = NodeConfig::new(Identity::generate().unwrap(), b"relay-test/1", accept);
+    let node = Arc::new(Node::new(socket, config).unwrap());
+    let client = RendezvousClient::connect(&node, rv.addr).await.unwrap();
+    (node, client)
+}
+
+/// A whole QUIC connection through the real relay, on the path layer: TLS stays end to end.
+/// Everything the relay forwards is captured, and a marker the peers exchanged inside the
+/// connection is nowhere in it; the relay counted at least what the peers sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_through_the_relay_shows_it_only_ciphertext() {
+    use qpunch::path::{PathConfig, PeerPaths};
+    use qpunch::wire::{ProbeKey, ProbeKeys};
+    let rv = serve(RendezvousConfig::default());
+    let (rnode, rclient) = endpoint(&rv, 61, true).await;
+    let (snode, sclient) = endpoint(&rv, 62, false).await;
+    let receiver = Peer {
+        _node: rnode.clone(),
+        client: rclient,
+    };
+    let sender = Peer {
+        _node: snode.clone(),
+        client: sclient,
+    };
+    let pair = pair_peers(receiver, sender).await;
+    assert!(
+        pair.paired.iter().all(|p| p.relay.is_some()),
+        "relay granted"
+    );
+    let (k1, k2): ([u8; 32], [u8; 32]) = (rand::random(), rand::random());
+    let keys = |ours, theirs| ProbeKeys {
+        ours: ProbeKey::from_bytes(ours),
+        theirs: ProbeKey::from_bytes(theirs),
+    };
+    let rpaths = PeerPaths::new(rnode.paths(), keys(k1, k2), PathConfig::default());
+    let spaths = PeerPaths::new(snode.paths(), keys(k2, k1), PathConfig::default());
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    for (paths, peer) in [(&rpaths, &pair.receiver), (&spaths, &pair.sender)] {
+        let link = peer.link();
+        let inbound = paths.add_relay(Arc::new(Captured {
+            link: link.clone(),
+            log: log.clone(),
+        }));
+        paths.hold(tokio::spawn(async move {
+            while let Some(datagram) = link.recv().await {
+                inbound.deliver(datagram);
+            }
+        }));
+    }
+    let relayed = spaths.first_path(STEP).await.expect("a path");
+    assert_eq!(relayed.kind, PathKind::RelayedUdp);
+    let (c, s) = tokio::join!(
+        snode.connect(spaths.mapped(), Some(rnode.fingerprint())),
+        rnode.accept()
+    );
+    let (c, s) = (c.expect("connect through the relay"), s.unwrap().unwrap());
+    s.open_windows(4);
+    let marker = b"MARKER-7f3a-only-the-two-peers-can-read-this";
+    let mut body = marker.to_vec();
+    body.extend(payload(256 << 10, 5));
+    let (mut send, _) = c.connection.open_bi().await.unwrap();
+    send.write_all(&body).await.unwrap();
+    send.finish().unwrap();
+    let (_, mut recv) = s.connection.accept_bi().await.unwrap();
+    let got = tokio::time::timeout(STEP, recv.read_to_end(1 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, body, "the bytes arrived through the relay");
+    let log = log.lock().unwrap();
+    assert!(
+        log.len() > body.len(),
+        "the relay carried the connection ({} bytes)",
+        log.len()
+    );
+    assert!(
+        !log.windows(marker.len()).any(|w| w == marker),
+        "the relay saw the plaintext marker"
+    );
+    let stats = rv.rendezvous.stats();
+    assert!(stats.relayed_bytes >= body.len() as u64, "{stats:?}");
+}
