@@ -157,6 +157,14 @@ impl Chooser {
         id
     }
 
+    /// Path `id` turned out to be of another kind (an address first learnt as direct is on
+    /// our own network).
+    pub fn set_kind(&mut self, id: PathId, kind: PathKind) {
+        if let Some(path) = self.paths.iter_mut().find(|p| p.id == id) {
+            path.kind = kind;
+        }
+    }
+
     /// The path is gone for good (its socket closed, the relay slot expired).
     pub fn remove(&mut self, id: PathId) {
         self.paths.retain(|p| p.id != id);

@@ -424,13 +424,12 @@ impl Driver {
             _ => false,
         });
         if let Some(at) = exists {
-            // Learnt first from the peer's probe (as direct), then named by the traversal,
-            // which knows a LAN address when it sees one.
-            if self.paths[at].kind != kind && kind == PathKind::Lan {
-                self.forget(at);
-            } else {
-                return;
+            // Learnt first as direct (offered by the peer), then named by the traversal,
+            // which knows a LAN address when it sees one: the path keeps its state.
+            if self.paths[at].kind.class() > kind.class() {
+                self.relabel(at, kind);
             }
+            return;
         }
         if matches!(via, Via::Direct(_)) {
             let direct = self
@@ -460,6 +459,23 @@ impl Driver {
             next_probe: now,
             sent: VecDeque::new(),
         });
+    }
+
+    fn relabel(&mut self, at: usize, kind: PathKind) {
+        let path = &mut self.paths[at];
+        path.kind = kind;
+        self.chooser.set_kind(path.id, kind);
+        if let Via::Direct(addr) = path.via {
+            self.shared.socket.untie(addr, self.shared.mapped);
+            self.shared.socket.tie(addr, self.shared.mapped, kind);
+        }
+        if self.chooser.current() == Some(path.id) {
+            self.shared.route.set(path.target());
+            let mut current = self.shared.current.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(event) = current.as_mut() {
+                event.kind = kind;
+            }
+        }
     }
 
     fn forget(&mut self, at: usize) {
