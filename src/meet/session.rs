@@ -362,10 +362,11 @@ impl Meeting<'_> {
             _ => {}
         }
         let patience = strategy.patience;
-        let relayed = self.relay(&paths, paired);
-        // Time to first byte is not held hostage by punching: unless a birthday socket may
-        // win (it cannot move under the connection), the relay gets a head start.
-        let head_start = (relayed.is_some() && birthday.is_none()).then_some(RELAY_AFTER);
+        let relayed = self.relay(paired);
+        // Time to first byte is not held hostage by punching: unless the birthday technique
+        // is in play (its sockets cannot move under a connection; both sides know it from
+        // the same two NAT types), the relay gets a head start.
+        let head_start = (relayed.is_some() && strategy.birthday.is_none()).then_some(RELAY_AFTER);
         let no_path = MeetError::NoPath { ours, theirs };
         let first = tokio::time::timeout(patience, async {
         // Cancel-safe: polling a JoinHandle again after another branch won loses nothing,
@@ -379,7 +380,7 @@ impl Meeting<'_> {
                 Ok(Ok((socket, path))) => Some(Won::Punched(path, Some(socket))),
                 _ => None,
             },
-            kind = relay_ready(&paths, head_start), if head_start.is_some() => kind.map(Won::Relayed),
+            kind = relay_ready(&paths, head_start, relayed.as_ref()), if head_start.is_some() => kind.map(Won::Relayed),
         }
     })
     .await;
@@ -389,12 +390,12 @@ impl Meeting<'_> {
             // failure of the ordinary punch, or the reverse), and the relay may answer.
             Ok(None) => match second_chance(&mut punching, &mut birthday, patience).await {
                 Some((path, socket)) => Won::Punched(path, socket),
-                None => match relay_ready(&paths, relayed.map(|_| RELAY_AFTER)).await {
+                None => match relay_ready(&paths, Some(Duration::ZERO), relayed.as_ref()).await {
                     Some(kind) => Won::Relayed(kind),
                     None => return Err(no_path),
                 },
             },
-            Err(_) => match relay_ready(&paths, relayed.map(|_| RELAY_AFTER)).await {
+            Err(_) => match relay_ready(&paths, Some(Duration::ZERO), relayed.as_ref()).await {
                 Some(kind) => Won::Relayed(kind),
                 None => return Err(no_path),
             },
@@ -468,6 +469,10 @@ impl Meeting<'_> {
                 paths.add_direct(path.peer, method);
                 // The path just answered our probes: it answers the paths' own at once.
                 paths.first_path(FIRST_PATH).await;
+                // Now the relay, as the fallback should this path die.
+                if let Some(relay) = &relayed {
+                    relay.attach(&paths);
+                }
                 Some(paths)
             }
         };
@@ -483,12 +488,40 @@ impl Meeting<'_> {
         })
     }
 
-    /// Give the peer's paths the relay of our rendezvous, when it granted one for this
-    /// pairing: returns its kind. Its reader lives as long as the paths.
-    fn relay(&self, paths: &PeerPaths, paired: &Paired) -> Option<PathKind> {
+    /// The relay of our rendezvous, when it granted one for this pairing.
+    fn relay(&self, paired: &Paired) -> Option<PendingRelay> {
         paired.relay.as_ref()?;
         let link = self.rendezvous.relay_link();
-        let kind = crate::path::Carrier::kind(&link);
+        Some(PendingRelay {
+            link,
+            rendezvous: self.rendezvous.clone(),
+            observed: paired.observed,
+            attached: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+}
+
+/// A relay granted for the pairing, not yet among the peer's paths: it joins them once the
+/// race is decided (a punched path is chosen first, so a small transfer is not stuck on
+/// the relay for the settle time), or when punching has had its head start.
+struct PendingRelay {
+    link: crate::rendezvous::RelayLink,
+    rendezvous: RendezvousClient,
+    observed: SocketAddr,
+    attached: std::sync::atomic::AtomicBool,
+}
+
+impl PendingRelay {
+    /// Add the relay to `paths` (once), with its reader, and keep our public address in
+    /// our relayed probes.
+    fn attach(&self, paths: &PeerPaths) {
+        if self
+            .attached
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let link = self.link.clone();
         let inbound = paths.add_relay(Arc::new(link.clone()));
         paths.hold(tokio::spawn(async move {
             // Cancel-safe: `recv` loses no datagram when dropped.
@@ -498,7 +531,7 @@ impl Meeting<'_> {
         }));
         // Our public address rides in our relayed probes; when we fall back to the relay
         // (our network changed under us, most likely), the rendezvous tells us the new one.
-        paths.set_reflexive(paired.observed);
+        paths.set_reflexive(self.observed);
         let (rendezvous, adder, mut moves) =
             (self.rendezvous.clone(), paths.adder(), paths.events());
         paths.hold(tokio::spawn(async move {
@@ -521,7 +554,6 @@ impl Meeting<'_> {
                 }
             }
         }));
-        Some(kind)
     }
 }
 
@@ -538,8 +570,14 @@ const FIRST_PATH: Duration = Duration::from_secs(1);
 
 /// After `after`, the kind of path the peer's paths chose, once they chose one (`None` when
 /// there is no relay to wait for).
-async fn relay_ready(paths: &PeerPaths, after: Option<Duration>) -> Option<PathKind> {
+async fn relay_ready(
+    paths: &PeerPaths,
+    after: Option<Duration>,
+    relay: Option<&PendingRelay>,
+) -> Option<PathKind> {
+    let relay = relay?;
     tokio::time::sleep(after?).await;
+    relay.attach(paths);
     paths
         .first_path(Duration::from_secs(5))
         .await

@@ -471,7 +471,11 @@ impl Driver {
         }
         if self.chooser.current() == Some(path.id) {
             self.shared.route.set(path.target());
-            let mut current = self.shared.current.lock().unwrap_or_else(|e| e.into_inner());
+            let mut current = self
+                .shared
+                .current
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if let Some(event) = current.as_mut() {
                 event.kind = kind;
             }
