@@ -1469,3 +1469,143 @@ fn sender_changes_address_and_the_same_connection_completes() {
         "{TEST}: relayed {fell_back_after:?} after the address changed, direct again after {direct_after:?}"
     );
 }
+
+/// Load: twenty pairs, each receiver and sender behind symmetric NATs (so every pair is
+/// relayed), all at once over 100 Mbit/s site links: every file arrives intact, every
+/// connection ended on the relay, and the rendezvous relayed at least all their bytes.
+/// Ten receivers behind each of two routers, five senders behind each of four more (the
+/// rendezvous allows 16 waiting codes and a burst of 8 joins per address).
+#[test]
+fn twenty_relayed_pairs_at_once_all_complete() {
+    const TEST: &str = "twenty_relayed_pairs_at_once_all_complete";
+    const PAIRS: usize = 20;
+    if !lab::require(TEST, &["tc"]) {
+        return;
+    }
+    let rate = lab::Rate::mbit(100.0);
+    let site = |clients| {
+        SiteSpec::new(Nat::Symmetric)
+            .ipv6(false)
+            .clients(clients)
+            .rate(rate)
+    };
+    let topo = Topology::new(
+        "load",
+        &[site(10), site(10), site(5), site(5), site(5), site(5)],
+    );
+    // Pair i: receiver i / 10 on site i % 2; sender i / 4 on site 2 + i % 4.
+    let host = |side: usize, i: usize| match side {
+        0 => topo.site(i % 2).client(i / 2),
+        _ => topo.site(2 + i % 4).client(i / 4),
+    };
+    let mut rv = Rendezvous::start(&topo);
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2 << 20;
+    let receivers: Vec<Receiving> = (0..PAIRS)
+        .map(|i| Receiving::start(host(0, i), &[]))
+        .collect();
+    let started = Instant::now();
+    let mut senders: Vec<(Proc, Home, String, String)> = receivers
+        .iter()
+        .enumerate()
+        .map(|(i, receiving)| {
+            let name = format!("load{i}.bin");
+            let (file, hash) = make_file(dir.path(), &name, size);
+            let (proc, home) = send(host(1, i), &file, &receiving.code);
+            (proc, home, name, hash)
+        })
+        .collect();
+    for (sender, _, name, hash) in &mut senders {
+        sent(sender, name, hash, Duration::from_secs(240));
+        assert_eq!(final_path(&sender.seen), "relayed", "{}", sender.describe());
+    }
+    let took = started.elapsed();
+    for (mut receiving, (_, _, name, hash)) in receivers.into_iter().zip(&senders) {
+        receiving.finish(name, hash);
+    }
+    drop(senders);
+    let interrupt = std::process::Command::new("kill")
+        .args(["-INT", &rv.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupt.success());
+    let (_, rest) = rv.proc.wait_exit(Duration::from_secs(20));
+    let stats = rest
+        .iter()
+        .chain(rv.proc.seen.iter())
+        .find(|e| e["event"] == "stats")
+        .cloned()
+        .unwrap_or_else(|| panic!("no stats from the rendezvous\n{}", rv.proc.describe()));
+    let relayed = stats["relayed_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        relayed >= (PAIRS * size) as u64,
+        "relayed {relayed} bytes for {PAIRS} files of {size}: {stats}"
+    );
+    eprintln!(
+        "{TEST}: {PAIRS} pairs of {} MiB relayed in {took:?} ({:.1} Mbit/s in all)",
+        size >> 20,
+        (PAIRS * size * 8) as f64 / took.as_secs_f64() / 1e6
+    );
+}
+
+/// The sender's goodput in MB/s, from its `summary` event.
+fn goodput(sender: &Proc) -> f64 {
+    let summary = events(&sender.seen, "summary")
+        .last()
+        .copied()
+        .cloned()
+        .unwrap();
+    summary["mb_per_sec"].as_f64().unwrap()
+}
+
+/// Campaign: relayed goodput of one pair against direct goodput on the same 100 Mbit/s
+/// links (the relay must keep at least 0.8x). Timed, so not in the default run:
+/// `cargo test --test meet_lab -- --ignored --nocapture relayed_goodput`.
+#[test]
+#[ignore = "campaign: cargo test --test meet_lab -- --ignored --nocapture relayed_goodput"]
+fn relayed_goodput_against_direct() {
+    const TEST: &str = "relayed_goodput_against_direct";
+    if !lab::require(TEST, &["tc"]) {
+        return;
+    }
+    let rate = lab::Rate::mbit(100.0);
+    let topo = Topology::new(
+        "gput",
+        &[
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+        ],
+    );
+    let _rv = Rendezvous::start(&topo);
+    let dir = tempfile::tempdir().unwrap();
+    let mut results = Vec::new();
+    for (round, relayed) in [(0, false), (1, true), (2, false), (3, true)] {
+        block_direct(&topo, 0, 1, relayed);
+        let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
+        let name = format!("goodput{round}.bin");
+        let (file, hash) = make_file(dir.path(), &name, 48 << 20);
+        let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
+        sent(&mut sender, &name, &hash, Duration::from_secs(120));
+        receiving.finish(&name, &hash);
+        let path = final_path(&sender.seen);
+        assert_eq!(path, if relayed { "relayed" } else { "direct" });
+        results.push((relayed, goodput(&sender)));
+    }
+    let mean = |relayed: bool| {
+        let v: Vec<f64> = results
+            .iter()
+            .filter(|r| r.0 == relayed)
+            .map(|r| r.1)
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let (direct, relayed) = (mean(false), mean(true));
+    eprintln!(
+        "{TEST}: direct {direct:.2} MB/s, relayed {relayed:.2} MB/s ({:.2}x); rounds {results:?}",
+        relayed / direct
+    );
+    assert!(
+        relayed >= 0.8 * direct,
+        "relayed {relayed:.2} MB/s, direct {direct:.2} MB/s"
+    );
+}

@@ -91,7 +91,8 @@ pub fn choose(ours: Mapping, theirs: Mapping, config: &MeetConfig) -> Strategy {
 pub fn advice(ours: Mapping, theirs: Mapping) -> &'static str {
     if ours.is_hard() && theirs.is_hard() {
         "Both NATs give every destination a new port, so neither side can predict the \
-         other's: a relay is needed (not in this version)."
+         other's: a relay is needed (this rendezvous does not relay; `qpunch rendezvous` \
+         relays unless started with --no-relay)."
     } else {
         "Something between the peers drops the probes (a firewall, or UDP blocked): a relay \
          is needed (not in this version)."
