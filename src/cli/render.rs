@@ -124,6 +124,9 @@ impl share::Events for Render {
                 );
                 ui.event(Event::Found { nameplate, addrs }, Some(text));
             }
+            E::RendezvousOverTcp { via } => ui.say(&format!(
+                "reached the rendezvous {via} over TCP: UDP does not get through from here"
+            )),
             E::Pairing { nameplate } => ui.say(&format!(
                 "paired on {nameplate}; swapping sealed hellos ..."
             )),

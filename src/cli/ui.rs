@@ -52,6 +52,8 @@ pub enum Event {
         addrs: Vec<String>,
         port: u16,
         alt_port: u16,
+        /// The TLS-over-TCP port, if it listens on one.
+        tcp_port: Option<u16>,
         fingerprint: Fingerprint,
     },
     /// A one-time code expired unused (a new `listening` event brings the next one).
