@@ -24,10 +24,9 @@
 //!
 //! **Memory of one link**, at most: its queue ([`LinkConfig::queue_bytes`], 64 KiB by
 //! default), one write batch being written (≤ [`WRITE_BATCH`] + one frame, 32 KiB), one frame
-//! being read (16 KiB), and rustls's buffers (a TLS record each way, ~17 KiB each, plus what
-//! rustls holds of a write until the socket takes it, bounded by the batch): about 150 KiB,
-//! plus the kernel's socket buffers, which are not ours to count. Measured: see
-//! `docs/rendezvous.md`.
+//! being read (16 KiB), and rustls's buffers (encrypted data waiting for the socket, at most
+//! 32 KiB; a record being received, ~17 KiB): about 165 KiB, plus the kernel's socket
+//! buffers, which are not ours to count. Measured: see `docs/rendezvous.md`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -53,6 +52,10 @@ pub const MAX_FRAME: usize = 16 * 1024;
 /// The most the writer gathers from the queue into one write (then flushes): large enough
 /// for one TLS record's worth of small packets, small enough to bound the batch buffer.
 pub const WRITE_BATCH: usize = 16 * 1024;
+
+/// What rustls may hold of encrypted data waiting for the socket (its default is 64 KiB):
+/// with the write batch above it, one write's worth.
+const TLS_BUFFER: usize = 32 * 1024;
 
 /// How long connecting over TCP and the TLS handshake may take, client side.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -360,6 +363,8 @@ pub async fn connect(
     if stream.get_ref().1.alpn_protocol() != Some(ALPN) {
         return Err(TcpError::Alpn(addr));
     }
+    let mut stream = stream;
+    stream.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
     let local = stream
         .get_ref()
         .0
@@ -599,7 +604,10 @@ async fn serve_client(
 ) {
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp)).await {
-        Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(ALPN) => stream,
+        Ok(Ok(mut stream)) if stream.get_ref().1.alpn_protocol() == Some(ALPN) => {
+            stream.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
+            stream
+        }
         _ => {
             counters.handshake_failed.fetch_add(1, Ordering::Relaxed);
             return;

@@ -2,6 +2,8 @@
 //! inside, on loopback. A client told to use TCP only stands for one whose network blocks
 //! UDP (the NAT lab has the real thing: `tests/meet_lab.rs`).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -321,4 +323,105 @@ fn serve_or_none(config: RendezvousConfig) -> Option<SocketAddr> {
     )
     .unwrap();
     bound.rendezvous.tcp_addr()
+}
+
+/// `qpunch rendezvous --port P --json` on 127.0.0.1, with its TCP port.
+fn rendezvous_proc(home: &common::Home, extra: &[&str]) -> (common::Proc, u16, Option<u16>) {
+    let port = common::free_port_pair();
+    let mut args = vec!["rendezvous", "--bind", "127.0.0.1", "--json"];
+    let port_s = port.to_string();
+    args.extend(["--port", &port_s]);
+    args.extend(extra);
+    let mut proc = common::Proc::spawn("rendezvous", home.path(), &args);
+    let event = proc.wait_event("rendezvous", common::SHORT);
+    let tcp = event["tcp_port"].as_u64().map(|p| p as u16);
+    (proc, port, tcp)
+}
+
+/// `qpunch nat-check --rendezvous-tcp only` reaches the rendezvous over TCP, says so, and
+/// reports that UDP does not get through (exit status 1, as with UDP blocked);
+/// `qpunch rendezvous --no-tcp` has no TCP port, and `--tcp-port` picks it.
+#[test]
+fn the_cli_reaches_the_rendezvous_over_tcp() {
+    let home = common::Home::new();
+    let (_rv, port, tcp) = rendezvous_proc(&home, &[]);
+    assert_eq!(tcp, Some(port), "the UDP port's number by default");
+    let via = format!("127.0.0.1:{port}");
+    let check = common::Proc::spawn(
+        "nat-check",
+        common::Home::new().path(),
+        &[
+            "nat-check",
+            "--via",
+            &via,
+            "--rendezvous-tcp",
+            "only",
+            "--json",
+        ],
+    )
+    .finish(common::SHORT);
+    assert!(!check.status.success(), "{}", check.messages());
+    let nat = check.one("nat");
+    assert_eq!(nat["udp"], false, "{nat}");
+    let over = check.one("rendezvous_over_tcp");
+    assert_eq!(over["tcp_port"], port, "{over}");
+
+    let other = common::Home::new();
+    let (_off, _, none) = rendezvous_proc(&other, &["--no-tcp"]);
+    assert_eq!(none, None);
+    let chosen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let third = common::Home::new();
+    let (_chosen, _, tcp) = rendezvous_proc(&third, &["--tcp-port", &chosen.to_string()]);
+    assert_eq!(tcp, Some(chosen));
+}
+
+/// What idle TCP clients cost `qpunch rendezvous` (its resident memory before and after
+/// 512 clients that completed the TLS handshake and wait). A measurement, not a check:
+/// `cargo test --release --test tcp -- --ignored --nocapture memory`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement"]
+async fn memory_of_idle_tcp_clients() {
+    const CLIENTS: usize = 512;
+    let home = common::Home::new();
+    let (rv, _, tcp) = rendezvous_proc(&home, &[]);
+    let tcp = SocketAddr::from(([127, 0, 0, 1], tcp.unwrap()));
+    let rss = || common::sys::status_field(rv.id(), "VmRSS").unwrap();
+    // Warm up (TLS tables, the first task), then measure from there.
+    let warm = raw_tls_from(tcp, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss();
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        // 16 clients per source address (the per-source budget): 127.0.0.2, .3, ...
+        clients.push(raw_tls_from(tcp, 2 + (i / 16) as u8).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss();
+    let per = (after - before) as f64 / CLIENTS as f64;
+    eprintln!(
+        "memory_of_idle_tcp_clients: {CLIENTS} clients: VmRSS {before} kB -> {after} kB, \
+         {per:.1} KiB per client"
+    );
+    drop((warm, clients));
+}
+
+async fn raw_tls_from(
+    tcp: SocketAddr,
+    last_octet: u8,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, last_octet], 0)))
+        .unwrap();
+    let stream = socket.connect(tcp).await.unwrap();
+    let config = qpunch::tls::stream_client_config(&[qpunch::tcp::ALPN.to_vec()]).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("qpunch").unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .unwrap()
 }

@@ -48,11 +48,16 @@ pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     // Only addresses its name resolves to (or next to the one we reached) are probed as
     // the rendezvous's own: it is untrusted, and names the targets.
     if client.transport() == qpunch::rendezvous::Transport::Tcp {
-        ui.say(&format!(
-            "reached the rendezvous {rendezvous} over TCP (port {}): UDP does not get through \
-             from here",
-            options.tcp_port.unwrap_or(addr.port())
-        ));
+        let tcp_port = options.tcp_port.unwrap_or(addr.port());
+        ui.event(
+            super::ui::Event::RendezvousOverTcp {
+                via: rendezvous.clone(),
+                tcp_port,
+            },
+            Some(format!(
+                "reached the rendezvous {rendezvous} over TCP (port {tcp_port}) instead of UDP"
+            )),
+        );
     }
     let known: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
     let report = qpunch::natcheck::check_known(&node, &client, &known).await?;

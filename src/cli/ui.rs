@@ -47,6 +47,13 @@ pub enum Event {
     },
     /// Our NAT, as checked against a rendezvous.
     Nat(qpunch::natcheck::NatReport),
+    /// The rendezvous was reached over TLS on TCP, not UDP.
+    RendezvousOverTcp {
+        /// The rendezvous, as named.
+        via: String,
+        /// Its TCP port.
+        tcp_port: u16,
+    },
     /// A rendezvous is serving.
     Rendezvous {
         addrs: Vec<String>,

@@ -50,6 +50,14 @@ pub fn is_mapped(addr: SocketAddr) -> bool {
     }
 }
 
+/// `addr` as a dual-stack socket writes it (IPv4 as `::ffff:a.b.c.d`).
+fn ipv6_mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    }
+}
+
 /// The `n`th mapped address (n < 2^24; a node maps far fewer peers in its life).
 fn mapped_addr(n: u64) -> SocketAddr {
     let [_, _, _, _, _, a, b, c] = n.to_be_bytes();
@@ -398,6 +406,13 @@ impl PathSocket {
         meta: &mut [RecvMeta],
     ) -> usize {
         let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        if inbox.queue.is_empty() {
+            inbox.waker = Some(cx.waker().clone());
+            return 0;
+        }
+        // quinn on a dual-stack socket dialled `::ffff:240.x.y.z`: a client connection
+        // ignores packets from any other address, so they must come from that one.
+        let v6 = self.demux.local_addr().is_ok_and(|a| a.is_ipv6());
         let mut n = 0;
         while n < bufs.len().min(meta.len()) {
             let Some((from, datagram)) = inbox.queue.pop_front() else {
@@ -409,7 +424,7 @@ impl PathSocket {
             }
             bufs[n][..datagram.len()].copy_from_slice(&datagram);
             meta[n] = RecvMeta {
-                addr: from,
+                addr: if v6 { ipv6_mapped(from) } else { from },
                 len: datagram.len(),
                 stride: datagram.len(),
                 ecn: None,
@@ -504,12 +519,13 @@ impl AsyncUdpSocket for PathSocket {
         };
         let table = self.read();
         if !table.by_real.is_empty() {
+            let v6 = self.demux.local_addr().is_ok_and(|a| a.is_ipv6());
             for m in &mut meta[..n] {
                 if let Some(&(mapped, kind)) = table.by_real.get(&canonical(m.addr)) {
                     if let Some(route) = table.routes.get(&mapped) {
                         route.received.add(kind, m.len);
                     }
-                    m.addr = mapped;
+                    m.addr = if v6 { ipv6_mapped(mapped) } else { mapped };
                 }
             }
         }

@@ -79,6 +79,8 @@ pub enum Event {
     RendezvousOverTcp {
         /// The rendezvous, as named.
         via: String,
+        /// Its TCP port.
+        tcp_port: u16,
     },
     /// Sender: meeting the receiver of `code` through the rendezvous `via`, or on the LAN
     /// when `via` is `None`.

@@ -34,6 +34,7 @@ pub(super) async fn connect(
     if client.transport() == rendezvous::Transport::Tcp {
         events.event(Event::RendezvousOverTcp {
             via: name.to_string(),
+            tcp_port: options.tcp_port.unwrap_or(addr.port()),
         });
     }
     let report = natcheck::check_mapping(node, &client)
