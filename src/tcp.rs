@@ -116,7 +116,8 @@ impl Default for LinkConfig {
         LinkConfig {
             queue_bytes: 64 * 1024,
             write_timeout: Duration::from_secs(5),
-            idle_timeout: crate::node::IDLE_TIMEOUT,
+            // As a QUIC connection's own idle timeout (`crate::node::IDLE_TIMEOUT`).
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -60,6 +60,7 @@ pub enum Event {
         port: u16,
         alt_port: u16,
         /// The TLS-over-TCP port, if it listens on one.
+        #[serde(skip_serializing_if = "Option::is_none")]
         tcp_port: Option<u16>,
         fingerprint: Fingerprint,
     },

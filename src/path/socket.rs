@@ -1,7 +1,7 @@
 //! [`PathSocket`]: the socket quinn sees, with one stable mapped address per peer.
 //!
 //! quinn dials and answers *mapped* addresses (`240.x.y.z:1`, a reserved range no real host
-//! uses). Each one has a [route](Route): where its packets go now (a direct
+//! uses). Each one has a route (`Route`): where its packets go now (a direct
 //! address on the node's own socket, or a relay [`Carrier`]), chosen by the peer's path
 //! driver ([`super::peer`]). Packets from the peer, whichever way they come, reach quinn
 //! with the mapped address as their source. Everything else (the rendezvous, a direct-mode
