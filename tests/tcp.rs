@@ -192,7 +192,14 @@ async fn a_tcp_client_that_never_reads_is_dropped() {
     let packet = [0xc0u8; 1200];
     let started = Instant::now();
     let mut dropped = false;
+    // Sampled 2 s in, long before the write timeout: the link is up, its writes stalled.
+    let mut refused_while_linked = None;
     while started.elapsed() < timeout + Duration::from_secs(5) {
+        if refused_while_linked.is_none() && started.elapsed() >= Duration::from_secs(2) {
+            let refused = paths.stats().dropped_out;
+            assert_eq!(rv.rendezvous.tcp_stats().live, 1, "still linked at 2 s");
+            refused_while_linked = Some(refused);
+        }
         for _ in 0..64 {
             let transmit = quinn::udp::Transmit {
                 destination: mapped,
@@ -217,11 +224,9 @@ async fn a_tcp_client_that_never_reads_is_dropped() {
         took < timeout + Duration::from_secs(3),
         "dropped after {took:?}"
     );
-    assert!(
-        paths.stats().dropped_out > 0,
-        "the queue refused what did not fit: {:?}",
-        paths.stats()
-    );
+    // Megabytes were offered in those 2 s; the queue took 64 KiB of them.
+    let refused = refused_while_linked.unwrap();
+    assert!(refused > 1_000, "the queue refused what did not fit: {refused}");
     // The route went with the client.
     assert_eq!(paths.real_addr(mapped), mapped);
     let _ = silent.shutdown().await;
