@@ -226,7 +226,10 @@ async fn a_tcp_client_that_never_reads_is_dropped() {
     );
     // Megabytes were offered in those 2 s; the queue took 64 KiB of them.
     let refused = refused_while_linked.unwrap();
-    assert!(refused > 1_000, "the queue refused what did not fit: {refused}");
+    assert!(
+        refused > 1_000,
+        "the queue refused what did not fit: {refused}"
+    );
     // The route went with the client.
     assert_eq!(paths.real_addr(mapped), mapped);
     let _ = silent.shutdown().await;
