@@ -341,9 +341,30 @@ pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<TcpLink, TcpError> {
+    connect_from(paths, None, addr, timeout).await
+}
+
+/// [`connect`] from `local` (any port), when given: the address of the node's own socket,
+/// so the rendezvous sees the host at one address whichever transport it uses.
+pub async fn connect_from(
+    paths: &Arc<PathSocket>,
+    local: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpLink, TcpError> {
     let tls = tokio_rustls::TlsConnector::from(crate::tls::stream_client_config(&[ALPN.to_vec()])?);
     let handshake = async {
-        let tcp = tokio::net::TcpStream::connect(addr)
+        let connect = async {
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            if let Some(ip) = local {
+                socket.bind(SocketAddr::new(ip, 0))?;
+            }
+            socket.connect(addr).await
+        };
+        let tcp = connect
             .await
             .map_err(|source| TcpError::Connect { addr, source })?;
         // QUIC handshakes and acknowledgements are small and latency-bound.

@@ -433,3 +433,49 @@ async fn raw_tls_from(
         .await
         .unwrap()
 }
+
+/// The QUIC connection budgets (32 per address) count a TCP client at its real address:
+/// with 32 connections over UDP from one address, a 33rd over TCP from it is refused too.
+#[tokio::test]
+async fn quic_budgets_count_tcp_clients_at_their_real_address() {
+    let rv = serve(RendezvousConfig::default());
+    let ip = std::net::IpAddr::from([127, 0, 0, 9]);
+    let node_on = || {
+        let socket = qpunch::socket::bind(SocketAddr::new(ip, 0)).unwrap();
+        Arc::new(
+            Node::new(
+                socket,
+                NodeConfig::new(Identity::generate().unwrap(), qpunch::transfer::ALPN, false),
+            )
+            .unwrap(),
+        )
+    };
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        let node = node_on();
+        let options = ConnectOptions {
+            tcp: TcpMode::Never,
+            tcp_port: None,
+        };
+        let client = RendezvousClient::connect_with(&node, rv.addr, options)
+            .await
+            .unwrap();
+        held.push((node, client));
+    }
+    let extra = node_on();
+    let refused = RendezvousClient::connect_with(&extra, rv.addr, tcp_only(&rv)).await;
+    assert!(refused.is_err(), "a 33rd connection from {ip} over TCP");
+    assert_eq!(
+        rv.rendezvous.tcp_stats().linked,
+        1,
+        "it did reach the TCP port"
+    );
+    // `Auto` takes UDP's refusal as the answer: UDP works, TCP is no way around a budget.
+    let refused = RendezvousClient::connect(&extra, rv.addr).await;
+    assert!(refused.is_err(), "a 33rd connection from {ip}, auto");
+    assert_eq!(rv.rendezvous.tcp_stats().linked, 1, "TCP was not tried");
+    // Another address is not affected.
+    RendezvousClient::connect_with(&node(), rv.addr, tcp_only(&rv))
+        .await
+        .expect("another address over TCP");
+}

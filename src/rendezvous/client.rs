@@ -226,14 +226,15 @@ impl RendezvousClient {
                         tcp: tcp_error.to_string(),
                     });
                 };
+                if !udp_unanswered(&udp_error) {
+                    // UDP got an answer (a refusal, a protocol mismatch): UDP works, and
+                    // TCP would only be a way around the rendezvous's budgets.
+                    return Err(udp_error);
+                }
                 tracing::debug!(%addr, "rendezvous over UDP failed ({udp_error}); trying TCP");
-                tcp.await.map_err(|tcp_error| match udp_error {
-                    // UDP got an answer, just not a good one: that is the error to show.
-                    ClientError::Connect { .. } if !udp_unanswered(&udp_error) => udp_error,
-                    _ => ClientError::NoTransport {
-                        addr,
-                        tcp: tcp_error.to_string(),
-                    },
+                tcp.await.map_err(|tcp_error| ClientError::NoTransport {
+                    addr,
+                    tcp: tcp_error.to_string(),
                 })
             }
         }
@@ -259,7 +260,16 @@ impl RendezvousClient {
         addr: SocketAddr,
         tcp_addr: SocketAddr,
     ) -> Result<Self, ClientError> {
-        let link = crate::tcp::connect(node.paths(), tcp_addr, crate::tcp::CONNECT_TIMEOUT).await?;
+        // From the node's own address when it is bound to one: the same host, seen (and
+        // budgeted) at the same address over TCP as over UDP.
+        let local = node
+            .local_addr()
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == tcp_addr.is_ipv4());
+        let link =
+            crate::tcp::connect_from(node.paths(), local, tcp_addr, crate::tcp::CONNECT_TIMEOUT)
+                .await?;
         let alpn = [ALPN.to_vec()];
         let connected = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -402,6 +412,7 @@ impl RendezvousClient {
             send,
             responses,
             reader,
+            _tcp: self.tcp.clone(),
         })
     }
 }
@@ -413,6 +424,9 @@ pub struct Exchange {
     send: quinn::SendStream,
     responses: mpsc::Receiver<Result<Response, FrameError>>,
     reader: tokio::task::JoinHandle<()>,
+    /// The TCP link the connection travels on, if any: an exchange finishing in the
+    /// background ([`Exchange::finish`]) must outlive the client that started it.
+    _tcp: Option<Arc<crate::tcp::TcpLink>>,
 }
 
 impl Drop for Exchange {
