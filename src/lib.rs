@@ -18,7 +18,8 @@
 //!    [`known_peers`] (pinning a peer's identity).
 //! 4. [`path`]: the path layer under quinn: one mapped address per peer, mapped onto
 //!    direct and relayed paths, and the pure chooser among them.
-//! 5. [`driver`]: the tokio loop that runs the state machines on a socket.
+//! 5. [`driver`]: the tokio loop that runs the state machines on a socket; [`tcp`]: the
+//!    rendezvous over TLS on TCP, a carrier of QUIC datagrams for networks that block UDP.
 //! 6. [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
 //! 7. [`server`]: the accept loop of every listening peer: budgets, concurrent handshakes,
 //!    shutdown and drain.
@@ -68,6 +69,7 @@ pub mod rendezvous;
 pub mod server;
 pub mod share;
 pub mod socket;
+pub mod tcp;
 pub mod text;
 pub mod tls;
 pub mod transfer;

@@ -54,6 +54,9 @@ pub async fn check_known(
     client: &RendezvousClient,
     known: &[IpAddr],
 ) -> Result<NatReport, ClientError> {
+    if let Some(report) = over_tcp(node, client) {
+        return Ok(report);
+    }
     let welcome = client.info().await?;
     let rv = client.addr();
     let other_ip = other_address(&welcome.addrs, rv, known);
@@ -77,8 +80,23 @@ pub async fn check_mapping(
     node: &Node,
     client: &RendezvousClient,
 ) -> Result<NatReport, ClientError> {
+    if let Some(report) = over_tcp(node, client) {
+        return Ok(report);
+    }
     let welcome = client.info().await?;
     mapping(node, client, &welcome, &[]).await
+}
+
+/// A client that reached the rendezvous over TCP ([`crate::tcp`]) did so because UDP did
+/// not get through: there is no UDP NAT to classify, and what the rendezvous observes is a
+/// TCP mapping that says nothing of the UDP one. The report says so (`udp: false`).
+fn over_tcp(node: &Node, client: &RendezvousClient) -> Option<NatReport> {
+    (client.transport() == crate::rendezvous::Transport::Tcp).then(|| {
+        NatReport::unreachable(
+            node.local_addr()
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+        )
+    })
 }
 
 /// Whether `ip` may be probed as the rendezvous's own address when we reached it at `rv`

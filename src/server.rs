@@ -312,7 +312,9 @@ impl<S: Service> Listener<S> {
     async fn run(&mut self) {
         let counters = self.stats.0.clone();
         while let Some(incoming) = self.node.endpoint().accept().await {
-            let remote = incoming.remote_address();
+            // A client carried over TCP (see `crate::tcp`) is at a mapped address: budgets
+            // count its real one.
+            let remote = self.node.paths().real_addr(incoming.remote_address());
             if !incoming.remote_address_validated()
                 && incoming.may_retry()
                 && self.half_open.load(Ordering::Relaxed) >= self.limits.retry_above

@@ -204,3 +204,39 @@ pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
         .ok()?;
     Fingerprint::of_cert(certs.first()?).ok()
 }
+
+/// rustls configuration for a TLS stream (not QUIC) to a host whose certificate is not
+/// checked: the rendezvous over TCP ([`crate::tcp`]). The rendezvous is untrusted by design
+/// (the PAKE protects meetings, and the QUIC connection carried inside has its own TLS);
+/// this outer TLS is there so the stream looks like any HTTPS flow to middleboxes. The
+/// handshake signature is still verified, against whatever key the server presents.
+pub fn stream_client_config(alpn: &[Vec<u8>]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedServer {
+        expected: None,
+        seen: Arc::default(),
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.to_vec();
+    Ok(Arc::new(config))
+}
+
+/// rustls configuration for the server end of [`stream_client_config`]: presents
+/// `identity`, asks no client certificate (the client proves itself, if at all, inside the
+/// QUIC connection it carries), and speaks only `alpn`.
+pub fn stream_server_config(
+    identity: &Identity,
+    alpn: &[Vec<u8>],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert().clone()], identity.key())?;
+    config.alpn_protocols = alpn.to_vec();
+    Ok(Arc::new(config))
+}

@@ -26,7 +26,7 @@ const LAYERS: &[&[&str]] = &[
     &["punch", "frame", "identity", "congestion"],
     &["traverse", "socket", "tls", "known_peers"],
     &["path"],
-    &["driver"],
+    &["driver", "tcp"],
     &["node"],
     &["server"],
     &["transfer", "rendezvous"],

@@ -304,6 +304,8 @@ matrix! {
 struct Failed {
     message: String,
     took: Duration,
+    /// Every event the sender printed.
+    sender_events: Vec<Value>,
     receiving: Receiving,
     _rv: Rendezvous,
     _topo: Topology,
@@ -337,6 +339,7 @@ fn meeting_that_fails(tag: &str, receiver: Nat, sender: Nat, rendezvous: &[&str]
     Failed {
         message,
         took,
+        sender_events: proc.seen.clone(),
         receiving,
         _rv: rv,
         _topo: topo,
@@ -498,6 +501,14 @@ fn nat_check_tells_each_router_mode() {
             .cloned()
             .unwrap_or_else(|| panic!("{mode:?}: no nat event\n{}", check.describe()));
         assert_eq!(status.success(), udp, "{mode:?}: {}", check.describe());
+        // Only where UDP is blocked does it fall back to TCP, and it says so.
+        let over_tcp = events(&check.seen, "rendezvous_over_tcp");
+        assert_eq!(
+            over_tcp.len(),
+            usize::from(!udp),
+            "{mode:?}: {}",
+            check.describe()
+        );
         assert_eq!(nat["udp"], udp, "{mode:?}: {nat}");
         assert_eq!(nat["mapping"], mapping, "{mode:?}: {nat}");
         assert_eq!(nat["filtering"], filtering, "{mode:?}: {nat}");
@@ -1248,21 +1259,67 @@ fn lan_receiver_stops_making_codes_after_three_wrong_ones() {
     assert!(receiving.proc.try_exit().is_none(), "still serving");
 }
 
-/// A sender whose network drops UDP gives up after 5 s (no answer from the rendezvous),
-/// saying UDP is the problem.
+/// A sender whose router drops all UDP (TCP allowed) reaches the rendezvous over TLS on
+/// TCP, says so, and is paired at its real (TCP) public address; with a rendezvous that
+/// does not relay, it then gives up at the punch within 15 s, saying UDP is blocked and a
+/// relay is needed.
 #[test]
-fn udp_blocked_fails_fast_and_explains() {
-    const TEST: &str = "udp_blocked_fails_fast_and_explains";
+fn udp_blocked_meets_over_tcp_and_explains() {
+    const TEST: &str = "udp_blocked_meets_over_tcp_and_explains";
     if !lab::require(TEST, &["tc"]) {
         return;
     }
-    let failed = meeting_that_fails("ublk", Nat::Cone, Nat::UdpBlocked, &["--no-tcp"]);
+    let mut failed = meeting_that_fails("ublk", Nat::Cone, Nat::UdpBlocked, &["--no-relay"]);
     let (message, took) = (&failed.message, failed.took);
     eprintln!("{TEST}: gave up after {took:?}: {message}");
-    assert!(message.contains("UDP"), "{message}");
-    // The README's figure: 5 s when no probe gets out at all (plus start-up).
-    assert!(message.contains("within 5s"), "{message}");
-    assert!(took < Duration::from_secs(7), "gave up after {took:?}");
+    let over_tcp = events(&failed.sender_events, "rendezvous_over_tcp");
+    assert_eq!(over_tcp.len(), 1, "{:?}", failed.sender_events);
+    assert_eq!(over_tcp[0]["tcp_port"], RV_PORT, "{}", over_tcp[0]);
+    let nat = events(&failed.sender_events, "nat");
+    assert_eq!(nat[0]["udp"], false, "{}", nat[0]);
+    // The rendezvous paired the sender at its router's address (its TCP mapping), not at
+    // the mapped address its QUIC endpoint sees.
+    let pairing = failed._rv.proc.wait_for("pairing", Duration::from_secs(5));
+    assert_eq!(
+        addr(&pairing["sender"]).ip(),
+        std::net::IpAddr::from(failed._topo.site(1).wan_v4),
+        "{pairing}"
+    );
+    assert!(message.contains("UDP blocked"), "{message}");
+    assert!(message.contains("relay"), "{message}");
+    assert!(took < Duration::from_secs(15), "gave up after {took:?}");
+}
+
+/// A sender whose router drops all UDP sends a file to a receiver behind an ordinary NAT:
+/// it reaches the rendezvous over TCP, and the file travels relayed by the rendezvous over
+/// that same TLS stream (`relayed-tcp`), meeting included.
+#[test]
+fn udp_blocked_at_one_router_completes_over_tcp() {
+    const TEST: &str = "udp_blocked_at_one_router_completes_over_tcp";
+    if !lab::require(TEST, &["tc"]) {
+        return;
+    }
+    let topo = Topology::new(
+        "ubtx",
+        &[
+            SiteSpec::new(Nat::Cone).ipv6(false),
+            SiteSpec::new(Nat::UdpBlocked).ipv6(false),
+        ],
+    );
+    let _rv = Rendezvous::start(&topo);
+    let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), "overtcp.bin", 2 << 20);
+    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
+    let (_, connected) = sent(&mut sender, "overtcp.bin", &hash, Duration::from_secs(90));
+    receiving.finish("overtcp.bin", &hash);
+    assert_eq!(
+        events(&sender.seen, "rendezvous_over_tcp").len(),
+        1,
+        "{}",
+        sender.describe()
+    );
+    assert_eq!(connected["path"], "relayed-tcp", "{connected}");
 }
 
 /// Cut (or restore) the direct path between sites `a` and `b`: each router drops what it

@@ -5,6 +5,28 @@ use qpunch::natcheck::NatReport;
 
 use super::ui::{Event, Ui};
 
+/// How to reach the rendezvous: `--rendezvous-tcp` and `--rendezvous-tcp-port` (send,
+/// receive, nat-check).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RendezvousTcpArgs {
+    /// Reach the rendezvous over TLS on TCP: `auto` (UDP first; TCP when UDP gets no
+    /// answer within 1.5 s, as behind a firewall that blocks UDP), `never` or `only`.
+    #[arg(long, default_value = "auto", value_name = "auto|never|only")]
+    rendezvous_tcp: qpunch::rendezvous::TcpMode,
+    /// The rendezvous's TCP port [default: the number of its UDP port].
+    #[arg(long, value_name = "PORT")]
+    rendezvous_tcp_port: Option<u16>,
+}
+
+impl RendezvousTcpArgs {
+    pub fn options(&self) -> qpunch::rendezvous::ConnectOptions {
+        qpunch::rendezvous::ConnectOptions {
+            tcp: self.rendezvous_tcp,
+            tcp_port: self.rendezvous_tcp_port,
+        }
+    }
+}
+
 /// The environment variable naming the default rendezvous.
 pub const ENV: &str = "QPUNCH_RENDEZVOUS";
 

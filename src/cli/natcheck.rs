@@ -15,6 +15,8 @@ pub struct NatCheckArgs {
     /// `rendezvous = "..."` in the qpunch home's config.toml.
     #[arg(long)]
     via: Option<String>,
+    #[command(flatten)]
+    rendezvous_tcp: super::meet::RendezvousTcpArgs,
 }
 
 pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
@@ -33,16 +35,30 @@ pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let (_, addrs) =
         qpunch::share::resolve_host_all(&rendezvous, qpunch::rendezvous::DEFAULT_PORT).await?;
     let addr = addrs[0];
-    let client = match qpunch::rendezvous::RendezvousClient::connect(&node, addr).await {
-        Ok(client) => client,
-        Err(e) => {
-            ui.error(&e.to_string());
-            super::meet::report_nat(&ui, &NatReport::unreachable(node.local_addr()?), true);
-            return Ok(false);
-        }
-    };
+    let options = args.rendezvous_tcp.options();
+    let client =
+        match qpunch::rendezvous::RendezvousClient::connect_with(&node, addr, options).await {
+            Ok(client) => client,
+            Err(e) => {
+                ui.error(&e.to_string());
+                super::meet::report_nat(&ui, &NatReport::unreachable(node.local_addr()?), true);
+                return Ok(false);
+            }
+        };
     // Only addresses its name resolves to (or next to the one we reached) are probed as
     // the rendezvous's own: it is untrusted, and names the targets.
+    if client.transport() == qpunch::rendezvous::Transport::Tcp {
+        let tcp_port = options.tcp_port.unwrap_or(addr.port());
+        ui.event(
+            super::ui::Event::RendezvousOverTcp {
+                via: rendezvous.clone(),
+                tcp_port,
+            },
+            Some(format!(
+                "reached the rendezvous {rendezvous} over TCP (port {tcp_port}) instead of UDP"
+            )),
+        );
+    }
     let known: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
     let report = qpunch::natcheck::check_known(&node, &client, &known).await?;
     super::meet::report_nat(&ui, &report, true);

@@ -39,6 +39,8 @@ pub struct ReceiveArgs {
     /// default $QPUNCH_RENDEZVOUS, or `rendezvous = "..."` in the qpunch home's config.toml.
     #[arg(long)]
     via: Option<String>,
+    #[command(flatten)]
+    rendezvous_tcp: super::meet::RendezvousTcpArgs,
     /// The first one-time code to use (NAMEPLATE-WORD-WORD) instead of a generated one.
     /// Without a rendezvous, codes are announced on the local network (mDNS).
     #[arg(long, value_parser = parse_code)]
@@ -109,6 +111,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
                 .then(|| Arc::new(TerminalConsent { ui: ui.clone() }) as Arc<dyn Consent>),
         },
         rendezvous,
+        rendezvous_connect: args.rendezvous_tcp.options(),
         code: args.code.clone(),
         code_ttl: args.code_ttl,
         once: args.once,

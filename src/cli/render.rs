@@ -124,6 +124,15 @@ impl share::Events for Render {
                 );
                 ui.event(Event::Found { nameplate, addrs }, Some(text));
             }
+            E::RendezvousOverTcp { via, tcp_port } => ui.event(
+                Event::RendezvousOverTcp {
+                    via: via.clone(),
+                    tcp_port,
+                },
+                Some(format!(
+                    "reached the rendezvous {via} over TCP (port {tcp_port}) instead of UDP"
+                )),
+            ),
             E::Pairing { nameplate } => ui.say(&format!(
                 "paired on {nameplate}; swapping sealed hellos ..."
             )),

@@ -38,6 +38,13 @@ pub struct RendezvousArgs {
     /// 2m).
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     relay_idle: std::time::Duration,
+    /// TCP port of the TLS listener for clients whose network blocks UDP [default: the
+    /// UDP port's number]; 443 gets through the most firewalls.
+    #[arg(long, value_name = "PORT", conflicts_with = "no_tcp")]
+    tcp_port: Option<u16>,
+    /// Serve UDP only: no TLS-over-TCP listener.
+    #[arg(long)]
+    no_tcp: bool,
 }
 
 impl RendezvousArgs {
@@ -50,6 +57,11 @@ impl RendezvousArgs {
         });
         RendezvousConfig {
             relay,
+            tcp: match (self.no_tcp, self.tcp_port) {
+                (true, _) => rendezvous::TcpPort::Off,
+                (false, Some(port)) => rendezvous::TcpPort::Port(port),
+                (false, None) => rendezvous::TcpPort::SameAsUdp,
+            },
             ..RendezvousConfig::default()
         }
     }
@@ -77,17 +89,23 @@ pub async fn run(args: RendezvousArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let local = bound.node.local_addr()?;
     let fingerprint = bound.node.fingerprint();
     let addrs: Vec<String> = reachable(local);
+    let tcp_port = bound.rendezvous.tcp_addr().map(|a| a.port());
     ui.event(
         Event::Rendezvous {
             addrs: addrs.clone(),
             port: local.port(),
             alt_port: local.port().wrapping_add(1),
+            tcp_port,
             fingerprint,
         },
         None,
     );
+    let tcp = match tcp_port {
+        Some(port) => format!(", TCP port {port} (TLS, for networks that block UDP)"),
+        None => String::new(),
+    };
     ui.output(&format!(
-        "qpunch rendezvous on UDP port {} (and {} for NAT checks)\n  identity:  {fingerprint}\n{}\
+        "qpunch rendezvous on UDP port {} (and {} for NAT checks){tcp}\n  identity:  {fingerprint}\n{}\
          Peers use it with:\n  export QPUNCH_RENDEZVOUS={}",
         local.port(),
         local.port().wrapping_add(1),

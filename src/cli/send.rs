@@ -32,6 +32,8 @@ pub struct SendArgs {
     /// default $QPUNCH_RENDEZVOUS, or `rendezvous = "..."` in the qpunch home's config.toml.
     #[arg(long)]
     via: Option<String>,
+    #[command(flatten)]
+    rendezvous_tcp: super::meet::RendezvousTcpArgs,
     /// The receiver's fingerprint (from its `qpunch receive` banner). Without it, the
     /// first fingerprint seen is trusted and remembered in known_peers.
     #[arg(long, value_parser = parse_fingerprint)]
@@ -63,6 +65,7 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     };
     let config = SendConfig {
         rendezvous,
+        rendezvous_connect: args.rendezvous_tcp.options(),
         peer: args.peer,
         stall_timeout: args.stall_timeout,
         punch_timeout: args.punch_timeout,

@@ -48,11 +48,21 @@ pub enum Event {
     },
     /// Our NAT, as checked against a rendezvous.
     Nat(qpunch::natcheck::NatReport),
+    /// The rendezvous was reached over TLS on TCP, not UDP.
+    RendezvousOverTcp {
+        /// The rendezvous, as named.
+        via: String,
+        /// Its TCP port.
+        tcp_port: u16,
+    },
     /// A rendezvous is serving.
     Rendezvous {
         addrs: Vec<String>,
         port: u16,
         alt_port: u16,
+        /// The TLS-over-TCP port, if it listens on one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tcp_port: Option<u16>,
         fingerprint: Fingerprint,
     },
     /// A one-time code expired unused (a new `listening` event brings the next one).

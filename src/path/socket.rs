@@ -403,6 +403,10 @@ impl PathSocket {
         meta: &mut [RecvMeta],
     ) -> usize {
         let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        if inbox.queue.is_empty() {
+            inbox.waker = Some(cx.waker().clone());
+            return 0;
+        }
         let mut n = 0;
         while n < bufs.len().min(meta.len()) {
             let Some((from, datagram)) = inbox.queue.pop_front() else {

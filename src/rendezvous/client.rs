@@ -2,6 +2,7 @@
 //! observes the very socket, and NAT mapping, that the peer connection will use).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -12,7 +13,7 @@ use super::{
     Response, from_hex, to_hex,
 };
 use crate::frame::{self, FrameError};
-use crate::node::{ConnectOptions, Datagrams, Node, NodeError};
+use crate::node::{ConnectOptions as DialOptions, Datagrams, Node, NodeError};
 use crate::wire::TxId;
 
 /// How long connecting to a rendezvous may take (a Retry adds one round trip).
@@ -35,6 +36,20 @@ pub enum ClientError {
          allowed on this network?"
     )]
     Unreachable(SocketAddr),
+    /// Neither UDP nor TLS over TCP reached the rendezvous.
+    #[error(
+        "cannot reach the rendezvous at {addr}: no answer over UDP within {CONNECT_TIMEOUT:?}, \
+         and over TCP: {tcp}"
+    )]
+    NoTransport {
+        /// The rendezvous (its UDP address).
+        addr: SocketAddr,
+        /// Why TCP failed too.
+        tcp: String,
+    },
+    /// The TLS-over-TCP link to the rendezvous could not be made.
+    #[error(transparent)]
+    Tcp(#[from] crate::tcp::TcpError),
     /// The exchange broke.
     #[error("rendezvous: {0}")]
     Frame(#[from] FrameError),
@@ -88,23 +103,154 @@ pub struct Paired {
     pub relay: Option<RelayGrant>,
 }
 
+/// How long UDP has to answer before [`TcpMode::Auto`] tries TCP as well (UDP goes on
+/// trying: whichever connects first is used). A rendezvous answers a QUIC Initial with a
+/// Retry at once, so 1.5 s is many round trips even on a bad path.
+pub const UDP_HEAD_START: Duration = Duration::from_millis(1500);
+
+/// Whether to reach the rendezvous over TLS on TCP (`--rendezvous-tcp` on the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcpMode {
+    /// UDP first; TCP when UDP fails or has not answered within [`UDP_HEAD_START`].
+    #[default]
+    Auto,
+    /// UDP only (as before TCP existed).
+    Never,
+    /// TCP only (a network known to block UDP, or a test).
+    Only,
+}
+
+impl std::str::FromStr for TcpMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(TcpMode::Auto),
+            "never" => Ok(TcpMode::Never),
+            "only" => Ok(TcpMode::Only),
+            other => Err(format!("{other:?}: expected auto, never or only")),
+        }
+    }
+}
+
+/// How [`RendezvousClient::connect_with`] reaches the rendezvous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnectOptions {
+    /// Whether to use TCP.
+    pub tcp: TcpMode,
+    /// The rendezvous's TCP port; `None`: the same number as its UDP port.
+    pub tcp_port: Option<u16>,
+}
+
+/// How a [`RendezvousClient`] reached its rendezvous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// QUIC over UDP, from the node's socket.
+    Udp,
+    /// QUIC carried over TLS on TCP ([`crate::tcp`]): UDP is blocked (or was not tried).
+    Tcp,
+}
+
+impl Transport {
+    /// `udp` or `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A connection to a rendezvous.
 #[derive(Debug, Clone)]
 pub struct RendezvousClient {
     conn: quinn::Connection,
     addr: SocketAddr,
+    /// The TCP link the connection travels on, if it does: it (its route and its task)
+    /// must live as long as any clone of the client.
+    tcp: Option<Arc<crate::tcp::TcpLink>>,
 }
 
 impl RendezvousClient {
-    /// Connect from `node` to the rendezvous at `addr`. Its identity is not checked: the
-    /// rendezvous is untrusted by design (the PAKE protects the meeting).
+    /// Connect from `node` to the rendezvous at `addr`, over UDP or, when UDP does not
+    /// answer, TLS over TCP on the same port number ([`ConnectOptions::default`]). Its
+    /// identity is not checked: the rendezvous is untrusted by design (the PAKE protects
+    /// the meeting).
     ///
     /// The connection carries QUIC datagrams ([`Datagrams::RELAY`]), so that once paired
     /// it can be the pair's relay ([`relay_link`](Self::relay_link)); the node's other
     /// connections keep them off.
     pub async fn connect(node: &Node, addr: SocketAddr) -> Result<Self, ClientError> {
+        Self::connect_with(node, addr, ConnectOptions::default()).await
+    }
+
+    /// [`connect`](Self::connect), choosing whether and where to use TCP.
+    pub async fn connect_with(
+        node: &Node,
+        addr: SocketAddr,
+        options: ConnectOptions,
+    ) -> Result<Self, ClientError> {
+        let tcp_addr = SocketAddr::new(addr.ip(), options.tcp_port.unwrap_or(addr.port()));
+        match options.tcp {
+            TcpMode::Never => Self::connect_udp(node, addr).await,
+            TcpMode::Only => Self::connect_tcp(node, addr, tcp_addr).await,
+            TcpMode::Auto => {
+                let udp = Self::connect_udp(node, addr);
+                tokio::pin!(udp);
+                // Cancel-safe: dropping a connection attempt abandons it, which is what
+                // happens to the loser.
+                let failed_early = tokio::select! {
+                    r = &mut udp => match r {
+                        Ok(client) => return Ok(client),
+                        Err(e) => Some(e),
+                    },
+                    () = tokio::time::sleep(UDP_HEAD_START) => None,
+                };
+                let tcp = Self::connect_tcp(node, addr, tcp_addr);
+                let Some(udp_error) = failed_early else {
+                    // UDP is slow: race it against TCP.
+                    tokio::pin!(tcp);
+                    let (tcp_error, udp_result) = tokio::select! {
+                        r = &mut tcp => match r {
+                            Ok(client) => return Ok(client),
+                            Err(e) => (e, udp.await),
+                        },
+                        r = &mut udp => match r {
+                            Ok(client) => return Ok(client),
+                            Err(e) => match tcp.await {
+                                Ok(client) => return Ok(client),
+                                Err(tcp_error) => (tcp_error, Err(e)),
+                            },
+                        },
+                    };
+                    return udp_result.map_err(|_| ClientError::NoTransport {
+                        addr,
+                        tcp: tcp_error.to_string(),
+                    });
+                };
+                if !udp_unanswered(&udp_error) {
+                    // UDP got an answer (a refusal, a protocol mismatch): UDP works, and
+                    // TCP would only be a way around the rendezvous's budgets.
+                    return Err(udp_error);
+                }
+                tracing::debug!(%addr, "rendezvous over UDP failed ({udp_error}); trying TCP");
+                tcp.await.map_err(|tcp_error| ClientError::NoTransport {
+                    addr,
+                    tcp: tcp_error.to_string(),
+                })
+            }
+        }
+    }
+
+    async fn connect_udp(node: &Node, addr: SocketAddr) -> Result<Self, ClientError> {
         let alpn = [ALPN.to_vec()];
-        let options = ConnectOptions {
+        let options = DialOptions {
             datagrams: Some(Datagrams::RELAY),
         };
         let connect = node.connect_with_options(addr, None, &alpn, &options);
@@ -113,15 +259,68 @@ impl RendezvousClient {
             Ok(Ok(peer)) => Ok(RendezvousClient {
                 conn: peer.connection,
                 addr,
+                tcp: None,
             }),
             Ok(Err(source)) => Err(ClientError::Connect { addr, source }),
             Err(_) => Err(ClientError::Unreachable(addr)),
         }
     }
 
-    /// The rendezvous's address.
+    async fn connect_tcp(
+        node: &Node,
+        addr: SocketAddr,
+        tcp_addr: SocketAddr,
+    ) -> Result<Self, ClientError> {
+        // From the node's own address when it is bound to one: the same host, seen (and
+        // budgeted) at the same address over TCP as over UDP.
+        let local = node
+            .local_addr()
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == tcp_addr.is_ipv4());
+        let link =
+            crate::tcp::connect_from(node.paths(), local, tcp_addr, crate::tcp::CONNECT_TIMEOUT)
+                .await?;
+        let alpn = [ALPN.to_vec()];
+        let options = DialOptions {
+            datagrams: Some(Datagrams::RELAY),
+        };
+        let connected = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            node.connect_with_options(link.mapped(), None, &alpn, &options),
+        )
+        .await;
+        match connected {
+            Ok(Ok(peer)) => Ok(RendezvousClient {
+                conn: peer.connection,
+                addr,
+                tcp: Some(Arc::new(link)),
+            }),
+            Ok(Err(source)) => Err(ClientError::Connect {
+                addr: tcp_addr,
+                source,
+            }),
+            Err(_) => Err(ClientError::Unreachable(tcp_addr)),
+        }
+    }
+
+    /// The rendezvous's address (its UDP address, also when reached over TCP).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Our end of the TCP connection when we reached the rendezvous over TCP (the address
+    /// it observes for us, NAT aside).
+    pub fn tcp_local_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().map(|link| link.local())
+    }
+
+    /// How we reached the rendezvous.
+    pub fn transport(&self) -> Transport {
+        match self.tcp {
+            Some(_) => Transport::Tcp,
+            None => Transport::Udp,
+        }
     }
 
     /// The QUIC connection (it keeps our NAT mapping alive while we wait).
@@ -132,7 +331,7 @@ impl RendezvousClient {
     /// The relay through this connection: what the pair's [`Paired::relay`] grant allows
     /// travels as datagrams to the partner. Any number of links may share a connection.
     pub fn relay_link(&self) -> RelayLink {
-        RelayLink::new(self.conn.clone())
+        RelayLink::new(self.conn.clone(), self.tcp.clone())
     }
 
     /// Ask how the rendezvous sees us.
@@ -233,6 +432,7 @@ impl RendezvousClient {
             send,
             responses,
             reader,
+            _tcp: self.tcp.clone(),
         })
     }
 }
@@ -244,6 +444,9 @@ pub struct Exchange {
     send: quinn::SendStream,
     responses: mpsc::Receiver<Result<Response, FrameError>>,
     reader: tokio::task::JoinHandle<()>,
+    /// The TCP link the connection travels on, if any: an exchange finishing in the
+    /// background ([`Exchange::finish`]) must outlive the client that started it.
+    _tcp: Option<Arc<crate::tcp::TcpLink>>,
 }
 
 impl Drop for Exchange {
@@ -331,6 +534,20 @@ impl Exchange {
 
     async fn send(&mut self, request: &Request) -> Result<(), ClientError> {
         Ok(frame::write(&mut self.send, request).await?)
+    }
+}
+
+/// Whether a failed UDP connect means "nobody answered" (so TCP's error says more).
+fn udp_unanswered(error: &ClientError) -> bool {
+    match error {
+        ClientError::Unreachable(_) => true,
+        ClientError::Connect { source, .. } => matches!(
+            source,
+            NodeError::Io(_)
+                | NodeError::Connect(_)
+                | NodeError::Connection(quinn::ConnectionError::TimedOut)
+        ),
+        _ => false,
     }
 }
 

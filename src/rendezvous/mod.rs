@@ -51,14 +51,15 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 pub use client::{
-    CONNECT_TIMEOUT, ClientError, Exchange, Opened, Paired, RendezvousClient, Welcome,
+    CONNECT_TIMEOUT, ClientError, ConnectOptions, Exchange, Opened, Paired, RendezvousClient,
+    TcpMode, Transport, UDP_HEAD_START, Welcome,
 };
 pub(crate) use nameplate::shown;
 pub use nameplate::{MAX_NAMEPLATE_LEN, Nameplate, NameplateError};
 pub use relay::RelayLink;
 pub use server::{
     Bound, IDLE_CLOSE, NoEvents, RELAY_EXPIRED, RELAY_QUOTA, RelayLimits, Rendezvous,
-    RendezvousConfig, RendezvousEvents, RendezvousStats,
+    RendezvousConfig, RendezvousEvents, RendezvousStats, TcpPort,
 };
 
 /// ALPN of the rendezvous protocol. Version 2: [`Response::Paired`] no longer carries the

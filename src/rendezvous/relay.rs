@@ -17,11 +17,17 @@ use crate::path::{Carrier, PathKind};
 #[derive(Debug, Clone)]
 pub struct RelayLink {
     conn: quinn::Connection,
+    /// The TCP link the connection to the rendezvous travels on, if it does: held as long
+    /// as the relay is (the meeting may drop its client).
+    tcp: Option<std::sync::Arc<crate::tcp::TcpLink>>,
 }
 
 impl RelayLink {
-    pub(super) fn new(conn: quinn::Connection) -> RelayLink {
-        RelayLink { conn }
+    pub(super) fn new(
+        conn: quinn::Connection,
+        tcp: Option<std::sync::Arc<crate::tcp::TcpLink>>,
+    ) -> RelayLink {
+        RelayLink { conn, tcp }
     }
 
     /// The next datagram from the partner, its tag taken off (datagrams with a reserved tag
@@ -73,7 +79,11 @@ impl RelayLink {
 
 impl Carrier for RelayLink {
     fn kind(&self) -> PathKind {
-        PathKind::RelayedUdp
+        if self.tcp.is_some() {
+            PathKind::RelayedTcp
+        } else {
+            PathKind::RelayedUdp
+        }
     }
 
     /// Tag and send, never waiting: when quinn's send buffer is full it drops the oldest
@@ -147,7 +157,12 @@ mod tests {
             server.accept()
         );
         let (c, s) = (c.unwrap(), s.unwrap().unwrap());
-        (RelayLink::new(c.connection), s.connection, client, server)
+        (
+            RelayLink::new(c.connection, None),
+            s.connection,
+            client,
+            server,
+        )
     }
 
     #[tokio::test]

@@ -69,6 +69,24 @@ pub struct RendezvousConfig {
     /// What a pair may relay through the rendezvous once paired (see [`RelayLimits`]);
     /// `None`: no relaying (pairs get no grant, every datagram is dropped).
     pub relay: Option<RelayLimits>,
+    /// Whether and where [`Rendezvous::bind`] also listens on TCP (TLS), for clients whose
+    /// network blocks UDP ([`crate::tcp`]).
+    pub tcp: TcpPort,
+    /// The budgets of the TCP listener.
+    pub tcp_limits: crate::tcp::ServerLimits,
+}
+
+/// Where a rendezvous listens on TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcpPort {
+    /// Not at all: UDP only.
+    Off,
+    /// The UDP port's number (when the UDP port was chosen by the system, and that number
+    /// is taken on TCP, any free TCP port).
+    #[default]
+    SameAsUdp,
+    /// This port (443 in production: what a firewall that blocks UDP lets through).
+    Port(u16),
 }
 
 impl Default for RendezvousConfig {
@@ -88,6 +106,8 @@ impl Default for RendezvousConfig {
             write_timeout: Duration::from_secs(10),
             idle_grace: Duration::from_secs(30),
             relay: Some(RelayLimits::default()),
+            tcp: TcpPort::SameAsUdp,
+            tcp_limits: crate::tcp::ServerLimits::default(),
         }
     }
 }
@@ -185,6 +205,12 @@ pub struct Rendezvous {
     counters: Counters,
     relay: Arc<RelayShared>,
     events: Arc<dyn RendezvousEvents>,
+    /// The node's path layer: a client that came over TCP is seen by quinn at a mapped
+    /// address, and this gives its real (TCP) address back.
+    paths: Arc<crate::path::PathSocket>,
+    /// The TCP listener, when [`Rendezvous::bind`] started one; it stops when the
+    /// rendezvous is dropped.
+    tcp: std::sync::OnceLock<crate::tcp::TcpServer>,
 }
 
 /// What the book keeps of a waiting receiver: the way to its session, and its connection
@@ -218,8 +244,11 @@ impl Rendezvous {
         config: RendezvousConfig,
         events: Arc<dyn RendezvousEvents>,
     ) -> std::io::Result<Arc<Self>> {
+        let paths = node.paths().clone();
         let reflector = Reflector::new(node, alt, addrs)?;
         Ok(Arc::new(Rendezvous {
+            paths,
+            tcp: std::sync::OnceLock::new(),
             config,
             reflector,
             book: Mutex::new(Book::new(config.book_limits(), now())),
@@ -251,6 +280,16 @@ impl Rendezvous {
     /// Relay slots live right now (pairs that may relay).
     pub fn relaying(&self) -> usize {
         self.relay.live.load(Ordering::Relaxed)
+    }
+
+    /// The TCP listener's address, if it has one.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.get().map(|tcp| tcp.local_addr())
+    }
+
+    /// The TCP listener's counters (all zero without one).
+    pub fn tcp_stats(&self) -> crate::tcp::TcpStats {
+        self.tcp.get().map(|tcp| tcp.stats()).unwrap_or_default()
     }
 
     /// Nameplates waiting right now.
@@ -799,7 +838,9 @@ impl Service for Rendezvous {
             // The guarded transport allows two streams at once, so this set stays tiny.
             let session_shutdown = shutdown.resubscribe();
             sessions.spawn(self.clone().session(
-                conn.remote_address(),
+                // A client that came over TCP is at a mapped address: its real one is what
+                // it is told and what the book's budgets count.
+                self.paths.real_addr(conn.remote_address()),
                 conn.local_ip(),
                 send,
                 recv,
@@ -816,6 +857,12 @@ impl Service for Rendezvous {
         let _ = tokio::time::timeout(LEAVE_GRACE, drain).await;
         sessions.shutdown().await;
     }
+}
+
+/// A TCP listener on `addr` (dual-stack for `[::]`, as the UDP socket).
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("TCP {addr}: {e}")))
 }
 
 /// A rendezvous bound and ready: its node, its service, the server to run.
@@ -853,6 +900,27 @@ impl Rendezvous {
         let node = Arc::new(Node::new(socket, node_config)?);
         let addrs = announced_addrs(main);
         let rendezvous = Rendezvous::new(node.clone(), alt, addrs, config, events)?;
+        let tcp = match config.tcp {
+            TcpPort::Off => None,
+            TcpPort::SameAsUdp => Some(bind_tcp(SocketAddr::new(bind.ip(), main.port())).or_else(
+                |e| match bind.port() {
+                    // The UDP port was the system's choice: so may the TCP port be.
+                    0 => bind_tcp(SocketAddr::new(bind.ip(), 0)),
+                    _ => Err(e),
+                },
+            )?),
+            TcpPort::Port(port) => Some(bind_tcp(SocketAddr::new(bind.ip(), port))?),
+        };
+        if let Some(listener) = tcp {
+            let server = crate::tcp::TcpServer::spawn(
+                listener,
+                node.paths().clone(),
+                &node.config().identity,
+                config.tcp_limits,
+            )
+            .map_err(std::io::Error::other)?;
+            let _ = rendezvous.tcp.set(server);
+        }
         let limits = crate::server::Limits {
             max_connections: 4096,
             max_per_ip: 32,

@@ -74,6 +74,14 @@ pub enum Event {
     },
     /// Our NAT, checked against the rendezvous before meeting by code.
     Nat(NatReport),
+    /// The rendezvous `via` was reached over TLS on TCP: UDP does not get through from
+    /// here (or `--rendezvous-tcp only` was asked), so no direct path can be punched.
+    RendezvousOverTcp {
+        /// The rendezvous, as named.
+        via: String,
+        /// Its TCP port.
+        tcp_port: u16,
+    },
     /// Sender: meeting the receiver of `code` through the rendezvous `via`, or on the LAN
     /// when `via` is `None`.
     Meeting {

@@ -22,14 +22,21 @@ pub(super) async fn connect(
     events: &dyn Events,
     node: &Node,
     name: &str,
+    options: rendezvous::ConnectOptions,
 ) -> Result<(RendezvousClient, NatReport), ShareError> {
     let (_, addr) = resolve_host(name, rendezvous::DEFAULT_PORT).await?;
-    let client = RendezvousClient::connect(node, addr)
+    let client = RendezvousClient::connect_with(node, addr, options)
         .await
         .map_err(|source| ShareError::Rendezvous {
             name: name.to_string(),
             source,
         })?;
+    if client.transport() == rendezvous::Transport::Tcp {
+        events.event(Event::RendezvousOverTcp {
+            via: name.to_string(),
+            tcp_port: options.tcp_port.unwrap_or(addr.port()),
+        });
+    }
     let report = natcheck::check_mapping(node, &client)
         .await
         .map_err(|source| ShareError::NatCheck {

@@ -35,6 +35,8 @@ pub struct ReceiveConfig {
     /// The rendezvous to hand out codes through (`HOST[:PORT]`). Without one, codes are
     /// announced on the LAN (mDNS), unless bound to loopback only.
     pub rendezvous: Option<String>,
+    /// How to reach the rendezvous: UDP, TCP, or UDP then TCP (the default).
+    pub rendezvous_connect: crate::rendezvous::ConnectOptions,
     /// The first code to use instead of a generated one.
     pub code: Option<Code>,
     /// How long each code stays valid.
@@ -68,6 +70,7 @@ impl ReceiveConfig {
             port: DEFAULT_PORT,
             accept: Accept::default(),
             rendezvous: None,
+            rendezvous_connect: Default::default(),
             code: None,
             code_ttl: Duration::from_secs(600),
             once: false,
@@ -192,6 +195,7 @@ impl Share {
                 receiver: receiver.clone(),
                 out: out.clone(),
                 rendezvous: name,
+                connect: config.rendezvous_connect,
                 first: config.code.clone(),
                 ttl: config.code_ttl,
                 once: config.once,
@@ -329,6 +333,7 @@ struct Codes {
     receiver: Arc<Receiver>,
     out: PathBuf,
     rendezvous: String,
+    connect: crate::rendezvous::ConnectOptions,
     first: Option<Code>,
     ttl: Duration,
     once: bool,
@@ -386,8 +391,13 @@ impl Codes {
         if let Some(pause) = self.guesses.wait(std::time::Instant::now()) {
             return Ok(CodesEnded::Pause(pause));
         }
-        let (client, report) =
-            meeting::connect(self.events.as_ref(), &self.node, &self.rendezvous).await?;
+        let (client, report) = meeting::connect(
+            self.events.as_ref(),
+            &self.node,
+            &self.rendezvous,
+            self.connect,
+        )
+        .await?;
         let (events, node, out, via) = (
             self.events.clone(),
             self.node.clone(),

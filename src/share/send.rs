@@ -53,6 +53,8 @@ pub struct SendConfig {
     /// The rendezvous to meet a code's receiver through (`HOST[:PORT]`); `None` looks for
     /// it on the local network.
     pub rendezvous: Option<String>,
+    /// How to reach the rendezvous: UDP, TCP, or UDP then TCP (the default).
+    pub rendezvous_connect: crate::rendezvous::ConnectOptions,
     /// The receiver's fingerprint, when known: then nothing is trusted on first use.
     pub peer: Option<Fingerprint>,
     /// The known_peers file of trust on first use [default: in the qpunch home].
@@ -71,6 +73,7 @@ impl Default for SendConfig {
     fn default() -> Self {
         SendConfig {
             rendezvous: None,
+            rendezvous_connect: Default::default(),
             peer: None,
             known_peers: None,
             cache_dir: None,
@@ -230,7 +233,13 @@ impl Share {
     ) -> Result<Sent, ShareError> {
         let socket = net::bind_dual_stack(0)?;
         let node = Arc::new(Node::new(socket, self.node_config(config))?);
-        let (client, report) = meeting::connect(self.events.as_ref(), &node, rendezvous).await?;
+        let (client, report) = meeting::connect(
+            self.events.as_ref(),
+            &node,
+            rendezvous,
+            config.rendezvous_connect,
+        )
+        .await?;
         let events = meeting::Meeting::new(self.events.clone(), None);
         let meeting = crate::meet::Meeting {
             node: &node,

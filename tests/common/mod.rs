@@ -473,7 +473,11 @@ pub fn free_port_pair() -> u16 {
     for _ in 0..100 {
         let first = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = first.local_addr().unwrap().port();
-        if port < u16::MAX && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok() {
+        // The rendezvous also listens on TCP at the first port's number.
+        if port < u16::MAX
+            && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
             return port;
         }
     }
