@@ -793,7 +793,10 @@ impl Service for Rendezvous {
         let mut sessions = tokio::task::JoinSet::new();
         let mut shutdown = shutdown;
         let held = Held::new();
-        let link = Link::new(conn.clone(), held.clone());
+        // A client that came over TCP is at a mapped address: its real one is what it is
+        // told and what the book's budgets count.
+        let observed = self.paths.real_addr(conn.remote_address());
+        let link = Link::new(conn.clone(), observed, held.clone());
         let mut slot_changed = link.subscribe();
         loop {
             let evict_at = held.evict_at(self.config.idle_grace);

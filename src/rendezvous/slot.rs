@@ -88,22 +88,29 @@ pub(super) struct RelayShared {
 /// or ends and re-reads its idle deadline).
 pub(super) struct Link {
     conn: quinn::Connection,
+    /// The client's real address (a client that came over TCP is at a mapped address).
+    observed: std::net::SocketAddr,
     held: Arc<Held>,
     slot: watch::Sender<Option<(Arc<Slot>, usize)>>,
 }
 
 impl Link {
-    pub fn new(conn: quinn::Connection, held: Arc<Held>) -> Arc<Link> {
+    pub fn new(
+        conn: quinn::Connection,
+        observed: std::net::SocketAddr,
+        held: Arc<Held>,
+    ) -> Arc<Link> {
         Arc::new(Link {
             conn,
+            observed,
             held,
             slot: watch::Sender::new(None),
         })
     }
 
-    /// The client's address, as seen here.
+    /// The client's address, as seen here (its real one, also over TCP).
     pub fn observed(&self) -> std::net::SocketAddr {
-        self.conn.remote_address()
+        self.observed
     }
 
     /// The connection's idle bookkeeping.
