@@ -95,7 +95,8 @@ pub fn advice(ours: Mapping, theirs: Mapping) -> &'static str {
          relays unless started with --no-relay)."
     } else {
         "Something between the peers drops the probes (a firewall, or UDP blocked): a relay \
-         is needed (not in this version)."
+         is needed (this rendezvous does not relay; `qpunch rendezvous` relays unless \
+         started with --no-relay)."
     }
 }
 
