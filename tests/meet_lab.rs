@@ -553,7 +553,14 @@ fn rendezvous_made_connection_survives_rebinding() {
     let site = topo.site(1);
     site.set_nat(Nat::Symmetric);
     site.flush_conntrack();
-    sent(&mut sender, "rebind.bin", &hash, Duration::from_secs(120));
+    let (status, _) = sender.wait_exit(Duration::from_secs(120));
+    assert!(
+        status.success(),
+        "sender: {status}\n{}\n{}",
+        sender.describe(),
+        receiving.proc.describe()
+    );
+    sent(&mut sender, "rebind.bin", &hash, Duration::from_secs(1));
     receiving.finish("rebind.bin", &hash);
     // The receiver saw the sender move: its connection ends at a different public port.
     let mapped: Vec<String> = site

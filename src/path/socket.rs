@@ -42,10 +42,11 @@ use crate::socket::DemuxSocket;
 /// which [`canonical`] folds back.
 const MAPPED_PREFIX: u8 = 240;
 
-/// Relayed datagrams waiting for quinn to read them. Beyond this many, new ones are dropped
-/// (as a full socket buffer would): quinn reads in batches, so this is only reached if the
-/// endpoint stalls.
-const INBOX_LIMIT: usize = 4096;
+/// Relayed datagrams waiting for quinn to read them: beyond this many bytes, new ones are
+/// dropped (as a full socket buffer would). quinn reads in batches, so this is only reached
+/// if the endpoint stalls; it bounds what a relay (or a TCP client of a rendezvous) can make
+/// a node buffer, like the kernel's receive buffer does for UDP.
+const INBOX_BYTES: usize = 4 << 20;
 
 /// Whether `addr` is one of ours.
 pub fn is_mapped(addr: SocketAddr) -> bool {
@@ -161,6 +162,8 @@ struct Table {
 #[derive(Debug, Default)]
 struct Inbox {
     queue: VecDeque<(SocketAddr, Bytes)>,
+    /// Bytes in `queue`.
+    bytes: usize,
     waker: Option<Waker>,
 }
 
@@ -338,10 +341,11 @@ impl PathSocket {
         self.counters.carried_in.fetch_add(1, Ordering::Relaxed);
         route.received.add(kind, datagram.len());
         let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
-        if inbox.queue.len() >= INBOX_LIMIT {
+        if inbox.bytes + datagram.len() > INBOX_BYTES {
             self.counters.dropped_in.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        inbox.bytes += datagram.len();
         inbox.queue.push_back((route.mapped, datagram));
         if let Some(waker) = inbox.waker.take() {
             waker.wake();
@@ -412,6 +416,7 @@ impl PathSocket {
             let Some((from, datagram)) = inbox.queue.pop_front() else {
                 break;
             };
+            inbox.bytes -= datagram.len();
             if datagram.len() > bufs[n].len() {
                 self.counters.dropped_in.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -432,6 +437,18 @@ impl PathSocket {
         }
         n
     }
+}
+
+/// The mapped peer a rebound address belongs to: one tied direct address of exactly one
+/// peer has its IP (an IP two peers share, behind one NAT, says nothing).
+fn rebound_owner(table: &Table, real: SocketAddr) -> Option<(SocketAddr, PathKind)> {
+    let mut owners = table
+        .by_real
+        .iter()
+        .filter(|(addr, _)| addr.ip() == real.ip())
+        .map(|(_, owner)| *owner);
+    let first = owners.next()?;
+    owners.all(|o| o.0 == first.0).then_some(first)
 }
 
 /// A fixed carried route (see [`PathSocket::attach`]).
@@ -511,17 +528,38 @@ impl AsyncUdpSocket for PathSocket {
             Poll::Ready(Ok(n)) => n,
             other => return other,
         };
-        let table = self.read();
-        if !table.by_real.is_empty() {
-            for m in &mut meta[..n] {
-                if let Some(&(mapped, kind)) = table.by_real.get(&canonical(m.addr)) {
-                    if let Some(route) = table.routes.get(&mapped) {
-                        route.received.add(kind, m.len);
+        let mut rebound = Vec::new();
+        {
+            let table = self.read();
+            if !table.by_real.is_empty() {
+                for (m, buf) in meta[..n].iter_mut().zip(bufs.iter()) {
+                    let real = canonical(m.addr);
+                    let owner = table.by_real.get(&real).copied().or_else(|| {
+                        // A short-header packet (an established connection's) from a new
+                        // port of an address a peer is tied to: the peer's NAT rebound it.
+                        // Tied now, or quinn would see its peer migrate to a real address,
+                        // outside the path layer, and back again once its probe ties it.
+                        let short = buf.first().is_some_and(|b| b & 0x80 == 0);
+                        let owner = short.then(|| rebound_owner(&table, real)).flatten();
+                        if owner.is_some() {
+                            rebound.push((real, owner));
+                        }
+                        owner
+                    });
+                    if let Some((mapped, kind)) = owner {
+                        if let Some(route) = table.routes.get(&mapped) {
+                            route.received.add(kind, m.len);
+                        }
+                        // As quinn wrote it: on a dual-stack socket a client connection
+                        // drops packets whose source is not spelt like its peer's address.
+                        m.addr = self.demux.map_family(mapped);
                     }
-                    // As quinn wrote it: on a dual-stack socket a client connection
-                    // drops packets whose source is not spelt like its peer's address.
-                    m.addr = self.demux.map_family(mapped);
                 }
+            }
+        }
+        for (real, owner) in rebound {
+            if let Some((mapped, kind)) = owner {
+                self.tie(real, mapped, kind);
             }
         }
         Poll::Ready(Ok(n))
@@ -547,6 +585,25 @@ impl AsyncUdpSocket for PathSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What relays deliver while quinn does not read waits within a byte bound; the rest is
+    /// dropped and counted, as a full socket buffer would drop it.
+    #[tokio::test]
+    async fn relayed_datagrams_wait_within_a_byte_bound() {
+        let socket = crate::socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let paths = PathSocket::new(DemuxSocket::new(socket).unwrap());
+        let route = paths.add_route();
+        let datagram = Bytes::from(vec![0x40u8; 1200]);
+        let fit = INBOX_BYTES / 1200;
+        for _ in 0..fit + 10 {
+            paths.deliver(&route, PathKind::RelayedUdp, datagram.clone());
+        }
+        let stats = paths.stats();
+        assert_eq!(stats.carried_in, fit as u64 + 10);
+        assert_eq!(stats.dropped_in, 10, "{stats:?}");
+        assert_eq!(route.bytes().of(PathKind::RelayedUdp).1, (fit as u64 + 10) * 1200);
+    }
 
     #[test]
     fn mapped_addresses_are_recognised_and_distinct() {
