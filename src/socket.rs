@@ -106,7 +106,12 @@ struct Registered {
     id: u64,
     keys: ProbeKeys,
     on_probe: Option<OnProbe>,
+    /// Recent transaction ids and the source each first came from.
+    seen: std::collections::VecDeque<(wire::TxId, SocketAddr)>,
 }
+
+/// Transaction ids remembered per registration, to tell a replayed probe from its original.
+const SEEN_TXIDS: usize = 256;
 
 /// A quinn [`AsyncUdpSocket`] that also speaks the probe protocol on the same port.
 pub struct DemuxSocket {
@@ -186,7 +191,12 @@ impl DemuxSocket {
 
     fn register(self: &Arc<Self>, keys: ProbeKeys, on_probe: Option<OnProbe>) -> Authenticating {
         let id = self.next_key.fetch_add(1, Ordering::Relaxed);
-        self.lock_keys().push(Registered { id, keys, on_probe });
+        self.lock_keys().push(Registered {
+            id,
+            keys,
+            on_probe,
+            seen: std::collections::VecDeque::new(),
+        });
         Authenticating {
             socket: self.clone(),
             id,
@@ -199,10 +209,15 @@ impl DemuxSocket {
 
     /// The authenticated reply to `data`, if it is a probe that verifies under a
     /// registered key.
+    ///
+    /// Probes carry no clock, so one seen on the way can be replayed from any source. It is
+    /// answered (a reply is never larger than its probe, and rationed), but only the first
+    /// source of a transaction id is told to the hooks: a replay from elsewhere ties no
+    /// address to the peer.
     fn authenticated_reply(&self, from: SocketAddr, data: &[u8]) -> Option<punch::Transmit> {
         let (reply, hooks) =
             {
-                let keys = self.lock_keys();
+                let mut keys = self.lock_keys();
                 let (at, txid) =
                     keys.iter().enumerate().find_map(
                         |(at, r)| match Message::decode_authenticated(data, &r.keys.theirs) {
@@ -210,13 +225,24 @@ impl DemuxSocket {
                             _ => None,
                         },
                     )?;
-                let verified = &keys[at].keys;
+                let verified = keys[at].keys.clone();
                 let reply = punch::authenticated_reply_to(from, txid, &verified.ours);
+                let seen = &mut keys[at].seen;
+                let first = match seen.iter().find(|(t, _)| *t == txid) {
+                    Some(&(_, source)) => source == from,
+                    None => {
+                        if seen.len() == SEEN_TXIDS {
+                            seen.pop_front();
+                        }
+                        seen.push_back((txid, from));
+                        true
+                    }
+                };
                 // Every registration of the same keys hears of it (a meeting and its paths may
                 // both hold them).
                 let hooks: Vec<OnProbe> = keys
                     .iter()
-                    .filter(|r| r.keys == *verified)
+                    .filter(|r| first && r.keys == verified)
                     .filter_map(|r| r.on_probe.clone())
                     .collect();
                 (reply, hooks)
@@ -226,6 +252,17 @@ impl DemuxSocket {
             hook(from);
         }
         Some(reply)
+    }
+
+    /// Whether an authenticated reply verifies under a registered key: only those reach
+    /// whoever punches (a flood of forged ones must not crowd out the real ones).
+    fn verified_reply(&self, data: &[u8]) -> bool {
+        self.lock_keys().iter().any(|r| {
+            matches!(
+                Message::decode_authenticated(data, &r.keys.theirs),
+                Ok(Message::Reply { .. })
+            )
+        })
     }
 
     /// Send one probe datagram, waiting while the socket's send buffer is full.
@@ -305,7 +342,11 @@ impl DemuxSocket {
             // authenticated reply goes to the traversal, which checks it.
             Class::Probe if wire::is_authenticated(data) => {
                 if wire::is_authenticated_reply(data) {
-                    self.route(from, data);
+                    if self.verified_reply(data) {
+                        self.route(from, data);
+                    } else {
+                        self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    }
                 } else if let Some(reply) = self.authenticated_reply(from, data) {
                     if self.answer(&reply, local_ip) {
                         self.counters.answered.fetch_add(1, Ordering::Relaxed);
@@ -378,6 +419,12 @@ impl DemuxSocket {
     /// Remove probe segments from one received buffer (which may hold several GRO
     /// segments of `stride` bytes), handling each; returns the QUIC bytes left.
     fn filter_buffer(&self, buf: &mut [u8], meta: &RecvMeta) -> usize {
+        if reserved_source(meta.addr) {
+            // Never a real sender's address, and the path layer's mapped addresses live
+            // there: a datagram claiming one is forged.
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
         if meta.len == 0 {
             // An empty datagram is nobody's: count it with the other garbage.
             self.handle_probe_datagram(Class::Probe, meta.addr, meta.dst_ip, &[]);
@@ -402,6 +449,14 @@ impl DemuxSocket {
             read = end;
         }
         write
+    }
+}
+
+/// Whether `addr` is in `240.0.0.0/4` (reserved, never a source on the internet).
+fn reserved_source(addr: SocketAddr) -> bool {
+    match crate::addr::canonical(addr) {
+        SocketAddr::V4(v4) => v4.ip().octets()[0] >= 240,
+        SocketAddr::V6(_) => false,
     }
 }
 

@@ -235,3 +235,52 @@ async fn loopback_connections_discover_large_packets() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A meeting's authenticated probe can be seen on the way and replayed from anywhere: it
+/// is still answered (never more bytes than the probe), but only its first source is told
+/// to the path layer (which would tie that address to the peer). Forged authenticated
+/// replies reach nobody, and a source in 240.0.0.0/4 (where mapped addresses live) is
+/// dropped as forged.
+#[tokio::test]
+async fn replayed_probes_tie_nothing_and_forged_replies_reach_nobody() {
+    use qpunch::wire::{self, ProbeKey, ProbeKeys};
+    use std::sync::{Arc, Mutex};
+    let node = node(true);
+    let target = node.local_addr().unwrap();
+    let (k1, k2): ([u8; 32], [u8; 32]) = (rand::random(), rand::random());
+    let keys = ProbeKeys {
+        ours: ProbeKey::from_bytes(k1),
+        theirs: ProbeKey::from_bytes(k2),
+    };
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let heard = heard.clone();
+        Arc::new(move |from| heard.lock().unwrap().push(from))
+    };
+    let _auth = node.socket().authenticate_with(keys, hook);
+    let mut replies = node.socket().subscribe();
+    let probe = wire::authenticated_probe(rand::random(), target, &ProbeKey::from_bytes(k2));
+    let first = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let replayer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = [0u8; 512];
+    for socket in [&first, &replayer, &first] {
+        socket.send_to(&probe, target).await.unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf))
+            .await
+            .expect("every verified probe is answered")
+            .unwrap();
+        assert!(n <= probe.len());
+    }
+    assert_eq!(
+        *heard.lock().unwrap(),
+        vec![first.local_addr().unwrap(); 2],
+        "the replay's source was never told"
+    );
+    let before = node.socket_stats().malformed_dropped;
+    let mut forged = probe.clone();
+    forged[0] = 0x12; // an authenticated reply's type, with a tag that does not verify
+    first.send_to(&forged, target).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(replies.try_recv().is_err(), "a forged reply was routed");
+    assert_eq!(node.socket_stats().malformed_dropped, before + 1);
+}

@@ -408,10 +408,26 @@ impl Known {
     }
 }
 
+/// A peer-suggested address (offered through a relay, or seen probing us) becomes a path
+/// at most this often.
+const OFFER_EVERY: Duration = Duration::from_secs(2);
+
+/// An address worth probing: unicast, not loopback, not unspecified.
+fn routable(addr: SocketAddr) -> bool {
+    let ip = addr.ip();
+    addr.port() != 0
+        && !ip.is_unspecified()
+        && !ip.is_loopback()
+        && !ip.is_multicast()
+        && !matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast() || v4.octets()[0] >= 240)
+}
+
 /// The peer's paths, the chooser over them, and when to probe each.
 struct Driver {
     shared: Arc<Shared>,
     config: PathConfig,
+    /// When a peer-suggested address last became a path.
+    adopted: Option<Instant>,
     chooser: Chooser,
     paths: Vec<Known>,
 }
@@ -438,11 +454,16 @@ impl Driver {
                 .filter(|p| matches!(p.via, Via::Direct(_)))
                 .count();
             if direct >= MAX_DIRECT {
-                // Make room by forgetting the oldest direct path that never answered.
+                // Make room: forget the direct path heard from longest ago (never counts as
+                // longest), unless it is the one in use.
+                let current = self.chooser.current();
                 let Some(at) = self
                     .paths
                     .iter()
-                    .position(|p| matches!(p.via, Via::Direct(_)) && p.last_heard.is_none())
+                    .enumerate()
+                    .filter(|(_, p)| matches!(p.via, Via::Direct(_)) && Some(p.id) != current)
+                    .min_by_key(|(_, p)| p.last_heard)
+                    .map(|(at, _)| at)
                 else {
                     return;
                 };
@@ -480,6 +501,18 @@ impl Driver {
                 event.kind = kind;
             }
         }
+    }
+
+    /// Whether a peer-suggested address may become a path now (see [`OFFER_EVERY`]).
+    fn may_adopt(&mut self, now: Instant) -> bool {
+        if self
+            .adopted
+            .is_some_and(|t| now.saturating_duration_since(t) < OFFER_EVERY)
+        {
+            return false;
+        }
+        self.adopted = Some(now);
+        true
     }
 
     fn forget(&mut self, at: usize) {
@@ -628,6 +661,7 @@ async fn drive(
     let mut driver = Driver {
         shared,
         config,
+        adopted: None,
         chooser: Chooser::new(config.chooser),
         paths: Vec::new(),
     };
@@ -643,11 +677,17 @@ async fn drive(
                     driver.add(Via::Direct(canonical(addr)), kind, Instant::now());
                 }
                 Some(Command::Offered(addr)) => {
-                    driver.add(Via::Direct(addr), PathKind::Direct, Instant::now());
+                    let now = Instant::now();
+                    // One new offered path per OFFER_EVERY, and only a routable unicast
+                    // address: a hostile peer cannot aim our probes at a list of victims.
+                    let fresh = !driver.paths.iter().any(|p| matches!(p.via, Via::Direct(a) if a == addr));
+                    if routable(addr) && (!fresh || driver.may_adopt(now)) {
+                        driver.add(Via::Direct(addr), PathKind::Direct, now);
+                    }
                 }
                 Some(Command::Seen(addr)) => {
                     let now = Instant::now();
-                    if driver.quiet(now) && driver.current().is_some() {
+                    if routable(addr) && driver.quiet(now) && driver.current().is_some() && driver.may_adopt(now) {
                         driver.add(Via::Direct(addr), PathKind::Direct, now);
                     }
                 }

@@ -42,6 +42,10 @@ use crate::socket::DemuxSocket;
 /// which [`canonical`] folds back.
 const MAPPED_PREFIX: u8 = 240;
 
+/// Most real addresses tied to one mapped peer: its paths, and the addresses it probed us
+/// from (a bound on what replayed probes could make us hold).
+const MAX_TIES: usize = 16;
+
 /// Relayed datagrams waiting for quinn to read them: beyond this many bytes, new ones are
 /// dropped (as a full socket buffer would). quinn reads in batches, so this is only reached
 /// if the endpoint stalls; it bounds what a relay (or a TCP client of a rendezvous) can make
@@ -255,8 +259,14 @@ impl PathSocket {
 
     fn new_route(&self, real: Option<SocketAddr>) -> Arc<Route> {
         let mut table = self.write();
-        table.next += 1;
-        let mapped = mapped_addr(table.next);
+        // Skip addresses still in use once the counter wraps (2^24 routes).
+        let mapped = loop {
+            table.next = (table.next + 1) % (1 << 24);
+            let mapped = mapped_addr(table.next);
+            if table.next != 0 && !table.routes.contains_key(&mapped) {
+                break mapped;
+            }
+        };
         let route = Arc::new(Route {
             mapped,
             real,
@@ -282,9 +292,17 @@ impl PathSocket {
     pub(crate) fn tie(&self, real: SocketAddr, mapped: SocketAddr, kind: PathKind) -> bool {
         let real = canonical(real);
         let mut table = self.write();
+        if !table.routes.contains_key(&mapped) {
+            // The peer is gone (a late hook, a punch aborted with it).
+            return false;
+        }
         match table.by_real.get(&real) {
             Some((owner, _)) => *owner == mapped,
             None => {
+                let ties = table.by_real.values().filter(|(m, _)| *m == mapped).count();
+                if ties >= MAX_TIES {
+                    return false;
+                }
                 table.by_real.insert(real, (mapped, kind));
                 true
             }
@@ -602,7 +620,30 @@ mod tests {
         let stats = paths.stats();
         assert_eq!(stats.carried_in, fit as u64 + 10);
         assert_eq!(stats.dropped_in, 10, "{stats:?}");
-        assert_eq!(route.bytes().of(PathKind::RelayedUdp).1, (fit as u64 + 10) * 1200);
+        assert_eq!(
+            route.bytes().of(PathKind::RelayedUdp).1,
+            (fit as u64 + 10) * 1200
+        );
+    }
+
+    /// A peer holds at most `MAX_TIES` real addresses, and a gone peer none.
+    #[tokio::test]
+    async fn ties_are_bounded_and_die_with_their_peer() {
+        let socket = crate::socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let paths = PathSocket::new(DemuxSocket::new(socket).unwrap());
+        let route = paths.add_route();
+        let tied = (0..MAX_TIES + 4)
+            .filter(|&i| {
+                let real = SocketAddr::from(([203, 0, 113, 7], 1000 + i as u16));
+                paths.tie(real, route.mapped(), PathKind::Direct)
+            })
+            .count();
+        assert_eq!(tied, MAX_TIES);
+        paths.remove_route(route.mapped());
+        let late = SocketAddr::from(([203, 0, 113, 8], 1));
+        assert!(!paths.tie(late, route.mapped(), PathKind::Direct));
+        assert!(paths.read().by_real.is_empty());
     }
 
     #[test]
