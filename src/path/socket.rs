@@ -128,9 +128,45 @@ pub(crate) struct Route {
     received: ByKind,
     /// Datagrams dropped on the way out: no path, or larger than the relay carries.
     dropped: AtomicU64,
+    /// Connection ids our endpoint gave this peer's connection, as seen in its short-header
+    /// packets from its tied addresses: a packet with one of them from a new address is
+    /// this peer's after its NAT rebound the port.
+    cids: Mutex<VecDeque<Cid>>,
+}
+
+/// The destination connection id of a short-header packet: quinn's endpoint issues 8-byte
+/// ids (its default generator, which `crate::node` keeps).
+type Cid = [u8; 8];
+
+/// Connection ids remembered per mapped peer.
+const CIDS: usize = 8;
+
+/// The destination connection id of a short-header QUIC packet.
+fn short_header_cid(packet: &[u8]) -> Option<Cid> {
+    if packet.first()? & 0x80 != 0 {
+        return None;
+    }
+    packet.get(1..9)?.try_into().ok()
 }
 
 impl Route {
+    fn remember(&self, cid: Cid) {
+        let mut cids = self.cids.lock().unwrap_or_else(|e| e.into_inner());
+        if !cids.contains(&cid) {
+            if cids.len() == CIDS {
+                cids.pop_front();
+            }
+            cids.push_back(cid);
+        }
+    }
+
+    fn knows(&self, cid: &Cid) -> bool {
+        self.cids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(cid)
+    }
+
     pub(crate) fn mapped(&self) -> SocketAddr {
         self.mapped
     }
@@ -274,6 +310,7 @@ impl PathSocket {
             sent: ByKind::default(),
             received: ByKind::default(),
             dropped: AtomicU64::new(0),
+            cids: Mutex::default(),
         });
         table.routes.insert(mapped, route.clone());
         route
@@ -457,16 +494,10 @@ impl PathSocket {
     }
 }
 
-/// The mapped peer a rebound address belongs to: one tied direct address of exactly one
-/// peer has its IP (an IP two peers share, behind one NAT, says nothing).
-fn rebound_owner(table: &Table, real: SocketAddr) -> Option<(SocketAddr, PathKind)> {
-    let mut owners = table
-        .by_real
-        .iter()
-        .filter(|(addr, _)| addr.ip() == real.ip())
-        .map(|(_, owner)| *owner);
-    let first = owners.next()?;
-    owners.all(|o| o.0 == first.0).then_some(first)
+/// The mapped peer whose connection uses connection id `cid`.
+fn rebound_owner(table: &Table, cid: Cid) -> Option<(SocketAddr, PathKind)> {
+    let route = table.routes.values().find(|r| r.knows(&cid))?;
+    Some((route.mapped, PathKind::Direct))
 }
 
 /// A fixed carried route (see [`PathSocket::attach`]).
@@ -552,18 +583,25 @@ impl AsyncUdpSocket for PathSocket {
             if !table.by_real.is_empty() {
                 for (m, buf) in meta[..n].iter_mut().zip(bufs.iter()) {
                     let real = canonical(m.addr);
-                    let owner = table.by_real.get(&real).copied().or_else(|| {
-                        // A short-header packet (an established connection's) from a new
-                        // port of an address a peer is tied to: the peer's NAT rebound it.
-                        // Tied now, or quinn would see its peer migrate to a real address,
-                        // outside the path layer, and back again once its probe ties it.
-                        let short = buf.first().is_some_and(|b| b & 0x80 == 0);
-                        let owner = short.then(|| rebound_owner(&table, real)).flatten();
-                        if owner.is_some() {
-                            rebound.push((real, owner));
+                    let cid = short_header_cid(&buf[..m.len.min(buf.len())]);
+                    let owner = match table.by_real.get(&real).copied() {
+                        Some(owner) => {
+                            if let (Some(cid), Some(route)) = (cid, table.routes.get(&owner.0)) {
+                                route.remember(cid);
+                            }
+                            Some(owner)
                         }
-                        owner
-                    });
+                        // A packet of a mapped peer's connection (one of the ids we gave
+                        // it) from an address not tied to it: its NAT rebound the port (or
+                        // moved it). Tied now, or quinn would see its peer migrate to a
+                        // real address, outside the path layer, and back again once the
+                        // peer's probe ties it.
+                        None => cid
+                            .and_then(|cid| rebound_owner(&table, cid))
+                            .inspect(|&o| {
+                                rebound.push((real, Some(o)));
+                            }),
+                    };
                     if let Some((mapped, kind)) = owner {
                         if let Some(route) = table.routes.get(&mapped) {
                             route.received.add(kind, m.len);
