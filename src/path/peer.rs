@@ -348,10 +348,14 @@ impl Relayed {
                 .socket
                 .deliver(&shared.route, self.carrier.kind(), datagram),
             Class::Probe if wire::is_authenticated_reply(&datagram) => {
-                let at = Instant::now();
-                let _ = shared
-                    .commands
-                    .try_send(Command::CarriedReply(self.slot, datagram, at));
+                // Checked here, not only by the driver: what a relay injects must not crowd
+                // the driver's channel.
+                if Message::decode_authenticated(&datagram, &shared.keys.theirs).is_ok() {
+                    let at = Instant::now();
+                    let _ = shared
+                        .commands
+                        .try_send(Command::CarriedReply(self.slot, datagram, at));
+                }
             }
             Class::Probe => {
                 if let Ok((Message::Probe { txid }, offered)) =

@@ -235,6 +235,10 @@ pub struct PathSocket {
     inbox: Mutex<Inbox>,
     counters: Counters,
     epoch: Arc<AtomicU64>,
+    /// Which source a receive serves first, in turn: relayed datagrams (a TCP client of a
+    /// rendezvous sends as fast as it likes) must not starve the real socket, nor the
+    /// reverse.
+    socket_first: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for PathSocket {
@@ -255,6 +259,7 @@ impl PathSocket {
             inbox: Mutex::default(),
             counters: Counters::default(),
             epoch: Arc::default(),
+            socket_first: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -569,12 +574,25 @@ impl AsyncUdpSocket for PathSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let carried = self.take_inbox(cx, bufs, meta);
-        if carried > 0 {
-            return Poll::Ready(Ok(carried));
+        let socket_first = self.socket_first.fetch_xor(true, Ordering::Relaxed);
+        if !socket_first {
+            let carried = self.take_inbox(cx, bufs, meta);
+            if carried > 0 {
+                return Poll::Ready(Ok(carried));
+            }
         }
         let n = match self.demux.poll_recv(cx, bufs, meta) {
             Poll::Ready(Ok(n)) => n,
+            // Nothing on the socket (its waker is registered): relayed datagrams, if any
+            // (otherwise the inbox's waker is registered too).
+            Poll::Pending if socket_first => {
+                let carried = self.take_inbox(cx, bufs, meta);
+                return if carried > 0 {
+                    Poll::Ready(Ok(carried))
+                } else {
+                    Poll::Pending
+                };
+            }
             other => return other,
         };
         let mut rebound = Vec::new();
