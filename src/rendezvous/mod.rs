@@ -35,11 +35,15 @@
 //! Rooms: `book.rs` is the pairing book, sans-IO (register, join, PAKE relay, expiry,
 //! limits) with its unit tests; `server.rs` drives it on QUIC streams; `slot.rs` is the
 //! relay between a paired receiver and sender, `relay.rs` the peer's end of it; `reflector.rs`
-//! answers NAT checks on the second port and from other addresses; `client.rs` is the
-//! peer's side; `nameplate.rs` the one name both sides share.
+//! answers NAT checks on the second port and from other addresses; `held.rs` is a
+//! connection's idle bookkeeping and `events.rs` what the operator is told (both shared by
+//! the server and its slots); `client.rs` is the peer's side; `nameplate.rs` the one name
+//! both sides share.
 
 mod book;
 mod client;
+mod events;
+mod held;
 mod nameplate;
 mod reflector;
 mod relay;
@@ -54,12 +58,13 @@ pub use client::{
     CONNECT_TIMEOUT, ClientError, ConnectOptions, Exchange, Opened, Paired, RendezvousClient,
     TcpMode, Transport, UDP_HEAD_START, Welcome,
 };
+pub use events::{NoEvents, RendezvousEvents};
 pub(crate) use nameplate::shown;
 pub use nameplate::{MAX_NAMEPLATE_LEN, Nameplate, NameplateError};
 pub use relay::RelayLink;
 pub use server::{
-    Bound, IDLE_CLOSE, NoEvents, RELAY_EXPIRED, RELAY_QUOTA, RelayLimits, Rendezvous,
-    RendezvousConfig, RendezvousEvents, RendezvousStats, TcpPort,
+    Bound, IDLE_CLOSE, RELAY_EXPIRED, RELAY_QUOTA, RelayLimits, Rendezvous, RendezvousConfig,
+    RendezvousStats, TcpPort,
 };
 
 /// ALPN of the rendezvous protocol. Version 2: [`Response::Paired`] no longer carries the

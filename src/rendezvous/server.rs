@@ -22,11 +22,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use super::book::{self, Book, FromClient, FromPartner, Join, Limits, Passed, Refused, Relaying};
+use super::events::{NoEvents, RendezvousEvents};
+use super::held::{Held, now};
 use super::reflector::{Reflector, announced_addrs};
 use super::slot::{Link, RelayShared, Slot};
 pub use super::slot::{RELAY_EXPIRED, RELAY_QUOTA, RelayLimits};
@@ -155,22 +157,6 @@ struct Counters {
     malformed: AtomicU64,
     evicted: AtomicU64,
 }
-
-/// What a rendezvous tells its operator.
-pub trait RendezvousEvents: Send + Sync + 'static {
-    /// Two peers were paired on `nameplate`.
-    fn paired(&self, _nameplate: &str, _receiver: SocketAddr, _sender: SocketAddr) {}
-    /// The relay slot of the pair that met on `nameplate` ended, after relaying `bytes`
-    /// (both directions): `why` is one of "a peer left", "lifetime ended", "quota used up",
-    /// "idle" (nothing passed for [`RelayLimits::idle`]).
-    fn relay_ended(&self, _nameplate: &str, _bytes: u64, _why: &str) {}
-}
-
-/// [`RendezvousEvents`] that ignores everything.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoEvents;
-
-impl RendezvousEvents for NoEvents {}
 
 /// What one session tells the other, once paired.
 #[derive(Debug)]
@@ -722,11 +708,6 @@ impl Drop for Release<'_> {
     }
 }
 
-/// The book's clock: tokio's, so a test that pauses time moves the book's time too.
-pub(super) fn now() -> Instant {
-    tokio::time::Instant::now().into_std()
-}
-
 fn error(code: ErrorCode, message: &str) -> Response {
     Response::Error {
         code,
@@ -739,46 +720,6 @@ async fn read_requests(mut recv: quinn::RecvStream, tx: mpsc::Sender<Request>) {
     while let Ok(Some(request)) = frame::read::<Request>(&mut recv, MAX_MESSAGE).await {
         if tx.send(request).await.is_err() {
             return;
-        }
-    }
-}
-
-/// Whether a connection holds an exchange, and since when it has held none: what idle
-/// eviction reads.
-#[derive(Debug)]
-pub(super) struct Held(Mutex<(usize, Instant)>);
-
-impl Held {
-    fn new() -> Arc<Held> {
-        Arc::new(Held(Mutex::new((0, now()))))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Instant)> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(super) fn enter(held: &Arc<Held>) -> Holding {
-        held.lock().0 += 1;
-        Holding(held.clone())
-    }
-
-    /// When to evict if nothing changes: `None` while an exchange is held.
-    fn evict_at(&self, grace: Duration) -> Option<Instant> {
-        let (count, since) = *self.lock();
-        (count == 0).then(|| since + grace)
-    }
-}
-
-/// One held exchange (or a live relay slot); when the last one ends, the grace starts
-/// again.
-pub(super) struct Holding(Arc<Held>);
-
-impl Drop for Holding {
-    fn drop(&mut self) {
-        let mut held = self.0.lock();
-        held.0 -= 1;
-        if held.0 == 0 {
-            held.1 = now();
         }
     }
 }

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::server::{Held, Holding, RendezvousEvents, now};
+use super::events::RendezvousEvents;
+use super::held::{Held, Holding, now};
 use super::{RELAY_PACKET, RelayGrant};
 
 /// The code a rendezvous closes both connections of a pair with when the pair used up its
