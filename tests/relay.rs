@@ -3,6 +3,8 @@
 //! does not look inside PAKE messages, so any 34 bytes do), and datagrams through
 //! [`RelayLink`], the path layer's [`Carrier`].
 
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +13,9 @@ use qpunch::identity::Identity;
 use qpunch::node::{Node, NodeConfig};
 use qpunch::path::{Carrier, PathKind};
 use qpunch::rendezvous::{
-    self, Exchange, Paired, RELAY_EXPIRED, RELAY_QUOTA, RelayLimits, RelayLink, Rendezvous,
-    RendezvousClient, RendezvousConfig, Request, Response,
+    self, Exchange, Paired, RELAY_EXPIRED, RELAY_QUOTA, RelayLimits, RelayLink, RendezvousClient,
+    RendezvousConfig, Request, Response,
 };
-use tokio::sync::oneshot;
 
 /// Bound for one step (a handshake, a pairing, an expected datagram).
 const STEP: Duration = Duration::from_secs(10);
@@ -25,32 +26,7 @@ fn lo(n: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, n])
 }
 
-struct Rv {
-    addr: SocketAddr,
-    rendezvous: Arc<Rendezvous>,
-    _stop: oneshot::Sender<()>,
-}
-
-fn serve(config: RendezvousConfig) -> Rv {
-    let bound = Rendezvous::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        Identity::generate().unwrap(),
-        config,
-        Arc::new(rendezvous::NoEvents),
-    )
-    .expect("bind a rendezvous");
-    let addr = bound.node.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let rendezvous = bound.rendezvous.clone();
-    tokio::spawn(bound.server.run(async {
-        let _ = stopped.await;
-    }));
-    Rv {
-        addr,
-        rendezvous,
-        _stop: stop,
-    }
-}
+use common::rendezvous::{Served as Rv, serve};
 
 /// A peer's node on `127.0.0.n` (datagrams off, as every peer node) and its client.
 struct Peer {

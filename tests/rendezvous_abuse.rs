@@ -33,10 +33,9 @@ use qpunch::meet::{MeetConfig, MeetError, MeetEvents, Meeting, Silent, Welcomed}
 use qpunch::natcheck::Mapping;
 use qpunch::node::{Node, NodeConfig};
 use qpunch::rendezvous::{
-    self, ClientError, ErrorCode, Exchange, Rendezvous, RendezvousClient, RendezvousConfig,
-    Request, Response,
+    self, ClientError, ErrorCode, Exchange, RendezvousClient, RendezvousConfig, Request, Response,
 };
-use qpunch::server::{Limits, Server, StatsHandle};
+use qpunch::server::{Limits, Server};
 use qpunch::transfer::{
     self, FileReport, Outgoing, Policy, Quiet, ReceiveOptions, Receiver, TransferError,
 };
@@ -59,43 +58,7 @@ fn source(i: usize) -> IpAddr {
     IpAddr::from([127, 0, 10 + (i / 200) as u8, 1 + (i % 200) as u8])
 }
 
-/// A rendezvous served by this process on 127.0.0.1.
-struct Rv {
-    addr: SocketAddr,
-    alt: SocketAddr,
-    rendezvous: Arc<Rendezvous>,
-    node: Arc<Node>,
-    server: StatsHandle,
-    _stop: oneshot::Sender<()>,
-}
-
-fn serve(config: RendezvousConfig) -> Rv {
-    let bound = Rendezvous::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        Identity::generate().unwrap(),
-        config,
-        Arc::new(rendezvous::NoEvents),
-    )
-    .expect("bind a rendezvous (and the port after it)");
-    let addr = bound.node.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (rendezvous, node, server) = (
-        bound.rendezvous.clone(),
-        bound.node.clone(),
-        bound.server.stats(),
-    );
-    tokio::spawn(bound.server.run(async {
-        let _ = stopped.await;
-    }));
-    Rv {
-        addr,
-        alt: SocketAddr::new(addr.ip(), addr.port() + 1),
-        rendezvous,
-        node,
-        server,
-        _stop: stop,
-    }
-}
+use common::rendezvous::serve;
 
 /// A node on `ip` (any port) speaking the transfer protocol.
 fn node_on(ip: IpAddr, accept: bool) -> Arc<Node> {

@@ -15,38 +15,8 @@ use qpunch::rendezvous::{
     Transport,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::sync::oneshot;
 
-struct Rv {
-    addr: SocketAddr,
-    tcp: SocketAddr,
-    rendezvous: Arc<Rendezvous>,
-    node: Arc<Node>,
-    _stop: oneshot::Sender<()>,
-}
-
-fn serve(config: RendezvousConfig) -> Rv {
-    let bound = Rendezvous::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        Identity::generate().unwrap(),
-        config,
-        Arc::new(rendezvous::NoEvents),
-    )
-    .unwrap();
-    let addr = bound.node.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (rendezvous, node) = (bound.rendezvous.clone(), bound.node.clone());
-    tokio::spawn(bound.server.run(async {
-        let _ = stopped.await;
-    }));
-    Rv {
-        addr,
-        tcp: rendezvous.tcp_addr().expect("a TCP listener by default"),
-        rendezvous,
-        node,
-        _stop: stop,
-    }
-}
+use common::rendezvous::{Served as Rv, serve};
 
 fn node() -> Arc<Node> {
     let socket = qpunch::socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -62,7 +32,7 @@ fn node() -> Arc<Node> {
 fn tcp_only(rv: &Rv) -> ConnectOptions {
     ConnectOptions {
         tcp: TcpMode::Only,
-        tcp_port: Some(rv.tcp.port()),
+        tcp_port: Some(rv.tcp().port()),
     }
 }
 
@@ -101,7 +71,11 @@ async fn raw_tls(
 #[tokio::test]
 async fn a_tcp_client_is_seen_at_its_tcp_address_and_pairs_with_a_udp_client() {
     let rv = serve(RendezvousConfig::default());
-    assert_eq!(rv.tcp.port(), rv.addr.port(), "same port number by default");
+    assert_eq!(
+        rv.tcp().port(),
+        rv.addr.port(),
+        "same port number by default"
+    );
     let (a, b) = (node(), node());
     let over_tcp = RendezvousClient::connect_with(&a, rv.addr, tcp_only(&rv))
         .await
@@ -157,7 +131,7 @@ async fn auto_falls_back_to_tcp_when_udp_does_not_answer() {
         nowhere,
         ConnectOptions {
             tcp: TcpMode::Auto,
-            tcp_port: Some(rv.tcp.port()),
+            tcp_port: Some(rv.tcp().port()),
         },
     )
     .await
@@ -178,7 +152,7 @@ async fn auto_falls_back_to_tcp_when_udp_does_not_answer() {
 async fn a_tcp_client_that_never_reads_is_dropped() {
     let rv = serve(RendezvousConfig::default());
     let timeout = qpunch::tcp::LinkConfig::default().write_timeout;
-    let mut silent = raw_tls(rv.tcp, Some(4096)).await;
+    let mut silent = raw_tls(rv.tcp(), Some(4096)).await;
     assert!(
         until(Duration::from_secs(2), || rv.rendezvous.tcp_stats().linked
             == 1)
@@ -246,13 +220,13 @@ async fn the_per_source_tcp_budget_refuses_the_next_client() {
     config.tcp_limits.max_per_source = 2;
     let rv = serve(config);
     let a = node();
-    let first = qpunch::tcp::connect(a.paths(), rv.tcp, Duration::from_secs(5))
+    let first = qpunch::tcp::connect(a.paths(), rv.tcp(), Duration::from_secs(5))
         .await
         .unwrap();
-    let _second = qpunch::tcp::connect(a.paths(), rv.tcp, Duration::from_secs(5))
+    let _second = qpunch::tcp::connect(a.paths(), rv.tcp(), Duration::from_secs(5))
         .await
         .unwrap();
-    let third = qpunch::tcp::connect(a.paths(), rv.tcp, Duration::from_secs(5)).await;
+    let third = qpunch::tcp::connect(a.paths(), rv.tcp(), Duration::from_secs(5)).await;
     assert!(third.is_err(), "the third is refused");
     assert_eq!(rv.rendezvous.tcp_stats().refused, 1);
     drop(first);
@@ -261,7 +235,7 @@ async fn the_per_source_tcp_budget_refuses_the_next_client() {
             == 1)
         .await
     );
-    qpunch::tcp::connect(a.paths(), rv.tcp, Duration::from_secs(5))
+    qpunch::tcp::connect(a.paths(), rv.tcp(), Duration::from_secs(5))
         .await
         .expect("a freed slot is reusable");
 }
@@ -281,7 +255,7 @@ async fn bad_frames_close_only_their_link() {
         &[0x00, 0x05, 0, 1, 2, 3, 4], // not QUIC (no fixed bit)
     ];
     for (i, frame) in frames.iter().enumerate() {
-        let mut bad = raw_tls(rv.tcp, None).await;
+        let mut bad = raw_tls(rv.tcp(), None).await;
         bad.write_all(frame).await.unwrap();
         bad.flush().await.unwrap();
         let closed = until(Duration::from_secs(3), || {
@@ -318,7 +292,7 @@ async fn tcp_can_be_off_or_on_another_port() {
         tcp: rendezvous::TcpPort::Port(port),
         ..RendezvousConfig::default()
     });
-    assert_eq!(rv.tcp.port(), port);
+    assert_eq!(rv.tcp().port(), port);
     let client = RendezvousClient::connect_with(&node(), rv.addr, tcp_only(&rv))
         .await
         .unwrap();

@@ -16,6 +16,7 @@
 
 pub mod peer;
 pub mod pty;
+pub mod rendezvous;
 pub mod seed;
 pub mod sys;
 
