@@ -1354,6 +1354,68 @@ fn bytes_by_path(sender: &Proc, kind: &str) -> [u64; 2] {
     [by[0].as_u64().unwrap_or(0), by[1].as_u64().unwrap_or(0)]
 }
 
+/// A transfer of a `size`-byte file between two cone sites whose links carry `mbit`, through
+/// a relaying rendezvous, running: the sender has connected. Fields drop in order (the
+/// processes before the rendezvous, everything before the namespaces).
+struct LabTransfer {
+    sender: Proc,
+    receiving: Receiving,
+    name: &'static str,
+    hash: String,
+    connected: Value,
+    _home: Home,
+    _dir: tempfile::TempDir,
+    _rv: Rendezvous,
+    topo: Topology,
+}
+
+/// Start a [`LabTransfer`]; `before` shapes the lab before anyone starts.
+fn lab_transfer(
+    tag: &str,
+    mbit: f64,
+    name: &'static str,
+    size: usize,
+    before: impl FnOnce(&Topology),
+) -> LabTransfer {
+    let rate = lab::Rate::mbit(mbit);
+    let site = || SiteSpec::new(Nat::Cone).ipv6(false).rate(rate);
+    let topo = Topology::new(tag, &[site(), site()]);
+    before(&topo);
+    let rv = Rendezvous::start(&topo);
+    let receiving = Receiving::start(topo.site(0).client(0), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), name, size);
+    let (mut sender, home) = send(topo.site(1).client(0), &file, &receiving.code);
+    let connected = sender.wait_for("connected", Duration::from_secs(30));
+    LabTransfer {
+        sender,
+        receiving,
+        name,
+        hash,
+        connected,
+        _home: home,
+        _dir: dir,
+        _rv: rv,
+        topo,
+    }
+}
+
+impl LabTransfer {
+    /// Let it run `secs` more, checking it is still running (what a test does next must
+    /// happen mid-transfer).
+    fn still_running_after(&mut self, secs: u64) {
+        std::thread::sleep(Duration::from_secs(secs));
+        assert!(self.sender.try_exit().is_none(), "finished too soon");
+    }
+
+    /// Both sides finish: the sender's `connected` event, and the file intact on disk.
+    fn finish(&mut self, timeout: Duration) -> Value {
+        let (_, connected) = sent(&mut self.sender, self.name, &self.hash, timeout);
+        self.receiving.finish(self.name, &self.hash);
+        connected
+    }
+}
+
 /// Time to first byte is not held hostage by punching, and the connection does not stay
 /// on the relay once a direct path exists: with the direct path between the routers
 /// blocked, the transfer starts relayed; when the block lifts, within 5 s the connection
@@ -1365,30 +1427,14 @@ fn relayed_transfer_moves_to_direct_when_the_block_lifts() {
     if !lab::require(TEST, &["tc"]) {
         return;
     }
-    let rate = lab::Rate::mbit(40.0);
-    let topo = Topology::new(
-        "upg",
-        &[
-            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
-            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
-        ],
-    );
-    block_direct(&topo, 0, 1, true);
-    let _rv = Rendezvous::start(&topo);
-    let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "upgrade.bin", 40 << 20);
-    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
-    let connected = sender.wait_for("connected", Duration::from_secs(30));
-    assert_eq!(connected["path"], "relayed", "{connected}");
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        sender.try_exit().is_none(),
-        "finished before the block lifted"
-    );
+    let mut t = lab_transfer("upg", 40.0, "upgrade.bin", 40 << 20, |topo| {
+        block_direct(topo, 0, 1, true)
+    });
+    assert_eq!(t.connected["path"], "relayed", "{}", t.connected);
+    t.still_running_after(2);
     let lifted = Instant::now();
-    block_direct(&topo, 0, 1, false);
-    let moved = sender.wait_for("path", Duration::from_secs(15));
+    block_direct(&t.topo, 0, 1, false);
+    let moved = t.sender.wait_for("path", Duration::from_secs(15));
     let took = lifted.elapsed();
     assert_eq!(moved["path"], "direct", "{moved}");
     assert_eq!(moved["from"], "relayed", "{moved}");
@@ -1396,12 +1442,12 @@ fn relayed_transfer_moves_to_direct_when_the_block_lifts() {
         took <= Duration::from_secs(5),
         "moved {took:?} after the block lifted"
     );
-    let (_, connected_again) = sent(&mut sender, "upgrade.bin", &hash, Duration::from_secs(120));
-    assert_eq!(connected_again, connected, "one connection");
-    receiving.finish("upgrade.bin", &hash);
+    let connected_again = t.finish(Duration::from_secs(120));
+    assert_eq!(connected_again, t.connected, "one connection");
+    let sender = &t.sender;
     let (relayed, direct) = (
-        bytes_by_path(&sender, "relayed"),
-        bytes_by_path(&sender, "direct"),
+        bytes_by_path(sender, "relayed"),
+        bytes_by_path(sender, "direct"),
     );
     assert!(
         relayed[0] > 0 && direct[0] > 0,
@@ -1423,39 +1469,25 @@ fn direct_transfer_falls_back_to_the_relay_when_the_path_dies() {
     if !lab::require(TEST, &["tc"]) {
         return;
     }
-    let rate = lab::Rate::mbit(40.0);
-    let topo = Topology::new(
-        "fbk",
-        &[
-            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
-            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
-        ],
-    );
-    let _rv = Rendezvous::start(&topo);
-    let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "fallback.bin", 40 << 20);
-    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
-    let connected = sender.wait_for("connected", Duration::from_secs(30));
+    let mut t = lab_transfer("fbk", 40.0, "fallback.bin", 40 << 20, |_| {});
     // A fast punch starts direct; a slower one moves there within seconds.
-    if connected["path"] != "direct" {
-        let moved = sender.wait_for("path", Duration::from_secs(10));
+    if t.connected["path"] != "direct" {
+        let moved = t.sender.wait_for("path", Duration::from_secs(10));
         assert_eq!(moved["path"], "direct", "{moved}");
     }
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(sender.try_exit().is_none(), "finished before the cut");
+    t.still_running_after(2);
     let cut = Instant::now();
-    block_direct(&topo, 0, 1, true);
-    let moved = sender.wait_for("path", Duration::from_secs(30));
+    block_direct(&t.topo, 0, 1, true);
+    let moved = t.sender.wait_for("path", Duration::from_secs(30));
     let took = cut.elapsed();
     assert_eq!(moved["path"], "relayed", "{moved}");
     assert!(
         took < Duration::from_secs(15),
         "fell back {took:?} after the cut"
     );
-    sent(&mut sender, "fallback.bin", &hash, Duration::from_secs(180));
-    receiving.finish("fallback.bin", &hash);
-    let relayed = bytes_by_path(&sender, "relayed");
+    t.finish(Duration::from_secs(180));
+    let sender = &t.sender;
+    let relayed = bytes_by_path(sender, "relayed");
     assert!(relayed[0] > 0, "relayed {relayed:?}");
     eprintln!("{TEST}: fell back to the relay {took:?} after the direct path died");
 }
@@ -1464,27 +1496,12 @@ fn direct_transfer_falls_back_to_the_relay_when_the_path_dies() {
 /// the old address goes first (deleting a primary address also deletes its secondaries),
 /// then the new one, and the NAT forgets its mappings (masquerade picks the new address).
 fn change_public_address(site: &lab::Site, new: std::net::Ipv4Addr) {
-    for args in [
-        vec![
-            "addr".to_string(),
-            "del".into(),
-            format!("{}/24", site.wan_v4),
-            "dev".into(),
-            "wan0".into(),
-        ],
-        vec![
-            "addr".to_string(),
-            "add".into(),
-            format!("{new}/24"),
-            "dev".into(),
-            "wan0".into(),
-        ],
-    ] {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = site.router_exec("ip", &args);
+    for (verb, addr) in [("del", site.wan_v4), ("add", new)] {
+        let addr = format!("{addr}/24");
+        let out = site.router_exec("ip", &["addr", verb, &addr, "dev", "wan0"]);
         assert!(
             out.status.success(),
-            "ip {args:?}: {}",
+            "ip addr {verb} {addr}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -1502,32 +1519,18 @@ fn sender_changes_address_and_the_same_connection_completes() {
     if !lab::require(TEST, &["tc", "conntrack"]) {
         return;
     }
-    let rate = lab::Rate::mbit(20.0);
-    let topo = Topology::new(
-        "roam",
-        &[
-            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
-            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
-        ],
-    );
-    let _rv = Rendezvous::start(&topo);
-    let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "roaming.bin", 48 << 20);
-    let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
-    sender.wait_for("connected", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(3));
-    assert!(sender.try_exit().is_none(), "finished before the move");
+    let mut t = lab_transfer("roam", 20.0, "roaming.bin", 48 << 20, |_| {});
+    t.still_running_after(3);
     let moved_at = Instant::now();
-    change_public_address(topo.site(1), std::net::Ipv4Addr::new(198, 51, 100, 102));
-    let fell_back = sender.wait_for("path", Duration::from_secs(30));
+    change_public_address(t.topo.site(1), std::net::Ipv4Addr::new(198, 51, 100, 102));
+    let fell_back = t.sender.wait_for("path", Duration::from_secs(30));
     assert_eq!(fell_back["path"], "relayed", "{fell_back}");
     let fell_back_after = moved_at.elapsed();
-    let back = sender.wait_for("path", Duration::from_secs(30));
+    let back = t.sender.wait_for("path", Duration::from_secs(30));
     assert_eq!(back["path"], "direct", "{back}");
     let direct_after = moved_at.elapsed();
-    sent(&mut sender, "roaming.bin", &hash, Duration::from_secs(180));
-    receiving.finish("roaming.bin", &hash);
+    t.finish(Duration::from_secs(180));
+    let sender = &t.sender;
     assert_eq!(events(&sender.seen, "connected").len(), 1, "one connection");
     eprintln!(
         "{TEST}: relayed {fell_back_after:?} after the address changed, direct again after {direct_after:?}"
