@@ -37,10 +37,22 @@ fn six_senders_at_once_all_complete() {
         .collect();
     let homes: Vec<Home> = (0..SENDERS).map(|_| Home::new()).collect();
     // What the receiver's folder shows, every millisecond: a file is in flight once its
-    // partial (named by its hash) holds bytes, stored once its name exists.
-    let watched: Vec<(std::path::PathBuf, String)> = files
+    // partial holds bytes, stored once its name exists.
+    // A first send names its partial by the file's path and size (its hash is not known
+    // yet); a repeat by its hash.
+    let watched: Vec<(std::path::PathBuf, Vec<String>)> = files
         .iter()
-        .map(|f| (out.path().join(f.file_name().unwrap()), blake3_file(f)))
+        .map(|f| {
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            let offer = qpunch::transfer::FileOffer {
+                name: name.clone(),
+                size: std::fs::metadata(f).unwrap().len(),
+                ..Default::default()
+            };
+            let mut keys = offer.part_keys();
+            keys.push(blake3_file(f));
+            (out.path().join(name), keys)
+        })
         .collect();
     let partials = out.path().join(qpunch::transfer::PARTIAL_DIR);
     let sampling = Arc::new(AtomicBool::new(true));
@@ -61,9 +73,10 @@ fn six_senders_at_once_all_complete() {
                     })
                     .unwrap_or_default();
                 let now = Instant::now();
-                for ((stored_as, hash), seen) in watched.iter().zip(&mut seen) {
+                for ((stored_as, keys), seen) in watched.iter().zip(&mut seen) {
                     let stored = stored_as.exists();
-                    if stored || in_flight.iter().any(|name| name.starts_with(hash.as_str())) {
+                    let partial = |name: &String| keys.iter().any(|k| name.starts_with(k.as_str()));
+                    if stored || in_flight.iter().any(partial) {
                         seen.started.get_or_insert(now);
                     }
                     if stored {

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use common::{blake3_file, list_dir, names, random_file, tempdir};
 use qpunch::identity::Identity;
 use qpunch::node::{Node, NodeConfig};
-use qpunch::transfer::tree::GROUP;
+use qpunch::transfer::tree::{GROUP, TreeCache};
 use qpunch::transfer::{
-    self, FileReport, Observer, Outgoing, PARTIAL_DIR, Policy, Quiet, ReceiveOptions, Receiver,
-    codes,
+    self, FileOffer, FileReport, Observer, Outgoing, PARTIAL_DIR, Policy, Quiet, ReceiveOptions,
+    Receiver, SendOptions, codes,
 };
 
 const MIB: u64 = 1 << 20;
@@ -101,6 +101,19 @@ async fn send(
     files: &[&Path],
     count: Arc<Count>,
 ) -> (Result<Vec<FileReport>, transfer::TransferError>, u64) {
+    send_with(sender, to, server, files, count, None).await
+}
+
+/// [`send`], offering the hashes `cache` knows (a repeat send) rather than hashing as it
+/// goes (a first send).
+async fn send_with(
+    sender: &Node,
+    to: SocketAddr,
+    server: &Node,
+    files: &[&Path],
+    count: Arc<Count>,
+    cache: Option<Arc<TreeCache>>,
+) -> (Result<Vec<FileReport>, transfer::TransferError>, u64) {
     let peer = sender
         .connect(to, Some(server.fingerprint()))
         .await
@@ -110,10 +123,35 @@ async fn send(
         .iter()
         .map(|f| Outgoing::from_path(f).unwrap())
         .collect();
-    let result = transfer::send_files(&peer.connection, outgoing, count).await;
+    let options = SendOptions {
+        cache,
+        ..SendOptions::default()
+    };
+    let result = transfer::send_files_with(&peer.connection, outgoing, count, options).await;
     let udp = peer.connection.stats().udp_tx.bytes;
     peer.connection.close(0u32.into(), b"done");
     (result, udp)
+}
+
+/// The partial a first send of a file named `name` of `size` bytes resumes: keyed by its
+/// path and size, since its hash is not known yet.
+fn first_send_part(out: &Path, name: &str, size: u64) -> PathBuf {
+    let offer = FileOffer {
+        name: name.into(),
+        size,
+        ..FileOffer::default()
+    };
+    let key = offer.part_keys().pop().unwrap();
+    out.join(PARTIAL_DIR).join(format!("{key}.part"))
+}
+
+/// A cache in `dir` that already knows `files`' trees: their sends offer their hashes.
+fn warm_cache(dir: &Path, files: &[&Path]) -> Arc<TreeCache> {
+    let cache = TreeCache::open(dir).unwrap();
+    for file in files {
+        cache.tree(file).unwrap();
+    }
+    Arc::new(cache)
 }
 
 fn partials(out: &Path) -> Vec<PathBuf> {
@@ -231,24 +269,36 @@ async fn forged_and_corrupted_partials_are_never_trusted() {
         ),
         ("a symlink is not followed", None, 0),
     ];
-    for (i, (what, planted, keep)) in cases.into_iter().enumerate() {
-        let part = partial_dir.join(format!("{root}.part"));
-        match &planted {
-            Some(bytes) => std::fs::write(&part, bytes).unwrap(),
-            None => std::os::unix::fs::symlink(&victim, &part).unwrap(),
+    // A first send finds its partial by path and size and proves it with the tree it
+    // computes then; a repeat send offers its cached hash and finds it by content.
+    let cache = warm_cache(&src.path().join("cache"), &[&file]);
+    let keyings = [
+        (first_send_part(out.path(), "f.bin", SIZE), None),
+        (partial_dir.join(format!("{root}.part")), Some(cache)),
+    ];
+    for (part, cache) in keyings {
+        for (i, (what, planted, keep)) in cases.iter().enumerate() {
+            match planted {
+                Some(bytes) => std::fs::write(&part, bytes).unwrap(),
+                None => std::os::unix::fs::symlink(&victim, &part).unwrap(),
+            }
+            let count = Arc::new(Count::default());
+            let files = [file.as_path()];
+            let (result, _) =
+                send_with(&sender, to, &server, &files, count.clone(), cache.clone()).await;
+            let what = format!("{what} (hash offered: {})", cache.is_some());
+            let reports = result.unwrap();
+            assert!(reports[0].is_verified(), "{what}: {reports:?}");
+            assert_eq!(reports[0].blake3, root, "{what}");
+            let saved = out.path().join(reports[0].saved_as.as_deref().unwrap());
+            assert_eq!(std::fs::read(&saved).unwrap(), data, "{what}");
+            assert_eq!(count.skipped.load(Ordering::SeqCst), *keep, "{what}");
+            assert_eq!(count.moved.load(Ordering::SeqCst), SIZE - keep, "{what}");
+            assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "{what}");
+            std::fs::remove_file(&saved).unwrap();
+            let _ = std::fs::remove_file(&part);
+            assert!(partials(out.path()).is_empty(), "{what}: {i}");
         }
-        let count = Arc::new(Count::default());
-        let (result, _) = send(&sender, to, &server, &[&file], count.clone()).await;
-        let reports = result.unwrap();
-        assert!(reports[0].is_verified(), "{what}: {reports:?}");
-        let saved = out.path().join(reports[0].saved_as.as_deref().unwrap());
-        assert_eq!(std::fs::read(&saved).unwrap(), data, "{what}");
-        assert_eq!(count.skipped.load(Ordering::SeqCst), keep, "{what}");
-        assert_eq!(count.moved.load(Ordering::SeqCst), SIZE - keep, "{what}");
-        assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "{what}");
-        std::fs::remove_file(&saved).unwrap();
-        let _ = std::fs::remove_file(&part);
-        assert!(partials(out.path()).is_empty(), "{what}: {i}");
     }
 }
 
@@ -261,9 +311,9 @@ async fn two_transfers_of_one_content_never_share_a_partial() {
     let root = blake3_file(&file);
     let (server, _serving) = serve(out.path(), Duration::from_secs(10));
     let to = server.local_addr().unwrap();
-    // A partial both will be offered to resume.
+    // A partial both will be offered to resume (first sends: found by path and size).
     let data = std::fs::read(&file).unwrap();
-    let part = out.path().join(PARTIAL_DIR).join(format!("{root}.part"));
+    let part = first_send_part(out.path(), "same.bin", SIZE);
     std::fs::write(&part, &data[..2 * MIB as usize]).unwrap();
 
     let senders = [
@@ -279,6 +329,7 @@ async fn two_transfers_of_one_content_never_share_a_partial() {
     for (result, _) in [a, b] {
         let reports = result.unwrap();
         assert!(reports[0].is_verified(), "{reports:?}");
+        assert_eq!(reports[0].blake3, root, "hashed as it was sent");
     }
     assert_eq!(list_dir(out.path()), names(&["same.bin", "same (1).bin"]));
     for name in ["same.bin", "same (1).bin"] {
@@ -417,7 +468,9 @@ async fn one_send_offering_a_content_twice_does_not_fight_over_its_partial() {
     let to = server.local_addr().unwrap();
     let sender = node(Identity::generate().unwrap(), false);
     let count = Arc::new(Count::default());
-    let (result, _) = send(&sender, to, &server, &[&a, &b], count.clone()).await;
+    // Repeat sends: both offer the content's hash, and so both point at its partial.
+    let cache = warm_cache(&src.path().join("cache"), &[&a, &b]);
+    let (result, _) = send_with(&sender, to, &server, &[&a, &b], count.clone(), Some(cache)).await;
     let reports = result.unwrap();
     assert!(reports.iter().all(FileReport::is_verified), "{reports:?}");
     assert_eq!(list_dir(out.path()), names(&["a.bin", "b.bin"]));

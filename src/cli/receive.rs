@@ -60,6 +60,13 @@ pub struct ReceiveArgs {
     /// Serve exactly one accepted transfer, then exit (status 0 only if every file verified).
     #[arg(long)]
     once: bool,
+    /// Write the one file of one transfer to standard output instead of a folder (texts
+    /// print as sent); implies --once. Bytes are written as they arrive and the whole is
+    /// checked against the sender's BLAKE3 at the end: the exit status is 0 only if it
+    /// matched, and a cut or mismatch is reported on stderr. An offer of several files is
+    /// declined.
+    #[arg(long, conflicts_with = "overwrite")]
+    stdout: bool,
     /// Replace existing files instead of saving as "name (1).ext".
     #[arg(long)]
     overwrite: bool,
@@ -96,6 +103,9 @@ pub struct ReceiveArgs {
 }
 
 pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
+    if args.stdout && ui.is_json() {
+        bail!("--stdout and --json both write to standard output: choose one");
+    }
     let rendezvous = super::meet::rendezvous_name(args.via.as_deref())?;
     let bind = match &args.bind {
         Some(bind) => Some(bind_addr(bind, args.port)?),
@@ -114,7 +124,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         rendezvous_connect: args.rendezvous_tcp.options(),
         code: args.code.clone(),
         code_ttl: args.code_ttl,
-        once: args.once,
+        once: args.once || args.stdout,
         overwrite: args.overwrite,
         partial_max_age: if args.clean {
             Duration::ZERO
@@ -134,6 +144,10 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         stall_timeout: args.stall_timeout,
         min_rate: args.min_rate,
         congestion: args.congestion,
+        sink: args.stdout.then(|| {
+            ui.raw_text();
+            qpunch::transfer::Sink::new(std::io::stdout())
+        }),
         ..ReceiveConfig::new(PathBuf::new())
     };
     // Refused before anything is created or bound.

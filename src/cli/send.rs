@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Args;
 use qpunch::identity::Fingerprint;
 use qpunch::node::Congestion;
@@ -20,9 +20,17 @@ use std::sync::Arc;
 #[derive(Debug, Args)]
 pub struct SendArgs {
     /// Files and folders to send (in parallel, over one connection). Folders are sent
-    /// whole; symbolic links inside them are skipped.
-    #[arg(required = true)]
+    /// whole; symbolic links inside them are skipped. `-` alone sends standard input, read
+    /// to its end (a pipe: `tar c dir | qpunch send - --to ...`).
+    #[arg(required_unless_present = "text")]
     files: Vec<PathBuf>,
+    /// The name the receiver stores standard input under (with `-`).
+    #[arg(long, default_value = "stdin")]
+    name: String,
+    /// Send this text instead of files (`-` reads it from standard input, at most 64 KiB):
+    /// the receiver shows it rather than storing it.
+    #[arg(long, conflicts_with = "files")]
+    text: Option<String>,
     /// The receiver: its one-time code (NAMEPLATE-WORD-WORD: met through a rendezvous,
     /// or, with none configured, found on the local network), or HOST / HOST:PORT (port
     /// 9199 when omitted).
@@ -51,8 +59,7 @@ pub struct SendArgs {
 }
 
 pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
-    // Transfer errors carry their cause in their message: no chain to print twice.
-    let selection = transfer::select(&args.files).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let selection = selection(&args)?;
     for skipped in &selection.skipped {
         ui.warn(&format!("skipped {skipped}"));
     }
@@ -99,6 +106,57 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         Err(ShareError::Trust(refused)) => bail!(refusal(&refused)),
         Err(e) => Err(e.into()),
     }
+}
+
+/// What to offer: the files and folders named, standard input, or a text.
+fn selection(args: &SendArgs) -> anyhow::Result<transfer::Selection> {
+    use std::io::Read;
+    let one = |file: transfer::Outgoing| transfer::Selection {
+        files: vec![file],
+        empty_dirs: Vec::new(),
+        skipped: Vec::new(),
+    };
+    if let Some(text) = &args.text {
+        let text = if text == "-" {
+            let mut read = Vec::new();
+            let limit = transfer::MAX_TEXT;
+            std::io::stdin()
+                .take(limit + 1)
+                .read_to_end(&mut read)
+                .context("cannot read the text from standard input")?;
+            if read.len() as u64 > limit {
+                bail!(
+                    "the text on standard input is longer than {limit} bytes: send it as a file (`send -`)"
+                );
+            }
+            String::from_utf8(read).context("the text on standard input is not UTF-8")?
+        } else {
+            text.clone()
+        };
+        if text.len() as u64 > transfer::MAX_TEXT {
+            bail!(
+                "the text has {} bytes, more than {}: send it as a file",
+                text.len(),
+                transfer::MAX_TEXT
+            );
+        }
+        return Ok(one(transfer::Outgoing::text(text)));
+    }
+    if args.files.iter().any(|f| f.as_os_str() == "-") {
+        if args.files.len() > 1 {
+            bail!("`-` (standard input) is sent alone: send the other files in another run");
+        }
+        if args.name.is_empty() || args.name.contains('/') {
+            bail!("--name {:?}: a file name, without folders", args.name);
+        }
+        let stdin = std::io::stdin();
+        return Ok(one(transfer::Outgoing::from_reader(
+            args.name.clone(),
+            stdin,
+        )));
+    }
+    // Transfer errors carry their cause in their message: no chain to print twice.
+    transfer::select(&args.files).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// What the user reads when the trust policy refuses a peer.

@@ -127,6 +127,8 @@ pub enum Event {
     },
     /// A file was declined by the receiver.
     Declined { name: String, reason: String },
+    /// A text arrived, verified (receiver): the sender's words, as sent.
+    Text { text: String, from: Fingerprint },
     /// Something failed.
     Error { message: String },
     /// Something was left out or may surprise (a skipped symlink).
@@ -173,6 +175,8 @@ pub enum Event {
 pub struct Ui {
     json: bool,
     quiet: bool,
+    /// Texts go to stdout as sent, unescaped (`receive --stdout`).
+    raw_text: std::sync::atomic::AtomicBool,
     multi: MultiProgress,
     /// Serializes consent prompts (several senders may arrive at once).
     prompt: Mutex<()>,
@@ -190,6 +194,7 @@ impl Ui {
             quiet,
             multi: MultiProgress::with_draw_target(target),
             prompt: Mutex::new(()),
+            raw_text: Default::default(),
         })
     }
 
@@ -207,11 +212,48 @@ impl Ui {
 
     /// A command's primary result on stdout (e.g. the receiver's banner), so it can be
     /// piped or copied; suppressed by --quiet and --json like other messages.
+    /// With `receive --stdout` stdout carries the payload, so this goes to stderr.
     pub fn output(&self, text: &str) {
         if !self.quiet && !self.json {
             let text = terminal(text);
-            self.multi.suspend(|| println!("{text}"));
+            if self.raw_text.load(std::sync::atomic::Ordering::Relaxed) {
+                self.multi.suspend(|| eprintln!("{text}"));
+            } else {
+                self.multi.suspend(|| println!("{text}"));
+            }
         }
+    }
+
+    /// Print received texts raw (`receive --stdout`): the user asked for the bytes.
+    pub fn raw_text(&self) {
+        self.raw_text
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether events are JSON lines on stdout.
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    /// A received text: the payload, so on stdout even with --quiet; escaped like all
+    /// peer text unless printed raw, as a JSON event with --json.
+    pub fn text(&self, text: &str, from: Fingerprint) {
+        if self.json {
+            let text = text.to_string();
+            return self.event(Event::Text { text, from }, None);
+        }
+        let raw = self.raw_text.load(std::sync::atomic::Ordering::Relaxed);
+        self.multi.suspend(|| {
+            let mut out = std::io::stdout().lock();
+            let _ = if raw {
+                out.write_all(text.as_bytes())
+            } else {
+                // Line breaks stay; every other control character is escaped.
+                let lines: Vec<String> = text.split('\n').map(qpunch::text::peer).collect();
+                writeln!(out, "{}", lines.join("\n"))
+            };
+            let _ = out.flush();
+        });
     }
 
     /// A human message on stderr (suppressed by --quiet and --json).
@@ -503,6 +545,12 @@ impl Observer for FileProgress {
         self.maybe_event(&mut state, false);
     }
 
+    fn text(&self, _id: u32, text: &str) {
+        if let Side::Receiving(from) = self.side {
+            self.ui.text(text, from);
+        }
+    }
+
     fn progress(&self, id: u32, bytes: u64) {
         let mut state = self.state();
         state.bytes_done += bytes;
@@ -546,10 +594,16 @@ impl Observer for FileProgress {
                     blake3: report.blake3.clone(),
                     saved_as: report.saved_as.clone().unwrap_or_default(),
                 },
-                line(format!(
-                    "sent {name} ({}), verified by the receiver as {saved}",
-                    HumanBytes(report.size)
-                )),
+                line(match report.saved_as {
+                    Some(_) => format!(
+                        "sent {name} ({}), verified by the receiver as {saved}",
+                        HumanBytes(report.size)
+                    ),
+                    None => format!(
+                        "sent {name} ({}), verified by the receiver",
+                        HumanBytes(report.size)
+                    ),
+                }),
             ),
             (Outcome::Verified, Side::Receiving(from)) => self.ui.event(
                 Event::Received {
@@ -560,7 +614,12 @@ impl Observer for FileProgress {
                     from,
                 },
                 line(format!(
-                    "received {saved} ({}), BLAKE3 {} verified",
+                    "received {} ({}), BLAKE3 {} verified",
+                    if report.saved_as.is_some() {
+                        saved
+                    } else {
+                        name
+                    },
                     HumanBytes(report.size),
                     &report.blake3[..16.min(report.blake3.len())]
                 )),

@@ -299,6 +299,13 @@ pub enum FileEvent {
     },
     /// A file ended: verified, declined or failed.
     Finished(FileReport),
+    /// A text arrived, verified (the sender's words, unescaped).
+    Text {
+        /// Its id.
+        id: u32,
+        /// The text.
+        text: String,
+    },
 }
 
 impl FileEvent {
@@ -311,6 +318,7 @@ impl FileEvent {
             FileEvent::Skipped { id, bytes } => observer.skipped(id, bytes),
             FileEvent::Progress { id, bytes } => observer.progress(id, bytes),
             FileEvent::Finished(report) => observer.finished(&report),
+            FileEvent::Text { id, text } => observer.text(id, &text),
         }
     }
 }
@@ -350,5 +358,9 @@ impl Observer for FileEvents {
     }
     fn skipped(&self, id: u32, bytes: u64) {
         self.emit(FileEvent::Skipped { id, bytes });
+    }
+    fn text(&self, id: u32, text: &str) {
+        let text = text.to_string();
+        self.emit(FileEvent::Text { id, text });
     }
 }

@@ -58,6 +58,9 @@ pub struct ReceiveConfig {
     /// The congestion controller of the receiver's connections (it only paces what the
     /// receiver sends; the sender's sets the speed).
     pub congestion: Congestion,
+    /// Write the one accepted file here rather than into `out_dir` (see
+    /// [`ReceiveOptions::sink`]).
+    pub sink: Option<transfer::Sink>,
 }
 
 impl ReceiveConfig {
@@ -81,6 +84,7 @@ impl ReceiveConfig {
             stall_timeout: transfer::STALL_TIMEOUT,
             min_rate: transfer::MIN_RATE,
             congestion: Congestion::default(),
+            sink: None,
         }
     }
 
@@ -142,6 +146,7 @@ impl Share {
                 allow_dotfiles: config.allow_dotfiles,
                 once: config.once,
                 partial_max_age: config.partial_max_age,
+                sink: config.sink.clone(),
                 ..ReceiveOptions::new(&out, policy)
             },
             served,

@@ -1,30 +1,42 @@
 //! Verified file transfer over an authenticated QUIC connection.
 //!
-//! # Protocol (ALPN `qpunch-files/2`)
+//! # Protocol (ALPN `qpunch-files/3`)
 //! 1. The sender opens a *control* stream and writes a [`Manifest`]: every file's id,
-//!    offered name (and folder, for trees), size and BLAKE3 hash, plus empty folders.
+//!    offered name (and folder, for trees), size and, when the sender already knows it
+//!    (a tree cached by an earlier send), its BLAKE3 hash; plus empty folders. A file
+//!    offered without a hash is hashed while it is sent: no byte waits for a hash pass.
+//!    A *stream* ([`FileOffer::stream`], e.g. `send -`) has no size either.
 //! 2. The receiver checks names, asks for consent, and answers with [`Decisions`]: for
-//!    each file accept (fresh, `offset` 0), *resume* (it holds a partial file with this
-//!    hash), or decline (with a reason).
+//!    each file accept (fresh, `offset` 0), *resume* (it holds a partial of this file),
+//!    or decline (with a reason).
 //! 3. The sender opens file streams. Each carries one or more entries, one after the
-//!    other: a [`FileHeader`], then exactly the file's bytes. Small files share streams
-//!    (a bundle of up to [`BUNDLE_FILES`] files or [`BUNDLE_BYTES`]), large ones get a
-//!    stream of their own, and several streams run in parallel, each with its own flow
-//!    control, so one slow disk does not stall the rest.
+//!    other: a [`FileHeader`], then exactly the file's bytes, then, for a file offered
+//!    without a hash, a [`Trailer`] with the hash of what was sent. Small files share
+//!    streams (a bundle of up to [`BUNDLE_FILES`] files or [`BUNDLE_BYTES`]), large ones
+//!    get a stream of their own, and several streams run in parallel, each with its own
+//!    flow control, so one slow disk does not stall the rest. A stream's bytes come as
+//!    chunks (a `u32` length, then that many bytes) ended by an empty one, and its
+//!    trailer says its size too.
 //! 4. For a resumed file the entry's header is followed by the file's encoded
 //!    [`tree::Tree`] (a binary frame); the receiver accepts the tree only if it merges to
-//!    the offered hash, keeps the longest prefix of its partial that the tree proves
-//!    ([`tree::verified_prefix`]), answers [`ResumeFrom`] with that group-aligned offset,
-//!    and the sender streams the rest, which is verified group by group as it arrives.
-//! 5. The receiver writes to a private partial file, and only when the size *and* the hash
-//!    match does the file take its final name (after its bytes are durable). It answers on
-//!    the same stream with one [`FileResult`] per entry, in order; the sender reports
+//!    the offered hash (when one was offered), keeps the longest prefix of its partial
+//!    that the tree proves ([`tree::verified_prefix`]), answers [`ResumeFrom`] with that
+//!    group-aligned offset, and the sender streams the rest, which is verified group by
+//!    group as it arrives.
+//! 5. The receiver writes to a private partial file (or, for `receive --stdout`, to its
+//!    sink), hashing as the bytes arrive, and only when the size *and* the hash match
+//!    does the file take its final name (after its bytes are durable). It answers on the
+//!    same stream with one [`FileResult`] per entry, in order; the sender reports
 //!    success only after reading it.
 //!
-//! An interrupted transfer keeps its partial (when it holds at least one whole group) for
-//! the next attempt; a corrupted or short one is removed. Control messages are
-//! length-prefixed JSON: small, debuggable, and versioned by ALPN. The data path never
-//! holds more than a few MiB per stream in memory.
+//! Partials are keyed by [`FileOffer::part_keys`]: the content hash when it was offered,
+//! and a key of the offered path and size, which is what a first send (no hash yet) has.
+//! Either way a resumed partial keeps only the prefix the sender's tree proves. An
+//! interrupted transfer keeps its partial (when it holds at least one whole group) for
+//! the next attempt; a corrupted or short one is removed, and so is every cut stream
+//! (it cannot be resumed). Control messages are length-prefixed JSON: small,
+//! debuggable, and versioned by ALPN. The data path never holds more than a few MiB per
+//! stream in memory.
 
 pub mod names;
 mod receive;
@@ -46,12 +58,12 @@ pub use receive::{
     PARTIAL_MAX_AGE, Policy, ReceiveEvents, ReceiveOptions, Receiver, SMALL_BUDGET, STALL_TIMEOUT,
     TICKET_GRACE, WINDOW_BUDGET,
 };
-pub use send::{Outgoing, SendOptions, hash_file, send_files, send_files_with};
+pub use send::{Outgoing, Reader, SendOptions, hash_file, send_files, send_files_with};
 pub use store::{Cleaned, DISK_JOBS, PARTIAL_DIR, clean_partials};
 pub use walk::{Selection, select};
 
 /// The ALPN protocol id of file transfer.
-pub const ALPN: &[u8] = b"qpunch-files/2";
+pub const ALPN: &[u8] = b"qpunch-files/3";
 
 /// Largest control frame accepted: bounds memory against a hostile peer.
 pub const MAX_FRAME: usize = 4 << 20;
@@ -68,6 +80,8 @@ pub const SMALL_FILE: u64 = tree::GROUP;
 pub const BUNDLE_FILES: usize = 256;
 /// Most bytes of small files in one bundle stream (and buffered per stream by a receiver).
 pub const BUNDLE_BYTES: u64 = 1 << 20;
+/// Most bytes of one text (`send --text`): a page of text, not a file.
+pub const MAX_TEXT: u64 = 64 << 10;
 /// Largest encoded tree a receiver reads for a resume: the tree of a 512 GiB file. Larger
 /// files are always sent whole.
 pub const MAX_TREE: usize = 16 << 20;
@@ -100,9 +114,11 @@ pub struct FileOffer {
     /// The name the sender proposes. Untrusted: see [`names::sanitize`] (which keeps only
     /// the last component: folders travel in `dir`).
     pub name: String,
-    /// Size in bytes.
+    /// Size in bytes (0 for a [stream](Self::stream), whose size only its trailer says).
     pub size: u64,
-    /// BLAKE3 hash of the whole file, lowercase hex.
+    /// BLAKE3 hash of the whole file, lowercase hex; empty when the sender hashes the file
+    /// while sending it (then a [`Trailer`] follows its bytes).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub blake3: String,
     /// The folders the file sits in, outermost first (empty for a plain file). Each is one
     /// untrusted name component, checked like a file name.
@@ -111,6 +127,45 @@ pub struct FileOffer {
     /// Whether the sender's copy is executable (the receiver keeps the bit for its owner).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub executable: bool,
+    /// A stream of unknown length (a pipe): its bytes come as chunks, it is never resumed,
+    /// and a cut one is not kept.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// Text to show rather than a file to store (`send --text`): at most [`MAX_TEXT`]
+    /// bytes of UTF-8, sent like a small file, never written to the receiver's folder.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub text: bool,
+}
+
+/// Where `receive --stdout` puts the one file it accepts, instead of a folder: any
+/// writer, written to on a blocking thread as the bytes arrive.
+#[derive(Clone)]
+pub struct Sink(Arc<std::sync::Mutex<Box<dyn std::io::Write + Send>>>);
+
+impl Sink {
+    /// A sink writing to `out`.
+    pub fn new(out: impl std::io::Write + Send + 'static) -> Sink {
+        Sink(Arc::new(std::sync::Mutex::new(Box::new(out))))
+    }
+
+    /// Blocking: write all of `bytes`.
+    fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_all(bytes)
+    }
+
+    /// Blocking: flush what was written.
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sink(..)")
+    }
 }
 
 /// Every file of one send.
@@ -163,6 +218,18 @@ pub struct FileHeader {
     pub id: u32,
     /// Offset of the first byte that follows.
     pub offset: u64,
+}
+
+/// What follows the bytes of a file offered without a hash: the hash (and, for a
+/// stream, the size) of what the sender sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trailer {
+    /// Which file.
+    pub id: u32,
+    /// Bytes sent (the offered size, or a stream's length).
+    pub size: u64,
+    /// BLAKE3 of those bytes, lowercase hex.
+    pub blake3: String,
 }
 
 /// The receiver's answer to a resumed file's tree: the bytes before `offset` are proven
@@ -248,6 +315,9 @@ pub trait Observer: Send + Sync {
     fn progress(&self, _id: u32, _bytes: u64) {}
     /// A file ended (verified, declined or failed).
     fn finished(&self, _report: &FileReport) {}
+    /// A text arrived verified (`send --text`): the sender's words, unescaped. Escape them
+    /// before they reach a terminal ([`crate::text::peer`]).
+    fn text(&self, _id: u32, _text: &str) {}
     /// The accepted part of a batch is known: `files` files of `bytes` bytes in all will
     /// move (or be resumed).
     fn batch(&self, _files: u64, _bytes: u64) {}
@@ -419,6 +489,24 @@ impl From<FrameError> for TransferError {
 }
 
 impl FileOffer {
+    /// The names a partial of this file may have been kept under: its content hash when
+    /// offered, then a key of its offered path and size (all a first send has). Both are
+    /// only where to look: a partial's bytes count only once the sender's tree proves them.
+    pub fn part_keys(&self) -> Vec<String> {
+        let mut keys = Vec::with_capacity(2);
+        if !self.blake3.is_empty() {
+            keys.push(self.blake3.clone());
+        }
+        let mut path = blake3::Hasher::new_derive_key("qpunch partial of a first send v1");
+        path.update(&self.size.to_le_bytes());
+        for part in self.dir.iter().chain(std::iter::once(&self.name)) {
+            path.update(&(part.len() as u64).to_le_bytes());
+            path.update(part.as_bytes());
+        }
+        keys.push(path.finalize().to_hex().to_string());
+        keys
+    }
+
     /// The offered path as people read it: folders and name joined with `/` (unsanitized:
     /// escape before printing).
     pub fn display_path(&self) -> String {

@@ -122,6 +122,11 @@ pub struct ReceiveOptions {
     /// Partial files untouched for this long are removed when the receiver starts
     /// ([`super::clean_partials`]); `Duration::ZERO` removes every one not in use.
     pub partial_max_age: Duration,
+    /// Write the one accepted file here instead of into `out_dir` (`receive --stdout`):
+    /// a batch with more than one file (texts aside) is declined whole, nothing is
+    /// resumed, and the file's bytes are released as they arrive, its hash checked at
+    /// the end (the report says whether it matched).
+    pub sink: Option<super::Sink>,
 }
 
 impl ReceiveOptions {
@@ -136,6 +141,7 @@ impl ReceiveOptions {
             allow_dotfiles: false,
             once: false,
             partial_max_age: PARTIAL_MAX_AGE,
+            sink: None,
         }
     }
 }
@@ -466,7 +472,29 @@ impl Receiver {
                 }
             }
         }
-        // Empty folders: the unsafe ones are left out (and logged), they carry no data.
+        // A sink takes one file: an offer of more is declined whole, rather than some
+        // file picked (texts are shown, not written, so they do not count).
+        let files = candidates.iter().filter(|(_, f)| !f.text).count();
+        if self.options.sink.is_some() && files > 1 {
+            let reason = format!(
+                "the receiver writes one file to its output, and this offer has {files}: \
+                 send them to a folder, or one at a time"
+            );
+            for (index, offer) in std::mem::take(&mut candidates) {
+                if offer.text {
+                    candidates.push((index, offer));
+                } else {
+                    decided.decline(&offer, Some(index), reason.clone());
+                }
+            }
+        }
+        // Empty folders: the unsafe ones are left out (and logged), they carry no data
+        // (and a sink has no folder to make them in).
+        let dirs = if self.options.sink.is_some() {
+            Vec::new()
+        } else {
+            dirs
+        };
         let (dirs, left_out) = vet::empty_folders(&dirs, self.options.allow_dotfiles);
         for why in left_out {
             tracing::warn!(sender = %peer.fingerprint, "empty folder left out: {why}");
@@ -528,6 +556,8 @@ impl Receiver {
             self.options.out_dir.clone(),
             self.options.overwrite,
         );
+        // Nothing is written to the folder for a sink, or for a text.
+        let sink = self.options.sink.is_some();
         let partial_dir = dir.join(store::PARTIAL_DIR);
         let partials = self
             .disk
@@ -538,10 +568,13 @@ impl Receiver {
         // are free for this one.
         let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
         for (_, (_, offer)) in &accepted {
-            if offer.size > SMALL_FILE && partials.contains(&offer.blake3) {
-                self.claims
-                    .take_back(&offer.blake3, owner_of(peer), deadline)
-                    .await;
+            if offer.size <= SMALL_FILE || offer.stream {
+                continue;
+            }
+            for key in offer.part_keys() {
+                if partials.contains(&key) {
+                    self.claims.take_back(&key, owner_of(peer), deadline).await;
+                }
             }
         }
         let reserved = self
@@ -553,10 +586,16 @@ impl Receiver {
                 accepted
                     .into_iter()
                     .map(|(_, (index, offer))| {
+                        let nowhere = sink || offer.text;
+                        let wanted = if nowhere {
+                            Vec::new()
+                        } else {
+                            offer.dir.clone()
+                        };
                         let folder = folders
-                            .entry(offer.dir.clone())
+                            .entry(wanted.clone())
                             .or_insert_with(|| {
-                                store::make_dirs(&dir, &offer.dir).map_err(|e| e.to_string())
+                                store::make_dirs(&dir, &wanted).map_err(|e| e.to_string())
                             })
                             .clone()
                             .map_err(std::io::Error::other);
@@ -570,7 +609,7 @@ impl Receiver {
         for (index, offer, reservation) in reserved {
             match reservation {
                 Ok(reservation) => {
-                    let resume = vet::resumable(&offer, &partials);
+                    let resume = self.options.sink.is_none() && vet::resumable(&offer, &partials);
                     if resume {
                         decided.decisions[index] = Decision::Resume { id: offer.id };
                     }
@@ -624,6 +663,7 @@ impl Receiver {
             owner: owner_of(peer),
             budget: self.manifest_budget.clone(),
             cut: AtomicBool::new(false),
+            sink: self.options.sink.clone(),
         });
         let mut last_moved = 0;
         let mut tasks: tokio::task::JoinSet<Vec<FileReport>> = tokio::task::JoinSet::new();

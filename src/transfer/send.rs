@@ -1,13 +1,16 @@
-//! The sending side: hash (once: trees are cached), offer, stream, and wait for the
+//! The sending side: offer, stream (hashing as the bytes go), and wait for the
 //! receiver's verdicts.
 //!
-//! Small files travel in bundles, several to a stream, read whole (they are at most one
-//! group) and re-checked against their offered hash just before they go. Large files
-//! stream from disk a few chunks ahead of the network; a resumed one first sends its tree
-//! and continues from the offset the receiver proved. A file that changes while it is
-//! being sent is caught (its size, times and inode are compared before and after
-//! reading) and its stream reset, so the receiver never waits for a hash that cannot
-//! match.
+//! Nothing is hashed before it is offered: a file whose tree an earlier send cached is
+//! offered with its hash, every other one without, and the hash of what was read follows
+//! its bytes (a [`Trailer`]). So the first byte moves as soon as the receiver consents,
+//! and a pipe of unknown length is sent the same way. Small files travel in bundles,
+//! several to a stream, read whole (they are at most one group). Large files stream from
+//! disk a few chunks ahead of the network; a resumed one first sends its tree (computed
+//! then, if it was not cached) and continues from the offset the receiver proved. A file
+//! that changes while it is being sent is caught (its size, times and inode are compared
+//! before and after reading) and its stream reset, so the receiver never waits for a
+//! hash that cannot match.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,8 +21,8 @@ use bytes::Bytes;
 use super::tree::{GROUP, Tree, TreeCache};
 use super::{
     BUNDLE_BYTES, BUNDLE_FILES, Decision, Decisions, FileHeader, FileOffer, FileReport, FileResult,
-    Manifest, Observer, Outcome, ResumeFrom, SMALL_FILE, TransferError, codes, read_frame,
-    stream_error, write_blob, write_frame,
+    MAX_TEXT, Manifest, Observer, Outcome, ResumeFrom, SMALL_FILE, Trailer, TransferError, codes,
+    read_frame, stream_error, write_blob, write_frame,
 };
 
 /// Bytes read from disk per chunk handed to QUIC.
@@ -45,9 +48,37 @@ pub struct Outgoing {
     pub dir: Vec<String>,
     /// Offer it as executable.
     pub executable: bool,
-    /// Its size when it was listed (for progress before hashing; the offer uses the size
-    /// read while hashing).
+    /// Its size when it was listed (for progress before it is offered; the offer uses the
+    /// size found when it is).
     pub size: u64,
+    /// Read the bytes from here, to its end, instead of from `path`: a stream of unknown
+    /// length (`send -`), hashed as it goes and never resumed.
+    pub reader: Option<Reader>,
+    /// Send this text instead of a file (`send --text`): the receiver shows it rather than
+    /// storing it. At most [`MAX_TEXT`] bytes.
+    pub text: Option<String>,
+}
+
+/// The source of a streamed [`Outgoing`]: read once, on a blocking thread.
+#[derive(Clone)]
+pub struct Reader(Arc<std::sync::Mutex<Option<Box<dyn std::io::Read + Send>>>>);
+
+impl Reader {
+    /// A stream read from `source` to its end.
+    pub fn new(source: impl std::io::Read + Send + 'static) -> Reader {
+        Reader(Arc::new(std::sync::Mutex::new(Some(Box::new(source)))))
+    }
+
+    /// The source, the first time (a stream can be sent once).
+    fn take(&self) -> Option<Box<dyn std::io::Read + Send>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reader(..)")
+    }
 }
 
 impl Outgoing {
@@ -66,6 +97,32 @@ impl Outgoing {
             path,
             ..Outgoing::default()
         })
+    }
+
+    /// Offer what `source` yields, to its end, as a file named `name` (a pipe: `send -`).
+    pub fn from_reader(
+        name: impl Into<String>,
+        source: impl std::io::Read + Send + 'static,
+    ) -> Self {
+        Outgoing {
+            name: name.into(),
+            path: PathBuf::from("-"),
+            reader: Some(Reader::new(source)),
+            ..Outgoing::default()
+        }
+    }
+
+    /// Offer `text` to be shown (at most [`MAX_TEXT`] bytes: longer texts are refused when
+    /// sent).
+    pub fn text(text: impl Into<String>) -> Self {
+        let text = text.into();
+        Outgoing {
+            name: "text".into(),
+            path: PathBuf::from("(text)"),
+            size: text.len() as u64,
+            text: Some(text),
+            ..Outgoing::default()
+        }
     }
 }
 
@@ -146,65 +203,112 @@ impl Stamp {
     }
 }
 
-/// A file ready to offer: its offer, its tree (large files), and its version.
-struct Hashed {
+/// Where an offered file's bytes come from.
+enum Source {
+    /// The file at [`Prepared::path`].
+    File,
+    /// A stream, read to its end.
+    Stream(Reader),
+    /// A text, in memory.
+    Text(Bytes),
+}
+
+/// A file ready to offer: its offer, its tree (when a cache knew it), its version.
+struct Prepared {
     offer: FileOffer,
     path: PathBuf,
+    source: Source,
     tree: Option<Arc<Tree>>,
     stamp: Stamp,
 }
 
-/// Blocking: hash every file, small ones inline, large ones through the cache.
-fn hash_all(
+/// Blocking: what to offer for each file, reading no file: sizes and versions from their
+/// metadata, hashes only where a cache already has their trees.
+fn prepare_all(
     files: Vec<Outgoing>,
     cache: Option<Arc<TreeCache>>,
-    observer: &dyn Observer,
-) -> Result<Vec<Hashed>, TransferError> {
-    use std::io::Read;
-    let mut hashed = Vec::with_capacity(files.len());
+) -> Result<Vec<Prepared>, TransferError> {
+    let mut prepared = Vec::with_capacity(files.len());
     for (id, file) in files.into_iter().enumerate() {
-        let path = &file.path;
-        let meta = std::fs::metadata(path).map_err(|e| file_error(path, e))?;
-        if !meta.is_file() {
-            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
-            return Err(file_error(path, e));
-        }
-        let stamp = Stamp::of(&meta);
-        observer.hashing(id as u32, &file.name, stamp.size);
-        let (size, root, tree) = if stamp.size <= SMALL_FILE {
-            let mut data = Vec::with_capacity(stamp.size as usize);
-            std::fs::File::open(path)
-                .and_then(|f| f.take(SMALL_FILE + 1).read_to_end(&mut data))
-                .map_err(|e| file_error(path, e))?;
-            (data.len() as u64, blake3::hash(&data), None)
-        } else {
-            let tree = match &cache {
-                Some(cache) if stamp.size >= CACHE_FROM => cache.tree(path),
-                _ => Tree::from_file(path),
-            }
-            .map_err(|e| file_error(path, e))?;
-            (tree.size(), tree.root(), Some(Arc::new(tree)))
+        let mut offer = FileOffer {
+            id: id as u32,
+            name: file.name,
+            dir: file.dir,
+            executable: file.executable,
+            ..FileOffer::default()
         };
-        let now = std::fs::metadata(path).map_err(|e| file_error(path, e))?;
-        if size != stamp.size || Stamp::of(&now) != stamp {
-            return Err(file_error(path, changed("while it was being hashed")));
-        }
-        hashed.push(Hashed {
-            offer: FileOffer {
-                id: id as u32,
-                name: file.name,
-                size,
-                blake3: root.to_hex().to_string(),
-                dir: file.dir,
-                executable: file.executable,
-            },
+        let no_stamp = Stamp {
+            size: 0,
+            mtime: (0, 0),
+            ctime: (0, 0),
+            inode: 0,
+        };
+        let (source, tree, stamp) = if let Some(text) = file.text {
+            if text.len() as u64 > MAX_TEXT {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "a text may have at most {MAX_TEXT} bytes, this one has {}",
+                        text.len()
+                    ),
+                );
+                return Err(file_error(&file.path, e));
+            }
+            (offer.text, offer.size) = (true, text.len() as u64);
+            (Source::Text(Bytes::from(text)), None, no_stamp)
+        } else if let Some(reader) = file.reader {
+            offer.stream = true;
+            (Source::Stream(reader), None, no_stamp)
+        } else {
+            let path = &file.path;
+            let meta = std::fs::metadata(path).map_err(|e| file_error(path, e))?;
+            if !meta.is_file() {
+                let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+                return Err(file_error(path, e));
+            }
+            // Unreadable files are refused before anything is offered, as when every file
+            // was hashed first: opening costs nothing, reading waits for consent.
+            drop(std::fs::File::open(path).map_err(|e| file_error(path, e))?);
+            let stamp = Stamp::of(&meta);
+            offer.size = stamp.size;
+            let tree = match &cache {
+                Some(cache) if stamp.size >= CACHE_FROM => cache
+                    .lookup(path)
+                    .ok()
+                    .flatten()
+                    .filter(|t| t.size() == stamp.size),
+                _ => None,
+            };
+            if let Some(tree) = &tree {
+                let now = std::fs::metadata(path).map_err(|e| file_error(path, e))?;
+                if Stamp::of(&now) != stamp {
+                    return Err(file_error(path, changed("while it was being offered")));
+                }
+                offer.blake3 = tree.root().to_hex().to_string();
+            }
+            (Source::File, tree.map(Arc::new), stamp)
+        };
+        prepared.push(Prepared {
+            offer,
             path: file.path,
+            source,
             tree,
             stamp,
         });
     }
-    Ok(hashed)
+    Ok(prepared)
 }
+
+/// A file the receiver answered for: its verdict, and the hash and size of what was sent
+/// (the offered ones, or what the trailer said).
+struct Delivered {
+    result: FileResult,
+    blake3: String,
+    size: u64,
+}
+
+/// Each file's ending, by index, as a sending task reports them.
+type Sent = Vec<(usize, Result<Delivered, TransferError>)>;
 
 /// Offer `files` on `connection` and stream those the receiver accepts, in parallel
 /// (see [`send_files_with`]).
@@ -222,6 +326,8 @@ enum Job {
     Bundle(Vec<usize>),
     /// One large file; `true` when the receiver asked to resume it.
     Large(usize, bool),
+    /// One stream.
+    Stream(usize),
 }
 
 /// Offer `files` (and `options.empty_dirs`) on `connection` and stream those the receiver
@@ -242,15 +348,14 @@ pub async fn send_files_with(
             super::MAX_FILES
         )));
     }
-    let hashing = std::time::Instant::now();
     let hashed = {
-        let (observer, cache) = (observer.clone(), options.cache.clone());
-        tokio::task::spawn_blocking(move || hash_all(files, cache, &*observer))
+        let cache = options.cache.clone();
+        tokio::task::spawn_blocking(move || prepare_all(files, cache))
             .await
-            .expect("hashing task panicked")?
+            .expect("offer task panicked")?
     };
-    let hashed: Arc<Vec<Hashed>> = Arc::new(hashed);
-    tracing::debug!(elapsed = ?hashing.elapsed(), files = hashed.len(), "hashed");
+    let hashed: Arc<Vec<Prepared>> = Arc::new(hashed);
+    let cache = options.cache.clone();
 
     let (mut control_send, mut control_recv) = connection.open_bi().await.map_err(stream_error)?;
     let manifest = Manifest {
@@ -275,7 +380,13 @@ pub async fn send_files_with(
         let offer = &hashed[index].offer;
         let resume = match decision {
             Decision::Accept { id, offset: 0 } if id == offer.id => false,
-            Decision::Resume { id } if id == offer.id && hashed[index].tree.is_some() => true,
+            Decision::Resume { id }
+                if id == offer.id
+                    && offer.size > SMALL_FILE
+                    && matches!(hashed[index].source, Source::File) =>
+            {
+                true
+            }
             Decision::Decline { id, reason } if id == offer.id => {
                 let reason = crate::text::peer(&reason);
                 let report = FileReport::new(offer, None, Outcome::Declined(reason));
@@ -292,6 +403,10 @@ pub async fn send_files_with(
         };
         accepted += 1;
         accepted_bytes += offer.size;
+        if offer.stream {
+            jobs.push(Job::Stream(index));
+            continue;
+        }
         if resume || offer.size > SMALL_FILE {
             jobs.push(Job::Large(index, resume));
             continue;
@@ -314,11 +429,12 @@ pub async fn send_files_with(
     let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL_STREAMS));
     let stall = options.stall_timeout;
     for job in jobs {
-        let (connection, observer, slots, hashed) = (
+        let (connection, observer, slots, hashed, cache) = (
             connection.clone(),
             observer.clone(),
             slots.clone(),
             hashed.clone(),
+            cache.clone(),
         );
         tasks.spawn(async move {
             let _slot = slots
@@ -331,7 +447,19 @@ pub async fn send_files_with(
                 }
                 Job::Large(index, resume) => {
                     let file = &hashed[index];
-                    let result = send_large(&connection, file, resume, stall, &*observer).await;
+                    let large = Large {
+                        connection: &connection,
+                        file,
+                        resume,
+                        cache,
+                        stall,
+                        observer: &*observer,
+                    };
+                    vec![(index, large.send().await)]
+                }
+                Job::Stream(index) => {
+                    let file = &hashed[index];
+                    let result = send_stream(&connection, file, stall, &*observer).await;
                     vec![(index, result)]
                 }
             }
@@ -343,11 +471,19 @@ pub async fn send_files_with(
             let report = match result {
                 // Everything in a verdict is the receiver's text: escaped before anyone
                 // sees it.
-                Ok(result) if result.verified && result.blake3 == offer.blake3 => {
+                Ok(Delivered {
+                    result,
+                    blake3,
+                    size,
+                }) if result.verified && result.blake3 == blake3 => {
                     let saved_as = result.saved_as.as_deref().map(crate::text::peer);
-                    FileReport::new(offer, saved_as, Outcome::Verified)
+                    FileReport {
+                        blake3,
+                        size,
+                        ..FileReport::new(offer, saved_as, Outcome::Verified)
+                    }
                 }
-                Ok(result) => {
+                Ok(Delivered { result, .. }) => {
                     let why = result.error.as_deref().map_or_else(
                         || "receiver could not verify the file".into(),
                         crate::text::peer,
@@ -372,15 +508,15 @@ pub async fn send_files_with(
         .collect())
 }
 
-/// Stream a bundle of small files on one stream and read their verdicts, in order. A file
-/// that changed since it was hashed is not sent (its report says why).
+/// Stream a bundle of small files (and texts) on one stream and read their verdicts, in
+/// order. A file that changed since it was offered is not sent (its report says why).
 async fn send_bundle(
     connection: &quinn::Connection,
-    hashed: &Arc<Vec<Hashed>>,
+    hashed: &Arc<Vec<Prepared>>,
     indices: Vec<usize>,
     stall: Duration,
     observer: &dyn Observer,
-) -> Vec<(usize, Result<FileResult, TransferError>)> {
+) -> Sent {
     let read = {
         let (hashed, indices) = (hashed.clone(), indices.clone());
         tokio::task::spawn_blocking(move || {
@@ -406,7 +542,7 @@ async fn send_bundle(
         for (&index, data) in indices.iter().zip(read) {
             let offer = &hashed[index].offer;
             match data {
-                Ok(data) => {
+                Ok((data, hash)) => {
                     let header = FileHeader {
                         id: offer.id,
                         offset: 0,
@@ -415,8 +551,16 @@ async fn send_bundle(
                     observer.started(offer.id, &offer.name, offer.size);
                     let write = async { send.write_chunk(data).await.map_err(stream_error) };
                     within(connection, stall, write).await?;
+                    if offer.blake3.is_empty() {
+                        let trailer = Trailer {
+                            id: offer.id,
+                            size: offer.size,
+                            blake3: hash.clone(),
+                        };
+                        within(connection, stall, write_frame(&mut send, &trailer)).await?;
+                    }
                     observer.progress(offer.id, offer.size);
-                    sent.push(index);
+                    sent.push((index, hash));
                 }
                 Err(e) => results.push((index, Err(e))),
             }
@@ -427,10 +571,21 @@ async fn send_bundle(
     let mut failure = streamed.await.err();
     // Verdicts for every file written, even when writing the rest failed: a receiver
     // that refused a file (and stopped the stream) says why in its verdict.
-    for index in sent {
-        let verdict = read_verdict(&mut recv, hashed[index].offer.id);
+    for (index, blake3) in sent {
+        let offer = &hashed[index].offer;
+        let verdict = read_verdict(&mut recv, offer.id);
         match within(connection, stall, verdict).await {
-            Ok(result) => results.push((index, Ok(result))),
+            Ok(result) => {
+                let size = offer.size;
+                results.push((
+                    index,
+                    Ok(Delivered {
+                        result,
+                        blake3,
+                        size,
+                    }),
+                ))
+            }
             Err(e) => {
                 results.push((index, Err(failure.take().unwrap_or(e))));
                 break;
@@ -448,10 +603,7 @@ async fn send_bundle(
 }
 
 /// Every file of a bundle gets a result, even after a stream failure.
-fn fill_bundle(
-    mut results: Vec<(usize, Result<FileResult, TransferError>)>,
-    indices: &[usize],
-) -> Vec<(usize, Result<FileResult, TransferError>)> {
+fn fill_bundle(mut results: Sent, indices: &[usize]) -> Sent {
     for &index in indices {
         if !results.iter().any(|(i, _)| *i == index) {
             results.push((
@@ -463,9 +615,13 @@ fn fill_bundle(
     results
 }
 
-/// Blocking: a small file's bytes, if it is still the version that was hashed.
-fn read_small(file: &Hashed) -> Result<Bytes, TransferError> {
+/// Blocking: a small file's (or a text's) bytes and their hash, if it is still the version
+/// that was offered (and, when its hash was offered, still matches it).
+fn read_small(file: &Prepared) -> Result<(Bytes, String), TransferError> {
     use std::io::Read;
+    if let Source::Text(text) = &file.source {
+        return Ok((text.clone(), blake3::hash(text).to_hex().to_string()));
+    }
     let path = &file.path;
     let mut f = std::fs::File::open(path).map_err(|e| file_error(path, e))?;
     let before = Stamp::of(&f.metadata().map_err(|e| file_error(path, e))?);
@@ -474,13 +630,15 @@ fn read_small(file: &Hashed) -> Result<Bytes, TransferError> {
         .take(SMALL_FILE + 1)
         .read_to_end(&mut data)
         .map_err(|e| file_error(path, e))?;
+    let hash = blake3::hash(&data).to_hex().to_string();
+    let offered = &file.offer.blake3;
     if before != file.stamp
         || data.len() as u64 != file.offer.size
-        || blake3::hash(&data).to_hex().as_str() != file.offer.blake3
+        || (!offered.is_empty() && hash != *offered)
     {
-        return Err(file_error(path, changed("since it was hashed")));
+        return Err(file_error(path, changed("since it was offered")));
     }
-    Ok(Bytes::from(data))
+    Ok((Bytes::from(data), hash))
 }
 
 /// Read the verdict for file `id`.
@@ -492,86 +650,243 @@ async fn read_verdict(recv: &mut quinn::RecvStream, id: u32) -> Result<FileResul
     Ok(result)
 }
 
-/// Stream one large file (after the resume exchange, if asked) and read its verdict.
-async fn send_large(
-    connection: &quinn::Connection,
-    file: &Hashed,
+/// One large file to send on a stream of its own.
+struct Large<'a> {
+    connection: &'a quinn::Connection,
+    file: &'a Prepared,
+    /// The receiver asked to resume it.
     resume: bool,
+    /// Where a tree computed for a resume is kept for the next one.
+    cache: Option<Arc<TreeCache>>,
     stall: Duration,
-    observer: &dyn Observer,
-) -> Result<FileResult, TransferError> {
-    let (offer, path) = (&file.offer, &file.path);
-    let opened = std::fs::File::open(path).map_err(|e| file_error(path, e))?;
-    let now = Stamp::of(&opened.metadata().map_err(|e| file_error(path, e))?);
-    if now != file.stamp {
-        return Err(file_error(path, changed("since it was hashed")));
-    }
-    let (mut send, mut recv) = connection.open_bi().await.map_err(stream_error)?;
-    write_frame(
-        &mut send,
-        &FileHeader {
-            id: offer.id,
-            offset: 0,
-        },
-    )
-    .await?;
-    observer.started(offer.id, &offer.name, offer.size);
-    let mut offset = 0;
-    if resume {
-        let tree = file.tree.as_ref().expect("resumed files have trees");
-        within(connection, stall, write_blob(&mut send, &tree.encode())).await?;
-        let from: ResumeFrom = within(connection, stall, read_frame(&mut recv)).await?;
-        let aligned = from.offset.is_multiple_of(GROUP) || from.offset == offer.size;
-        if from.id != offer.id || from.offset > offer.size || !aligned {
-            return Err(TransferError::protocol(format!(
-                "the receiver asked to resume at byte {} of {}",
-                from.offset, offer.size
-            )));
-        }
-        offset = from.offset;
-        observer.skipped(offer.id, offset);
-    }
-
-    // Disk reads run on a blocking thread, a few chunks ahead, so the QUIC thread only
-    // packetizes and encrypts.
-    let (chunks, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
-    let (length, stamp) = (offer.size - offset, file.stamp);
-    tokio::task::spawn_blocking(move || read_chunks(opened, offset, length, stamp, chunks));
-    while let Some(chunk) = next.recv().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
-            Err(e) => {
-                // Tell the receiver now, rather than letting it wait for bytes.
-                let code = if e.kind() == std::io::ErrorKind::InvalidData {
-                    codes::CHANGED
-                } else {
-                    codes::READ_FAILED
-                };
-                let _ = send.reset(code.into());
-                return Err(file_error(path, e));
-            }
-        };
-        let n = chunk.len() as u64;
-        let write = async { send.write_chunk(chunk).await.map_err(stream_error) };
-        if let Err(e) = within(connection, stall, write).await {
-            // A receiver that refused the file (a full disk) stopped the stream and says
-            // why in its verdict.
-            if matches!(e, TransferError::Protocol(_)) {
-                let verdict = read_verdict(&mut recv, offer.id);
-                if let Ok(Ok(result)) = tokio::time::timeout(VERDICT_AFTER_STOP, verdict).await {
-                    return Ok(result);
-                }
-            }
-            return Err(e);
-        }
-        observer.progress(offer.id, n);
-    }
-    send.finish()
-        .map_err(|e| TransferError::protocol(e.to_string()))?;
-    within(connection, stall, read_verdict(&mut recv, offer.id)).await
+    observer: &'a dyn Observer,
 }
 
-/// The error of a file that is not the version that was hashed (kind `InvalidData`).
+impl Large<'_> {
+    /// Stream the file (after the resume exchange, if asked) and read its verdict.
+    async fn send(self) -> Result<Delivered, TransferError> {
+        let Large {
+            connection,
+            file,
+            resume,
+            stall,
+            observer,
+            ..
+        } = self;
+        let (offer, path) = (&file.offer, &file.path);
+        let opened = std::fs::File::open(path).map_err(|e| file_error(path, e))?;
+        let now = Stamp::of(&opened.metadata().map_err(|e| file_error(path, e))?);
+        if now != file.stamp {
+            return Err(file_error(path, changed("since it was offered")));
+        }
+        let tree = match (resume, &file.tree) {
+            (true, None) => Some(self.tree().await?),
+            (_, tree) => tree.clone(),
+        };
+        let (mut send, mut recv) = connection.open_bi().await.map_err(stream_error)?;
+        write_frame(
+            &mut send,
+            &FileHeader {
+                id: offer.id,
+                offset: 0,
+            },
+        )
+        .await?;
+        observer.started(offer.id, &offer.name, offer.size);
+        let mut offset = 0;
+        if resume {
+            let tree = tree.as_ref().expect("resumed files have trees");
+            within(connection, stall, write_blob(&mut send, &tree.encode())).await?;
+            let from: ResumeFrom = within(connection, stall, read_frame(&mut recv)).await?;
+            let aligned = from.offset.is_multiple_of(GROUP) || from.offset == offer.size;
+            if from.id != offer.id || from.offset > offer.size || !aligned {
+                return Err(TransferError::protocol(format!(
+                    "the receiver asked to resume at byte {} of {}",
+                    from.offset, offer.size
+                )));
+            }
+            offset = from.offset;
+            observer.skipped(offer.id, offset);
+        }
+
+        // Disk reads (and hashing, for a file offered without its hash) run on a blocking
+        // thread, a few chunks ahead, so the QUIC thread only packetizes and encrypts. A
+        // resumed file's hash is its tree's root: only the rest of it is read.
+        let hash = offer.blake3.is_empty() && offset == 0;
+        let (chunks, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let (length, stamp) = (offer.size - offset, file.stamp);
+        tokio::task::spawn_blocking(move || {
+            read_chunks(opened, offset, length, stamp, hash, chunks)
+        });
+        let blake3 = loop {
+            let piece = match next.recv().await {
+                Some(Ok(piece)) => piece,
+                Some(Err(e)) => {
+                    // Tell the receiver now, rather than letting it wait for bytes.
+                    let code = if e.kind() == std::io::ErrorKind::InvalidData {
+                        codes::CHANGED
+                    } else {
+                        codes::READ_FAILED
+                    };
+                    let _ = send.reset(code.into());
+                    return Err(file_error(path, e));
+                }
+                None => return Err(TransferError::protocol("the reading task ended early")),
+            };
+            let chunk = match piece {
+                Piece::Chunk(chunk) => chunk,
+                Piece::End(hash) => break hash,
+            };
+            let n = chunk.len() as u64;
+            let write = async { send.write_chunk(chunk).await.map_err(stream_error) };
+            if let Err(e) = within(connection, stall, write).await {
+                return stopped(&mut recv, offer, e).await;
+            }
+            observer.progress(offer.id, n);
+        };
+        let blake3 = match (blake3, &tree) {
+            (Some(hash), _) => hash,
+            (None, Some(tree)) => tree.root().to_hex().to_string(),
+            (None, None) => offer.blake3.clone(),
+        };
+        if offer.blake3.is_empty() {
+            let trailer = Trailer {
+                id: offer.id,
+                size: offer.size,
+                blake3: blake3.clone(),
+            };
+            within(connection, stall, write_frame(&mut send, &trailer)).await?;
+        }
+        send.finish()
+            .map_err(|e| TransferError::protocol(e.to_string()))?;
+        let result = within(connection, stall, read_verdict(&mut recv, offer.id)).await?;
+        Ok(Delivered {
+            result,
+            blake3,
+            size: offer.size,
+        })
+    }
+
+    /// The file's tree, for a resume of a file offered without its hash: from the cache,
+    /// else hashed now (and cached). It must be of the version that was offered.
+    async fn tree(&self) -> Result<Arc<Tree>, TransferError> {
+        let (path, cache, stamp) = (self.file.path.clone(), self.cache.clone(), self.file.stamp);
+        let offer = &self.file.offer;
+        self.observer.hashing(offer.id, &offer.name, offer.size);
+        tokio::task::spawn_blocking(move || {
+            let tree = match &cache {
+                Some(cache) => cache.tree(&path),
+                None => Tree::from_file(&path),
+            }
+            .map_err(|e| file_error(&path, e))?;
+            let now = std::fs::metadata(&path).map_err(|e| file_error(&path, e))?;
+            if Stamp::of(&now) != stamp || tree.size() != stamp.size {
+                return Err(file_error(&path, changed("since it was offered")));
+            }
+            Ok(Arc::new(tree))
+        })
+        .await
+        .expect("hashing task panicked")
+    }
+}
+
+/// A write failed: a receiver that refused the file (a full disk) stopped the stream and
+/// says why in its verdict; otherwise the write's error stands.
+async fn stopped(
+    recv: &mut quinn::RecvStream,
+    offer: &FileOffer,
+    e: TransferError,
+) -> Result<Delivered, TransferError> {
+    if matches!(e, TransferError::Protocol(_)) {
+        let verdict = read_verdict(recv, offer.id);
+        if let Ok(Ok(result)) = tokio::time::timeout(VERDICT_AFTER_STOP, verdict).await {
+            let (blake3, size) = (result.blake3.clone(), offer.size);
+            return Ok(Delivered {
+                result,
+                blake3,
+                size,
+            });
+        }
+    }
+    Err(e)
+}
+
+/// Send a stream (read to its end) as length-prefixed chunks, then its trailer, and read
+/// its verdict.
+async fn send_stream(
+    connection: &quinn::Connection,
+    file: &Prepared,
+    stall: Duration,
+    observer: &dyn Observer,
+) -> Result<Delivered, TransferError> {
+    let (offer, path) = (&file.offer, &file.path);
+    let Source::Stream(reader) = &file.source else {
+        unreachable!("only streams are sent as streams");
+    };
+    let source = reader.take().ok_or_else(|| {
+        let e = std::io::Error::other("a stream can be sent only once");
+        file_error(path, e)
+    })?;
+    let (mut send, mut recv) = connection.open_bi().await.map_err(stream_error)?;
+    let header = FileHeader {
+        id: offer.id,
+        offset: 0,
+    };
+    write_frame(&mut send, &header).await?;
+    observer.started(offer.id, &offer.name, 0);
+    let (chunks, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
+    tokio::task::spawn_blocking(move || read_stream(source, chunks));
+    let mut size = 0u64;
+    let blake3 = loop {
+        let piece = match next.recv().await {
+            Some(Ok(piece)) => piece,
+            Some(Err(e)) => {
+                let _ = send.reset(codes::READ_FAILED.into());
+                return Err(file_error(path, e));
+            }
+            None => return Err(TransferError::protocol("the reading task ended early")),
+        };
+        let chunk = match piece {
+            Piece::Chunk(chunk) => chunk,
+            Piece::End(hash) => break hash.unwrap_or_default(),
+        };
+        let n = chunk.len() as u64;
+        let write = async {
+            // At most CHUNK: fits a u32.
+            send.write_all(&(n as u32).to_be_bytes())
+                .await
+                .map_err(stream_error)?;
+            send.write_chunk(chunk).await.map_err(stream_error)
+        };
+        if let Err(e) = within(connection, stall, write).await {
+            return stopped(&mut recv, offer, e).await;
+        }
+        size += n;
+        observer.progress(offer.id, n);
+    };
+    let end = async {
+        send.write_all(&0u32.to_be_bytes())
+            .await
+            .map_err(stream_error)?;
+        let trailer = Trailer {
+            id: offer.id,
+            size,
+            blake3: blake3.clone(),
+        };
+        write_frame(&mut send, &trailer).await
+    };
+    within(connection, stall, end).await?;
+    send.finish()
+        .map_err(|e| TransferError::protocol(e.to_string()))?;
+    let result = within(connection, stall, read_verdict(&mut recv, offer.id)).await?;
+    Ok(Delivered {
+        result,
+        blake3,
+        size,
+    })
+}
+
+/// The error of a file that is not the version that was offered (kind `InvalidData`).
 fn changed(when: &str) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::InvalidData,
@@ -586,19 +901,30 @@ fn file_error(path: &Path, source: std::io::Error) -> TransferError {
     }
 }
 
-/// Blocking: read `length` bytes from `offset` in [`CHUNK`]s into `out`. A file that ends
-/// early, or whose size, times or inode differ from `stamp` once read, changed while it
-/// was being sent: an `InvalidData` error, sent in place of the last chunk.
+/// What a reading thread hands to the network.
+enum Piece {
+    /// The next bytes.
+    Chunk(Bytes),
+    /// All was read: the BLAKE3 of it, lowercase hex, when it was asked for.
+    End(Option<String>),
+}
+
+/// Blocking: read `length` bytes from `offset` in [`CHUNK`]s into `out`, hashing them when
+/// `hash` is set. A file that ends early, or whose size, times or inode differ from
+/// `stamp` once read, changed while it was being sent: an `InvalidData` error, sent in
+/// place of the last chunk.
 fn read_chunks(
     mut file: std::fs::File,
     offset: u64,
     length: u64,
     stamp: Stamp,
-    out: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    hash: bool,
+    out: tokio::sync::mpsc::Sender<std::io::Result<Piece>>,
 ) {
     use std::io::{Read, Seek};
     let mut remaining = length;
     let mut held: Option<Bytes> = None;
+    let mut hasher = hash.then(blake3::Hasher::new);
     let result = (|| {
         file.seek(std::io::SeekFrom::Start(offset))?;
         while remaining > 0 {
@@ -609,9 +935,12 @@ fn read_chunks(
                 return Err(changed("while it was being sent"));
             }
             remaining -= n as u64;
+            if let Some(hasher) = &mut hasher {
+                hasher.update(&buf);
+            }
             // The last chunk waits until the file is known unchanged.
             if let Some(previous) = held.replace(Bytes::from(buf))
-                && out.blocking_send(Ok(previous)).is_err()
+                && out.blocking_send(Ok(Piece::Chunk(previous))).is_err()
             {
                 return Ok(()); // the sending side gave up
             }
@@ -619,12 +948,51 @@ fn read_chunks(
         if Stamp::of(&file.metadata()?) != stamp {
             return Err(changed("while it was being sent"));
         }
-        if let Some(last) = held.take() {
-            let _ = out.blocking_send(Ok(last));
+        if let Some(last) = held.take()
+            && out.blocking_send(Ok(Piece::Chunk(last))).is_err()
+        {
+            return Ok(());
         }
+        let hash = hasher.map(|h| h.finalize().to_hex().to_string());
+        let _ = out.blocking_send(Ok(Piece::End(hash)));
         Ok(())
     })();
     if let Err(e) = result {
         let _ = out.blocking_send(Err(e));
+    }
+}
+
+/// Blocking: read `source` to its end in chunks of up to [`CHUNK`] bytes into `out`,
+/// hashing them; the hash comes last.
+fn read_stream(
+    mut source: Box<dyn std::io::Read + Send>,
+    out: tokio::sync::mpsc::Sender<std::io::Result<Piece>>,
+) {
+    use std::io::Read;
+    let mut hasher = blake3::Hasher::new();
+    loop {
+        let mut buf = Vec::with_capacity(CHUNK);
+        // Fill a whole chunk where the source allows (a pipe gives 64 KiB at a time):
+        // fewer, larger chunks cost less framing and fewer wake-ups.
+        let read = (&mut source).take(CHUNK as u64).read_to_end(&mut buf);
+        let n = match read {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = out.blocking_send(Err(e));
+                return;
+            }
+        };
+        if n == 0 {
+            let hash = hasher.finalize().to_hex().to_string();
+            let _ = out.blocking_send(Ok(Piece::End(Some(hash))));
+            return;
+        }
+        hasher.update(&buf);
+        if out
+            .blocking_send(Ok(Piece::Chunk(Bytes::from(buf))))
+            .is_err()
+        {
+            return;
+        }
     }
 }

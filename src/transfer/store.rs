@@ -363,6 +363,8 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 pub(crate) struct PartGuard {
     path: Option<PathBuf>,
     keep: bool,
+    /// Never kept, however much arrives (a corrupt partial, a stream).
+    condemned: bool,
 }
 
 impl PartGuard {
@@ -370,17 +372,20 @@ impl PartGuard {
         PartGuard {
             path: Some(path.to_path_buf()),
             keep: false,
+            condemned: false,
         }
     }
 
     /// `bytes` reached the partial so far: keep it if that is worth resuming.
     pub(crate) fn reached(&mut self, bytes: u64) {
-        self.keep = bytes >= GROUP;
+        self.keep = !self.condemned && bytes >= GROUP;
     }
 
-    /// The partial proved corrupt: remove it whatever its size.
+    /// The partial proved corrupt, or can never be resumed (a stream): remove it whatever
+    /// its size, now and after whatever else reaches it.
     pub(crate) fn condemn(&mut self) {
         self.keep = false;
+        self.condemned = true;
     }
 
     /// The partial became the final file: nothing to remove.

@@ -23,7 +23,8 @@ use super::store::{self, Claim, Claims, Disk, Owner, Part, PartGuard, SmallFile,
 use super::tree::Tree;
 use super::{
     BUNDLE_BYTES, BUNDLE_FILES, FileHeader, FileOffer, FileReport, FileResult, MAX_TREE, Observer,
-    Outcome, ResumeFrom, SMALL_FILE, TransferError, codes, read_blob, write_frame,
+    Outcome, ResumeFrom, SMALL_FILE, Trailer, TransferError, codes, is_hash_hex, read_blob,
+    write_frame,
 };
 use crate::frame::{self, FrameError};
 
@@ -93,12 +94,16 @@ pub(super) struct StreamJob {
     /// Set when this side cut the connection (too slow, or silent): that reason is the
     /// batch's one error, so the files it cut off are not reported as failures one by one.
     pub(super) cut: AtomicBool,
+    /// Where the one accepted file goes instead of the folder (`receive --stdout`).
+    pub(super) sink: Option<super::Sink>,
 }
 
 /// A small file of a stream, waiting for its batch to be stored.
 enum Pending {
     /// Verified in memory.
     Store(Plan, SmallFile),
+    /// A text, verified: shown, not stored.
+    Text(Plan, String, String),
     /// Already failed: `(hash received, why)`.
     Failed(Plan, String, String),
 }
@@ -163,7 +168,9 @@ impl StreamJob {
         loop {
             let offer = &plan.offer;
             observer.started(offer.id, &offer.name, offer.size);
-            if offer.size <= SMALL_FILE && !plan.resume {
+            // A sink takes its file through the large path, which writes as it reads.
+            let small = !plan.resume && !offer.stream && (self.sink.is_none() || offer.text);
+            if offer.size <= SMALL_FILE && small {
                 // At most SMALL_FILE: fits a u32.
                 let need = offer.size as u32;
                 let permit = match self.small_budget.clone().try_acquire_many_owned(need) {
@@ -186,6 +193,10 @@ impl StreamJob {
                 let (read, ended) = self.read_small(&mut recv, offer, observer).await;
                 pending_bytes += offer.size;
                 pending.push(match read {
+                    Ok(file) if plan.offer.text => match String::from_utf8(file.data) {
+                        Ok(text) => Pending::Text(plan, file.hash, text),
+                        Err(_) => Pending::Failed(plan, file.hash, "the text is not UTF-8".into()),
+                    },
                     Ok(file) => Pending::Store(plan, file),
                     Err((hash, why)) => Pending::Failed(plan, hash, why),
                 });
@@ -260,7 +271,17 @@ impl StreamJob {
         }
         observer.progress(offer.id, offer.size);
         let hash = blake3::hash(&data).to_hex().to_string();
-        if hash != offer.blake3 {
+        let expected = if offer.blake3.is_empty() {
+            let trailer = tokio::time::timeout(self.stall, read_trailer(recv, offer, offer.size));
+            match trailer.await {
+                Ok(Ok(trailer)) => trailer.blake3,
+                Ok(Err(why)) => return (Err((hash, why)), Ended::Broken),
+                Err(_) => return (Err((hash, stall_message(self.stall))), Ended::Broken),
+            }
+        } else {
+            offer.blake3.clone()
+        };
+        if hash != expected {
             let why = "BLAKE3 mismatch: the file arrived corrupted or changed".to_string();
             return (Err((hash, why)), Ended::Clean);
         }
@@ -297,7 +318,7 @@ impl StreamJob {
                     dest: plan.reservation.dest().to_path_buf(),
                     executable: file.executable,
                 }),
-                Pending::Failed(..) => None,
+                Pending::Failed(..) | Pending::Text(..) => None,
             })
             .collect();
         // Write, make durable (one syncfs shared with the batches finishing meanwhile),
@@ -339,6 +360,11 @@ impl StreamJob {
                     (plan, outcome)
                 }
                 Pending::Failed(plan, hash, why) => (plan, Err((hash, why))),
+                Pending::Text(plan, hash, text) => {
+                    // Shown only once verified, in the order it came.
+                    observer.text(plan.offer.id, &text);
+                    (plan, Ok(hash))
+                }
             };
             let report = self.answer(plan, outcome, send).await;
             self.report(observer, &report);
@@ -359,15 +385,20 @@ impl StreamJob {
         } = plan;
         let (result, report) = match outcome {
             Ok(hash) => {
-                let saved_as = self.saved_as(reservation.dest());
+                let stored = !offer.text && self.sink.is_none();
+                let saved_as = stored.then(|| self.saved_as(reservation.dest())).flatten();
                 let result = FileResult {
                     id: offer.id,
                     verified: true,
-                    blake3: hash,
+                    blake3: hash.clone(),
                     saved_as: saved_as.clone(),
                     error: None,
                 };
-                (result, FileReport::new(&offer, saved_as, Outcome::Verified))
+                let report = FileReport {
+                    blake3: hash,
+                    ..FileReport::new(&offer, saved_as, Outcome::Verified)
+                };
+                (result, report)
             }
             Err((hash, why)) => {
                 let result = FileResult {
@@ -393,7 +424,7 @@ impl StreamJob {
     /// Receive one large file (resuming it when planned so), verify, name it, answer.
     async fn receive_large(
         &self,
-        plan: Plan,
+        mut plan: Plan,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
         observer: &dyn Observer,
@@ -401,7 +432,9 @@ impl StreamJob {
         // The claim on the partial is let go only after the answer (which releases the
         // reserved name): whoever waits for it finds both free.
         let mut claim = None;
-        let (outcome, ended) = self.store(&plan, send, recv, observer, &mut claim).await;
+        let (outcome, ended) = self
+            .store(&mut plan, send, recv, observer, &mut claim)
+            .await;
         if outcome.is_err() {
             let _ = recv.stop(codes::DECLINED.into());
         }
@@ -427,16 +460,26 @@ impl StreamJob {
             Ok(Err(e)) => return Err(format!("no tree for the resume: {e}")),
             Err(_) => return Err(stall_message(self.stall)),
         };
-        let root = blake3::Hash::from_hex(&offer.blake3).map_err(|e| e.to_string())?;
-        let tree = Arc::new(
+        // Offered without a hash (a first send), the tree is the sender's word for its file,
+        // as a trailer would be: it proves the partial's prefix, and its root is the hash
+        // the whole must match.
+        let tree = if offer.blake3.is_empty() {
+            Tree::decode(&bytes).map_err(|e| format!("the sender's tree is malformed: {e}"))?
+        } else {
+            let root = blake3::Hash::from_hex(&offer.blake3).map_err(|e| e.to_string())?;
             Tree::decode_with_root(&bytes, &root)
-                .map_err(|e| format!("the sender's tree is not its file's: {e}"))?,
-        );
+                .map_err(|e| format!("the sender's tree is not its file's: {e}"))?
+        };
+        let tree = Arc::new(tree);
         drop(bytes);
-        let (dir, hash) = (self.partial_dir.clone(), offer.blake3.clone());
+        let (dir, keys) = (self.partial_dir.clone(), offer.part_keys());
         let candidates = self
             .disk
-            .run(move || store::partials_for(&dir, &hash))
+            .run(move || {
+                keys.iter()
+                    .flat_map(|key| store::partials_for(&dir, key))
+                    .collect::<Vec<_>>()
+            })
             .await;
         let mut opened = None;
         for path in candidates {
@@ -470,9 +513,17 @@ impl StreamJob {
         Ok((part, claim))
     }
 
-    /// A fresh, claimed partial for `offer`.
+    /// A fresh, claimed partial for `offer`: under its content hash when offered, else
+    /// its path key (see [`FileOffer::part_keys`]); a stream's under a key nobody else
+    /// finds, since it is never resumed.
     async fn create(&self, offer: &FileOffer) -> Result<(Part, Claim), String> {
-        let (dir, hash) = (self.partial_dir.clone(), offer.blake3.clone());
+        let hash = if offer.stream {
+            let random: [u8; 32] = rand::random();
+            blake3::hash(&random).to_hex().to_string()
+        } else {
+            offer.part_keys().swap_remove(0)
+        };
+        let dir = self.partial_dir.clone();
         let part = self
             .disk
             .run(move || Part::create(&dir, &hash))
@@ -484,15 +535,19 @@ impl StreamJob {
 
     /// Write the entry's bytes to a partial while checking them; on a full, matching file,
     /// move it to its destination. Returns the hash received, or that hash (possibly empty)
-    /// and the reason, and whether the stream can go on.
+    /// and the reason, and whether the stream can go on. A stream's size, known at its
+    /// end, is set in `plan`.
     async fn store(
         &self,
-        plan: &Plan,
+        plan: &mut Plan,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
         observer: &dyn Observer,
         hold: &mut Option<Claim>,
     ) -> (Result<String, (String, String)>, Ended) {
+        if let Some(sink) = &self.sink {
+            return self.to_sink(sink, plan, recv, observer).await;
+        }
         let offer = &plan.offer;
         let broken = |why: String| (Err((String::new(), why)), Ended::Broken);
         let opened = if plan.resume {
@@ -514,11 +569,15 @@ impl StreamJob {
             observer.skipped(offer.id, start);
         }
         // Keeps the partial for a resume, or removes it, on every early exit, including
-        // this future being dropped.
+        // this future being dropped. A stream is never resumed: nothing of it is kept.
         let mut guard = PartGuard::new(part.path());
+        if offer.stream {
+            guard.condemn();
+        }
         guard.reached(start);
         let part_path = part.path().to_path_buf();
         let mut part = Some(part);
+        let mut incoming = Incoming::new(recv, offer, start, &self.moved);
         // One disk write in flight while the next batch is gathered from the network.
         let mut writing: Option<tokio::task::JoinHandle<(Part, std::io::Result<()>)>> = None;
         // A background `fdatasync` of what is written so far, at most one.
@@ -526,38 +585,35 @@ impl StreamJob {
         let mut received = start;
         let mut failure = None;
         let mut clean_end = true;
-        while received < offer.size && failure.is_none() {
+        while !incoming.ended && failure.is_none() {
             let mut batch = Vec::new();
             let mut gathered = 0;
-            while gathered < GATHER && received + (gathered as u64) < offer.size {
-                let want = CHUNK.min((offer.size - received) as usize - gathered);
+            while gathered < GATHER && !incoming.ended {
+                let want = CHUNK.min(GATHER - gathered).max(64 << 10);
                 // Cancel-safe: `read_chunk` loses nothing when not polled to completion,
-                // and a takeover only notifies.
+                // and a takeover only notifies. A stream's length prefixes are not read
+                // cancel-safely, but nobody can take a stream's partial over (its key is
+                // random), so that branch never wins for one.
                 let read = tokio::select! {
-                    read = tokio::time::timeout(self.stall, recv.read_chunk(want, true)) => read,
+                    read = tokio::time::timeout(self.stall, incoming.next(want)) => read,
                     () = claim.taken_over() => {
                         failure = Some("the same sender started over on a new connection".into());
                         break;
                     }
                 };
                 match read {
-                    Ok(Ok(Some(chunk))) => {
-                        gathered += chunk.bytes.len();
-                        self.moved
-                            .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                        batch.push(chunk.bytes);
+                    Ok(Ok(Some(bytes))) => {
+                        gathered += bytes.len();
+                        batch.push(bytes);
                         continue;
                     }
+                    Ok(Ok(None)) => {}
                     Err(_) => failure = Some(stall_message(self.stall)),
-                    Ok(Ok(None)) => {
+                    Ok(Err(Cut::Short(why))) => {
                         clean_end = false;
-                        failure = Some(format!(
-                            "got {} of {} bytes",
-                            received + gathered as u64,
-                            offer.size
-                        ));
+                        failure = Some(why);
                     }
-                    Ok(Err(e)) => failure = Some(interrupted(&e)),
+                    Ok(Err(Cut::Broken(why))) => failure = Some(why),
                 }
                 break;
             }
@@ -616,19 +672,27 @@ impl StreamJob {
         }
         let part = part.expect("the part is back");
         guard.reached(part.offset());
-        if let Some(why) = failure {
-            if !clean_end {
-                // The sender said "that is all" short of the size: not an interruption.
-                guard.condemn();
+        let expected = match failure {
+            None => self.expected(&mut incoming, received).await,
+            Some(why) => Err((why, clean_end)),
+        };
+        let expected = match expected {
+            Ok(expected) => expected,
+            Err((why, clean_end)) => {
+                if !clean_end {
+                    // The sender said "that is all" short of the size: not an interruption.
+                    guard.condemn();
+                }
+                return (Err((part.hash_so_far(), why)), Ended::Broken);
             }
-            return (Err((part.hash_so_far(), why)), Ended::Broken);
-        }
-        let executable = offer.executable;
+        };
+        plan.offer.size = received;
+        let executable = plan.offer.executable;
         let (hash, synced) = self.disk.run(move || part.finish(executable)).await;
         if let Err(e) = synced {
             return (Err((hash, write_failure(&e))), Ended::Clean);
         }
-        if hash != offer.blake3 {
+        if hash != expected {
             guard.condemn();
             let why = "BLAKE3 mismatch: the file arrived corrupted or changed".into();
             return (Err((hash, why)), Ended::Clean);
@@ -648,6 +712,194 @@ impl StreamJob {
         guard.disarm(); // the partial is now the destination
         (Ok(hash), Ended::Clean)
     }
+
+    /// The hash an entry's `received` bytes must have: the offered one, or its trailer's
+    /// (read now, within the stall timeout). Errors say why and whether what arrived is
+    /// worth keeping for a resume (not after a missing or lying trailer).
+    async fn expected(
+        &self,
+        incoming: &mut Incoming<'_>,
+        received: u64,
+    ) -> Result<String, (String, bool)> {
+        let offer = incoming.offer;
+        if !offer.blake3.is_empty() {
+            return Ok(offer.blake3.clone());
+        }
+        let trailer = read_trailer(incoming.recv, offer, received);
+        match tokio::time::timeout(self.stall, trailer).await {
+            Ok(Ok(trailer)) => Ok(trailer.blake3),
+            // A missing or lying trailer is not an interruption: nothing is kept.
+            Ok(Err(why)) => Err((why, false)),
+            Err(_) => Err((stall_message(self.stall), true)),
+        }
+    }
+
+    /// `receive --stdout`: write the entry's bytes to the sink as they arrive, hashing
+    /// them, and check the hash at the end. What reaches the sink before a cut or a
+    /// mismatch cannot be taken back: the verdict (and the CLI's exit status) says so.
+    async fn to_sink(
+        &self,
+        sink: &super::Sink,
+        plan: &mut Plan,
+        recv: &mut quinn::RecvStream,
+        observer: &dyn Observer,
+    ) -> (Result<String, (String, String)>, Ended) {
+        let offer = plan.offer.clone();
+        let mut incoming = Incoming::new(recv, &offer, 0, &self.moved);
+        let mut hasher = blake3::Hasher::new();
+        let mut received = 0u64;
+        let failure = loop {
+            let read = tokio::time::timeout(self.stall, incoming.next(CHUNK)).await;
+            let bytes = match read {
+                Ok(Ok(Some(bytes))) => bytes,
+                Ok(Ok(None)) => break None,
+                Err(_) => break Some(stall_message(self.stall)),
+                Ok(Err(Cut::Short(why) | Cut::Broken(why))) => break Some(why),
+            };
+            hasher.update(&bytes);
+            let n = bytes.len() as u64;
+            received += n;
+            let sink = sink.clone();
+            let written = self.disk.run(move || sink.write(&bytes)).await;
+            if let Err(e) = written {
+                break Some(format!("cannot write to the output: {e}"));
+            }
+            observer.progress(offer.id, n);
+        };
+        let hash = hasher.finalize().to_hex().to_string();
+        if let Some(why) = failure {
+            return (Err((hash, why)), Ended::Broken);
+        }
+        let expected = match self.expected(&mut incoming, received).await {
+            Ok(expected) => expected,
+            Err((why, _)) => return (Err((hash, why)), Ended::Broken),
+        };
+        let sink = sink.clone();
+        if let Err(e) = self.disk.run(move || sink.flush()).await {
+            return (
+                Err((hash, format!("cannot write to the output: {e}"))),
+                Ended::Clean,
+            );
+        }
+        plan.offer.size = received;
+        if hash != expected {
+            let why = "BLAKE3 mismatch: the output is not what the sender sent".into();
+            return (Err((hash, why)), Ended::Clean);
+        }
+        (Ok(hash), Ended::Clean)
+    }
+}
+
+/// Why an entry's bytes stopped before their end.
+enum Cut {
+    /// The sender ended the stream short of the offered size: "that is all".
+    Short(String),
+    /// The stream broke (reset, connection lost, a malformed chunk).
+    Broken(String),
+}
+
+/// Largest chunk of a stream entry accepted: the sender's are at most 1 MiB.
+const MAX_STREAM_CHUNK: u32 = 16 << 20;
+
+/// The bytes of one entry as they arrive: exactly the offered size from `start`, or, for
+/// a stream, length-prefixed chunks up to an empty one.
+struct Incoming<'a> {
+    recv: &'a mut quinn::RecvStream,
+    offer: &'a FileOffer,
+    /// Sized: bytes still due. Chunked: bytes left in the current chunk.
+    left: u64,
+    /// The entry's bytes are all read.
+    ended: bool,
+    moved: &'a AtomicU64,
+}
+
+impl<'a> Incoming<'a> {
+    fn new(
+        recv: &'a mut quinn::RecvStream,
+        offer: &'a FileOffer,
+        start: u64,
+        moved: &'a AtomicU64,
+    ) -> Self {
+        let left = if offer.stream { 0 } else { offer.size - start };
+        Incoming {
+            recv,
+            offer,
+            left,
+            ended: !offer.stream && left == 0,
+            moved,
+        }
+    }
+
+    /// The next bytes (at most `max`), or `None` at the entry's end. Cancel-safe for a
+    /// sized entry only (see [`StreamJob::store`]).
+    async fn next(&mut self, max: usize) -> Result<Option<bytes::Bytes>, Cut> {
+        if self.ended {
+            return Ok(None);
+        }
+        if self.offer.stream && self.left == 0 {
+            let mut len = [0u8; 4];
+            self.recv.read_exact(&mut len).await.map_err(|e| match e {
+                quinn::ReadExactError::FinishedEarly(_) => {
+                    Cut::Broken("the stream ended without its end mark".into())
+                }
+                quinn::ReadExactError::ReadError(e) => Cut::Broken(interrupted(&e)),
+            })?;
+            let len = u32::from_be_bytes(len);
+            if len == 0 {
+                self.ended = true;
+                return Ok(None);
+            }
+            if len > MAX_STREAM_CHUNK {
+                return Err(Cut::Broken(format!("a chunk of {len} bytes")));
+            }
+            self.left = len.into();
+        }
+        let want = (max as u64).min(self.left) as usize;
+        match self.recv.read_chunk(want, true).await {
+            Ok(Some(chunk)) => {
+                let n = chunk.bytes.len() as u64;
+                self.moved.fetch_add(n, Ordering::Relaxed);
+                self.left -= n;
+                if !self.offer.stream && self.left == 0 {
+                    self.ended = true;
+                }
+                Ok(Some(chunk.bytes))
+            }
+            Ok(None) if self.offer.stream => {
+                Err(Cut::Broken("the stream ended inside a chunk".into()))
+            }
+            Ok(None) => {
+                let got = self.offer.size - self.left;
+                Err(Cut::Short(format!(
+                    "got {got} of {} bytes",
+                    self.offer.size
+                )))
+            }
+            Err(e) => Err(Cut::Broken(interrupted(&e))),
+        }
+    }
+}
+
+/// Read the trailer of an entry of `offer` that brought `received` bytes.
+async fn read_trailer(
+    recv: &mut quinn::RecvStream,
+    offer: &FileOffer,
+    received: u64,
+) -> Result<Trailer, String> {
+    let trailer: Trailer = match frame::read(recv, MAX_HEADER).await {
+        Ok(Some(trailer)) => trailer,
+        Ok(None) | Err(FrameError::Ended) => {
+            return Err("the sender did not say the file's hash".into());
+        }
+        Err(e) => return Err(format!("no hash for the file: {e}")),
+    };
+    if trailer.id != offer.id || trailer.size != received || !is_hash_hex(&trailer.blake3) {
+        return Err(format!(
+            "a trailer for {} bytes of file {} after {received} bytes of file {}",
+            trailer.size, trailer.id, offer.id
+        ));
+    }
+    Ok(trailer)
 }
 
 /// A failed write, said plainly (a full disk is the usual cause). The sender reads it

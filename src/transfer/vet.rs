@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 
 use super::tree::Tree;
-use super::{FileOffer, MAX_DEPTH, MAX_TREE, SMALL_FILE, is_hash_hex, names};
+use super::{FileOffer, MAX_DEPTH, MAX_TEXT, MAX_TREE, SMALL_FILE, is_hash_hex, names};
 
 /// Every offer checked, in the manifest's order: the offer with its name and folders as
 /// they will be stored, or the offer as sent and why it is declined. Duplicate ids are
@@ -24,8 +24,16 @@ pub(super) fn offers(
             if !seen_ids.insert(offer.id) {
                 return Err((offer, "duplicate file id".to_string()));
             }
-            if !is_hash_hex(&offer.blake3) {
+            // No hash: the file is hashed while it is sent (its trailer says the hash).
+            if !offer.blake3.is_empty() && !is_hash_hex(&offer.blake3) {
                 return Err((offer, "malformed hash".to_string()));
+            }
+            if offer.stream && (offer.size != 0 || !offer.blake3.is_empty() || offer.text) {
+                return Err((offer, "malformed stream offer".to_string()));
+            }
+            if offer.text && offer.size > MAX_TEXT {
+                let why = format!("a text of more than {}", human_bytes(MAX_TEXT));
+                return Err((offer, why));
             }
             let name = match names::sanitize(&offer.name) {
                 Ok(safe) if allow_dotfiles => Ok(safe),
@@ -121,7 +129,8 @@ pub(super) fn space_refusal(
 /// and only a tree we are willing to receive can prove the partial's prefix.
 pub(super) fn resumable(offer: &FileOffer, partials: &HashSet<String>) -> bool {
     offer.size > SMALL_FILE
-        && partials.contains(&offer.blake3)
+        && !offer.stream
+        && offer.part_keys().iter().any(|key| partials.contains(key))
         && Tree::encoded_len(offer.size).is_some_and(|len| len <= MAX_TREE)
 }
 
@@ -166,6 +175,85 @@ mod tests {
                 Err((_, why)) => Err(why),
             })
             .collect()
+    }
+
+    #[test]
+    fn hashless_streams_and_texts_are_checked() {
+        let hashless = FileOffer {
+            blake3: String::new(),
+            ..offer(1, "first-send.bin", &[], 10 << 20)
+        };
+        let stream = FileOffer {
+            stream: true,
+            size: 0,
+            ..hashless.clone()
+        };
+        let sized_stream = FileOffer {
+            id: 3,
+            size: 5,
+            ..stream.clone()
+        };
+        let hashed_stream = FileOffer {
+            id: 4,
+            blake3: HASH.into(),
+            ..stream.clone()
+        };
+        let text = FileOffer {
+            id: 5,
+            text: true,
+            size: MAX_TEXT,
+            ..hashless.clone()
+        };
+        let long_text = FileOffer {
+            id: 6,
+            size: MAX_TEXT + 1,
+            ..text.clone()
+        };
+        let got = verdicts(
+            vec![
+                hashless,
+                FileOffer { id: 2, ..stream },
+                sized_stream,
+                hashed_stream,
+                text,
+                long_text,
+            ],
+            false,
+        );
+        assert_eq!(got[0], Ok("/first-send.bin".into()));
+        assert_eq!(got[1], Ok("/first-send.bin".into()));
+        assert_eq!(got[2], Err("malformed stream offer".into()));
+        assert_eq!(got[3], Err("malformed stream offer".into()));
+        assert_eq!(got[4], Ok("/first-send.bin".into()));
+        assert_eq!(got[5], Err("a text of more than 64.0 KiB".into()));
+    }
+
+    #[test]
+    fn a_first_send_finds_its_partial_by_path_and_size() {
+        let mut hashless = offer(1, "big.iso", &["isos"], 10 << 20);
+        hashless.blake3.clear();
+        let keys = hashless.part_keys();
+        assert_eq!(keys.len(), 1);
+        let partials: HashSet<String> = keys.iter().cloned().collect();
+        assert!(resumable(&hashless, &partials));
+        // The same file with its hash known (a later send) finds it too.
+        let hashed = offer(1, "big.iso", &["isos"], 10 << 20);
+        assert_eq!(hashed.part_keys()[1], keys[0]);
+        assert!(resumable(&hashed, &partials));
+        // Another name, folder or size does not; nor does a stream.
+        for other in [
+            offer(1, "big2.iso", &["isos"], 10 << 20),
+            offer(1, "big.iso", &[], 10 << 20),
+            offer(1, "big.iso", &["isos"], 11 << 20),
+            FileOffer {
+                stream: true,
+                ..hashless.clone()
+            },
+        ] {
+            let mut other = other;
+            other.blake3.clear();
+            assert!(!resumable(&other, &partials), "{other:?}");
+        }
     }
 
     #[test]

@@ -130,6 +130,7 @@ fn walk(
                 dir: dir.clone(),
                 executable: meta.permissions().mode() & 0o111 != 0,
                 size: meta.len(),
+                ..Outgoing::default()
             });
             any = true;
         } else {

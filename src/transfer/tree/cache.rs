@@ -194,6 +194,15 @@ impl TreeCache {
         Ok(tree)
     }
 
+    /// The cached tree of `path` as it is now, without hashing it on a miss: what a
+    /// sender uses to offer a hash it already knows, while a first send is hashed as it
+    /// goes.
+    pub fn lookup(&self, path: &Path) -> io::Result<Option<Tree>> {
+        let canonical = std::fs::canonicalize(path)?;
+        let meta = std::fs::metadata(&canonical)?;
+        Ok(self.get(&FileKey::from_metadata(canonical, &meta)))
+    }
+
     /// The cached tree of exactly this version of a file, if there is a sound one.
     /// Unreadable or corrupt entries count as misses (corrupt ones are also deleted).
     pub fn get(&self, key: &FileKey) -> Option<Tree> {

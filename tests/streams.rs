@@ -1,0 +1,422 @@
+//! Sending before the hash is known, over real loopback QUIC: a first send of a file is
+//! hashed as it goes and its hash follows its bytes; a stream of unknown length (a pipe)
+//! arrives verified whatever its size; a stream cut halfway names nothing; and a peer
+//! speaking the protocol by hand cannot get a forged trailer, a wrong size or a missing
+//! hash past the receiver.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{list_dir, tempdir};
+use qpunch::identity::Identity;
+use qpunch::node::{Node, NodeConfig, PeerConnection};
+use qpunch::transfer::tree::GROUP;
+use qpunch::transfer::{
+    self, Decision, Decisions, FileHeader, FileOffer, FileReport, FileResult, Manifest, Outcome,
+    Outgoing, PARTIAL_DIR, Policy, Quiet, ReceiveOptions, Receiver, Trailer,
+};
+
+const MIB: usize = 1 << 20;
+
+fn node(accept: bool) -> Arc<Node> {
+    let socket = qpunch::socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let id = Identity::generate().unwrap();
+    Arc::new(Node::new(socket, NodeConfig::new(id, transfer::ALPN, accept)).unwrap())
+}
+
+/// A receiver storing into `out`, serving every connection; its reports come back on the
+/// channel, one batch per connection.
+fn serve(
+    out: &Path,
+) -> (
+    Arc<Node>,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<FileReport>>,
+) {
+    let receiver = Receiver::new(ReceiveOptions {
+        stall_timeout: Duration::from_secs(2),
+        ..ReceiveOptions::new(out, Policy::AcceptAll)
+    })
+    .unwrap();
+    let server = node(true);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let accepting = server.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(peer)) = accepting.accept().await {
+            let (receiver, tx) = (receiver.clone(), tx.clone());
+            tokio::spawn(async move {
+                let reports = receiver.handle(&peer, Arc::new(Quiet)).await;
+                let _ = tx.send(reports.unwrap_or_default());
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), peer.connection.closed()).await;
+            });
+        }
+    });
+    (server, rx)
+}
+
+/// Connect to `server` and send `files`; the sender's reports.
+async fn send(server: &Node, files: Vec<Outgoing>) -> Vec<FileReport> {
+    let sender = node(false);
+    let to = server.local_addr().unwrap();
+    let peer = sender
+        .connect(to, Some(server.fingerprint()))
+        .await
+        .unwrap();
+    let reports = transfer::send_files(&peer.connection, files, Arc::new(Quiet))
+        .await
+        .unwrap();
+    peer.connection.close(0u32.into(), b"done");
+    reports
+}
+
+/// Bytes that differ at every position (so a misplaced chunk cannot go unnoticed).
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+/// Partial files left in `out`.
+fn partials(out: &Path) -> Vec<String> {
+    list_dir(&out.join(PARTIAL_DIR)).into_iter().collect()
+}
+
+/// A reader that hands out at most `step` bytes per read, as a pipe does.
+struct Dribble {
+    data: std::io::Cursor<Vec<u8>>,
+    step: usize,
+}
+
+impl Read for Dribble {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.step);
+        self.data.read(&mut buf[..n])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_of_unknown_length_arrive_verified_at_any_size() {
+    let out = tempdir();
+    let (server, mut batches) = serve(out.path());
+    let group = GROUP as usize;
+    // Empty, one byte, exactly one group, exactly one sender chunk (1 MiB), a chunk and a
+    // bit, and several chunks that end mid-group.
+    let sizes = [0, 1, group, MIB, MIB + 1, 3 * MIB + 17];
+    for (i, &size) in sizes.iter().enumerate() {
+        let data = pattern(size, i as u8);
+        let name = format!("stream-{size}.bin");
+        let source = Dribble {
+            data: std::io::Cursor::new(data.clone()),
+            step: 64 << 10,
+        };
+        let reports = send(&server, vec![Outgoing::from_reader(&name, source)]).await;
+        let report = &reports[0];
+        assert!(report.is_verified(), "{size} bytes: {report:?}");
+        assert_eq!(report.size, size as u64, "the sender counts what it sent");
+        assert_eq!(report.blake3, blake3::hash(&data).to_hex().as_str());
+        let got = std::fs::read(out.path().join(&name)).unwrap();
+        assert!(got == data, "{size} bytes arrive intact");
+        let received = batches.recv().await.unwrap();
+        assert_eq!(received[0].size, size as u64, "the receiver too");
+        assert_eq!(received[0].blake3, report.blake3);
+    }
+    assert_eq!(partials(out.path()), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_send_is_hashed_while_it_moves() {
+    let (src, out) = (tempdir(), tempdir());
+    let (server, _batches) = serve(out.path());
+    let group = GROUP;
+    let mut files = Vec::new();
+    for (i, size) in [0, 4096, group, group + 1, 5 * MIB as u64]
+        .into_iter()
+        .enumerate()
+    {
+        let path = src.path().join(format!("f{i}.bin"));
+        std::fs::write(&path, pattern(size as usize, i as u8)).unwrap();
+        files.push(path);
+    }
+    let outgoing = files
+        .iter()
+        .map(|f| Outgoing::from_path(f).unwrap())
+        .collect();
+    let reports = send(&server, outgoing).await;
+    for (report, path) in reports.iter().zip(&files) {
+        assert!(report.is_verified(), "{report:?}");
+        assert_eq!(report.blake3, common::blake3_file(path), "{report:?}");
+        let saved = out.path().join(report.saved_as.as_deref().unwrap());
+        assert_eq!(std::fs::read(saved).unwrap(), std::fs::read(path).unwrap());
+    }
+}
+
+/// A stream source that gives `good` bytes, then fails like a dying disk or pipe.
+struct Failing {
+    left: usize,
+}
+
+impl Read for Failing {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other("the producer died"));
+        }
+        let n = buf.len().min(self.left).min(64 << 10);
+        buf[..n].fill(7);
+        self.left -= n;
+        Ok(n)
+    }
+}
+
+/// A stream source that gives `good` bytes, then never another (a stalled producer).
+struct Stalling {
+    left: usize,
+}
+
+impl Read for Stalling {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            std::thread::sleep(Duration::from_secs(3));
+            return Ok(0);
+        }
+        let n = buf.len().min(self.left).min(64 << 10);
+        buf[..n].fill(9);
+        self.left -= n;
+        Ok(n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_halfway_names_nothing_and_keeps_nothing() {
+    let out = tempdir();
+    let (server, mut batches) = serve(out.path());
+
+    // 1. The producer fails after 2 MiB: both sides say so, nothing is named.
+    let source = Failing { left: 2 * MIB };
+    let reports = send(&server, vec![Outgoing::from_reader("cut.bin", source)]).await;
+    match &reports[0].outcome {
+        Outcome::Failed(why) => assert!(why.contains("the producer died"), "{why}"),
+        other => panic!("a failed stream is not {other:?}"),
+    }
+    let received = batches.recv().await.unwrap();
+    for report in &received {
+        assert!(
+            matches!(report.outcome, Outcome::Failed(_)),
+            "the receiver must not call it {report:?}"
+        );
+    }
+
+    // 2. The connection goes away mid-stream (the sender was killed).
+    let sender = node(false);
+    let to = server.local_addr().unwrap();
+    let peer = sender
+        .connect(to, Some(server.fingerprint()))
+        .await
+        .unwrap();
+    let connection = peer.connection.clone();
+    let sending = tokio::spawn(async move {
+        let source = Stalling { left: 3 * MIB };
+        let files = vec![Outgoing::from_reader("vanished.bin", source)];
+        transfer::send_files(&connection, files, Arc::new(Quiet)).await
+    });
+    // Wait until the receiver holds bytes of it, then cut.
+    let held = async {
+        loop {
+            let dir = out.path().join(PARTIAL_DIR);
+            let bytes: u64 = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.filter_map(|e| e.ok()?.metadata().ok())
+                        .map(|m| m.len())
+                        .sum()
+                })
+                .unwrap_or(0);
+            if bytes > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("the stream reached the receiver's disk");
+    peer.connection
+        .close(transfer::codes::CANCELLED.into(), b"killed");
+    assert!(sending.await.unwrap().is_err(), "the sender saw its cut");
+    let received = tokio::time::timeout(Duration::from_secs(20), batches.recv())
+        .await
+        .expect("the receiver noticed")
+        .unwrap();
+    // The cut ends the batch: the receiver reports it as the batch's error, or per file.
+    for report in &received {
+        assert!(!report.is_verified(), "{report:?}");
+    }
+
+    // Nothing took a name, and no partial is kept: a stream cannot be resumed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let names: Vec<String> = list_dir(out.path())
+        .into_iter()
+        .filter(|n| !n.starts_with(PARTIAL_DIR))
+        .collect();
+    assert_eq!(names, Vec::<String>::new());
+    assert_eq!(partials(out.path()), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------
+// A sender speaking the protocol by hand
+// ---------------------------------------------------------------------------------------
+
+async fn write_frame<T: serde::Serialize>(send: &mut quinn::SendStream, value: &T) {
+    qpunch::frame::write(send, value).await.unwrap();
+}
+
+async fn read_frame<T: serde::de::DeserializeOwned>(recv: &mut quinn::RecvStream) -> T {
+    qpunch::frame::read(recv, 64 << 20)
+        .await
+        .unwrap()
+        .expect("a frame before the stream ends")
+}
+
+/// What a hand-made entry ends with.
+enum Ending {
+    /// A trailer saying this size and hash.
+    Trailer(u64, String),
+    /// Nothing: the stream is finished right after the bytes.
+    Nothing,
+}
+
+/// Offer one file without a hash (a stream when `stream`), send `payload` (framed as a
+/// stream's chunks when `stream`) and `ending`; the receiver's verdict.
+async fn hand_send(
+    peer: &PeerConnection,
+    stream: bool,
+    payload: &[u8],
+    ending: Ending,
+) -> FileResult {
+    let conn = &peer.connection;
+    let (mut control, mut answers) = conn.open_bi().await.unwrap();
+    let offer = FileOffer {
+        id: 0,
+        name: "forged.bin".into(),
+        size: if stream { 0 } else { payload.len() as u64 },
+        stream,
+        ..FileOffer::default()
+    };
+    let manifest = Manifest {
+        files: vec![offer],
+        ..Manifest::default()
+    };
+    write_frame(&mut control, &manifest).await;
+    let Decisions { decisions } = read_frame(&mut answers).await;
+    assert_eq!(decisions, vec![Decision::Accept { id: 0, offset: 0 }]);
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &FileHeader { id: 0, offset: 0 }).await;
+    if stream {
+        for chunk in payload.chunks(100_000) {
+            send.write_all(&(chunk.len() as u32).to_be_bytes())
+                .await
+                .unwrap();
+            send.write_all(chunk).await.unwrap();
+        }
+        if !matches!(ending, Ending::Nothing) {
+            send.write_all(&0u32.to_be_bytes()).await.unwrap();
+        }
+    } else {
+        send.write_all(payload).await.unwrap();
+    }
+    if let Ending::Trailer(size, blake3) = ending {
+        write_frame(
+            &mut send,
+            &Trailer {
+                id: 0,
+                size,
+                blake3,
+            },
+        )
+        .await;
+    }
+    send.finish().unwrap();
+    let verdict = read_frame(&mut recv).await;
+    drop(control);
+    verdict
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_trailers_wrong_sizes_and_missing_hashes_are_refused() {
+    let out = tempdir();
+    let (server, _batches) = serve(out.path());
+    let payload = pattern(700_000, 3);
+    let real = blake3::hash(&payload).to_hex().to_string();
+    let forged = blake3::hash(b"what the sender claims").to_hex().to_string();
+    let len = payload.len() as u64;
+    let cases = [
+        (
+            "file, forged hash",
+            false,
+            Ending::Trailer(len, forged.clone()),
+            "mismatch",
+        ),
+        (
+            "file, wrong size",
+            false,
+            Ending::Trailer(len + 1, real.clone()),
+            "trailer",
+        ),
+        (
+            "file, malformed hash",
+            false,
+            Ending::Trailer(len, "zz".into()),
+            "trailer",
+        ),
+        ("file, no trailer", false, Ending::Nothing, "did not say"),
+        (
+            "stream, forged hash",
+            true,
+            Ending::Trailer(len, forged.clone()),
+            "mismatch",
+        ),
+        (
+            "stream, short size",
+            true,
+            Ending::Trailer(len - 1, real.clone()),
+            "trailer",
+        ),
+        ("stream, no end mark", true, Ending::Nothing, "end mark"),
+    ];
+    let sender = node(false);
+    let to = server.local_addr().unwrap();
+    for (what, stream, ending, why) in cases {
+        let peer = sender
+            .connect(to, Some(server.fingerprint()))
+            .await
+            .unwrap();
+        let verdict = hand_send(&peer, stream, &payload, ending).await;
+        assert!(!verdict.verified, "{what}: {verdict:?}");
+        assert!(verdict.saved_as.is_none(), "{what}: {verdict:?}");
+        let error = verdict.error.as_deref().unwrap_or_default();
+        assert!(
+            error.contains(why),
+            "{what}: expected {why:?} in {verdict:?}"
+        );
+        peer.connection.close(0u32.into(), b"");
+        let names: Vec<String> = list_dir(out.path())
+            .into_iter()
+            .filter(|n| !n.starts_with(PARTIAL_DIR))
+            .collect();
+        assert_eq!(names, Vec::<String>::new(), "{what}: nothing is named");
+    }
+    // The honest trailer is accepted, so the refusals above are the lies'.
+    let peer = sender
+        .connect(to, Some(server.fingerprint()))
+        .await
+        .unwrap();
+    let verdict = hand_send(&peer, true, &payload, Ending::Trailer(len, real.clone())).await;
+    assert!(verdict.verified, "{verdict:?}");
+    assert_eq!(verdict.blake3, real);
+    assert_eq!(
+        std::fs::read(out.path().join("forged.bin")).unwrap(),
+        payload
+    );
+}
