@@ -957,6 +957,54 @@ fn lan_peers_meet_by_code_with_no_rendezvous() {
     eprintln!("{TEST}: code to verified file in {took:?}");
 }
 
+/// A text and a pipe met by code on the LAN (no rendezvous): the text is shown as sent
+/// (a JSON `text` event, nothing stored), the pipe arrives verified under its `--name`.
+#[test]
+fn lan_peers_send_a_text_and_a_pipe_by_code() {
+    const TEST: &str = "lan_peers_send_a_text_and_a_pipe_by_code";
+    if !lab::require(TEST, &[]) {
+        return;
+    }
+    let topo = Topology::new("mdt", &[SiteSpec::new(Nat::Cone).clients(2).ipv6(false)]);
+    let site = topo.site(0);
+    const TEXT: &str = "on the LAN \u{1b}[31m\u{202e}\nsecond line";
+    let mut receiving = Receiving::on_lan(site.client(0));
+    let home = Home::new();
+    let args = ["send", "--text", TEXT, "--to", &receiving.code, "--json"];
+    let mut sender = site.client(1).spawn(&qpunch(), &args, &home.env());
+    let (status, _) = sender.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{}", sender.describe());
+    let connected = events(&sender.seen, "connected")[0].clone();
+    assert_eq!(connected["path"], "lan", "{connected}");
+    let text = receiving.proc.wait_for("text", Duration::from_secs(10));
+    assert_eq!(text["text"], TEXT, "{text}");
+    let (status, _) = receiving.proc.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{}", receiving.proc.describe());
+    let stored: Vec<_> = std::fs::read_dir(receiving.out.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != qpunch::transfer::PARTIAL_DIR)
+        .collect();
+    assert!(stored.is_empty(), "a text is not stored: {stored:?}");
+
+    // A pipe: standard input of unknown length.
+    let mut receiving = Receiving::on_lan(site.client(0));
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), "source.bin", 2_500_000);
+    let command = format!(
+        "exec {} send - --name piped.bin --to {} --json < {}",
+        qpunch().display(),
+        receiving.code,
+        file.display()
+    );
+    let mut sender = site
+        .client(1)
+        .spawn(Path::new("/bin/sh"), &["-c", &command], &home.env());
+    let (status, _) = sender.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{}", sender.describe());
+    receiving.finish("piped.bin", &hash);
+}
+
 /// A wrong code is refused on both sides and burns the code: the receiver stops
 /// announcing it (the right code now finds nothing), prints a new one, and that one works.
 /// Nothing is written for the wrong one.
