@@ -841,7 +841,24 @@ async fn send_stream(
         let piece = match next.recv().await {
             Some(Ok(piece)) => piece,
             Some(Err(e)) => {
-                let _ = send.reset(codes::READ_FAILED.into());
+                // Said in the stream rather than by a reset: a reset may discard what is
+                // still unread, header included, leaving the receiver waiting for a file
+                // it cannot place.
+                let said = async {
+                    send.write_all(&ABORTED.to_be_bytes())
+                        .await
+                        .map_err(stream_error)?;
+                    send.finish()
+                        .map_err(|e| TransferError::protocol(e.to_string()))
+                };
+                if within(connection, stall, said).await.is_err() {
+                    let _ = send.reset(codes::READ_FAILED.into());
+                } else {
+                    // Its verdict says the receiver saw the end: a close right after this
+                    // send (which discards unsent stream data) cannot leave it guessing.
+                    let verdict = read_verdict(&mut recv, offer.id);
+                    let _ = tokio::time::timeout(VERDICT_AFTER_STOP, verdict).await;
+                }
                 return Err(file_error(path, e));
             }
             None => return Err(TransferError::protocol("the reading task ended early")),
@@ -885,6 +902,9 @@ async fn send_stream(
         size,
     })
 }
+
+/// A stream's chunk length that says its source failed: nothing more follows.
+pub(super) const ABORTED: u32 = u32::MAX;
 
 /// The error of a file that is not the version that was offered (kind `InvalidData`).
 fn changed(when: &str) -> std::io::Error {

@@ -849,6 +849,11 @@ impl<'a> Incoming<'a> {
                 self.ended = true;
                 return Ok(None);
             }
+            if len == super::send::ABORTED {
+                return Err(Cut::Broken(
+                    "the sender could not read its input to the end".into(),
+                ));
+            }
             if len > MAX_STREAM_CHUNK {
                 return Err(Cut::Broken(format!("a chunk of {len} bytes")));
             }
