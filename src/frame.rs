@@ -59,15 +59,24 @@ pub async fn write<T: Serialize>(
     send: &mut quinn::SendStream,
     value: &T,
 ) -> Result<(), FrameError> {
-    let body = serde_json::to_vec(value).map_err(|e| FrameError::Json(e.to_string()))?;
-    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLong {
-        len: body.len(),
+    let mut buf = Vec::new();
+    encode_into(&mut buf, value)?;
+    send.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Append one frame (length, then JSON) to `buf`: many small frames written with one
+/// stream write cost one wake-up of the connection instead of one each.
+pub fn encode_into<T: Serialize>(buf: &mut Vec<u8>, value: &T) -> Result<(), FrameError> {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut *buf, value).map_err(|e| FrameError::Json(e.to_string()))?;
+    let body = buf.len() - start - 4;
+    let len = u32::try_from(body).map_err(|_| FrameError::TooLong {
+        len: body,
         max: u32::MAX as usize,
     })?;
-    let mut buf = Vec::with_capacity(4 + body.len());
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(&body);
-    send.write_all(&buf).await?;
+    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
     Ok(())
 }
 

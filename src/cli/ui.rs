@@ -667,6 +667,10 @@ impl Consent for TerminalConsent {
                 let (name, bytes) = (&item.name, HumanBytes(item.bytes));
                 if item.is_folder() {
                     eprintln!("  {name}  ({} file(s), {bytes})", item.files);
+                } else if item.stream {
+                    eprintln!("  {name}  (a stream: its size is known only at its end)");
+                } else if item.text {
+                    eprintln!("  a text ({bytes}), shown here once it arrives");
                 } else {
                     eprintln!("  {name}  ({bytes})");
                 }

@@ -90,6 +90,10 @@ pub struct Item {
     pub files: u64,
     /// Their bytes (saturating: sizes are the peer's claim).
     pub bytes: u64,
+    /// A stream (`send -`): its size is known only at its end.
+    pub stream: bool,
+    /// A text, to be shown rather than stored.
+    pub text: bool,
 }
 
 impl Item {
@@ -135,6 +139,8 @@ impl Summary {
                     name,
                     files: 0,
                     bytes: 0,
+                    stream: !folder && f.stream,
+                    text: !folder && f.text,
                 });
                 items.len() - 1
             });

@@ -474,42 +474,210 @@ pub(crate) struct SmallFile {
     pub(crate) executable: bool,
 }
 
-/// Blocking: the first half of storing a batch of verified small files: each is written
-/// to a fresh partial (no lock: small files are never resumed, so nothing else opens
-/// them). Returns each partial's path, or why it could not be written (nothing left).
-pub(crate) fn write_small(partial_dir: &Path, files: &[SmallFile]) -> Vec<io::Result<PathBuf>> {
+/// A small file written and not yet named.
+pub(crate) enum Written {
+    /// A partial in the partial folder, renamed into place by [`commit_small`].
+    Named(PathBuf),
+    /// An unnamed file (`O_TMPFILE`) in its destination's folder, given its name by
+    /// [`commit_small`] with `linkat`.
+    Unnamed(File),
+}
+
+impl Written {
+    /// Blocking: let it go without a name (a partial is removed).
+    pub(crate) fn discard(self) {
+        if let Written::Named(path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Blocking: the first half of storing a batch of verified small files. Each is written
+/// unnamed in its destination folder (`O_TMPFILE`, where the file system has it): no name
+/// exists until [`commit_small`] links it, a crash leaves nothing behind, and creating
+/// files spreads over their own folders instead of every disk job taking the lock of one
+/// shared partial folder (which cost receivers of many small files most of their time in
+/// the kernel, contending for that folder's lock). Elsewhere each is written to a fresh
+/// partial (no lock: small files are never resumed, so nothing else opens them). Not
+/// durable yet: the caller makes the batch durable with one `syncfs`, then calls
+/// [`commit_small`].
+pub(crate) fn write_small(partial_dir: &Path, files: &[SmallFile]) -> Vec<io::Result<Written>> {
+    let mut same_fs = SameFs::new(partial_dir);
     files
         .iter()
         .map(|f| {
+            if let Some(file) = unnamed_in(&f.dest, &mut same_fs) {
+                let mut file = file?;
+                file.write_all(&f.data)?;
+                // Created with 0666 less the umask: only an executable needs a change.
+                if f.executable {
+                    set_executable(&file, true)?;
+                }
+                return Ok(Written::Unnamed(file));
+            }
             let (mut file, path) = create_unlocked(partial_dir, &f.hash)?;
             let written = file
                 .write_all(&f.data)
                 .and_then(|()| set_executable(&file, f.executable));
             drop(file);
-            written.map(|()| path.clone()).inspect_err(|_| {
-                let _ = std::fs::remove_file(&path);
-            })
+            written
+                .map(|()| Written::Named(path.clone()))
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&path);
+                })
         })
         .collect()
 }
 
-/// Blocking: the second half, once the partials are durable ([`SyncGate`]): each takes
-/// its final name. A partial that cannot is removed.
+/// An unnamed file in `dest`'s folder, or `None` where that cannot be done (no
+/// `O_TMPFILE` on this file system, no `/proc` to link it through, too few descriptors
+/// for a batch to hold, or a folder on another file system than `partial_dir`, which the
+/// batch's `syncfs` would not cover): then the caller uses a named partial.
+fn unnamed_in(dest: &Path, same_fs: &mut SameFs) -> Option<io::Result<File>> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        if !unnamed_files_work() {
+            return None;
+        }
+        let dir = dest.parent()?;
+        if !same_fs.check(dir) {
+            return None;
+        }
+        // Unnamed, so never visible half-written: the final mode from the start.
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o666)
+            .open(dir);
+        match opened {
+            Ok(file) => Some(Ok(file)),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOENT)
+                ) =>
+            {
+                None
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (dest, same_fs);
+        None
+    }
+}
+
+/// Which folders are on the partial folder's file system, each looked up once per batch.
+struct SameFs {
+    device: Option<u64>,
+    seen: std::collections::HashMap<PathBuf, bool>,
+}
+
+impl SameFs {
+    fn new(partial_dir: &Path) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        SameFs {
+            device: std::fs::metadata(partial_dir).ok().map(|m| m.dev()),
+            seen: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Whether `dir` is on the same file system (unknown counts as no).
+    fn check(&mut self, dir: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let device = self.device;
+        *self.seen.entry(dir.to_path_buf()).or_insert_with(|| {
+            let here = std::fs::metadata(dir).ok().map(|m| m.dev());
+            here.is_some() && here == device
+        })
+    }
+}
+
+/// Whether unnamed files can be used: `/proc/self/fd` to link them through, and a
+/// descriptor limit that lets the disk jobs hold a batch each (a batch keeps its files
+/// open until they are linked).
+fn unnamed_files_work() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `limit` is a valid rlimit for the call to fill in.
+        let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+        let wanted = (DISK_JOBS * super::BUNDLE_FILES * 2) as libc::rlim_t;
+        got && limit.rlim_cur >= wanted && Path::new("/proc/self/fd").is_dir()
+    })
+}
+
+/// Blocking: the second half, once the batch is durable ([`SyncGate`]): each takes its
+/// final name. An unnamed file that cannot is simply closed (nothing is left); a partial
+/// that cannot is removed.
 pub(crate) fn commit_small(
-    written: Vec<io::Result<PathBuf>>,
+    written: Vec<io::Result<Written>>,
     files: &[SmallFile],
     overwrite: bool,
 ) -> Vec<io::Result<()>> {
     written
         .into_iter()
         .zip(files)
-        .map(|(slot, file)| {
-            let path = slot?;
-            commit(&path, &file.dest, overwrite).inspect_err(|_| {
+        .map(|(slot, file)| match slot? {
+            Written::Named(path) => commit(&path, &file.dest, overwrite).inspect_err(|_| {
                 let _ = std::fs::remove_file(&path);
-            })
+            }),
+            Written::Unnamed(unnamed) => link_unnamed(&unnamed, &file.dest, overwrite),
         })
         .collect()
+}
+
+/// Give the unnamed `file` the name `dest` (never replacing an existing file unless
+/// `overwrite`: then through a fresh name in the same folder, renamed over it).
+fn link_unnamed(file: &File, dest: &Path, overwrite: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let link = |to: &Path| -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+        let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+        // SAFETY: two valid NUL-terminated paths; the call only reads them.
+        let rc = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    if !overwrite {
+        return link(dest);
+    }
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    for _ in 0..PART_NAMES {
+        let random: u64 = rand::random();
+        let temp = dir.join(format!(".qpunch-{random:016x}.tmp"));
+        match link(&temp) {
+            Ok(()) => {
+                return std::fs::rename(&temp, dest).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&temp);
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "no free temporary name",
+    ))
 }
 
 /// A fresh partial for content `hash`, not locked (see [`write_small`]).
@@ -809,6 +977,69 @@ impl Claims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn small(dest: &Path, data: &[u8], executable: bool) -> SmallFile {
+        SmallFile {
+            data: data.to_vec(),
+            hash: blake3::hash(data).to_hex().to_string(),
+            dest: dest.to_path_buf(),
+            executable,
+        }
+    }
+
+    /// Small files are written without a name in their own folder, take their names only
+    /// when committed, never replace a file unless asked to, and leave nothing behind.
+    #[test]
+    fn small_files_are_named_only_when_committed_and_replace_only_when_asked() {
+        use std::os::unix::fs::PermissionsExt;
+        let out = tempfile::tempdir().unwrap();
+        let partials = partial_dir(out.path()).unwrap();
+        let folder = out.path().join("docs");
+        std::fs::create_dir(&folder).unwrap();
+        let (a, b, c) = (folder.join("a"), folder.join("b"), folder.join("c"));
+        std::fs::write(&b, b"precious").unwrap();
+        std::fs::write(&c, b"old").unwrap();
+        let files = [
+            small(&a, b"first", true),
+            small(&b, b"second", false),
+            small(&c, b"third", false),
+        ];
+        let written = write_small(&partials, &files);
+        let unnamed = written
+            .iter()
+            .filter(|w| matches!(w, Ok(Written::Unnamed(_))))
+            .count();
+        let mut names: Vec<_> = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["b", "c"], "nothing is named before the commit");
+        if unnamed == 0 {
+            eprintln!("no O_TMPFILE here: named partials were used");
+        }
+        let committed = commit_small(written, &files, false);
+        assert!(committed[0].is_ok(), "{committed:?}");
+        assert_eq!(std::fs::read(&a).unwrap(), b"first");
+        let mode = std::fs::metadata(&a).unwrap().permissions().mode();
+        assert_eq!(mode & 0o100, 0o100, "executable for its owner: {mode:o}");
+        let refused = committed[1].as_ref().unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::AlreadyExists, "{refused}");
+        assert_eq!(std::fs::read(&b).unwrap(), b"precious", "never replaced");
+
+        // Asked to overwrite: replaced, through no name left behind.
+        let again = [small(&c, b"new", false)];
+        let committed = commit_small(write_small(&partials, &again), &again, true);
+        assert!(committed[0].is_ok(), "{committed:?}");
+        assert_eq!(std::fs::read(&c).unwrap(), b"new");
+        let mut left: Vec<_> = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a", "b", "c"]);
+        assert_eq!(std::fs::read_dir(&partials).unwrap().count(), 0);
+    }
 
     #[test]
     fn partials_never_follow_or_reuse_what_is_there() {

@@ -335,8 +335,7 @@ impl StreamJob {
                 Err(e) => written
                     .into_iter()
                     .map(|slot| {
-                        let path = slot?;
-                        let _ = std::fs::remove_file(path);
+                        slot?.discard();
                         Err(std::io::Error::new(e.kind(), e.to_string()))
                     })
                     .collect(),
@@ -350,6 +349,7 @@ impl StreamJob {
             .run(move || store::commit_small(written, &batch, overwrite))
             .await
             .into_iter();
+        let mut verdicts = Vec::new();
         for entry in entries {
             let (plan, outcome) = match entry {
                 Pending::Store(plan, file) => {
@@ -366,10 +366,15 @@ impl StreamJob {
                     (plan, Ok(hash))
                 }
             };
-            let report = self.answer(plan, outcome, send).await;
+            let (result, report) = self.verdict(plan, outcome);
+            // Encoding a derived struct cannot fail.
+            let _ = frame::encode_into(&mut verdicts, &result);
             self.report(observer, &report);
             reports.push(report);
         }
+        // One write for the batch's verdicts, in order. If the sender is gone it cannot
+        // read them; the local reports stand.
+        let _ = send.write_all(&verdicts).await;
     }
 
     /// Tell the sender how `plan`'s file ended, and make the local report. The
@@ -380,6 +385,19 @@ impl StreamJob {
         outcome: Result<String, (String, String)>,
         send: &mut quinn::SendStream,
     ) -> FileReport {
+        let (result, report) = self.verdict(plan, outcome);
+        // If the sender is gone it cannot read the verdict; the local report stands.
+        let _ = write_frame(send, &result).await;
+        report
+    }
+
+    /// How `plan`'s file ended: the verdict for the sender and the local report. The
+    /// reservation is released here: the file exists under its name now, or it does not.
+    fn verdict(
+        &self,
+        plan: Plan,
+        outcome: Result<String, (String, String)>,
+    ) -> (FileResult, FileReport) {
         let Plan {
             offer, reservation, ..
         } = plan;
@@ -416,9 +434,7 @@ impl StreamJob {
             }
         };
         drop(reservation);
-        // If the sender is gone it cannot read the verdict; the local report stands.
-        let _ = write_frame(send, &result).await;
-        report
+        (result, report)
     }
 
     /// Receive one large file (resuming it when planned so), verify, name it, answer.
