@@ -319,6 +319,41 @@ fn a_full_disk_is_a_clear_error_on_both_sides() {
     assert!(partial_bytes(&out) >= 2 * MIB, "what arrived is kept");
 }
 
+/// A stream (`send -`) fills the receiver's disk: both sides say so, and nothing of it is
+/// kept, since a stream cannot be resumed.
+#[test]
+fn a_stream_that_fills_the_disk_keeps_nothing() {
+    if !sys::require_root(
+        "a_stream_that_fills_the_disk_keeps_nothing",
+        "mounts a tmpfs",
+    ) {
+        return;
+    }
+    let (rhome, shome, src, mnt) = (Home::new(), Home::new(), tempdir(), tempdir());
+    let _tmpfs = sys::Tmpfs::mount(mnt.path(), "8m").expect("tmpfs");
+    let out = mnt.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let file = src.path().join("stream.bin");
+    random_file(&file, 20 * MIB, 6);
+    let receiver = Receiver::start(rhome.path(), &out, 0, &["--yes", "--once"]);
+    let output = std::process::Command::new(BIN)
+        .args(["send", "-", "--name", "big.tar", "--to", &receiver.addr()])
+        .args(["--peer", &receiver.fingerprint, "--json"])
+        .env("QPUNCH_HOME", shome.path())
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(said.contains("the disk is full"), "{said}");
+    let received = receiver.proc.finish(LONG);
+    received.assert_failure();
+    let why = one_error(&received, "the disk is full");
+    assert!(why.contains("nothing is kept"), "{why}");
+    assert_eq!(partial_bytes(&out), 0, "a stream is never kept");
+    assert!(!out.join("big.tar").exists());
+}
+
 /// `chown -R` to nobody (the unprivileged user of the next test), and make the temp
 /// directories above traversable.
 fn give_to_nobody(path: &Path) {

@@ -640,7 +640,7 @@ impl StreamJob {
                 let (mut back, written) = previous.await.expect("disk task");
                 if let Err(e) = written {
                     part = Some(back);
-                    failure = Some(write_failure(&e));
+                    failure = Some(write_failure(&e, offer.stream));
                     break;
                 }
                 // One background sync at a time (see `Part::sync_due`).
@@ -657,7 +657,7 @@ impl StreamJob {
                     });
                     if let Err(e) = started {
                         part = Some(back);
-                        failure = Some(write_failure(&e));
+                        failure = Some(write_failure(&e, offer.stream));
                         break;
                     }
                 }
@@ -675,7 +675,7 @@ impl StreamJob {
         if let Some(previous) = writing.take() {
             let (back, written) = previous.await.expect("disk task");
             if let (Err(e), None) = (written, &failure) {
-                failure = Some(write_failure(&e));
+                failure = Some(write_failure(&e, offer.stream));
             }
             part = Some(back);
         }
@@ -683,7 +683,7 @@ impl StreamJob {
             // Never ignored: the sync shares the file's open description, so an error it
             // saw would not be reported again by `finish`'s fsync.
             if let (Err(e), None) = (sync.await.expect("disk task"), &failure) {
-                failure = Some(write_failure(&e));
+                failure = Some(write_failure(&e, offer.stream));
             }
         }
         let part = part.expect("the part is back");
@@ -706,7 +706,10 @@ impl StreamJob {
         let executable = plan.offer.executable;
         let (hash, synced) = self.disk.run(move || part.finish(executable)).await;
         if let Err(e) = synced {
-            return (Err((hash, write_failure(&e))), Ended::Clean);
+            return (
+                Err((hash, write_failure(&e, plan.offer.stream))),
+                Ended::Clean,
+            );
         }
         if hash != expected {
             guard.condemn();
@@ -925,7 +928,10 @@ async fn read_trailer(
 
 /// A failed write, said plainly (a full disk is the usual cause). The sender reads it
 /// too: no local paths in it.
-fn write_failure(e: &std::io::Error) -> String {
+fn write_failure(e: &std::io::Error, stream: bool) -> String {
+    if e.raw_os_error() == Some(libc::ENOSPC) && stream {
+        return "the disk is full (a stream cannot be resumed: nothing is kept)".into();
+    }
     if e.raw_os_error() == Some(libc::ENOSPC) {
         return "the disk is full (what arrived is kept for a resume)".into();
     }
