@@ -292,33 +292,8 @@ fn text_file(text: &str) -> std::fs::File {
 fn a_text_and_a_pipe_met_by_code_through_a_rendezvous() {
     let (rv_home, rx_home, tx_home) = (Home::new(), Home::new(), Home::new());
     let out = tempdir();
-    let port = free_port_pair();
-    let via = format!("127.0.0.1:{port}");
-    let port_arg = port.to_string();
-    let mut rendezvous = Proc::spawn(
-        "rendezvous",
-        rv_home.path(),
-        &[
-            "rendezvous",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port_arg,
-            "--json",
-        ],
-    );
-    rendezvous.wait_event("rendezvous", SHORT);
-    let mut receiver = Proc::spawn(
-        "receiver",
-        rx_home.path(),
-        &receive_args(0, Some(out.path()), &["--via", &via, "--json"]),
-    );
-    let code = loop {
-        let listening = receiver.wait_event("listening", SHORT);
-        if let Some(code) = listening["code"].as_str() {
-            break code.to_string();
-        }
-    };
+    let (rendezvous, _, via) = rendezvous_anywhere(&rv_home);
+    let (mut receiver, code) = receive_by_code(&rx_home, out.path(), &via, &[]);
     let sent = Proc::spawn(
         "sender",
         tx_home.path(),
@@ -334,17 +309,7 @@ fn a_text_and_a_pipe_met_by_code_through_a_rendezvous() {
     receiver.interrupt(SHORT);
 
     // A pipe, met by another code.
-    let mut receiver = Proc::spawn(
-        "receiver",
-        rx_home.path(),
-        &receive_args(0, Some(out.path()), &["--via", &via, "--json"]),
-    );
-    let code = loop {
-        let listening = receiver.wait_event("listening", SHORT);
-        if let Some(code) = listening["code"].as_str() {
-            break code.to_string();
-        }
-    };
+    let (mut receiver, code) = receive_by_code(&rx_home, out.path(), &via, &[]);
     let data: Vec<u8> = (0..(1u32 << 20) + 3).map(|i| (i % 251) as u8).collect();
     let mut source = tempfile::tempfile().unwrap();
     std::io::Write::write_all(&mut source, &data).unwrap();

@@ -767,21 +767,24 @@ impl Large<'_> {
             (None, Some(tree)) => tree.root().to_hex().to_string(),
             (None, None) => offer.blake3.clone(),
         };
-        if offer.blake3.is_empty() {
-            let trailer = Trailer {
-                id: offer.id,
-                size: offer.size,
-                blake3: blake3.clone(),
-            };
-            within(connection, stall, write_frame(&mut send, &trailer)).await?;
-        }
-        send.finish()
-            .map_err(|e| TransferError::protocol(e.to_string()))?;
-        let result = within(connection, stall, read_verdict(&mut recv, offer.id)).await?;
+        let trailer = offer.blake3.is_empty().then(|| Trailer {
+            id: offer.id,
+            size: offer.size,
+            blake3: blake3.clone(),
+        });
+        let end = async {
+            match &trailer {
+                Some(trailer) => write_frame(&mut send, trailer).await,
+                None => Ok(()),
+            }
+        };
+        within(connection, stall, end).await?;
+        let result = finish(connection, stall, send, recv, offer.id).await?;
+        let size = offer.size;
         Ok(Delivered {
             result,
             blake3,
-            size: offer.size,
+            size,
         })
     }
 
@@ -911,14 +914,25 @@ async fn send_stream(
         write_frame(&mut send, &trailer).await
     };
     within(connection, stall, end).await?;
-    send.finish()
-        .map_err(|e| TransferError::protocol(e.to_string()))?;
-    let result = within(connection, stall, read_verdict(&mut recv, offer.id)).await?;
+    let result = finish(connection, stall, send, recv, offer.id).await?;
     Ok(Delivered {
         result,
         blake3,
         size,
     })
+}
+
+/// End a file's stream (everything was written) and read its verdict.
+async fn finish(
+    connection: &quinn::Connection,
+    stall: Duration,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    id: u32,
+) -> Result<FileResult, TransferError> {
+    send.finish()
+        .map_err(|e| TransferError::protocol(e.to_string()))?;
+    within(connection, stall, read_verdict(&mut recv, id)).await
 }
 
 /// Whether this process may read `path` (`access(2)`: no file is opened).

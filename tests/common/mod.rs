@@ -626,3 +626,56 @@ pub async fn assert_sender_refused(
         "{refused:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Meeting by code through a rendezvous on loopback
+// ---------------------------------------------------------------------------------------
+
+/// A `qpunch rendezvous` on 127.0.0.1 (port `port`, and `port + 1` for NAT checks).
+pub fn rendezvous(home: &Home, port: u16) -> Proc {
+    let port = port.to_string();
+    let mut proc = Proc::spawn(
+        "rendezvous",
+        home.path(),
+        &[
+            "rendezvous",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--json",
+        ],
+    );
+    proc.wait_event("rendezvous", SHORT);
+    proc
+}
+
+/// A `qpunch rendezvous` on free ports of 127.0.0.1: it, its port, and its `--via`.
+pub fn rendezvous_anywhere(home: &Home) -> (Proc, u16, String) {
+    let port = free_port_pair();
+    (rendezvous(home, port), port, format!("127.0.0.1:{port}"))
+}
+
+/// `receive --via` with `extra` flags; returns it and its first code.
+pub fn receive_by_code(
+    home: &Home,
+    out: &std::path::Path,
+    via: &str,
+    extra: &[&str],
+) -> (Proc, String) {
+    let mut flags = vec!["--via", via, "--json"];
+    flags.extend_from_slice(extra);
+    let mut proc = Proc::spawn("receiver", home.path(), &receive_args(0, Some(out), &flags));
+    let code = next_code(&mut proc);
+    (proc, code)
+}
+
+/// The next `listening` event that carries a code.
+pub fn next_code(proc: &mut Proc) -> String {
+    loop {
+        let listening = proc.wait_event("listening", SHORT);
+        if let Some(code) = listening["code"].as_str() {
+            return code.to_string();
+        }
+    }
+}
