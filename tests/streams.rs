@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::peer::{read_frame, write_frame};
 use common::{list_dir, tempdir};
 use qpunch::identity::Identity;
 use qpunch::node::{Node, NodeConfig, PeerConnection};
@@ -266,17 +267,6 @@ async fn a_stream_cut_halfway_names_nothing_and_keeps_nothing() {
 // A sender speaking the protocol by hand
 // ---------------------------------------------------------------------------------------
 
-async fn write_frame<T: serde::Serialize>(send: &mut quinn::SendStream, value: &T) {
-    qpunch::frame::write(send, value).await.unwrap();
-}
-
-async fn read_frame<T: serde::de::DeserializeOwned>(recv: &mut quinn::RecvStream) -> T {
-    qpunch::frame::read(recv, 64 << 20)
-        .await
-        .unwrap()
-        .expect("a frame before the stream ends")
-}
-
 /// What a hand-made entry ends with.
 enum Ending {
     /// A trailer saying this size and hash.
@@ -306,11 +296,13 @@ async fn hand_send(
         files: vec![offer],
         ..Manifest::default()
     };
-    write_frame(&mut control, &manifest).await;
-    let Decisions { decisions } = read_frame(&mut answers).await;
+    write_frame(&mut control, &manifest).await.unwrap();
+    let Decisions { decisions } = read_frame(&mut answers).await.unwrap();
     assert_eq!(decisions, vec![Decision::Accept { id: 0, offset: 0 }]);
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &FileHeader { id: 0, offset: 0 }).await;
+    write_frame(&mut send, &FileHeader { id: 0, offset: 0 })
+        .await
+        .unwrap();
     if stream {
         for chunk in payload.chunks(100_000) {
             send.write_all(&(chunk.len() as u32).to_be_bytes())
@@ -325,18 +317,15 @@ async fn hand_send(
         send.write_all(payload).await.unwrap();
     }
     if let Ending::Trailer(size, blake3) = ending {
-        write_frame(
-            &mut send,
-            &Trailer {
-                id: 0,
-                size,
-                blake3,
-            },
-        )
-        .await;
+        let trailer = Trailer {
+            id: 0,
+            size,
+            blake3,
+        };
+        write_frame(&mut send, &trailer).await.unwrap();
     }
     send.finish().unwrap();
-    let verdict = read_frame(&mut recv).await;
+    let verdict = read_frame(&mut recv).await.unwrap();
     drop(control);
     verdict
 }
