@@ -582,7 +582,11 @@ impl Receiver {
             .run(move || {
                 make_empty_dirs(&dir, &dirs);
                 // Each folder is made (and checked) once, however many files it holds.
-                let mut folders: HashMap<Vec<String>, Result<PathBuf, String>> = HashMap::new();
+                // Per folder: where it is, and whether this batch created it (then no name
+                // in it needs looking up on disk: it was empty, and every name given out
+                // since is in the book).
+                let mut folders: HashMap<Vec<String>, Result<(PathBuf, bool), String>> =
+                    HashMap::new();
                 accepted
                     .into_iter()
                     .map(|(_, (index, offer))| {
@@ -599,8 +603,11 @@ impl Receiver {
                             })
                             .clone()
                             .map_err(std::io::Error::other);
-                        let reservation = folder
-                            .and_then(|folder| names.reserve(&folder, &offer.name, overwrite));
+                        let reservation = folder.and_then(|(folder, new)| {
+                            // Without a disk check the first free name in the book is
+                            // taken; linking never replaces a file unless `overwrite`.
+                            names.reserve(&folder, &offer.name, overwrite || new)
+                        });
                         (index, offer, reservation)
                     })
                     .collect::<Vec<_>>()

@@ -728,15 +728,17 @@ impl SyncGate {
 
 /// Blocking: the folder `components` below `out`, created where missing. Every level must
 /// be a real directory: a symlink (or a file) in the way is an error, never followed.
-pub(crate) fn make_dirs(out: &Path, components: &[String]) -> io::Result<PathBuf> {
+/// Also says whether the folder itself was created by this call (so it holds nothing yet).
+pub(crate) fn make_dirs(out: &Path, components: &[String]) -> io::Result<(PathBuf, bool)> {
     let mut dir = out.to_path_buf();
+    let mut created = false;
     for part in components {
         dir.push(part);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        created = match std::fs::create_dir(&dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
             Err(e) => return Err(e),
-        }
+        };
         let meta = std::fs::symlink_metadata(&dir)?;
         if !meta.is_dir() {
             return Err(io::Error::new(
@@ -745,7 +747,7 @@ pub(crate) fn make_dirs(out: &Path, components: &[String]) -> io::Result<PathBuf
             ));
         }
     }
-    Ok(dir)
+    Ok((dir, created))
 }
 
 /// Blocking: the content hashes that have a partial in `dir` (for resume decisions).
