@@ -184,7 +184,7 @@ pub async fn hash_file(path: &Path) -> Result<(u64, String), TransferError> {
 
 /// What identifies one version of a file cheaply: if any of it changes, the bytes may
 /// have too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Stamp {
     size: u64,
     mtime: (i64, i64),
@@ -238,12 +238,6 @@ fn prepare_all(
             executable: file.executable,
             ..FileOffer::default()
         };
-        let no_stamp = Stamp {
-            size: 0,
-            mtime: (0, 0),
-            ctime: (0, 0),
-            inode: 0,
-        };
         let (source, tree, stamp) = if let Some(text) = file.text {
             if text.len() as u64 > MAX_TEXT {
                 let e = std::io::Error::new(
@@ -256,10 +250,10 @@ fn prepare_all(
                 return Err(file_error(&file.path, e));
             }
             (offer.text, offer.size) = (true, text.len() as u64);
-            (Source::Text(Bytes::from(text)), None, no_stamp)
+            (Source::Text(Bytes::from(text)), None, Stamp::default())
         } else if let Some(reader) = file.reader {
             offer.stream = true;
-            (Source::Stream(reader), None, no_stamp)
+            (Source::Stream(reader), None, Stamp::default())
         } else {
             let path = &file.path;
             let meta = std::fs::metadata(path).map_err(|e| file_error(path, e))?;
@@ -349,42 +343,42 @@ pub async fn send_files_with(
             super::MAX_FILES
         )));
     }
-    let hashed = {
+    let prepared = {
         let cache = options.cache.clone();
         tokio::task::spawn_blocking(move || prepare_all(files, cache))
             .await
             .expect("offer task panicked")?
     };
-    let hashed: Arc<Vec<Prepared>> = Arc::new(hashed);
+    let prepared: Arc<Vec<Prepared>> = Arc::new(prepared);
     let cache = options.cache.clone();
 
     let (mut control_send, mut control_recv) = connection.open_bi().await.map_err(stream_error)?;
     let manifest = Manifest {
-        files: hashed.iter().map(|h| h.offer.clone()).collect(),
+        files: prepared.iter().map(|p| p.offer.clone()).collect(),
         dirs: options.empty_dirs,
     };
     write_frame(&mut control_send, &manifest).await?;
     drop(manifest);
     let Decisions { decisions } = read_frame(&mut control_recv).await?;
-    if decisions.len() != hashed.len() {
+    if decisions.len() != prepared.len() {
         return Err(TransferError::protocol(
             "receiver answered for a different number of files",
         ));
     }
 
-    let mut reports: Vec<Option<FileReport>> = (0..hashed.len()).map(|_| None).collect();
+    let mut reports: Vec<Option<FileReport>> = (0..prepared.len()).map(|_| None).collect();
     let mut jobs = Vec::new();
     let mut bundle = Vec::new();
     let mut bundle_bytes = 0;
     let (mut accepted, mut accepted_bytes) = (0u64, 0u64);
     for (index, decision) in decisions.into_iter().enumerate() {
-        let offer = &hashed[index].offer;
+        let offer = &prepared[index].offer;
         let resume = match decision {
             Decision::Accept { id, offset: 0 } if id == offer.id => false,
             Decision::Resume { id }
                 if id == offer.id
                     && offer.size > SMALL_FILE
-                    && matches!(hashed[index].source, Source::File) =>
+                    && matches!(prepared[index].source, Source::File) =>
             {
                 true
             }
@@ -430,11 +424,11 @@ pub async fn send_files_with(
     let slots = Arc::new(tokio::sync::Semaphore::new(PARALLEL_STREAMS));
     let stall = options.stall_timeout;
     for job in jobs {
-        let (connection, observer, slots, hashed, cache) = (
+        let (connection, observer, slots, prepared, cache) = (
             connection.clone(),
             observer.clone(),
             slots.clone(),
-            hashed.clone(),
+            prepared.clone(),
             cache.clone(),
         );
         tasks.spawn(async move {
@@ -444,10 +438,10 @@ pub async fn send_files_with(
                 .expect("semaphore is never closed");
             match job {
                 Job::Bundle(indices) => {
-                    send_bundle(&connection, &hashed, indices, stall, &*observer).await
+                    send_bundle(&connection, &prepared, indices, stall, &*observer).await
                 }
                 Job::Large(index, resume) => {
-                    let file = &hashed[index];
+                    let file = &prepared[index];
                     let large = Large {
                         connection: &connection,
                         file,
@@ -459,7 +453,7 @@ pub async fn send_files_with(
                     vec![(index, large.send().await)]
                 }
                 Job::Stream(index) => {
-                    let file = &hashed[index];
+                    let file = &prepared[index];
                     let result = send_stream(&connection, file, stall, &*observer).await;
                     vec![(index, result)]
                 }
@@ -468,7 +462,7 @@ pub async fn send_files_with(
     }
     while let Some(joined) = tasks.join_next().await {
         for (index, result) in joined.expect("send task panicked") {
-            let offer = &hashed[index].offer;
+            let offer = &prepared[index].offer;
             let report = match result {
                 // Everything in a verdict is the receiver's text: escaped before anyone
                 // sees it.
@@ -513,17 +507,17 @@ pub async fn send_files_with(
 /// order. A file that changed since it was offered is not sent (its report says why).
 async fn send_bundle(
     connection: &quinn::Connection,
-    hashed: &Arc<Vec<Prepared>>,
+    prepared: &Arc<Vec<Prepared>>,
     indices: Vec<usize>,
     stall: Duration,
     observer: &dyn Observer,
 ) -> Sent {
     let read = {
-        let (hashed, indices) = (hashed.clone(), indices.clone());
+        let (prepared, indices) = (prepared.clone(), indices.clone());
         tokio::task::spawn_blocking(move || {
             indices
                 .iter()
-                .map(|&i| read_small(&hashed[i]))
+                .map(|&i| read_small(&prepared[i]))
                 .collect::<Vec<_>>()
         })
         .await
@@ -546,7 +540,7 @@ async fn send_bundle(
         let mut pieces: Vec<Bytes> = Vec::with_capacity(2 * indices.len() + 1);
         let mut frames = Vec::new();
         for (&index, data) in indices.iter().zip(read) {
-            let offer = &hashed[index].offer;
+            let offer = &prepared[index].offer;
             match data {
                 Ok((data, hash)) => {
                     let header = FileHeader {
@@ -580,7 +574,7 @@ async fn send_bundle(
         };
         within(connection, stall, write).await?;
         for (index, _) in &sent {
-            let offer = &hashed[*index].offer;
+            let offer = &prepared[*index].offer;
             observer.progress(offer.id, offer.size);
         }
         send.finish()
@@ -590,7 +584,7 @@ async fn send_bundle(
     // Verdicts for every file written, even when writing the rest failed: a receiver
     // that refused a file (and stopped the stream) says why in its verdict.
     for (index, blake3) in sent {
-        let offer = &hashed[index].offer;
+        let offer = &prepared[index].offer;
         let verdict = read_verdict(&mut recv, offer.id);
         match within(connection, stall, verdict).await {
             Ok(result) => {
@@ -729,8 +723,8 @@ impl Large<'_> {
 
         // Disk reads (and hashing, for a file offered without its hash) run on a blocking
         // thread, a few chunks ahead, so the QUIC thread only packetizes and encrypts. A
-        // resumed file's hash is its tree's root: only the rest of it is read.
-        let hash = offer.blake3.is_empty() && offset == 0;
+        // file with a tree (a resume) is not hashed again: its hash is the tree's root.
+        let hash = offer.blake3.is_empty() && tree.is_none();
         let (chunks, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
         let (length, stamp) = (offer.size - offset, file.stamp);
         tokio::task::spawn_blocking(move || {
