@@ -1057,20 +1057,7 @@ const PER_REGISTRATION: u64 = 64 << 10;
 /// alone): its home (keep it), the process and its address.
 fn rendezvous_process() -> (common::Home, common::Proc, SocketAddr) {
     let home = common::Home::new();
-    let port = common::free_port_pair();
-    let mut proc = common::Proc::spawn(
-        "rendezvous",
-        home.path(),
-        &[
-            "rendezvous",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--json",
-        ],
-    );
-    proc.wait_event("rendezvous", common::SHORT);
+    let (proc, port, _) = common::rendezvous_anywhere(&home);
     (home, proc, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 

@@ -59,14 +59,19 @@ fn serve(
     (server, rx)
 }
 
+/// `sender`'s connection to `server`, pinned to its key.
+async fn connect(sender: &Node, server: &Node) -> PeerConnection {
+    let to = server.local_addr().unwrap();
+    sender
+        .connect(to, Some(server.fingerprint()))
+        .await
+        .unwrap()
+}
+
 /// Connect to `server` and send `files`; the sender's reports.
 async fn send(server: &Node, files: Vec<Outgoing>) -> Vec<FileReport> {
     let sender = node(false);
-    let to = server.local_addr().unwrap();
-    let peer = sender
-        .connect(to, Some(server.fingerprint()))
-        .await
-        .unwrap();
+    let peer = connect(&sender, server).await;
     let reports = transfer::send_files(&peer.connection, files, Arc::new(Quiet))
         .await
         .unwrap();
@@ -210,11 +215,7 @@ async fn a_stream_cut_halfway_names_nothing_and_keeps_nothing() {
 
     // 2. The connection goes away mid-stream (the sender was killed).
     let sender = node(false);
-    let to = server.local_addr().unwrap();
-    let peer = sender
-        .connect(to, Some(server.fingerprint()))
-        .await
-        .unwrap();
+    let peer = connect(&sender, &server).await;
     let connection = peer.connection.clone();
     let sending = tokio::spawn(async move {
         let source = Stalling { left: 3 * MIB };
@@ -373,12 +374,8 @@ async fn forged_trailers_wrong_sizes_and_missing_hashes_are_refused() {
         ("stream, no end mark", true, Ending::Nothing, "end mark"),
     ];
     let sender = node(false);
-    let to = server.local_addr().unwrap();
     for (what, stream, ending, why) in cases {
-        let peer = sender
-            .connect(to, Some(server.fingerprint()))
-            .await
-            .unwrap();
+        let peer = connect(&sender, &server).await;
         let verdict = hand_send(&peer, stream, &payload, ending).await;
         assert!(!verdict.verified, "{what}: {verdict:?}");
         assert!(verdict.saved_as.is_none(), "{what}: {verdict:?}");
@@ -395,10 +392,7 @@ async fn forged_trailers_wrong_sizes_and_missing_hashes_are_refused() {
         assert_eq!(names, Vec::<String>::new(), "{what}: nothing is named");
     }
     // The honest trailer is accepted, so the refusals above are the lies'.
-    let peer = sender
-        .connect(to, Some(server.fingerprint()))
-        .await
-        .unwrap();
+    let peer = connect(&sender, &server).await;
     let verdict = hand_send(&peer, true, &payload, Ending::Trailer(len, real.clone())).await;
     assert!(verdict.verified, "{verdict:?}");
     assert_eq!(verdict.blake3, real);
