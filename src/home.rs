@@ -147,6 +147,9 @@ pub fn note_fixed_code(home: &Path, code: &str) -> Result<bool, HomeError> {
 pub struct Config {
     /// `rendezvous = "HOST[:PORT]"`: the rendezvous used when none is given.
     pub rendezvous: Option<String>,
+    /// `port_mapping = false`: never ask the router to forward a port (PCP, NAT-PMP,
+    /// UPnP). `None` when not said (the default: ask).
+    pub port_mapping: Option<bool>,
 }
 
 impl Config {
@@ -170,7 +173,15 @@ impl Config {
             Some(toml::Value::String(s)) => Some(s.clone()),
             Some(_) => return Err("`rendezvous` must be a string".into()),
         };
-        Ok(Config { rendezvous })
+        let port_mapping = match table.get("port_mapping") {
+            None => None,
+            Some(toml::Value::Boolean(on)) => Some(*on),
+            Some(_) => return Err("`port_mapping` must be true or false".into()),
+        };
+        Ok(Config {
+            rendezvous,
+            port_mapping,
+        })
     }
 }
 
@@ -182,7 +193,12 @@ mod tests {
     fn config_reads_the_rendezvous_and_ignores_unknown_keys() {
         let config = Config::parse("rendezvous = \"rv.example:9200\"\nfuture = 3\n").unwrap();
         assert_eq!(config.rendezvous.as_deref(), Some("rv.example:9200"));
+        assert_eq!(config.port_mapping, None);
         assert_eq!(Config::parse("").unwrap(), Config::default());
+        let off = Config::parse("port_mapping = false\n").unwrap();
+        assert_eq!(off.port_mapping, Some(false));
+        let err = Config::parse("port_mapping = \"no\"").unwrap_err();
+        assert!(err.contains("true or false"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! 1. Leaves: [`wire`] (the probe/reply datagram format), [`addr`], [`text`] (making
 //!    peer-controlled text safe for terminals), [`home`] (where identity and config live),
 //!    [`ratelimit`], [`nat`] (NAT behaviour types and their classification), [`bbr`] (our
-//!    congestion controller, sans-IO core) and [`close_gate`].
+//!    congestion controller, sans-IO core), [`close_gate`] and [`portmap`] (asking the
+//!    router to forward our port: PCP, NAT-PMP, UPnP IGD).
 //! 2. [`punch`] (the punch state machine, sans-IO: datagrams and time in, datagrams out),
 //!    [`frame`] (length-prefixed JSON messages on QUIC streams), [`identity`] (who a peer
 //!    is) and [`congestion`] (the choice of controller).
@@ -63,6 +64,7 @@ pub mod nat;
 pub mod natcheck;
 pub mod node;
 pub mod path;
+pub mod portmap;
 pub mod punch;
 pub mod ratelimit;
 pub mod rendezvous;

@@ -235,6 +235,9 @@ pub struct Node {
     /// Set by [`Node::close`]: every connection's congestion gate opens (see
     /// [`crate::close_gate`]).
     closing: Arc<AtomicBool>,
+    /// The router's forwarding of our port, when one was asked for: a meeting offers
+    /// its address to the peer.
+    port_mapper: std::sync::OnceLock<crate::portmap::PortMapper>,
 }
 
 impl Node {
@@ -278,7 +281,38 @@ impl Node {
             paths,
             config,
             closing,
+            port_mapper: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Ask the router to forward this node's port ([`crate::portmap`]), once; `notice`
+    /// hears how it goes. Nothing happens on a loopback bind or without a gateway.
+    /// Whoever calls this releases the mapping ([`Node::release_port_mapping`]).
+    pub fn map_port(
+        &self,
+        config: crate::portmap::PortMapConfig,
+        notice: crate::portmap::OnNotice,
+    ) {
+        let Ok(local) = self.local_addr() else { return };
+        if self.port_mapper.get().is_some() {
+            return;
+        }
+        if let Some(mapper) = crate::portmap::PortMapper::start(local, config, notice) {
+            let _ = self.port_mapper.set(mapper);
+        }
+    }
+
+    /// The port mapper, when [`Node::map_port`] started one.
+    pub fn port_mapper(&self) -> Option<&crate::portmap::PortMapper> {
+        self.port_mapper.get()
+    }
+
+    /// Delete the router's forwarding of our port, if any (bounded; see
+    /// [`crate::portmap::PortMapper::release`]).
+    pub async fn release_port_mapping(&self) {
+        if let Some(mapper) = self.port_mapper.get() {
+            mapper.release().await;
+        }
     }
 
     /// The local address: the same port the socket had before hand-over.

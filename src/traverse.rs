@@ -111,6 +111,9 @@ impl Birthday {
 pub enum Kind {
     /// A private address on one of our own networks: the peers share a LAN.
     Lan,
+    /// A port the peer's router forwards to it (PCP, NAT-PMP or UPnP, see
+    /// [`crate::portmap`]): reachable from anywhere, whatever its NAT does.
+    Mapped,
     /// A global IPv6 address: no NAT, only (usually) a stateful firewall.
     Ipv6,
     /// Where a probe from the peer came from: a NAT mapping that certainly exists.
@@ -129,6 +132,7 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Lan => "lan",
+            Kind::Mapped => "mapped",
             Kind::Ipv6 => "ipv6",
             Kind::PeerReflexive => "peer_reflexive",
             Kind::Reflexive => "reflexive",

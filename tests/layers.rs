@@ -22,6 +22,7 @@ const LAYERS: &[&[&str]] = &[
         "bbr",
         "close_gate",
         "nat",
+        "portmap",
     ],
     &["punch", "frame", "identity", "congestion"],
     &["traverse", "socket", "tls", "known_peers"],

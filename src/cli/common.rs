@@ -49,7 +49,13 @@ pub fn report_connected(
     fingerprint: Fingerprint,
     path: &'static str,
     local: SocketAddr,
+    port_mapped: bool,
 ) {
+    let mapped = if port_mapped {
+        " through a port the router forwards"
+    } else {
+        ""
+    };
     let over = match path {
         "lan" => " on the LAN",
         "relayed" => " through the rendezvous's relay (end-to-end encrypted)",
@@ -62,9 +68,10 @@ pub fn report_connected(
             fingerprint,
             path,
             local_addr: local.to_string(),
+            port_mapped,
         },
         Some(format!(
-            "connected to {remote}{over} (identity {fingerprint}), encrypted with TLS 1.3 over QUIC"
+            "connected to {remote}{over}{mapped} (identity {fingerprint}), encrypted with TLS 1.3 over QUIC"
         )),
     );
 }

@@ -84,6 +84,7 @@ pub async fn run(args: DemoArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         peer.fingerprint,
         "direct",
         sending.local_addr()?,
+        false,
     );
     let progress = FileProgress::new(ui.clone(), Side::Sending);
     let reports = transfer::send_files(

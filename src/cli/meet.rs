@@ -43,6 +43,18 @@ pub fn rendezvous_name(via: Option<&str>) -> anyhow::Result<Option<String>> {
     Ok(qpunch::home::Config::load(&home)?.rendezvous)
 }
 
+/// Whether to ask the router to forward our port: not with `--no-port-mapping`, nor when
+/// the qpunch home's config.toml says `port_mapping = false`.
+pub fn port_mapping(off: bool) -> anyhow::Result<bool> {
+    if off {
+        return Ok(false);
+    }
+    let home = qpunch::home::dir()?;
+    Ok(qpunch::home::Config::load(&home)?
+        .port_mapping
+        .unwrap_or(true))
+}
+
 /// The `nat` event; the human line is short unless `detailed` (`qpunch nat-check`).
 pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
     let mut text = if !report.udp {

@@ -100,6 +100,10 @@ pub struct ReceiveArgs {
     /// receiver sends (acknowledgements, verdicts): the sender's `--cc` sets the speed.
     #[arg(long = "cc", default_value_t = Congestion::default(), value_parser = congestion_parser())]
     congestion: Congestion,
+    /// Do not ask the router to forward our port (PCP, NAT-PMP, UPnP IGD); also
+    /// `port_mapping = false` in the qpunch home's config.toml.
+    #[arg(long)]
+    no_port_mapping: bool,
 }
 
 pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
@@ -144,6 +148,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         stall_timeout: args.stall_timeout,
         min_rate: args.min_rate,
         congestion: args.congestion,
+        port_mapping: super::meet::port_mapping(args.no_port_mapping)?,
         sink: args.stdout.then(|| {
             ui.raw_text();
             qpunch::transfer::Sink::new(std::io::stdout())

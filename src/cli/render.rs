@@ -56,13 +56,14 @@ impl Render {
         progress.remove(&conn).map(|(progress, _)| progress)
     }
 
-    fn connected(&self, conn: usize, fingerprint: Fingerprint) {
+    fn connected(&self, conn: usize, fingerprint: Fingerprint, port_mapped: bool) {
         let side = if self.sending {
             Side::Sending
         } else {
             Side::Receiving(fingerprint)
         };
         let progress = FileProgress::new(self.ui.clone(), side);
+        progress.set_port_mapped(port_mapped);
         self.progress().insert(conn, (progress, Instant::now()));
     }
 
@@ -202,10 +203,23 @@ impl share::Events for Render {
                 fingerprint,
                 path,
                 local,
+                port_mapped,
             } => {
-                report_connected(ui, peer, fingerprint, path.as_str(), local);
-                self.connected(conn, fingerprint);
+                report_connected(ui, peer, fingerprint, path.as_str(), local, port_mapped);
+                self.connected(conn, fingerprint, port_mapped);
             }
+            E::PortMapped(mapped) => ui.event(
+                Event::PortMapped {
+                    protocol: mapped.protocol.as_str(),
+                    external: mapped.external.to_string(),
+                    gateway: mapped.gateway.to_string(),
+                    lifetime_secs: mapped.lifetime.as_secs(),
+                },
+                Some(format!(
+                    "the router {} forwards {} to us ({}); the mapping is deleted when qpunch stops",
+                    mapped.gateway, mapped.external, mapped.protocol
+                )),
+            ),
             E::File { conn, event } => {
                 let progress = self.progress().get(&conn).map(|(p, _)| p.clone());
                 if let Some(progress) = progress {

@@ -56,6 +56,10 @@ pub struct SendArgs {
     /// "Speed on real links").
     #[arg(long = "cc", default_value_t = Congestion::default(), value_parser = congestion_parser())]
     congestion: Congestion,
+    /// Do not ask the router to forward our port (PCP, NAT-PMP, UPnP IGD); also
+    /// `port_mapping = false` in the qpunch home's config.toml.
+    #[arg(long)]
+    no_port_mapping: bool,
 }
 
 pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
@@ -77,12 +81,23 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         stall_timeout: args.stall_timeout,
         punch_timeout: args.punch_timeout,
         congestion: args.congestion,
+        port_mapping: super::meet::port_mapping(args.no_port_mapping)?,
         ..SendConfig::default()
     };
     let render = Render::sending(ui.clone());
     let share = Share::with_events(identity, render.clone());
     let interrupted = async {
-        let _ = tokio::signal::ctrl_c().await;
+        // Cancel-safe: both only wait for a signal.
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
     };
     match share.send(&target, selection, &config, interrupted).await {
         Ok(sent) => {

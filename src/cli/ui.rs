@@ -102,6 +102,20 @@ pub enum Event {
         fingerprint: Fingerprint,
         path: &'static str,
         local_addr: String,
+        /// The direct path runs through a router's port mapping.
+        port_mapped: bool,
+    },
+    /// Our router forwards a public port to our socket (deleted when we stop).
+    PortMapped {
+        protocol: &'static str,
+        external: String,
+        gateway: String,
+        lifetime_secs: u64,
+    },
+    /// `nat-check`: what the default gateway answered to each port mapping protocol.
+    PortMapping {
+        gateway: Option<String>,
+        protocols: Vec<PortMappingProtocol>,
     },
     /// The connection moved to another path (a meeting by code).
     Path {
@@ -152,6 +166,8 @@ pub enum Event {
         seconds: f64,
         mb_per_sec: f64,
         path: String,
+        /// The connection's direct path ran through a router's port mapping.
+        port_mapped: bool,
         /// Bytes sent and received over each kind of path (a meeting by code).
         #[serde(skip_serializing_if = "Option::is_none")]
         by_path: Option<std::collections::BTreeMap<&'static str, [u64; 2]>>,
@@ -372,6 +388,7 @@ struct State {
     bytes_done: u64,
     skipped: u64,
     last_event: Option<Instant>,
+    port_mapped: bool,
 }
 
 impl FileProgress {
@@ -386,6 +403,16 @@ impl FileProgress {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remember that the connection's path runs through a router's port mapping (the
+    /// summary says so).
+    pub fn set_port_mapped(&self, on: bool) {
+        self.state().port_mapped = on;
+    }
+
+    fn port_mapped(&self) -> bool {
+        self.state().port_mapped
     }
 
     /// Remove every bar (the transfer is over or abandoned).
@@ -492,6 +519,7 @@ impl FileProgress {
                 seconds,
                 mb_per_sec,
                 path: path.to_string(),
+                port_mapped: self.port_mapped(),
                 by_path: by_path.map(by_kind),
             },
             Some(line),
@@ -697,4 +725,18 @@ fn by_kind(bytes: qpunch::path::PathBytes) -> std::collections::BTreeMap<&'stati
         .filter(|(_, (sent, received))| sent + received > 0)
         .map(|(kind, (sent, received))| (kind, [sent, received]))
         .collect()
+}
+
+/// One protocol's answer in `nat-check`'s `port_mapping` event.
+#[derive(Debug, serde::Serialize)]
+pub struct PortMappingProtocol {
+    pub protocol: &'static str,
+    /// `mapped`, `refused` or `silent`.
+    pub result: &'static str,
+    /// The mapped address (deleted again at once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external: Option<String>,
+    /// Why it refused (the gateway's words, escaped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }

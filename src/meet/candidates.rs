@@ -8,8 +8,38 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::meet::pake::MAX_CANDIDATES;
+use crate::meet::pake::{Hello, MAX_CANDIDATES};
+use crate::nat::Mapping;
 use crate::traverse::Kind;
+
+/// What separates the NAT's mapping token from the index of the mapped candidate in a
+/// hello's `nat` word: `apdm+map2` is "my NAT maps per address and port, and candidate 2
+/// is a port my router forwards to me". A peer from before port mapping reads the whole
+/// word as an unknown mapping, which it tries as easy: the right guess for a mapped port.
+const MAPPED: &str = "+map";
+
+/// The `nat` word of our hello: our mapping, and which candidate is a mapped port.
+pub fn nat_token(ours: Mapping, mapped_at: Option<usize>) -> String {
+    match mapped_at {
+        Some(at) => format!("{}{MAPPED}{at}", ours.token()),
+        None => ours.token().to_string(),
+    }
+}
+
+/// The peer's NAT mapping and its mapped port, from its hello's `nat` word (an index
+/// that names no candidate is no mapped port).
+pub fn nat_of(hello: &Hello) -> (Mapping, Option<SocketAddr>) {
+    match hello.nat.split_once(MAPPED) {
+        Some((token, at)) => {
+            let mapped = at
+                .parse::<usize>()
+                .ok()
+                .and_then(|at| hello.candidates.get(at).copied());
+            (Mapping::from_token(token), mapped)
+        }
+        None => (Mapping::from_token(&hello.nat), None),
+    }
+}
 
 /// One of our interface addresses and its prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +144,37 @@ mod tests {
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_nat_word_names_the_mapped_candidate() {
+        let hello = |nat: &str| Hello {
+            version: crate::meet::pake::VERSION,
+            role: crate::meet::pake::Role::Sender,
+            fingerprint: crate::identity::Identity::generate().unwrap().fingerprint(),
+            candidates: vec![
+                a("10.0.1.2:5000"),
+                a("198.51.100.1:40000"),
+                a("198.51.100.1:6000"),
+            ],
+            nat: nat.to_string(),
+        };
+        let apdm = Mapping::AddressAndPortDependent;
+        assert_eq!(nat_token(apdm, None), "apdm");
+        assert_eq!(nat_token(apdm, Some(1)), "apdm+map1");
+        assert_eq!(nat_of(&hello("apdm")), (apdm, None));
+        assert_eq!(
+            nat_of(&hello(&nat_token(apdm, Some(1)))),
+            (apdm, Some(a("198.51.100.1:40000")))
+        );
+        // An index out of range, or not a number: no mapped port, the mapping still read.
+        assert_eq!(nat_of(&hello("apdm+map9")), (apdm, None));
+        assert_eq!(
+            nat_of(&hello("eim+mapx")),
+            (Mapping::EndpointIndependent, None)
+        );
+        // A peer from before port mapping reads our word as unknown (tried as easy).
+        assert_eq!(Mapping::from_token("apdm+map1"), Mapping::Unknown);
     }
 
     #[test]

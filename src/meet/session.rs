@@ -49,6 +49,10 @@ use crate::traverse::{Birthday, Kind, Path, Traversal};
 const BEACON: Duration = Duration::from_secs(3);
 /// How long a finished exchange waits for the rendezvous to acknowledge our last message.
 const FINISH: Duration = Duration::from_secs(5);
+/// How long our hello waits for the router's port mapping, if it has not settled yet. The
+/// mapper starts when the node is bound, so by the time a peer is paired a gateway on the
+/// LAN has long answered; a silent one costs at most this.
+const MAPPING_WAIT: Duration = Duration::from_millis(50);
 
 /// What a meeting tells the user interface on the way.
 pub trait MeetEvents: Send + Sync {
@@ -60,6 +64,8 @@ pub trait MeetEvents: Send + Sync {
     fn hello(&self, _hello: &Hello) {}
     /// A path was found.
     fn punched(&self, _path: &Path, _kind: PathKind) {}
+    /// Something surprising that does not stop the meeting (a port mapping not offered).
+    fn warning(&self, _message: &str) {}
 }
 
 /// [`MeetEvents`] that ignores everything.
@@ -120,6 +126,8 @@ pub struct Met {
     /// The peer's paths under the connection (direct, relayed, and any found later): keep
     /// them as long as the connection is used; their events say when it moves.
     pub paths: Option<PeerPaths>,
+    /// The direct path runs through a port a router forwards (see [`Found::port_mapped`]).
+    pub port_mapped: bool,
 }
 
 /// A meeting that found its path, on the receiver's side (the sender connects to us).
@@ -138,6 +146,8 @@ pub struct Welcomed {
     pub node: Option<Arc<Node>>,
     /// The sender's paths under its coming connection: keep them as long as it is served.
     pub paths: Option<PeerPaths>,
+    /// The direct path runs through a port a router forwards (see [`Found::port_mapped`]).
+    pub port_mapped: bool,
 }
 
 /// Everything a meeting needs on one side: our node and its connection to the
@@ -192,6 +202,7 @@ impl Meeting<'_> {
             hello: found.hello,
             node: found.node,
             paths: found.paths,
+            port_mapped: found.port_mapped,
         })
     }
 
@@ -242,6 +253,7 @@ impl Meeting<'_> {
             method: found.method,
             node: found.node,
             paths: found.paths,
+            port_mapped: found.port_mapped,
         })
     }
 }
@@ -265,6 +277,11 @@ struct Found {
     hello: Hello,
     node: Option<Arc<Node>>,
     paths: Option<PeerPaths>,
+    /// The punched path runs through a router's port mapping: the address that answered
+    /// is the one the peer offered as mapped, or we offered one and the path is direct
+    /// across the internet (then it may also have come through our NAT's own mapping;
+    /// the dialling side knows for sure).
+    port_mapped: bool,
 }
 
 impl Meeting<'_> {
@@ -302,7 +319,8 @@ impl Meeting<'_> {
         }));
 
         let ifaces = candidates::interfaces();
-        let hello = own_hello(node, keys.role(), paired.observed, ours, &ifaces)?;
+        let mapped = self.mapped_port(paired.observed).await;
+        let hello = own_hello(node, keys.role(), paired.observed, ours, &ifaces, mapped)?;
         exchange.seal(&keys.seal(&hello)?).await?;
         let peer_hello = match exchange.sealed().await? {
             Ok(sealed) => match keys.open(&sealed) {
@@ -318,12 +336,15 @@ impl Meeting<'_> {
         events.hello(&peer_hello);
         // The peer's public address, as it sealed it: what the rendezvous told *it*.
         let peer_public = public_of(&peer_hello, paired.observed, &ifaces);
+        let (theirs, peer_mapped) = candidates::nat_of(&peer_hello);
+        let peer_mapped = peer_mapped.map(canonical);
         let mut offered: Vec<(SocketAddr, Kind)> = peer_hello
             .candidates
             .iter()
             .map(|&candidate| {
                 let candidate = canonical(candidate);
                 let kind = match candidates::kind_of(candidate, &ifaces) {
+                    Kind::Host if Some(candidate) == peer_mapped => Kind::Mapped,
                     Kind::Host if Some(candidate) == peer_public => Kind::Reflexive,
                     kind => kind,
                 };
@@ -336,8 +357,8 @@ impl Meeting<'_> {
         for (candidate, kind) in offered {
             let _ = updates.send(Update::Candidate(candidate, kind));
         }
-        let theirs = Mapping::from_token(&peer_hello.nat);
-        let strategy = strategy::choose(ours, theirs, &config);
+        let any_mapped = mapped.is_some() || peer_mapped.is_some();
+        let strategy = strategy::choose_with(ours, theirs, any_mapped, &config);
         let mut birthday = None;
         match (strategy.birthday, peer_public) {
             (Some(BirthdayRole::Hunt), Some(peer_public)) => {
@@ -432,6 +453,7 @@ impl Meeting<'_> {
                     hello: peer_hello,
                     node: None,
                     paths: Some(paths),
+                    port_mapped: false,
                 });
             }
         };
@@ -476,8 +498,11 @@ impl Meeting<'_> {
                 Some(paths)
             }
         };
+        let port_mapped = Some(canonical(path.peer)) == peer_mapped
+            || (mapped.is_some() && method == PathKind::Direct);
         Ok(Found {
             path: Some(path),
+            port_mapped,
             method: paths
                 .as_ref()
                 .and_then(|p| p.current())
@@ -486,6 +511,25 @@ impl Meeting<'_> {
             node: side,
             paths,
         })
+    }
+
+    /// The port our router forwards to us, to offer in our hello: waited for at most
+    /// [`MAPPING_WAIT`], and only when it names the public address the rendezvous saw us
+    /// at (anything else would aim the peer's probes at somebody else).
+    async fn mapped_port(&self, observed: SocketAddr) -> Option<SocketAddr> {
+        let mapped = self.node.port_mapper()?.settled(MAPPING_WAIT).await?;
+        match crate::portmap::vet::agrees_with(mapped.external, observed) {
+            Ok(()) => Some(canonical(mapped.external)),
+            Err(refused) => {
+                let message = format!(
+                    "the router's port mapping ({}) is not offered: {refused}",
+                    mapped.protocol
+                );
+                tracing::warn!("{message}");
+                self.events.warning(&message);
+                None
+            }
+        }
     }
 
     /// The relay of our rendezvous, when it granted one for this pairing.
@@ -648,17 +692,29 @@ fn public_of(hello: &Hello, ours: SocketAddr, ifaces: &[Interface]) -> Option<So
         .rfind(|&c| candidates::kind_of(c, ifaces) != Kind::Lan)
 }
 
-/// Our hello: fingerprint, addresses (LAN first, the public one last), NAT behaviour.
+/// Our hello: fingerprint, addresses (LAN first, then the router's mapped port if any,
+/// the public one last), NAT behaviour (and which candidate is mapped, see
+/// [`candidates::nat_token`]).
 fn own_hello(
     node: &Node,
     role: Role,
     observed: SocketAddr,
     ours: Mapping,
     ifaces: &[Interface],
+    mapped: Option<SocketAddr>,
 ) -> Result<Hello, MeetError> {
     let local = node.local_addr().map_err(NodeError::from)?;
     let observed = canonical(observed);
     let mut addrs = candidates::host_candidates(local, ifaces, observed.ip().is_loopback());
+    let mut mapped_at = None;
+    if let Some(mapped) = mapped {
+        if let Some(at) = addrs.iter().position(|&a| a == mapped) {
+            mapped_at = Some(at);
+        } else {
+            mapped_at = Some(addrs.len());
+            addrs.push(mapped);
+        }
+    }
     if !addrs.contains(&observed) {
         addrs.push(observed);
     }
@@ -668,6 +724,6 @@ fn own_hello(
         role,
         fingerprint: node.fingerprint(),
         candidates: addrs,
-        nat: ours.token().to_string(),
+        nat: candidates::nat_token(ours, mapped_at),
     })
 }

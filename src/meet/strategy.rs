@@ -87,6 +87,19 @@ pub fn choose(ours: Mapping, theirs: Mapping, config: &MeetConfig) -> Strategy {
     Strategy { birthday, patience }
 }
 
+/// [`choose`], knowing whether either side offered a port its router forwards: a mapped
+/// port takes probes from anyone, so ordinary punching toward it works whatever both NATs
+/// do, and neither side needs the birthday technique or the hard pair's short patience.
+pub fn choose_with(ours: Mapping, theirs: Mapping, mapped: bool, config: &MeetConfig) -> Strategy {
+    if mapped {
+        return Strategy {
+            birthday: None,
+            patience: config.traverse.timeout,
+        };
+    }
+    choose(ours, theirs, config)
+}
+
 /// What to tell the user when no path was found, by the two mappings.
 pub fn advice(ours: Mapping, theirs: Mapping) -> &'static str {
     if ours.is_hard() && theirs.is_hard() {
@@ -175,6 +188,31 @@ mod tests {
                     a.birthday == hunt,
                     b.birthday == hold,
                     "{ours:?} {theirs:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_mapped_port_makes_every_pair_punch_plainly() {
+        let config = MeetConfig::default();
+        let all = [
+            Mapping::None,
+            EndpointIndependent,
+            AddressDependent,
+            AddressAndPortDependent,
+            Unknown,
+        ];
+        for ours in all {
+            for theirs in all {
+                let plain = Strategy {
+                    birthday: Option::None,
+                    patience: config.traverse.timeout,
+                };
+                assert_eq!(choose_with(ours, theirs, true, &config), plain);
+                assert_eq!(
+                    choose_with(ours, theirs, false, &config),
+                    choose(ours, theirs, &config)
                 );
             }
         }

@@ -151,7 +151,15 @@ pub enum Event {
         path: PathKind,
         /// Our socket's address.
         local: SocketAddr,
+        /// The direct path runs through a port a router forwards (ours or the peer's, see
+        /// [`crate::portmap`]): the peer's mapped address answered, or we hold a mapping
+        /// and the path is direct across the internet.
+        port_mapped: bool,
     },
+    /// Our router forwards a public port to our socket (PCP, NAT-PMP or UPnP IGD); it is
+    /// offered to peers met by code and deleted when we stop. A renewal that moved it
+    /// comes again.
+    PortMapped(crate::portmap::Mapped),
     /// How the files of connection `conn` move.
     File {
         /// The connection's id.

@@ -9,7 +9,7 @@ use super::{Event, Events, ShareError, canonical, resolve_host};
 use crate::meet::MeetEvents;
 use crate::meet::code::{Code, Nameplate};
 use crate::meet::pake::Hello;
-use crate::natcheck::{self, Mapping, NatReport};
+use crate::natcheck::{self, NatReport};
 use crate::node::Node;
 use crate::path::PathKind;
 use crate::rendezvous::{self, RendezvousClient};
@@ -131,8 +131,12 @@ impl MeetEvents for Meeting {
             nameplate,
             peer,
             candidates: hello.candidates.clone(),
-            peer_nat: Mapping::from_token(&hello.nat),
+            peer_nat: crate::meet::candidates::nat_of(hello).0,
         });
+    }
+
+    fn warning(&self, message: &str) {
+        self.events.event(Event::Warning(message.to_string()));
     }
 
     fn punched(&self, path: &Path, method: PathKind) {

@@ -50,6 +50,24 @@ use crate::rendezvous::ClientError;
 use crate::transfer::TransferError;
 use crate::trust::TrustError;
 
+/// A port mapper's notices as [`Event`]s: the mapping itself, or a warning.
+fn port_notices(events: Arc<dyn Events>) -> crate::portmap::OnNotice {
+    use crate::portmap::Notice;
+    Arc::new(move |notice| {
+        events.event(match notice {
+            Notice::Mapped(mapped) => Event::PortMapped(mapped),
+            Notice::Ignored { protocol, reason } => {
+                Event::Warning(format!("ignored the router's {protocol} answer: {reason}"))
+            }
+            // The gateway's own words may be in it: escaped, as all text from the network.
+            Notice::Lost { reason } => Event::Warning(format!(
+                "the router's port mapping could not be renewed and is no longer offered: {}",
+                crate::text::peer(&reason)
+            )),
+        })
+    })
+}
+
 /// One identity and one place to report to: the two things every send and receive of an
 /// app share.
 #[derive(Clone)]

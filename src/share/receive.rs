@@ -61,6 +61,9 @@ pub struct ReceiveConfig {
     /// Write the one accepted file here rather than into `out_dir` (see
     /// [`ReceiveOptions::sink`]).
     pub sink: Option<transfer::Sink>,
+    /// Ask the router to forward our port (PCP, NAT-PMP, UPnP IGD; see
+    /// [`crate::portmap`]). Never on a loopback bind.
+    pub port_mapping: bool,
 }
 
 impl ReceiveConfig {
@@ -85,6 +88,7 @@ impl ReceiveConfig {
             min_rate: transfer::MIN_RATE,
             congestion: Congestion::default(),
             sink: None,
+            port_mapping: true,
         }
     }
 
@@ -211,6 +215,9 @@ impl Share {
             };
             tokio::spawn(serving.run())
         });
+        if config.port_mapping {
+            node.map_port(Default::default(), super::port_notices(self.events.clone()));
+        }
         let once = config.once;
         let stopped = async {
             // Cancel-safe: both branches only wait for a value.
@@ -240,6 +247,7 @@ impl Share {
         }
         let _ = stop_side.send(true);
         node.close(node::QUICK_LINGER).await;
+        node.release_port_mapping().await;
         self.emit(Event::Stats {
             socket: node.socket_stats(),
             server: Some(server_stats.get()),
@@ -261,12 +269,21 @@ impl ReceiveEvents for Served {
         let remote = peer.connection.remote_address();
         let conn = peer.connection.stable_id();
         if let Ok(local) = self.node.local_addr() {
+            let path = net::path_to(remote);
+            // Through our router's mapping only if the connection is on a direct path
+            // across the internet (a sender met by code is behind the path layer's address
+            // for it; a relayed one has no real address there).
+            let real = self.node.paths().real_addr(remote);
+            let direct = !crate::path::socket::is_mapped(real)
+                && net::path_to(real) == crate::path::PathKind::Direct;
+            let mapping = self.node.port_mapper().and_then(|m| m.current());
             self.events.event(Event::Connected {
                 conn,
                 peer: canonical(remote),
                 fingerprint: peer.fingerprint,
-                path: net::path_to(remote),
+                path,
                 local,
+                port_mapped: mapping.is_some() && direct,
             });
         }
         Arc::new(FileEvents {

@@ -67,6 +67,10 @@ pub struct SendConfig {
     pub punch_timeout: Duration,
     /// The congestion controller (the sender's decides how fast files move).
     pub congestion: Congestion,
+    /// When meeting by code through a rendezvous, ask the router to forward our port
+    /// (see [`crate::portmap`]). A send to an address never asks: the receiver never
+    /// dials the sender, so a forwarded port would open nothing anybody uses.
+    pub port_mapping: bool,
 }
 
 impl Default for SendConfig {
@@ -80,6 +84,7 @@ impl Default for SendConfig {
             stall_timeout: transfer::STALL_TIMEOUT,
             punch_timeout: PunchConfig::default().timeout,
             congestion: Congestion::default(),
+            port_mapping: true,
         }
     }
 }
@@ -96,13 +101,16 @@ pub struct Sent {
     pub to: SocketAddr,
     /// For a meeting by code: bytes that went each way, by kind of path.
     pub paths: Option<PathBytes>,
+    /// The connection started on a direct path through a router's port mapping.
+    pub port_mapped: bool,
 }
 
 impl Share {
     /// Send `files` (see [`transfer::select`]) to `to`. When `cancel` completes during
     /// the transfer, the receiver is told at once (it keeps what arrived for a resume) and
-    /// [`ShareError::Interrupted`] is returned; it is not polled before the transfer
-    /// starts.
+    /// [`ShareError::Interrupted`] is returned. It is not polled before the transfer
+    /// starts, except in a meeting by code through a rendezvous, which it also ends (so
+    /// that the router's port mapping is deleted on the way out).
     pub async fn send(
         &self,
         to: &Target,
@@ -216,7 +224,7 @@ impl Share {
             Err(TrustError::KnownPeers(e)) => return Err(e.into()),
             Err(refused) => return Err(ShareError::Trust(refused)),
         }
-        self.connected(&node, &peer, PathKind::Direct)?;
+        self.connected(&node, &peer, PathKind::Direct, false)?;
         let to = canonical(punched.peer);
         self.deliver(&node, &peer, files, config, to, cancel).await
     }
@@ -233,6 +241,34 @@ impl Share {
     ) -> Result<Sent, ShareError> {
         let socket = net::bind_dual_stack(0)?;
         let node = Arc::new(Node::new(socket, self.node_config(config))?);
+        if config.port_mapping {
+            node.map_port(Default::default(), super::port_notices(self.events.clone()));
+        }
+        let cancel = futures_util::FutureExt::shared(Box::pin(cancel));
+        // Cancel-safe: dropping the meeting aborts its probes; the mapping is released
+        // below on every way out.
+        let result = tokio::select! {
+            result = self.send_by_code_on(&node, code, rendezvous, files, config, cancel.clone()) => result,
+            () = cancel => {
+                node.close(node::QUICK_LINGER).await;
+                Err(ShareError::Interrupted)
+            }
+        };
+        node.release_port_mapping().await;
+        result
+    }
+
+    /// [`Share::send_by_code`] on its node.
+    async fn send_by_code_on(
+        &self,
+        node: &Arc<Node>,
+        code: Code,
+        rendezvous: &str,
+        files: Selection,
+        config: &SendConfig,
+        cancel: impl Future<Output = ()>,
+    ) -> Result<Sent, ShareError> {
+        let node = node.clone();
         let (client, report) = meeting::connect(
             self.events.as_ref(),
             &node,
@@ -272,7 +308,7 @@ impl Share {
             PathKind::Birthday => PathKind::Direct,
             kind => kind,
         };
-        self.connected(&sending, &met.peer, path)?;
+        self.connected(&sending, &met.peer, path, met.port_mapped)?;
         let to = canonical(
             sending
                 .paths()
@@ -284,6 +320,7 @@ impl Share {
         node.close(node::QUICK_LINGER).await;
         delivered.map(|sent| Sent {
             paths: met.paths.as_ref().map(|p| p.bytes()),
+            port_mapped: met.port_mapped,
             ..sent
         })
     }
@@ -321,7 +358,7 @@ impl Share {
             nameplate: code.nameplate().to_string(),
             addrs: dialed.sightings.addrs().to_vec(),
         });
-        self.connected(&node, &dialed.peer, PathKind::Lan)?;
+        self.connected(&node, &dialed.peer, PathKind::Lan, false)?;
         let to = canonical(dialed.peer.connection.remote_address());
         self.deliver(&node, &dialed.peer, files, config, to, cancel)
             .await
@@ -332,6 +369,7 @@ impl Share {
         node: &Node,
         peer: &PeerConnection,
         path: PathKind,
+        port_mapped: bool,
     ) -> Result<(), ShareError> {
         self.emit(Event::Connected {
             conn: peer.connection.stable_id(),
@@ -339,6 +377,7 @@ impl Share {
             fingerprint: peer.fingerprint,
             path,
             local: node.local_addr()?,
+            port_mapped,
         });
         Ok(())
     }
@@ -388,6 +427,7 @@ impl Share {
         let reports = result.map_err(ShareError::Transfer)?;
         Ok(Sent {
             paths: None,
+            port_mapped: false,
             reports,
             elapsed: started.elapsed(),
             to,

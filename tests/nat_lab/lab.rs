@@ -26,6 +26,8 @@
 
 #[path = "delay.rs"]
 pub mod delay;
+#[path = "gateway.rs"]
+pub mod gateway;
 #[path = "netns.rs"]
 pub mod netns;
 #[path = "topology.rs"]
