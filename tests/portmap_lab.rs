@@ -394,3 +394,71 @@ fn silent_router_adds_little_to_time_to_connect() {
     );
     assert!(a <= n + Duration::from_millis(100), "{a:?} against {n:?}");
 }
+
+/// Debian's miniupnpd (a real UPnP IGD, NAT-PMP and PCP server) on a lab router: all three
+/// of our clients find it and are answered. It refuses to map because the lab's public
+/// addresses are reserved (TEST-NET-2), which is why the other tests use the lab's own
+/// gateway; here each refusal must come back as an answer, not as silence, and nothing is
+/// mapped.
+#[test]
+fn miniupnpd_answers_all_three_protocols() {
+    const TEST: &str = "miniupnpd_answers_all_three_protocols";
+    if !lab::require(TEST, &["miniupnpd", "conntrack"]) {
+        return;
+    }
+    let topo = Topology::new("pmupnp", &[SiteSpec::new(Nat::Cone).ipv6(false)]);
+    let router = topo.site(0).router.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("miniupnpd.conf");
+    std::fs::write(
+        &conf,
+        "ext_ifname=wan0\nlistening_ip=lan0\nport=0\nenable_natpmp=yes\nenable_upnp=yes\n\
+         secure_mode=yes\nsystem_uptime=yes\nuuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n\
+         allow 1024-65535 10.0.1.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+    )
+    .unwrap();
+    // Its own nftables chains, as its service would create them.
+    let _ = std::process::Command::new(lab::tool_path("ip"))
+        .args(["netns", "exec", &router, "/etc/miniupnpd/nft_init.sh"])
+        .output();
+    let mut daemon = std::process::Command::new(lab::tool_path("ip"))
+        .args(["netns", "exec", &router])
+        .arg(lab::tool_path("miniupnpd"))
+        .args(["-d", "-f"])
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start miniupnpd");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _daemon = Kill(&mut daemon);
+    // It listens within moments; the survey's own timeouts cover a slow start.
+    std::thread::sleep(Duration::from_millis(500));
+    let check_home = home();
+    let mut check =
+        topo.site(0)
+            .client(0)
+            .spawn(&qpunch(), &["nat-check", "--json"], &env(&check_home));
+    let report = check.wait_for("port_mapping", Duration::from_secs(30));
+    check.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        report["gateway"],
+        topo.site(0).lan_v4.to_string(),
+        "{report}"
+    );
+    let protocols = report["protocols"].as_array().unwrap();
+    assert_eq!(protocols.len(), 3, "{report}");
+    for p in protocols {
+        assert_eq!(
+            p["result"], "refused",
+            "{p}: miniupnpd answers, and cannot map here"
+        );
+        assert!(p["why"].as_str().is_some_and(|w| !w.is_empty()), "{p}");
+    }
+}
