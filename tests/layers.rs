@@ -34,6 +34,7 @@ const LAYERS: &[&[&str]] = &[
     &["meet"],
     &["trust"],
     &["share"],
+    &["version"],
 ];
 
 /// The binary's own modules (`src/main.rs`, `src/cli/`) sit above every library room.

@@ -17,6 +17,7 @@ mod send;
 mod ui;
 
 use std::process::ExitCode;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -25,7 +26,7 @@ use qpunch::node::Congestion;
 
 /// Punch through NATs and send files directly, over QUIC.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version = version(), long_version = long_version(), about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,6 +62,32 @@ enum Command {
     Rendezvous(rendezvous::RendezvousArgs),
     /// How does this network's NAT behave? (checked against a rendezvous)
     NatCheck(natcheck::NatCheckArgs),
+}
+
+/// `-V`: the package version and, so that two users can tell why their qpunches do not
+/// talk, the protocol versions it speaks (taken from the library's constants).
+fn version() -> &'static str {
+    static VERSION: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "{} (protocols: {})",
+            env!("CARGO_PKG_VERSION"),
+            qpunch::version::summary()
+        )
+    });
+    &VERSION
+}
+
+/// `--version`: [`version`] on lines of its own, plus the exact ALPN strings.
+fn long_version() -> &'static str {
+    static LONG: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "{}\nprotocols: {}\nALPN: {}",
+            env!("CARGO_PKG_VERSION"),
+            qpunch::version::summary(),
+            qpunch::version::alpns()
+        )
+    });
+    &LONG
 }
 
 /// Parse arguments, run, and map the result to an exit status.
