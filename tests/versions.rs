@@ -170,3 +170,40 @@ fn a_newer_receivers_refusal_is_shown_escaped() {
     );
     assert!(!messages.contains('\u{1b}'), "escaped: {messages}");
 }
+
+/// A rendezvous that no longer speaks our rendezvous protocol refuses the handshake: the
+/// client names its own version instead of a bare TLS alert, and does not go on to try
+/// TCP (UDP got an answer).
+#[test]
+fn a_rendezvous_without_our_version_is_named() {
+    use qpunch::rendezvous::{ClientError, ConnectOptions, RendezvousClient, TcpMode};
+    let runtime = peer::runtime();
+    let error = runtime.block_on(async {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let identity = Identity::generate().unwrap();
+        let newer = Node::new(
+            socket,
+            NodeConfig::new(identity, b"qpunch-rendezvous/99", true),
+        )
+        .unwrap();
+        let addr = newer.local_addr().unwrap();
+        tokio::spawn(async move { while let Some(_refused) = newer.accept().await {} });
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let config = NodeConfig::new(Identity::generate().unwrap(), b"unused/1", false);
+        let client = Node::new(socket, config).unwrap();
+        let options = ConnectOptions {
+            tcp: TcpMode::Auto,
+            tcp_port: None,
+        };
+        let result = RendezvousClient::connect_with(&client, addr, options).await;
+        client.close(QUICK_LINGER).await;
+        result.expect_err("refused")
+    });
+    assert!(matches!(error, ClientError::Version { .. }), "{error:?}");
+    let ours = std::str::from_utf8(qpunch::rendezvous::ALPN).unwrap();
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("does not speak {ours} (ours)")),
+        "{message}"
+    );
+}

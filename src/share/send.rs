@@ -201,7 +201,7 @@ impl Share {
                     why,
                 });
             }
-            Err(NodeError::Connection(e)) if transfer::version::is_no_common_protocol(&e) => {
+            Err(NodeError::Connection(e)) if crate::tls::is_no_common_protocol(&e) => {
                 let refused = transfer::version::VersionError::NoCommonProtocol;
                 return Err(ShareError::Transfer(refused.into()));
             }

@@ -12,7 +12,8 @@
 //! current qpunch lists [`ALPN`] first, so two current peers always agree on it.
 //!
 //! A *newer* peer that no longer lists our version refuses us with the bare alert:
-//! [`is_no_common_protocol`] recognises it, for [`VersionError::NoCommonProtocol`].
+//! [`crate::tls::is_no_common_protocol`] recognises it, for
+//! [`VersionError::NoCommonProtocol`].
 
 use super::ALPN;
 
@@ -112,18 +113,6 @@ pub fn check_or_close(connection: &quinn::Connection, peer: Role) -> Result<(), 
     })
 }
 
-/// Whether a failed handshake was the peer (or our TLS) refusing for lack of a common
-/// application protocol: the TLS alert `no_application_protocol` (120) as a QUIC
-/// CRYPTO_ERROR, 0x100 + 120 = 0x178.
-pub fn is_no_common_protocol(error: &quinn::ConnectionError) -> bool {
-    let alert = quinn::TransportErrorCode::crypto(120);
-    match error {
-        quinn::ConnectionError::ConnectionClosed(close) => close.error_code == alert,
-        quinn::ConnectionError::TransportError(e) => e.code == alert,
-        _ => false,
-    }
-}
-
 /// The ALPN a connection negotiated.
 fn negotiated(connection: &quinn::Connection) -> Option<Vec<u8>> {
     connection
@@ -163,22 +152,5 @@ mod tests {
     fn a_refusal_escapes_the_peers_reason() {
         let e = VersionError::Refused("old\n\u{1b}[2J".into());
         assert!(!e.to_string().contains(['\n', '\u{1b}']), "{e}");
-    }
-
-    #[test]
-    fn the_alpn_alert_is_recognised() {
-        let alert = quinn::ConnectionError::TransportError(quinn_proto::TransportError {
-            code: quinn::TransportErrorCode::crypto(120),
-            frame: None,
-            reason: "peer doesn't support any known protocol".into(),
-        });
-        assert!(is_no_common_protocol(&alert));
-        let other = quinn::ConnectionError::TransportError(quinn_proto::TransportError {
-            code: quinn::TransportErrorCode::crypto(42),
-            frame: None,
-            reason: "bad certificate".into(),
-        });
-        assert!(!is_no_common_protocol(&other));
-        assert!(!is_no_common_protocol(&quinn::ConnectionError::TimedOut));
     }
 }
