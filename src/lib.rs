@@ -33,6 +33,8 @@
 //! 11. [`trust`]: whose key a sender expects at an address (trust on first use).
 //! 12. [`share`]: the high-level API of `qpunch send` and `qpunch receive` (meeting,
 //!     trust, consent, transfer and typed events), for apps that embed qpunch.
+//! 13. [`version`]: the protocol versions this build speaks (what `qpunch --version`
+//!     prints).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -77,4 +79,5 @@ pub mod tls;
 pub mod transfer;
 pub mod traverse;
 pub mod trust;
+pub mod version;
 pub mod wire;

@@ -240,3 +240,36 @@ pub fn stream_server_config(
     config.alpn_protocols = alpn.to_vec();
     Ok(Arc::new(config))
 }
+
+/// Whether a handshake failed because the two sides have no application protocol (ALPN)
+/// in common: the TLS alert `no_application_protocol` (120), which QUIC carries as the
+/// CRYPTO_ERROR 0x100 + 120 = 0x178, whichever side sent it. Usually two versions of one
+/// protocol: callers turn it into a message that names ours.
+pub fn is_no_common_protocol(error: &quinn::ConnectionError) -> bool {
+    let alert = quinn::TransportErrorCode::crypto(120);
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close) => close.error_code == alert,
+        quinn::ConnectionError::TransportError(e) => e.code == alert,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transport(alert: u8) -> quinn::ConnectionError {
+        quinn::ConnectionError::TransportError(quinn_proto::TransportError {
+            code: quinn::TransportErrorCode::crypto(alert),
+            frame: None,
+            reason: String::new(),
+        })
+    }
+
+    #[test]
+    fn the_alpn_alert_is_told_from_other_failures() {
+        assert!(is_no_common_protocol(&transport(120)));
+        assert!(!is_no_common_protocol(&transport(42)), "bad certificate");
+        assert!(!is_no_common_protocol(&quinn::ConnectionError::TimedOut));
+    }
+}

@@ -18,7 +18,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SUBCOMMANDS: [&str; 6] = ["receive", "send", "rendezvous", "nat-check", "id", "demo"];
+const SUBCOMMANDS: [&str; 8] = [
+    "receive",
+    "send",
+    "rendezvous",
+    "nat-check",
+    "id",
+    "demo",
+    "completions",
+    "man",
+];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -35,6 +35,7 @@ const LAYERS: &[&[&str]] = &[
     &["meet"],
     &["trust"],
     &["share"],
+    &["version"],
 ];
 
 /// The binary's own modules (`src/main.rs`, `src/cli/`) sit above every library room.

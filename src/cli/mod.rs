@@ -1,13 +1,16 @@
 //! The `qpunch` command line: argument parsing and the glue between library and terminal.
 //!
-//! One room per command (`send`, `receive`, `demo`, `rendezvous`, `natcheck`); what they
+//! One room per command (`send`, `receive`, `demo`, `rendezvous`, `natcheck`, and
+//! `completions` and `man`, which generate text from these very definitions); what they
 //! share lives in `common` (events and addresses), `meet` (which rendezvous, the NAT
 //! report), `render` (the library's share events) and `ui` (the terminal), so that no
 //! command imports another. `send` and `receive` are argument parsing around
 //! [`qpunch::share`].
 
 mod common;
+mod completions;
 mod demo;
+mod man;
 mod meet;
 mod natcheck;
 mod receive;
@@ -17,6 +20,7 @@ mod send;
 mod ui;
 
 use std::process::ExitCode;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -25,7 +29,7 @@ use qpunch::node::Congestion;
 
 /// Punch through NATs and send files directly, over QUIC.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version = version(), long_version = long_version(), about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,6 +65,36 @@ enum Command {
     Rendezvous(rendezvous::RendezvousArgs),
     /// How does this network's NAT behave? (checked against a rendezvous)
     NatCheck(natcheck::NatCheckArgs),
+    /// Print a shell's completion script (bash, zsh, fish, elvish, powershell).
+    Completions(completions::CompletionsArgs),
+    /// Print the manual page in roff, or write every page into a folder.
+    Man(man::ManArgs),
+}
+
+/// `-V`: the package version and, so that two users can tell why their qpunches do not
+/// talk, the protocol versions it speaks (taken from the library's constants).
+fn version() -> &'static str {
+    static VERSION: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "{} (protocols: {})",
+            env!("CARGO_PKG_VERSION"),
+            qpunch::version::summary()
+        )
+    });
+    &VERSION
+}
+
+/// `--version`: [`version`] on lines of its own, plus the exact ALPN strings.
+fn long_version() -> &'static str {
+    static LONG: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "{}\nprotocols: {}\nALPN: {}",
+            env!("CARGO_PKG_VERSION"),
+            qpunch::version::summary(),
+            qpunch::version::alpns()
+        )
+    });
+    &LONG
 }
 
 /// Parse arguments, run, and map the result to an exit status.
@@ -81,6 +115,8 @@ pub fn run() -> ExitCode {
             Command::Demo(args) => demo::run(args, ui.clone()).await,
             Command::Rendezvous(args) => rendezvous::run(args, ui.clone()).await,
             Command::NatCheck(args) => natcheck::run(args, ui.clone()).await,
+            Command::Completions(args) => completions::run(args),
+            Command::Man(args) => man::run(args),
             Command::Id => {
                 println!("{}", load_identity(&ui)?.fingerprint());
                 Ok(true)

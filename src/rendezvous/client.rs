@@ -30,6 +30,17 @@ pub enum ClientError {
         /// Why.
         source: NodeError,
     },
+    /// The rendezvous refused the handshake: it speaks none of our ALPNs, so it is
+    /// (usually) another version of qpunch.
+    #[error(
+        "the rendezvous at {addr} does not speak {ours} (ours); it is probably a different \
+         version: compare `qpunch --version` with its operator's; the older side should upgrade",
+        ours = String::from_utf8_lossy(ALPN)
+    )]
+    Version {
+        /// The rendezvous.
+        addr: SocketAddr,
+    },
     /// No answer at all within `CONNECT_TIMEOUT` (5 s): usually UDP is blocked on the way.
     #[error(
         "no answer from the rendezvous at {0} within {CONNECT_TIMEOUT:?}: is it running, and is UDP \
@@ -261,7 +272,7 @@ impl RendezvousClient {
                 addr,
                 tcp: None,
             }),
-            Ok(Err(source)) => Err(ClientError::Connect { addr, source }),
+            Ok(Err(source)) => Err(connect_error(addr, source)),
             Err(_) => Err(ClientError::Unreachable(addr)),
         }
     }
@@ -296,10 +307,7 @@ impl RendezvousClient {
                 addr,
                 tcp: Some(Arc::new(link)),
             }),
-            Ok(Err(source)) => Err(ClientError::Connect {
-                addr: tcp_addr,
-                source,
-            }),
+            Ok(Err(source)) => Err(connect_error(tcp_addr, source)),
             Err(_) => Err(ClientError::Unreachable(tcp_addr)),
         }
     }
@@ -538,6 +546,17 @@ impl Exchange {
 }
 
 /// Whether a failed UDP connect means "nobody answered" (so TCP's error says more).
+/// Why connecting to the rendezvous at `addr` failed: a refusal for lack of a common
+/// ALPN is named as a version mismatch.
+fn connect_error(addr: SocketAddr, source: NodeError) -> ClientError {
+    match source {
+        NodeError::Connection(e) if crate::tls::is_no_common_protocol(&e) => {
+            ClientError::Version { addr }
+        }
+        source => ClientError::Connect { addr, source },
+    }
+}
+
 fn udp_unanswered(error: &ClientError) -> bool {
     match error {
         ClientError::Unreachable(_) => true,

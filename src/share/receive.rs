@@ -136,6 +136,10 @@ impl Share {
             // Senders holding a LAN code ask for the meet protocol first (see `lan::ALPN`).
             node_config.alpn.push(lan::ALPN.to_vec());
         }
+        // Older files versions last, only to name them (see `transfer::version`).
+        node_config
+            .alpn
+            .extend(transfer::version::OLD_ALPNS.iter().map(|a| a.to_vec()));
         let node = Arc::new(Node::new(socket, node_config)?);
         let served = Arc::new(Served {
             events: self.events.clone(),

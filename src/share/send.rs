@@ -134,6 +134,8 @@ impl Share {
     fn node_config(&self, config: &SendConfig) -> NodeConfig {
         NodeConfig {
             congestion: config.congestion,
+            // Older versions too, only to name them (see `transfer::version`).
+            alpn: transfer::version::alpns(),
             ..NodeConfig::new(self.identity.clone(), transfer::ALPN, false)
         }
     }
@@ -206,6 +208,10 @@ impl Share {
                     peer: punched.peer,
                     why,
                 });
+            }
+            Err(NodeError::Connection(e)) if crate::tls::is_no_common_protocol(&e) => {
+                let refused = transfer::version::VersionError::NoCommonProtocol;
+                return Err(ShareError::Transfer(refused.into()));
             }
             Err(source) => {
                 let peer = punched.peer;

@@ -35,7 +35,8 @@
 //! interrupted transfer keeps its partial (when it holds at least one whole group) for
 //! the next attempt; a corrupted or short one is removed, and so is every cut stream
 //! (it cannot be resumed). Control messages are length-prefixed JSON: small,
-//! debuggable, and versioned by ALPN. The data path never holds more than a few MiB per
+//! debuggable, and versioned by ALPN (a peer of another version is told both versions by
+//! name: see [`version`]). The data path never holds more than a few MiB per
 //! stream in memory.
 
 pub mod names;
@@ -45,6 +46,7 @@ mod send;
 mod store;
 mod stream;
 pub mod tree;
+pub mod version;
 mod vet;
 mod walk;
 
@@ -104,6 +106,9 @@ pub mod codes {
     pub const CANCELLED: u32 = 6;
     /// A local file could not be read (a stream reset).
     pub const READ_FAILED: u32 = 7;
+    /// The peer speaks another version of the files protocol; the reason names both
+    /// (see [`super::version`]).
+    pub const VERSION: u32 = 8;
 }
 
 /// One file as offered by the sender.
@@ -344,6 +349,9 @@ pub enum TransferError {
     /// The peer sent something that breaks the protocol.
     #[error("protocol error: {}", crate::text::peer(.0))]
     Protocol(String),
+    /// The peer speaks another version of the files protocol.
+    #[error(transparent)]
+    Version(#[from] version::VersionError),
     /// The connection failed. Not exposed as `source()`, so that error-chain printers
     /// cannot print the peer's close reason raw.
     #[error("connection lost: {}", crate::text::peer(&.0.to_string()))]
@@ -386,6 +394,12 @@ fn stream_error(e: impl Into<StreamFailure>) -> TransferError {
                 if close.error_code == codes::NOT_ALLOWED.into() =>
             {
                 TransferError::NotAllowed(String::from_utf8_lossy(&close.reason).into_owned())
+            }
+            quinn::ConnectionError::ApplicationClosed(close)
+                if close.error_code == codes::VERSION.into() =>
+            {
+                let reason = String::from_utf8_lossy(&close.reason).into_owned();
+                TransferError::Version(version::VersionError::Refused(reason))
             }
             _ => TransferError::Connection(c),
         },

@@ -302,6 +302,10 @@ impl Receiver {
         observer: Arc<dyn Observer>,
     ) -> (Result<Vec<FileReport>, TransferError>, bool) {
         let conn = &peer.connection;
+        // First, before any policy: an older sender learns why, whoever it is.
+        if let Err(e) = super::version::check_or_close(conn, super::version::Role::Sender) {
+            return (Err(e.into()), false);
+        }
         let mut ticket = self.take_ticket(&peer.fingerprint);
         let listed =
             matches!(&self.options.policy, Policy::Allow(list) if list.contains(&peer.fingerprint));

@@ -330,13 +330,15 @@ enum Job {
 ///
 /// Returns one report per file, in order; a file counts as sent only when the receiver
 /// confirmed its hash. Connection-level failures (refused sender, lost connection) are
-/// errors.
+/// errors. A connection that negotiated an older files ALPN is closed first, with both
+/// versions named ([`super::version`]).
 pub async fn send_files_with(
     connection: &quinn::Connection,
     files: Vec<Outgoing>,
     observer: Arc<dyn Observer>,
     options: SendOptions,
 ) -> Result<Vec<FileReport>, TransferError> {
+    super::version::check_or_close(connection, super::version::Role::Receiver)?;
     if files.len() + options.empty_dirs.len() > super::MAX_FILES {
         return Err(TransferError::protocol(format!(
             "at most {} files and folders per send",
