@@ -216,8 +216,15 @@ impl share::Events for Render {
                     lifetime_secs: mapped.lifetime.as_secs(),
                 },
                 Some(format!(
-                    "the router {} forwards {} to us ({}); the mapping is deleted when qpunch stops",
-                    mapped.gateway, mapped.external, mapped.protocol
+                    "the router {} forwards {} to us ({}){}; the mapping is deleted when qpunch stops",
+                    mapped.gateway,
+                    mapped.external,
+                    mapped.protocol,
+                    if self.sending {
+                        String::new()
+                    } else {
+                        format!(": senders outside can use --to {}", mapped.external)
+                    }
                 )),
             ),
             E::File { conn, event } => {

@@ -126,7 +126,10 @@ pub struct Met {
     /// The peer's paths under the connection (direct, relayed, and any found later): keep
     /// them as long as the connection is used; their events say when it moves.
     pub paths: Option<PeerPaths>,
-    /// The direct path runs through a port a router forwards (see [`Found::port_mapped`]).
+    /// The direct path runs through a port a router forwards: the address that answered is
+    /// the peer's mapped one, or we offered one and the path is direct across the internet
+    /// (then it may also have come through our NAT's own mapping; the dialling side knows
+    /// for sure).
     pub port_mapped: bool,
 }
 
@@ -146,7 +149,10 @@ pub struct Welcomed {
     pub node: Option<Arc<Node>>,
     /// The sender's paths under its coming connection: keep them as long as it is served.
     pub paths: Option<PeerPaths>,
-    /// The direct path runs through a port a router forwards (see [`Found::port_mapped`]).
+    /// The direct path runs through a port a router forwards: the address that answered is
+    /// the peer's mapped one, or we offered one and the path is direct across the internet
+    /// (then it may also have come through our NAT's own mapping; the dialling side knows
+    /// for sure).
     pub port_mapped: bool,
 }
 
