@@ -462,3 +462,126 @@ fn miniupnpd_answers_all_three_protocols() {
         assert!(p["why"].as_str().is_some_and(|w| !w.is_empty()), "{p}");
     }
 }
+
+/// A lease shorter than the session is renewed: the mapping outlives its first lifetime,
+/// on the same port, and is still deleted at the end.
+#[test]
+fn a_short_lease_is_renewed_while_in_use() {
+    const TEST: &str = "a_short_lease_is_renewed_while_in_use";
+    if !lab::require(TEST, &[]) {
+        return;
+    }
+    let topo = Topology::new("pmrenew", &[SiteSpec::new(Nat::Cone).ipv6(false)]);
+    let gateway = PortMapGateway::start(topo.site(0), Behaviour::ShortLifetime(12));
+    let (rx_home, out) = (home(), tempfile::tempdir().unwrap());
+    let (mut receiver, _) = receive(topo.site(0).client(0), out.path(), &rx_home, &[]);
+    let mapped = receiver.wait_for("port_mapped", Duration::from_secs(10));
+    assert_eq!(mapped["lifetime_secs"], 12, "{mapped}");
+    let first = gateway.granted()[0];
+    let asked = gateway.requests();
+    std::thread::sleep(Duration::from_secs(14));
+    let now = gateway.granted();
+    assert_eq!(now.len(), 1, "expired instead of renewed: {now:?}");
+    assert_eq!(now[0].external_port, first.external_port);
+    assert!(now[0].expires > first.expires, "{now:?} against {first:?}");
+    assert!(gateway.requests() > asked, "no renewal request");
+    assert!(
+        events(&receiver.seen, "warning").is_empty(),
+        "{}",
+        receiver.describe()
+    );
+    unsafe { libc::kill(receiver.pid() as i32, libc::SIGTERM) };
+    receiver.wait_exit(Duration::from_secs(10));
+    assert!(gateway.granted().is_empty(), "{:?}", gateway.granted());
+}
+
+/// A gateway that names another public address than the one the rendezvous saw (here the
+/// public host's): the mapping is not offered to the peer, with a warning, and the
+/// meeting goes on without it.
+#[test]
+fn a_mapping_to_another_public_address_is_not_offered() {
+    const TEST: &str = "a_mapping_to_another_public_address_is_not_offered";
+    if !lab::require(TEST, &["tc"]) {
+        return;
+    }
+    let topo = Topology::new(
+        "pmlie",
+        &[
+            SiteSpec::new(Nat::Cone).ipv6(false),
+            SiteSpec::new(Nat::Cone).ipv6(false),
+        ],
+    );
+    let _gateway = PortMapGateway::start(topo.site(0), Behaviour::ClaimsAddress(PUBLIC_V4));
+    let rv_home = home();
+    let _rv = rendezvous(&topo, &rv_home);
+    let via = format!("{PUBLIC_V4}:{RV_PORT}");
+    let (rx_home, out) = (home(), tempfile::tempdir().unwrap());
+    let (mut receiver, code) = receive(
+        topo.site(0).client(0),
+        out.path(),
+        &rx_home,
+        &["--via", &via, "--port", "0"],
+    );
+    let mapped = receiver.wait_for("port_mapped", Duration::from_secs(10));
+    let claimed = mapped["external"].as_str().unwrap().to_string();
+    assert!(claimed.starts_with(&PUBLIC_V4.to_string()), "{mapped}");
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), 50_000);
+    let tx_home = home();
+    let mut sender = topo.site(1).client(0).spawn(
+        &qpunch(),
+        &["send", file.to_str().unwrap(), "--to", &code, "--via", &via, "--json"],
+        &env(&tx_home),
+    );
+    let (status, _) = sender.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{}\n{}", sender.describe(), receiver.describe());
+    let paired = events(&sender.seen, "paired")[0].clone();
+    let offered: Vec<&str> = paired["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    assert!(!offered.contains(&claimed.as_str()), "{paired}");
+    assert!(!paired["peer_nat"].as_str().unwrap().contains("map"), "{paired}");
+    let received = receiver.wait_for("received", Duration::from_secs(30));
+    assert_eq!(received["blake3"], hash.as_str());
+    receiver.wait_exit(Duration::from_secs(20));
+    let warned = events(&receiver.seen, "warning").iter().any(|w| {
+        let message = w["message"].as_str().unwrap_or_default();
+        message.contains("not offered") && message.contains("the internet sees us at")
+    });
+    assert!(warned, "{}", receiver.describe());
+}
+
+/// Direct mode through a forwarded port: a receiver behind a symmetric NAT, with no
+/// rendezvous, is reached by a sender on the internet at the address its banner names.
+#[test]
+fn a_sender_outside_reaches_a_mapped_receiver_directly() {
+    const TEST: &str = "a_sender_outside_reaches_a_mapped_receiver_directly";
+    if !lab::require(TEST, &[]) {
+        return;
+    }
+    let topo = Topology::new("pmdirect", &[SiteSpec::new(Nat::Symmetric).ipv6(false)]);
+    let _gateway = PortMapGateway::start(topo.site(0), Behaviour::Honest);
+    let (rx_home, out) = (home(), tempfile::tempdir().unwrap());
+    let (mut receiver, _) = receive(topo.site(0).client(0), out.path(), &rx_home, &[]);
+    let listening = receiver.seen.iter().find(|e| e["event"] == "listening").cloned();
+    let fingerprint = listening.unwrap()["fingerprint"].as_str().unwrap().to_string();
+    let mapped = receiver.wait_for("port_mapped", Duration::from_secs(10));
+    let external = mapped["external"].as_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), 100_000);
+    let tx_home = home();
+    let mut sender = topo.public().spawn(
+        &qpunch(),
+        &["send", file.to_str().unwrap(), "--to", &external, "--peer", &fingerprint, "--json"],
+        &env(&tx_home),
+    );
+    let (status, _) = sender.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{}\n{}", sender.describe(), receiver.describe());
+    let received = receiver.wait_for("received", Duration::from_secs(30));
+    assert_eq!(received["blake3"], hash.as_str());
+    let connected = events(&receiver.seen, "connected")[0].clone();
+    assert_eq!(connected["port_mapped"], true, "{connected}");
+}

@@ -456,3 +456,19 @@ pub async fn survey(local: SocketAddr, config: PortMapConfig) -> Survey {
         protocols,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_loopback_bind_or_no_port_never_asks() {
+        let notice: OnNotice = Arc::new(|n| panic!("nothing to notice: {n:?}"));
+        for local in ["127.0.0.1:5000", "[::1]:5000", "127.0.0.2:9199"] {
+            let local: SocketAddr = local.parse().unwrap();
+            assert!(PortMapper::start(local, PortMapConfig::default(), notice.clone()).is_none());
+        }
+        let unbound: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        assert!(PortMapper::start(unbound, PortMapConfig::default(), notice).is_none());
+    }
+}

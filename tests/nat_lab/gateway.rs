@@ -38,6 +38,8 @@ pub enum Behaviour {
     ClaimsAddress(Ipv4Addr),
     /// Map, but grant a lifetime of `u32::MAX` seconds.
     AbsurdLifetime,
+    /// Map truthfully, granting at most this many seconds (a client must renew).
+    ShortLifetime(u32),
 }
 
 /// One granted mapping.
@@ -194,6 +196,7 @@ impl Server {
     fn granted_lifetime(&self, asked: u32) -> u32 {
         match self.behaviour {
             Behaviour::AbsurdLifetime if asked > 0 => u32::MAX,
+            Behaviour::ShortLifetime(most) => asked.min(most),
             _ => asked.min(3600),
         }
     }

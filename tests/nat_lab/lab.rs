@@ -24,6 +24,8 @@
 
 #![allow(dead_code)]
 
+#[path = "coturn.rs"]
+pub mod coturn;
 #[path = "delay.rs"]
 pub mod delay;
 #[path = "gateway.rs"]
