@@ -330,7 +330,9 @@ async fn run(
     loop {
         let wait = match held.as_mut() {
             None => {
-                // Cancel-safe: `changed` loses nothing; a half-done request is retried.
+                // Cancel-safe: `changed` loses nothing. A request cut off by a stop may
+                // leave a mapping the gateway granted at that instant: it expires after
+                // its lifetime (waiting for it could hold an exit up for seconds).
                 let found = tokio::select! {
                     found = obtain(gateway, port, config, &notice) => found,
                     _ = stopped.changed() => return,
