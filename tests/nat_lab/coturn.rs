@@ -110,7 +110,11 @@ impl Coturn {
             ]);
         }
         for (user, password) in &config.users {
-            args.extend(["--lt-cred-mech".into(), "--user".into(), format!("{user}:{password}")]);
+            args.extend([
+                "--lt-cred-mech".into(),
+                "--user".into(),
+                format!("{user}:{password}"),
+            ]);
         }
         match &config.tls {
             Some((cert, key)) => args.extend([
