@@ -48,6 +48,14 @@ pub enum Event {
     },
     /// Our NAT, as checked against a rendezvous.
     Nat(qpunch::natcheck::NatReport),
+    /// Our NAT, as checked against a STUN server (`nat-check --stun`): the same fields as
+    /// `nat`, with the server as named and the address asked.
+    StunNat {
+        server: String,
+        addr: String,
+        #[serde(flatten)]
+        report: qpunch::natcheck::NatReport,
+    },
     /// The rendezvous was reached over TLS on TCP, not UDP.
     RendezvousOverTcp {
         /// The rendezvous, as named.

@@ -1,0 +1,140 @@
+//! STUN against a real server we did not write (needs root; skipped loudly without):
+//! Debian's coturn on the lab's public host, with two addresses for RFC 5780
+//! (`tests/nat_lab/coturn.rs`). The `qpunch` binary runs on each site.
+//!
+//! - `nat-check --stun` gives the same verdicts (UDP, mapping, filtering, public address)
+//!   as `nat-check --via` against our own rendezvous, for every router mode.
+
+#[path = "nat_lab/lab.rs"]
+mod lab;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lab::coturn::{Coturn, CoturnConfig};
+use lab::{Nat, PUBLIC_V4, PUBLIC_V4_ALT, Proc, SiteSpec, Topology};
+use serde_json::Value;
+
+const RV_PORT: u16 = 9200;
+
+fn qpunch() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_qpunch"))
+}
+
+fn env(home: &tempfile::TempDir) -> [(&'static str, &Path); 1] {
+    [("QPUNCH_HOME", home.path())]
+}
+
+/// The last event of `kind` a finished process printed.
+fn last(proc: &Proc, kind: &str) -> Value {
+    proc.seen
+        .iter()
+        .rev()
+        .find(|e| e["event"] == kind)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {kind} event\n{}", proc.describe()))
+}
+
+/// Run `nat-check` with `args` on every site at once; their finished processes.
+fn nat_checks(topo: &Topology, sites: usize, args: &[&str]) -> Vec<Proc> {
+    let homes: Vec<_> = (0..sites).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut procs: Vec<Proc> = (0..sites)
+        .map(|i| {
+            topo.site(i)
+                .client(0)
+                .spawn(&qpunch(), args, &env(&homes[i]))
+        })
+        .collect();
+    for proc in &mut procs {
+        proc.wait_exit(Duration::from_secs(40));
+    }
+    procs
+}
+
+/// `nat-check --stun` against coturn says what `nat-check --via` against our rendezvous
+/// says, per router mode (RFC 4787 terms; RFC 5780 tests against coturn's two addresses).
+#[test]
+fn stun_check_agrees_with_the_rendezvous_per_router_mode() {
+    const TEST: &str = "stun_check_agrees_with_the_rendezvous_per_router_mode";
+    if !lab::require(TEST, &["turnserver"]) {
+        return;
+    }
+    let modes = [Nat::Open, Nat::Cone, Nat::Symmetric, Nat::UdpBlocked];
+    let specs: Vec<SiteSpec> = modes
+        .iter()
+        .map(|&m| SiteSpec::new(m).ipv6(false))
+        .collect();
+    let topo = Topology::new("stn", &specs);
+    let rv_home = tempfile::tempdir().unwrap();
+    let port = RV_PORT.to_string();
+    let rv_args = ["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
+    let mut rv = topo.public().spawn(&qpunch(), &rv_args, &env(&rv_home));
+    rv.wait_for("rendezvous", Duration::from_secs(20));
+    let coturn = Coturn::start(
+        topo.public(),
+        CoturnConfig::new(&[PUBLIC_V4.into(), PUBLIC_V4_ALT.into()], None),
+    );
+    let stun = coturn.addr().to_string();
+    let via = format!("{PUBLIC_V4}:{RV_PORT}");
+
+    let quiet = ["--json", "--no-port-mapping"];
+    let by_rv = nat_checks(
+        &topo,
+        modes.len(),
+        &[&["nat-check", "--via", &via], &quiet[..]].concat(),
+    );
+    let by_stun = nat_checks(
+        &topo,
+        modes.len(),
+        &[&["nat-check", "--stun", &stun], &quiet[..]].concat(),
+    );
+    let expected = [
+        (true, "endpoint-independent", "endpoint-independent"),
+        (true, "endpoint-independent", "address-and-port-dependent"),
+        (
+            true,
+            "address-and-port-dependent",
+            "address-and-port-dependent",
+        ),
+        (false, "unknown", "unknown"),
+    ];
+    for (i, (mode, (udp, mapping, filtering))) in modes.iter().zip(expected).enumerate() {
+        let theirs = last(&by_rv[i], "nat");
+        let ours = last(&by_stun[i], "stun_nat");
+        assert!(
+            events_of(&by_rv[i], "stun_nat").is_empty(),
+            "--via alone asks no STUN server: {}",
+            by_rv[i].describe()
+        );
+        assert_eq!(ours["server"], stun.as_str(), "{ours}");
+        for key in ["udp", "mapping", "filtering", "port_preserved"] {
+            assert_eq!(
+                ours[key],
+                theirs[key],
+                "{mode:?}: {key} differs\nSTUN: {ours}\nrendezvous: {theirs}\n{}",
+                coturn.log()
+            );
+        }
+        assert_eq!(ours["udp"], udp, "{mode:?}: {ours}");
+        assert_eq!(ours["mapping"], mapping, "{mode:?}: {ours}");
+        assert_eq!(ours["filtering"], filtering, "{mode:?}: {ours}");
+        if udp {
+            // Same public IP; the port too where the NAT maps endpoint-independently.
+            let public: SocketAddr = ours["public"].as_str().unwrap().parse().unwrap();
+            let site = topo.sites().iter().find(|s| s.spec.nat == *mode).unwrap();
+            assert_eq!(public.ip(), std::net::IpAddr::from(site.wan_v4), "{ours}");
+            // The RFC 5780 tests ran: three targets, coturn's other address among them.
+            let targets = ours["observations"].as_array().unwrap();
+            assert_eq!(targets.len(), 3, "{ours}");
+            assert!(
+                ours.to_string().contains(&PUBLIC_V4_ALT.to_string()),
+                "{ours}"
+            );
+        }
+    }
+}
+
+fn events_of<'a>(proc: &'a Proc, kind: &str) -> Vec<&'a Value> {
+    proc.seen.iter().filter(|e| e["event"] == kind).collect()
+}
