@@ -319,6 +319,95 @@ pub async fn reflexive(socket: &Arc<DemuxSocket>, server: SocketAddr) -> Option<
         .map(|b| b.mapped)
 }
 
+/// Most STUN servers asked for candidates at once (the rest of a longer list is ignored):
+/// each answer can add at most one candidate, and the hello has little room.
+pub const MAX_DISCOVERY: usize = 3;
+
+/// How long a server's name may take to resolve in a discovery.
+const RESOLVE_WAIT: Duration = Duration::from_secs(2);
+
+/// Our reflexive addresses as STUN servers see the node's socket, learned in the
+/// background from bind time on ([`crate::node::Node::discover_stun`]), so a meeting
+/// never waits on a STUN server for more than its own short bound ([`Discovery::settled`]).
+#[derive(Debug)]
+pub struct Discovery {
+    found: tokio::sync::watch::Receiver<(Vec<SocketAddr>, bool)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Discovery {
+    /// Ask each of `servers` (`HOST[:PORT]`, at most [`MAX_DISCOVERY`]) for our address,
+    /// all at once, from `socket`. Names are resolved here, bounded, in the background.
+    pub fn start(socket: Arc<DemuxSocket>, servers: &[String]) -> Discovery {
+        let (tx, found) = tokio::sync::watch::channel((Vec::new(), false));
+        let servers: Vec<String> = servers.iter().take(MAX_DISCOVERY).cloned().collect();
+        let task = tokio::spawn(async move {
+            let ask = servers.iter().map(|name| {
+                let socket = socket.clone();
+                let tx = tx.clone();
+                async move {
+                    let local = quinn::AsyncUdpSocket::local_addr(&*socket).ok();
+                    let server = resolve(name, local).await?;
+                    let mapped = reflexive(&socket, server).await?;
+                    tracing::debug!(%server, %mapped, "a STUN server sees us");
+                    tx.send_modify(|(found, _)| {
+                        if !found.contains(&mapped) {
+                            found.push(mapped);
+                        }
+                    });
+                    Some(())
+                }
+            });
+            futures_util::future::join_all(ask).await;
+            tx.send_modify(|(_, done)| *done = true);
+        });
+        Discovery { found, task }
+    }
+
+    /// What was found so far, waiting up to `wait` for the servers still being asked.
+    pub async fn settled(&self, wait: Duration) -> Vec<SocketAddr> {
+        let mut found = self.found.clone();
+        // A closed channel (the task ended) leaves what it sent.
+        let _ = tokio::time::timeout(wait, found.wait_for(|(_, done)| *done)).await;
+        let found = found.borrow().0.clone();
+        found
+    }
+}
+
+/// The first address `name` resolves to that `local`'s socket can reach (IPv4 on an
+/// IPv4 socket), bounded by [`RESOLVE_WAIT`].
+async fn resolve(name: &str, local: Option<SocketAddr>) -> Option<SocketAddr> {
+    let name = with_port(name);
+    let addrs = tokio::time::timeout(RESOLVE_WAIT, tokio::net::lookup_host(name.as_str()))
+        .await
+        .ok()?
+        .ok()?;
+    let v4_only = local.is_some_and(|l| l.is_ipv4());
+    addrs.map(canonical).find(|a| !v4_only || a.is_ipv4())
+}
+
+/// `HOST[:PORT]` with [`DEFAULT_PORT`] when it names none (an IPv6 literal bare or in
+/// brackets).
+fn with_port(name: &str) -> String {
+    if name.parse::<SocketAddr>().is_ok() {
+        return name.to_string();
+    }
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return SocketAddr::new(ip, DEFAULT_PORT).to_string();
+    }
+    match name.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => name.to_string(),
+        _ => format!("{name}:{DEFAULT_PORT}"),
+    }
+}
+
 /// Classify our NAT against one STUN server as RFC 5780 §4 does, from `socket`
 /// (`qpunch nat-check --stun`). `known` holds every address the server's name resolved
 /// to: an OTHER-ADDRESS is probed only when it is plausibly the server's own.
@@ -424,6 +513,16 @@ mod tests {
         }
         message.add_fingerprint().unwrap();
         message.finish()
+    }
+
+    #[test]
+    fn names_get_the_default_port() {
+        assert_eq!(with_port("stun.example"), "stun.example:3478");
+        assert_eq!(with_port("stun.example:19302"), "stun.example:19302");
+        assert_eq!(with_port("2001:db8::1"), "[2001:db8::1]:3478");
+        assert_eq!(with_port("[2001:db8::1]"), "[2001:db8::1]:3478");
+        assert_eq!(with_port("[2001:db8::1]:5"), "[2001:db8::1]:5");
+        assert_eq!(with_port("192.0.2.1"), "192.0.2.1:3478");
     }
 
     #[test]

@@ -4,6 +4,10 @@
 //!
 //! - `nat-check --stun` gives the same verdicts (UDP, mapping, filtering, public address)
 //!   as `nat-check --via` against our own rendezvous, for every router mode.
+//! - A receiver with `stun = [...]` in its config.toml offers what coturn saw of it as
+//!   one more candidate in its sealed hello (behind a symmetric NAT, another port than the
+//!   rendezvous saw), before the rendezvous's; without the list it offers none, and the
+//!   file arrives either way.
 
 #[path = "nat_lab/lab.rs"]
 mod lab;
@@ -137,4 +141,125 @@ fn stun_check_agrees_with_the_rendezvous_per_router_mode() {
 
 fn events_of<'a>(proc: &'a Proc, kind: &str) -> Vec<&'a Value> {
     proc.seen.iter().filter(|e| e["event"] == kind).collect()
+}
+
+/// A receiver behind a symmetric NAT meets a sender by code; returns the receiver's
+/// candidates as the sender saw them (its `paired` event), after the file arrived.
+fn meet(topo: &Topology, stun: Option<&str>) -> Vec<SocketAddr> {
+    let via = format!("{PUBLIC_V4}:{RV_PORT}");
+    let rx_home = tempfile::tempdir().unwrap();
+    if let Some(stun) = stun {
+        std::fs::write(
+            rx_home.path().join("config.toml"),
+            format!("stun = [\"{stun}\"]\n"),
+        )
+        .unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "receive",
+        "--out",
+        out.path().to_str().unwrap(),
+        "--yes",
+        "--once",
+        "--json",
+        "--no-port-mapping",
+        "--via",
+        &via,
+    ];
+    let mut rx = topo
+        .site(1)
+        .client(0)
+        .spawn(&qpunch(), &args, &env(&rx_home));
+    let code = loop {
+        let listening = rx.wait_for("listening", Duration::from_secs(30));
+        if let Some(code) = listening["code"].as_str() {
+            break code.to_string();
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stun.bin");
+    std::fs::write(&file, vec![7u8; 64 << 10]).unwrap();
+    let tx_home = tempfile::tempdir().unwrap();
+    let args = [
+        "send",
+        file.to_str().unwrap(),
+        "--to",
+        &code,
+        "--via",
+        &via,
+        "--json",
+        "--no-port-mapping",
+    ];
+    let mut tx = topo
+        .site(0)
+        .client(0)
+        .spawn(&qpunch(), &args, &env(&tx_home));
+    let (status, _) = tx.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "sender: {}", tx.describe());
+    rx.wait_for("received", Duration::from_secs(30));
+    let paired = last(&tx, "paired");
+    paired["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// What coturn saw of a receiver becomes a candidate in its hello, before the
+/// rendezvous's observed address (still last); nothing is added without a `stun` list.
+#[test]
+fn stun_reflexive_address_becomes_a_candidate() {
+    const TEST: &str = "stun_reflexive_address_becomes_a_candidate";
+    if !lab::require(TEST, &["turnserver"]) {
+        return;
+    }
+    let specs = [
+        SiteSpec::new(Nat::Open).ipv6(false),
+        SiteSpec::new(Nat::Symmetric).ipv6(false),
+    ];
+    let topo = Topology::new("stc", &specs);
+    let rv_home = tempfile::tempdir().unwrap();
+    let port = RV_PORT.to_string();
+    let rv_args = ["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
+    let mut rv = topo.public().spawn(&qpunch(), &rv_args, &env(&rv_home));
+    rv.wait_for("rendezvous", Duration::from_secs(20));
+    let coturn = Coturn::start(
+        topo.public(),
+        CoturnConfig::new(&[PUBLIC_V4.into(), PUBLIC_V4_ALT.into()], None),
+    );
+    let wan = std::net::IpAddr::from(topo.site(1).wan_v4);
+    let public = |candidates: &[SocketAddr]| -> Vec<SocketAddr> {
+        candidates
+            .iter()
+            .copied()
+            .filter(|c| c.ip() == wan)
+            .collect()
+    };
+
+    let without = meet(&topo, None);
+    assert_eq!(
+        public(&without).len(),
+        1,
+        "only the rendezvous's view: {without:?}"
+    );
+
+    let with = meet(&topo, Some(&coturn.addr().to_string()));
+    let seen = public(&with);
+    assert_eq!(
+        seen.len(),
+        2,
+        "coturn's view and the rendezvous's: {with:?}"
+    );
+    assert_ne!(
+        seen[0].port(),
+        seen[1].port(),
+        "a symmetric NAT maps each server apart"
+    );
+    assert_eq!(
+        with.last(),
+        Some(&seen[1]),
+        "the rendezvous's view stays last: {with:?}"
+    );
 }
