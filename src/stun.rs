@@ -83,7 +83,7 @@ pub fn is_stun(data: &[u8]) -> bool {
         && data[0] & 0xC0 == 0
         && data[4..8] == MAGIC_COOKIE
         && usize::from(u16::from_be_bytes([data[2], data[3]])) == data.len() - 20
-        && data.len() % 4 == 0
+        && data.len().is_multiple_of(4)
 }
 
 /// The transaction id of a datagram that [`is_stun`].
@@ -375,8 +375,7 @@ impl Discovery {
         let mut found = self.found.clone();
         // A closed channel (the task ended) leaves what it sent.
         let _ = tokio::time::timeout(wait, found.wait_for(|(_, done)| *done)).await;
-        let found = found.borrow().0.clone();
-        found
+        found.borrow().0.clone()
     }
 }
 
