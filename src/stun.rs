@@ -15,7 +15,8 @@
 //! address is vetted ([`plausible_public`]), at most offered in our hello (which the peer
 //! probes before using, and QUIC is pinned by fingerprint), and never decides where a
 //! connection goes. An OTHER-ADDRESS is probed only when it is plausibly the server's own
-//! ([`crate::natcheck::its_own`]), so a lying server cannot aim our requests at a victim.
+//! (the rule [`crate::natcheck::check_known`] applies to a rendezvous), so a lying server
+//! cannot aim our requests at a victim.
 //!
 //! The message format is [`stun_types`] (the parser of the sans-IO `stun-proto` family,
 //! also under `turn-client-proto`): maintained, `no_std`-clean, it checks lengths,
