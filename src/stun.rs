@@ -619,4 +619,37 @@ mod tests {
         let request = binding_request(txid, Change::default());
         assert!(parse_binding_response(&request, txid, true).is_err());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Garbage, and real answers with bytes flipped: the demultiplexer's test and
+            /// the parser never panic, and whatever parses passes the vetting.
+            #[test]
+            fn parsing_never_panics_and_only_vetted_addresses_pass(
+                bytes in proptest::collection::vec(any::<u8>(), 0..200),
+                flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+                port in any::<u16>(),
+                ip in any::<[u8; 4]>(),
+            ) {
+                let txid = [9; 12];
+                let _ = is_stun(&bytes);
+                if let Ok(binding) = parse_binding_response(&bytes, txid, true) {
+                    prop_assert!(plausible_public(binding.mapped));
+                }
+                let mapped = SocketAddr::from((ip, port));
+                let mut real = response(txid, mapped, Some(a("198.51.100.11:3479")));
+                for (at, bits) in flips {
+                    let len = real.len();
+                    real[at % len] ^= bits;
+                }
+                if let Ok(binding) = parse_binding_response(&real, txid, true) {
+                    prop_assert!(plausible_public(binding.mapped));
+                    prop_assert!(binding.mapped.is_ipv4());
+                }
+            }
+        }
+    }
 }
