@@ -8,6 +8,7 @@
 //!   one more candidate in its sealed hello (behind a symmetric NAT, another port than the
 //!   rendezvous saw), before the rendezvous's; without the list it offers none, and the
 //!   file arrives either way.
+//! - The public default STUN servers are asked only with no rendezvous and no list.
 
 #[path = "nat_lab/lab.rs"]
 mod lab;
@@ -261,5 +262,81 @@ fn stun_reflexive_address_becomes_a_candidate() {
         with.last(),
         Some(&seen[1]),
         "the rendezvous's view stays last: {with:?}"
+    );
+}
+
+/// `nat-check` names the public default STUN servers (and would ask them) only with no
+/// rendezvous and no `stun` list: a configured rendezvous or list means nobody else.
+#[test]
+fn default_stun_servers_only_without_rendezvous_or_list() {
+    const TEST: &str = "default_stun_servers_only_without_rendezvous_or_list";
+    if !lab::require(TEST, &["turnserver"]) {
+        return;
+    }
+    let topo = Topology::new("std", &[SiteSpec::new(Nat::Cone).ipv6(false)]);
+    let rv_home = tempfile::tempdir().unwrap();
+    let port = RV_PORT.to_string();
+    let rv_args = ["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
+    let mut rv = topo.public().spawn(&qpunch(), &rv_args, &env(&rv_home));
+    rv.wait_for("rendezvous", Duration::from_secs(20));
+    let coturn = Coturn::start(
+        topo.public(),
+        CoturnConfig::new(&[PUBLIC_V4.into(), PUBLIC_V4_ALT.into()], None),
+    );
+    let stun = coturn.addr().to_string();
+    let configs = [
+        String::new(),
+        format!("rendezvous = \"{PUBLIC_V4}:{RV_PORT}\"\n"),
+        format!("stun = [\"{stun}\"]\n"),
+    ];
+    let mut runs = Vec::new();
+    for config in &configs {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::write(home.path().join("config.toml"), config).unwrap();
+        let args = ["nat-check", "--json", "--no-port-mapping"];
+        let mut proc = topo.site(0).client(0).spawn(&qpunch(), &args, &env(&home));
+        // The lab has no DNS: the defaults fail to resolve, each within its bound.
+        proc.wait_exit(Duration::from_secs(20));
+        runs.push(proc);
+    }
+    let defaults = events_of(&runs[0], "stun_defaults");
+    assert_eq!(defaults.len(), 1, "{}", runs[0].describe());
+    let named: Vec<&str> = defaults[0]["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert!(named.contains(&"stun.l.google.com:19302"), "{named:?}");
+    assert!(
+        events_of(&runs[0], "nat").is_empty(),
+        "{}",
+        runs[0].describe()
+    );
+    // A configured rendezvous: only it.
+    assert!(
+        events_of(&runs[1], "stun_defaults").is_empty(),
+        "{}",
+        runs[1].describe()
+    );
+    assert!(
+        events_of(&runs[1], "stun_nat").is_empty(),
+        "{}",
+        runs[1].describe()
+    );
+    assert_eq!(last(&runs[1], "nat")["udp"], true, "{}", runs[1].describe());
+    // A configured list: only its servers.
+    assert!(
+        events_of(&runs[2], "stun_defaults").is_empty(),
+        "{}",
+        runs[2].describe()
+    );
+    let checked = events_of(&runs[2], "stun_nat");
+    assert_eq!(checked.len(), 1, "{}", runs[2].describe());
+    assert_eq!(checked[0]["server"], stun.as_str());
+    assert_eq!(
+        checked[0]["mapping"], "endpoint-independent",
+        "{}",
+        checked[0]
     );
 }

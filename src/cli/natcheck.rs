@@ -44,10 +44,15 @@ pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         let configured = super::meet::stun_servers()?;
         if rendezvous.is_none() && configured.is_empty() {
             // The one case where qpunch asks a third party on its own (see the README).
-            ui.say(&format!(
-                "no rendezvous and no STUN servers configured: asking the public STUN servers {}",
-                qpunch::stun::DEFAULT_SERVERS.join(", ")
-            ));
+            ui.event(
+                Event::StunDefaults {
+                    servers: qpunch::stun::DEFAULT_SERVERS.to_vec(),
+                },
+                Some(format!(
+                    "no rendezvous and no STUN servers configured: asking the public STUN servers {}",
+                    qpunch::stun::DEFAULT_SERVERS.join(", ")
+                )),
+            );
             let defaults = qpunch::stun::DEFAULT_SERVERS.iter();
             (None, defaults.map(|s| s.to_string()).collect())
         } else {
