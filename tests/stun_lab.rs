@@ -9,6 +9,9 @@
 //!   rendezvous saw), before the rendezvous's; without the list it offers none, and the
 //!   file arrives either way.
 //! - The public default STUN servers are asked only with no rendezvous and no list.
+//! - A lying STUN server (ours, answering every request with another host's address) gets
+//!   that address into the receiver's hello, and no further: the connection runs to the
+//!   real peer, direct, and the file arrives.
 
 #[path = "nat_lab/lab.rs"]
 mod lab;
@@ -147,6 +150,12 @@ fn events_of<'a>(proc: &'a Proc, kind: &str) -> Vec<&'a Value> {
 /// A receiver behind a symmetric NAT meets a sender by code; returns the receiver's
 /// candidates as the sender saw them (its `paired` event), after the file arrived.
 fn meet(topo: &Topology, stun: Option<&str>) -> Vec<SocketAddr> {
+    let (candidates, _) = meet_on(topo, stun);
+    candidates
+}
+
+/// [`meet`], also returning every event the sender printed.
+fn meet_on(topo: &Topology, stun: Option<&str>) -> (Vec<SocketAddr>, Vec<Value>) {
     let via = format!("{PUBLIC_V4}:{RV_PORT}");
     let rx_home = tempfile::tempdir().unwrap();
     if let Some(stun) = stun {
@@ -200,12 +209,13 @@ fn meet(topo: &Topology, stun: Option<&str>) -> Vec<SocketAddr> {
     assert!(status.success(), "sender: {}", tx.describe());
     rx.wait_for("received", Duration::from_secs(30));
     let paired = last(&tx, "paired");
-    paired["candidates"]
+    let candidates = paired["candidates"]
         .as_array()
         .unwrap()
         .iter()
         .map(|c| c.as_str().unwrap().parse().unwrap())
-        .collect()
+        .collect();
+    (candidates, tx.seen.clone())
 }
 
 /// What coturn saw of a receiver becomes a candidate in its hello, before the
@@ -339,4 +349,120 @@ fn default_stun_servers_only_without_rendezvous_or_list() {
         "{}",
         checked[0]
     );
+}
+
+/// A STUN server of our own on the public host that answers every Binding request with
+/// `lie` as the mapped address, until dropped.
+struct LyingStun {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl LyingStun {
+    fn start(topo: &Topology, lie: SocketAddr) -> LyingStun {
+        use stun_types::attribute::XorMappedAddress;
+        use stun_types::message::{
+            BINDING, Message, MessageClass, MessageType, MessageWrite, MessageWriteExt,
+            MessageWriteVec,
+        };
+        let addr = SocketAddr::from((PUBLIC_V4, 3490));
+        let socket = lab::bind_udp_in(&topo.public().ns, addr);
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut answered = 0;
+            let mut buf = [0u8; 1500];
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(request) = Message::from_bytes(&buf[..n]) else {
+                    continue;
+                };
+                let id = request.transaction_id();
+                let mut out = Message::builder(
+                    MessageType::from_class_method(MessageClass::Success, BINDING),
+                    id,
+                    MessageWriteVec::new(),
+                );
+                out.add_attribute(&XorMappedAddress::new(lie, id)).unwrap();
+                let _ = socket.send_to(&out.finish(), from);
+                answered += 1;
+            }
+            answered
+        });
+        LyingStun {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop; how many requests it answered.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for LyingStun {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A STUN server that names another host as our address only adds a useless candidate
+/// to our own hello: the peer's connection still goes to us, direct, and the file arrives.
+#[test]
+fn a_lying_stun_server_cannot_steer_the_path() {
+    const TEST: &str = "a_lying_stun_server_cannot_steer_the_path";
+    if !lab::require(TEST, &[]) {
+        return;
+    }
+    let specs = [
+        SiteSpec::new(Nat::Open).ipv6(false),
+        SiteSpec::new(Nat::Cone).ipv6(false),
+    ];
+    let topo = Topology::new("stl", &specs);
+    let rv_home = tempfile::tempdir().unwrap();
+    let port = RV_PORT.to_string();
+    let rv_args = ["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
+    let mut rv = topo.public().spawn(&qpunch(), &rv_args, &env(&rv_home));
+    rv.wait_for("rendezvous", Duration::from_secs(20));
+    let victim: SocketAddr = "198.51.100.99:5555".parse().unwrap();
+    let liar = LyingStun::start(&topo, victim);
+
+    let (candidates, events) = meet_on(&topo, Some(&liar.addr.to_string()));
+    assert!(liar.stop() >= 1, "the receiver asked the STUN server");
+    assert!(
+        candidates.contains(&victim),
+        "the lie is offered: {candidates:?}"
+    );
+    assert_ne!(
+        candidates.last(),
+        Some(&victim),
+        "never as the public address"
+    );
+    let receiver_wan = std::net::IpAddr::from(topo.site(1).wan_v4);
+    for event in events
+        .iter()
+        .filter(|e| ["punched", "connected", "path"].contains(&e["event"].as_str().unwrap_or("")))
+    {
+        assert!(
+            !event.to_string().contains(&victim.to_string()),
+            "the path never goes to the address the STUN server named: {event}"
+        );
+    }
+    let connected = events
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "connected")
+        .unwrap();
+    assert_eq!(connected["path"], "direct", "{connected}");
+    let peer: SocketAddr = connected["peer"].as_str().unwrap().parse().unwrap();
+    assert_eq!(peer.ip(), receiver_wan, "{connected}");
 }
