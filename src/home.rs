@@ -150,6 +150,11 @@ pub struct Config {
     /// `port_mapping = false`: never ask the router to forward a port (PCP, NAT-PMP,
     /// UPnP). `None` when not said (the default: ask).
     pub port_mapping: Option<bool>,
+    /// `stun = ["HOST[:PORT]", ...]`: STUN servers to learn our public address from (as a
+    /// candidate when meeting by code) and to check the NAT against (`nat-check`). Empty
+    /// when not said: then no STUN server is asked, except by `nat-check` with no
+    /// rendezvous either (see [`crate::stun::DEFAULT_SERVERS`]).
+    pub stun: Vec<String>,
 }
 
 impl Config {
@@ -178,9 +183,19 @@ impl Config {
             Some(toml::Value::Boolean(on)) => Some(*on),
             Some(_) => return Err("`port_mapping` must be true or false".into()),
         };
+        let stun = match table.get("stun") {
+            None => Vec::new(),
+            Some(toml::Value::Array(list)) => list
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or("`stun` must be a list of \"HOST[:PORT]\" strings")?,
+            Some(_) => return Err("`stun` must be a list of \"HOST[:PORT]\" strings".into()),
+        };
         Ok(Config {
             rendezvous,
             port_mapping,
+            stun,
         })
     }
 }
@@ -199,6 +214,15 @@ mod tests {
         assert_eq!(off.port_mapping, Some(false));
         let err = Config::parse("port_mapping = \"no\"").unwrap_err();
         assert!(err.contains("true or false"), "{err}");
+    }
+
+    #[test]
+    fn config_reads_a_stun_list() {
+        let config = Config::parse("stun = [\"stun.example\", \"192.0.2.1:3479\"]").unwrap();
+        assert_eq!(config.stun, ["stun.example", "192.0.2.1:3479"]);
+        assert!(Config::parse("").unwrap().stun.is_empty());
+        assert!(Config::parse("stun = \"stun.example\"").is_err());
+        assert!(Config::parse("stun = [3478]").is_err());
     }
 
     #[test]

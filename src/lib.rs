@@ -73,6 +73,7 @@ pub mod rendezvous;
 pub mod server;
 pub mod share;
 pub mod socket;
+pub mod stun;
 pub mod tcp;
 pub mod text;
 pub mod tls;

@@ -101,7 +101,7 @@ fn over_tcp(node: &Node, client: &RendezvousClient) -> Option<NatReport> {
 
 /// Whether `ip` may be probed as the rendezvous's own address when we reached it at `rv`
 /// (see [`check_known`]).
-fn its_own(ip: IpAddr, rv: IpAddr, known: &[IpAddr]) -> bool {
+pub(crate) fn its_own(ip: IpAddr, rv: IpAddr, known: &[IpAddr]) -> bool {
     let (ip, rv) = (ip.to_canonical(), rv.to_canonical());
     if known.iter().any(|k| k.to_canonical() == ip) {
         return true;

@@ -238,6 +238,8 @@ pub struct Node {
     /// The router's forwarding of our port, when one was asked for: a meeting offers
     /// its address to the peer.
     port_mapper: std::sync::OnceLock<crate::portmap::PortMapper>,
+    /// STUN servers asked for our address, when [`Node::discover_stun`] was called.
+    stun: std::sync::OnceLock<crate::stun::Discovery>,
 }
 
 impl Node {
@@ -282,6 +284,7 @@ impl Node {
             config,
             closing,
             port_mapper: std::sync::OnceLock::new(),
+            stun: std::sync::OnceLock::new(),
         })
     }
 
@@ -299,6 +302,27 @@ impl Node {
         }
         if let Some(mapper) = crate::portmap::PortMapper::start(local, config, notice) {
             let _ = self.port_mapper.set(mapper);
+        }
+    }
+
+    /// Ask STUN servers (`HOST[:PORT]`) for our public address, once, in the background
+    /// ([`crate::stun::Discovery`]): what they answer becomes candidates when meeting by
+    /// code ([`Node::stun_reflexive`]). Nothing happens with no servers.
+    pub fn discover_stun(&self, servers: &[String]) {
+        if servers.is_empty() || self.stun.get().is_some() {
+            return;
+        }
+        let _ = self
+            .stun
+            .set(crate::stun::Discovery::start(self.socket.clone(), servers));
+    }
+
+    /// Our addresses as STUN servers saw them ([`Node::discover_stun`]), waiting up to
+    /// `wait` for servers not heard yet; empty when none was asked.
+    pub async fn stun_reflexive(&self, wait: Duration) -> Vec<SocketAddr> {
+        match self.stun.get() {
+            Some(discovery) => discovery.settled(wait).await,
+            None => Vec::new(),
         }
     }
 

@@ -11,6 +11,13 @@
 //! ([`DemuxSocket::subscribe`]). While a meeting by code runs, its probe keys are
 //! registered here ([`DemuxSocket::authenticate`]): authenticated probes that verify under
 //! one of them are answered with an authenticated reply, and the others go unanswered.
+//!
+//! STUN (RFC 8489) shares the socket too, told apart as RFC 7983 does: the two top bits
+//! of its first byte are 0 and its magic cookie is at bytes 4..8 (our probes may start
+//! with 0x01 as well, so the cookie decides; see [`crate::stun::is_stun`]). A STUN
+//! response goes to whoever waits for its transaction id ([`DemuxSocket::expect_stun`]),
+//! and only if it comes from an address that transaction asked; anything else is counted
+//! and dropped. STUN never reaches QUIC, and nothing it says moves a connection.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -69,6 +76,14 @@ pub struct SocketStats {
     pub replies_routed: u64,
     /// Non-QUIC datagrams that were not valid probes or replies: dropped.
     pub malformed_dropped: u64,
+    /// STUN responses handed to the transaction that waited for them.
+    pub stun_routed: u64,
+    /// STUN messages dropped unread: a transaction id nobody waits for, a source the
+    /// transaction did not ask, or a request or indication (we serve no STUN).
+    pub stun_dropped: u64,
+    /// STUN responses that reached their transaction but did not parse or vet (a wrong
+    /// class, an absurd XOR-MAPPED-ADDRESS): ignored, the transaction waits on.
+    pub stun_rejected: u64,
 }
 
 #[derive(Default)]
@@ -78,6 +93,9 @@ struct Counters {
     limited: AtomicU64,
     routed: AtomicU64,
     malformed: AtomicU64,
+    stun_routed: AtomicU64,
+    stun_dropped: AtomicU64,
+    stun_rejected: AtomicU64,
 }
 
 /// A reply to one of our probes: where it came from and its bytes.
@@ -110,6 +128,42 @@ struct Registered {
     seen: std::collections::VecDeque<(wire::TxId, SocketAddr)>,
 }
 
+/// One STUN transaction waiting for its response.
+struct StunWaiter {
+    id: u64,
+    txid: crate::stun::TxId,
+    /// Where an answer may come from (canonical): the server, or with CHANGE-REQUEST the
+    /// other address or port it was asked to answer from.
+    sources: Vec<SocketAddr>,
+    answers: tokio::sync::mpsc::Sender<ProbeReply>,
+}
+
+/// Answers queued per STUN transaction: a real server sends one per request (a few with
+/// retransmissions); a flood of forged ones beyond this is dropped, not buffered.
+const STUN_QUEUE: usize = 8;
+
+/// A STUN transaction registered with [`DemuxSocket::expect_stun`]: receives the answers
+/// from the addresses it asked, until dropped.
+#[derive(Debug)]
+pub struct StunWait {
+    socket: Arc<DemuxSocket>,
+    id: u64,
+    answers: tokio::sync::mpsc::Receiver<ProbeReply>,
+}
+
+impl StunWait {
+    /// The next answer (source and bytes), unparsed. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<ProbeReply> {
+        self.answers.recv().await
+    }
+}
+
+impl Drop for StunWait {
+    fn drop(&mut self) {
+        self.socket.lock_stun().retain(|w| w.id != self.id);
+    }
+}
+
 /// Transaction ids remembered per registration, to tell a replayed probe from its original.
 const SEEN_TXIDS: usize = 256;
 
@@ -124,6 +178,8 @@ pub struct DemuxSocket {
     /// The probe keys of the meetings (and peer connections) in progress.
     keys: Mutex<Vec<Registered>>,
     next_key: AtomicU64,
+    /// STUN transactions in progress (a handful at most: a NAT check runs four at once).
+    stun: Mutex<Vec<StunWaiter>>,
     counters: Counters,
     /// Replies are rationed per source: probes are unauthenticated and may be forged.
     limiter: Mutex<RateLimiter>,
@@ -156,6 +212,7 @@ impl DemuxSocket {
             probes,
             keys: Mutex::new(Vec::new()),
             next_key: AtomicU64::new(0),
+            stun: Mutex::new(Vec::new()),
             counters: Counters::default(),
             limiter: Mutex::new(RateLimiter::new(rate, Instant::now())),
         }))
@@ -200,6 +257,58 @@ impl DemuxSocket {
         Authenticating {
             socket: self.clone(),
             id,
+        }
+    }
+
+    /// Receive the STUN responses to transaction `txid` that come from one of `sources`,
+    /// until the returned guard is dropped (see [`crate::stun::binding`]). Responses from
+    /// anywhere else, or to another transaction, are counted in
+    /// [`SocketStats::stun_dropped`].
+    pub fn expect_stun(
+        self: &Arc<Self>,
+        txid: crate::stun::TxId,
+        sources: Vec<SocketAddr>,
+    ) -> StunWait {
+        let id = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let (tx, answers) = tokio::sync::mpsc::channel(STUN_QUEUE);
+        self.lock_stun().push(StunWaiter {
+            id,
+            txid,
+            sources: sources.into_iter().map(crate::addr::canonical).collect(),
+            answers: tx,
+        });
+        StunWait {
+            socket: self.clone(),
+            id,
+            answers,
+        }
+    }
+
+    /// Count a STUN response its transaction refused (see [`SocketStats::stun_rejected`]).
+    pub fn count_stun_rejected(&self) {
+        self.counters.stun_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn lock_stun(&self) -> std::sync::MutexGuard<'_, Vec<StunWaiter>> {
+        self.stun.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hand a STUN response to the transaction waiting for it from `from`, or drop it.
+    fn handle_stun(&self, from: SocketAddr, data: &[u8]) {
+        let routed = crate::stun::is_response(data)
+            && crate::stun::transaction_id(data).is_some_and(|txid| {
+                let from = crate::addr::canonical(from);
+                let waiters = self.lock_stun();
+                waiters
+                    .iter()
+                    .find(|w| w.txid == txid && w.sources.contains(&from))
+                    .is_some_and(|w| w.answers.try_send((from, data.to_vec())).is_ok())
+            });
+        if routed {
+            self.counters.stun_routed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.stun_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(%from, "dropped a STUN message nobody asked for");
         }
     }
 
@@ -306,6 +415,9 @@ impl DemuxSocket {
             probes_limited: self.counters.limited.load(Ordering::Relaxed),
             replies_routed: self.counters.routed.load(Ordering::Relaxed),
             malformed_dropped: self.counters.malformed.load(Ordering::Relaxed),
+            stun_routed: self.counters.stun_routed.load(Ordering::Relaxed),
+            stun_dropped: self.counters.stun_dropped.load(Ordering::Relaxed),
+            stun_rejected: self.counters.stun_rejected.load(Ordering::Relaxed),
         }
     }
 
@@ -435,6 +547,11 @@ impl DemuxSocket {
         let mut read = 0;
         while read < meta.len {
             let end = (read + stride).min(meta.len);
+            if crate::stun::is_stun(&buf[read..end]) {
+                self.handle_stun(meta.addr, &buf[read..end]);
+                read = end;
+                continue;
+            }
             match wire::classify(&buf[read..end]) {
                 Class::Quic => {
                     // Only move bytes once a probe segment has been cut out before them:

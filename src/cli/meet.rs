@@ -57,9 +57,17 @@ pub fn port_mapping(off: bool) -> anyhow::Result<bool> {
 
 /// The `nat` event; the human line is short unless `detailed` (`qpunch nat-check`).
 pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
+    ui.event(
+        Event::Nat(report.clone()),
+        Some(nat_text(report, detailed, "the rendezvous")),
+    );
+}
+
+/// The human text of a NAT report checked against `against` ("the rendezvous", "the STUN
+/// server ...").
+pub fn nat_text(report: &NatReport, detailed: bool, against: &str) -> String {
     let mut text = if !report.udp {
-        "UDP does not get through to the rendezvous: a direct path is impossible from here"
-            .to_string()
+        format!("UDP does not get through to {against}: a direct path is impossible from here")
     } else {
         // Without a second address of the rendezvous (same family) the change-address
         // test cannot run: "address-dependent" is then only what could be shown.
@@ -72,7 +80,7 @@ pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
         let filtering = match report.filtering {
             qpunch::natcheck::Filtering::Unknown => String::new(),
             qpunch::natcheck::Filtering::AddressDependent if one_address => format!(
-                ", filtering {} or looser (the rendezvous has one address)",
+                ", filtering {} or looser ({against} has one address)",
                 report.filtering.as_str()
             ),
             f => format!(", filtering {}", f.as_str()),
@@ -92,10 +100,11 @@ pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
                 Some(false) => "no",
                 None => "unknown",
             },
-            report.ipv6.map_or(
-                "not reachable (or the rendezvous has no IPv6)".into(),
-                |a| { format!("reachable, public address {a}") }
-            ),
+            report
+                .ipv6
+                .map_or(format!("not reachable (or {against} has no IPv6)"), |a| {
+                    format!("reachable, public address {a}")
+                }),
         ));
         for (target, seen) in &report.observations {
             text.push_str(&format!(
@@ -104,5 +113,11 @@ pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
             ));
         }
     }
-    ui.event(Event::Nat(report.clone()), Some(text));
+    text
+}
+
+/// The STUN servers configured in the qpunch home's config.toml (`stun = [...]`).
+pub fn stun_servers() -> anyhow::Result<Vec<String>> {
+    let home = qpunch::home::dir()?;
+    Ok(qpunch::home::Config::load(&home)?.stun)
 }

@@ -82,6 +82,8 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         punch_timeout: args.punch_timeout,
         congestion: args.congestion,
         port_mapping: super::meet::port_mapping(args.no_port_mapping)?,
+        // config.toml's `stun = [...]`: asked only when meeting through a rendezvous.
+        stun: super::meet::stun_servers()?,
         ..SendConfig::default()
     };
     let render = Render::sending(ui.clone());

@@ -48,6 +48,17 @@ pub enum Event {
     },
     /// Our NAT, as checked against a rendezvous.
     Nat(qpunch::natcheck::NatReport),
+    /// `nat-check` found no rendezvous and no STUN list: it asks these public STUN servers
+    /// (the one time qpunch contacts a third party on its own).
+    StunDefaults { servers: Vec<&'static str> },
+    /// Our NAT, as checked against a STUN server (`nat-check --stun`): the same fields as
+    /// `nat`, with the server as named and the address asked.
+    StunNat {
+        server: String,
+        addr: String,
+        #[serde(flatten)]
+        report: qpunch::natcheck::NatReport,
+    },
     /// The rendezvous was reached over TLS on TCP, not UDP.
     RendezvousOverTcp {
         /// The rendezvous, as named.

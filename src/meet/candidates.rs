@@ -131,6 +131,19 @@ fn is_private(ip: IpAddr) -> bool {
     }
 }
 
+/// Add what STUN servers saw of us (`reflexive`) to our candidates, where it differs from
+/// what the rendezvous saw (`observed`) and from what is already there, leaving room for
+/// `observed`, which goes last after this (the peer's `public_of` takes the last).
+pub fn add_reflexive(addrs: &mut Vec<SocketAddr>, reflexive: &[SocketAddr], observed: SocketAddr) {
+    let observed = crate::addr::canonical(observed);
+    for &seen in reflexive {
+        let seen = crate::addr::canonical(seen);
+        if seen != observed && !addrs.contains(&seen) && addrs.len() + 1 < MAX_CANDIDATES {
+            addrs.push(seen);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +220,26 @@ mod tests {
             host_candidates(a("10.0.1.2:5000"), &ours, false),
             vec![a("10.0.1.2:5000")]
         );
+    }
+
+    #[test]
+    fn stun_candidates_go_before_the_observed_one_without_repeats() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let observed = a("203.0.113.5:4000");
+        let mut addrs = vec![a("10.0.0.2:4000")];
+        let reflexive = [
+            a("[::ffff:203.0.113.5]:4000"),
+            a("198.51.100.9:4000"),
+            a("198.51.100.9:4000"),
+            a("10.0.0.2:4000"),
+        ];
+        add_reflexive(&mut addrs, &reflexive, observed);
+        assert_eq!(addrs, [a("10.0.0.2:4000"), a("198.51.100.9:4000")]);
+        // A full list keeps the last place for the observed address.
+        let mut full: Vec<SocketAddr> = (0..MAX_CANDIDATES as u16 - 1)
+            .map(|p| SocketAddr::from(([10, 0, 0, 2], p + 1)))
+            .collect();
+        add_reflexive(&mut full, &[a("198.51.100.9:4000")], observed);
+        assert_eq!(full.len(), MAX_CANDIDATES - 1);
     }
 }

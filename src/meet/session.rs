@@ -325,8 +325,20 @@ impl Meeting<'_> {
         }));
 
         let ifaces = candidates::interfaces();
-        let mapped = self.mapped_port(paired.observed).await;
-        let hello = own_hello(node, keys.role(), paired.observed, ours, &ifaces, mapped)?;
+        // Both bounded by MAPPING_WAIT: a silent router or STUN server costs 50 ms at most.
+        let (mapped, reflexive) = tokio::join!(
+            self.mapped_port(paired.observed),
+            node.stun_reflexive(MAPPING_WAIT)
+        );
+        let hello = own_hello(
+            node,
+            keys.role(),
+            paired.observed,
+            ours,
+            &ifaces,
+            mapped,
+            &reflexive,
+        )?;
         exchange.seal(&keys.seal(&hello)?).await?;
         let peer_hello = match exchange.sealed().await? {
             Ok(sealed) => match keys.open(&sealed) {
@@ -699,8 +711,12 @@ fn public_of(hello: &Hello, ours: SocketAddr, ifaces: &[Interface]) -> Option<So
 }
 
 /// Our hello: fingerprint, addresses (LAN first, then the router's mapped port if any,
-/// the public one last), NAT behaviour (and which candidate is mapped, see
-/// [`candidates::nat_token`]).
+/// then what STUN servers saw where it differs, the public one last), NAT behaviour (and
+/// which candidate is mapped, see [`candidates::nat_token`]).
+///
+/// A STUN server's answer (`reflexive`, vetted by [`crate::stun`]) only ever adds a
+/// candidate here: the peer probes it before using it, and our connection's path is never
+/// taken from it.
 fn own_hello(
     node: &Node,
     role: Role,
@@ -708,6 +724,7 @@ fn own_hello(
     ours: Mapping,
     ifaces: &[Interface],
     mapped: Option<SocketAddr>,
+    reflexive: &[SocketAddr],
 ) -> Result<Hello, MeetError> {
     let local = node.local_addr().map_err(NodeError::from)?;
     let observed = canonical(observed);
@@ -721,6 +738,7 @@ fn own_hello(
             addrs.push(mapped);
         }
     }
+    candidates::add_reflexive(&mut addrs, reflexive, observed);
     if !addrs.contains(&observed) {
         addrs.push(observed);
     }

@@ -64,6 +64,10 @@ pub struct ReceiveConfig {
     /// Ask the router to forward our port (PCP, NAT-PMP, UPnP IGD; see
     /// [`crate::portmap`]). Never on a loopback bind.
     pub port_mapping: bool,
+    /// STUN servers (`HOST[:PORT]`) to ask for our public address when handing out codes
+    /// through a rendezvous: each distinct answer is one more candidate in our hello
+    /// (see [`crate::stun::Discovery`]). Empty: none is asked.
+    pub stun: Vec<String>,
 }
 
 impl ReceiveConfig {
@@ -89,6 +93,7 @@ impl ReceiveConfig {
             congestion: Congestion::default(),
             sink: None,
             port_mapping: true,
+            stun: Vec::new(),
         }
     }
 
@@ -221,6 +226,10 @@ impl Share {
         });
         if config.port_mapping {
             node.map_port(Default::default(), super::port_notices(self.events.clone()));
+        }
+        // Only a meeting through a rendezvous offers them (in the background, bounded).
+        if config.rendezvous.is_some() {
+            node.discover_stun(&config.stun);
         }
         let once = config.once;
         let stopped = async {

@@ -71,6 +71,10 @@ pub struct SendConfig {
     /// (see [`crate::portmap`]). A send to an address never asks: the receiver never
     /// dials the sender, so a forwarded port would open nothing anybody uses.
     pub port_mapping: bool,
+    /// STUN servers (`HOST[:PORT]`) to ask for our public address when meeting by code
+    /// through a rendezvous: each distinct answer is one more candidate in our hello
+    /// (see [`crate::stun::Discovery`]). Empty: none is asked.
+    pub stun: Vec<String>,
 }
 
 impl Default for SendConfig {
@@ -85,6 +89,7 @@ impl Default for SendConfig {
             punch_timeout: PunchConfig::default().timeout,
             congestion: Congestion::default(),
             port_mapping: true,
+            stun: Vec::new(),
         }
     }
 }
@@ -250,6 +255,9 @@ impl Share {
         if config.port_mapping {
             node.map_port(Default::default(), super::port_notices(self.events.clone()));
         }
+        // In the background from now on, like the port mapping: the meeting takes what has
+        // come back when it needs it (bounded), and never waits longer.
+        node.discover_stun(&config.stun);
         let cancel = futures_util::FutureExt::shared(Box::pin(cancel));
         // Cancel-safe: dropping the meeting aborts its probes; the mapping is released
         // below on every way out.
