@@ -13,14 +13,16 @@
 //!    router to forward our port: PCP, NAT-PMP, UPnP IGD).
 //! 2. [`punch`] (the punch state machine, sans-IO: datagrams and time in, datagrams out),
 //!    [`frame`] (length-prefixed JSON messages on QUIC streams), [`identity`] (who a peer
-//!    is) and [`congestion`] (the choice of controller).
+//!    is), [`congestion`] (the choice of controller) and [`stun`] (the STUN wire format,
+//!    which the socket's demultiplexer needs).
 //! 3. [`traverse`] (simultaneous punching between two NATed peers, sans-IO), [`socket`] (the
 //!    one UDP socket, shared by probes and QUIC after hand-over), [`tls`] and
 //!    [`known_peers`] (pinning a peer's identity).
 //! 4. [`path`]: the path layer under quinn: one mapped address per peer, mapped onto
 //!    direct and relayed paths, and the pure chooser among them.
 //! 5. [`driver`]: the tokio loop that runs the state machines on a socket; [`tcp`]: the
-//!    rendezvous over TLS on TCP, a carrier of QUIC datagrams for networks that block UDP.
+//!    rendezvous over TLS on TCP, a carrier of QUIC datagrams for networks that block UDP;
+//!    [`stun_client`]: STUN transactions on the node's socket.
 //! 6. [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
 //! 7. [`server`]: the accept loop of every listening peer: budgets, concurrent handshakes,
 //!    shutdown and drain.
@@ -74,6 +76,7 @@ pub mod server;
 pub mod share;
 pub mod socket;
 pub mod stun;
+pub mod stun_client;
 pub mod tcp;
 pub mod text;
 pub mod tls;

@@ -18,12 +18,16 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::addr::canonical;
 pub use crate::nat::{Filtering, Mapping, NatReport, classify_filtering, classify_mapping};
 use crate::node::Node;
 use crate::punch::PunchConfig;
 use crate::ratelimit::prefix;
 use crate::rendezvous::{ClientError, RendezvousClient};
+use crate::socket::DemuxSocket;
+use crate::stun::Change;
 use crate::wire::Message;
 
 /// How long a probe or a reflection may take to come back.
@@ -206,6 +210,82 @@ async fn reflected(
         }
     };
     tokio::time::timeout(WAIT, wait).await.unwrap_or(false)
+}
+
+/// Classify our NAT against one STUN server as RFC 5780 §4 does, from `socket`
+/// (`qpunch nat-check --stun`). `known` holds every address the server's name resolved
+/// to: an OTHER-ADDRESS is probed only when it is plausibly the server's own.
+///
+/// Like [`check`]: filtering first, while the only destination this
+/// socket has sent to is the server's main address (CHANGE-REQUEST asks it to answer from
+/// its other address, then its other port), mapping after (Binding requests to its other
+/// address and to its other port, compared with the first answer).
+pub async fn check_stun(
+    socket: &Arc<DemuxSocket>,
+    local: SocketAddr,
+    server: SocketAddr,
+    known: &[IpAddr],
+) -> NatReport {
+    let server = canonical(server);
+    let Ok(first) = crate::stun_client::binding(socket, server, Change::default(), &[]).await
+    else {
+        return NatReport::unreachable(local);
+    };
+    let other = first
+        .other
+        .filter(|o| o.is_ipv4() == server.is_ipv4() && o.ip() != server.ip())
+        .filter(|o| its_own(o.ip(), server.ip(), known));
+    let main = Some(first.mapped);
+    let mut report = NatReport {
+        udp: true,
+        local,
+        public: main,
+        port_preserved: Some(first.mapped.port() == local.port()),
+        mapping: classify_mapping(local, main, None, None),
+        filtering: Filtering::Unknown,
+        ipv6: None,
+        observations: vec![(server, main)],
+    };
+    let Some(other) = other else {
+        // No RFC 5780 here: the public address is all this server can tell.
+        return report;
+    };
+    let alt_port = SocketAddr::new(server.ip(), other.port());
+    let other_ip = SocketAddr::new(other.ip(), server.port());
+    let (from_other, from_alt_port) = ([other], [alt_port]);
+    let (from_other_ip, from_other_port) = tokio::join!(
+        crate::stun_client::binding(
+            socket,
+            server,
+            Change {
+                ip: true,
+                port: true
+            },
+            &from_other
+        ),
+        crate::stun_client::binding(
+            socket,
+            server,
+            Change {
+                ip: false,
+                port: true
+            },
+            &from_alt_port
+        ),
+    );
+    report.filtering =
+        classify_filtering(Some(from_other_ip.is_ok()), Some(from_other_port.is_ok()));
+    let (seen_alt_port, seen_other_ip) = tokio::join!(
+        crate::stun_client::binding(socket, alt_port, Change::default(), &[]),
+        crate::stun_client::binding(socket, other_ip, Change::default(), &[]),
+    );
+    let seen_alt_port = seen_alt_port.ok().map(|b| b.mapped);
+    let seen_other_ip = seen_other_ip.ok().map(|b| b.mapped);
+    report.mapping = classify_mapping(local, main, seen_alt_port, seen_other_ip);
+    report
+        .observations
+        .extend([(alt_port, seen_alt_port), (other_ip, seen_other_ip)]);
+    report
 }
 
 #[cfg(test)]

@@ -239,7 +239,7 @@ pub struct Node {
     /// its address to the peer.
     port_mapper: std::sync::OnceLock<crate::portmap::PortMapper>,
     /// STUN servers asked for our address, when [`Node::discover_stun`] was called.
-    stun: std::sync::OnceLock<crate::stun::Discovery>,
+    stun: std::sync::OnceLock<crate::stun_client::Discovery>,
 }
 
 impl Node {
@@ -306,15 +306,16 @@ impl Node {
     }
 
     /// Ask STUN servers (`HOST[:PORT]`) for our public address, once, in the background
-    /// ([`crate::stun::Discovery`]): what they answer becomes candidates when meeting by
+    /// ([`crate::stun_client::Discovery`]): what they answer becomes candidates when meeting by
     /// code ([`Node::stun_reflexive`]). Nothing happens with no servers.
     pub fn discover_stun(&self, servers: &[String]) {
         if servers.is_empty() || self.stun.get().is_some() {
             return;
         }
-        let _ = self
-            .stun
-            .set(crate::stun::Discovery::start(self.socket.clone(), servers));
+        let _ = self.stun.set(crate::stun_client::Discovery::start(
+            self.socket.clone(),
+            servers,
+        ));
     }
 
     /// Our addresses as STUN servers saw them ([`Node::discover_stun`]), waiting up to

@@ -261,7 +261,7 @@ impl DemuxSocket {
     }
 
     /// Receive the STUN responses to transaction `txid` that come from one of `sources`,
-    /// until the returned guard is dropped (see [`crate::stun::binding`]). Responses from
+    /// until the returned guard is dropped (see [`crate::stun_client::binding`]). Responses from
     /// anywhere else, or to another transaction, are counted in
     /// [`SocketStats::stun_dropped`].
     pub fn expect_stun(

@@ -1,5 +1,7 @@
-//! STUN (RFC 8489) Binding requests from the node's own socket, and RFC 5780 behaviour
-//! discovery against a STUN server we did not write.
+//! STUN (RFC 8489) Binding messages and RFC 5780's attributes: the wire format, sans-IO.
+//! The transactions on the node's socket are [`crate::stun_client`]'s, and the RFC 5780
+//! check against a server is [`crate::natcheck::check_stun`]. This room is a leaf: the
+//! socket's demultiplexer uses it to tell STUN from probes and QUIC.
 //!
 //! A rendezvous already tells us our public address and, with its second port and
 //! address, how our NAT maps and filters ([`crate::natcheck`]). A STUN server does the
@@ -15,7 +17,7 @@
 //! address is vetted ([`plausible_public`]), at most offered in our hello (which the peer
 //! probes before using, and QUIC is pinned by fingerprint), and never decides where a
 //! connection goes. An OTHER-ADDRESS is probed only when it is plausibly the server's own
-//! (the rule [`crate::natcheck::check_known`] applies to a rendezvous), so a lying server
+//! (the rule `natcheck::check_known` applies to a rendezvous), so a lying server
 //! cannot aim our requests at a victim.
 //!
 //! The message format is [`stun_types`] (the parser of the sans-IO `stun-proto` family,
@@ -26,7 +28,6 @@
 //! it; they are read and written as raw attributes with its address codec.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use stun_types::attribute::{AttributeType, MappedSocketAddr, RawAttribute, XorMappedAddress};
@@ -36,8 +37,6 @@ use stun_types::message::{
 };
 
 use crate::addr::canonical;
-use crate::nat::{Filtering, NatReport, classify_filtering, classify_mapping};
-use crate::socket::DemuxSocket;
 
 /// STUN's magic cookie (RFC 8489 §5), at bytes 4..8 of every message.
 pub const MAGIC_COOKIE: [u8; 4] = 0x2112_A442u32.to_be_bytes();
@@ -52,9 +51,6 @@ pub type TxId = [u8; 12];
 /// default (39.5 s) is for reliability; a NAT check, like the rendezvous's, prefers an
 /// answer within a second and a half.
 pub const WAIT: Duration = Duration::from_millis(1500);
-
-/// The first retransmission interval; each next one doubles (RFC 8489 §6.2.1).
-const FIRST_RTO: Duration = Duration::from_millis(250);
 
 /// CHANGE-REQUEST (RFC 5780 §7.2).
 const CHANGE_REQUEST: AttributeType = AttributeType::new(0x0003);
@@ -256,233 +252,6 @@ pub fn plausible_public(addr: SocketAddr) -> bool {
     }
 }
 
-/// One Binding transaction to `server` on `socket`: send, retransmit with doubling
-/// intervals, and take the first vetted answer that comes from one of `answer_from`
-/// (`server` itself when empty) within [`WAIT`].
-///
-/// Answers that do not parse or vet are counted on the socket and the wait goes on: a
-/// forged answer must not end a real transaction.
-pub async fn binding(
-    socket: &Arc<DemuxSocket>,
-    server: SocketAddr,
-    change: Change,
-    answer_from: &[SocketAddr],
-) -> Result<Binding, StunError> {
-    let server = canonical(server);
-    let txid = new_txid();
-    let sources = if answer_from.is_empty() {
-        vec![server]
-    } else {
-        answer_from.iter().copied().map(canonical).collect()
-    };
-    let mut wait = socket.expect_stun(txid, sources);
-    let request = binding_request(txid, change);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut rto = FIRST_RTO;
-    loop {
-        socket
-            .send_probe(server, &request)
-            .await
-            .map_err(|e| StunError::Io(e.to_string()))?;
-        let resend = (tokio::time::Instant::now() + rto).min(deadline);
-        rto *= 2;
-        loop {
-            tokio::select! {
-                // Cancel-safe: an mpsc receive loses nothing when the other branch wins.
-                answer = wait.recv() => {
-                    let Some((_, data)) = answer else {
-                        return Err(StunError::Timeout(server));
-                    };
-                    match parse_binding_response(&data, txid, server.is_ipv4()) {
-                        Ok(binding) => return Ok(binding),
-                        Err(e) => {
-                            socket.count_stun_rejected();
-                            tracing::debug!(%server, "ignored a STUN answer: {e}");
-                        }
-                    }
-                }
-                // Cancel-safe: a sleep holds nothing.
-                _ = tokio::time::sleep_until(resend) => break,
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(StunError::Timeout(server));
-        }
-    }
-}
-
-/// Our public address as `server` sees `socket`, if it answers (at node bind time, for
-/// our candidates: see [`crate::node::Node::discover_stun`]).
-pub async fn reflexive(socket: &Arc<DemuxSocket>, server: SocketAddr) -> Option<SocketAddr> {
-    binding(socket, server, Change::default(), &[])
-        .await
-        .ok()
-        .map(|b| b.mapped)
-}
-
-/// Most STUN servers asked for candidates at once (the rest of a longer list is ignored):
-/// each answer can add at most one candidate, and the hello has little room.
-pub const MAX_DISCOVERY: usize = 3;
-
-/// How long a server's name may take to resolve in a discovery.
-const RESOLVE_WAIT: Duration = Duration::from_secs(2);
-
-/// Our reflexive addresses as STUN servers see the node's socket, learned in the
-/// background from bind time on ([`crate::node::Node::discover_stun`]), so a meeting
-/// never waits on a STUN server for more than its own short bound ([`Discovery::settled`]).
-#[derive(Debug)]
-pub struct Discovery {
-    found: tokio::sync::watch::Receiver<(Vec<SocketAddr>, bool)>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Discovery {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Discovery {
-    /// Ask each of `servers` (`HOST[:PORT]`, at most [`MAX_DISCOVERY`]) for our address,
-    /// all at once, from `socket`. Names are resolved here, bounded, in the background.
-    pub fn start(socket: Arc<DemuxSocket>, servers: &[String]) -> Discovery {
-        let (tx, found) = tokio::sync::watch::channel((Vec::new(), false));
-        let servers: Vec<String> = servers.iter().take(MAX_DISCOVERY).cloned().collect();
-        let task = tokio::spawn(async move {
-            let ask = servers.iter().map(|name| {
-                let socket = socket.clone();
-                let tx = tx.clone();
-                async move {
-                    let local = quinn::AsyncUdpSocket::local_addr(&*socket).ok();
-                    let server = resolve(name, local).await?;
-                    let mapped = reflexive(&socket, server).await?;
-                    tracing::debug!(%server, %mapped, "a STUN server sees us");
-                    tx.send_modify(|(found, _)| {
-                        if !found.contains(&mapped) {
-                            found.push(mapped);
-                        }
-                    });
-                    Some(())
-                }
-            });
-            futures_util::future::join_all(ask).await;
-            tx.send_modify(|(_, done)| *done = true);
-        });
-        Discovery { found, task }
-    }
-
-    /// What was found so far, waiting up to `wait` for the servers still being asked.
-    pub async fn settled(&self, wait: Duration) -> Vec<SocketAddr> {
-        let mut found = self.found.clone();
-        // A closed channel (the task ended) leaves what it sent.
-        let _ = tokio::time::timeout(wait, found.wait_for(|(_, done)| *done)).await;
-        found.borrow().0.clone()
-    }
-}
-
-/// The first address `name` resolves to that `local`'s socket can reach (IPv4 on an
-/// IPv4 socket), bounded by [`RESOLVE_WAIT`].
-async fn resolve(name: &str, local: Option<SocketAddr>) -> Option<SocketAddr> {
-    let name = with_port(name);
-    let addrs = tokio::time::timeout(RESOLVE_WAIT, tokio::net::lookup_host(name.as_str()))
-        .await
-        .ok()?
-        .ok()?;
-    let v4_only = local.is_some_and(|l| l.is_ipv4());
-    addrs.map(canonical).find(|a| !v4_only || a.is_ipv4())
-}
-
-/// `HOST[:PORT]` with [`DEFAULT_PORT`] when it names none (an IPv6 literal bare or in
-/// brackets).
-fn with_port(name: &str) -> String {
-    if name.parse::<SocketAddr>().is_ok() {
-        return name.to_string();
-    }
-    let bare = name.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        return SocketAddr::new(ip, DEFAULT_PORT).to_string();
-    }
-    match name.rsplit_once(':') {
-        Some((_, port)) if port.parse::<u16>().is_ok() => name.to_string(),
-        _ => format!("{name}:{DEFAULT_PORT}"),
-    }
-}
-
-/// Classify our NAT against one STUN server as RFC 5780 §4 does, from `socket`
-/// (`qpunch nat-check --stun`). `known` holds every address the server's name resolved
-/// to: an OTHER-ADDRESS is probed only when it is plausibly the server's own.
-///
-/// Like [`crate::natcheck::check`]: filtering first, while the only destination this
-/// socket has sent to is the server's main address (CHANGE-REQUEST asks it to answer from
-/// its other address, then its other port), mapping after (Binding requests to its other
-/// address and to its other port, compared with the first answer).
-pub async fn check(
-    socket: &Arc<DemuxSocket>,
-    local: SocketAddr,
-    server: SocketAddr,
-    known: &[IpAddr],
-) -> NatReport {
-    let server = canonical(server);
-    let Ok(first) = binding(socket, server, Change::default(), &[]).await else {
-        return NatReport::unreachable(local);
-    };
-    let other = first
-        .other
-        .filter(|o| o.is_ipv4() == server.is_ipv4() && o.ip() != server.ip())
-        .filter(|o| crate::natcheck::its_own(o.ip(), server.ip(), known));
-    let main = Some(first.mapped);
-    let mut report = NatReport {
-        udp: true,
-        local,
-        public: main,
-        port_preserved: Some(first.mapped.port() == local.port()),
-        mapping: classify_mapping(local, main, None, None),
-        filtering: Filtering::Unknown,
-        ipv6: None,
-        observations: vec![(server, main)],
-    };
-    let Some(other) = other else {
-        // No RFC 5780 here: the public address is all this server can tell.
-        return report;
-    };
-    let alt_port = SocketAddr::new(server.ip(), other.port());
-    let other_ip = SocketAddr::new(other.ip(), server.port());
-    let (from_other, from_alt_port) = ([other], [alt_port]);
-    let (from_other_ip, from_other_port) = tokio::join!(
-        binding(
-            socket,
-            server,
-            Change {
-                ip: true,
-                port: true
-            },
-            &from_other
-        ),
-        binding(
-            socket,
-            server,
-            Change {
-                ip: false,
-                port: true
-            },
-            &from_alt_port
-        ),
-    );
-    report.filtering =
-        classify_filtering(Some(from_other_ip.is_ok()), Some(from_other_port.is_ok()));
-    let (seen_alt_port, seen_other_ip) = tokio::join!(
-        binding(socket, alt_port, Change::default(), &[]),
-        binding(socket, other_ip, Change::default(), &[]),
-    );
-    let seen_alt_port = seen_alt_port.ok().map(|b| b.mapped);
-    let seen_other_ip = seen_other_ip.ok().map(|b| b.mapped);
-    report.mapping = classify_mapping(local, main, seen_alt_port, seen_other_ip);
-    report
-        .observations
-        .extend([(alt_port, seen_alt_port), (other_ip, seen_other_ip)]);
-    report
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,16 +282,6 @@ mod tests {
         }
         message.add_fingerprint().unwrap();
         message.finish()
-    }
-
-    #[test]
-    fn names_get_the_default_port() {
-        assert_eq!(with_port("stun.example"), "stun.example:3478");
-        assert_eq!(with_port("stun.example:19302"), "stun.example:19302");
-        assert_eq!(with_port("2001:db8::1"), "[2001:db8::1]:3478");
-        assert_eq!(with_port("[2001:db8::1]"), "[2001:db8::1]:3478");
-        assert_eq!(with_port("[2001:db8::1]:5"), "[2001:db8::1]:5");
-        assert_eq!(with_port("192.0.2.1"), "192.0.2.1:3478");
     }
 
     #[test]

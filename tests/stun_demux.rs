@@ -73,10 +73,9 @@ async fn forged_stun_answers_are_ignored_and_counted() {
 
     let socket = client.socket().clone();
     let server_addr = stun_server.local_addr().unwrap();
-    let asking =
-        tokio::spawn(
-            async move { stun::binding(&socket, server_addr, Change::default(), &[]).await },
-        );
+    let asking = tokio::spawn(async move {
+        qpunch::stun_client::binding(&socket, server_addr, Change::default(), &[]).await
+    });
     let mut buf = [0u8; 1500];
     let (n, from) = stun_server.recv_from(&mut buf).await.unwrap();
     assert_eq!(from, target);
@@ -129,10 +128,9 @@ async fn forged_stun_answers_are_ignored_and_counted() {
 
     // Only absurd answers: the transaction times out rather than take one.
     let socket = client.socket().clone();
-    let asking =
-        tokio::spawn(
-            async move { stun::binding(&socket, server_addr, Change::default(), &[]).await },
-        );
+    let asking = tokio::spawn(async move {
+        qpunch::stun_client::binding(&socket, server_addr, Change::default(), &[]).await
+    });
     let (n, _) = stun_server.recv_from(&mut buf).await.unwrap();
     stun_server
         .send_to(&answer(&buf[..n], "0.0.0.0:4000".parse().unwrap()), target)

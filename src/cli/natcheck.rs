@@ -90,7 +90,8 @@ pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         };
         let addr = addrs[0];
         let known: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
-        let report = qpunch::stun::check(node.socket(), node.local_addr()?, addr, &known).await;
+        let report =
+            qpunch::natcheck::check_stun(node.socket(), node.local_addr()?, addr, &known).await;
         udp |= report.udp;
         let against = format!("the STUN server {name}");
         let text = super::meet::nat_text(&report, true, &against);

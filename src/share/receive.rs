@@ -66,7 +66,7 @@ pub struct ReceiveConfig {
     pub port_mapping: bool,
     /// STUN servers (`HOST[:PORT]`) to ask for our public address when handing out codes
     /// through a rendezvous: each distinct answer is one more candidate in our hello
-    /// (see [`crate::stun::Discovery`]). Empty: none is asked.
+    /// (see [`crate::stun_client::Discovery`]). Empty: none is asked.
     pub stun: Vec<String>,
 }
 

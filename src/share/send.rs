@@ -73,7 +73,7 @@ pub struct SendConfig {
     pub port_mapping: bool,
     /// STUN servers (`HOST[:PORT]`) to ask for our public address when meeting by code
     /// through a rendezvous: each distinct answer is one more candidate in our hello
-    /// (see [`crate::stun::Discovery`]). Empty: none is asked.
+    /// (see [`crate::stun_client::Discovery`]). Empty: none is asked.
     pub stun: Vec<String>,
 }
 
