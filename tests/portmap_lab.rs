@@ -441,10 +441,16 @@ fn miniupnpd_answers_all_three_protocols() {
     // It listens within moments; the survey's own timeouts cover a slow start.
     std::thread::sleep(Duration::from_millis(500));
     let check_home = home();
-    let mut check =
-        topo.site(0)
-            .client(0)
-            .spawn(&qpunch(), &["nat-check", "--json"], &env(&check_home));
+    let mut check = topo
+        .site(0)
+        .client(0)
+        // A STUN server of the lab's (nothing listens there): without one, a nat-check with
+        // no rendezvous would ask the public defaults.
+        .spawn(
+            &qpunch(),
+            &["nat-check", "--json", "--stun", "198.51.100.10:3478"],
+            &env(&check_home),
+        );
     let report = check.wait_for("port_mapping", Duration::from_secs(30));
     check.wait_exit(Duration::from_secs(10));
     assert_eq!(

@@ -350,6 +350,8 @@ fn the_cli_reaches_the_rendezvous_over_tcp() {
     assert_eq!(nat["udp"], false, "{nat}");
     let over = check.one("rendezvous_over_tcp");
     assert_eq!(over["tcp_port"], port, "{over}");
+    // A rendezvous on this machine: no router is asked to map anything.
+    assert!(check.all("port_mapping").is_empty(), "{}", check.messages());
 
     let other = common::Home::new();
     let (_off, _, none) = rendezvous_proc(&other, &["--no-tcp"]);

@@ -66,8 +66,13 @@ pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         NodeConfig::new(identity, qpunch::transfer::ALPN, false),
     )?;
     let mut udp = false;
+    // A rendezvous on this machine checks only this machine: no router is in the way, and
+    // none is asked.
+    let mut on_this_machine = false;
     if let Some(rendezvous) = rendezvous {
-        udp |= check_rendezvous(&node, &rendezvous, &args, &ui).await?;
+        let (reached, addr) = check_rendezvous(&node, &rendezvous, &args, &ui).await?;
+        udp |= reached;
+        on_this_machine = addr.ip().to_canonical().is_loopback();
     }
     // Resolved all at once, each bounded: then checked one at a time, so that one
     // server's probes never open the filter another's test measures.
@@ -106,7 +111,7 @@ pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     }
     // After the NAT's own behaviour is measured: a mapping (and the SNAT rule a router may
     // add with it) would change what that measurement sees for this socket.
-    if map_ports {
+    if map_ports && !on_this_machine {
         let survey = qpunch::portmap::survey(node.local_addr()?, Default::default()).await;
         report_port_mapping(&ui, &survey);
     }
@@ -114,13 +119,14 @@ pub async fn run(args: NatCheckArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     Ok(udp)
 }
 
-/// Check the NAT against the rendezvous `rendezvous`; whether UDP got through.
+/// Check the NAT against the rendezvous `rendezvous`; whether UDP got through, and the
+/// rendezvous's address.
 async fn check_rendezvous(
     node: &Node,
     rendezvous: &str,
     args: &NatCheckArgs,
     ui: &Ui,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<(bool, std::net::SocketAddr)> {
     let (_, addrs) =
         qpunch::share::resolve_host_all(rendezvous, qpunch::rendezvous::DEFAULT_PORT).await?;
     let addr = addrs[0];
@@ -131,7 +137,7 @@ async fn check_rendezvous(
         Err(e) => {
             ui.error(&e.to_string());
             super::meet::report_nat(ui, &NatReport::unreachable(node.local_addr()?), true);
-            return Ok(false);
+            return Ok((false, addr));
         }
     };
     if client.transport() == qpunch::rendezvous::Transport::Tcp {
@@ -151,7 +157,7 @@ async fn check_rendezvous(
     let known: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
     let report = qpunch::natcheck::check_known(node, &client, &known).await?;
     super::meet::report_nat(ui, &report, true);
-    Ok(report.udp)
+    Ok((report.udp, addr))
 }
 
 /// The `port_mapping` event: what the gateway answered to each protocol.

@@ -25,6 +25,17 @@ pub(super) async fn connect(
     options: rendezvous::ConnectOptions,
 ) -> Result<(RendezvousClient, NatReport), ShareError> {
     let (_, addr) = resolve_host(name, rendezvous::DEFAULT_PORT).await?;
+    connect_to(events, node, name, addr, options).await
+}
+
+/// [`connect`] to `name` already resolved to `addr`.
+pub(super) async fn connect_to(
+    events: &dyn Events,
+    node: &Node,
+    name: &str,
+    addr: SocketAddr,
+    options: rendezvous::ConnectOptions,
+) -> Result<(RendezvousClient, NatReport), ShareError> {
     let client = RendezvousClient::connect_with(node, addr, options)
         .await
         .map_err(|source| ShareError::Rendezvous {

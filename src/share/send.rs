@@ -252,7 +252,11 @@ impl Share {
     ) -> Result<Sent, ShareError> {
         let socket = net::bind_dual_stack(0)?;
         let node = Arc::new(Node::new(socket, self.node_config(config))?);
-        if config.port_mapping {
+        let (_, rendezvous_addr) =
+            net::resolve_host(rendezvous, crate::rendezvous::DEFAULT_PORT).await?;
+        // A rendezvous on this machine means peers on this machine: no router is in the
+        // way, and none is asked.
+        if config.port_mapping && !rendezvous_addr.ip().to_canonical().is_loopback() {
             node.map_port(Default::default(), super::port_notices(self.events.clone()));
         }
         // In the background from now on, like the port mapping: the meeting takes what has
@@ -262,7 +266,7 @@ impl Share {
         // Cancel-safe: dropping the meeting aborts its probes; the mapping is released
         // below on every way out.
         let result = tokio::select! {
-            result = self.send_by_code_on(&node, code, rendezvous, files, config, cancel.clone()) => result,
+            result = self.send_by_code_on(&node, code, (rendezvous, rendezvous_addr), files, config, cancel.clone()) => result,
             () = cancel => {
                 node.close(node::QUICK_LINGER).await;
                 Err(ShareError::Interrupted)
@@ -277,16 +281,17 @@ impl Share {
         &self,
         node: &Arc<Node>,
         code: Code,
-        rendezvous: &str,
+        (rendezvous, rendezvous_addr): (&str, SocketAddr),
         files: Selection,
         config: &SendConfig,
         cancel: impl Future<Output = ()>,
     ) -> Result<Sent, ShareError> {
         let node = node.clone();
-        let (client, report) = meeting::connect(
+        let (client, report) = meeting::connect_to(
             self.events.as_ref(),
             &node,
             rendezvous,
+            rendezvous_addr,
             config.rendezvous_connect,
         )
         .await?;
