@@ -150,6 +150,9 @@ pub struct Config {
     /// `port_mapping = false`: never ask the router to forward a port (PCP, NAT-PMP,
     /// UPnP). `None` when not said (the default: ask).
     pub port_mapping: Option<bool>,
+    /// `[turn]` with `url = "turn:HOST:PORT"`, `username` and `password`: a TURN server of
+    /// the user's own, relaying when no direct path is found (see [`crate::turn`]).
+    pub turn: Option<crate::turn::TurnServer>,
 }
 
 impl Config {
@@ -178,16 +181,56 @@ impl Config {
             Some(toml::Value::Boolean(on)) => Some(*on),
             Some(_) => return Err("`port_mapping` must be true or false".into()),
         };
+        let turn = match table.get("turn") {
+            None => None,
+            Some(toml::Value::Table(turn)) => Some(parse_turn(turn)?),
+            Some(_) => return Err("`turn` must be a table: [turn]".into()),
+        };
         Ok(Config {
             rendezvous,
             port_mapping,
+            turn,
         })
     }
+}
+
+/// `[turn]`: all three keys, strings, and a TURN URL.
+fn parse_turn(turn: &toml::Table) -> Result<crate::turn::TurnServer, String> {
+    let key = |name: &str| match turn.get(name) {
+        Some(toml::Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(format!("`turn.{name}` must be a string")),
+        None => Err(format!("[turn] needs `{name}`")),
+    };
+    let url = key("url")?
+        .parse()
+        .map_err(|e| format!("`turn.url`: {e}"))?;
+    Ok(crate::turn::TurnServer {
+        url,
+        username: key("username")?,
+        password: key("password")?,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_reads_a_turn_server() {
+        let config = Config::parse(
+            "[turn]\nurl = \"turn:198.51.100.10:3478\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let turn = config.turn.unwrap();
+        assert_eq!(turn.url.to_string(), "turn:198.51.100.10:3478");
+        assert_eq!((turn.username.as_str(), turn.password.as_str()), ("u", "p"));
+        let err = Config::parse("[turn]\nurl = \"turn:x\"\nusername = \"u\"\n").unwrap_err();
+        assert!(err.contains("password"), "{err}");
+        let err = Config::parse("[turn]\nurl = \"http://x\"\nusername = \"u\"\npassword = \"p\"")
+            .unwrap_err();
+        assert!(err.contains("turn.url"), "{err}");
+        assert!(Config::parse("turn = 3").is_err());
+    }
 
     #[test]
     fn config_reads_the_rendezvous_and_ignores_unknown_keys() {

@@ -79,5 +79,6 @@ pub mod tls;
 pub mod transfer;
 pub mod traverse;
 pub mod trust;
+pub mod turn;
 pub mod version;
 pub mod wire;

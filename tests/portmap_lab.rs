@@ -530,11 +530,24 @@ fn a_mapping_to_another_public_address_is_not_offered() {
     let tx_home = home();
     let mut sender = topo.site(1).client(0).spawn(
         &qpunch(),
-        &["send", file.to_str().unwrap(), "--to", &code, "--via", &via, "--json"],
+        &[
+            "send",
+            file.to_str().unwrap(),
+            "--to",
+            &code,
+            "--via",
+            &via,
+            "--json",
+        ],
         &env(&tx_home),
     );
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
-    assert!(status.success(), "{}\n{}", sender.describe(), receiver.describe());
+    assert!(
+        status.success(),
+        "{}\n{}",
+        sender.describe(),
+        receiver.describe()
+    );
     let paired = events(&sender.seen, "paired")[0].clone();
     let offered: Vec<&str> = paired["candidates"]
         .as_array()
@@ -543,7 +556,10 @@ fn a_mapping_to_another_public_address_is_not_offered() {
         .filter_map(|c| c.as_str())
         .collect();
     assert!(!offered.contains(&claimed.as_str()), "{paired}");
-    assert!(!paired["peer_nat"].as_str().unwrap().contains("map"), "{paired}");
+    assert!(
+        !paired["peer_nat"].as_str().unwrap().contains("map"),
+        "{paired}"
+    );
     let received = receiver.wait_for("received", Duration::from_secs(30));
     assert_eq!(received["blake3"], hash.as_str());
     receiver.wait_exit(Duration::from_secs(20));
@@ -566,8 +582,15 @@ fn a_sender_outside_reaches_a_mapped_receiver_directly() {
     let _gateway = PortMapGateway::start(topo.site(0), Behaviour::Honest);
     let (rx_home, out) = (home(), tempfile::tempdir().unwrap());
     let (mut receiver, _) = receive(topo.site(0).client(0), out.path(), &rx_home, &[]);
-    let listening = receiver.seen.iter().find(|e| e["event"] == "listening").cloned();
-    let fingerprint = listening.unwrap()["fingerprint"].as_str().unwrap().to_string();
+    let listening = receiver
+        .seen
+        .iter()
+        .find(|e| e["event"] == "listening")
+        .cloned();
+    let fingerprint = listening.unwrap()["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mapped = receiver.wait_for("port_mapped", Duration::from_secs(10));
     let external = mapped["external"].as_str().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
@@ -575,11 +598,24 @@ fn a_sender_outside_reaches_a_mapped_receiver_directly() {
     let tx_home = home();
     let mut sender = topo.public().spawn(
         &qpunch(),
-        &["send", file.to_str().unwrap(), "--to", &external, "--peer", &fingerprint, "--json"],
+        &[
+            "send",
+            file.to_str().unwrap(),
+            "--to",
+            &external,
+            "--peer",
+            &fingerprint,
+            "--json",
+        ],
         &env(&tx_home),
     );
     let (status, _) = sender.wait_exit(Duration::from_secs(30));
-    assert!(status.success(), "{}\n{}", sender.describe(), receiver.describe());
+    assert!(
+        status.success(),
+        "{}\n{}",
+        sender.describe(),
+        receiver.describe()
+    );
     let received = receiver.wait_for("received", Duration::from_secs(30));
     assert_eq!(received["blake3"], hash.as_str());
     let connected = events(&receiver.seen, "connected")[0].clone();

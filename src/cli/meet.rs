@@ -55,6 +55,13 @@ pub fn port_mapping(off: bool) -> anyhow::Result<bool> {
         .unwrap_or(true))
 }
 
+/// The TURN server of the qpunch home's config.toml (`[turn]`), if any: relays by code
+/// when no direct path is found.
+pub fn turn() -> anyhow::Result<Option<qpunch::turn::TurnServer>> {
+    let home = qpunch::home::dir()?;
+    Ok(qpunch::home::Config::load(&home)?.turn)
+}
+
 /// The `nat` event; the human line is short unless `detailed` (`qpunch nat-check`).
 pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
     let mut text = if !report.udp {

@@ -149,6 +149,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         min_rate: args.min_rate,
         congestion: args.congestion,
         port_mapping: super::meet::port_mapping(args.no_port_mapping)?,
+        turn: super::meet::turn()?,
         sink: args.stdout.then(|| {
             ui.raw_text();
             qpunch::transfer::Sink::new(std::io::stdout())

@@ -82,6 +82,7 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         punch_timeout: args.punch_timeout,
         congestion: args.congestion,
         port_mapping: super::meet::port_mapping(args.no_port_mapping)?,
+        turn: super::meet::turn()?,
         ..SendConfig::default()
     };
     let render = Render::sending(ui.clone());

@@ -64,6 +64,9 @@ pub struct ReceiveConfig {
     /// Ask the router to forward our port (PCP, NAT-PMP, UPnP IGD; see
     /// [`crate::portmap`]). Never on a loopback bind.
     pub port_mapping: bool,
+    /// A TURN server of the user's own, for relaying when meeting by code finds no direct
+    /// path (credentials the rendezvous mints take precedence).
+    pub turn: Option<crate::turn::TurnServer>,
 }
 
 impl ReceiveConfig {
@@ -89,6 +92,7 @@ impl ReceiveConfig {
             congestion: Congestion::default(),
             sink: None,
             port_mapping: true,
+            turn: None,
         }
     }
 
@@ -216,6 +220,7 @@ impl Share {
                 side_stopped,
                 guesses: GuessBudget::default(),
                 reregister: false,
+                turn: config.turn.clone(),
             };
             tokio::spawn(serving.run())
         });
@@ -370,6 +375,8 @@ struct Codes {
     guesses: GuessBudget,
     /// `first` is a code registered before, to register again after a reconnection.
     reregister: bool,
+    /// The user's own TURN server, if any.
+    turn: Option<crate::turn::TurnServer>,
 }
 
 /// How serving codes through one rendezvous connection ended.
@@ -442,6 +449,7 @@ impl Codes {
             nat: report.mapping,
             config: MeetConfig::default(),
             events: &meeting_events,
+            turn: self.turn.as_ref(),
         };
         let receiver = self.receiver.clone();
         let admit = move |sender, ttl| receiver.admit(sender, ttl);

@@ -71,6 +71,9 @@ pub struct SendConfig {
     /// (see [`crate::portmap`]). A send to an address never asks: the receiver never
     /// dials the sender, so a forwarded port would open nothing anybody uses.
     pub port_mapping: bool,
+    /// A TURN server of the user's own, for relaying when meeting by code finds no direct
+    /// path (credentials the rendezvous mints take precedence).
+    pub turn: Option<crate::turn::TurnServer>,
 }
 
 impl Default for SendConfig {
@@ -85,6 +88,7 @@ impl Default for SendConfig {
             punch_timeout: PunchConfig::default().timeout,
             congestion: Congestion::default(),
             port_mapping: true,
+            turn: None,
         }
     }
 }
@@ -289,6 +293,7 @@ impl Share {
             nat: report.mapping,
             config: crate::meet::MeetConfig::default(),
             events: &events,
+            turn: config.turn.as_ref(),
         };
         self.emit(Event::Meeting {
             code: code.clone(),

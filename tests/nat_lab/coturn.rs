@@ -110,7 +110,11 @@ impl Coturn {
             ]);
         }
         for (user, password) in &config.users {
-            args.extend(["--lt-cred-mech".into(), "--user".into(), format!("{user}:{password}")]);
+            args.extend([
+                "--lt-cred-mech".into(),
+                "--user".into(),
+                format!("{user}:{password}"),
+            ]);
         }
         match &config.tls {
             Some((cert, key)) => args.extend([
@@ -168,10 +172,11 @@ impl Coturn {
             let mut buf = [0u8; 1500];
             while Instant::now() < end {
                 let _ = socket.send_to(&request, target);
-                if let Ok((n, _)) = socket.recv_from(&mut buf) {
-                    if n >= 20 && buf[0..2] == [0x01, 0x01] {
-                        return true;
-                    }
+                if let Ok((n, _)) = socket.recv_from(&mut buf)
+                    && n >= 20
+                    && buf[0..2] == [0x01, 0x01]
+                {
+                    return true;
                 }
             }
             false

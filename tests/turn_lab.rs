@@ -1,0 +1,291 @@
+//! TURN through a server we did not write: Debian's coturn on the lab's public host, the real
+//! `qpunch` binary behind real NATs on both ends (see `nat_lab/topology.rs` and
+//! `nat_lab/coturn.rs`).
+//!
+//! Two symmetric NATs and a rendezvous that does not relay: no direct path exists, so a
+//! transfer that completes went through coturn. Credentials are coturn's TURN REST API
+//! scheme (`use-auth-secret`), here minted by the test and given to each side as the static
+//! `[turn]` of its config.toml; forged and expired ones must be refused by coturn and said
+//! so.
+//!
+//! Needs root, the lab's tools and `turnserver`; without them each test says SKIPPED (and
+//! fails when `CI` is set).
+
+#[path = "nat_lab/lab.rs"]
+mod lab;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lab::coturn::{Coturn, CoturnConfig};
+use lab::{Host, Nat, PUBLIC_V4, Proc, SiteSpec, Topology};
+use serde_json::Value;
+
+const RV_PORT: u16 = 9200;
+const SECRET: &str = "lab-turn-secret";
+
+fn qpunch() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_qpunch"))
+}
+
+fn rendezvous_addr() -> String {
+    format!("{PUBLIC_V4}:{RV_PORT}")
+}
+
+fn turn_url() -> String {
+    format!("turn:{PUBLIC_V4}:3478")
+}
+
+/// A file of `size` incompressible bytes; returns its path and BLAKE3.
+fn make_file(dir: &Path, name: &str, size: usize) -> (PathBuf, String) {
+    let mut data = vec![0u8; size];
+    blake3::Hasher::new()
+        .update(name.as_bytes())
+        .finalize_xof()
+        .fill(&mut data);
+    let path = dir.join(name);
+    std::fs::write(&path, &data).unwrap();
+    (path, blake3::hash(&data).to_hex().to_string())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// One role's qpunch home, with a `[turn]` in its config.toml.
+struct Home(tempfile::TempDir);
+
+impl Home {
+    fn with_turn(username: &str, password: &str) -> Home {
+        let home = Home(tempfile::tempdir().unwrap());
+        let config = format!(
+            "[turn]\nurl = \"{}\"\nusername = \"{username}\"\npassword = \"{password}\"\n",
+            turn_url()
+        );
+        std::fs::write(home.0.path().join("config.toml"), config).unwrap();
+        home
+    }
+
+    /// Credentials coturn accepts for ten minutes.
+    fn minted(tag: &str) -> Home {
+        let (user, password) = qpunch::turn::mint(SECRET.as_bytes(), tag, unix_now() + 600);
+        Home::with_turn(&user, &password)
+    }
+
+    fn env(&self) -> [(&'static str, &Path); 1] {
+        [("QPUNCH_HOME", self.0.path())]
+    }
+}
+
+/// Two symmetric NATs, coturn and a rendezvous that does not relay on the public host.
+struct Lab {
+    topo: Topology,
+    coturn: Coturn,
+    _rv: Proc,
+    _rv_home: tempfile::TempDir,
+}
+
+impl Lab {
+    fn start(tag: &str) -> Option<Lab> {
+        if !lab::require(tag, &["tc", "turnserver"]) {
+            return None;
+        }
+        let topo = Topology::new(
+            tag,
+            &[
+                SiteSpec::new(Nat::Symmetric).ipv6(false),
+                SiteSpec::new(Nat::Symmetric).ipv6(false),
+            ],
+        );
+        let coturn = Coturn::start(
+            topo.public(),
+            CoturnConfig::new(&[PUBLIC_V4.into()], Some(SECRET)),
+        );
+        let home = tempfile::tempdir().unwrap();
+        let port = RV_PORT.to_string();
+        let args = [
+            "rendezvous",
+            "--bind",
+            "0.0.0.0",
+            "--port",
+            &port,
+            "--json",
+            "--no-relay",
+        ];
+        let mut rv = topo
+            .public()
+            .spawn(&qpunch(), &args, &[("QPUNCH_HOME", home.path())]);
+        rv.wait_for("rendezvous", Duration::from_secs(20));
+        Some(Lab {
+            topo,
+            coturn,
+            _rv: rv,
+            _rv_home: home,
+        })
+    }
+}
+
+/// `qpunch receive --via` on `host`, and its first code.
+fn receive(host: &Host, home: &Home, out: &Path) -> (Proc, String) {
+    let via = rendezvous_addr();
+    let args = [
+        "receive",
+        "--out",
+        out.to_str().unwrap(),
+        "--yes",
+        "--once",
+        "--json",
+        "-v",
+        "--via",
+        &via,
+    ];
+    let mut proc = host.spawn(&qpunch(), &args, &home.env());
+    let code = loop {
+        let listening = proc.wait_for("listening", Duration::from_secs(30));
+        if let Some(code) = listening["code"].as_str() {
+            break code.to_string();
+        }
+    };
+    (proc, code)
+}
+
+/// `qpunch send FILE --to CODE --via` on `host`.
+fn send(host: &Host, home: &Home, file: &Path, code: &str) -> Proc {
+    let via = rendezvous_addr();
+    let args = [
+        "send",
+        file.to_str().unwrap(),
+        "--to",
+        code,
+        "--via",
+        &via,
+        "--json",
+        "-v",
+    ];
+    host.spawn(&qpunch(), &args, &home.env())
+}
+
+fn events<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["event"] == kind).collect()
+}
+
+fn messages(events_seen: &[Value], kind: &str) -> String {
+    events(events_seen, kind)
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Two symmetric NATs cannot punch, and the rendezvous does not relay: the transfer goes
+/// through coturn over UDP, intact, and the sender says so (`turn`).
+#[test]
+fn symmetric_x_symmetric_relays_through_coturn_over_udp() {
+    const TEST: &str = "symmetric_x_symmetric_relays_through_coturn_over_udp";
+    let Some(lab) = Lab::start(TEST) else {
+        return;
+    };
+    let (rx_home, tx_home) = (Home::minted("receiver"), Home::minted("sender"));
+    let out = tempfile::tempdir().unwrap();
+    let (mut receiver, code) = receive(lab.topo.site(0).client(0), &rx_home, out.path());
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), "turned.bin", 2_000_000);
+    let mut sender = send(lab.topo.site(1).client(0), &tx_home, &file, &code);
+    let (status, _) = sender.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "sender failed\n{}\n{}\ncoturn:\n{}",
+        sender.describe(),
+        receiver.describe(),
+        lab.coturn.log()
+    );
+    let sent = events(&sender.seen, "sent");
+    assert_eq!(sent.len(), 1, "{}", sender.describe());
+    assert_eq!(sent[0]["blake3"], hash.as_str());
+    let connected = events(&sender.seen, "connected");
+    assert_eq!(
+        connected.last().unwrap()["path"],
+        "turn",
+        "{}",
+        sender.describe()
+    );
+    // Never another path: none exists.
+    for moved in events(&sender.seen, "path") {
+        assert_eq!(moved["path"], "turn", "{moved}");
+    }
+    let received = receiver.wait_for("received", Duration::from_secs(30));
+    assert_eq!(received["blake3"], hash.as_str(), "{received}");
+    let saved = out.path().join(received["saved_as"].as_str().unwrap());
+    assert_eq!(
+        blake3::hash(&std::fs::read(saved).unwrap())
+            .to_hex()
+            .as_str(),
+        hash
+    );
+    // coturn did the relaying: both allocations, and both sides' ChannelBinds.
+    let log = lab.coturn.log();
+    assert!(
+        log.matches("ALLOCATE processed, success").count() >= 2,
+        "coturn:\n{log}"
+    );
+    assert!(
+        log.contains("CHANNEL_BIND processed, success"),
+        "coturn:\n{log}"
+    );
+}
+
+/// A forged password (the sender's) and an expired minted credential (the receiver's):
+/// coturn refuses both, each side says which server refused whose credentials, and the
+/// meeting fails as two symmetric NATs without a relay do.
+#[test]
+fn forged_and_expired_turn_credentials_are_refused_and_said_so() {
+    const TEST: &str = "forged_and_expired_turn_credentials_are_refused_and_said_so";
+    let Some(lab) = Lab::start(TEST) else {
+        return;
+    };
+    let (expired_user, expired_password) =
+        qpunch::turn::mint(SECRET.as_bytes(), "receiver", unix_now() - 60);
+    let rx_home = Home::with_turn(&expired_user, &expired_password);
+    let (forged_user, _) = qpunch::turn::mint(SECRET.as_bytes(), "sender", unix_now() + 600);
+    let (_, forged_password) = qpunch::turn::mint(b"not the secret", "sender", unix_now() + 600);
+    let tx_home = Home::with_turn(&forged_user, &forged_password);
+    let out = tempfile::tempdir().unwrap();
+    let (mut receiver, code) = receive(lab.topo.site(0).client(0), &rx_home, out.path());
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = make_file(dir.path(), "refused.bin", 1000);
+    let mut sender = send(lab.topo.site(1).client(0), &tx_home, &file, &code);
+    let (status, _) = sender.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{}", sender.describe());
+    let warned = messages(&sender.seen, "warning");
+    let url = turn_url();
+    assert!(
+        warned.contains(&format!(
+            "TURN server {url} refused the credentials of user {forged_user} (401"
+        )),
+        "sender's warnings:\n{warned}\n{}",
+        sender.describe()
+    );
+    let failed = messages(&sender.seen, "error");
+    assert!(failed.contains("no direct path"), "{failed}");
+    // The receiver's meeting fails too; its warning came first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline
+        && !messages(&receiver.seen, "warning").contains("refused")
+    {
+        if receiver.next_line(Duration::from_millis(500)).is_none() && receiver.try_exit().is_some()
+        {
+            break;
+        }
+    }
+    let warned = messages(&receiver.seen, "warning");
+    assert!(
+        warned.contains(&format!(
+            "TURN server {url} refused the credentials of user {expired_user} (401"
+        )),
+        "receiver's warnings:\n{warned}\n{}",
+        receiver.describe()
+    );
+}
