@@ -89,7 +89,9 @@ struct Lab {
 }
 
 impl Lab {
-    fn start(tag: &str) -> Option<Lab> {
+    /// The rendezvous with `--no-relay` and `extra` flags; `{secret}` in them is the path of
+    /// a file holding coturn's secret.
+    fn start(tag: &str, extra: &[&str]) -> Option<Lab> {
         if !lab::require(tag, &["tc", "turnserver"]) {
             return None;
         }
@@ -105,16 +107,21 @@ impl Lab {
             CoturnConfig::new(&[PUBLIC_V4.into()], Some(SECRET)),
         );
         let home = tempfile::tempdir().unwrap();
+        let secret = home.path().join("turn-secret");
+        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+        let secret = secret.to_str().unwrap().to_string();
         let port = RV_PORT.to_string();
-        let args = [
-            "rendezvous",
-            "--bind",
-            "0.0.0.0",
-            "--port",
-            &port,
-            "--json",
-            "--no-relay",
+        let mut args = vec![
+            "rendezvous".to_string(),
+            "--bind".into(),
+            "0.0.0.0".into(),
+            "--port".into(),
+            port,
+            "--json".into(),
+            "--no-relay".into(),
         ];
+        args.extend(extra.iter().map(|a| a.replace("{secret}", &secret)));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut rv = topo
             .public()
             .spawn(&qpunch(), &args, &[("QPUNCH_HOME", home.path())]);
@@ -180,20 +187,73 @@ fn messages(events_seen: &[Value], kind: &str) -> String {
         .join("\n")
 }
 
+/// A sender's and receiver's homes without a `[turn]`.
+fn plain_home() -> Home {
+    Home(tempfile::tempdir().unwrap())
+}
+
 /// Two symmetric NATs cannot punch, and the rendezvous does not relay: the transfer goes
-/// through coturn over UDP, intact, and the sender says so (`turn`).
+/// through coturn over UDP, intact, and the sender says so (`turn`). Credentials: each
+/// side's own, static in its config.toml.
 #[test]
 fn symmetric_x_symmetric_relays_through_coturn_over_udp() {
     const TEST: &str = "symmetric_x_symmetric_relays_through_coturn_over_udp";
-    let Some(lab) = Lab::start(TEST) else {
+    let Some(lab) = Lab::start(TEST, &[]) else {
         return;
     };
     let (rx_home, tx_home) = (Home::minted("receiver"), Home::minted("sender"));
+    relays_through_coturn(&lab, &rx_home, &tx_home);
+}
+
+/// The same with no `[turn]` anywhere: the rendezvous mints credentials for each side of
+/// the pairing (`--turn`, `--turn-secret`), and coturn takes them. Their usernames carry a
+/// random tag, never the nameplate, and expire when `--turn-lifetime` says.
+#[test]
+fn rendezvous_minted_credentials_relay_through_coturn() {
+    const TEST: &str = "rendezvous_minted_credentials_relay_through_coturn";
+    let url = turn_url();
+    let Some(lab) = Lab::start(
+        TEST,
+        &[
+            "--turn",
+            &url,
+            "--turn-secret",
+            "{secret}",
+            "--turn-lifetime",
+            "10m",
+        ],
+    ) else {
+        return;
+    };
+    let code = relays_through_coturn(&lab, &plain_home(), &plain_home());
+    let log = lab.coturn.log();
+    let nameplate = code.split('-').next().unwrap();
+    let users: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ALLOCATE processed, success"))
+        .filter_map(|l| l.split("user <").nth(1)?.split('>').next())
+        .collect();
+    assert_eq!(users.len(), 2, "coturn:\n{log}");
+    assert_ne!(users[0], users[1]);
+    for user in users {
+        let (expiry, tag) = user.split_once(':').unwrap();
+        let expiry: u64 = expiry.parse().unwrap();
+        assert!(
+            expiry > unix_now() + 500 && expiry <= unix_now() + 600,
+            "{user}"
+        );
+        assert!(!tag.contains(nameplate) && tag.len() == 16, "{user}");
+    }
+}
+
+/// Send 2 MB from a symmetric NAT to a symmetric NAT and check that it went through
+/// coturn; returns the code.
+fn relays_through_coturn(lab: &Lab, rx_home: &Home, tx_home: &Home) -> String {
     let out = tempfile::tempdir().unwrap();
-    let (mut receiver, code) = receive(lab.topo.site(0).client(0), &rx_home, out.path());
+    let (mut receiver, code) = receive(lab.topo.site(0).client(0), rx_home, out.path());
     let dir = tempfile::tempdir().unwrap();
     let (file, hash) = make_file(dir.path(), "turned.bin", 2_000_000);
-    let mut sender = send(lab.topo.site(1).client(0), &tx_home, &file, &code);
+    let mut sender = send(lab.topo.site(1).client(0), tx_home, &file, &code);
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
     assert!(
         status.success(),
@@ -235,6 +295,7 @@ fn symmetric_x_symmetric_relays_through_coturn_over_udp() {
         log.contains("CHANNEL_BIND processed, success"),
         "coturn:\n{log}"
     );
+    code
 }
 
 /// A forged password (the sender's) and an expired minted credential (the receiver's):
@@ -243,7 +304,7 @@ fn symmetric_x_symmetric_relays_through_coturn_over_udp() {
 #[test]
 fn forged_and_expired_turn_credentials_are_refused_and_said_so() {
     const TEST: &str = "forged_and_expired_turn_credentials_are_refused_and_said_so";
-    let Some(lab) = Lab::start(TEST) else {
+    let Some(lab) = Lab::start(TEST, &[]) else {
         return;
     };
     let (expired_user, expired_password) =

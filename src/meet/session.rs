@@ -330,7 +330,7 @@ impl Meeting<'_> {
         }));
 
         let ifaces = candidates::interfaces();
-        let (mapped, turn) = tokio::join!(self.mapped_port(paired.observed), self.allocate());
+        let (mapped, turn) = tokio::join!(self.mapped_port(paired.observed), self.allocate(paired));
         let relayed_at = turn.as_ref().map(|t| t.relayed());
         let hello = own_hello(
             node,
@@ -599,8 +599,23 @@ impl Meeting<'_> {
     /// A relayed address on a TURN server, when we have one to use: credentials the
     /// rendezvous minted for this pairing, else the user's own. Waits at most
     /// [`TURN_WAIT`]; a failure is a warning (the meeting goes on without it).
-    async fn allocate(&self) -> Option<TurnAllocation> {
-        let server = self.turn?;
+    async fn allocate(&self, paired: &Paired) -> Option<TurnAllocation> {
+        let minted = match &paired.turn {
+            Some(grant) => match grant.server() {
+                Some(server) => Some(server),
+                None => {
+                    let message = format!(
+                        "the rendezvous offers a TURN server this qpunch cannot use: {}",
+                        crate::text::peer(&grant.url)
+                    );
+                    tracing::warn!("{message}");
+                    self.events.warning(&message);
+                    None
+                }
+            },
+            None => None,
+        };
+        let server = minted.as_ref().or(self.turn)?;
         match TurnAllocation::allocate(server, TURN_WAIT).await {
             Ok(allocation) => Some(allocation),
             Err(e) => {
