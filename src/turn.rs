@@ -38,8 +38,11 @@ use turn_client_proto::api::{TurnClientApi, TurnConfig, TurnEvent, TurnPollRet, 
 use turn_client_proto::stun::Instant;
 use turn_client_proto::stun::agent::Transmit;
 use turn_client_proto::stun::types::message::TransactionId;
+use turn_client_proto::tcp::TurnClientTcp;
 use turn_client_proto::types::{TransportType, TurnCredentials};
 use turn_client_proto::udp::TurnClientUdp;
+
+turn_client_proto::impl_client!(AnyClient, (Udp, TurnClientUdp), (Tcp, TurnClientTcp));
 
 use crate::path::{Carrier, PathKind};
 
@@ -258,10 +261,11 @@ enum Status {
 struct Shared {
     url: String,
     user: String,
-    socket: tokio::net::UdpSocket,
+    out: Out,
+    transport: TransportType,
     server: SocketAddr,
     local: SocketAddr,
-    client: Mutex<TurnClientUdp>,
+    client: Mutex<AnyClient>,
     wake: Notify,
     status: watch::Sender<Status>,
     /// The last error response of the server (code, escaped reason): what a failed
@@ -275,7 +279,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, TurnClientUdp> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AnyClient> {
         self.client.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -313,8 +317,8 @@ impl Shared {
             _ => Some(std::time::Instant::now() + Duration::from_millis(50)),
         };
         while let Some(transmit) = client.poll_transmit(now) {
-            // A full socket buffer loses the request; the client retransmits it.
-            let _ = self.socket.try_send(&transmit.data);
+            // A full socket buffer loses the request; over UDP the client retransmits it.
+            let _ = self.out.send(&transmit.data);
         }
         while let Some(event) = client.poll_event() {
             match event {
@@ -363,17 +367,19 @@ impl Shared {
             }
         }
         let now = now();
-        let transmit = Transmit::new(packet, TransportType::Udp, self.server, self.local);
-        let data = {
+        let transmit = Transmit::new(packet, self.transport, self.server, self.local);
+        let mut data = Vec::new();
+        {
             let mut client = self.lock();
-            match client.recv(transmit, now) {
-                TurnRecvRet::PeerData(data) => {
-                    Some((data.peer, Bytes::copy_from_slice(data.data())))
-                }
-                _ => None,
+            if let TurnRecvRet::PeerData(peer) = client.recv(transmit, now) {
+                data.push((peer.peer, Bytes::copy_from_slice(peer.data())));
             }
-        };
-        if let Some((from, datagram)) = data {
+            // Over TCP one read may hold several messages: the client keeps the rest.
+            while let Some(peer) = client.poll_recv(now) {
+                data.push((peer.peer, Bytes::copy_from_slice(peer.data())));
+            }
+        }
+        for (from, datagram) in data {
             let peer = self.peer.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((peer, inbound)) = &*peer
                 && *peer == from
@@ -403,22 +409,94 @@ fn remember_error(
     Some((error.code(), message.transaction_id()))
 }
 
+/// Where the client's messages to the server go.
+enum Out {
+    /// A UDP socket connected to the server.
+    Udp(Arc<tokio::net::UdpSocket>),
+    /// The writer of a TCP connection: whole messages, in order, a bounded queue.
+    Stream(mpsc::Sender<Vec<u8>>),
+}
+
+impl Out {
+    /// Send one message (a STUN message or ChannelData) without waiting: a full queue
+    /// drops it, as a congested UDP path would.
+    fn send(&self, message: &[u8]) -> std::io::Result<()> {
+        match self {
+            Out::Udp(socket) => socket.try_send(message).map(|_| ()),
+            Out::Stream(queue) => {
+                let mut framed = message.to_vec();
+                // Over a stream, ChannelData is padded to a multiple of 4 (RFC 8656 12.5);
+                // the sans-IO client does not pad.
+                if is_channel_data(message) {
+                    framed.resize(message.len().next_multiple_of(4), 0);
+                }
+                queue.try_send(framed).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => std::io::ErrorKind::WouldBlock.into(),
+                    mpsc::error::TrySendError::Closed(_) => std::io::ErrorKind::NotConnected.into(),
+                })
+            }
+        }
+    }
+}
+
+/// ChannelData starts with a channel number, 0x4000..=0x7fff; a STUN message with 0b00.
+fn is_channel_data(message: &[u8]) -> bool {
+    message.first().is_some_and(|b| b & 0xc0 == 0x40)
+}
+
+/// The first whole message at the start of a TCP stream's bytes: its length, and its
+/// length with padding (`None`: not all there yet; `Err`: not TURN).
+fn stream_frame(buf: &[u8]) -> Result<Option<(usize, usize)>, ()> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+    let (message, framed) = match buf[0] & 0xc0 {
+        // STUN: a 20-byte header, then attributes (always a multiple of 4).
+        0x00 => (20 + len, 20 + len),
+        0x40 => (4 + len, (4 + len).next_multiple_of(4)),
+        _ => return Err(()),
+    };
+    Ok((buf.len() >= framed).then_some((message, framed)))
+}
+
+/// Where the server's messages come from.
+enum In {
+    Udp(Arc<tokio::net::UdpSocket>),
+    /// Whole messages read from a TCP connection, padding removed.
+    Stream(mpsc::Receiver<Vec<u8>>),
+}
+
 /// Drive one allocation: the server's packets, the client's timers, and wake-ups when a
 /// carrier asked for something (a permission).
-async fn drive(shared: Arc<Shared>) {
+async fn drive(shared: Arc<Shared>, mut inbound: In) {
     let mut buf = vec![0u8; 65536];
     loop {
         let Some(wait) = shared.progress() else {
             return;
         };
-        // Cancel-safe: `recv` on a UDP socket, `notified` and `sleep_until` lose nothing
-        // when another branch wins.
+        let received = async {
+            match &mut inbound {
+                In::Udp(socket) => (socket.recv(&mut buf).await)
+                    .map(|n| buf[..n].to_vec())
+                    .map_err(|_| false),
+                In::Stream(messages) => messages.recv().await.ok_or(true),
+            }
+        };
+        // Cancel-safe: `recv` on a UDP socket or a channel, `notified` and `sleep_until`
+        // lose nothing when another branch wins.
         tokio::select! {
-            received = shared.socket.recv(&mut buf) => match received {
-                Ok(n) => shared.incoming(&buf[..n]),
+            received = received => match received {
+                Ok(message) => shared.incoming(&message),
+                // The TCP connection closed: the allocation is gone with it.
+                Err(true) => {
+                    let closed = TurnError::Closed(shared.url.clone());
+                    shared.status.send_replace(Status::Failed(closed));
+                    return;
+                }
                 // An ICMP error from the server's address (nothing listens): its requests
                 // time out on their own.
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(false) => tokio::time::sleep(Duration::from_millis(20)).await,
             },
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep_until(wait.into()) => {}
@@ -426,10 +504,48 @@ async fn drive(shared: Arc<Shared>) {
     }
 }
 
+/// Read whole messages off a TCP connection to the TURN server.
+async fn read_stream(mut read: tokio::net::tcp::OwnedReadHalf, messages: mpsc::Sender<Vec<u8>>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf: Vec<u8> = Vec::with_capacity(65536);
+    loop {
+        while let Ok(Some((message, framed))) = stream_frame(&buf) {
+            if messages.send(buf[..message].to_vec()).await.is_err() {
+                return;
+            }
+            buf.drain(..framed);
+        }
+        if stream_frame(&buf).is_err() {
+            tracing::warn!("TURN over TCP: the server sent something that is not TURN");
+            return;
+        }
+        match read.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Write whole messages to a TCP connection to the TURN server, in order.
+async fn write_stream(
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    mut messages: mpsc::Receiver<Vec<u8>>,
+) {
+    use tokio::io::AsyncWriteExt;
+    while let Some(message) = messages.recv().await {
+        if write.write_all(&message).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Messages waiting for a TCP connection to the TURN server; beyond, they are dropped.
+const STREAM_QUEUE: usize = 1024;
+
 /// A relayed address on a TURN server, kept alive (refreshed) until dropped, then deleted.
 pub struct TurnAllocation {
     shared: Arc<Shared>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     relayed: SocketAddr,
 }
 
@@ -449,7 +565,7 @@ impl TurnAllocation {
         patience: Duration,
     ) -> Result<TurnAllocation, TurnError> {
         let url = server.url.to_string();
-        if server.url.transport != TurnTransport::Udp {
+        if server.url.transport == TurnTransport::Tls {
             return Err(TurnError::Unsupported(url));
         }
         let io = |e: std::io::Error| TurnError::Io {
@@ -465,18 +581,44 @@ impl TurnAllocation {
             .map_err(|e| resolve(e.to_string()))?
             .find(SocketAddr::is_ipv4)
             .ok_or_else(|| resolve("no IPv4 address".into()))?;
-        let socket = tokio::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
-            .await
-            .map_err(io)?;
-        socket.connect(target).await.map_err(io)?;
-        let local = socket.local_addr().map_err(io)?;
         let credentials = TurnCredentials::new(&server.username, &server.password);
-        let client = TurnClientUdp::allocate(local, target, TurnConfig::new(credentials));
+        let config = TurnConfig::new(credentials);
+        let mut tasks = Vec::new();
+        let (client, out, inbound, local, transport) = if server.url.transport == TurnTransport::Udp
+        {
+            let socket = tokio::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+                .await
+                .map_err(io)?;
+            socket.connect(target).await.map_err(io)?;
+            let local = socket.local_addr().map_err(io)?;
+            let socket = Arc::new(socket);
+            let client = AnyClient::Udp(TurnClientUdp::allocate(local, target, config));
+            let (out, inbound) = (Out::Udp(socket.clone()), In::Udp(socket));
+            (client, out, inbound, local, TransportType::Udp)
+        } else {
+            let stream = tokio::time::timeout(patience, tokio::net::TcpStream::connect(target))
+                .await
+                .map_err(|_| TurnError::Timeout(url.clone()))?
+                .map_err(io)?;
+            let _ = stream.set_nodelay(true);
+            let local = stream.local_addr().map_err(io)?;
+            let (read, write) = stream.into_split();
+            let (to_server, queue) = mpsc::channel(STREAM_QUEUE);
+            let (from_server, messages) = mpsc::channel(STREAM_QUEUE);
+            tasks.push(tokio::spawn(read_stream(read, from_server)));
+            // Not aborted with the others: it ends once the last message (a deletion) is
+            // written and every sender is gone, and closes the connection.
+            tokio::spawn(write_stream(write, queue));
+            let client = AnyClient::Tcp(TurnClientTcp::allocate(local, target, config));
+            let (out, inbound) = (Out::Stream(to_server), In::Stream(messages));
+            (client, out, inbound, local, TransportType::Tcp)
+        };
         let (status, mut watching) = watch::channel(Status::Pending);
         let shared = Arc::new(Shared {
             url: url.clone(),
             user: server.username.clone(),
-            socket,
+            out,
+            transport,
             server: target,
             local,
             client: Mutex::new(client),
@@ -486,7 +628,7 @@ impl TurnAllocation {
             challenge: Mutex::new(None),
             peer: Mutex::new(None),
         });
-        let task = tokio::spawn(drive(shared.clone()));
+        tasks.push(tokio::spawn(drive(shared.clone(), inbound)));
         let outcome = tokio::time::timeout(patience, async {
             loop {
                 match watching.borrow_and_update().clone() {
@@ -503,17 +645,17 @@ impl TurnAllocation {
         let relayed = match outcome {
             Ok(Ok(relayed)) => relayed,
             Ok(Err(failure)) => {
-                task.abort();
+                tasks.iter().for_each(|t| t.abort());
                 return Err(failure);
             }
             Err(_) => {
-                task.abort();
+                tasks.iter().for_each(|t| t.abort());
                 return Err(TurnError::Timeout(url));
             }
         };
         Ok(TurnAllocation {
             shared,
-            task,
+            tasks,
             relayed,
         })
     }
@@ -552,12 +694,12 @@ impl Drop for TurnAllocation {
     /// Delete the allocation on the server (best effort: one Refresh with lifetime 0, not
     /// retransmitted), so it does not hold a port until it expires.
     fn drop(&mut self) {
-        self.task.abort();
+        self.tasks.iter().for_each(|t| t.abort());
         let now = now();
         let mut client = self.shared.lock();
         if client.delete(now).is_ok() {
             while let Some(transmit) = client.poll_transmit(now) {
-                let _ = self.shared.socket.try_send(&transmit.data);
+                let _ = self.shared.out.send(&transmit.data);
             }
         }
     }
@@ -595,7 +737,10 @@ impl TurnCarrier {
 
 impl Carrier for TurnCarrier {
     fn kind(&self) -> PathKind {
-        PathKind::Turn
+        match self.allocation.shared.transport {
+            TransportType::Tcp => PathKind::TurnTcp,
+            _ => PathKind::Turn,
+        }
     }
 
     fn send(&self, datagram: &[u8]) -> std::io::Result<()> {
@@ -609,7 +754,7 @@ impl Carrier for TurnCarrier {
                 .map(|transmit| transmit.build())
         };
         match built {
-            Some(transmit) => shared.socket.try_send(&transmit.data).map(|_| ()),
+            Some(transmit) => shared.out.send(&transmit.data),
             None => Ok(()),
         }
     }
@@ -650,6 +795,21 @@ mod tests {
         ] {
             assert!(bad.parse::<TurnUrl>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn stream_frames_are_found_and_unpadded() {
+        // ChannelData of 5 bytes: 4 + 5, padded to 12 on a stream.
+        let mut stream = vec![0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0];
+        assert_eq!(stream_frame(&stream[..11]), Ok(None));
+        assert_eq!(stream_frame(&stream), Ok(Some((9, 12))));
+        // A STUN message: header and attributes, never padded further.
+        stream.extend([0x01, 0x01, 0x00, 0x04]);
+        assert_eq!(stream_frame(&stream[12..]), Ok(None));
+        stream.extend([0u8; 20]);
+        assert_eq!(stream_frame(&stream[12..]), Ok(Some((24, 24))));
+        assert_eq!(stream_frame(&[0x80, 0, 0, 0]), Err(()));
+        assert!(is_channel_data(&[0x7f, 0xff]) && !is_channel_data(&[0x01, 0x01]));
     }
 
     #[test]

@@ -60,10 +60,13 @@ struct Home(tempfile::TempDir);
 
 impl Home {
     fn with_turn(username: &str, password: &str) -> Home {
+        Home::with_turn_at(&turn_url(), username, password)
+    }
+
+    fn with_turn_at(url: &str, username: &str, password: &str) -> Home {
         let home = Home(tempfile::tempdir().unwrap());
         let config = format!(
-            "[turn]\nurl = \"{}\"\nusername = \"{username}\"\npassword = \"{password}\"\n",
-            turn_url()
+            "[turn]\nurl = \"{url}\"\nusername = \"{username}\"\npassword = \"{password}\"\n"
         );
         std::fs::write(home.0.path().join("config.toml"), config).unwrap();
         home
@@ -92,6 +95,11 @@ impl Lab {
     /// The rendezvous with `--no-relay` and `extra` flags; `{secret}` in them is the path of
     /// a file holding coturn's secret.
     fn start(tag: &str, extra: &[&str]) -> Option<Lab> {
+        Lab::start_with(tag, Nat::Symmetric, extra)
+    }
+
+    /// A symmetric NAT for the receiver, `sender` for the sender.
+    fn start_with(tag: &str, sender: Nat, extra: &[&str]) -> Option<Lab> {
         if !lab::require(tag, &["tc", "turnserver"]) {
             return None;
         }
@@ -99,7 +107,7 @@ impl Lab {
             tag,
             &[
                 SiteSpec::new(Nat::Symmetric).ipv6(false),
-                SiteSpec::new(Nat::Symmetric).ipv6(false),
+                SiteSpec::new(sender).ipv6(false),
             ],
         );
         let coturn = Coturn::start(
@@ -207,7 +215,7 @@ fn symmetric_x_symmetric_relays_through_coturn_over_udp() {
 
 /// The same with no `[turn]` anywhere: the rendezvous mints credentials for each side of
 /// the pairing (`--turn`, `--turn-secret`), and coturn takes them. Their usernames carry a
-/// random tag, never the nameplate, and expire when `--turn-lifetime` says.
+/// random tag, nothing of the code, and expire when `--turn-lifetime` says.
 #[test]
 fn rendezvous_minted_credentials_relay_through_coturn() {
     const TEST: &str = "rendezvous_minted_credentials_relay_through_coturn";
@@ -227,7 +235,6 @@ fn rendezvous_minted_credentials_relay_through_coturn() {
     };
     let code = relays_through_coturn(&lab, &plain_home(), &plain_home());
     let log = lab.coturn.log();
-    let nameplate = code.split('-').next().unwrap();
     let users: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("ALLOCATE processed, success"))
@@ -242,13 +249,40 @@ fn rendezvous_minted_credentials_relay_through_coturn() {
             expiry > unix_now() + 500 && expiry <= unix_now() + 600,
             "{user}"
         );
-        assert!(!tag.contains(nameplate) && tag.len() == 16, "{user}");
+        // 64 random bits in hex: nothing of the code (its words are letters).
+        assert!(
+            tag.len() == 16 && tag.chars().all(|c| c.is_ascii_hexdigit()),
+            "{user}"
+        );
+        for word in code.split('-').skip(1) {
+            assert!(!user.contains(word), "{user} names {word}");
+        }
     }
+}
+
+/// With UDP blocked at the sender's router, the sender reaches the rendezvous over TCP and
+/// coturn over TCP (`?transport=tcp`), the receiver coturn over UDP: the transfer relays
+/// through both allocations and the sender's path is `turn-tcp`.
+#[test]
+fn udp_blocked_at_one_router_relays_through_coturn_over_tcp() {
+    const TEST: &str = "udp_blocked_at_one_router_relays_through_coturn_over_tcp";
+    let Some(lab) = Lab::start_with(TEST, Nat::UdpBlocked, &[]) else {
+        return;
+    };
+    let rx_home = Home::minted("receiver");
+    let (user, password) = qpunch::turn::mint(SECRET.as_bytes(), "sender", unix_now() + 600);
+    let tx_home = Home::with_turn_at(&format!("{}?transport=tcp", turn_url()), &user, &password);
+    relays_through_coturn_as(&lab, &rx_home, &tx_home, "turn-tcp");
 }
 
 /// Send 2 MB from a symmetric NAT to a symmetric NAT and check that it went through
 /// coturn; returns the code.
 fn relays_through_coturn(lab: &Lab, rx_home: &Home, tx_home: &Home) -> String {
+    relays_through_coturn_as(lab, rx_home, tx_home, "turn")
+}
+
+/// The same, the sender's path being `kind`.
+fn relays_through_coturn_as(lab: &Lab, rx_home: &Home, tx_home: &Home, kind: &str) -> String {
     let out = tempfile::tempdir().unwrap();
     let (mut receiver, code) = receive(lab.topo.site(0).client(0), rx_home, out.path());
     let dir = tempfile::tempdir().unwrap();
@@ -268,13 +302,13 @@ fn relays_through_coturn(lab: &Lab, rx_home: &Home, tx_home: &Home) -> String {
     let connected = events(&sender.seen, "connected");
     assert_eq!(
         connected.last().unwrap()["path"],
-        "turn",
+        kind,
         "{}",
         sender.describe()
     );
     // Never another path: none exists.
     for moved in events(&sender.seen, "path") {
-        assert_eq!(moved["path"], "turn", "{moved}");
+        assert_eq!(moved["path"], kind, "{moved}");
     }
     let received = receiver.wait_for("received", Duration::from_secs(30));
     assert_eq!(received["blake3"], hash.as_str(), "{received}");

@@ -39,11 +39,13 @@ pub enum PathKind {
     /// Relayed by a TURN server (RFC 8656) over UDP, through both peers' allocations
     /// ([`crate::turn`]).
     Turn,
+    /// Relayed by a TURN server reached over TCP (when UDP is blocked).
+    TurnTcp,
 }
 
 impl PathKind {
     /// The name in events and on the command line: `lan`, `direct`, `birthday`, `relayed`,
-    /// `relayed-tcp`, `turn`.
+    /// `relayed-tcp`, `turn`, `turn-tcp`.
     pub fn as_str(self) -> &'static str {
         match self {
             PathKind::Lan => "lan",
@@ -52,6 +54,7 @@ impl PathKind {
             PathKind::RelayedUdp => "relayed",
             PathKind::RelayedTcp => "relayed-tcp",
             PathKind::Turn => "turn",
+            PathKind::TurnTcp => "turn-tcp",
         }
     }
 
@@ -63,18 +66,19 @@ impl PathKind {
             PathKind::Lan => 0,
             PathKind::Direct | PathKind::Birthday => 1,
             PathKind::RelayedUdp | PathKind::Turn => 2,
-            PathKind::RelayedTcp => 3,
+            PathKind::RelayedTcp | PathKind::TurnTcp => 3,
         }
     }
 
     /// Every kind, best first.
-    pub const ALL: [PathKind; 6] = [
+    pub const ALL: [PathKind; 7] = [
         PathKind::Lan,
         PathKind::Direct,
         PathKind::Birthday,
         PathKind::RelayedUdp,
         PathKind::RelayedTcp,
         PathKind::Turn,
+        PathKind::TurnTcp,
     ];
 
     /// Position in [`ALL`](Self::ALL) (for per-kind counters).
@@ -86,7 +90,7 @@ impl PathKind {
     pub fn is_relayed(self) -> bool {
         matches!(
             self,
-            PathKind::RelayedUdp | PathKind::RelayedTcp | PathKind::Turn
+            PathKind::RelayedUdp | PathKind::RelayedTcp | PathKind::Turn | PathKind::TurnTcp
         )
     }
 }
