@@ -195,9 +195,6 @@ pub enum TurnError {
         /// Why.
         why: String,
     },
-    /// The transport is not implemented yet.
-    #[error("TURN server {0}: only UDP (turn:HOST:PORT) is supported so far")]
-    Unsupported(String),
     /// A socket failed.
     #[error("TURN server {url}: {why}")]
     Io {
@@ -504,8 +501,8 @@ async fn drive(shared: Arc<Shared>, mut inbound: In) {
     }
 }
 
-/// Read whole messages off a TCP connection to the TURN server.
-async fn read_stream(mut read: tokio::net::tcp::OwnedReadHalf, messages: mpsc::Sender<Vec<u8>>) {
+/// Read whole messages off a TCP (or TLS) connection to the TURN server.
+async fn read_stream(mut read: impl tokio::io::AsyncRead + Unpin, messages: mpsc::Sender<Vec<u8>>) {
     use tokio::io::AsyncReadExt;
     let mut buf: Vec<u8> = Vec::with_capacity(65536);
     loop {
@@ -528,7 +525,7 @@ async fn read_stream(mut read: tokio::net::tcp::OwnedReadHalf, messages: mpsc::S
 
 /// Write whole messages to a TCP connection to the TURN server, in order.
 async fn write_stream(
-    mut write: tokio::net::tcp::OwnedWriteHalf,
+    mut write: impl tokio::io::AsyncWrite + Unpin,
     mut messages: mpsc::Receiver<Vec<u8>>,
 ) {
     use tokio::io::AsyncWriteExt;
@@ -536,7 +533,36 @@ async fn write_stream(
         if write.write_all(&message).await.is_err() {
             return;
         }
+        // Nothing more queued: push what TLS buffered onto the wire.
+        if messages.is_empty() && write.flush().await.is_err() {
+            return;
+        }
     }
+    let _ = write.shutdown().await;
+}
+
+/// TLS over `stream` to the TURN server `host` (`turns:`).
+///
+/// The certificate is not checked against any authority, as for the rendezvous over TCP
+/// ([`crate::tls::turn_client_config`]): TLS is here so that a network that lets only
+/// TLS on 443 through still relays. What it would protect is not at stake: the long-term
+/// credential mechanism never sends the password (messages carry an HMAC under a key
+/// derived from it), a minted credential is random and short-lived, and what is relayed is
+/// QUIC, end-to-end encrypted and pinned. Anyone on the path can drop or delay packets
+/// with or without TLS.
+async fn tls_connect(
+    host: &str,
+    stream: tokio::net::TcpStream,
+    patience: Duration,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let config = crate::tls::turn_client_config().map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("not a TLS server name: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    tokio::time::timeout(patience, connector.connect(name, stream))
+        .await
+        .map_err(|_| "the TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS: {e}"))
 }
 
 /// Messages waiting for a TCP connection to the TURN server; beyond, they are dropped.
@@ -565,9 +591,6 @@ impl TurnAllocation {
         patience: Duration,
     ) -> Result<TurnAllocation, TurnError> {
         let url = server.url.to_string();
-        if server.url.transport == TurnTransport::Tls {
-            return Err(TurnError::Unsupported(url));
-        }
         let io = |e: std::io::Error| TurnError::Io {
             url: url.clone(),
             why: e.to_string(),
@@ -602,13 +625,26 @@ impl TurnAllocation {
                 .map_err(io)?;
             let _ = stream.set_nodelay(true);
             let local = stream.local_addr().map_err(io)?;
-            let (read, write) = stream.into_split();
             let (to_server, queue) = mpsc::channel(STREAM_QUEUE);
             let (from_server, messages) = mpsc::channel(STREAM_QUEUE);
-            tasks.push(tokio::spawn(read_stream(read, from_server)));
-            // Not aborted with the others: it ends once the last message (a deletion) is
-            // written and every sender is gone, and closes the connection.
-            tokio::spawn(write_stream(write, queue));
+            if server.url.transport == TurnTransport::Tls {
+                let tls = tls_connect(&server.url.host, stream, patience)
+                    .await
+                    .map_err(|why| TurnError::Io {
+                        url: url.clone(),
+                        why,
+                    })?;
+                let (read, write) = tokio::io::split(tls);
+                tasks.push(tokio::spawn(read_stream(read, from_server)));
+                // Not aborted with the others: it ends once the last message (a deletion)
+                // is written and every sender is gone, and closes the connection.
+                tokio::spawn(write_stream(write, queue));
+            } else {
+                let (read, write) = stream.into_split();
+                tasks.push(tokio::spawn(read_stream(read, from_server)));
+                // Likewise.
+                tokio::spawn(write_stream(write, queue));
+            }
             let client = AnyClient::Tcp(TurnClientTcp::allocate(local, target, config));
             let (out, inbound) = (Out::Stream(to_server), In::Stream(messages));
             (client, out, inbound, local, TransportType::Tcp)

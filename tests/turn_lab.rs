@@ -100,6 +100,16 @@ impl Lab {
 
     /// A symmetric NAT for the receiver, `sender` for the sender.
     fn start_with(tag: &str, sender: Nat, extra: &[&str]) -> Option<Lab> {
+        Lab::start_coturn(tag, sender, extra, |config| config)
+    }
+
+    /// With coturn's configuration changed by `coturn`.
+    fn start_coturn(
+        tag: &str,
+        sender: Nat,
+        extra: &[&str],
+        coturn: impl FnOnce(CoturnConfig) -> CoturnConfig,
+    ) -> Option<Lab> {
         if !lab::require(tag, &["tc", "turnserver"]) {
             return None;
         }
@@ -112,7 +122,7 @@ impl Lab {
         );
         let coturn = Coturn::start(
             topo.public(),
-            CoturnConfig::new(&[PUBLIC_V4.into()], Some(SECRET)),
+            coturn(CoturnConfig::new(&[PUBLIC_V4.into()], Some(SECRET))),
         );
         let home = tempfile::tempdir().unwrap();
         let secret = home.path().join("turn-secret");
@@ -273,6 +283,32 @@ fn udp_blocked_at_one_router_relays_through_coturn_over_tcp() {
     let (user, password) = qpunch::turn::mint(SECRET.as_bytes(), "sender", unix_now() + 600);
     let tx_home = Home::with_turn_at(&format!("{}?transport=tcp", turn_url()), &user, &password);
     relays_through_coturn_as(&lab, &rx_home, &tx_home, "turn-tcp");
+}
+
+/// The same through TLS on port 443 (`turns:`), what a network that lets only HTTPS out
+/// allows: coturn with the repo's test-only certificate.
+#[test]
+fn udp_blocked_at_one_router_relays_through_coturn_over_tls_on_443() {
+    const TEST: &str = "udp_blocked_at_one_router_relays_through_coturn_over_tls_on_443";
+    let Some(lab) = Lab::start_coturn(TEST, Nat::UdpBlocked, &[], |config| {
+        let mut config = config.with_test_tls();
+        config.tls_port = 443;
+        config
+    }) else {
+        return;
+    };
+    let rx_home = Home::minted("receiver");
+    let (user, password) = qpunch::turn::mint(SECRET.as_bytes(), "sender", unix_now() + 600);
+    let tx_home = Home::with_turn_at(&format!("turns:{PUBLIC_V4}:443"), &user, &password);
+    relays_through_coturn_as(&lab, &rx_home, &tx_home, "turn-tcp");
+    // The sender's router reached port 443, where coturn speaks only TLS (a plain TURN
+    // message there fails its handshake).
+    let log = lab.coturn.log();
+    let wan = lab.topo.site(1).wan_v4;
+    assert!(
+        log.contains(&format!("tcp or tls connected to: {wan}")),
+        "coturn:\n{log}"
+    );
 }
 
 /// Send 2 MB from a symmetric NAT to a symmetric NAT and check that it went through
