@@ -420,3 +420,115 @@ fn forged_and_expired_turn_credentials_are_refused_and_said_so() {
         receiver.describe()
     );
 }
+
+/// Drop everything between the WAN addresses of sites `a` and `b` (both ways), or stop.
+fn block_direct(topo: &Topology, a: usize, b: usize, blocked: bool) {
+    for (site, other) in [(a, b), (b, a)] {
+        let peer = topo.site(other).wan_v4;
+        let script = if blocked {
+            format!(
+                "table inet nodirect {{}}\ndelete table inet nodirect\ntable inet nodirect {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n  ip saddr {peer} drop\n  ip daddr {peer} drop\n }}\n}}\n"
+            )
+        } else {
+            "table inet nodirect {}\ndelete table inet nodirect\n".to_string()
+        };
+        lab::netns::nft(&topo.site(site).router, &script);
+    }
+}
+
+/// Campaign: goodput relayed through coturn (UDP) against direct goodput on the same
+/// 100 Mbit/s links, one pair, 48 MiB, two rounds each, interleaved (coturn must keep at
+/// least 0.8x). Timed, so not in the default run:
+/// `cargo test --test turn_lab -- --ignored --nocapture turn_goodput`.
+#[test]
+#[ignore = "campaign: cargo test --test turn_lab -- --ignored --nocapture turn_goodput"]
+fn turn_goodput_against_direct() {
+    const TEST: &str = "turn_goodput_against_direct";
+    if !lab::require(TEST, &["tc", "turnserver"]) {
+        return;
+    }
+    let rate = lab::Rate::mbit(100.0);
+    let topo = Topology::new(
+        "tgput",
+        &[
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+        ],
+    );
+    let coturn = Coturn::start(
+        topo.public(),
+        CoturnConfig::new(&[PUBLIC_V4.into()], Some(SECRET)),
+    );
+    let rv_home = tempfile::tempdir().unwrap();
+    let port = RV_PORT.to_string();
+    let args = [
+        "rendezvous",
+        "--bind",
+        "0.0.0.0",
+        "--port",
+        &port,
+        "--json",
+        "--no-relay",
+    ];
+    let mut rv = topo
+        .public()
+        .spawn(&qpunch(), &args, &[("QPUNCH_HOME", rv_home.path())]);
+    rv.wait_for("rendezvous", Duration::from_secs(20));
+    let dir = tempfile::tempdir().unwrap();
+    let mut results = Vec::new();
+    for (round, turned) in [(0, false), (1, true), (2, false), (3, true)] {
+        block_direct(&topo, 0, 1, turned);
+        let (rx_home, tx_home) = (Home::minted("receiver"), Home::minted("sender"));
+        let out = tempfile::tempdir().unwrap();
+        let (mut receiver, code) = receive(topo.site(0).client(0), &rx_home, out.path());
+        let name = format!("goodput{round}.bin");
+        let (file, hash) = make_file(dir.path(), &name, 48 << 20);
+        let mut sender = send(topo.site(1).client(0), &tx_home, &file, &code);
+        let (status, _) = sender.wait_exit(Duration::from_secs(120));
+        assert!(
+            status.success(),
+            "{}\n{}\ncoturn:\n{}",
+            sender.describe(),
+            receiver.describe(),
+            coturn.log()
+        );
+        let received = receiver.wait_for("received", Duration::from_secs(30));
+        assert_eq!(received["blake3"], hash.as_str());
+        let moved = events(&sender.seen, "path")
+            .last()
+            .map(|e| e["path"].clone());
+        let connected = events(&sender.seen, "connected")
+            .last()
+            .map(|e| e["path"].clone());
+        let path = moved.or(connected).unwrap();
+        assert_eq!(
+            path,
+            if turned { "turn" } else { "direct" },
+            "{}",
+            sender.describe()
+        );
+        let summary = events(&sender.seen, "summary")
+            .last()
+            .copied()
+            .cloned()
+            .unwrap();
+        results.push((turned, summary["mb_per_sec"].as_f64().unwrap()));
+    }
+    let mean = |turned: bool| {
+        let v: Vec<f64> = results
+            .iter()
+            .filter(|r| r.0 == turned)
+            .map(|r| r.1)
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let (direct, turned) = (mean(false), mean(true));
+    eprintln!(
+        "{TEST}: direct {direct:.2} MB/s, through coturn {turned:.2} MB/s ({:.2}x); rounds {results:?}",
+        turned / direct
+    );
+    assert!(
+        turned >= 0.8 * direct,
+        "through coturn {turned:.2} MB/s, direct {direct:.2} MB/s"
+    );
+}
