@@ -365,6 +365,20 @@ fn relays_through_coturn_as(lab: &Lab, rx_home: &Home, tx_home: &Home, kind: &st
         log.contains("CHANNEL_BIND processed, success"),
         "coturn:\n{log}"
     );
+    // Deallocation on exit: each side's Refresh with lifetime 0, and coturn deletes both.
+    let (status, _) = receiver.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{}", receiver.describe());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deleted = |log: &str| log.matches(": delete: realm=").count();
+    while deleted(&lab.coturn.log()) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = lab.coturn.log();
+    assert_eq!(deleted(&log), 2, "coturn:\n{log}");
+    assert!(
+        log.matches("REFRESH processed, success").count() >= 2,
+        "coturn:\n{log}"
+    );
     code
 }
 
