@@ -121,6 +121,14 @@ impl std::str::FromStr for TurnUrl {
         if host.is_empty() {
             return Err(bad("no host"));
         }
+        // A host name or an address, nothing else: the URL may come from a rendezvous, and
+        // it is printed in messages.
+        if !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
+        {
+            return Err(bad("the host is not a host name or an address"));
+        }
         let port = match port {
             Some(port) => port.parse().map_err(|_| bad("the port is not a number"))?,
             None => default_port,
@@ -828,6 +836,8 @@ mod tests {
             "turn:x:port",
             "turns:x?transport=udp",
             "turn:x?foo",
+            "turn:evil\u{1b}[2J:3478",
+            "turn:a b:1",
         ] {
             assert!(bad.parse::<TurnUrl>().is_err(), "{bad}");
         }
