@@ -88,6 +88,7 @@ async fn host() -> anyhow::Result<()> {
         nat,
         config: MeetConfig::default(),
         events: &events,
+        turn: None,
     };
     // The code confirmed who will connect: remember that key, admit nobody else.
     let expected: Mutex<Option<Fingerprint>> = Mutex::new(None);
@@ -125,6 +126,7 @@ async fn join(code: Code, via: SocketAddr) -> anyhow::Result<()> {
         nat,
         config: MeetConfig::default(),
         events: &Silent,
+        turn: None,
     };
     let met = meeting.dial(&code).await?;
     println!(

@@ -155,6 +155,9 @@ pub struct Config {
     /// when not said: then no STUN server is asked, except by `nat-check` with no
     /// rendezvous either (see [`crate::stun::DEFAULT_SERVERS`]).
     pub stun: Vec<String>,
+    /// `[turn]` with `url = "turn:HOST:PORT"`, `username` and `password`: a TURN server of
+    /// the user's own, relaying when no direct path is found (see [`TurnConfig`]).
+    pub turn: Option<TurnConfig>,
 }
 
 impl Config {
@@ -192,17 +195,79 @@ impl Config {
                 .ok_or("`stun` must be a list of \"HOST[:PORT]\" strings")?,
             Some(_) => return Err("`stun` must be a list of \"HOST[:PORT]\" strings".into()),
         };
+        let turn = match table.get("turn") {
+            None => None,
+            Some(toml::Value::Table(turn)) => Some(parse_turn(turn)?),
+            Some(_) => return Err("`turn` must be a table: [turn]".into()),
+        };
         Ok(Config {
             rendezvous,
             port_mapping,
             stun,
+            turn,
         })
     }
+}
+
+/// `[turn]` as config.toml says it. The URL is checked where it is used
+/// (`crate::turn::TurnServer::from_config`): this room is a leaf, below the TURN client.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TurnConfig {
+    /// `turn:HOST:PORT`, `turn:HOST:PORT?transport=tcp` or `turns:HOST:PORT`.
+    pub url: String,
+    /// The long-term username.
+    pub username: String,
+    /// The password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for TurnConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password: it ends up in logs.
+        f.debug_struct("TurnConfig")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[turn]`: all three keys, strings.
+fn parse_turn(turn: &toml::Table) -> Result<TurnConfig, String> {
+    let key = |name: &str| match turn.get(name) {
+        Some(toml::Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(format!("`turn.{name}` must be a string")),
+        None => Err(format!("[turn] needs `{name}`")),
+    };
+    Ok(TurnConfig {
+        url: key("url")?,
+        username: key("username")?,
+        password: key("password")?,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_reads_a_turn_server() {
+        let config = Config::parse(
+            "[turn]\nurl = \"turn:198.51.100.10:3478\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let turn = config.turn.unwrap();
+        assert_eq!(turn.url, "turn:198.51.100.10:3478");
+        assert_eq!((turn.username.as_str(), turn.password.as_str()), ("u", "p"));
+        assert!(
+            !format!("{turn:?}").contains("\"p\""),
+            "no password in logs"
+        );
+        let err = Config::parse("[turn]\nurl = \"turn:x\"\nusername = \"u\"\n").unwrap_err();
+        assert!(err.contains("password"), "{err}");
+        let err = Config::parse("[turn]\nurl = 3\nusername = \"u\"\npassword = \"p\"").unwrap_err();
+        assert!(err.contains("turn.url"), "{err}");
+        assert!(Config::parse("turn = 3").is_err());
+    }
 
     #[test]
     fn config_reads_the_rendezvous_and_ignores_unknown_keys() {

@@ -22,7 +22,8 @@
 //!    direct and relayed paths, and the pure chooser among them.
 //! 5. [`driver`]: the tokio loop that runs the state machines on a socket; [`tcp`]: the
 //!    rendezvous over TLS on TCP, a carrier of QUIC datagrams for networks that block UDP;
-//!    [`stun_client`]: STUN transactions on the node's socket.
+//!    [`stun_client`]: STUN transactions on the node's socket; [`turn`]: a TURN client
+//!    (RFC 8656) as one more relay carrier of the path layer.
 //! 6. [`node`]: a QUIC endpoint on a punched socket: connect, accept, punch again.
 //! 7. [`server`]: the accept loop of every listening peer: budgets, concurrent handshakes,
 //!    shutdown and drain.
@@ -83,5 +84,6 @@ pub mod tls;
 pub mod transfer;
 pub mod traverse;
 pub mod trust;
+pub mod turn;
 pub mod version;
 pub mod wire;

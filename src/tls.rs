@@ -226,6 +226,26 @@ pub fn stream_client_config(alpn: &[Vec<u8>]) -> Result<Arc<rustls::ClientConfig
     Ok(Arc::new(config))
 }
 
+/// rustls configuration for TLS to a TURN server (`turns:`, [`crate::turn`]): like
+/// [`stream_client_config`] (no certificate authority; the handshake signature verified),
+/// but TLS 1.2 too, with rustls's safe defaults, because TURN servers in use today (Debian's
+/// coturn 4.6) speak no TLS 1.3. Nothing qpunch protects rests on this TLS: see
+/// [`crate::turn`].
+pub fn turn_client_config() -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinnedServer {
+        expected: None,
+        seen: Arc::default(),
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// rustls configuration for the server end of [`stream_client_config`]: presents
 /// `identity`, asks no client certificate (the client proves itself, if at all, inside the
 /// QUIC connection it carries), and speaks only `alpn`.

@@ -27,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["punch", "frame", "identity", "congestion", "stun"],
     &["traverse", "socket", "tls", "known_peers"],
     &["path"],
-    &["driver", "tcp", "stun_client"],
+    &["driver", "tcp", "stun_client", "turn"],
     &["node"],
     &["server"],
     &["transfer", "rendezvous"],

@@ -67,6 +67,7 @@ fn meeting<'a>(
         nat: Mapping::EndpointIndependent,
         config: MeetConfig::default(),
         events,
+        turn: None,
     }
 }
 

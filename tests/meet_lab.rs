@@ -706,6 +706,7 @@ async fn meet_then_idle(
             ..MeetConfig::default()
         },
         events: &announce,
+        turn: None,
     };
     let admitted = std::sync::Mutex::new(None);
     let admit = |fp, _| *admitted.lock().unwrap() = Some(fp);
@@ -721,6 +722,7 @@ async fn meet_then_idle(
                 ..MeetConfig::default()
             },
             events: &Silent,
+            turn: None,
         }
         .dial(&code)
         .await

@@ -55,6 +55,22 @@ pub fn port_mapping(off: bool) -> anyhow::Result<bool> {
         .unwrap_or(true))
 }
 
+/// The TURN server of the qpunch home's config.toml (`[turn]`), if any: relays by code
+/// when no direct path is found.
+pub fn turn() -> anyhow::Result<Option<qpunch::turn::TurnServer>> {
+    let home = qpunch::home::dir()?;
+    let Some(turn) = qpunch::home::Config::load(&home)?.turn else {
+        return Ok(None);
+    };
+    let server = qpunch::turn::TurnServer::from_config(&turn).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: `turn.url`: {e}",
+            home.join(qpunch::home::CONFIG_FILE).display()
+        )
+    })?;
+    Ok(Some(server))
+}
+
 /// The `nat` event; the human line is short unless `detailed` (`qpunch nat-check`).
 pub fn report_nat(ui: &Ui, report: &NatReport, detailed: bool) {
     ui.event(

@@ -151,6 +151,7 @@ pub async fn run(args: ReceiveArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         port_mapping: super::meet::port_mapping(args.no_port_mapping)?,
         // config.toml's `stun = [...]`: asked only when meeting through a rendezvous.
         stun: super::meet::stun_servers()?,
+        turn: super::meet::turn()?,
         sink: args.stdout.then(|| {
             ui.raw_text();
             qpunch::transfer::Sink::new(std::io::stdout())

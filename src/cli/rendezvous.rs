@@ -45,25 +45,60 @@ pub struct RendezvousArgs {
     /// Serve UDP only: no TLS-over-TCP listener.
     #[arg(long)]
     no_tcp: bool,
+    /// A TURN server (turn:HOST:PORT, turns:HOST:PORT) whose REST API secret is in
+    /// --turn-secret: each paired peer gets short-lived credentials of its own for it, and
+    /// relays through it when no direct path is found (coturn: use-auth-secret).
+    #[arg(long, value_name = "URL", requires = "turn_secret")]
+    turn: Option<String>,
+    /// The file holding the TURN server's shared secret (coturn's static-auth-secret);
+    /// one line, surrounding whitespace ignored.
+    #[arg(long, value_name = "FILE", requires = "turn")]
+    turn_secret: Option<std::path::PathBuf>,
+    /// How long minted TURN credentials live (seconds, or e.g. 1h): a pair can relay
+    /// through TURN for about this long.
+    #[arg(long, default_value = "1h", value_parser = parse_duration, requires = "turn")]
+    turn_lifetime: std::time::Duration,
 }
 
 impl RendezvousArgs {
-    fn config(&self) -> RendezvousConfig {
+    fn config(&self) -> anyhow::Result<RendezvousConfig> {
         let relay = (!self.no_relay).then_some(RelayLimits {
             quota: self.relay_quota,
             rate: self.relay_rate,
             lifetime: self.relay_lifetime,
             idle: self.relay_idle,
         });
-        RendezvousConfig {
+        Ok(RendezvousConfig {
             relay,
             tcp: match (self.no_tcp, self.tcp_port) {
                 (true, _) => rendezvous::TcpPort::Off,
                 (false, Some(port)) => rendezvous::TcpPort::Port(port),
                 (false, None) => rendezvous::TcpPort::SameAsUdp,
             },
+            turn: self.turn_mint()?,
             ..RendezvousConfig::default()
-        }
+        })
+    }
+
+    /// `--turn` and `--turn-secret`, read and checked before anything is bound.
+    fn turn_mint(&self) -> anyhow::Result<Option<rendezvous::TurnMint>> {
+        let (Some(url), Some(file)) = (&self.turn, &self.turn_secret) else {
+            return Ok(None);
+        };
+        let url: qpunch::turn::TurnUrl = url.parse()?;
+        let secret = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the TURN secret {}", file.display()))?;
+        let secret = secret.trim();
+        anyhow::ensure!(
+            !secret.is_empty(),
+            "the TURN secret file {} is empty",
+            file.display()
+        );
+        Ok(Some(rendezvous::TurnMint {
+            url,
+            secret: secret.as_bytes().to_vec(),
+            lifetime: self.turn_lifetime,
+        }))
     }
 }
 
@@ -71,8 +106,8 @@ pub async fn run(args: RendezvousArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
     let bind = super::common::bind_addr(&args.bind, args.port)?;
     let identity = load_identity(&ui)?;
     let events = Arc::new(Pairings { ui: ui.clone() });
-    let config = args.config();
-    let serve = |addr| Rendezvous::bind(addr, identity.clone(), config, events.clone());
+    let config = args.config()?;
+    let serve = |addr| Rendezvous::bind(addr, identity.clone(), config.clone(), events.clone());
     let bound = serve(bind)
         .or_else(|e| {
             // A system without IPv6 cannot bind [::]: serve IPv4.
@@ -212,7 +247,38 @@ mod tests {
 
     fn config(args: &[&str]) -> Result<RendezvousConfig, clap::Error> {
         let argv = std::iter::once("rendezvous").chain(args.iter().copied());
-        Ok(Cli::try_parse_from(argv)?.args.config())
+        Ok(Cli::try_parse_from(argv)?.args.config().unwrap())
+    }
+
+    #[test]
+    fn turn_flags_go_together_and_the_secret_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let secret = secret.to_str().unwrap();
+        let turn = config(&["--turn", "turn:192.0.2.9:3478", "--turn-secret", secret])
+            .unwrap()
+            .turn
+            .unwrap();
+        assert_eq!(turn.secret, b"s3cret");
+        assert_eq!(turn.url.to_string(), "turn:192.0.2.9:3478");
+        assert_eq!(turn.lifetime, Duration::from_secs(3600));
+        assert!(!format!("{turn:?}").contains("s3cret"));
+        assert_eq!(config(&[]).unwrap().turn, None);
+        // One without the other is refused by clap.
+        assert!(config(&["--turn", "turn:192.0.2.9"]).is_err());
+        assert!(config(&["--turn-secret", secret]).is_err());
+        // A bad URL or an empty secret is refused before anything is bound.
+        let parse = |args: &[&str]| {
+            let argv = std::iter::once("rendezvous").chain(args.iter().copied());
+            Cli::try_parse_from(argv).unwrap().args.config()
+        };
+        assert!(parse(&["--turn", "http://x", "--turn-secret", secret]).is_err());
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, " \n").unwrap();
+        let empty = empty.to_str().unwrap();
+        let err = parse(&["--turn", "turn:x", "--turn-secret", empty]).unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
     }
 
     #[test]

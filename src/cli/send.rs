@@ -84,6 +84,7 @@ pub async fn run(args: SendArgs, ui: Arc<Ui>) -> anyhow::Result<bool> {
         port_mapping: super::meet::port_mapping(args.no_port_mapping)?,
         // config.toml's `stun = [...]`: asked only when meeting through a rendezvous.
         stun: super::meet::stun_servers()?,
+        turn: super::meet::turn()?,
         ..SendConfig::default()
     };
     let render = Render::sending(ui.clone());

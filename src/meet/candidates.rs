@@ -26,10 +26,38 @@ pub fn nat_token(ours: Mapping, mapped_at: Option<usize>) -> String {
     }
 }
 
+/// What separates the rest of a hello's `nat` word from the index of the candidate that is
+/// a TURN relayed address (`apdm+turn3`, `apdm+map1+turn3`): the peer sends to it through a
+/// TURN allocation of its own (see [`crate::turn`]), never probes it directly. A peer
+/// from before TURN reads the whole word as an unknown mapping (tried as easy), and
+/// probes the relayed address like any candidate: the TURN server drops those probes, as
+/// no permission names their source.
+const TURN: &str = "+turn";
+
+/// Our `nat` word with the index of our TURN relayed address, if we offer one.
+pub fn with_turn(nat: String, turn_at: Option<usize>) -> String {
+    match turn_at {
+        Some(at) => format!("{nat}{TURN}{at}"),
+        None => nat,
+    }
+}
+
+/// The peer's TURN relayed address, from its hello's `nat` word (an index that names no
+/// candidate is none).
+pub fn turn_of(hello: &Hello) -> Option<SocketAddr> {
+    let (_, at) = hello.nat.rsplit_once(TURN)?;
+    let at = at.parse::<usize>().ok()?;
+    hello.candidates.get(at).copied()
+}
+
 /// The peer's NAT mapping and its mapped port, from its hello's `nat` word (an index
 /// that names no candidate is no mapped port).
 pub fn nat_of(hello: &Hello) -> (Mapping, Option<SocketAddr>) {
-    match hello.nat.split_once(MAPPED) {
+    let nat = hello
+        .nat
+        .split_once(TURN)
+        .map_or(hello.nat.as_str(), |(nat, _)| nat);
+    match nat.split_once(MAPPED) {
         Some((token, at)) => {
             let mapped = at
                 .parse::<usize>()
@@ -37,7 +65,7 @@ pub fn nat_of(hello: &Hello) -> (Mapping, Option<SocketAddr>) {
                 .and_then(|at| hello.candidates.get(at).copied());
             (Mapping::from_token(token), mapped)
         }
-        None => (Mapping::from_token(&hello.nat), None),
+        None => (Mapping::from_token(nat), None),
     }
 }
 
@@ -188,6 +216,17 @@ mod tests {
         );
         // A peer from before port mapping reads our word as unknown (tried as easy).
         assert_eq!(Mapping::from_token("apdm+map1"), Mapping::Unknown);
+        // A TURN relayed address: named by its own index, after the mapped one or alone.
+        let both = with_turn(nat_token(apdm, Some(1)), Some(2));
+        assert_eq!(both, "apdm+map1+turn2");
+        assert_eq!(nat_of(&hello(&both)), (apdm, Some(a("198.51.100.1:40000"))));
+        assert_eq!(turn_of(&hello(&both)), Some(a("198.51.100.1:6000")));
+        let alone = with_turn(nat_token(apdm, None), Some(0));
+        assert_eq!(nat_of(&hello(&alone)), (apdm, None));
+        assert_eq!(turn_of(&hello(&alone)), Some(a("10.0.1.2:5000")));
+        assert_eq!(turn_of(&hello("apdm+map1")), None);
+        assert_eq!(turn_of(&hello("apdm+turn7")), None);
+        assert_eq!(turn_of(&hello("apdm+turnx")), None);
     }
 
     #[test]

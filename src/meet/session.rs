@@ -44,6 +44,7 @@ use crate::node::{Node, NodeConfig, NodeError, PeerConnection};
 use crate::path::{PathKind, PeerPaths, SwitchReason};
 use crate::rendezvous::{ClientError, Exchange, Paired, RendezvousClient};
 use crate::traverse::{Birthday, Kind, Path, Traversal};
+use crate::turn::{TurnAllocation, TurnCarrier};
 
 /// How long a side that found the path keeps probing it for the other side's benefit.
 const BEACON: Duration = Duration::from_secs(3);
@@ -170,6 +171,10 @@ pub struct Meeting<'a> {
     pub config: MeetConfig,
     /// Whom to tell.
     pub events: &'a dyn MeetEvents,
+    /// A TURN server of the user's own (static credentials from `config.toml`): both sides
+    /// allocate on theirs and relay through them when no direct path is found (credentials
+    /// the rendezvous mints for the pairing take precedence).
+    pub turn: Option<&'a crate::turn::TurnServer>,
 }
 
 impl Meeting<'_> {
@@ -325,19 +330,25 @@ impl Meeting<'_> {
         }));
 
         let ifaces = candidates::interfaces();
-        // Both bounded by MAPPING_WAIT: a silent router or STUN server costs 50 ms at most.
-        let (mapped, reflexive) = tokio::join!(
+        // All bounded: a silent router or STUN server costs MAPPING_WAIT at most, a TURN
+        // allocation its own bound.
+        let (mapped, reflexive, turn) = tokio::join!(
             self.mapped_port(paired.observed),
-            node.stun_reflexive(MAPPING_WAIT)
+            node.stun_reflexive(MAPPING_WAIT),
+            self.allocate(paired)
         );
+        let relayed_at = turn.as_ref().map(|t| t.relayed());
         let hello = own_hello(
             node,
             keys.role(),
             paired.observed,
             ours,
             &ifaces,
-            mapped,
-            &reflexive,
+            Extra {
+                mapped,
+                reflexive: &reflexive,
+                relayed: relayed_at,
+            },
         )?;
         exchange.seal(&keys.seal(&hello)?).await?;
         let peer_hello = match exchange.sealed().await? {
@@ -356,9 +367,12 @@ impl Meeting<'_> {
         let peer_public = public_of(&peer_hello, paired.observed, &ifaces);
         let (theirs, peer_mapped) = candidates::nat_of(&peer_hello);
         let peer_mapped = peer_mapped.map(canonical);
+        // The peer's TURN relayed address is reached through our own allocation only.
+        let peer_turn = candidates::turn_of(&peer_hello).map(canonical);
         let mut offered: Vec<(SocketAddr, Kind)> = peer_hello
             .candidates
             .iter()
+            .filter(|&&candidate| Some(canonical(candidate)) != peer_turn)
             .map(|&candidate| {
                 let candidate = canonical(candidate);
                 let kind = match candidates::kind_of(candidate, &ifaces) {
@@ -401,7 +415,7 @@ impl Meeting<'_> {
             _ => {}
         }
         let patience = strategy.patience;
-        let relayed = self.relay(paired);
+        let relayed = self.relay(paired, turn, peer_turn);
         // Time to first byte is not held hostage by punching: unless the birthday technique
         // is in play (its sockets cannot move under a connection; both sides know it from
         // the same two NAT types), the relay gets a head start.
@@ -447,6 +461,9 @@ impl Meeting<'_> {
                 // firewall rule lifted, a punch that needed longer than the traversal).
                 for &candidate in &peer_hello.candidates {
                     let candidate = canonical(candidate);
+                    if Some(candidate) == peer_turn {
+                        continue;
+                    }
                     let lan = candidates::kind_of(candidate, &ifaces) == Kind::Lan;
                     let kind = if lan { PathKind::Lan } else { PathKind::Direct };
                     paths.add_direct(candidate, kind);
@@ -550,31 +567,98 @@ impl Meeting<'_> {
         }
     }
 
-    /// The relay of our rendezvous, when it granted one for this pairing.
-    fn relay(&self, paired: &Paired) -> Option<PendingRelay> {
-        paired.relay.as_ref()?;
-        let link = self.rendezvous.relay_link();
-        Some(PendingRelay {
-            link,
+    /// The relays for this pairing: our rendezvous's, when it granted one, and a TURN
+    /// server's, when both sides allocated on one.
+    fn relay(
+        &self,
+        paired: &Paired,
+        turn: Option<TurnAllocation>,
+        peer_turn: Option<SocketAddr>,
+    ) -> Option<PendingRelay> {
+        let ours = paired.relay.as_ref().map(|_| OurRelay {
+            link: self.rendezvous.relay_link(),
             rendezvous: self.rendezvous.clone(),
             observed: paired.observed,
+        });
+        let turn = match (turn, peer_turn) {
+            (Some(turn), Some(peer)) if crate::turn::plausible_relayed(peer) => {
+                Some(Arc::new(turn.carrier(peer)))
+            }
+            (Some(_), _) => {
+                // Dropping the allocation deletes it on the server.
+                tracing::info!("the peer offers no TURN relayed address: ours is not used");
+                None
+            }
+            (None, Some(_)) => {
+                tracing::info!("the peer offers a TURN relayed address, but we have no allocation");
+                None
+            }
+            (None, None) => None,
+        };
+        if ours.is_none() && turn.is_none() {
+            return None;
+        }
+        Some(PendingRelay {
+            ours,
+            turn,
             attached: std::sync::atomic::AtomicBool::new(false),
         })
     }
+
+    /// A relayed address on a TURN server, when we have one to use: credentials the
+    /// rendezvous minted for this pairing, else the user's own. Waits at most
+    /// [`TURN_WAIT`]; a failure is a warning (the meeting goes on without it).
+    async fn allocate(&self, paired: &Paired) -> Option<TurnAllocation> {
+        let minted = match &paired.turn {
+            Some(grant) => match grant.server() {
+                Some(server) => Some(server),
+                None => {
+                    let message = format!(
+                        "the rendezvous offers a TURN server this qpunch cannot use: {}",
+                        crate::text::peer(&grant.url)
+                    );
+                    tracing::warn!("{message}");
+                    self.events.warning(&message);
+                    None
+                }
+            },
+            None => None,
+        };
+        let server = minted.as_ref().or(self.turn)?;
+        match TurnAllocation::allocate(server, TURN_WAIT).await {
+            Ok(allocation) => Some(allocation),
+            Err(e) => {
+                let message = format!("no TURN relay: {e}");
+                tracing::warn!("{message}");
+                self.events.warning(&message);
+                None
+            }
+        }
+    }
+}
+
+/// How long our hello waits for a TURN allocation: two round trips to the server (the
+/// first Allocate is always refused for its nonce), with room for one lost packet.
+const TURN_WAIT: Duration = Duration::from_secs(3);
+
+/// Our rendezvous's relay, granted for the pairing.
+struct OurRelay {
+    link: crate::rendezvous::RelayLink,
+    rendezvous: RendezvousClient,
+    observed: SocketAddr,
 }
 
 /// A relay granted for the pairing, not yet among the peer's paths: it joins them once the
 /// race is decided (a punched path is chosen first, so a small transfer is not stuck on
 /// the relay for the settle time), or when punching has had its head start.
 struct PendingRelay {
-    link: crate::rendezvous::RelayLink,
-    rendezvous: RendezvousClient,
-    observed: SocketAddr,
+    ours: Option<OurRelay>,
+    turn: Option<Arc<TurnCarrier>>,
     attached: std::sync::atomic::AtomicBool,
 }
 
 impl PendingRelay {
-    /// Add the relay to `paths` (once), with its reader, and keep our public address in
+    /// Add the relays to `paths` (once), with their readers, and keep our public address in
     /// our relayed probes.
     fn attach(&self, paths: &PeerPaths) {
         if self
@@ -583,6 +667,24 @@ impl PendingRelay {
         {
             return;
         }
+        if let Some(turn) = &self.turn {
+            let inbound = paths.add_relay(turn.clone());
+            let turn = turn.clone();
+            paths.hold(tokio::spawn(async move {
+                // Cancel-safe: `recv` loses no datagram when dropped.
+                while let Some(datagram) = turn.recv().await {
+                    inbound.deliver(datagram);
+                }
+            }));
+        }
+        if let Some(ours) = &self.ours {
+            ours.attach(paths);
+        }
+    }
+}
+
+impl OurRelay {
+    fn attach(&self, paths: &PeerPaths) {
         let link = self.link.clone();
         let inbound = paths.add_relay(Arc::new(link.clone()));
         paths.hold(tokio::spawn(async move {
@@ -710,9 +812,20 @@ fn public_of(hello: &Hello, ours: SocketAddr, ifaces: &[Interface]) -> Option<So
         .rfind(|&c| candidates::kind_of(c, ifaces) != Kind::Lan)
 }
 
-/// Our hello: fingerprint, addresses (LAN first, then the router's mapped port if any,
-/// then what STUN servers saw where it differs, the public one last), NAT behaviour (and
-/// which candidate is mapped, see [`candidates::nat_token`]).
+/// The candidates beyond our interfaces and the rendezvous's view of us.
+struct Extra<'a> {
+    /// The port our router forwards.
+    mapped: Option<SocketAddr>,
+    /// What STUN servers saw.
+    reflexive: &'a [SocketAddr],
+    /// Our TURN allocation's relayed address.
+    relayed: Option<SocketAddr>,
+}
+
+/// Our hello: fingerprint, addresses (LAN first, then the router's mapped port if any, our
+/// TURN relayed address if any, then what STUN servers saw where it differs, the public
+/// one last), NAT behaviour (and which candidates are mapped and relayed, see
+/// [`candidates::nat_token`] and [`candidates::with_turn`]).
 ///
 /// A STUN server's answer (`reflexive`, vetted by [`crate::stun`]) only ever adds a
 /// candidate here: the peer probes it before using it, and our connection's path is never
@@ -723,9 +836,13 @@ fn own_hello(
     observed: SocketAddr,
     ours: Mapping,
     ifaces: &[Interface],
-    mapped: Option<SocketAddr>,
-    reflexive: &[SocketAddr],
+    extra: Extra,
 ) -> Result<Hello, MeetError> {
+    let Extra {
+        mapped,
+        reflexive,
+        relayed,
+    } = extra;
     let local = node.local_addr().map_err(NodeError::from)?;
     let observed = canonical(observed);
     let mut addrs = candidates::host_candidates(local, ifaces, observed.ip().is_loopback());
@@ -738,6 +855,16 @@ fn own_hello(
             addrs.push(mapped);
         }
     }
+    let mut relayed_at = None;
+    let observed_room = usize::from(!addrs.contains(&observed));
+    if let Some(relayed) = relayed.map(canonical)
+        && !addrs.contains(&relayed)
+        // Only with room for it and the public address, which must stay last.
+        && addrs.len() + 1 + observed_room <= pake::MAX_CANDIDATES
+    {
+        relayed_at = Some(addrs.len());
+        addrs.push(relayed);
+    }
     candidates::add_reflexive(&mut addrs, reflexive, observed);
     if !addrs.contains(&observed) {
         addrs.push(observed);
@@ -748,6 +875,6 @@ fn own_hello(
         role,
         fingerprint: node.fingerprint(),
         candidates: addrs,
-        nat: candidates::nat_token(ours, mapped_at),
+        nat: candidates::with_turn(candidates::nat_token(ours, mapped_at), relayed_at),
     })
 }

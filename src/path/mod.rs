@@ -36,11 +36,16 @@ pub enum PathKind {
     RelayedUdp,
     /// Relayed by the rendezvous over TLS on TCP (when UDP is blocked).
     RelayedTcp,
+    /// Relayed by a TURN server (RFC 8656) over UDP, through both peers' allocations
+    /// ([`crate::turn`]).
+    Turn,
+    /// Relayed by a TURN server reached over TCP (when UDP is blocked).
+    TurnTcp,
 }
 
 impl PathKind {
     /// The name in events and on the command line: `lan`, `direct`, `birthday`, `relayed`,
-    /// `relayed-tcp`.
+    /// `relayed-tcp`, `turn`, `turn-tcp`.
     pub fn as_str(self) -> &'static str {
         match self {
             PathKind::Lan => "lan",
@@ -48,26 +53,32 @@ impl PathKind {
             PathKind::Birthday => "birthday",
             PathKind::RelayedUdp => "relayed",
             PathKind::RelayedTcp => "relayed-tcp",
+            PathKind::Turn => "turn",
+            PathKind::TurnTcp => "turn-tcp",
         }
     }
 
-    /// Preference class: lower is better. Direct and birthday paths are equally direct.
+    /// Preference class: lower is better. Direct and birthday paths are equally direct; a
+    /// TURN server relaying UDP is as good a relay as our own over QUIC (latency decides
+    /// between them), and both beat a relay over TCP.
     pub(crate) fn class(self) -> u8 {
         match self {
             PathKind::Lan => 0,
             PathKind::Direct | PathKind::Birthday => 1,
-            PathKind::RelayedUdp => 2,
-            PathKind::RelayedTcp => 3,
+            PathKind::RelayedUdp | PathKind::Turn => 2,
+            PathKind::RelayedTcp | PathKind::TurnTcp => 3,
         }
     }
 
     /// Every kind, best first.
-    pub const ALL: [PathKind; 5] = [
+    pub const ALL: [PathKind; 7] = [
         PathKind::Lan,
         PathKind::Direct,
         PathKind::Birthday,
         PathKind::RelayedUdp,
         PathKind::RelayedTcp,
+        PathKind::Turn,
+        PathKind::TurnTcp,
     ];
 
     /// Position in [`ALL`](Self::ALL) (for per-kind counters).
@@ -77,7 +88,10 @@ impl PathKind {
 
     /// Whether packets on this path pass through a relay.
     pub fn is_relayed(self) -> bool {
-        matches!(self, PathKind::RelayedUdp | PathKind::RelayedTcp)
+        matches!(
+            self,
+            PathKind::RelayedUdp | PathKind::RelayedTcp | PathKind::Turn | PathKind::TurnTcp
+        )
     }
 }
 

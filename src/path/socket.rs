@@ -89,14 +89,14 @@ impl fmt::Debug for Target {
 
 /// Bytes sent and received one way, by kind of path.
 #[derive(Debug, Default)]
-struct ByKind([AtomicU64; 5]);
+struct ByKind([AtomicU64; PathKind::ALL.len()]);
 
 impl ByKind {
     fn add(&self, kind: PathKind, n: usize) {
         self.0[kind.index()].fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    fn get(&self) -> [u64; 5] {
+    fn get(&self) -> [u64; PathKind::ALL.len()] {
         std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
     }
 }
@@ -105,9 +105,9 @@ impl ByKind {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PathBytes {
     /// Sent, indexed by [`PathKind::index`].
-    pub sent: [u64; 5],
+    pub sent: [u64; PathKind::ALL.len()],
     /// Received, likewise.
-    pub received: [u64; 5],
+    pub received: [u64; PathKind::ALL.len()],
 }
 
 impl PathBytes {

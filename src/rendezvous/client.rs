@@ -112,6 +112,9 @@ pub struct Paired {
     /// The relay the rendezvous opened for the pair ([`RendezvousClient::relay_link`]),
     /// or `None` (it relays nothing).
     pub relay: Option<RelayGrant>,
+    /// TURN credentials the rendezvous minted for us for this pairing, if it has a TURN
+    /// server.
+    pub turn: Option<super::TurnGrant>,
 }
 
 /// How long UDP has to answer before [`TcpMode::Auto`] tries TCP as well (UDP goes on
@@ -484,6 +487,7 @@ impl Exchange {
                 pake,
                 observed,
                 relay,
+                turn,
             } => {
                 let pake = from_hex(&pake, PAKE_MSG_LEN)
                     .ok_or_else(|| ClientError::Protocol("bad PAKE message".into()))?;
@@ -491,6 +495,7 @@ impl Exchange {
                     pake,
                     observed,
                     relay,
+                    turn,
                 })
             }
             other => Err(unexpected(other)),

@@ -64,7 +64,7 @@ pub use nameplate::{MAX_NAMEPLATE_LEN, Nameplate, NameplateError};
 pub use relay::RelayLink;
 pub use server::{
     Bound, IDLE_CLOSE, RELAY_EXPIRED, RELAY_QUOTA, RelayLimits, Rendezvous, RendezvousConfig,
-    RendezvousStats, TcpPort,
+    RendezvousStats, TcpPort, TurnMint,
 };
 
 /// ALPN of the rendezvous protocol. Version 2: [`Response::Paired`] no longer carries the
@@ -175,6 +175,11 @@ pub enum Response {
         /// Absent in the JSON of older rendezvous, hence the default.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         relay: Option<RelayGrant>,
+        /// Short-lived credentials for the rendezvous's TURN server, minted for this side of
+        /// this pairing (see [`TurnGrant`]). Absent from older rendezvous (and ignored by
+        /// older clients, which skip unknown fields): optional, so no protocol version bump.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        turn: Option<TurnGrant>,
     },
     /// The peer's sealed hello, hex.
     Sealed {
@@ -212,6 +217,44 @@ pub struct RelayGrant {
     /// Seconds the slot lives; then the rendezvous closes both connections with
     /// [`RELAY_EXPIRED`].
     pub expires_secs: u64,
+}
+
+/// Credentials for a TURN server, minted by the rendezvous for one side of one pairing
+/// (`qpunch rendezvous --turn URL --turn-secret FILE`), in the TURN REST API scheme that
+/// coturn's `use-auth-secret` checks ([`crate::turn::mint`]). The username's tag is random:
+/// the TURN server never learns a nameplate, let alone a code.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnGrant {
+    /// The server: `turn:HOST:PORT` or `turns:HOST:PORT`.
+    pub url: String,
+    /// `<expiry unix time>:<random tag>`.
+    pub username: String,
+    /// base64(HMAC-SHA1(secret, username)).
+    pub password: String,
+    /// Seconds the credentials live.
+    pub expires_secs: u64,
+}
+
+impl std::fmt::Debug for TurnGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password: it ends up in logs.
+        f.debug_struct("TurnGrant")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("expires_secs", &self.expires_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TurnGrant {
+    /// The TURN server to allocate on (`None` when the URL is not one we understand).
+    pub fn server(&self) -> Option<crate::turn::TurnServer> {
+        Some(crate::turn::TurnServer {
+            url: self.url.parse().ok()?,
+            username: self.username.clone(),
+            password: self.password.clone(),
+        })
+    }
 }
 
 /// Tag of a relayed datagram that carries a packet for the partner. Other tags are
@@ -289,7 +332,8 @@ mod tests {
             Response::Paired {
                 pake: "01".into(),
                 observed,
-                relay: None
+                relay: None,
+                turn: None,
             }
         );
         let paired = Response::Paired {
@@ -300,6 +344,7 @@ mod tests {
                 rate: 0,
                 expires_secs: 21600,
             }),
+            turn: None,
         };
         let json = serde_json::to_string(&paired).unwrap();
         assert!(
@@ -311,8 +356,56 @@ mod tests {
             pake: "01".into(),
             observed,
             relay: None,
+            turn: None,
         };
         assert_eq!(serde_json::to_string(&without).unwrap(), old);
+        // TURN credentials likewise: optional, skipped when absent.
+        let turn = TurnGrant {
+            url: "turn:192.0.2.9:3478".into(),
+            username: "1700000000:ab".into(),
+            password: "pw".into(),
+            expires_secs: 600,
+        };
+        let with_turn = Response::Paired {
+            pake: "01".into(),
+            observed,
+            relay: None,
+            turn: Some(turn.clone()),
+        };
+        let json = serde_json::to_string(&with_turn).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&json).unwrap(), with_turn);
+        assert!(!format!("{turn:?}").contains("pw"));
+        assert_eq!(turn.server().unwrap().url.port, 3478);
+    }
+
+    /// Minted credentials: a random tag each, expiring `lifetime` from now, with the
+    /// password coturn computes from the username and the secret.
+    #[test]
+    fn minted_turn_credentials_differ_and_expire() {
+        let mint = TurnMint {
+            url: "turn:192.0.2.9:3478".parse().unwrap(),
+            secret: b"secret".to_vec(),
+            lifetime: std::time::Duration::from_secs(600),
+        };
+        let (a, b) = (mint.grant(), mint.grant());
+        assert_ne!(a.username, b.username);
+        assert_eq!(
+            (a.url.as_str(), a.expires_secs),
+            ("turn:192.0.2.9:3478", 600)
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let (expiry, tag) = a.username.split_once(':').unwrap();
+        let expiry: u64 = expiry.parse().unwrap();
+        assert!(
+            (now + 599..=now + 601).contains(&expiry),
+            "{expiry} vs {now}"
+        );
+        assert_eq!(tag.len(), 16);
+        let (_, password) = crate::turn::mint(b"secret", tag, expiry);
+        assert_eq!(a.password, password);
     }
 
     #[test]

@@ -49,7 +49,7 @@ const WINDOW: u32 = 2 * MAX_MESSAGE as u32;
 const LEAVE_GRACE: Duration = Duration::from_secs(1);
 
 /// Limits of one rendezvous.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RendezvousConfig {
     /// Nameplates waiting at once, in all.
     pub max_nameplates: usize,
@@ -76,6 +76,50 @@ pub struct RendezvousConfig {
     pub tcp: TcpPort,
     /// The budgets of the TCP listener.
     pub tcp_limits: crate::tcp::ServerLimits,
+    /// A TURN server whose REST API secret we hold: each side of each pairing gets
+    /// credentials of its own (see [`super::TurnGrant`]).
+    pub turn: Option<TurnMint>,
+}
+
+/// What a rendezvous needs to mint TURN credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TurnMint {
+    /// The TURN server, as clients are told it (`turn:HOST:PORT`, `turns:HOST:PORT`).
+    pub url: crate::turn::TurnUrl,
+    /// The secret shared with the TURN server (coturn's `static-auth-secret`).
+    pub secret: Vec<u8>,
+    /// How long minted credentials live. A TURN allocation made with them can be refreshed
+    /// only until then, so this bounds how long a pair may relay through TURN.
+    pub lifetime: Duration,
+}
+
+impl std::fmt::Debug for TurnMint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("TurnMint")
+            .field("url", &self.url)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TurnMint {
+    /// Fresh credentials for one side of one pairing, with a random tag: nothing in them
+    /// names the nameplate or the peer.
+    pub fn grant(&self) -> super::TurnGrant {
+        let expires = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            + self.lifetime;
+        let tag = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 8]>());
+        let (username, password) = crate::turn::mint(&self.secret, &tag, expires.as_secs());
+        super::TurnGrant {
+            url: self.url.to_string(),
+            username,
+            password,
+            expires_secs: self.lifetime.as_secs(),
+        }
+    }
 }
 
 /// Where a rendezvous listens on TCP.
@@ -110,6 +154,7 @@ impl Default for RendezvousConfig {
             relay: Some(RelayLimits::default()),
             tcp: TcpPort::SameAsUdp,
             tcp_limits: crate::tcp::ServerLimits::default(),
+            turn: None,
         }
     }
 }
@@ -232,12 +277,13 @@ impl Rendezvous {
     ) -> std::io::Result<Arc<Self>> {
         let paths = node.paths().clone();
         let reflector = Reflector::new(node, alt, addrs)?;
+        let book = Mutex::new(Book::new(config.book_limits(), now()));
         Ok(Arc::new(Rendezvous {
             paths,
             tcp: std::sync::OnceLock::new(),
             config,
             reflector,
-            book: Mutex::new(Book::new(config.book_limits(), now())),
+            book,
             counters: Counters::default(),
             relay: Arc::default(),
             events,
@@ -514,6 +560,7 @@ impl Rendezvous {
             pake: to_hex(&pake),
             observed,
             relay,
+            turn: self.config.turn.as_ref().map(TurnMint::grant),
         };
         if self.say(send, &message).await.is_ok() {
             self.relay(send, requests, &mut inbox, &partner, shutdown)
@@ -632,6 +679,7 @@ impl Rendezvous {
             pake: to_hex(&waiting.pake),
             observed,
             relay,
+            turn: self.config.turn.as_ref().map(TurnMint::grant),
         };
         if self.say(send, &message).await.is_ok() {
             self.relay(
@@ -843,8 +891,9 @@ impl Rendezvous {
         };
         let node = Arc::new(Node::new(socket, node_config)?);
         let addrs = announced_addrs(main);
+        let (tcp_port, tcp_limits) = (config.tcp, config.tcp_limits);
         let rendezvous = Rendezvous::new(node.clone(), alt, addrs, config, events)?;
-        let tcp = match config.tcp {
+        let tcp = match tcp_port {
             TcpPort::Off => None,
             TcpPort::SameAsUdp => Some(bind_tcp(SocketAddr::new(bind.ip(), main.port())).or_else(
                 |e| match bind.port() {
@@ -860,7 +909,7 @@ impl Rendezvous {
                 listener,
                 node.paths().clone(),
                 &node.config().identity,
-                config.tcp_limits,
+                tcp_limits,
             )
             .map_err(std::io::Error::other)?;
             let _ = rendezvous.tcp.set(server);

@@ -68,6 +68,9 @@ pub struct ReceiveConfig {
     /// through a rendezvous: each distinct answer is one more candidate in our hello
     /// (see [`crate::stun_client::Discovery`]). Empty: none is asked.
     pub stun: Vec<String>,
+    /// A TURN server of the user's own, for relaying when meeting by code finds no direct
+    /// path (credentials the rendezvous mints take precedence).
+    pub turn: Option<crate::turn::TurnServer>,
 }
 
 impl ReceiveConfig {
@@ -94,6 +97,7 @@ impl ReceiveConfig {
             sink: None,
             port_mapping: true,
             stun: Vec::new(),
+            turn: None,
         }
     }
 
@@ -221,6 +225,7 @@ impl Share {
                 side_stopped,
                 guesses: GuessBudget::default(),
                 reregister: false,
+                turn: config.turn.clone(),
             };
             tokio::spawn(serving.run())
         });
@@ -379,6 +384,8 @@ struct Codes {
     guesses: GuessBudget,
     /// `first` is a code registered before, to register again after a reconnection.
     reregister: bool,
+    /// The user's own TURN server, if any.
+    turn: Option<crate::turn::TurnServer>,
 }
 
 /// How serving codes through one rendezvous connection ended.
@@ -451,6 +458,7 @@ impl Codes {
             nat: report.mapping,
             config: MeetConfig::default(),
             events: &meeting_events,
+            turn: self.turn.as_ref(),
         };
         let receiver = self.receiver.clone();
         let admit = move |sender, ttl| receiver.admit(sender, ttl);

@@ -75,6 +75,9 @@ pub struct SendConfig {
     /// through a rendezvous: each distinct answer is one more candidate in our hello
     /// (see [`crate::stun_client::Discovery`]). Empty: none is asked.
     pub stun: Vec<String>,
+    /// A TURN server of the user's own, for relaying when meeting by code finds no direct
+    /// path (credentials the rendezvous mints take precedence).
+    pub turn: Option<crate::turn::TurnServer>,
 }
 
 impl Default for SendConfig {
@@ -90,6 +93,7 @@ impl Default for SendConfig {
             congestion: Congestion::default(),
             port_mapping: true,
             stun: Vec::new(),
+            turn: None,
         }
     }
 }
@@ -302,6 +306,7 @@ impl Share {
             nat: report.mapping,
             config: crate::meet::MeetConfig::default(),
             events: &events,
+            turn: config.turn.as_ref(),
         };
         self.emit(Event::Meeting {
             code: code.clone(),
