@@ -546,3 +546,65 @@ fn turn_goodput_against_direct() {
         "through coturn {turned:.2} MB/s, direct {direct:.2} MB/s"
     );
 }
+
+/// The moves between paths hold for TURN as for our own relay: with the direct path
+/// between two cone routers blocked, the transfer starts through coturn; once the block
+/// lifts, the same connection moves to the direct path (a `path` event) and completes
+/// there, intact.
+#[test]
+fn a_turn_relayed_transfer_moves_to_direct_when_the_block_lifts() {
+    const TEST: &str = "a_turn_relayed_transfer_moves_to_direct_when_the_block_lifts";
+    if !lab::require(TEST, &["tc", "turnserver"]) {
+        return;
+    }
+    let rate = lab::Rate::mbit(40.0);
+    let topo = Topology::new(
+        "tmove",
+        &[
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
+        ],
+    );
+    let coturn = Coturn::start(
+        topo.public(),
+        CoturnConfig::new(&[PUBLIC_V4.into()], Some(SECRET)),
+    );
+    let rv_home = tempfile::tempdir().unwrap();
+    let port = RV_PORT.to_string();
+    let args = [
+        "rendezvous",
+        "--bind",
+        "0.0.0.0",
+        "--port",
+        &port,
+        "--json",
+        "--no-relay",
+    ];
+    let mut rv = topo
+        .public()
+        .spawn(&qpunch(), &args, &[("QPUNCH_HOME", rv_home.path())]);
+    rv.wait_for("rendezvous", Duration::from_secs(20));
+    block_direct(&topo, 0, 1, true);
+    let (rx_home, tx_home) = (Home::minted("receiver"), Home::minted("sender"));
+    let out = tempfile::tempdir().unwrap();
+    let (mut receiver, code) = receive(topo.site(0).client(0), &rx_home, out.path());
+    let dir = tempfile::tempdir().unwrap();
+    let (file, hash) = make_file(dir.path(), "moving.bin", 40 << 20);
+    let mut sender = send(topo.site(1).client(0), &tx_home, &file, &code);
+    let connected = sender.wait_for("connected", Duration::from_secs(30));
+    assert_eq!(connected["path"], "turn", "{connected}\n{}", coturn.log());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(sender.try_exit().is_none(), "finished too soon");
+    block_direct(&topo, 0, 1, false);
+    let moved = sender.wait_for("path", Duration::from_secs(15));
+    assert_eq!(moved["path"], "direct", "{moved}");
+    assert_eq!(moved["from"], "turn", "{moved}");
+    let (status, _) = sender.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "{}", sender.describe());
+    let sent = events(&sender.seen, "sent");
+    assert_eq!(sent[0]["blake3"], hash.as_str());
+    let connections = events(&sender.seen, "connected");
+    assert_eq!(connections.len(), 1, "one connection");
+    let received = receiver.wait_for("received", Duration::from_secs(30));
+    assert_eq!(received["blake3"], hash.as_str());
+}
