@@ -1379,22 +1379,6 @@ fn udp_blocked_at_one_router_completes_over_tcp() {
     assert_eq!(connected["path"], "relayed-tcp", "{connected}");
 }
 
-/// Cut (or restore) the direct path between sites `a` and `b`: each router drops what it
-/// would forward to or from the other's WAN address. The rendezvous stays reachable.
-fn block_direct(topo: &Topology, a: usize, b: usize, blocked: bool) {
-    for (site, other) in [(a, b), (b, a)] {
-        let peer = topo.site(other).wan_v4;
-        let script = if blocked {
-            format!(
-                "table inet nodirect {{}}\ndelete table inet nodirect\ntable inet nodirect {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n  ip saddr {peer} drop\n  ip daddr {peer} drop\n }}\n}}\n"
-            )
-        } else {
-            "table inet nodirect {}\ndelete table inet nodirect\n".to_string()
-        };
-        lab::netns::nft(&topo.site(site).router, &script);
-    }
-}
-
 /// The sender's `summary` bytes over a kind of path: `[sent, received]`.
 fn bytes_by_path(sender: &Proc, kind: &str) -> [u64; 2] {
     let summary = events(&sender.seen, "summary").last().copied().cloned();
@@ -1478,12 +1462,12 @@ fn relayed_transfer_moves_to_direct_when_the_block_lifts() {
         return;
     }
     let mut t = lab_transfer("upg", 40.0, "upgrade.bin", 40 << 20, |topo| {
-        block_direct(topo, 0, 1, true)
+        topo.block_direct(0, 1, true)
     });
     assert_eq!(t.connected["path"], "relayed", "{}", t.connected);
     t.still_running_after(2);
     let lifted = Instant::now();
-    block_direct(&t.topo, 0, 1, false);
+    t.topo.block_direct(0, 1, false);
     let moved = t.sender.wait_for("path", Duration::from_secs(15));
     let took = lifted.elapsed();
     assert_eq!(moved["path"], "direct", "{moved}");
@@ -1527,7 +1511,7 @@ fn direct_transfer_falls_back_to_the_relay_when_the_path_dies() {
     }
     t.still_running_after(2);
     let cut = Instant::now();
-    block_direct(&t.topo, 0, 1, true);
+    t.topo.block_direct(0, 1, true);
     let moved = t.sender.wait_for("path", Duration::from_secs(30));
     let took = cut.elapsed();
     assert_eq!(moved["path"], "relayed", "{moved}");
@@ -1697,7 +1681,7 @@ fn relayed_goodput_against_direct() {
     let dir = tempfile::tempdir().unwrap();
     let mut results = Vec::new();
     for (round, relayed) in [(0, false), (1, true), (2, false), (3, true)] {
-        block_direct(&topo, 0, 1, relayed);
+        topo.block_direct(0, 1, relayed);
         let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
         let name = format!("goodput{round}.bin");
         let (file, hash) = make_file(dir.path(), &name, 48 << 20);

@@ -71,6 +71,42 @@ fn receive(host: &Host, out: &Path, home: &tempfile::TempDir, extra: &[&str]) ->
     (proc, code)
 }
 
+/// The rendezvous the tests meet through (see [`rendezvous`]).
+fn via() -> String {
+    format!("{PUBLIC_V4}:{RV_PORT}")
+}
+
+/// `qpunch receive --via` on `host` with `extra` flags, in a fresh home: the process, its
+/// code, where files go, and the home.
+fn receive_by_code(
+    host: &Host,
+    extra: &[&str],
+) -> (Proc, String, tempfile::TempDir, tempfile::TempDir) {
+    let (rx_home, out) = (home(), tempfile::tempdir().unwrap());
+    let via = via();
+    let mut args = vec!["--via", via.as_str(), "--port", "0"];
+    args.extend_from_slice(extra);
+    let (proc, code) = receive(host, out.path(), &rx_home, &args);
+    (proc, code, out, rx_home)
+}
+
+/// `qpunch send FILE --to CODE --via` on `host` with `extra` flags, in a fresh home.
+fn send_by_code(host: &Host, file: &Path, code: &str, extra: &[&str]) -> (Proc, tempfile::TempDir) {
+    let tx_home = home();
+    let via = via();
+    let mut args = vec![
+        "send",
+        file.to_str().unwrap(),
+        "--to",
+        code,
+        "--via",
+        &via,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    (host.spawn(&qpunch(), &args, &env(&tx_home)), tx_home)
+}
+
 fn events<'a>(all: &'a [Value], kind: &str) -> Vec<&'a Value> {
     all.iter().filter(|e| e["event"] == kind).collect()
 }
@@ -117,14 +153,7 @@ fn symmetric_pair_connects_direct_through_a_mapped_port() {
     let gateway = PortMapGateway::start(topo.site(0), Behaviour::Honest);
     let rv_home = home();
     let _rv = rendezvous(&topo, &rv_home);
-    let via = format!("{PUBLIC_V4}:{RV_PORT}");
-    let (rx_home, out) = (home(), tempfile::tempdir().unwrap());
-    let (mut receiver, code) = receive(
-        topo.site(0).client(0),
-        out.path(),
-        &rx_home,
-        &["--via", &via, "--port", "0"],
-    );
+    let (mut receiver, code, _out, _rx_home) = receive_by_code(topo.site(0).client(0), &[]);
     let mapped = receiver.wait_for("port_mapped", Duration::from_secs(10));
     let external: SocketAddr = mapped["external"].as_str().unwrap().parse().unwrap();
     assert_eq!(external.ip(), IpAddr::from(topo.site(0).wan_v4), "{mapped}");
@@ -132,21 +161,7 @@ fn symmetric_pair_connects_direct_through_a_mapped_port() {
 
     let dir = tempfile::tempdir().unwrap();
     let (file, hash) = make_file(dir.path(), 300_000);
-    let tx_home = home();
-    let mut sender = topo.site(1).client(0).spawn(
-        &qpunch(),
-        &[
-            "send",
-            file.to_str().unwrap(),
-            "--to",
-            &code,
-            "--via",
-            &via,
-            "--json",
-            "-v",
-        ],
-        &env(&tx_home),
-    );
+    let (mut sender, _tx_home) = send_by_code(topo.site(1).client(0), &file, &code, &["-v"]);
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
     assert!(
         status.success(),
@@ -341,30 +356,12 @@ fn silent_router_meeting(i: usize, ask: bool) -> Duration {
     );
     let rv_home = home();
     let _rv = rendezvous(&topo, &rv_home);
-    let via = format!("{PUBLIC_V4}:{RV_PORT}");
     let off: &[&str] = if ask { &[] } else { &["--no-port-mapping"] };
-    let (rx_home, out) = (home(), tempfile::tempdir().unwrap());
-    let mut rx_args = vec!["--via", via.as_str(), "--port", "0"];
-    rx_args.extend_from_slice(off);
-    let (_receiver, code) = receive(topo.site(0).client(0), out.path(), &rx_home, &rx_args);
+    let (_receiver, code, _out, _rx_home) = receive_by_code(topo.site(0).client(0), off);
     let dir = tempfile::tempdir().unwrap();
     let (file, _) = make_file(dir.path(), 10_000);
-    let tx_home = home();
-    let mut args = vec![
-        "send",
-        file.to_str().unwrap(),
-        "--to",
-        &code,
-        "--via",
-        &via,
-        "--json",
-    ];
-    args.extend_from_slice(off);
     let started = Instant::now();
-    let mut sender = topo
-        .site(1)
-        .client(0)
-        .spawn(&qpunch(), &args, &env(&tx_home));
+    let (mut sender, _tx_home) = send_by_code(topo.site(1).client(0), &file, &code, off);
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "{}", sender.describe());
     sender.when("connected").expect("connected") - started
@@ -520,33 +517,13 @@ fn a_mapping_to_another_public_address_is_not_offered() {
     let _gateway = PortMapGateway::start(topo.site(0), Behaviour::ClaimsAddress(PUBLIC_V4));
     let rv_home = home();
     let _rv = rendezvous(&topo, &rv_home);
-    let via = format!("{PUBLIC_V4}:{RV_PORT}");
-    let (rx_home, out) = (home(), tempfile::tempdir().unwrap());
-    let (mut receiver, code) = receive(
-        topo.site(0).client(0),
-        out.path(),
-        &rx_home,
-        &["--via", &via, "--port", "0"],
-    );
+    let (mut receiver, code, _out, _rx_home) = receive_by_code(topo.site(0).client(0), &[]);
     let mapped = receiver.wait_for("port_mapped", Duration::from_secs(10));
     let claimed = mapped["external"].as_str().unwrap().to_string();
     assert!(claimed.starts_with(&PUBLIC_V4.to_string()), "{mapped}");
     let dir = tempfile::tempdir().unwrap();
     let (file, hash) = make_file(dir.path(), 50_000);
-    let tx_home = home();
-    let mut sender = topo.site(1).client(0).spawn(
-        &qpunch(),
-        &[
-            "send",
-            file.to_str().unwrap(),
-            "--to",
-            &code,
-            "--via",
-            &via,
-            "--json",
-        ],
-        &env(&tx_home),
-    );
+    let (mut sender, _tx_home) = send_by_code(topo.site(1).client(0), &file, &code, &[]);
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
     assert!(
         status.success(),
@@ -649,30 +626,11 @@ fn an_interrupted_sender_deletes_its_mapping() {
     let gateway = PortMapGateway::start(topo.site(1), Behaviour::Honest);
     let rv_home = home();
     let _rv = rendezvous(&topo, &rv_home);
-    let via = format!("{PUBLIC_V4}:{RV_PORT}");
-    let (rx_home, out) = (home(), tempfile::tempdir().unwrap());
-    let (_receiver, code) = receive(
-        topo.site(0).client(0),
-        out.path(),
-        &rx_home,
-        &["--via", &via, "--port", "0", "--no-port-mapping"],
-    );
+    let (_receiver, code, _out, _rx_home) =
+        receive_by_code(topo.site(0).client(0), &["--no-port-mapping"]);
     let dir = tempfile::tempdir().unwrap();
     let (file, _) = make_file(dir.path(), 16 << 20);
-    let tx_home = home();
-    let mut sender = topo.site(1).client(0).spawn(
-        &qpunch(),
-        &[
-            "send",
-            file.to_str().unwrap(),
-            "--to",
-            &code,
-            "--via",
-            &via,
-            "--json",
-        ],
-        &env(&tx_home),
-    );
+    let (mut sender, _tx_home) = send_by_code(topo.site(1).client(0), &file, &code, &[]);
     sender.wait_for("port_mapped", Duration::from_secs(20));
     sender.wait_for("connected", Duration::from_secs(30));
     assert_eq!(gateway.granted().len(), 1, "{}", sender.describe());

@@ -435,18 +435,45 @@ fn forged_and_expired_turn_credentials_are_refused_and_said_so() {
     );
 }
 
-/// Drop everything between the WAN addresses of sites `a` and `b` (both ways), or stop.
-fn block_direct(topo: &Topology, a: usize, b: usize, blocked: bool) {
-    for (site, other) in [(a, b), (b, a)] {
-        let peer = topo.site(other).wan_v4;
-        let script = if blocked {
-            format!(
-                "table inet nodirect {{}}\ndelete table inet nodirect\ntable inet nodirect {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n  ip saddr {peer} drop\n  ip daddr {peer} drop\n }}\n}}\n"
-            )
-        } else {
-            "table inet nodirect {}\ndelete table inet nodirect\n".to_string()
-        };
-        lab::netns::nft(&topo.site(site).router, &script);
+/// Two cone sites whose links carry `mbit`, coturn and a rendezvous that does not relay
+/// on the public host (fields drop in order: the rendezvous before the namespaces).
+struct ConePair {
+    _rv: Proc,
+    _rv_home: tempfile::TempDir,
+    coturn: Coturn,
+    topo: Topology,
+}
+
+impl ConePair {
+    fn start(tag: &str, mbit: f64) -> ConePair {
+        let rate = lab::Rate::mbit(mbit);
+        let site = || SiteSpec::new(Nat::Cone).ipv6(false).rate(rate);
+        let topo = Topology::new(tag, &[site(), site()]);
+        let coturn = Coturn::start(
+            topo.public(),
+            CoturnConfig::new(&[PUBLIC_V4.into()], Some(SECRET)),
+        );
+        let rv_home = tempfile::tempdir().unwrap();
+        let port = RV_PORT.to_string();
+        let args = [
+            "rendezvous",
+            "--bind",
+            "0.0.0.0",
+            "--port",
+            &port,
+            "--json",
+            "--no-relay",
+        ];
+        let mut rv = topo
+            .public()
+            .spawn(&qpunch(), &args, &[("QPUNCH_HOME", rv_home.path())]);
+        rv.wait_for("rendezvous", Duration::from_secs(20));
+        ConePair {
+            _rv: rv,
+            _rv_home: rv_home,
+            coturn,
+            topo,
+        }
     }
 }
 
@@ -461,37 +488,12 @@ fn turn_goodput_against_direct() {
     if !lab::require(TEST, &["tc", "turnserver"]) {
         return;
     }
-    let rate = lab::Rate::mbit(100.0);
-    let topo = Topology::new(
-        "tgput",
-        &[
-            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
-            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
-        ],
-    );
-    let coturn = Coturn::start(
-        topo.public(),
-        CoturnConfig::new(&[PUBLIC_V4.into()], Some(SECRET)),
-    );
-    let rv_home = tempfile::tempdir().unwrap();
-    let port = RV_PORT.to_string();
-    let args = [
-        "rendezvous",
-        "--bind",
-        "0.0.0.0",
-        "--port",
-        &port,
-        "--json",
-        "--no-relay",
-    ];
-    let mut rv = topo
-        .public()
-        .spawn(&qpunch(), &args, &[("QPUNCH_HOME", rv_home.path())]);
-    rv.wait_for("rendezvous", Duration::from_secs(20));
+    let pair = ConePair::start("tgput", 100.0);
+    let (topo, coturn) = (&pair.topo, &pair.coturn);
     let dir = tempfile::tempdir().unwrap();
     let mut results = Vec::new();
     for (round, turned) in [(0, false), (1, true), (2, false), (3, true)] {
-        block_direct(&topo, 0, 1, turned);
+        topo.block_direct(0, 1, turned);
         let (rx_home, tx_home) = (Home::minted("receiver"), Home::minted("sender"));
         let out = tempfile::tempdir().unwrap();
         let (mut receiver, code) = receive(topo.site(0).client(0), &rx_home, out.path());
@@ -557,34 +559,9 @@ fn a_turn_relayed_transfer_moves_to_direct_when_the_block_lifts() {
     if !lab::require(TEST, &["tc", "turnserver"]) {
         return;
     }
-    let rate = lab::Rate::mbit(40.0);
-    let topo = Topology::new(
-        "tmove",
-        &[
-            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
-            SiteSpec::new(Nat::Cone).ipv6(false).rate(rate),
-        ],
-    );
-    let coturn = Coturn::start(
-        topo.public(),
-        CoturnConfig::new(&[PUBLIC_V4.into()], Some(SECRET)),
-    );
-    let rv_home = tempfile::tempdir().unwrap();
-    let port = RV_PORT.to_string();
-    let args = [
-        "rendezvous",
-        "--bind",
-        "0.0.0.0",
-        "--port",
-        &port,
-        "--json",
-        "--no-relay",
-    ];
-    let mut rv = topo
-        .public()
-        .spawn(&qpunch(), &args, &[("QPUNCH_HOME", rv_home.path())]);
-    rv.wait_for("rendezvous", Duration::from_secs(20));
-    block_direct(&topo, 0, 1, true);
+    let pair = ConePair::start("tmove", 40.0);
+    let (topo, coturn) = (&pair.topo, &pair.coturn);
+    topo.block_direct(0, 1, true);
     let (rx_home, tx_home) = (Home::minted("receiver"), Home::minted("sender"));
     let out = tempfile::tempdir().unwrap();
     let (mut receiver, code) = receive(topo.site(0).client(0), &rx_home, out.path());
@@ -595,7 +572,7 @@ fn a_turn_relayed_transfer_moves_to_direct_when_the_block_lifts() {
     assert_eq!(connected["path"], "turn", "{connected}\n{}", coturn.log());
     std::thread::sleep(Duration::from_secs(2));
     assert!(sender.try_exit().is_none(), "finished too soon");
-    block_direct(&topo, 0, 1, false);
+    topo.block_direct(0, 1, false);
     let moved = sender.wait_for("path", Duration::from_secs(15));
     assert_eq!(moved["path"], "direct", "{moved}");
     assert_eq!(moved["from"], "turn", "{moved}");

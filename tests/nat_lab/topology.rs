@@ -476,6 +476,23 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// Cut (or restore) the direct path between sites `a` and `b`: each router drops what
+    /// it would forward to or from the other's WAN address. The public host (a rendezvous,
+    /// a relay, a TURN server) stays reachable from both.
+    pub fn block_direct(&self, a: usize, b: usize, blocked: bool) {
+        for (site, other) in [(a, b), (b, a)] {
+            let peer = self.site(other).wan_v4;
+            let script = if blocked {
+                format!(
+                    "table inet nodirect {{}}\ndelete table inet nodirect\ntable inet nodirect {{\n chain forward {{\n  type filter hook forward priority -10; policy accept;\n  ip saddr {peer} drop\n  ip daddr {peer} drop\n }}\n}}\n"
+                )
+            } else {
+                "table inet nodirect {}\ndelete table inet nodirect\n".to_string()
+            };
+            nft(&self.site(site).router, &script);
+        }
+    }
+
     /// Build a lab with one site per spec (A, B, ...). `tag` (a few letters) makes
     /// names readable in `ip netns list` when a test is being debugged.
     pub fn new(tag: &str, specs: &[SiteSpec]) -> Topology {
