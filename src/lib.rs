@@ -9,12 +9,12 @@
 //! 1. Leaves: [`wire`] (the probe/reply datagram format), [`addr`], [`text`] (making
 //!    peer-controlled text safe for terminals), [`home`] (where identity and config live),
 //!    [`ratelimit`], [`nat`] (NAT behaviour types and their classification), [`bbr`] (our
-//!    congestion controller, sans-IO core), [`close_gate`] and [`portmap`] (asking the
-//!    router to forward our port: PCP, NAT-PMP, UPnP IGD).
+//!    congestion controller, sans-IO core) and [`close_gate`].
 //! 2. [`punch`] (the punch state machine, sans-IO: datagrams and time in, datagrams out),
 //!    [`frame`] (length-prefixed JSON messages on QUIC streams), [`identity`] (who a peer
-//!    is), [`congestion`] (the choice of controller) and [`stun`] (the STUN wire format,
-//!    which the socket's demultiplexer needs).
+//!    is), [`congestion`] (the choice of controller), [`stun`] (the STUN wire format,
+//!    which the socket's demultiplexer needs) and [`portmap`] (asking the router to
+//!    forward our port: PCP, NAT-PMP, UPnP IGD).
 //! 3. [`traverse`] (simultaneous punching between two NATed peers, sans-IO), [`socket`] (the
 //!    one UDP socket, shared by probes and QUIC after hand-over), [`tls`] and
 //!    [`known_peers`] (pinning a peer's identity).

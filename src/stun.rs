@@ -27,7 +27,7 @@
 //! below. RFC 5780's attributes (CHANGE-REQUEST, OTHER-ADDRESS, RESPONSE-ORIGIN) are not in
 //! it; they are read and written as raw attributes with its address codec.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use stun_types::attribute::{AttributeType, MappedSocketAddr, RawAttribute, XorMappedAddress};
@@ -230,26 +230,7 @@ pub fn parse_binding_response(
 /// Private and CGNAT ranges are allowed: a STUN server inside the same network (the lab's,
 /// a company's) sees those, and a candidate in our hello costs only a probe.
 pub fn plausible_public(addr: SocketAddr) -> bool {
-    if addr.port() == 0 {
-        return false;
-    }
-    match addr.ip().to_canonical() {
-        IpAddr::V4(ip) => {
-            !(ip.is_unspecified()
-                || ip.is_loopback()
-                || ip.is_multicast()
-                || ip.is_broadcast()
-                || ip.is_link_local()
-                || ip.octets()[0] == 0
-                || ip.octets()[0] >= 240)
-        }
-        IpAddr::V6(ip) => {
-            !(ip.is_unspecified()
-                || ip.is_loopback()
-                || ip.is_multicast()
-                || ip.is_unicast_link_local())
-        }
-    }
+    addr.port() != 0 && !crate::addr::is_unroutable(addr.ip())
 }
 
 #[cfg(test)]

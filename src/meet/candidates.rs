@@ -80,16 +80,10 @@ pub struct Interface {
 
 /// Our interfaces, except link-local ones (useless without a scope on the peer's side).
 pub fn interfaces() -> Vec<Interface> {
-    if_addrs::get_if_addrs()
-        .unwrap_or_default()
+    crate::addr::interface_networks()
         .into_iter()
-        .filter_map(|iface| {
-            let (ip, prefix) = match &iface.addr {
-                if_addrs::IfAddr::V4(v4) => (IpAddr::V4(v4.ip), v4.prefixlen),
-                if_addrs::IfAddr::V6(v6) => (IpAddr::V6(v6.ip), v6.prefixlen),
-            };
-            (!is_link_local(ip)).then_some(Interface { ip, prefix })
-        })
+        .filter(|&(ip, _)| !crate::addr::is_link_local(ip))
+        .map(|(ip, prefix)| Interface { ip, prefix })
         .collect()
 }
 
@@ -118,36 +112,16 @@ pub fn host_candidates(local: SocketAddr, ifaces: &[Interface], loopback: bool) 
 /// What a peer's address is to us (which decides the order of checks).
 pub fn kind_of(peer: SocketAddr, ours: &[Interface]) -> Kind {
     let ip = peer.ip().to_canonical();
-    if ip.is_loopback() || ours.iter().any(|i| same_network(i, ip)) {
+    if ip.is_loopback()
+        || ours
+            .iter()
+            .any(|i| crate::addr::same_network(i.ip, i.prefix, ip))
+    {
         Kind::Lan
     } else if ip.is_ipv6() {
         Kind::Ipv6
     } else {
         Kind::Host
-    }
-}
-
-/// Whether `ip` is in `iface`'s network.
-fn same_network(iface: &Interface, ip: IpAddr) -> bool {
-    match (iface.ip, ip) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let bits = u32::from(iface.prefix.min(32));
-            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
-            (u32::from(a) & mask) == (u32::from(b) & mask) && bits > 0
-        }
-        (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let bits = u32::from(iface.prefix.min(128));
-            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-            (u128::from(a) & mask) == (u128::from(b) & mask) && bits > 0
-        }
-        _ => false,
-    }
-}
-
-fn is_link_local(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
     }
 }
 

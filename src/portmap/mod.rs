@@ -222,17 +222,18 @@ fn find_gateway() -> Option<Gateway> {
     Some(Gateway { ip, local })
 }
 
-/// Our interface networks: a mapped address on one of them is not the internet side.
-fn our_networks() -> Vec<(IpAddr, u8)> {
-    if_addrs::get_if_addrs()
-        .unwrap_or_default()
+/// Check a gateway's answer for `port` against our interface networks (a mapped address
+/// on one of them is not the internet side of the router).
+fn vet_answer(answer: &vet::Answer, port: NonZeroU16) -> Result<(), vet::Refused> {
+    let networks: Vec<(IpAddr, u8)> = crate::addr::interface_networks()
         .into_iter()
-        .map(|iface| match &iface.addr {
-            if_addrs::IfAddr::V4(v4) => (IpAddr::V4(v4.ip), v4.prefixlen),
-            if_addrs::IfAddr::V6(v6) => (IpAddr::V6(v6.ip), v6.prefixlen),
-        })
         .filter(|(ip, _)| !ip.is_loopback())
-        .collect()
+        .collect();
+    let context = vet::Context {
+        internal_port: port.get(),
+        networks: &networks,
+    };
+    vet::vet(answer, &context)
 }
 
 /// Vet an outcome: a mapping that passes, or `None` (an untrusted one is given back and
@@ -259,12 +260,7 @@ async fn accept(
         }
         Outcome::Silent => return None,
     };
-    let networks = our_networks();
-    let context = vet::Context {
-        internal_port: port.get(),
-        networks: &networks,
-    };
-    match vet::vet(&answer, &context) {
+    match vet_answer(&answer, port) {
         Ok(()) => Some((answer, held)),
         Err(refused) => {
             tracing::warn!("ignored the router's {} answer: {refused}", answer.protocol);
@@ -438,12 +434,7 @@ pub async fn survey(local: SocketAddr, config: PortMapConfig) -> Survey {
             Outcome::Failed(why) => Spoken::Refused(why),
             Outcome::Garbage(why) => Spoken::Refused(format!("not a valid answer: {why}")),
             Outcome::Mapped(answer, held) => {
-                let networks = our_networks();
-                let context = vet::Context {
-                    internal_port: port.get(),
-                    networks: &networks,
-                };
-                let verdict = vet::vet(&answer, &context);
+                let verdict = vet_answer(&answer, port);
                 probe::release(held).await;
                 match verdict {
                     Ok(()) => Spoken::Mapped(answer.external),

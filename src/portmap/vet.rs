@@ -81,13 +81,13 @@ pub enum Refused {
 /// Check one answer against where it must fit.
 pub fn vet(answer: &Answer, context: &Context) -> Result<(), Refused> {
     let ip = answer.external.ip().to_canonical();
-    if unroutable(ip) {
+    if crate::addr::is_unroutable(ip) {
         return Err(Refused::Unroutable(ip));
     }
     if context
         .networks
         .iter()
-        .any(|&(net, prefix)| same_network(net, prefix, ip))
+        .any(|&(net, prefix)| crate::addr::same_network(net, prefix, ip))
     {
         return Err(Refused::OnOurNetwork(ip));
     }
@@ -116,32 +116,6 @@ pub fn agrees_with(mapped: SocketAddr, observed: SocketAddr) -> Result<(), Refus
         return Err(Refused::NotOurPublicAddress { mapped, observed });
     }
     Ok(())
-}
-
-fn unroutable(ip: IpAddr) -> bool {
-    ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_multicast()
-        || match ip {
-            IpAddr::V4(v4) => v4.is_broadcast() || v4.is_link_local(),
-            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-        }
-}
-
-fn same_network(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
-    match (net.to_canonical(), ip) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let bits = u32::from(prefix.min(32));
-            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
-            bits > 0 && (u32::from(a) & mask) == (u32::from(b) & mask)
-        }
-        (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let bits = u32::from(prefix.min(128));
-            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-            bits > 0 && (u128::from(a) & mask) == (u128::from(b) & mask)
-        }
-        _ => false,
-    }
 }
 
 #[cfg(test)]
