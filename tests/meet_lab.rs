@@ -28,18 +28,6 @@ fn rendezvous_addr() -> String {
     format!("{PUBLIC_V4}:{RV_PORT}")
 }
 
-/// A file of `size` incompressible bytes; returns its path and BLAKE3.
-fn make_file(dir: &Path, name: &str, size: usize) -> (PathBuf, String) {
-    let mut data = vec![0u8; size];
-    blake3::Hasher::new()
-        .update(name.as_bytes())
-        .finalize_xof()
-        .fill(&mut data);
-    let path = dir.join(name);
-    std::fs::write(&path, &data).unwrap();
-    (path, blake3::hash(&data).to_hex().to_string())
-}
-
 /// One role's qpunch home.
 struct Home(tempfile::TempDir);
 
@@ -220,7 +208,7 @@ fn cell(tag: &str, rx: Nat, tx: Nat) -> Option<Cell> {
     let mut rv = Rendezvous::start(&topo);
     let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "matrix.bin", 200_000);
+    let (file, hash) = lab::make_file(dir.path(), "matrix.bin", 200_000);
     let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
     assert!(
@@ -324,7 +312,7 @@ fn meeting_that_fails(tag: &str, receiver: Nat, sender: Nat, rendezvous: &[&str]
     let rv = Rendezvous::start_with(&topo, rendezvous);
     let receiving = Receiving::start(topo.site(0).client(0), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let (file, _) = make_file(dir.path(), "doomed.bin", 1000);
+    let (file, _) = lab::make_file(dir.path(), "doomed.bin", 1000);
     let started = Instant::now();
     let (mut proc, _home) = send(topo.site(1).client(0), &file, &receiving.code);
     let (status, _) = proc.wait_exit(Duration::from_secs(30));
@@ -383,7 +371,7 @@ fn peers_behind_one_router_use_the_lan() {
     let site = topo.site(0);
     let mut receiving = Receiving::start(site.client(0), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "lan.bin", 300_000);
+    let (file, hash) = lab::make_file(dir.path(), "lan.bin", 300_000);
     let (mut sender, _home) = send(site.client(1), &file, &receiving.code);
     let (punched, connected) = sent(&mut sender, "lan.bin", &hash, Duration::from_secs(60));
     receiving.finish("lan.bin", &hash);
@@ -413,7 +401,7 @@ fn ipv6_punches_through_stateful_firewalls() {
     let _rv = Rendezvous::start(&topo);
     let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "six.bin", 200_000);
+    let (file, hash) = lab::make_file(dir.path(), "six.bin", 200_000);
     let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
     let (_, connected) = sent(&mut sender, "six.bin", &hash, Duration::from_secs(60));
     receiving.finish("six.bin", &hash);
@@ -442,7 +430,7 @@ fn meeting_survives_ten_percent_loss() {
     let _rv = Rendezvous::start(&topo);
     let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "lossy.bin", 500_000);
+    let (file, hash) = lab::make_file(dir.path(), "lossy.bin", 500_000);
     let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
     sent(&mut sender, "lossy.bin", &hash, Duration::from_secs(90));
     receiving.finish("lossy.bin", &hash);
@@ -544,7 +532,7 @@ fn rendezvous_made_connection_survives_rebinding() {
     let _rv = Rendezvous::start(&topo);
     let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "rebind.bin", 24 << 20);
+    let (file, hash) = lab::make_file(dir.path(), "rebind.bin", 24 << 20);
     let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
     let connected = sender.wait_for("connected", Duration::from_secs(30));
     let before = addr(&connected["local_addr"]);
@@ -775,7 +763,7 @@ fn timed_meeting(
     let mut rv = Rendezvous::start(&topo);
     let receiving = Receiving::start(topo.site(0).client(0), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let (file, _) = make_file(dir.path(), "timed.bin", 10_000);
+    let (file, _) = lab::make_file(dir.path(), "timed.bin", 10_000);
     let started = Instant::now();
     let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
@@ -924,7 +912,7 @@ fn lan_peers_meet_by_code_with_no_rendezvous() {
     let started = Instant::now();
     let mut receiving = Receiving::on_lan(site.client(0));
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "lan-code.bin", 300_000);
+    let (file, hash) = lab::make_file(dir.path(), "lan-code.bin", 300_000);
     let (mut sender, _home) = send_on_lan(site.client(1), &file, &receiving.code);
     let (status, _) = sender.wait_exit(Duration::from_secs(30));
     assert!(
@@ -992,7 +980,7 @@ fn lan_peers_send_a_text_and_a_pipe_by_code() {
     // A pipe: standard input of unknown length.
     let mut receiving = Receiving::on_lan(site.client(0));
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "source.bin", 2_500_000);
+    let (file, hash) = lab::make_file(dir.path(), "source.bin", 2_500_000);
     let command = format!(
         "exec {} send - --name piped.bin --to {} --json < {}",
         qpunch().display(),
@@ -1021,7 +1009,7 @@ fn lan_wrong_code_is_refused_on_both_sides() {
     let mut receiving = Receiving::on_lan(site.client(0));
     let first = receiving.code.clone();
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "second-try.bin", 100_000);
+    let (file, hash) = lab::make_file(dir.path(), "second-try.bin", 100_000);
 
     let (mut guess, _home) = send_on_lan(site.client(1), &file, &wrong_code(&first));
     let (status, _) = guess.wait_exit(Duration::from_secs(30));
@@ -1175,7 +1163,7 @@ fn lan_library_finds_refuses_impostors_and_withdraws() {
         assert_eq!(dialed.peer.fingerprint, rnode.fingerprint());
         assert!(matches!(opened.outcome().await, Some(Outcome::Used { sender, .. }) if sender == snode.fingerprint()));
         let src = tempfile::tempdir().unwrap();
-        let (path, hash) = make_file(src.path(), "library.bin", 200_000);
+        let (path, hash) = lab::make_file(src.path(), "library.bin", 200_000);
         let reports = transfer::send_files(
             &dialed.peer.connection,
             vec![Outgoing::from_path(&path).unwrap()],
@@ -1282,7 +1270,7 @@ fn lan_receiver_stops_making_codes_after_three_wrong_ones() {
     let site = topo.site(0);
     let mut receiving = Receiving::on_lan(site.client(0));
     let dir = tempfile::tempdir().unwrap();
-    let (file, _) = make_file(dir.path(), "guess.bin", 1000);
+    let (file, _) = lab::make_file(dir.path(), "guess.bin", 1000);
     let mut code = receiving.code.clone();
     for round in 1..=3 {
         let (mut guess, _home) = send_on_lan(site.client(1), &file, &wrong_code(&code));
@@ -1366,7 +1354,7 @@ fn udp_blocked_at_one_router_completes_over_tcp() {
     let _rv = Rendezvous::start(&topo);
     let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "overtcp.bin", 2 << 20);
+    let (file, hash) = lab::make_file(dir.path(), "overtcp.bin", 2 << 20);
     let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
     let (_, connected) = sent(&mut sender, "overtcp.bin", &hash, Duration::from_secs(90));
     receiving.finish("overtcp.bin", &hash);
@@ -1418,7 +1406,7 @@ fn lab_transfer(
     let rv = Rendezvous::start(&topo);
     let receiving = Receiving::start(topo.site(0).client(0), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), name, size);
+    let (file, hash) = lab::make_file(dir.path(), name, size);
     let (mut sender, home) = send(topo.site(1).client(0), &file, &receiving.code);
     let connected = sender.wait_for("connected", Duration::from_secs(30));
     LabTransfer {
@@ -1611,7 +1599,7 @@ fn twenty_relayed_pairs_at_once_all_complete() {
         .enumerate()
         .map(|(i, receiving)| {
             let name = format!("load{i}.bin");
-            let (file, hash) = make_file(dir.path(), &name, size);
+            let (file, hash) = lab::make_file(dir.path(), &name, size);
             let (proc, home) = send(host(1, i), &file, &receiving.code);
             (proc, home, name, hash)
         })
@@ -1684,7 +1672,7 @@ fn relayed_goodput_against_direct() {
         topo.block_direct(0, 1, relayed);
         let mut receiving = Receiving::start(topo.site(0).client(0), &[]);
         let name = format!("goodput{round}.bin");
-        let (file, hash) = make_file(dir.path(), &name, 48 << 20);
+        let (file, hash) = lab::make_file(dir.path(), &name, 48 << 20);
         let (mut sender, _home) = send(topo.site(1).client(0), &file, &receiving.code);
         sent(&mut sender, &name, &hash, Duration::from_secs(120));
         receiving.finish(&name, &hash);

@@ -25,18 +25,6 @@ fn qpunch() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_qpunch"))
 }
 
-/// A file of `size` incompressible bytes (BLAKE3 XOF of `seed`); returns path and hash.
-fn make_file(dir: &Path, name: &str, size: usize) -> (PathBuf, String) {
-    let mut data = vec![0u8; size];
-    blake3::Hasher::new()
-        .update(name.as_bytes())
-        .finalize_xof()
-        .fill(&mut data);
-    let path = dir.join(name);
-    std::fs::write(&path, &data).unwrap();
-    (path, blake3::hash(&data).to_hex().to_string())
-}
-
 fn addr(v: &Value) -> SocketAddr {
     v.as_str()
         .unwrap_or_else(|| panic!("not an address string: {v}"))
@@ -207,7 +195,7 @@ fn cone_nat_send_to_public_receiver() {
     let lab = Lab::new("c", Nat::Cone);
     let work = tempfile::tempdir().unwrap();
     let size = 16 * MIB;
-    let (file, hash) = make_file(work.path(), "cone.bin", size);
+    let (file, hash) = lab::make_file(work.path(), "cone.bin", size);
     let mut rx = PublicReceiver::start(&lab);
 
     // `qpunch id` prints the same fingerprint the receiver announces.
@@ -386,7 +374,7 @@ fn symmetric_nat_send_to_public_receiver() {
     let lab = Lab::new("s", Nat::Symmetric);
     let work = tempfile::tempdir().unwrap();
     let size = 4 * MIB;
-    let (file, hash) = make_file(work.path(), "symmetric.bin", size);
+    let (file, hash) = lab::make_file(work.path(), "symmetric.bin", size);
     let mut rx = PublicReceiver::start(&lab);
     let sender = Role::new();
     let start = Instant::now();
@@ -430,7 +418,7 @@ fn lossy_link_transfer_completes() {
     lab.add_loss(2);
     let work = tempfile::tempdir().unwrap();
     let size = 8 * MIB;
-    let (file, hash) = make_file(work.path(), "lossy.bin", size);
+    let (file, hash) = lab::make_file(work.path(), "lossy.bin", size);
     let mut rx = PublicReceiver::start(&lab);
     let sender = Role::new();
     let start = Instant::now();
@@ -466,7 +454,7 @@ fn nat_rebinding_mid_transfer() {
     lab.limit_upload("50mbit");
     let work = tempfile::tempdir().unwrap();
     let size = 32 * MIB;
-    let (file, hash) = make_file(work.path(), "rebind.bin", size);
+    let (file, hash) = lab::make_file(work.path(), "rebind.bin", size);
     let mut rx = PublicReceiver::start(&lab);
     let sender = Role::new();
     let start = Instant::now();

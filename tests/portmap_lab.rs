@@ -111,17 +111,6 @@ fn events<'a>(all: &'a [Value], kind: &str) -> Vec<&'a Value> {
     all.iter().filter(|e| e["event"] == kind).collect()
 }
 
-fn make_file(dir: &Path, size: usize) -> (PathBuf, String) {
-    let mut data = vec![0u8; size];
-    blake3::Hasher::new()
-        .update(b"portmap")
-        .finalize_xof()
-        .fill(&mut data);
-    let path = dir.join("mapped.bin");
-    std::fs::write(&path, &data).unwrap();
-    (path, blake3::hash(&data).to_hex().to_string())
-}
-
 /// Wait until `cond` holds, at most `within`.
 fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + within;
@@ -160,7 +149,7 @@ fn symmetric_pair_connects_direct_through_a_mapped_port() {
     assert!(!gateway.rules().is_empty(), "the router holds the mapping");
 
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), 300_000);
+    let (file, hash) = lab::make_file(dir.path(), "mapped.bin", 300_000);
     let (mut sender, _tx_home) = send_by_code(topo.site(1).client(0), &file, &code, &["-v"]);
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
     assert!(
@@ -359,7 +348,7 @@ fn silent_router_meeting(i: usize, ask: bool) -> Duration {
     let off: &[&str] = if ask { &[] } else { &["--no-port-mapping"] };
     let (_receiver, code, _out, _rx_home) = receive_by_code(topo.site(0).client(0), off);
     let dir = tempfile::tempdir().unwrap();
-    let (file, _) = make_file(dir.path(), 10_000);
+    let (file, _) = lab::make_file(dir.path(), "mapped.bin", 10_000);
     let started = Instant::now();
     let (mut sender, _tx_home) = send_by_code(topo.site(1).client(0), &file, &code, off);
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
@@ -522,7 +511,7 @@ fn a_mapping_to_another_public_address_is_not_offered() {
     let claimed = mapped["external"].as_str().unwrap().to_string();
     assert!(claimed.starts_with(&PUBLIC_V4.to_string()), "{mapped}");
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), 50_000);
+    let (file, hash) = lab::make_file(dir.path(), "mapped.bin", 50_000);
     let (mut sender, _tx_home) = send_by_code(topo.site(1).client(0), &file, &code, &[]);
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
     assert!(
@@ -577,7 +566,7 @@ fn a_sender_outside_reaches_a_mapped_receiver_directly() {
     let mapped = receiver.wait_for("port_mapped", Duration::from_secs(10));
     let external = mapped["external"].as_str().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), 100_000);
+    let (file, hash) = lab::make_file(dir.path(), "mapped.bin", 100_000);
     let tx_home = home();
     let mut sender = topo.public().spawn(
         &qpunch(),
@@ -629,7 +618,7 @@ fn an_interrupted_sender_deletes_its_mapping() {
     let (_receiver, code, _out, _rx_home) =
         receive_by_code(topo.site(0).client(0), &["--no-port-mapping"]);
     let dir = tempfile::tempdir().unwrap();
-    let (file, _) = make_file(dir.path(), 16 << 20);
+    let (file, _) = lab::make_file(dir.path(), "mapped.bin", 16 << 20);
     let (mut sender, _tx_home) = send_by_code(topo.site(1).client(0), &file, &code, &[]);
     sender.wait_for("port_mapped", Duration::from_secs(20));
     sender.wait_for("connected", Duration::from_secs(30));

@@ -36,18 +36,6 @@ fn turn_url() -> String {
     format!("turn:{PUBLIC_V4}:3478")
 }
 
-/// A file of `size` incompressible bytes; returns its path and BLAKE3.
-fn make_file(dir: &Path, name: &str, size: usize) -> (PathBuf, String) {
-    let mut data = vec![0u8; size];
-    blake3::Hasher::new()
-        .update(name.as_bytes())
-        .finalize_xof()
-        .fill(&mut data);
-    let path = dir.join(name);
-    std::fs::write(&path, &data).unwrap();
-    (path, blake3::hash(&data).to_hex().to_string())
-}
-
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -322,7 +310,7 @@ fn relays_through_coturn_as(lab: &Lab, rx_home: &Home, tx_home: &Home, kind: &st
     let out = tempfile::tempdir().unwrap();
     let (mut receiver, code) = receive(lab.topo.site(0).client(0), rx_home, out.path());
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "turned.bin", 2_000_000);
+    let (file, hash) = lab::make_file(dir.path(), "turned.bin", 2_000_000);
     let mut sender = send(lab.topo.site(1).client(0), tx_home, &file, &code);
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
     assert!(
@@ -400,7 +388,7 @@ fn forged_and_expired_turn_credentials_are_refused_and_said_so() {
     let out = tempfile::tempdir().unwrap();
     let (mut receiver, code) = receive(lab.topo.site(0).client(0), &rx_home, out.path());
     let dir = tempfile::tempdir().unwrap();
-    let (file, _) = make_file(dir.path(), "refused.bin", 1000);
+    let (file, _) = lab::make_file(dir.path(), "refused.bin", 1000);
     let mut sender = send(lab.topo.site(1).client(0), &tx_home, &file, &code);
     let (status, _) = sender.wait_exit(Duration::from_secs(60));
     assert!(!status.success(), "{}", sender.describe());
@@ -498,7 +486,7 @@ fn turn_goodput_against_direct() {
         let out = tempfile::tempdir().unwrap();
         let (mut receiver, code) = receive(topo.site(0).client(0), &rx_home, out.path());
         let name = format!("goodput{round}.bin");
-        let (file, hash) = make_file(dir.path(), &name, 48 << 20);
+        let (file, hash) = lab::make_file(dir.path(), &name, 48 << 20);
         let mut sender = send(topo.site(1).client(0), &tx_home, &file, &code);
         let (status, _) = sender.wait_exit(Duration::from_secs(120));
         assert!(
@@ -566,7 +554,7 @@ fn a_turn_relayed_transfer_moves_to_direct_when_the_block_lifts() {
     let out = tempfile::tempdir().unwrap();
     let (mut receiver, code) = receive(topo.site(0).client(0), &rx_home, out.path());
     let dir = tempfile::tempdir().unwrap();
-    let (file, hash) = make_file(dir.path(), "moving.bin", 40 << 20);
+    let (file, hash) = lab::make_file(dir.path(), "moving.bin", 40 << 20);
     let mut sender = send(topo.site(1).client(0), &tx_home, &file, &code);
     let connected = sender.wait_for("connected", Duration::from_secs(30));
     assert_eq!(connected["path"], "turn", "{connected}\n{}", coturn.log());

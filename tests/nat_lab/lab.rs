@@ -57,6 +57,19 @@ pub use topology::{
     Topology,
 };
 
+/// A file of `size` incompressible bytes named `name` in `dir` (its content derived from
+/// the name); its path and BLAKE3.
+pub fn make_file(dir: &Path, name: &str, size: usize) -> (std::path::PathBuf, String) {
+    let mut data = vec![0u8; size];
+    blake3::Hasher::new()
+        .update(name.as_bytes())
+        .finalize_xof()
+        .fill(&mut data);
+    let path = dir.join(name);
+    std::fs::write(&path, &data).unwrap();
+    (path, blake3::hash(&data).to_hex().to_string())
+}
+
 /// The public receiver host.
 pub const PUBLIC_IP: &str = "198.51.100.10";
 /// [`Lab`]'s router WAN (the NAT's public address): site A's.
