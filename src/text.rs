@@ -66,6 +66,10 @@ fn is_format(c: char) -> bool {
 /// Whether `c` is escaped by [`peer`]: a control or format character (including line
 /// breaks and bidi controls) that must never reach a terminal raw.
 pub fn is_unsafe(c: char) -> bool {
+    // Most text is ASCII, where only the C0 controls and DEL are unsafe.
+    if c.is_ascii() {
+        return c.is_ascii_control();
+    }
     is_control_or_bidi(c) || is_format(c)
 }
 
@@ -83,6 +87,9 @@ pub fn is_unsafe(c: char) -> bool {
 /// non-ASCII letters such as `música`, passes through unchanged. A literal
 /// backslash is not escaped, so the output is for humans, not for parsing.
 pub fn peer(s: &str) -> String {
+    if !s.chars().any(is_unsafe) {
+        return s.to_string();
+    }
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if is_unsafe(c) {

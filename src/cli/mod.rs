@@ -123,6 +123,7 @@ pub fn run() -> ExitCode {
             }
         }
     });
+    ui.flush();
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

@@ -201,6 +201,8 @@ pub enum Event {
 /// Output mode plus the progress bars.
 pub struct Ui {
     json: bool,
+    /// JSON lines on their way to stdout (see [`JsonOut`]).
+    out: Arc<JsonOut>,
     quiet: bool,
     /// Texts go to stdout as sent, unescaped (`receive --stdout`).
     raw_text: std::sync::atomic::AtomicBool,
@@ -222,16 +224,29 @@ impl Ui {
             multi: MultiProgress::with_draw_target(target),
             prompt: Mutex::new(()),
             raw_text: Default::default(),
+            out: Arc::default(),
         })
+    }
+
+    /// Write out every JSON line still held back (at exit).
+    pub fn flush(&self) {
+        self.out.write(None);
     }
 
     /// Emit an event: a JSON line in `--json` mode, else the human text (if any).
     pub fn event(&self, event: Event, human: Option<String>) {
         if self.json {
-            let line = json_safe(&serde_json::to_string(&event).expect("events serialize"));
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{line}");
-            let _ = out.flush();
+            let bulk = matches!(
+                event,
+                Event::Sent { .. } | Event::Received { .. } | Event::Progress { .. }
+            );
+            let mut line = json_safe(serde_json::to_string(&event).expect("events serialize"));
+            line.push('\n');
+            if bulk {
+                self.out.hold(line);
+            } else {
+                self.out.write(Some(&line));
+            }
         } else if let Some(text) = human {
             self.say(&text);
         }
@@ -257,6 +272,11 @@ impl Ui {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Whether a line per file is worth formatting: a human reads stderr.
+    fn wants_lines(&self) -> bool {
+        !self.json && !self.quiet
+    }
+
     /// Whether events are JSON lines on stdout.
     pub fn is_json(&self) -> bool {
         self.json
@@ -270,6 +290,7 @@ impl Ui {
             return self.event(Event::Text { text, from }, None);
         }
         let raw = self.raw_text.load(std::sync::atomic::Ordering::Relaxed);
+        self.flush();
         self.multi.suspend(|| {
             let mut out = std::io::stdout().lock();
             let _ = if raw {
@@ -348,11 +369,114 @@ impl Ui {
     }
 }
 
+/// How long a per-file JSON line (`sent`, `received`, `progress`) may wait to share one
+/// write with the lines after it: a bundle of small files ends hundreds of files at once,
+/// and a write per line cost both sides more CPU than their files' names and checks.
+const HOLD_FOR: Duration = Duration::from_millis(10);
+/// Held lines are written at once past this many bytes.
+const HOLD_BYTES: usize = 64 << 10;
+
+/// The JSON lines for stdout. Per-file lines are held at most [`HOLD_FOR`] (by a thread
+/// that sleeps while nothing is held); any other line first writes out what is held, so
+/// the order of lines never changes and a `summary` or `error` is never kept waiting.
+struct JsonOut {
+    /// Lines held, and where they go.
+    out: Mutex<(Vec<u8>, Box<dyn Write + Send>)>,
+    wake: std::sync::Condvar,
+    /// Whether the flusher thread runs (started by the first held line).
+    flusher: std::sync::OnceLock<bool>,
+    hold_for: Duration,
+}
+
+impl Default for JsonOut {
+    fn default() -> Self {
+        JsonOut::new(Box::new(std::io::stdout()), HOLD_FOR)
+    }
+}
+
+impl JsonOut {
+    fn new(to: Box<dyn Write + Send>, hold_for: Duration) -> Self {
+        JsonOut {
+            out: Mutex::new((Vec::new(), to)),
+            wake: Default::default(),
+            flusher: Default::default(),
+            hold_for,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<u8>, Box<dyn Write + Send>)> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write what is held and then `line`, in one write.
+    fn write(&self, line: Option<&str>) {
+        let mut out = self.lock();
+        if let Some(line) = line {
+            out.0.extend_from_slice(line.as_bytes());
+        }
+        Self::drain(&mut out);
+    }
+
+    fn drain((held, to): &mut (Vec<u8>, Box<dyn Write + Send>)) {
+        if held.is_empty() {
+            return;
+        }
+        let _ = to.write_all(held);
+        let _ = to.flush();
+        held.clear();
+    }
+
+    /// Hold a per-file line for a write with the next ones.
+    fn hold(self: &Arc<Self>, line: String) {
+        let mut out = self.lock();
+        let was_empty = out.0.is_empty();
+        out.0.extend_from_slice(line.as_bytes());
+        if out.0.len() >= HOLD_BYTES {
+            return Self::drain(&mut out);
+        }
+        if !was_empty {
+            return;
+        }
+        let flusher = *self.flusher.get_or_init(|| {
+            let this = self.clone();
+            std::thread::Builder::new()
+                .name("json-out".into())
+                .spawn(move || this.flush_held())
+                .is_ok()
+        });
+        if flusher {
+            drop(out);
+            self.wake.notify_one();
+        } else {
+            Self::drain(&mut out);
+        }
+    }
+
+    /// The flusher thread: wait for a held line, give its neighbours `hold_for` to join
+    /// it, write them all.
+    fn flush_held(&self) {
+        loop {
+            let out = self.lock();
+            let out = self
+                .wake
+                .wait_while(out, |(held, _)| held.is_empty())
+                .unwrap_or_else(|e| e.into_inner());
+            drop(out);
+            std::thread::sleep(self.hold_for);
+            Self::drain(&mut self.lock());
+        }
+    }
+}
+
 /// A JSON line made safe for a terminal: every control or format character inside a
 /// string becomes a `\uXXXX` escape (serde_json leaves C1 controls and bidi characters
 /// raw, which is valid JSON but not harmless on a terminal). The JSON means the same.
-fn json_safe(line: &str) -> String {
+fn json_safe(line: String) -> String {
     use std::fmt::Write as _;
+    // Nearly every line is printable ASCII: nothing to escape.
+    if line.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return line;
+    }
     let mut out = String::with_capacity(line.len());
     for c in line.chars() {
         if !qpunch::text::is_unsafe(c) {
@@ -610,21 +734,25 @@ impl Observer for FileProgress {
             }
             state.files_done += 1;
             let all = state.files_done >= state.files && state.files > 0;
-            if let Some(total) = &state.total {
+            if let Some(total) = &state.total
+                && self.ui.wants_lines()
+            {
                 total.set_message(format!("{} of {} file(s)", state.files_done, state.files));
             }
             self.maybe_event(&mut state, all);
         }
-        let name = display_safe(&report.name);
-        let saved = report
-            .saved_as
-            .as_deref()
-            .map(display_safe)
-            .unwrap_or_default();
+        let name = || display_safe(&report.name);
+        let saved = || {
+            report
+                .saved_as
+                .as_deref()
+                .map(display_safe)
+                .unwrap_or_default()
+        };
         // Single files are named as they arrive unless there are many: then the summary
-        // line says it (JSON always names each).
-        let many = self.state().files > 20;
-        let line = |text: String| (!many).then_some(text);
+        // line says it (JSON always names each). Nothing is formatted that nobody reads.
+        let lines = self.ui.wants_lines() && self.state().files <= 20;
+        let line = |text: &dyn Fn() -> String| lines.then(text);
         match (&report.outcome, self.side) {
             (Outcome::Verified, Side::Sending) => self.ui.event(
                 Event::Sent {
@@ -633,13 +761,16 @@ impl Observer for FileProgress {
                     blake3: report.blake3.clone(),
                     saved_as: report.saved_as.clone().unwrap_or_default(),
                 },
-                line(match report.saved_as {
+                line(&|| match report.saved_as {
                     Some(_) => format!(
-                        "sent {name} ({}), verified by the receiver as {saved}",
-                        HumanBytes(report.size)
+                        "sent {} ({}), verified by the receiver as {}",
+                        name(),
+                        HumanBytes(report.size),
+                        saved()
                     ),
                     None => format!(
-                        "sent {name} ({}), verified by the receiver",
+                        "sent {} ({}), verified by the receiver",
+                        name(),
                         HumanBytes(report.size)
                     ),
                 }),
@@ -652,16 +783,18 @@ impl Observer for FileProgress {
                     saved_as: report.saved_as.clone().unwrap_or_default(),
                     from,
                 },
-                line(format!(
-                    "received {} ({}), BLAKE3 {} verified",
-                    if report.saved_as.is_some() {
-                        saved
-                    } else {
-                        name
-                    },
-                    HumanBytes(report.size),
-                    &report.blake3[..16.min(report.blake3.len())]
-                )),
+                line(&|| {
+                    format!(
+                        "received {} ({}), BLAKE3 {} verified",
+                        if report.saved_as.is_some() {
+                            saved()
+                        } else {
+                            name()
+                        },
+                        HumanBytes(report.size),
+                        &report.blake3[..16.min(report.blake3.len())]
+                    )
+                }),
             ),
             (Outcome::Declined(reason), _) => {
                 self.ui.event(
@@ -669,11 +802,11 @@ impl Observer for FileProgress {
                         name: report.name.clone(),
                         reason: reason.clone(),
                     },
-                    Some(format!("declined {name}: {reason}")),
+                    Some(format!("declined {}: {reason}", name())),
                 );
             }
             (Outcome::Failed(why), _) => {
-                self.ui.error(&format!("{name}: {why}"));
+                self.ui.error(&format!("{}: {why}", name()));
             }
         }
     }
@@ -750,4 +883,82 @@ pub struct PortMappingProtocol {
     /// Why it refused (the gateway's words, escaped).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a [`JsonOut`] wrote: the bytes of each flush.
+    #[derive(Clone, Default)]
+    struct Flushes(Arc<Mutex<(Vec<u8>, Vec<String>)>>);
+
+    impl Write for Flushes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            let mut seen = self.0.lock().unwrap();
+            let bytes = std::mem::take(&mut seen.0);
+            seen.1.push(String::from_utf8(bytes).unwrap());
+            Ok(())
+        }
+    }
+
+    impl Flushes {
+        fn wait_for(&self, n: usize) -> Vec<String> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let seen = self.0.lock().unwrap().1.clone();
+                if seen.len() >= n || Instant::now() > deadline {
+                    return seen;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    #[test]
+    fn per_file_lines_share_one_write_and_nothing_overtakes_them() {
+        let flushes = Flushes::default();
+        let out = Arc::new(JsonOut::new(
+            Box::new(flushes.clone()),
+            Duration::from_secs(3600),
+        ));
+        for n in 0..3 {
+            out.hold(format!("file {n}\n"));
+        }
+        out.write(Some("summary\n"));
+        assert_eq!(
+            flushes.wait_for(1),
+            ["file 0\nfile 1\nfile 2\nsummary\n"],
+            "held lines go first, in order, in one write"
+        );
+    }
+
+    #[test]
+    fn held_lines_are_written_without_another_line() {
+        let flushes = Flushes::default();
+        let out = Arc::new(JsonOut::new(
+            Box::new(flushes.clone()),
+            Duration::from_millis(10),
+        ));
+        out.hold("file 0\n".into());
+        out.hold("file 1\n".into());
+        assert_eq!(flushes.wait_for(1).concat(), "file 0\nfile 1\n");
+        // The flusher sleeps until the next held line, and writes it too.
+        out.hold("file 2\n".into());
+        assert_eq!(flushes.wait_for(2).concat(), "file 0\nfile 1\nfile 2\n");
+    }
+
+    #[test]
+    fn json_lines_keep_printable_ascii_and_escape_the_rest() {
+        let plain = r#"{"event":"received","name":"a b.txt"}"#.to_string();
+        assert_eq!(json_safe(plain.clone()), plain);
+        assert_eq!(
+            json_safe("{\"name\":\"a\u{1b}[31m\u{202e}é\"}".into()),
+            r#"{"name":"a\u001b[31m\u202eé"}"#
+        );
+    }
 }

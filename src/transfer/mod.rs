@@ -60,7 +60,9 @@ pub use receive::{
     PARTIAL_MAX_AGE, Policy, ReceiveEvents, ReceiveOptions, Receiver, SMALL_BUDGET, STALL_TIMEOUT,
     TICKET_GRACE, WINDOW_BUDGET,
 };
-pub use send::{Outgoing, Reader, SendOptions, hash_file, send_files, send_files_with};
+pub use send::{
+    FRESH_LISTING, Listed, Outgoing, Reader, SendOptions, hash_file, send_files, send_files_with,
+};
 pub use store::{Cleaned, DISK_JOBS, PARTIAL_DIR, clean_partials};
 pub use walk::{Selection, select};
 

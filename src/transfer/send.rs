@@ -58,7 +58,25 @@ pub struct Outgoing {
     /// Send this text instead of a file (`send --text`): the receiver shows it rather than
     /// storing it. At most [`MAX_TEXT`] bytes.
     pub text: Option<String>,
+    /// What [`select`](super::select) saw when it listed the file. A listing at most
+    /// [`FRESH_LISTING`] old gives the offer its size and version instead of asking again
+    /// (a folder of ten thousand files is offered that much sooner); an older one, e.g.
+    /// after waiting for a peer to type a code, is asked again. A file that changes after
+    /// it is offered is caught either way: its version is checked when it is read.
+    pub listed: Option<Listed>,
 }
+
+/// A file's metadata and when it was read (see [`Outgoing::listed`]).
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// The file's metadata (symbolic links followed).
+    pub metadata: std::fs::Metadata,
+    /// When it was read.
+    pub at: std::time::Instant,
+}
+
+/// How old a listing may be for the offer to trust it (see [`Outgoing::listed`]).
+pub const FRESH_LISTING: Duration = Duration::from_secs(1);
 
 /// The source of a streamed [`Outgoing`]: read once, on a blocking thread.
 #[derive(Clone)]
@@ -256,14 +274,17 @@ fn prepare_all(
             (Source::Stream(reader), None, Stamp::default())
         } else {
             let path = &file.path;
-            let meta = std::fs::metadata(path).map_err(|e| file_error(path, e))?;
+            let meta = match file.listed {
+                Some(listed) if listed.at.elapsed() <= FRESH_LISTING => listed.metadata,
+                _ => std::fs::metadata(path).map_err(|e| file_error(path, e))?,
+            };
             if !meta.is_file() {
                 let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
                 return Err(file_error(path, e));
             }
             // Unreadable files are refused before anything is offered, as when every file
             // was hashed first: asking costs one call, reading waits for consent.
-            readable(path).map_err(|e| file_error(path, e))?;
+            readable(path, &meta).map_err(|e| file_error(path, e))?;
             let stamp = Stamp::of(&meta);
             offer.size = stamp.size;
             let tree = match &cache {
@@ -339,6 +360,7 @@ pub async fn send_files_with(
     options: SendOptions,
 ) -> Result<Vec<FileReport>, TransferError> {
     super::version::check_or_close(connection, super::version::Role::Receiver)?;
+
     if files.len() + options.empty_dirs.len() > super::MAX_FILES {
         return Err(TransferError::protocol(format!(
             "at most {} files and folders per send",
@@ -352,6 +374,7 @@ pub async fn send_files_with(
             .expect("offer task panicked")?
     };
     let prepared: Arc<Vec<Prepared>> = Arc::new(prepared);
+
     let cache = options.cache.clone();
 
     let (mut control_send, mut control_recv) = connection.open_bi().await.map_err(stream_error)?;
@@ -360,8 +383,10 @@ pub async fn send_files_with(
         dirs: options.empty_dirs,
     };
     write_frame(&mut control_send, &manifest).await?;
+
     drop(manifest);
     let Decisions { decisions } = read_frame(&mut control_recv).await?;
+
     if decisions.len() != prepared.len() {
         return Err(TransferError::protocol(
             "receiver answered for a different number of files",
@@ -932,8 +957,15 @@ async fn finish(
 }
 
 /// Whether this process may read `path` (`access(2)`: no file is opened).
-fn readable(path: &Path) -> std::io::Result<()> {
+fn readable(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    // Our own file with its owner's read bit needs no call (the common case, and ten
+    // thousand calls are a noticeable wait before a folder is offered).
+    // SAFETY: `geteuid` takes no arguments and cannot fail.
+    if meta.uid() == unsafe { libc::geteuid() } && meta.mode() & 0o400 != 0 {
+        return Ok(());
+    }
     let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: a valid NUL-terminated path; the call only reads it.
     if unsafe { libc::access(path.as_ptr(), libc::R_OK) } == 0 {
@@ -1054,5 +1086,42 @@ fn read_stream(
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One file listed by `select`, then grown to `now` bytes.
+    fn listed_then_grown(dir: &Path, now: usize) -> Outgoing {
+        let path = dir.join("f");
+        std::fs::write(&path, b"four").unwrap();
+        let mut selection = super::super::select(std::slice::from_ref(&path)).unwrap();
+        std::fs::write(&path, vec![7u8; now]).unwrap();
+        selection.files.remove(0)
+    }
+
+    #[test]
+    fn a_fresh_listing_is_offered_without_asking_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = listed_then_grown(dir.path(), 9);
+        assert!(file.listed.is_some(), "select records what it saw");
+        let prepared = prepare_all(vec![file], None).unwrap();
+        assert_eq!(prepared[0].offer.size, 4, "the size the listing saw");
+        let read = read_small(&prepared[0]).unwrap_err();
+        assert!(read.to_string().contains("changed"), "{read}");
+    }
+
+    #[test]
+    fn an_old_listing_is_asked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = listed_then_grown(dir.path(), 9);
+        let listed = file.listed.as_mut().unwrap();
+        listed.at = listed.at.checked_sub(FRESH_LISTING * 2).unwrap();
+        let prepared = prepare_all(vec![file], None).unwrap();
+        assert_eq!(prepared[0].offer.size, 9, "the size now");
+        let (data, _) = read_small(&prepared[0]).unwrap();
+        assert_eq!(data.len(), 9);
     }
 }

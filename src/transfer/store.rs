@@ -478,9 +478,12 @@ pub(crate) struct SmallFile {
 pub(crate) enum Written {
     /// A partial in the partial folder, renamed into place by [`commit_small`].
     Named(PathBuf),
-    /// An unnamed file (`O_TMPFILE`) in its destination's folder, given its name by
-    /// [`commit_small`] with `linkat`.
-    Unnamed(File),
+    /// An unnamed file (`O_TMPFILE`) in its destination's folder (`dir`, held open),
+    /// given its name by [`commit_small`] with `linkat`.
+    Unnamed {
+        file: File,
+        dir: Arc<std::os::fd::OwnedFd>,
+    },
 }
 
 impl Written {
@@ -502,18 +505,18 @@ impl Written {
 /// durable yet: the caller makes the batch durable with one `syncfs`, then calls
 /// [`commit_small`].
 pub(crate) fn write_small(partial_dir: &Path, files: &[SmallFile]) -> Vec<io::Result<Written>> {
-    let mut same_fs = SameFs::new(partial_dir);
+    let mut folders = Folders::new(partial_dir);
     files
         .iter()
         .map(|f| {
-            if let Some(file) = unnamed_in(&f.dest, &mut same_fs) {
-                let mut file = file?;
+            if let Some(unnamed) = unnamed_in(&f.dest, &mut folders) {
+                let (mut file, dir) = unnamed?;
                 file.write_all(&f.data)?;
                 // Created with 0666 less the umask: only an executable needs a change.
                 if f.executable {
                     set_executable(&file, true)?;
                 }
-                return Ok(Written::Unnamed(file));
+                return Ok(Written::Unnamed { file, dir });
             }
             let (mut file, path) = create_unlocked(partial_dir, &f.hash)?;
             let written = file
@@ -529,70 +532,86 @@ pub(crate) fn write_small(partial_dir: &Path, files: &[SmallFile]) -> Vec<io::Re
         .collect()
 }
 
-/// An unnamed file in `dest`'s folder, or `None` where that cannot be done (no
-/// `O_TMPFILE` on this file system, no `/proc` to link it through, too few descriptors
-/// for a batch to hold, or a folder on another file system than `partial_dir`, which the
-/// batch's `syncfs` would not cover): then the caller uses a named partial.
-fn unnamed_in(dest: &Path, same_fs: &mut SameFs) -> Option<io::Result<File>> {
+/// An unnamed file in `dest`'s folder (and that folder, open), or `None` where that
+/// cannot be done (no `O_TMPFILE` on this file system, no `/proc` to link it through,
+/// too few descriptors for a batch to hold, or a folder on another file system than the
+/// partial folder, which the batch's `syncfs` would not cover): then the caller uses a
+/// named partial.
+fn unnamed_in(
+    dest: &Path,
+    folders: &mut Folders,
+) -> Option<io::Result<(File, Arc<std::os::fd::OwnedFd>)>> {
     #[cfg(target_os = "linux")]
     {
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::fd::{AsRawFd, FromRawFd};
         if !unnamed_files_work() {
             return None;
         }
-        let dir = dest.parent()?;
-        if !same_fs.check(dir) {
-            return None;
+        let dir = folders.open(dest.parent()?)?;
+        // Unnamed, so never visible half-written: the final mode from the start. Opened
+        // relative to the folder, so the kernel walks no path per file.
+        // SAFETY: a valid descriptor and a NUL-terminated path; the call only reads them.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                c".".as_ptr(),
+                libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o666 as libc::c_uint,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: `fd` was just opened and is owned by nothing else.
+            return Some(Ok((unsafe { File::from_raw_fd(fd) }, dir)));
         }
-        // Unnamed, so never visible half-written: the final mode from the start.
-        let opened = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(0o666)
-            .open(dir);
-        match opened {
-            Ok(file) => Some(Ok(file)),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOENT)
-                ) =>
-            {
-                None
-            }
-            Err(e) => Some(Err(e)),
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOENT) => None,
+            _ => Some(Err(e)),
         }
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = (dest, same_fs);
+        let _ = (dest, folders);
         None
     }
 }
 
-/// Which folders are on the partial folder's file system, each looked up once per batch.
-struct SameFs {
+/// The destination folders of one batch, each opened once (`O_PATH`) and checked to be
+/// on the partial folder's file system.
+struct Folders {
     device: Option<u64>,
-    seen: std::collections::HashMap<PathBuf, bool>,
+    open: HashMap<PathBuf, Option<Arc<std::os::fd::OwnedFd>>>,
 }
 
-impl SameFs {
+impl Folders {
     fn new(partial_dir: &Path) -> Self {
         use std::os::unix::fs::MetadataExt;
-        SameFs {
+        Folders {
             device: std::fs::metadata(partial_dir).ok().map(|m| m.dev()),
-            seen: std::collections::HashMap::new(),
+            open: HashMap::new(),
         }
     }
 
-    /// Whether `dir` is on the same file system (unknown counts as no).
-    fn check(&mut self, dir: &Path) -> bool {
-        use std::os::unix::fs::MetadataExt;
+    /// `dir`, open, if it is on the partial folder's file system (unknown counts as no).
+    #[cfg(target_os = "linux")]
+    fn open(&mut self, dir: &Path) -> Option<Arc<std::os::fd::OwnedFd>> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let device = self.device;
-        *self.seen.entry(dir.to_path_buf()).or_insert_with(|| {
-            let here = std::fs::metadata(dir).ok().map(|m| m.dev());
-            here.is_some() && here == device
-        })
+        if let Some(known) = self.open.get(dir) {
+            return known.clone();
+        }
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(dir)
+            .ok()
+            .filter(|folder| {
+                let here = folder.metadata().ok().map(|m| m.dev());
+                here.is_some() && here == device
+            })
+            .map(|folder| Arc::new(std::os::fd::OwnedFd::from(folder)));
+        self.open.insert(dir.to_path_buf(), opened.clone());
+        opened
     }
 }
 
@@ -628,47 +647,89 @@ pub(crate) fn commit_small(
             Written::Named(path) => commit(&path, &file.dest, overwrite).inspect_err(|_| {
                 let _ = std::fs::remove_file(&path);
             }),
-            Written::Unnamed(unnamed) => link_unnamed(&unnamed, &file.dest, overwrite),
+            Written::Unnamed { file: unnamed, dir } => {
+                let name = file.dest.file_name().ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "a destination without a name")
+                })?;
+                link_unnamed(&unnamed, &dir, name, overwrite)
+            }
         })
         .collect()
 }
 
-/// Give the unnamed `file` the name `dest` (never replacing an existing file unless
-/// `overwrite`: then through a fresh name in the same folder, renamed over it).
-fn link_unnamed(file: &File, dest: &Path, overwrite: bool) -> io::Result<()> {
+/// Give the unnamed `file` the name `name` in the folder `dir` (never replacing an
+/// existing file unless `overwrite`: then through a fresh name in the same folder,
+/// renamed over it).
+fn link_unnamed(
+    file: &File,
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::OsStr,
+    overwrite: bool,
+) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let link = |to: &Path| -> io::Result<()> {
-        use std::os::unix::ffi::OsStrExt;
-        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-        let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
-        // SAFETY: two valid NUL-terminated paths; the call only reads them.
-        let rc = unsafe {
-            libc::linkat(
-                libc::AT_FDCWD,
-                from.as_ptr(),
-                libc::AT_FDCWD,
-                to.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
-        };
+    use std::os::unix::ffi::OsStrExt;
+    let dir = dir.as_raw_fd();
+    let cstr = |name: &std::ffi::OsStr| std::ffi::CString::new(name.as_bytes());
+    let check = |rc: libc::c_int| {
         if rc == 0 {
             Ok(())
         } else {
             Err(io::Error::last_os_error())
         }
     };
+    let link = |to: &std::ffi::CStr| -> io::Result<()> {
+        // The descriptor itself (Linux 6.10 lets the opener do this without privilege),
+        // else its `/proc` link.
+        #[cfg(target_os = "linux")]
+        {
+            use std::sync::atomic::{AtomicBool, Ordering};
+            static NO_EMPTY_PATH: AtomicBool = AtomicBool::new(false);
+            if !NO_EMPTY_PATH.load(Ordering::Relaxed) {
+                // SAFETY: valid descriptors and NUL-terminated paths; the call only reads them.
+                let rc = unsafe {
+                    libc::linkat(
+                        file.as_raw_fd(),
+                        c"".as_ptr(),
+                        dir,
+                        to.as_ptr(),
+                        libc::AT_EMPTY_PATH,
+                    )
+                };
+                match check(rc) {
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) => {
+                        NO_EMPTY_PATH.store(true, Ordering::Relaxed);
+                    }
+                    done => return done,
+                }
+            }
+        }
+        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+        // SAFETY: valid descriptors and NUL-terminated paths; the call only reads them.
+        check(unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                dir,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        })
+    };
+    let to = cstr(name)?;
     if !overwrite {
-        return link(dest);
+        return link(&to);
     }
-    let dir = dest.parent().unwrap_or(Path::new("."));
     for _ in 0..PART_NAMES {
         let random: u64 = rand::random();
-        let temp = dir.join(format!(".qpunch-{random:016x}.tmp"));
+        let temp = cstr(std::ffi::OsStr::new(&format!(".qpunch-{random:016x}.tmp")))?;
         match link(&temp) {
             Ok(()) => {
-                return std::fs::rename(&temp, dest).inspect_err(|_| {
-                    let _ = std::fs::remove_file(&temp);
-                });
+                // SAFETY: a valid descriptor and NUL-terminated paths; the call only reads them.
+                return check(unsafe { libc::renameat(dir, temp.as_ptr(), dir, to.as_ptr()) })
+                    .inspect_err(|_| {
+                        // SAFETY: as above.
+                        unsafe { libc::unlinkat(dir, temp.as_ptr(), 0) };
+                    });
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
@@ -1009,7 +1070,7 @@ mod tests {
         let written = write_small(&partials, &files);
         let unnamed = written
             .iter()
-            .filter(|w| matches!(w, Ok(Written::Unnamed(_))))
+            .filter(|w| matches!(w, Ok(Written::Unnamed { .. })))
             .count();
         let mut names: Vec<_> = std::fs::read_dir(&folder)
             .unwrap()

@@ -10,7 +10,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use super::send::Outgoing;
+use super::send::{Listed, Outgoing};
 use super::{MAX_DEPTH, MAX_FILES, TransferError};
 
 /// Everything one send offers.
@@ -46,6 +46,10 @@ pub fn select(paths: &[PathBuf]) -> Result<Selection, TransferError> {
             let mut file = Outgoing::from_path(path)?;
             file.executable = meta.permissions().mode() & 0o111 != 0;
             file.size = meta.len();
+            file.listed = Some(Listed {
+                metadata: meta,
+                at: std::time::Instant::now(),
+            });
             selection.files.push(file);
         } else if meta.is_dir() {
             let name = top_name(path)?;
@@ -130,6 +134,10 @@ fn walk(
                 dir: dir.clone(),
                 executable: meta.permissions().mode() & 0o111 != 0,
                 size: meta.len(),
+                listed: Some(Listed {
+                    metadata: meta,
+                    at: std::time::Instant::now(),
+                }),
                 ..Outgoing::default()
             });
             any = true;
