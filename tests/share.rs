@@ -24,11 +24,11 @@ fn example() -> PathBuf {
             cargo.env_remove(name.as_ref());
         }
     }
+    cargo.args(["build", "--quiet", "--example", "share"]);
     if bin.parent().and_then(Path::file_name) == Some("release".as_ref()) {
         cargo.arg("--release");
     }
     let status = cargo
-        .args(["build", "--quiet", "--example", "share"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .expect("cargo runs");

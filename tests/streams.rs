@@ -401,3 +401,113 @@ async fn forged_trailers_wrong_sizes_and_missing_hashes_are_refused() {
         payload
     );
 }
+
+/// Write `bytes` in pieces of `step`, each in its own packet (a pause after each), so the
+/// receiver sees frames and files split at every boundary.
+async fn dribble(send: &mut quinn::SendStream, bytes: &[u8], step: usize) {
+    for piece in bytes.chunks(step) {
+        send.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One length-prefixed JSON frame, as the protocol writes it.
+fn frame(value: &impl serde::Serialize) -> Vec<u8> {
+    let body = serde_json::to_vec(value).unwrap();
+    let mut framed = (body.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&body);
+    framed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_split_anywhere_arrives_and_carries_no_large_file() {
+    let out = tempdir();
+    let (server, mut batches) = serve(out.path());
+    let sender = node(false);
+    let peer = connect(&sender, &server).await;
+    let conn = &peer.connection;
+    let (small, large) = (pattern(10, 1), pattern(GROUP as usize + 1, 2));
+    let offer = |id: u32, name: &str, size: usize| FileOffer {
+        id,
+        name: name.into(),
+        size: size as u64,
+        ..FileOffer::default()
+    };
+    let manifest = Manifest {
+        files: vec![
+            offer(0, "a.bin", small.len()),
+            offer(1, "empty.bin", 0),
+            offer(2, "large.bin", large.len()),
+        ],
+        ..Manifest::default()
+    };
+    let (mut control, mut answers) = conn.open_bi().await.unwrap();
+    write_frame(&mut control, &manifest).await.unwrap();
+    let Decisions { decisions } = read_frame(&mut answers).await.unwrap();
+    assert_eq!(decisions.len(), 3, "{decisions:?}");
+    // One stream: two small entries, byte by byte and in threes, then a large file's
+    // header where only small files belong.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut entries = frame(&FileHeader { id: 0, offset: 0 });
+    entries.extend_from_slice(&small);
+    entries.extend(frame(&Trailer {
+        id: 0,
+        size: small.len() as u64,
+        blake3: blake3::hash(&small).to_hex().to_string(),
+    }));
+    dribble(&mut send, &entries, 1).await;
+    let mut entries = frame(&FileHeader { id: 1, offset: 0 });
+    entries.extend(frame(&Trailer {
+        id: 1,
+        size: 0,
+        blake3: blake3::hash(b"").to_hex().to_string(),
+    }));
+    entries.extend(frame(&FileHeader { id: 2, offset: 0 }));
+    dribble(&mut send, &entries, 3).await;
+    let _ = send.write_all(&large).await;
+    for id in [0, 1] {
+        let verdict: FileResult = read_frame(&mut recv).await.unwrap();
+        assert_eq!(verdict.id, id, "{verdict:?}");
+        assert!(verdict.verified, "{verdict:?}");
+    }
+    let stopped = tokio::time::timeout(Duration::from_secs(10), send.stopped()).await;
+    assert!(
+        matches!(stopped, Ok(Ok(Some(code))) if code == 3u32.into()),
+        "the bundle stream is stopped at the large file: {stopped:?}"
+    );
+    assert!(!out.path().join("large.bin").exists(), "nothing named yet");
+    // The large file is still expected, on a stream of its own.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame(&FileHeader { id: 2, offset: 0 }))
+        .await
+        .unwrap();
+    send.write_all(&large).await.unwrap();
+    write_frame(
+        &mut send,
+        &Trailer {
+            id: 2,
+            size: large.len() as u64,
+            blake3: blake3::hash(&large).to_hex().to_string(),
+        },
+    )
+    .await
+    .unwrap();
+    send.finish().unwrap();
+    let verdict: FileResult = read_frame(&mut recv).await.unwrap();
+    assert!(verdict.verified, "{verdict:?}");
+    control.finish().unwrap();
+    let reports = tokio::time::timeout(Duration::from_secs(10), batches.recv())
+        .await
+        .expect("the receiver ends the batch")
+        .unwrap();
+    assert_eq!(reports.len(), 3, "{reports:?}");
+    assert!(
+        reports
+            .iter()
+            .all(|r| matches!(r.outcome, Outcome::Verified)),
+        "{reports:?}"
+    );
+    assert_eq!(std::fs::read(out.path().join("a.bin")).unwrap(), small);
+    assert_eq!(std::fs::read(out.path().join("empty.bin")).unwrap(), b"");
+    assert_eq!(std::fs::read(out.path().join("large.bin")).unwrap(), large);
+}

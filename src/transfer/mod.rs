@@ -39,6 +39,7 @@
 //! name: see [`version`]). The data path never holds more than a few MiB per
 //! stream in memory.
 
+mod bundle;
 pub mod names;
 mod receive;
 mod reserve;

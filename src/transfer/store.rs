@@ -465,7 +465,7 @@ pub(crate) fn sync_filesystem(dir: &Path) -> io::Result<()> {
 /// A small file verified in memory, to be stored with others of its batch.
 pub(crate) struct SmallFile {
     /// Its bytes (hash and size already checked).
-    pub(crate) data: Vec<u8>,
+    pub(crate) data: bytes::Bytes,
     /// Its BLAKE3, names its partial.
     pub(crate) hash: String,
     /// Where it goes.
@@ -1043,7 +1043,7 @@ mod tests {
 
     fn small(dest: &Path, data: &[u8], executable: bool) -> SmallFile {
         SmallFile {
-            data: data.to_vec(),
+            data: bytes::Bytes::copy_from_slice(data),
             hash: blake3::hash(data).to_hex().to_string(),
             dest: dest.to_path_buf(),
             executable,

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use super::bundle::{Bundle, Cut as BundleCut, interrupted, stall_message};
 use super::reserve::Reservation;
 use super::store::{self, Claim, Claims, Disk, Owner, Part, PartGuard, SmallFile, SyncGate};
 use super::tree::Tree;
@@ -57,11 +58,6 @@ pub(super) async fn read_header(
         Err(FrameError::Ended) => Err(TransferError::protocol("stream ended inside a header")),
         other => Ok(other?),
     }
-}
-
-/// Why a transfer was given up when the sender went quiet.
-pub(super) fn stall_message(after: Duration) -> String {
-    format!("the sender sent nothing for {} s", after.as_secs_f64())
 }
 
 pub(super) fn stalled(after: Duration) -> TransferError {
@@ -159,70 +155,22 @@ impl StreamJob {
         mut recv: quinn::RecvStream,
         observer: &dyn Observer,
     ) -> Vec<FileReport> {
+        if self.bundled(&first) {
+            return self.serve_bundle(first, send, recv, observer).await;
+        }
         let mut reports = Vec::new();
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut pending_bytes = 0;
-        // Budget for the bytes in `pending`; let go with every flush.
-        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let mut plan = first;
         loop {
             let offer = &plan.offer;
             observer.started(offer.id, &offer.name, offer.size);
-            // A sink takes its file through the large path, which writes as it reads.
-            let small = !plan.resume && !offer.stream && (self.sink.is_none() || offer.text);
-            if offer.size <= SMALL_FILE && small {
-                // At most SMALL_FILE: fits a u32.
-                let need = offer.size as u32;
-                let permit = match self.small_budget.clone().try_acquire_many_owned(need) {
-                    Ok(permit) => permit,
-                    Err(_) => {
-                        // Wait holding nothing (flush first), so waiters never block each
-                        // other.
-                        self.flush(&mut pending, &mut send, &mut reports, observer)
-                            .await;
-                        (pending_bytes, held) = (0, None);
-                        let budget = self.small_budget.clone();
-                        budget.acquire_many_owned(need).await.expect("never closed")
-                    }
-                };
-                match &mut held {
-                    Some(held) => held.merge(permit),
-                    None => held = Some(permit),
-                }
-                let offer = &plan.offer;
-                let (read, ended) = self.read_small(&mut recv, offer, observer).await;
-                pending_bytes += offer.size;
-                pending.push(match read {
-                    Ok(file) if plan.offer.text => match String::from_utf8(file.data) {
-                        Ok(text) => Pending::Text(plan, file.hash, text),
-                        Err(_) => Pending::Failed(plan, file.hash, "the text is not UTF-8".into()),
-                    },
-                    Ok(file) => Pending::Store(plan, file),
-                    Err((hash, why)) => Pending::Failed(plan, hash, why),
-                });
-                let broken = matches!(ended, Ended::Broken);
-                if broken || pending.len() >= BUNDLE_FILES || pending_bytes >= BUNDLE_BYTES {
-                    self.flush(&mut pending, &mut send, &mut reports, observer)
-                        .await;
-                    (pending_bytes, held) = (0, None);
-                }
-                if broken {
-                    let _ = recv.stop(codes::DECLINED.into());
-                    break;
-                }
-            } else {
-                self.flush(&mut pending, &mut send, &mut reports, observer)
-                    .await;
-                (pending_bytes, held) = (0, None);
-                let (report, ended) = self
-                    .receive_large(plan, &mut send, &mut recv, observer)
-                    .await;
-                self.report(observer, &report);
-                reports.push(report);
-                if matches!(ended, Ended::Broken) {
-                    let _ = recv.stop(codes::DECLINED.into());
-                    break;
-                }
+            let (report, ended) = self
+                .receive_large(plan, &mut send, &mut recv, observer)
+                .await;
+            self.report(observer, &report);
+            reports.push(report);
+            if matches!(ended, Ended::Broken) {
+                let _ = recv.stop(codes::DECLINED.into());
+                break;
             }
             let next = match tokio::time::timeout(self.stall, read_header(&mut recv)).await {
                 Ok(Ok(Some(header))) if header.offset == 0 => self.take_plan(header.id),
@@ -238,6 +186,97 @@ impl StreamJob {
                 }
             }
         }
+        let _ = send.finish();
+        reports
+    }
+
+    /// Whether `plan`'s file travels in a bundle: small, fresh, not a stream, and stored
+    /// (a sink takes its one file through the large path, which writes as it reads; texts
+    /// are shown, so they bundle).
+    fn bundled(&self, plan: &Plan) -> bool {
+        let offer = &plan.offer;
+        offer.size <= SMALL_FILE
+            && !plan.resume
+            && !offer.stream
+            && (self.sink.is_none() || offer.text)
+    }
+
+    /// Serve a bundle: a stream whose first file is small carries small files only (what
+    /// a sender bundles), read in whole chunks ([`Bundle`]) and stored a batch at a time.
+    async fn serve_bundle(
+        &self,
+        first: Plan,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        observer: &dyn Observer,
+    ) -> Vec<FileReport> {
+        let mut reports = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut pending_bytes = 0;
+        // Budget for the bytes in `pending`; let go with every flush.
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut bundle = Bundle::new(&mut recv, self.stall);
+        let mut plan = first;
+        loop {
+            let offer = &plan.offer;
+            observer.started(offer.id, &offer.name, offer.size);
+            // At most SMALL_FILE: fits a u32.
+            let need = offer.size as u32;
+            let permit = match self.small_budget.clone().try_acquire_many_owned(need) {
+                Ok(permit) => permit,
+                Err(_) => {
+                    // Wait holding nothing (flush first), so waiters never block each
+                    // other.
+                    self.flush(&mut pending, &mut send, &mut reports, observer)
+                        .await;
+                    (pending_bytes, held) = (0, None);
+                    let budget = self.small_budget.clone();
+                    budget.acquire_many_owned(need).await.expect("never closed")
+                }
+            };
+            match &mut held {
+                Some(held) => held.merge(permit),
+                None => held = Some(permit),
+            }
+            let (read, ended) = self.read_small(&mut bundle, &plan.offer, observer).await;
+            pending_bytes += plan.offer.size;
+            pending.push(match read {
+                Ok(file) if plan.offer.text => match String::from_utf8(file.data.to_vec()) {
+                    Ok(text) => Pending::Text(plan, file.hash, text),
+                    Err(_) => Pending::Failed(plan, file.hash, "the text is not UTF-8".into()),
+                },
+                Ok(file) => Pending::Store(plan, file),
+                Err((hash, why)) => Pending::Failed(plan, hash, why),
+            });
+            let broken = matches!(ended, Ended::Broken);
+            if broken || pending.len() >= BUNDLE_FILES || pending_bytes >= BUNDLE_BYTES {
+                self.flush(&mut pending, &mut send, &mut reports, observer)
+                    .await;
+                (pending_bytes, held) = (0, None);
+            }
+            if broken {
+                bundle.stop(codes::DECLINED);
+                break;
+            }
+            let next = match bundle.frame::<FileHeader>(MAX_HEADER).await {
+                Ok(Some(header)) if header.offset == 0 => self.take_plan(header.id),
+                Ok(None) => break,
+                _ => None,
+            };
+            match next {
+                Some(next) if self.bundled(&next) => plan = next,
+                other => {
+                    // Out of step, stalled, a file not accepted, or a large file where
+                    // only small ones belong (it stays planned, so it is reported as not
+                    // sent): this stream is done.
+                    if let Some(other) = other {
+                        self.put_back(other);
+                    }
+                    bundle.stop(codes::DECLINED);
+                    break;
+                }
+            }
+        }
         self.flush(&mut pending, &mut send, &mut reports, observer)
             .await;
         let _ = send.finish();
@@ -247,36 +286,29 @@ impl StreamJob {
     /// Read a small file's bytes: exactly its offered size, checked against its hash.
     async fn read_small(
         &self,
-        recv: &mut quinn::RecvStream,
+        bundle: &mut Bundle<'_>,
         offer: &FileOffer,
         observer: &dyn Observer,
     ) -> (Result<SmallFile, (String, String)>, Ended) {
-        let size = offer.size as usize;
-        let mut data = Vec::with_capacity(size.min(64 << 10));
-        while data.len() < size {
-            let read = tokio::time::timeout(self.stall, recv.read_chunk(size - data.len(), true));
-            let why = match read.await {
-                Ok(Ok(Some(chunk))) => {
-                    self.moved
-                        .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                    data.extend_from_slice(&chunk.bytes);
-                    continue;
-                }
-                Err(_) => stall_message(self.stall),
-                Ok(Ok(None)) => format!("got {} of {size} bytes", data.len()),
-                Ok(Err(e)) => interrupted(&e),
-            };
-            let hash = blake3::hash(&data).to_hex().to_string();
-            return (Err((hash, why)), Ended::Broken);
-        }
+        let data = match bundle.bytes(offer.size as usize).await {
+            Ok(data) => data,
+            Err((got, why)) => {
+                let hash = blake3::hash(&got).to_hex().to_string();
+                return (Err((hash, why)), Ended::Broken);
+            }
+        };
+        self.moved.fetch_add(data.len() as u64, Ordering::Relaxed);
         observer.progress(offer.id, offer.size);
         let hash = blake3::hash(&data).to_hex().to_string();
         let expected = if offer.blake3.is_empty() {
-            let trailer = tokio::time::timeout(self.stall, read_trailer(recv, offer, offer.size));
-            match trailer.await {
-                Ok(Ok(trailer)) => trailer.blake3,
-                Ok(Err(why)) => return (Err((hash, why)), Ended::Broken),
-                Err(_) => return (Err((hash, stall_message(self.stall))), Ended::Broken),
+            let trailer = match bundle.frame(MAX_HEADER).await {
+                Ok(trailer) => check_trailer(Ok(trailer), offer, offer.size),
+                Err(BundleCut::Frame(e)) => check_trailer(Err(e), offer, offer.size),
+                Err(BundleCut::Failed(why)) => Err(why),
+            };
+            match trailer {
+                Ok(trailer) => trailer.blake3,
+                Err(why) => return (Err((hash, why)), Ended::Broken),
             }
         } else {
             offer.blake3.clone()
@@ -308,12 +340,13 @@ impl StreamJob {
         if pending.is_empty() {
             return;
         }
-        let entries = std::mem::take(pending);
+        let mut entries = std::mem::take(pending);
         let files: Vec<SmallFile> = entries
-            .iter()
+            .iter_mut()
             .filter_map(|entry| match entry {
+                // The bytes move to the disk job; the entry keeps the hash for its verdict.
                 Pending::Store(plan, file) => Some(SmallFile {
-                    data: file.data.clone(),
+                    data: std::mem::take(&mut file.data),
                     hash: file.hash.clone(),
                     dest: plan.reservation.dest().to_path_buf(),
                     executable: file.executable,
@@ -910,7 +943,17 @@ async fn read_trailer(
     offer: &FileOffer,
     received: u64,
 ) -> Result<Trailer, String> {
-    let trailer: Trailer = match frame::read(recv, MAX_HEADER).await {
+    check_trailer(frame::read(recv, MAX_HEADER).await, offer, received)
+}
+
+/// The trailer read after an entry of `offer` that brought `received` bytes, if it is
+/// one and belongs to it.
+fn check_trailer(
+    read: Result<Option<Trailer>, FrameError>,
+    offer: &FileOffer,
+    received: u64,
+) -> Result<Trailer, String> {
+    let trailer: Trailer = match read {
         Ok(Some(trailer)) => trailer,
         Ok(None) | Err(FrameError::Ended) => {
             return Err("the sender did not say the file's hash".into());
@@ -939,25 +982,4 @@ fn write_failure(e: &std::io::Error, stream: bool) -> String {
         return format!("the data does not match the sender's tree: {e}");
     }
     format!("cannot write the file: {e}")
-}
-
-/// Why a file stream broke off, in the sender's terms where it said why.
-fn interrupted(e: &quinn::ReadError) -> String {
-    match e {
-        quinn::ReadError::Reset(code) if *code == codes::CHANGED.into() => {
-            "the sender's file changed while it was being sent".into()
-        }
-        quinn::ReadError::Reset(code) if *code == codes::READ_FAILED.into() => {
-            "the sender could not read its file".into()
-        }
-        quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))
-            if close.error_code == codes::CANCELLED.into() =>
-        {
-            "the sender was interrupted".into()
-        }
-        other => format!(
-            "transfer interrupted: {}",
-            crate::text::peer(&other.to_string())
-        ),
-    }
 }
