@@ -511,3 +511,92 @@ async fn a_bundle_split_anywhere_arrives_and_carries_no_large_file() {
     assert_eq!(std::fs::read(out.path().join("empty.bin")).unwrap(), b"");
     assert_eq!(std::fs::read(out.path().join("large.bin")).unwrap(), large);
 }
+
+/// Split a bundle stream's bytes (files of 1 byte each, sent without a hash) into
+/// `(id, trailer hash)` per entry.
+fn entries_of(mut bytes: &[u8]) -> Vec<(u32, String)> {
+    fn take_frame<T: serde::de::DeserializeOwned>(bytes: &mut &[u8]) -> T {
+        let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+        let value = serde_json::from_slice(&bytes[4..4 + len]).unwrap();
+        *bytes = &bytes[4 + len..];
+        value
+    }
+    let mut entries = Vec::new();
+    while !bytes.is_empty() {
+        let header: FileHeader = take_frame(&mut bytes);
+        bytes = &bytes[1..];
+        let trailer: Trailer = take_frame(&mut bytes);
+        assert_eq!(trailer.id, header.id);
+        entries.push((header.id, trailer.blake3));
+    }
+    entries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_sends_the_next_bundles_while_verdicts_are_pending() {
+    // More bundles than a sender sends at once (8): a receiver that answers only once it
+    // has them all is answered only if a sender does not wait for verdicts first.
+    const BUNDLES: usize = 10;
+    let files = BUNDLES * transfer::BUNDLE_FILES;
+    let dir = tempdir();
+    let outgoing: Vec<Outgoing> = (0..files)
+        .map(|n| {
+            let path = dir.path().join(format!("f{n}"));
+            std::fs::write(&path, [n as u8]).unwrap();
+            Outgoing::from_path(&path).unwrap()
+        })
+        .collect();
+    let server = node(true);
+    let accepting = server.clone();
+    let receiver = tokio::spawn(async move {
+        let peer = accepting.accept().await.unwrap().unwrap();
+        // As a receiver does for a sender it accepts (FILE_STREAMS streams).
+        peer.open_windows_to(64 << 20, transfer::FILE_STREAMS + 1);
+        let conn = peer.connection.clone();
+        let (mut control, mut offers) = conn.accept_bi().await.unwrap();
+        let Manifest { files, .. } = read_frame(&mut offers).await.unwrap();
+        let decisions = files
+            .iter()
+            .map(|f| Decision::Accept {
+                id: f.id,
+                offset: 0,
+            })
+            .collect();
+        write_frame(&mut control, &Decisions { decisions })
+            .await
+            .unwrap();
+        let mut bundles = Vec::new();
+        while bundles.len() < BUNDLES {
+            let (send, mut recv) = conn.accept_bi().await.unwrap();
+            let bytes = recv.read_to_end(1 << 20).await.unwrap();
+            bundles.push((send, entries_of(&bytes)));
+        }
+        for (mut send, entries) in bundles {
+            for (id, blake3) in entries {
+                let verdict = FileResult {
+                    id,
+                    verified: true,
+                    blake3,
+                    saved_as: None,
+                    error: None,
+                };
+                write_frame(&mut send, &verdict).await.unwrap();
+            }
+            send.finish().unwrap();
+        }
+        let _ = offers.read_to_end(0).await;
+        (conn, peer)
+    });
+    let sender = node(false);
+    let peer = connect(&sender, &server).await;
+    let sent = tokio::time::timeout(
+        Duration::from_secs(30),
+        transfer::send_files(&peer.connection, outgoing, Arc::new(Quiet)),
+    )
+    .await
+    .expect("every bundle is sent before any verdict comes")
+    .unwrap();
+    assert_eq!(sent.len(), files);
+    assert!(sent.iter().all(|r| matches!(r.outcome, Outcome::Verified)));
+    drop(receiver);
+}

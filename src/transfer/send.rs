@@ -459,13 +459,13 @@ pub async fn send_files_with(
             cache.clone(),
         );
         tasks.spawn(async move {
-            let _slot = slots
+            let slot = slots
                 .acquire_owned()
                 .await
                 .expect("semaphore is never closed");
             match job {
                 Job::Bundle(indices) => {
-                    send_bundle(&connection, &prepared, indices, stall, &*observer).await
+                    send_bundle(&connection, &prepared, indices, stall, &*observer, slot).await
                 }
                 Job::Large(index, resume) => {
                     let file = &prepared[index];
@@ -538,6 +538,7 @@ async fn send_bundle(
     indices: Vec<usize>,
     stall: Duration,
     observer: &dyn Observer,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) -> Sent {
     let read = {
         let (prepared, indices) = (prepared.clone(), indices.clone());
@@ -608,6 +609,12 @@ async fn send_bundle(
             .map_err(|e| TransferError::protocol(e.to_string()))
     };
     let mut failure = streamed.await.err();
+    // Written: the next bundle may go while this one's verdicts are awaited. A receiver
+    // makes each batch durable before it answers, and batches that wait together share
+    // one `syncfs`: holding the slot until the verdicts came would leave the disk one
+    // flush per few bundles, and the link idle meanwhile. The receiver's stream limit
+    // still bounds what is in flight.
+    drop(slot);
     // Verdicts for every file written, even when writing the rest failed: a receiver
     // that refused a file (and stopped the stream) says why in its verdict.
     for (index, blake3) in sent {
