@@ -561,6 +561,10 @@ async fn send_bundle(
             return fill_bundle(results, &indices);
         }
     };
+    // Bundles go out one after the other, not interleaved: the receiver has the first
+    // whole (and stores it) while the next arrives, instead of all of them at once at the
+    // end of the round. The first file's index gives the order.
+    let _ = send.set_priority(-i32::try_from(indices[0]).unwrap_or(i32::MAX));
     let streamed = async {
         // The whole bundle (at most BUNDLE_BYTES of data) goes in one write: headers and
         // trailers gathered between the files' bytes, so the connection is woken once per
