@@ -12,9 +12,11 @@
 //! 3. The sender opens file streams. Each carries one or more entries, one after the
 //!    other: a [`FileHeader`], then exactly the file's bytes, then, for a file offered
 //!    without a hash, a [`Trailer`] with the hash of what was sent. Small files share
-//!    streams (a bundle of up to [`BUNDLE_FILES`] files or [`BUNDLE_BYTES`]), large ones
-//!    get a stream of their own, and several streams run in parallel, each with its own
-//!    flow control, so one slow disk does not stall the rest. A stream's bytes come as
+//!    streams (a bundle of up to [`BUNDLE_FILES`] files or [`BUNDLE_BYTES`]; a stream whose
+//!    first file is small carries small files only), large ones get a stream of their
+//!    own, and several streams run in parallel, each with its own flow control, so one
+//!    slow disk does not stall the rest. Bundles are sent in order, each as soon as the
+//!    one before is written (not answered). A stream's bytes come as
 //!    chunks (a `u32` length, then that many bytes) ended by an empty one, and its
 //!    trailer says its size too.
 //! 4. For a resumed file the entry's header is followed by the file's encoded
