@@ -361,8 +361,9 @@ pub fn choose_destination_from(
     }
     for n in start..start.saturating_add(MAX_TRIES) {
         let cand = candidate_name(name, n);
-        // Defensive: shortening must never produce an unsafe name.
-        if sanitize(&cand).as_deref() != Ok(cand.as_str()) {
+        // Defensive: shortening must never produce an unsafe name (the name itself was
+        // checked above).
+        if cand != name && sanitize(&cand).as_deref() != Ok(cand.as_str()) {
             continue;
         }
         let path = dir.join(&cand);

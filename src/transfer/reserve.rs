@@ -70,13 +70,20 @@ impl NameBook {
         name: &str,
         overwrite: bool,
     ) -> io::Result<Reservation> {
-        let mut book = self.lock();
-        let key = dir.join(name);
-        let start = book.next.get(&key).map_or(0, |&(next, _)| next);
+        use std::collections::hash_map::Entry;
+        let mut guard = self.lock();
+        let book = &mut *guard;
+        // One lookup of the hint, kept for its update.
+        let hint = book.next.entry(dir.join(name));
+        let start = match &hint {
+            Entry::Occupied(hint) => hint.get().0,
+            Entry::Vacant(_) => 0,
+        };
         let (dest, n) = names::choose_destination_from(dir, name, overwrite, &book.taken, start)?;
+        let key = hint.key().clone();
+        let hint = hint.or_insert((0, 0));
+        *hint = (n.saturating_add(1), hint.1 + 1);
         book.taken.insert(dest.clone());
-        let entry = book.next.entry(key.clone()).or_insert((0, 0));
-        *entry = (n.saturating_add(1), entry.1 + 1);
         Ok(Reservation {
             book: self.clone(),
             dest,

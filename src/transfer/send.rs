@@ -360,7 +360,6 @@ pub async fn send_files_with(
     options: SendOptions,
 ) -> Result<Vec<FileReport>, TransferError> {
     super::version::check_or_close(connection, super::version::Role::Receiver)?;
-
     if files.len() + options.empty_dirs.len() > super::MAX_FILES {
         return Err(TransferError::protocol(format!(
             "at most {} files and folders per send",
@@ -374,7 +373,6 @@ pub async fn send_files_with(
             .expect("offer task panicked")?
     };
     let prepared: Arc<Vec<Prepared>> = Arc::new(prepared);
-
     let cache = options.cache.clone();
 
     let (mut control_send, mut control_recv) = connection.open_bi().await.map_err(stream_error)?;
