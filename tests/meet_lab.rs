@@ -15,10 +15,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lab::{Host, Nat, PUBLIC_V4, Proc, SiteSpec, Topology};
+use lab::{Host, Nat, PUBLIC_V4, Proc, RV_PORT, SiteSpec, Topology};
 use serde_json::Value;
-
-const RV_PORT: u16 = 9200;
 
 fn qpunch() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_qpunch"))
@@ -56,11 +54,7 @@ impl Rendezvous {
     /// With extra flags (`--no-relay`, ...).
     fn start_with(topo: &Topology, extra: &[&str]) -> Rendezvous {
         let home = Home::new();
-        let port = RV_PORT.to_string();
-        let mut args = vec!["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
-        args.extend_from_slice(extra);
-        let mut proc = topo.public().spawn(&qpunch(), &args, &home.env());
-        proc.wait_for("rendezvous", Duration::from_secs(20));
+        let proc = topo.start_rendezvous(home.0.path(), extra);
         Rendezvous { proc, _home: home }
     }
 }

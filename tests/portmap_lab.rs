@@ -19,10 +19,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use lab::gateway::{Behaviour, PortMapGateway};
-use lab::{Host, Nat, PUBLIC_V4, Proc, SiteSpec, Topology};
+use lab::{Host, Nat, PUBLIC_V4, Proc, RV_PORT, SiteSpec, Topology};
 use serde_json::Value;
-
-const RV_PORT: u16 = 9200;
 
 fn qpunch() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_qpunch"))
@@ -34,14 +32,6 @@ fn home() -> tempfile::TempDir {
 
 fn env(home: &tempfile::TempDir) -> [(&'static str, &Path); 1] {
     [("QPUNCH_HOME", home.path())]
-}
-
-fn rendezvous(topo: &Topology, home: &tempfile::TempDir) -> Proc {
-    let port = RV_PORT.to_string();
-    let args = ["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
-    let mut proc = topo.public().spawn(&qpunch(), &args, &env(home));
-    proc.wait_for("rendezvous", Duration::from_secs(20));
-    proc
 }
 
 /// `qpunch receive --json` on `host` with `extra` flags; waits for its `listening` event
@@ -141,7 +131,7 @@ fn symmetric_pair_connects_direct_through_a_mapped_port() {
     );
     let gateway = PortMapGateway::start(topo.site(0), Behaviour::Honest);
     let rv_home = home();
-    let _rv = rendezvous(&topo, &rv_home);
+    let _rv = topo.start_rendezvous(rv_home.path(), &[]);
     let (mut receiver, code, _out, _rx_home) = receive_by_code(topo.site(0).client(0), &[]);
     let mapped = receiver.wait_for("port_mapped", Duration::from_secs(10));
     let external: SocketAddr = mapped["external"].as_str().unwrap().parse().unwrap();
@@ -226,7 +216,7 @@ fn nat_check_reports_the_port_mapping_protocols() {
     let topo = Topology::new("pmchk", &[SiteSpec::new(Nat::Cone).ipv6(false)]);
     let gateway = PortMapGateway::start(topo.site(0), Behaviour::Honest);
     let rv_home = home();
-    let _rv = rendezvous(&topo, &rv_home);
+    let _rv = topo.start_rendezvous(rv_home.path(), &[]);
     let via = format!("{PUBLIC_V4}:{RV_PORT}");
     let check_home = home();
     let mut check = topo.site(0).client(0).spawn(
@@ -344,7 +334,7 @@ fn silent_router_meeting(i: usize, ask: bool) -> Duration {
         ],
     );
     let rv_home = home();
-    let _rv = rendezvous(&topo, &rv_home);
+    let _rv = topo.start_rendezvous(rv_home.path(), &[]);
     let off: &[&str] = if ask { &[] } else { &["--no-port-mapping"] };
     let (_receiver, code, _out, _rx_home) = receive_by_code(topo.site(0).client(0), off);
     let dir = tempfile::tempdir().unwrap();
@@ -505,7 +495,7 @@ fn a_mapping_to_another_public_address_is_not_offered() {
     );
     let _gateway = PortMapGateway::start(topo.site(0), Behaviour::ClaimsAddress(PUBLIC_V4));
     let rv_home = home();
-    let _rv = rendezvous(&topo, &rv_home);
+    let _rv = topo.start_rendezvous(rv_home.path(), &[]);
     let (mut receiver, code, _out, _rx_home) = receive_by_code(topo.site(0).client(0), &[]);
     let mapped = receiver.wait_for("port_mapped", Duration::from_secs(10));
     let claimed = mapped["external"].as_str().unwrap().to_string();
@@ -614,7 +604,7 @@ fn an_interrupted_sender_deletes_its_mapping() {
     );
     let gateway = PortMapGateway::start(topo.site(1), Behaviour::Honest);
     let rv_home = home();
-    let _rv = rendezvous(&topo, &rv_home);
+    let _rv = topo.start_rendezvous(rv_home.path(), &[]);
     let (_receiver, code, _out, _rx_home) =
         receive_by_code(topo.site(0).client(0), &["--no-port-mapping"]);
     let dir = tempfile::tempdir().unwrap();

@@ -21,10 +21,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lab::coturn::{Coturn, CoturnConfig};
-use lab::{Nat, PUBLIC_V4, PUBLIC_V4_ALT, Proc, SiteSpec, Topology};
+use lab::{Nat, PUBLIC_V4, PUBLIC_V4_ALT, Proc, RV_PORT, SiteSpec, Topology};
 use serde_json::Value;
-
-const RV_PORT: u16 = 9200;
 
 fn qpunch() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_qpunch"))
@@ -75,10 +73,7 @@ fn stun_check_agrees_with_the_rendezvous_per_router_mode() {
         .collect();
     let topo = Topology::new("stn", &specs);
     let rv_home = tempfile::tempdir().unwrap();
-    let port = RV_PORT.to_string();
-    let rv_args = ["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
-    let mut rv = topo.public().spawn(&qpunch(), &rv_args, &env(&rv_home));
-    rv.wait_for("rendezvous", Duration::from_secs(20));
+    let _rv = topo.start_rendezvous(rv_home.path(), &[]);
     let coturn = Coturn::start(
         topo.public(),
         CoturnConfig::new(&[PUBLIC_V4.into(), PUBLIC_V4_ALT.into()], None),
@@ -232,10 +227,7 @@ fn stun_reflexive_address_becomes_a_candidate() {
     ];
     let topo = Topology::new("stc", &specs);
     let rv_home = tempfile::tempdir().unwrap();
-    let port = RV_PORT.to_string();
-    let rv_args = ["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
-    let mut rv = topo.public().spawn(&qpunch(), &rv_args, &env(&rv_home));
-    rv.wait_for("rendezvous", Duration::from_secs(20));
+    let _rv = topo.start_rendezvous(rv_home.path(), &[]);
     let coturn = Coturn::start(
         topo.public(),
         CoturnConfig::new(&[PUBLIC_V4.into(), PUBLIC_V4_ALT.into()], None),
@@ -285,10 +277,7 @@ fn default_stun_servers_only_without_rendezvous_or_list() {
     }
     let topo = Topology::new("std", &[SiteSpec::new(Nat::Cone).ipv6(false)]);
     let rv_home = tempfile::tempdir().unwrap();
-    let port = RV_PORT.to_string();
-    let rv_args = ["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
-    let mut rv = topo.public().spawn(&qpunch(), &rv_args, &env(&rv_home));
-    rv.wait_for("rendezvous", Duration::from_secs(20));
+    let _rv = topo.start_rendezvous(rv_home.path(), &[]);
     let coturn = Coturn::start(
         topo.public(),
         CoturnConfig::new(&[PUBLIC_V4.into(), PUBLIC_V4_ALT.into()], None),
@@ -429,10 +418,7 @@ fn a_lying_stun_server_cannot_steer_the_path() {
     ];
     let topo = Topology::new("stl", &specs);
     let rv_home = tempfile::tempdir().unwrap();
-    let port = RV_PORT.to_string();
-    let rv_args = ["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
-    let mut rv = topo.public().spawn(&qpunch(), &rv_args, &env(&rv_home));
-    rv.wait_for("rendezvous", Duration::from_secs(20));
+    let _rv = topo.start_rendezvous(rv_home.path(), &[]);
     let victim: SocketAddr = "198.51.100.99:5555".parse().unwrap();
     let liar = LyingStun::start(&topo, victim);
 

@@ -18,10 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lab::coturn::{Coturn, CoturnConfig};
-use lab::{Host, Nat, PUBLIC_V4, Proc, SiteSpec, Topology};
+use lab::{Host, Nat, PUBLIC_V4, Proc, RV_PORT, SiteSpec, Topology};
 use serde_json::Value;
 
-const RV_PORT: u16 = 9200;
 const SECRET: &str = "lab-turn-secret";
 
 fn qpunch() -> PathBuf {
@@ -116,22 +115,10 @@ impl Lab {
         let secret = home.path().join("turn-secret");
         std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
         let secret = secret.to_str().unwrap().to_string();
-        let port = RV_PORT.to_string();
-        let mut args = vec![
-            "rendezvous".to_string(),
-            "--bind".into(),
-            "0.0.0.0".into(),
-            "--port".into(),
-            port,
-            "--json".into(),
-            "--no-relay".into(),
-        ];
+        let mut args = vec!["--no-relay".to_string()];
         args.extend(extra.iter().map(|a| a.replace("{secret}", &secret)));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut rv = topo
-            .public()
-            .spawn(&qpunch(), &args, &[("QPUNCH_HOME", home.path())]);
-        rv.wait_for("rendezvous", Duration::from_secs(20));
+        let rv = topo.start_rendezvous(home.path(), &args);
         Some(Lab {
             topo,
             coturn,
@@ -442,20 +429,7 @@ impl ConePair {
             CoturnConfig::new(&[PUBLIC_V4.into()], Some(SECRET)),
         );
         let rv_home = tempfile::tempdir().unwrap();
-        let port = RV_PORT.to_string();
-        let args = [
-            "rendezvous",
-            "--bind",
-            "0.0.0.0",
-            "--port",
-            &port,
-            "--json",
-            "--no-relay",
-        ];
-        let mut rv = topo
-            .public()
-            .spawn(&qpunch(), &args, &[("QPUNCH_HOME", rv_home.path())]);
-        rv.wait_for("rendezvous", Duration::from_secs(20));
+        let rv = topo.start_rendezvous(rv_home.path(), &["--no-relay"]);
         ConePair {
             _rv: rv,
             _rv_home: rv_home,

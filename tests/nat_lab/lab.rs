@@ -53,8 +53,8 @@ pub use netns::{
 };
 #[allow(unused_imports)]
 pub use topology::{
-    Host, LossCounters, MAX_SITES, Nat, PUBLIC_V4, PUBLIC_V4_ALT, PUBLIC_V6, Rate, Site, SiteSpec,
-    Topology,
+    Host, LossCounters, MAX_SITES, Nat, PUBLIC_V4, PUBLIC_V4_ALT, PUBLIC_V6, RV_PORT, Rate, Site,
+    SiteSpec, Topology,
 };
 
 /// A file of `size` incompressible bytes named `name` in `dir` (its content derived from

@@ -475,7 +475,24 @@ pub struct Topology {
     namespaces: Namespaces,
 }
 
+/// The port the lab's rendezvous listens on (on the public host).
+pub const RV_PORT: u16 = 9200;
+
 impl Topology {
+    /// `qpunch rendezvous` on the public host, on [`RV_PORT`], with `extra` flags and
+    /// `home` as its `QPUNCH_HOME`; returns once it says it serves.
+    pub fn start_rendezvous(&self, home: &Path, extra: &[&str]) -> Proc {
+        let program = Path::new(env!("CARGO_BIN_EXE_qpunch"));
+        let port = RV_PORT.to_string();
+        let mut args = vec!["rendezvous", "--bind", "0.0.0.0", "--port", &port, "--json"];
+        args.extend_from_slice(extra);
+        let mut proc = self
+            .public()
+            .spawn(program, &args, &[("QPUNCH_HOME", home)]);
+        proc.wait_for("rendezvous", Duration::from_secs(20));
+        proc
+    }
+
     /// Cut (or restore) the direct path between sites `a` and `b`: each router drops what
     /// it would forward to or from the other's WAN address. The public host (a rendezvous,
     /// a relay, a TURN server) stays reachable from both.
