@@ -117,10 +117,7 @@ pub async fn read_budgeted<T: DeserializeOwned>(
             None => return Err(FrameError::Ended),
         }
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max {
-        return Err(FrameError::TooLong { len, max });
-    }
+    let len = body_len(len, max)?;
     let _permit = match budget {
         // `len <= max`, and `max` of any caller fits a u32 (checked, not assumed).
         Some(budget) if len > budget.free => Some(
@@ -140,7 +137,20 @@ pub async fn read_budgeted<T: DeserializeOwned>(
             None => return Err(FrameError::Ended),
         }
     }
-    serde_json::from_slice(&body)
-        .map(Some)
-        .map_err(|e| FrameError::Json(e.to_string()))
+    decode(&body).map(Some)
+}
+
+/// The body length a frame's 4-byte prefix announces, refused above `max` (before a byte
+/// of the body is waited for). For readers that hold the bytes themselves.
+pub fn body_len(prefix: [u8; 4], max: usize) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > max {
+        return Err(FrameError::TooLong { len, max });
+    }
+    Ok(len)
+}
+
+/// A frame's body, parsed.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(|e| FrameError::Json(e.to_string()))
 }

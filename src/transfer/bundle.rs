@@ -17,7 +17,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 
 use super::codes;
-use crate::frame::FrameError;
+use crate::frame::{self, FrameError};
 
 /// Why a field could not be read.
 pub(super) enum Cut {
@@ -76,18 +76,14 @@ impl<'a> Bundle<'a> {
                 false => Err(Cut::Frame(FrameError::Ended)),
             };
         }
-        let len = u32::from_be_bytes(self.buf[..4].try_into().expect("four bytes")) as usize;
-        if len > max {
-            return Err(Cut::Frame(FrameError::TooLong { len, max }));
-        }
+        let prefix = self.buf[..4].try_into().expect("four bytes");
+        let len = frame::body_len(prefix, max).map_err(Cut::Frame)?;
         if !self.want(4 + len).await.map_err(Cut::Failed)? {
             return Err(Cut::Frame(FrameError::Ended));
         }
         self.buf.advance(4);
         let body = self.buf.split_to(len);
-        serde_json::from_slice(&body)
-            .map(Some)
-            .map_err(|e| Cut::Frame(FrameError::Json(e.to_string())))
+        frame::decode(&body).map(Some).map_err(Cut::Frame)
     }
 
     /// Exactly `n` bytes of an entry. If the stream ends or fails first: what did arrive,
