@@ -7,9 +7,11 @@
 //! time (as QUIC delivers it) into one buffer, entries are parsed from memory, and the
 //! stall timer runs only while the buffer waits for more.
 //!
-//! Memory: the buffer holds what the next field needs plus at most one chunk; the bytes of
-//! an entry are handed out as [`Bytes`] that share it (no copy), within the small-file
-//! budget the caller took for them.
+//! Memory: the buffer holds what the next field needs plus at most one chunk. An
+//! entry's bytes are copied out of it, so they hold exactly their size (which the caller
+//! took from the small-file budget): a slice of the buffer would keep the whole buffer,
+//! frames included, alive until its batch is stored, and a sender padding its frames
+//! could then hold more than the budget says.
 
 use std::time::Duration;
 
@@ -81,16 +83,20 @@ impl<'a> Bundle<'a> {
         if !self.want(4 + len).await.map_err(Cut::Failed)? {
             return Err(Cut::Frame(FrameError::Ended));
         }
-        self.buf.advance(4);
-        let body = self.buf.split_to(len);
-        frame::decode(&body).map(Some).map_err(Cut::Frame)
+        let value = frame::decode(&self.buf[4..4 + len]);
+        self.buf.advance(4 + len);
+        value.map(Some).map_err(Cut::Frame)
     }
 
     /// Exactly `n` bytes of an entry. If the stream ends or fails first: what did arrive,
     /// and why.
     pub(super) async fn bytes(&mut self, n: usize) -> Result<Bytes, (Bytes, String)> {
         match self.want(n).await {
-            Ok(true) => Ok(self.buf.split_to(n).freeze()),
+            Ok(true) => {
+                let data = Bytes::copy_from_slice(&self.buf[..n]);
+                self.buf.advance(n);
+                Ok(data)
+            }
             Ok(false) => {
                 let got = self.buf.split().freeze();
                 let why = format!("got {} of {n} bytes", got.len());
