@@ -52,6 +52,7 @@ pub mod tree;
 pub mod version;
 mod vet;
 mod walk;
+mod writer;
 
 use std::sync::Arc;
 

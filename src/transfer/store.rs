@@ -44,13 +44,25 @@ const WRITEBACK: u64 = 16 << 20;
 /// Bytes between background `fdatasync`s of a file being received (see [`Part::sync_due`]).
 const SYNC_EVERY: u64 = 32 << 20;
 
-/// Runs blocking disk work, at most [`DISK_JOBS`] jobs at a time.
+/// Bytes of large files received and queued for the disk, across the whole receiver (see
+/// [`super::writer`]): what a disk slower than the network makes us hold beyond the QUIC
+/// windows.
+pub const DISK_QUEUE: usize = 32 << 20;
+
+/// Runs blocking disk work, at most [`DISK_JOBS`] jobs at a time, and holds the budget of
+/// bytes waiting for it ([`DISK_QUEUE`]).
 #[derive(Debug, Clone)]
-pub(crate) struct Disk(Arc<Semaphore>);
+pub(crate) struct Disk {
+    slots: Arc<Semaphore>,
+    queue: Arc<Semaphore>,
+}
 
 impl Default for Disk {
     fn default() -> Self {
-        Disk(Arc::new(Semaphore::new(DISK_JOBS)))
+        Disk {
+            slots: Arc::new(Semaphore::new(DISK_JOBS)),
+            queue: Arc::new(Semaphore::new(DISK_QUEUE)),
+        }
     }
 }
 
@@ -63,13 +75,43 @@ impl Disk {
         self.spawn(job).await.expect("disk job panicked")
     }
 
+    /// A disk whose queue holds `bytes` at most (tests of the shared budget).
+    #[cfg(test)]
+    pub(crate) fn with_queue(bytes: usize) -> Self {
+        Disk {
+            queue: Arc::new(Semaphore::new(bytes)),
+            ..Disk::default()
+        }
+    }
+
+    /// Every job slot, held until the permit is dropped: no job starts meanwhile.
+    #[cfg(test)]
+    pub(crate) async fn hold_every_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_many_owned(DISK_JOBS as u32)
+            .await
+            .unwrap()
+    }
+
+    /// Room for `bytes` (at most [`DISK_QUEUE`]) in the receiver's queue for the disk,
+    /// given back when the permit is dropped. Cancel-safe.
+    pub(crate) async fn queue_room(&self, bytes: usize) -> tokio::sync::OwnedSemaphorePermit {
+        let bytes = bytes.min(DISK_QUEUE) as u32;
+        self.queue
+            .clone()
+            .acquire_many_owned(bytes)
+            .await
+            .expect("never closed")
+    }
+
     /// Start `job` (once a slot is free) without waiting: the caller may overlap it with
     /// network reads. The job runs to completion even if the handle is dropped.
     pub(crate) fn spawn<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> tokio::task::JoinHandle<T> {
-        let slots = self.0.clone();
+        let slots = self.slots.clone();
         tokio::spawn(async move {
             let _slot = slots.acquire_owned().await.expect("never closed");
             tokio::task::spawn_blocking(job)

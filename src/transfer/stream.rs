@@ -22,6 +22,7 @@ use super::bundle::{Bundle, Cut as BundleCut, interrupted, stall_message};
 use super::reserve::Reservation;
 use super::store::{self, Claim, Claims, Disk, Owner, Part, PartGuard, SmallFile, SyncGate};
 use super::tree::Tree;
+use super::writer::Writer;
 use super::{
     BUNDLE_BYTES, BUNDLE_FILES, FileHeader, FileOffer, FileReport, FileResult, MAX_TREE, Observer,
     Outcome, ResumeFrom, SMALL_FILE, Trailer, TransferError, codes, is_hash_hex, read_blob,
@@ -625,12 +626,9 @@ impl StreamJob {
         }
         guard.reached(start);
         let part_path = part.path().to_path_buf();
-        let mut part = Some(part);
         let mut incoming = Incoming::new(recv, offer, start, &self.moved);
-        // One disk write in flight while the next batch is gathered from the network.
-        let mut writing: Option<tokio::task::JoinHandle<(Part, std::io::Result<()>)>> = None;
-        // A background `fdatasync` of what is written so far, at most one.
-        let mut syncing: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
+        // The disk appends while the next batches are gathered from the network.
+        let mut writer = Writer::new(part, self.disk.clone());
         let mut received = start;
         let mut failure = None;
         let mut clean_end = true;
@@ -654,6 +652,10 @@ impl StreamJob {
                     Ok(Ok(Some(bytes))) => {
                         gathered += bytes.len();
                         batch.push(bytes);
+                        // Reads of buffered data and pushes to a queue with room are
+                        // ready at once: without this a stream could keep the runtime
+                        // (and the other connections' QUIC work) waiting for megabytes.
+                        tokio::task::consume_budget().await;
                         continue;
                     }
                     Ok(Ok(None)) => {}
@@ -669,57 +671,18 @@ impl StreamJob {
             if gathered == 0 {
                 break;
             }
-            if let Some(previous) = writing.take() {
-                let (mut back, written) = previous.await.expect("disk task");
-                if let Err(e) = written {
-                    part = Some(back);
-                    failure = Some(write_failure(&e, offer.stream));
-                    break;
-                }
-                // One background sync at a time (see `Part::sync_due`).
-                if syncing.as_ref().is_none_or(|s| s.is_finished()) {
-                    let synced = match syncing.take() {
-                        Some(done) => done.await.expect("disk task"),
-                        None => Ok(()),
-                    };
-                    let started = synced.and_then(|()| match back.sync_due() {
-                        Some(file) => file.map(|file| {
-                            syncing = Some(self.disk.spawn(move || file.sync_data()));
-                        }),
-                        None => Ok(()),
-                    });
-                    if let Err(e) = started {
-                        part = Some(back);
-                        failure = Some(write_failure(&e, offer.stream));
-                        break;
-                    }
-                }
-                part = Some(back);
+            if let Err(e) = writer.push(batch).await {
+                failure = Some(write_failure(&e, offer.stream));
+                break;
             }
             received += gathered as u64;
             guard.reached(received);
             observer.progress(offer.id, gathered as u64);
-            let mut p = part.take().expect("the part is back");
-            writing = Some(self.disk.spawn(move || {
-                let written = p.write(&batch);
-                (p, written)
-            }));
         }
-        if let Some(previous) = writing.take() {
-            let (back, written) = previous.await.expect("disk task");
-            if let (Err(e), None) = (written, &failure) {
-                failure = Some(write_failure(&e, offer.stream));
-            }
-            part = Some(back);
+        let (part, written) = writer.finish().await;
+        if let (Err(e), None) = (written, &failure) {
+            failure = Some(write_failure(&e, offer.stream));
         }
-        if let Some(sync) = syncing.take() {
-            // Never ignored: the sync shares the file's open description, so an error it
-            // saw would not be reported again by `finish`'s fsync.
-            if let (Err(e), None) = (sync.await.expect("disk task"), &failure) {
-                failure = Some(write_failure(&e, offer.stream));
-            }
-        }
-        let part = part.expect("the part is back");
         guard.reached(part.offset());
         let expected = match failure {
             None => self.expected(&mut incoming, received).await,
