@@ -54,15 +54,16 @@ pub const DISK_QUEUE: usize = 32 << 20;
 #[derive(Debug, Clone)]
 pub(crate) struct Disk {
     slots: Arc<Semaphore>,
+    /// Jobs waiting for a slot (see [`Disk::others_waiting`]).
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
     queue: Arc<Semaphore>,
+    /// Bytes `queue` holds when nothing is queued.
+    queue_size: usize,
 }
 
 impl Default for Disk {
     fn default() -> Self {
-        Disk {
-            slots: Arc::new(Semaphore::new(DISK_JOBS)),
-            queue: Arc::new(Semaphore::new(DISK_QUEUE)),
-        }
+        Disk::with_queue(DISK_QUEUE)
     }
 }
 
@@ -75,13 +76,19 @@ impl Disk {
         self.spawn(job).await.expect("disk job panicked")
     }
 
-    /// A disk whose queue holds `bytes` at most (tests of the shared budget).
-    #[cfg(test)]
+    /// A disk whose queue holds `bytes` at most ([`DISK_QUEUE`] by default).
     pub(crate) fn with_queue(bytes: usize) -> Self {
         Disk {
+            slots: Arc::new(Semaphore::new(DISK_JOBS)),
+            waiting: Arc::default(),
             queue: Arc::new(Semaphore::new(bytes)),
-            ..Disk::default()
+            queue_size: bytes,
         }
+    }
+
+    /// Whether a job is waiting for a slot: a long job then gives its slot back.
+    pub(crate) fn others_waiting(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 
     /// Every job slot, held until the permit is dropped: no job starts meanwhile.
@@ -94,10 +101,14 @@ impl Disk {
             .unwrap()
     }
 
-    /// Room for `bytes` (at most [`DISK_QUEUE`]) in the receiver's queue for the disk,
+    /// Room for `bytes` (at most the whole queue) in the receiver's queue for the disk,
     /// given back when the permit is dropped. Cancel-safe.
     pub(crate) async fn queue_room(&self, bytes: usize) -> tokio::sync::OwnedSemaphorePermit {
-        let bytes = bytes.min(DISK_QUEUE) as u32;
+        debug_assert!(
+            bytes <= self.queue_size,
+            "a batch larger than the whole queue"
+        );
+        let bytes = bytes.min(self.queue_size) as u32;
         self.queue
             .clone()
             .acquire_many_owned(bytes)
@@ -111,13 +122,37 @@ impl Disk {
         &self,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> tokio::task::JoinHandle<T> {
-        let slots = self.slots.clone();
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            // A free slot (none is free while others wait: permits go to waiters first).
+            return tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                job()
+            });
+        }
+        let (slots, waiting) = (self.slots.clone(), Waiting::new(&self.waiting));
         tokio::spawn(async move {
             let _slot = slots.acquire_owned().await.expect("never closed");
+            drop(waiting);
             tokio::task::spawn_blocking(job)
                 .await
                 .expect("disk job panicked")
         })
+    }
+}
+
+/// Counts a job waiting for a slot while it lives (dropped with a job never started too).
+struct Waiting(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Waiting {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -183,7 +218,6 @@ pub(crate) struct Part {
     flushed: u64,
     /// Bytes written when the last background sync was handed out.
     synced: u64,
-    buf: Vec<u8>,
 }
 
 impl Part {
@@ -207,7 +241,6 @@ impl Part {
                         written: 0,
                         flushed: 0,
                         synced: 0,
-                        buf: Vec::new(),
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -253,7 +286,6 @@ impl Part {
             written: keep,
             flushed: keep,
             synced: keep,
-            buf: Vec::new(),
         })
     }
 
@@ -270,29 +302,23 @@ impl Part {
     /// Blocking: append `batch`, checking it on the way; every [`WRITEBACK`] bytes ask the
     /// kernel to start writing back, so the final fsync waits for the last stretch only.
     /// A resumed file whose group does not match is cut back to its verified prefix.
-    pub(crate) fn write(&mut self, batch: &[bytes::Bytes]) -> io::Result<()> {
-        // One contiguous buffer: BLAKE3's SIMD and the disk both prefer large runs.
-        self.buf.clear();
-        for bytes in batch {
-            self.buf.extend_from_slice(bytes);
-        }
+    pub(crate) fn write(&mut self, batch: &[u8]) -> io::Result<()> {
         let bad = match &mut self.check {
             Check::Whole(hasher) => {
-                hasher.update(&self.buf);
+                hasher.update(batch);
                 None
             }
-            Check::Groups(verifier, _) => verifier.update(&self.buf).err(),
+            Check::Groups(verifier, _) => verifier.update(batch).err(),
         };
         if let (Some(e), Check::Groups(verifier, _)) = (bad, &self.check) {
             // Keep what is proven, drop the rest: never write bytes known to be bad.
-            let good =
-                (verifier.verified().saturating_sub(self.written) as usize).min(self.buf.len());
-            self.file.write_all(&self.buf[..good])?;
+            let good = (verifier.verified().saturating_sub(self.written) as usize).min(batch.len());
+            self.file.write_all(&batch[..good])?;
             self.written += good as u64;
             return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
         }
-        self.file.write_all(&self.buf)?;
-        self.written += self.buf.len() as u64;
+        self.file.write_all(batch)?;
+        self.written += batch.len() as u64;
         if self.written - self.flushed >= WRITEBACK {
             start_writeback(&self.file, self.flushed, self.written - self.flushed);
             self.flushed = self.written;
@@ -1155,7 +1181,7 @@ mod tests {
         std::os::unix::fs::symlink(&victim, dir.join("abc.part")).unwrap();
         let mut part = Part::create(&dir, "abc").unwrap();
         assert_eq!(part.path(), dir.join("abc.1.part"));
-        part.write(&[bytes::Bytes::from_static(b"new")]).unwrap();
+        part.write(b"new").unwrap();
         let (hash, synced) = part.finish(false);
         synced.unwrap();
         assert_eq!(hash, blake3::hash(b"new").to_hex().as_str());
@@ -1172,7 +1198,7 @@ mod tests {
         let block = bytes::Bytes::from(vec![5u8; 1 << 20]);
         let mut handles = 0;
         for _ in 0..(SYNC_EVERY >> 20) * 2 + 1 {
-            part.write(std::slice::from_ref(&block)).unwrap();
+            part.write(&block).unwrap();
             if let Some(file) = part.sync_due() {
                 handles += 1;
                 assert_eq!(part.offset() % SYNC_EVERY, 0);

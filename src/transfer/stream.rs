@@ -37,6 +37,9 @@ const CHUNK: usize = 1 << 20;
 /// enough for efficient writes, small enough that slow links still show progress.
 const GATHER: usize = 256 << 10;
 
+/// The least a read asks QUIC for while gathering, even when less is missing.
+const MIN_READ: usize = 64 << 10;
+
 /// How long a sender that comes back waits for its earlier, dead transfer to let go of the
 /// partial it resumes.
 pub(super) const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
@@ -632,11 +635,14 @@ impl StreamJob {
         let mut received = start;
         let mut failure = None;
         let mut clean_end = true;
+        let mut taken_over = false;
         while !incoming.ended && failure.is_none() {
-            let mut batch = Vec::new();
-            let mut gathered = 0;
-            while gathered < GATHER && !incoming.ended {
-                let want = CHUNK.min(GATHER - gathered).max(64 << 10);
+            // One buffer of its own per batch: QUIC's chunks are slices of the datagrams
+            // they came in, and a queued slice would keep its whole datagram (or GRO
+            // batch) alive, uncounted. The copy replaces the one the disk job made.
+            let mut batch = writer.buffer(GATHER + MIN_READ);
+            while batch.len() < GATHER && !incoming.ended {
+                let want = CHUNK.min(GATHER - batch.len()).max(MIN_READ);
                 // Cancel-safe: `read_chunk` loses nothing when not polled to completion,
                 // and a takeover only notifies. A stream's length prefixes are not read
                 // cancel-safely, but nobody can take a stream's partial over (its key is
@@ -644,14 +650,13 @@ impl StreamJob {
                 let read = tokio::select! {
                     read = tokio::time::timeout(self.stall, incoming.next(want)) => read,
                     () = claim.taken_over() => {
-                        failure = Some("the same sender started over on a new connection".into());
+                        taken_over = true;
                         break;
                     }
                 };
                 match read {
                     Ok(Ok(Some(bytes))) => {
-                        gathered += bytes.len();
-                        batch.push(bytes);
+                        batch.extend_from_slice(&bytes);
                         // Reads of buffered data and pushes to a queue with room are
                         // ready at once: without this a stream could keep the runtime
                         // (and the other connections' QUIC work) waiting for megabytes.
@@ -668,16 +673,31 @@ impl StreamJob {
                 }
                 break;
             }
-            if gathered == 0 {
+            if taken_over || batch.is_empty() {
                 break;
             }
-            if let Err(e) = writer.push(batch).await {
+            let gathered = batch.len() as u64;
+            // Cancel-safe: `push` queues nothing unless it completes.
+            let pushed = tokio::select! {
+                pushed = writer.push(batch.freeze()) => pushed,
+                () = claim.taken_over() => {
+                    taken_over = true;
+                    break;
+                }
+            };
+            if let Err(e) = pushed {
                 failure = Some(write_failure(&e, offer.stream));
                 break;
             }
-            received += gathered as u64;
-            guard.reached(received);
-            observer.progress(offer.id, gathered as u64);
+            received += gathered;
+            guard.reached(writer.written());
+            observer.progress(offer.id, gathered);
+        }
+        if taken_over {
+            // The new connection resumes from what is on disk: let go of the partial
+            // now rather than after writing what is queued.
+            writer.abandon();
+            failure = Some("the same sender started over on a new connection".into());
         }
         let (part, written) = writer.finish().await;
         if let (Err(e), None) = (written, &failure) {
