@@ -254,18 +254,17 @@ fn drain(mut holding: Holding, disk: Disk) {
             state.spare = batch.try_into_mut().ok();
         }
         state.written = part.offset();
-        let failed = match written {
-            Ok(()) if state.syncing => None,
+        let (failed, due) = match written {
+            Ok(()) if state.syncing => (None, None),
             Ok(()) => match part.sync_due() {
                 Some(Ok(file)) => {
                     state.syncing = true;
-                    sync(shared.clone(), &disk, file);
-                    None
+                    (None, Some(file))
                 }
-                Some(Err(e)) => Some(e),
-                None => None,
+                Some(Err(e)) => (Some(e), None),
+                None => (None, None),
             },
-            Err(e) => Some(e),
+            Err(e) => (Some(e), None),
         };
         if let Some(e) = failed {
             Shared::fail(&mut state, e);
@@ -274,12 +273,18 @@ fn drain(mut holding: Holding, disk: Disk) {
             return;
         }
         let wake = state.queued <= QUEUED / 2;
+        // Started without the lock: a runtime shutting down drops the job at once, and
+        // its guard takes the lock.
         drop(state);
+        if let Some(file) = due {
+            sync(shared.clone(), &disk, file);
+        }
         if wake {
             shared.changed.notify_waiters();
         }
     }
 }
+
 /// `fdatasync` a second handle on the partial in the background. Its error is never
 /// dropped: the sync shares the file's open description, so an error it saw would not be
 /// reported again by the final fsync.
