@@ -80,12 +80,19 @@ impl Shared {
         drop(state);
         self.changed.notify_waiters();
     }
+}
+
+impl State {
+    /// Drop what is queued and not written yet, giving its room back.
+    fn drop_queue(&mut self) {
+        self.queue.clear();
+        self.queued = 0;
+    }
 
     /// Record the first error and drop what is queued: nothing is written after it.
-    fn fail(state: &mut State, e: io::Error) {
-        state.failed.get_or_insert(e);
-        state.queue.clear();
-        state.queued = 0;
+    fn fail(&mut self, e: io::Error) {
+        self.failed.get_or_insert(e);
+        self.drop_queue();
     }
 }
 
@@ -166,9 +173,7 @@ impl Writer {
     /// hurry, e.g. to a takeover); [`finish`](Self::finish) then waits only for the
     /// batch being written.
     pub(crate) fn abandon(&self) {
-        let mut state = self.shared.lock();
-        state.queue.clear();
-        state.queued = 0;
+        self.shared.lock().drop_queue();
     }
 
     /// Wait until everything queued is written and no sync is running; the part back,
@@ -211,7 +216,7 @@ impl Drop for Holding {
     fn drop(&mut self) {
         if let Some(part) = self.part.take() {
             let mut state = self.shared.lock();
-            Shared::fail(&mut state, io::Error::other("the disk job ended early"));
+            state.fail(io::Error::other("the disk job ended early"));
             self.shared.put_back(state, part);
         }
     }
@@ -226,8 +231,7 @@ fn drain(mut holding: Holding, disk: Disk) {
         let (batch, room) = {
             let mut state = shared.lock();
             if state.queue.is_empty() || state.failed.is_some() {
-                state.queue.clear();
-                state.queued = 0;
+                state.drop_queue();
                 // An idle stream holds no spare buffer.
                 state.spare = None;
                 let part = holding.part.take().expect("held");
@@ -267,7 +271,7 @@ fn drain(mut holding: Holding, disk: Disk) {
             Err(e) => (Some(e), None),
         };
         if let Some(e) = failed {
-            Shared::fail(&mut state, e);
+            state.fail(e);
             let part = holding.part.take().expect("held");
             shared.put_back(state, part);
             return;
@@ -312,7 +316,7 @@ impl Drop for Syncing {
         let mut state = self.shared.lock();
         state.syncing = false;
         if let Err(e) = std::mem::replace(&mut self.result, Ok(())) {
-            Shared::fail(&mut state, e);
+            state.fail(e);
         }
         drop(state);
         self.shared.changed.notify_waiters();
@@ -332,6 +336,25 @@ mod tests {
 
     /// How long a push that should be held back is given to (wrongly) complete.
     const HELD: Duration = Duration::from_millis(200);
+
+    /// What `wait` gives at once (within [`HELD`]): it must not wait.
+    async fn now<T>(wait: impl Future<Output = T>) -> T {
+        tokio::time::timeout(HELD, wait)
+            .await
+            .expect("waited with nothing to wait for")
+    }
+
+    /// Whether `wait` is still waiting after [`HELD`] (it is dropped then).
+    async fn held<T>(wait: impl Future<Output = T>) -> bool {
+        tokio::time::timeout(HELD, wait).await.is_err()
+    }
+
+    /// What `wait` gives once let go; `never` is the failure when it does not end.
+    async fn soon<T>(wait: impl Future<Output = T>, never: &str) -> T {
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect(never)
+    }
 
     fn data(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
@@ -390,19 +413,15 @@ mod tests {
         let mut writer = Writer::new(Part::create(&dir, "abc").unwrap(), disk);
         let batch = Bytes::from(data(256 << 10, 1));
         for _ in 0..QUEUED / batch.len() {
-            let push = writer.push(batch.clone());
-            tokio::time::timeout(HELD, push).await.unwrap().unwrap();
+            now(writer.push(batch.clone())).await.unwrap();
         }
-        let push = writer.push(batch.clone());
         assert!(
-            tokio::time::timeout(HELD, push).await.is_err(),
+            held(writer.push(batch.clone())).await,
             "a full queue took one more batch"
         );
         drop(slots);
-        let push = writer.push(batch.clone());
-        tokio::time::timeout(Duration::from_secs(10), push)
+        soon(writer.push(batch.clone()), "the queue never drained")
             .await
-            .expect("the queue never drained")
             .unwrap();
         let (part, written) = writer.finish().await;
         written.unwrap();
@@ -421,19 +440,15 @@ mod tests {
         let mut second = Writer::new(Part::create(&dir, "b").unwrap(), disk.clone());
         let batch = Bytes::from(data(512 << 10, 2));
         for _ in 0..2 {
-            let push = first.push(batch.clone());
-            tokio::time::timeout(HELD, push).await.unwrap().unwrap();
+            now(first.push(batch.clone())).await.unwrap();
         }
-        let push = second.push(batch.clone());
         assert!(
-            tokio::time::timeout(HELD, push).await.is_err(),
+            held(second.push(batch.clone())).await,
             "the shared queue took more than its budget"
         );
         drop(slots);
-        let push = second.push(batch.clone());
-        tokio::time::timeout(Duration::from_secs(10), push)
+        soon(second.push(batch.clone()), "the budget never came back")
             .await
-            .expect("the budget never came back")
             .unwrap();
         for writer in [first, second] {
             let (_, written) = writer.finish().await;
@@ -496,17 +511,16 @@ mod tests {
         let mut pieces = bad.chunks(GROUP as usize).map(Bytes::copy_from_slice);
         let blocked = loop {
             let piece = pieces.next().expect("the queue never filled");
-            if tokio::time::timeout(HELD, writer.push(piece.clone()))
-                .await
-                .is_err()
-            {
+            if held(writer.push(piece.clone())).await {
                 break piece;
             }
         };
         drop(slots);
-        let pushed = tokio::time::timeout(Duration::from_secs(10), writer.push(blocked))
-            .await
-            .expect("the error never woke the waiting push");
+        let pushed = soon(
+            writer.push(blocked),
+            "the error never woke the waiting push",
+        )
+        .await;
         let e = pushed.expect_err("a push after the error was taken");
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
         let (part, _) = writer.finish().await;
@@ -524,13 +538,12 @@ mod tests {
         let mut writer = Writer::new(Part::create(&dir, "abc").unwrap(), disk.clone());
         let batch = Bytes::from(data(512 << 10, 7));
         for _ in 0..4 {
-            let push = writer.push(batch.clone());
-            tokio::time::timeout(HELD, push).await.unwrap().unwrap();
+            now(writer.push(batch.clone())).await.unwrap();
         }
         writer.abandon();
-        let room = tokio::time::timeout(HELD, disk.queue_room(2 << 20)).await;
-        assert!(room.is_ok(), "the abandoned batches kept their room");
-        drop((room, slots));
+        let room = disk.queue_room(2 << 20);
+        assert!(!held(room).await, "the abandoned batches kept their room");
+        drop(slots);
         let (part, written) = writer.finish().await;
         written.unwrap();
         assert_eq!(part.offset(), 0, "abandoned batches were written");
