@@ -143,6 +143,54 @@ fn a_second_copy_of_a_folder_merges_without_overwriting() {
     assert_eq!(list_dir(&stored), names(&["a.jpg", "a (1).jpg"]));
 }
 
+/// A folder that cannot be made (a file of its name is in the way) fails its own files,
+/// small and large, saying why, and nothing of them is written; the other files of the
+/// send, bundled with them, arrive. Destinations are reserved after the decisions are
+/// sent, so such a file was accepted: it fails when it arrives, and its bundle goes on.
+#[test]
+fn a_file_in_the_way_of_a_folder_fails_only_that_folders_files() {
+    let (rhome, shome) = (Home::new(), Home::new());
+    let (src, out) = (tempdir(), tempdir());
+    let top = src.path().join("top");
+    for dir in ["blocked", "fine"] {
+        fs::create_dir_all(top.join(dir)).unwrap();
+        for i in 0..5 {
+            random_file(&top.join(format!("{dir}/s{i}")), 1000, i);
+        }
+        random_file(&top.join(format!("{dir}/large")), 3 * MIB, 9);
+    }
+    fs::create_dir(out.path().join("top")).unwrap();
+    let in_the_way = out.path().join("top/blocked");
+    fs::write(&in_the_way, b"in the way").unwrap();
+    let receiver = Receiver::start(rhome.path(), out.path(), 0, &["--yes", "--once"]);
+    let sender = send(shome.path(), &[&top], receiver.port, &[], SHORT);
+    let received = receiver.proc.finish(SHORT);
+    assert!(!sender.status.success(), "{sender:#?}");
+    let mut sent: Vec<&str> = sender
+        .all("sent")
+        .iter()
+        .map(|e| e["saved_as"].as_str().unwrap())
+        .collect();
+    sent.sort();
+    let fine = ["large", "s0", "s1", "s2", "s3", "s4"].map(|f| format!("top/fine/{f}"));
+    assert_eq!(sent, fine, "{sender:#?}");
+    let errors = received.all("error");
+    assert_eq!(errors.len(), 6, "{received:#?}");
+    for error in errors {
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains("cannot store it"), "{message}");
+        assert!(message.contains("not a folder"), "{message}");
+    }
+    assert!(sender.all("declined").is_empty(), "{sender:#?}");
+    assert_eq!(fs::read(&in_the_way).unwrap(), b"in the way");
+    assert_eq!(list_dir(&out.path().join("top/fine")).len(), 6);
+    // Nothing of the large file was written, not even a partial.
+    let partials = out.path().join(".qpunch-partial");
+    if partials.exists() {
+        assert_eq!(list_dir(&partials), names(&[]));
+    }
+}
+
 fn node(accept: bool) -> Node {
     let socket = qpunch::socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let id = Identity::generate().unwrap();

@@ -43,6 +43,7 @@
 
 mod bundle;
 pub mod names;
+mod plans;
 mod receive;
 mod reserve;
 mod send;

@@ -11,7 +11,8 @@
 //! [`super::BUNDLE_BYTES`] of small files buffered per stream before they are written.
 //!
 //! What is accepted is handed, as plans, to the file streams of [`super::stream`], which
-//! read, verify and store it.
+//! read, verify and store it; the plans are published as their destinations are reserved,
+//! after the decisions went out ([`super::plans`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,13 +23,14 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
 
+use super::plans::{Plan, Plans, Publishing};
 use super::reserve::NameBook;
 use super::store::{self, Claims, Disk, Owner, SyncGate};
-use super::stream::{Plan, StreamJob, TAKEOVER_WAIT, failed, read_header, stalled};
+use super::stream::{StreamJob, TAKEOVER_WAIT, failed, read_header, stalled};
 use super::vet::{self, human_bytes};
 use super::{
-    Decision, Decisions, FileOffer, FileReport, Manifest, Observer, Outcome, Quiet, SMALL_FILE,
-    TransferError, codes, read_frame_limited, stream_error, write_frame,
+    BUNDLE_FILES, Decision, Decisions, FileOffer, FileReport, Manifest, Observer, Outcome, Quiet,
+    SMALL_FILE, TransferError, codes, read_frame_limited, stream_error, write_frame,
 };
 use crate::identity::Fingerprint;
 use crate::node::{NodeError, PeerConnection};
@@ -217,8 +219,17 @@ impl Drop for ExpectTickets {
 /// The receiver's answer to one manifest.
 struct Decided {
     decisions: Vec<Decision>,
-    plans: HashMap<u32, Plan>,
+    /// The files accepted (or resumed), still to be given destinations.
+    accepted: Vec<Accepted>,
+    /// Empty folders to make along with them.
+    dirs: Vec<Vec<String>>,
     reports: HashMap<u32, FileReport>,
+}
+
+/// An accepted file before its destination is reserved.
+struct Accepted {
+    offer: FileOffer,
+    resume: bool,
 }
 
 impl Receiver {
@@ -347,28 +358,34 @@ impl Receiver {
             );
         }
         let mut decided = self.decide(peer, files, dirs, ticket).await;
-        let claimed = !decided.plans.is_empty() && self.options.once && self.claim_once();
-        if self.options.once && !claimed && !decided.plans.is_empty() {
+        let claimed = !decided.accepted.is_empty() && self.options.once && self.claim_once();
+        if self.options.once && !claimed && !decided.accepted.is_empty() {
             decided.decline_all("the receiver is busy with another transfer (--once)");
         }
         let Decided {
             decisions,
-            plans,
+            accepted,
+            dirs,
             mut reports,
         } = decided;
         for report in reports.values() {
             observer.finished(report);
         }
         if let Err(e) = write_frame(&mut control_send, &Decisions { decisions }).await {
-            // The plans (and with them the reserved names) are dropped here.
             return (Err(e), claimed);
         }
         // The sender is accepted: room for its files, from the shared window budget. The
         // permit lives as long as this batch.
-        let _window = (!plans.is_empty()).then(|| self.open_windows(peer));
-        let result = self
-            .receive_accepted(peer, plans, &observer, &mut reports)
-            .await;
+        let _window = (!accepted.is_empty()).then(|| self.open_windows(peer));
+        let batch = accepted
+            .iter()
+            .fold((0, 0), |(n, b), a| (n + 1, b + a.offer.size));
+        // Destinations are reserved while the files are on their way, and published to
+        // the streams as they are (see [`super::plans`]).
+        let plans = Arc::new(Plans::default());
+        let reserving = self.reserve(accepted, dirs, plans.reserving());
+        let receiving = self.receive_accepted(peer, plans, batch, &observer, &mut reports);
+        let ((), result) = tokio::join!(reserving, receiving);
         let mut reports: Vec<FileReport> = reports.into_values().collect();
         reports.sort_by_key(|r| r.id);
         (result.map(|()| reports), claimed)
@@ -447,8 +464,9 @@ impl Receiver {
         !self.once_claimed.swap(true, Ordering::SeqCst)
     }
 
-    /// Turn a manifest into decisions: safe names, size checks, consent, then reserved
-    /// destinations (and folders). Slow parts (the directory, a person) run off the async
+    /// Turn a manifest into decisions: safe names, size checks, consent, resumes. The
+    /// destinations (and folders) are reserved after the decisions are sent
+    /// ([`Receiver::reserve`]). Slow parts (the directory, a person) run off the async
     /// threads. A `ticket` is consent given in advance.
     async fn decide(
         &self,
@@ -459,7 +477,8 @@ impl Receiver {
     ) -> Decided {
         let mut decided = Decided {
             decisions: Vec::with_capacity(files.len()),
-            plans: HashMap::new(),
+            accepted: Vec::new(),
+            dirs: Vec::new(),
             reports: HashMap::new(),
         };
         // First pass: what is acceptable at all; candidates keep their decision's index.
@@ -555,14 +574,7 @@ impl Receiver {
         if accepted.is_empty() {
             return decided;
         }
-        let (names, dir, overwrite) = (
-            self.names.clone(),
-            self.options.out_dir.clone(),
-            self.options.overwrite,
-        );
-        // Nothing is written to the folder for a sink, or for a text.
-        let sink = self.options.sink.is_some();
-        let partial_dir = dir.join(store::PARTIAL_DIR);
+        let partial_dir = self.options.out_dir.join(store::PARTIAL_DIR);
         let partials = self
             .disk
             .run(move || store::partial_hashes(&partial_dir).unwrap_or_default())
@@ -581,9 +593,35 @@ impl Receiver {
                 }
             }
         }
-        let reserved = self
-            .disk
+        for (_, (index, offer)) in accepted {
+            let resume = self.options.sink.is_none() && vet::resumable(&offer, &partials);
+            if resume {
+                decided.decisions[index] = Decision::Resume { id: offer.id };
+            }
+            decided.accepted.push(Accepted { offer, resume });
+        }
+        decided.dirs = dirs;
+        decided
+    }
+
+    /// Folders and reserved destinations for the accepted files (the directory is
+    /// inspected: blocking), published a chunk at a time in the manifest's order. A file
+    /// whose destination cannot be had keeps its plan, with the reason, and fails when it
+    /// arrives.
+    async fn reserve(&self, accepted: Vec<Accepted>, dirs: Vec<Vec<String>>, to: Publishing) {
+        if accepted.is_empty() {
+            return;
+        }
+        let (names, dir, overwrite) = (
+            self.names.clone(),
+            self.options.out_dir.clone(),
+            self.options.overwrite,
+        );
+        // Nothing is written to the folder for a sink, or for a text.
+        let sink = self.options.sink.is_some();
+        self.disk
             .run(move || {
+                let batch = names.batch();
                 make_empty_dirs(&dir, &dirs);
                 // Each folder is made (and checked) once, however many files it holds.
                 // Per folder: where it is, and whether this batch created it (then no name
@@ -591,52 +629,43 @@ impl Receiver {
                 // since is in the book).
                 let mut folders: HashMap<Vec<String>, Result<(PathBuf, bool), String>> =
                     HashMap::new();
-                accepted
-                    .into_iter()
-                    .map(|(_, (index, offer))| {
-                        let nowhere = sink || offer.text;
-                        let wanted = if nowhere {
-                            Vec::new()
-                        } else {
-                            offer.dir.clone()
-                        };
-                        let folder = folders
-                            .entry(wanted.clone())
-                            .or_insert_with(|| {
-                                store::make_dirs(&dir, &wanted).map_err(|e| e.to_string())
-                            })
-                            .clone()
-                            .map_err(std::io::Error::other);
-                        let reservation = folder.and_then(|(folder, new)| {
-                            // Without a disk check the first free name in the book is
-                            // taken; linking never replaces a file unless `overwrite`.
-                            names.reserve(&folder, &offer.name, overwrite || new)
-                        });
-                        (index, offer, reservation)
-                    })
-                    .collect::<Vec<_>>()
+                let mut accepted = accepted.into_iter().peekable();
+                while accepted.peek().is_some() {
+                    let chunk =
+                        accepted
+                            .by_ref()
+                            .take(BUNDLE_FILES)
+                            .map(|Accepted { offer, resume }| {
+                                let nowhere = sink || offer.text;
+                                let wanted = if nowhere {
+                                    Vec::new()
+                                } else {
+                                    offer.dir.clone()
+                                };
+                                let folder = folders.entry(wanted).or_insert_with_key(|wanted| {
+                                    store::make_dirs(&dir, wanted).map_err(|e| e.to_string())
+                                });
+                                let reservation = match folder {
+                                    // Without a disk check the first free name in the book is
+                                    // taken; linking never replaces a file unless `overwrite`.
+                                    Ok((folder, new)) => batch
+                                        .reserve(folder, &offer.name, overwrite || *new)
+                                        .map_err(|e| e.to_string()),
+                                    Err(e) => Err(e.clone()),
+                                };
+                                Plan {
+                                    offer,
+                                    reservation,
+                                    resume,
+                                }
+                            });
+                    to.publish(chunk.collect::<Vec<_>>());
+                }
+                // Publishing ends (and the batch's names it let go of are free) only now.
+                drop(batch);
+                drop(to);
             })
             .await;
-        for (index, offer, reservation) in reserved {
-            match reservation {
-                Ok(reservation) => {
-                    let resume = self.options.sink.is_none() && vet::resumable(&offer, &partials);
-                    if resume {
-                        decided.decisions[index] = Decision::Resume { id: offer.id };
-                    }
-                    decided.plans.insert(
-                        offer.id,
-                        Plan {
-                            offer,
-                            reservation,
-                            resume,
-                        },
-                    );
-                }
-                Err(e) => decided.decline(&offer, Some(index), format!("cannot store it: {e}")),
-            }
-        }
-        decided
     }
 
     /// Accept the planned files' streams and receive them concurrently, cutting off a
@@ -644,7 +673,8 @@ impl Receiver {
     async fn receive_accepted(
         &self,
         peer: &PeerConnection,
-        plans: HashMap<u32, Plan>,
+        plans: Arc<Plans>,
+        (files, bytes): (u64, u64),
         observer: &Arc<dyn Observer>,
         reports: &mut HashMap<u32, FileReport>,
     ) -> Result<(), TransferError> {
@@ -655,11 +685,7 @@ impl Receiver {
         // whole is judged too slow.
         let period = stall * 2;
         let least = (self.options.min_rate as f64 * period.as_secs_f64()) as u64;
-        let (files, bytes) = plans
-            .values()
-            .fold((0, 0), |(n, b), p| (n + 1, b + p.offer.size));
         observer.batch(files, bytes);
-        let plans = Arc::new(std::sync::Mutex::new(plans));
         let job = Arc::new(StreamJob {
             disk: self.disk.clone(),
             partial_dir: self.options.out_dir.join(store::PARTIAL_DIR),
@@ -667,7 +693,7 @@ impl Receiver {
             overwrite: self.options.overwrite,
             stall,
             moved: Arc::new(AtomicU64::new(0)),
-            plans: plans.clone(),
+            plans,
             claims: self.claims.clone(),
             syncs: self.syncs.clone(),
             small_budget: self.small_budget.clone(),
@@ -681,11 +707,13 @@ impl Receiver {
         let mut outcome = Ok(());
         let mut strays = 0;
         let mut window = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        while !job.no_plans_left() || !tasks.is_empty() {
+        while !job.plans.none_left() || !tasks.is_empty() {
             // Every branch is cancel-safe: `accept_bi` takes a stream only when it returns
             // it, `join_next` only when it yields, and the timers lose nothing.
             let accepted = tokio::select! {
-                accepted = conn.accept_bi(), if !job.no_plans_left() => accepted,
+                accepted = conn.accept_bi(), if !job.plans.none_left() => accepted,
+                // The last plans are out: look again (all may be taken already).
+                () = job.plans.all_published(), if job.plans.publishing() => continue,
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     for report in joined.expect("receive task panicked") {
                         reports.insert(report.id, report);
@@ -736,9 +764,11 @@ impl Receiver {
                     break;
                 }
             };
-            let Some((header, plan)) =
-                header.and_then(|h| job.take_plan(h.id).map(|plan| (h, plan)))
-            else {
+            let plan = match &header {
+                Some(header) => job.plans.take(header.id).await,
+                None => None,
+            };
+            let Some((header, plan)) = header.zip(plan) else {
                 // Unknown or repeated id: refuse that stream, keep serving the others,
                 // but not forever.
                 let _ = recv.stop(codes::DECLINED.into());
@@ -755,14 +785,14 @@ impl Receiver {
                 outcome = Err(TransferError::protocol(
                     "file stream at an offset that was not offered",
                 ));
-                job.put_back(plan);
+                job.plans.put_back(plan);
                 break;
             }
             let (job, observer) = (job.clone(), observer.clone());
             tasks.spawn(async move { job.serve_stream(plan, send, recv, &*observer).await });
         }
         // Files that never got a stream fail; dropping their plans frees their names.
-        let left: Vec<Plan> = job.lock_plans().drain().map(|(_, plan)| plan).collect();
+        let left: Vec<Plan> = job.plans.drain().await;
         for plan in left {
             let report = failed(&plan.offer, "the sender never sent it");
             job.report(&**observer, &report);
@@ -791,11 +821,12 @@ impl Decided {
         }
     }
 
-    /// Turn every accepted file into a decline (dropping its reservation).
+    /// Turn every accepted file into a decline.
     fn decline_all(&mut self, reason: &str) {
-        for (_, plan) in std::mem::take(&mut self.plans) {
-            let id = plan.offer.id;
-            self.reports.insert(id, declined(&plan.offer, reason));
+        self.dirs.clear();
+        for accepted in std::mem::take(&mut self.accepted) {
+            let id = accepted.offer.id;
+            self.reports.insert(id, declined(&accepted.offer, reason));
             for d in &mut self.decisions {
                 if matches!(d, Decision::Accept { id: a, .. } | Decision::Resume { id: a } if *a == id)
                 {

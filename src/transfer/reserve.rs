@@ -32,6 +32,46 @@ pub(crate) struct Reservation {
     dest: PathBuf,
     /// The offered name in its folder: the key of its hint.
     name: PathBuf,
+    /// The batch it was booked with, while that is still booking (see [`Batch`]).
+    batch: Option<Arc<Mutex<Option<Released>>>>,
+}
+
+/// Releases a batch holds back: `(dest, name)`.
+type Released = Vec<(PathBuf, PathBuf)>;
+
+/// A batch of reservations being booked. Until it is dropped, the names its reservations
+/// let go of stay booked: a batch whose names are booked while its first files are
+/// already stored (and released) gets the names it would have got all at once. That is
+/// what lets a folder it created skip the disk (every name in it is in the book), and two
+/// files of one name in one folder never share a destination.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    book: Arc<NameBook>,
+    held: Arc<Mutex<Option<Released>>>,
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut book = self.book.lock();
+        for (dest, name) in held.unwrap_or_default() {
+            book.release(&dest, &name);
+        }
+    }
+}
+
+impl Batch {
+    /// [`NameBook::reserve`], as part of this batch.
+    pub(crate) fn reserve(
+        &self,
+        dir: &Path,
+        name: &str,
+        overwrite: bool,
+    ) -> io::Result<Reservation> {
+        let mut reservation = self.book.reserve(dir, name, overwrite)?;
+        reservation.batch = Some(self.held.clone());
+        Ok(reservation)
+    }
 }
 
 impl Reservation {
@@ -43,12 +83,25 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut book = self.book.lock();
-        book.taken.remove(&self.dest);
-        if let Some(entry) = book.next.get_mut(&self.name) {
+        if let Some(batch) = &self.batch {
+            let mut held = batch.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(held) = held.as_mut() {
+                let dest = std::mem::take(&mut self.dest);
+                held.push((dest, std::mem::take(&mut self.name)));
+                return;
+            }
+        }
+        self.book.lock().release(&self.dest, &self.name);
+    }
+}
+
+impl Book {
+    fn release(&mut self, dest: &Path, name: &Path) {
+        self.taken.remove(dest);
+        if let Some(entry) = self.next.get_mut(name) {
             entry.1 -= 1;
             if entry.1 == 0 {
-                book.next.remove(&self.name);
+                self.next.remove(name);
             }
         }
     }
@@ -88,7 +141,16 @@ impl NameBook {
             book: self.clone(),
             dest,
             name: key,
+            batch: None,
         })
+    }
+
+    /// Start booking a batch (see [`Batch`]).
+    pub(crate) fn batch(self: &Arc<Self>) -> Batch {
+        Batch {
+            book: self.clone(),
+            held: Arc::new(Mutex::new(Some(Vec::new()))),
+        }
     }
 
     /// Destinations currently reserved (for tests).
@@ -152,6 +214,35 @@ mod tests {
         assert!(
             book.lock().next.is_empty(),
             "hints go with their reservations"
+        );
+    }
+
+    #[test]
+    fn a_batch_holds_the_names_it_let_go_of_until_it_is_booked() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = Arc::new(NameBook::default());
+        let batch = book.batch();
+        // Booked without the disk (`overwrite`, or a folder the batch made): only the
+        // book stands between two files of one name.
+        let first = batch.reserve(dir.path(), "f", true).unwrap();
+        drop(first); // stored and answered while the batch is still booking
+        let second = batch.reserve(dir.path(), "f", true).unwrap();
+        assert_eq!(second.dest(), dir.path().join("f (1)"), "not the first's");
+        assert_eq!(book.reserved(), 2);
+        drop(batch);
+        assert_eq!(
+            book.reserved(),
+            1,
+            "the first's name is let go with the batch"
+        );
+        drop(second);
+        assert_eq!(book.reserved(), 0);
+        assert!(book.lock().next.is_empty());
+        // Outside a batch a name is free again as soon as it is let go.
+        drop(book.reserve(dir.path(), "f", true).unwrap());
+        assert_eq!(
+            book.reserve(dir.path(), "f", true).unwrap().dest(),
+            dir.path().join("f")
         );
     }
 }

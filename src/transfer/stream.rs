@@ -10,7 +10,6 @@
 //! name and before their verdicts go out. Large files stream to a private partial that
 //! survives interruptions; a sender that comes back resumes it (see [`super::store`]).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use super::bundle::{Bundle, Cut as BundleCut, interrupted, stall_message};
-use super::reserve::Reservation;
+use super::plans::{Plan, Plans};
 use super::store::{self, Claim, Claims, Disk, Owner, Part, PartGuard, SmallFile, SyncGate};
 use super::tree::Tree;
 use super::writer::Writer;
@@ -46,13 +45,6 @@ pub(super) const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 /// Largest file-stream header accepted (it is a few dozen bytes).
 const MAX_HEADER: usize = 4 << 10;
-
-/// An accepted file: where it goes, what it must hash to, and whether it resumes.
-pub(super) struct Plan {
-    pub(super) offer: FileOffer,
-    pub(super) reservation: Reservation,
-    pub(super) resume: bool,
-}
 
 /// Read the next entry's header, or `None` where the stream ends cleanly between entries.
 pub(super) async fn read_header(
@@ -82,7 +74,7 @@ pub(super) struct StreamJob {
     /// Bytes moved on this connection, for the minimum-rate check.
     pub(super) moved: Arc<AtomicU64>,
     /// Accepted files not yet seen on any stream.
-    pub(super) plans: Arc<std::sync::Mutex<HashMap<u32, Plan>>>,
+    pub(super) plans: Arc<Plans>,
     pub(super) claims: Arc<Claims>,
     pub(super) syncs: Arc<SyncGate>,
     /// See [`super::receive::SMALL_BUDGET`].
@@ -117,22 +109,6 @@ enum Ended {
 }
 
 impl StreamJob {
-    pub(super) fn lock_plans(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Plan>> {
-        self.plans.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(super) fn no_plans_left(&self) -> bool {
-        self.lock_plans().is_empty()
-    }
-
-    pub(super) fn take_plan(&self, id: u32) -> Option<Plan> {
-        self.lock_plans().remove(&id)
-    }
-
-    pub(super) fn put_back(&self, plan: Plan) {
-        self.lock_plans().insert(plan.offer.id, plan);
-    }
-
     /// Tell `observer` how a file ended, unless it failed because this side cut the
     /// connection (see [`StreamJob::cut`]).
     pub(super) fn report(&self, observer: &dyn Observer, report: &FileReport) {
@@ -177,7 +153,7 @@ impl StreamJob {
                 break;
             }
             let next = match tokio::time::timeout(self.stall, read_header(&mut recv)).await {
-                Ok(Ok(Some(header))) if header.offset == 0 => self.take_plan(header.id),
+                Ok(Ok(Some(header))) if header.offset == 0 => self.plans.take(header.id).await,
                 Ok(Ok(None)) => break,
                 _ => None,
             };
@@ -249,7 +225,13 @@ impl StreamJob {
                     Ok(text) => Pending::Text(plan, file.hash, text),
                     Err(_) => Pending::Failed(plan, file.hash, "the text is not UTF-8".into()),
                 },
-                Ok(file) => Pending::Store(plan, file),
+                Ok(mut file) => match plan.dest() {
+                    Ok(dest) => {
+                        file.dest = dest.to_path_buf();
+                        Pending::Store(plan, file)
+                    }
+                    Err(why) => Pending::Failed(plan, file.hash, why),
+                },
                 Err((hash, why)) => Pending::Failed(plan, hash, why),
             });
             let broken = matches!(ended, Ended::Broken);
@@ -263,7 +245,7 @@ impl StreamJob {
                 break;
             }
             let next = match bundle.frame::<FileHeader>(MAX_HEADER).await {
-                Ok(Some(header)) if header.offset == 0 => self.take_plan(header.id),
+                Ok(Some(header)) if header.offset == 0 => self.plans.take(header.id).await,
                 Ok(None) => break,
                 _ => None,
             };
@@ -274,7 +256,7 @@ impl StreamJob {
                     // only small ones belong (it stays planned, so it is reported as not
                     // sent): this stream is done.
                     if let Some(other) = other {
-                        self.put_back(other);
+                        self.plans.put_back(other);
                     }
                     bundle.stop(codes::DECLINED);
                     break;
@@ -349,10 +331,10 @@ impl StreamJob {
             .iter_mut()
             .filter_map(|entry| match entry {
                 // The bytes move to the disk job; the entry keeps the hash for its verdict.
-                Pending::Store(plan, file) => Some(SmallFile {
+                Pending::Store(_, file) => Some(SmallFile {
                     data: std::mem::take(&mut file.data),
                     hash: file.hash.clone(),
-                    dest: plan.reservation.dest().to_path_buf(),
+                    dest: std::mem::take(&mut file.dest),
                     executable: file.executable,
                 }),
                 Pending::Failed(..) | Pending::Text(..) => None,
@@ -441,7 +423,10 @@ impl StreamJob {
         let (result, report) = match outcome {
             Ok(hash) => {
                 let stored = !offer.text && self.sink.is_none();
-                let saved_as = stored.then(|| self.saved_as(reservation.dest())).flatten();
+                let saved_as = match &reservation {
+                    Ok(reservation) if stored => self.saved_as(reservation.dest()),
+                    _ => None,
+                };
                 let result = FileResult {
                     id: offer.id,
                     verified: true,
@@ -601,8 +586,12 @@ impl StreamJob {
         if let Some(sink) = &self.sink {
             return self.to_sink(sink, plan, recv, observer).await;
         }
-        let offer = &plan.offer;
         let broken = |why: String| (Err((String::new(), why)), Ended::Broken);
+        // Nothing is written for a file that has nowhere to go.
+        if let Err(why) = plan.dest() {
+            return broken(why);
+        }
+        let offer = &plan.offer;
         let opened = if plan.resume {
             self.open_resumed(offer, send, recv).await
         } else {
@@ -732,7 +721,10 @@ impl StreamJob {
             let why = "BLAKE3 mismatch: the file arrived corrupted or changed".into();
             return (Err((hash, why)), Ended::Clean);
         }
-        let dest = plan.reservation.dest().to_path_buf();
+        let dest = match plan.dest() {
+            Ok(dest) => dest.to_path_buf(),
+            Err(why) => return (Err((hash, why)), Ended::Clean),
+        };
         let (from, overwrite) = (part_path.clone(), self.overwrite);
         let to = dest.clone();
         let committed = self
