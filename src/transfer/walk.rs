@@ -210,6 +210,11 @@ fn classify(entry: &std::fs::DirEntry) -> Entry {
     }
 }
 
+/// Walks a subfolder (components pushed on the `Vec`) into the selection: whether
+/// anything below it was selected.
+type WalkFolder<'a> =
+    dyn FnMut(&Path, &mut Vec<String>, &mut Selection) -> Result<bool, TransferError> + 'a;
+
 /// Go through a folder's sorted `entries`: files selected, links and the rest skipped,
 /// each subfolder handed to `subfolder` (with its components pushed on `dir`), which
 /// says whether anything below it was selected.
@@ -217,11 +222,7 @@ fn walk_entries(
     entries: Vec<std::fs::DirEntry>,
     dir: &mut Vec<String>,
     selection: &mut Selection,
-    subfolder: &mut dyn FnMut(
-        &Path,
-        &mut Vec<String>,
-        &mut Selection,
-    ) -> Result<bool, TransferError>,
+    subfolder: &mut WalkFolder<'_>,
 ) -> Result<bool, TransferError> {
     let mut any = false;
     for entry in entries {
