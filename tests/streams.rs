@@ -534,8 +534,9 @@ fn entries_of(mut bytes: &[u8]) -> Vec<(u32, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_sends_the_next_bundles_while_verdicts_are_pending() {
-    // More bundles than a sender sends at once (8): a receiver that answers only once it
-    // has them all is answered only if a sender does not wait for verdicts first.
+    // More bundles than a sender sends at once (8; the first ones are smaller still): a
+    // receiver that answers only once it has them all is answered only if a sender does
+    // not wait for verdicts first.
     const BUNDLES: usize = 10;
     let files = BUNDLES * transfer::BUNDLE_FILES;
     let dir = tempdir();
@@ -566,11 +567,15 @@ async fn a_sender_sends_the_next_bundles_while_verdicts_are_pending() {
             .await
             .unwrap();
         let mut bundles = Vec::new();
-        while bundles.len() < BUNDLES {
+        let mut received = 0;
+        while received < files.len() {
             let (send, mut recv) = conn.accept_bi().await.unwrap();
             let bytes = recv.read_to_end(1 << 20).await.unwrap();
-            bundles.push((send, entries_of(&bytes)));
+            let entries = entries_of(&bytes);
+            received += entries.len();
+            bundles.push((send, entries));
         }
+        assert!(bundles.len() >= BUNDLES, "{} bundles", bundles.len());
         for (mut send, entries) in bundles {
             for (id, blake3) in entries {
                 let verdict = FileResult {

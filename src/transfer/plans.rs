@@ -44,11 +44,14 @@ pub(super) struct Plans {
     /// More plans may still be published.
     reserving: AtomicBool,
     published: Notify,
+    /// Run once between `take`'s two looks (the flag, the map): where a race would be.
+    #[cfg(test)]
+    between_looks: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Plans {
-    /// Plans to come: [`publish`](Self::publish) them, then [`Publishing::done`] (or drop
-    /// it: a reservation that panics must not leave the streams waiting).
+    /// Plans to come: [`Publishing::publish`] them, then drop the handle (which a
+    /// reservation that panics does too: the streams are never left waiting).
     pub(super) fn reserving(self: &std::sync::Arc<Self>) -> Publishing {
         self.reserving.store(true, Ordering::SeqCst);
         Publishing(self.clone())
@@ -77,10 +80,17 @@ impl Plans {
             let published = self.published.notified();
             tokio::pin!(published);
             published.as_mut().enable();
+            // The flag first: a plan published before it fell is in the map by then (the
+            // other order could miss one published, and the flag lowered, in between).
+            let more = self.reserving.load(Ordering::SeqCst);
+            #[cfg(test)]
+            if let Some(between) = self.between_looks.lock().unwrap().take() {
+                between();
+            }
             if let Some(plan) = self.lock().remove(&id) {
                 return Some(plan);
             }
-            if !self.reserving.load(Ordering::SeqCst) {
+            if !more {
                 return None;
             }
             published.await;
@@ -194,5 +204,19 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(draining.await.unwrap(), 3);
+    }
+
+    /// The last plan is published, and publishing ends, while a stream is looking for
+    /// it (between its two looks): the stream still gets it.
+    #[tokio::test]
+    async fn a_plan_published_last_is_never_missed() {
+        let plans = Arc::new(Plans::default());
+        let publishing = plans.reserving();
+        *plans.between_looks.lock().unwrap() = Some(Box::new(move || {
+            publishing.publish([plan(1)]);
+            drop(publishing);
+        }));
+        assert_eq!(plans.take(1).await.map(|p| p.offer.id), Some(1));
+        assert!(plans.none_left());
     }
 }

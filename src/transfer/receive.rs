@@ -707,13 +707,20 @@ impl Receiver {
         let mut outcome = Ok(());
         let mut strays = 0;
         let mut window = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        // A loop held up (waiting for a plan, a header) judges one period, not a burst of
+        // ticks with nothing moved between them.
+        window.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !job.plans.none_left() || !tasks.is_empty() {
+            // One look at the flag for both guards (read before `none_left` looks again):
+            // had the publishing ended between two looks, neither guard would wake the
+            // loop when the last plans are taken.
+            let publishing = job.plans.publishing();
             // Every branch is cancel-safe: `accept_bi` takes a stream only when it returns
             // it, `join_next` only when it yields, and the timers lose nothing.
             let accepted = tokio::select! {
                 accepted = conn.accept_bi(), if !job.plans.none_left() => accepted,
                 // The last plans are out: look again (all may be taken already).
-                () = job.plans.all_published(), if job.plans.publishing() => continue,
+                () = job.plans.all_published(), if publishing => continue,
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     for report in joined.expect("receive task panicked") {
                         reports.insert(report.id, report);
@@ -722,7 +729,9 @@ impl Receiver {
                 }
                 _ = window.tick() => {
                     let now = job.moved.load(Ordering::Relaxed);
-                    if now - last_moved < least {
+                    // Streams wait for their plans while destinations are booked: that
+                    // time is ours, not the sender's.
+                    if now - last_moved < least && !job.plans.publishing() {
                         let why = format!(
                             "the sender moved {} in the last {} s, less than the minimum {}/s",
                             human_bytes(now - last_moved),

@@ -7,8 +7,11 @@
 //! shape of the tree survives. Paths named on the command line are taken as given, links
 //! included, as `cp` and `tar` do.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::send::{Listed, Outgoing};
 use super::{MAX_DEPTH, MAX_FILES, TransferError};
@@ -101,14 +104,18 @@ fn walk_top(
     selection: &mut Selection,
 ) -> Result<bool, TransferError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(WALKERS));
-    walk_with(path, dir, selection, threads)
+    walk_with(path, dir, selection, threads, &AtomicUsize::new(0))
 }
 
+/// [`walk_top`] on `threads` threads. `tally` counts the entries selected below `path`
+/// by every thread: the limit holds for the whole walk, not per subfolder (each thread
+/// stops once it is passed).
 fn walk_with(
     path: &Path,
     dir: &mut Vec<String>,
     selection: &mut Selection,
     threads: usize,
+    tally: &AtomicUsize,
 ) -> Result<bool, TransferError> {
     let entries = listing(path, dir)?;
     let subfolders: Vec<(PathBuf, Vec<String>)> = entries
@@ -123,27 +130,31 @@ fn walk_with(
         })
         .collect();
     if threads < 2 || subfolders.len() < 2 {
-        return walk_entries(entries, dir, selection, &mut |child, dir, selection| {
-            walk(child, dir, selection)
-        });
+        return walk_entries(
+            entries,
+            dir,
+            selection,
+            tally,
+            &mut |child, dir, selection| walk(child, dir, selection, tally),
+        );
     }
     // Each subfolder walked on its own into a part of its own, taken from a shared
     // counter; then the entries are gone through in order, as `walk` does, each
     // subfolder's part appended where its walk would have been.
     type Part = Result<(Selection, bool), TransferError>;
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let parts: Vec<std::sync::Mutex<Option<Part>>> =
-        subfolders.iter().map(|_| Default::default()).collect();
+    let next = AtomicUsize::new(0);
+    let parts: Mutex<HashMap<PathBuf, Part>> = Mutex::default();
     let work = || {
         loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some((child, components)) = subfolders.get(i) else {
+            let Some((child, components)) = subfolders.get(next.fetch_add(1, Ordering::Relaxed))
+            else {
                 return;
             };
             let mut part = Selection::default();
             let mut components = components.clone();
-            let walked = walk(child, &mut components, &mut part).map(|any| (part, any));
-            *parts[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(walked);
+            let walked = walk(child, &mut components, &mut part, tally).map(|any| (part, any));
+            let mut parts = parts.lock().unwrap_or_else(|e| e.into_inner());
+            parts.insert(child.clone(), walked);
         }
     };
     std::thread::scope(|scope| {
@@ -152,19 +163,25 @@ fn walk_with(
         }
         work();
     });
-    let mut parts = parts
-        .into_iter()
-        .map(|part| part.into_inner().unwrap_or_else(|e| e.into_inner()));
-    walk_entries(entries, dir, selection, &mut |_, _, selection| {
-        let (part, any) = parts
-            .next()
-            .flatten()
-            .expect("every subfolder was walked")?;
-        selection.files.extend(part.files);
-        selection.empty_dirs.extend(part.empty_dirs);
-        selection.skipped.extend(part.skipped);
-        Ok(any)
-    })
+    let mut parts = parts.into_inner().unwrap_or_else(|e| e.into_inner());
+    walk_entries(
+        entries,
+        dir,
+        selection,
+        tally,
+        &mut |child, dir, selection| {
+            // Keyed by path: a folder seen as one by `classify` but not here (a file system
+            // without entry types, changing under us) is walked now, or not at all.
+            let Some(part) = parts.remove(child) else {
+                return walk(child, dir, selection, tally);
+            };
+            let (part, any) = part?;
+            selection.files.extend(part.files);
+            selection.empty_dirs.extend(part.empty_dirs);
+            selection.skipped.extend(part.skipped);
+            Ok(any)
+        },
+    )
 }
 
 /// Recursively collect the files under `path` (whose components are `dir`) into
@@ -174,11 +191,16 @@ fn walk(
     path: &Path,
     dir: &mut Vec<String>,
     selection: &mut Selection,
+    tally: &AtomicUsize,
 ) -> Result<bool, TransferError> {
     let entries = listing(path, dir)?;
-    walk_entries(entries, dir, selection, &mut |child, dir, selection| {
-        walk(child, dir, selection)
-    })
+    walk_entries(
+        entries,
+        dir,
+        selection,
+        tally,
+        &mut |child, dir, selection| walk(child, dir, selection, tally),
+    )
 }
 
 /// The entries of the folder `path`, sorted by name (checked against [`MAX_DEPTH`]).
@@ -222,6 +244,7 @@ fn walk_entries(
     entries: Vec<std::fs::DirEntry>,
     dir: &mut Vec<String>,
     selection: &mut Selection,
+    tally: &AtomicUsize,
     subfolder: &mut WalkFolder<'_>,
 ) -> Result<bool, TransferError> {
     let mut any = false;
@@ -242,6 +265,7 @@ fn walk_entries(
             dir.push(name);
             if !subfolder(&child, dir, selection)? {
                 selection.empty_dirs.push(dir.clone());
+                count(tally)?;
             }
             dir.pop();
             any = true;
@@ -259,6 +283,7 @@ fn walk_entries(
                 }),
                 ..Outgoing::default()
             });
+            count(tally)?;
             any = true;
         } else {
             selection
@@ -270,13 +295,25 @@ fn walk_entries(
     Ok(any)
 }
 
+/// One more entry selected in this walk: refused past [`MAX_FILES`].
+fn count(tally: &AtomicUsize) -> Result<(), TransferError> {
+    match tally.fetch_add(1, Ordering::Relaxed) {
+        n if n >= MAX_FILES => Err(too_many()),
+        _ => Ok(()),
+    }
+}
+
 fn check_count(selection: &Selection) -> Result<(), TransferError> {
     if selection.entries() > MAX_FILES {
-        return Err(TransferError::Protocol(format!(
-            "more than {MAX_FILES} files and folders in one send: send subfolders separately"
-        )));
+        return Err(too_many());
     }
     Ok(())
+}
+
+fn too_many() -> TransferError {
+    TransferError::Protocol(format!(
+        "more than {MAX_FILES} files and folders in one send: send subfolders separately"
+    ))
 }
 
 fn file_error(path: &Path, source: std::io::Error) -> TransferError {
@@ -340,7 +377,8 @@ mod tests {
     fn walked(top: &Path, threads: usize) -> Result<Walked, String> {
         let mut selection = Selection::default();
         let mut dir = vec!["top".to_string()];
-        let any = walk_with(top, &mut dir, &mut selection, threads).map_err(|e| e.to_string())?;
+        let any = walk_with(top, &mut dir, &mut selection, threads, &AtomicUsize::new(0))
+            .map_err(|e| e.to_string())?;
         assert!(any);
         let files = selection
             .files
@@ -380,6 +418,28 @@ mod tests {
         let one = walked(&top, 1).unwrap_err();
         assert!(one.contains("d03"), "{one}");
         assert_eq!(walked(&top, 4).unwrap_err(), one);
+    }
+
+    #[test]
+    fn the_limit_holds_for_all_the_threads_together() {
+        let root = tempfile::tempdir().unwrap();
+        let top = root.path().join("top");
+        // Three subfolders of 4,000: none too many alone, too many together.
+        for d in 0..3 {
+            let sub = top.join(format!("d{d}"));
+            fs::create_dir_all(&sub).unwrap();
+            for f in 0..4_000 {
+                fs::File::create(sub.join(f.to_string())).unwrap();
+            }
+        }
+        let tally = AtomicUsize::new(0);
+        let mut dir = vec!["top".to_string()];
+        let e = walk_with(&top, &mut dir, &mut Selection::default(), 3, &tally).unwrap_err();
+        assert!(e.to_string().contains("send subfolders separately"), "{e}");
+        // Each thread stopped at the first entry past the limit (one more per subfolder
+        // at most), instead of listing all 12,000.
+        let counted = tally.load(Ordering::Relaxed);
+        assert!(counted <= MAX_FILES + 3, "{counted}");
     }
 
     #[test]
