@@ -62,8 +62,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use receive::{
     Consent, ExpectTickets, FILE_STREAMS, MANIFEST_BUDGET, MIN_RATE, MIN_WINDOW, NoEvents,
-    PARTIAL_MAX_AGE, Policy, ReceiveEvents, ReceiveOptions, Receiver, SMALL_BUDGET, STALL_TIMEOUT,
-    TICKET_GRACE, WINDOW_BUDGET,
+    PARTIAL_MAX_AGE, Policy, ReceiveEvents, ReceiveOptions, Receiver, SMALL_BUDGET, SMALL_WRITERS,
+    STALL_TIMEOUT, TICKET_GRACE, WINDOW_BUDGET,
 };
 pub use send::{
     FRESH_LISTING, Listed, Outgoing, Reader, SendOptions, hash_file, send_files, send_files_with,

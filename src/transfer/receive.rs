@@ -63,6 +63,12 @@ pub const MIN_RATE: u64 = 4 << 10;
 /// at most [`super::BUNDLE_BYTES`] of them, and a crowd of accepted senders waits rather
 /// than adding up past this.
 pub const SMALL_BUDGET: usize = 64 << 20;
+/// Batches of small files being written at once, across all senders. New files in one
+/// file system contend in the kernel's inode allocator: on ext4, 8 batches at once took
+/// 1.18 s for 10,000 files where 2 took 0.82 s (after a mass deletion, when every
+/// allocation scans), and on tmpfs 2 were no slower than 8. Naming and `syncfs` are not
+/// counted: the next batch is written while the last is made durable.
+pub const SMALL_WRITERS: usize = 2;
 /// Default [`ReceiveOptions::partial_max_age`]: a week.
 pub const PARTIAL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a sender without a ticket waits for one while the receiver expects tickets
@@ -179,6 +185,7 @@ pub struct Receiver {
     claims: Arc<Claims>,
     syncs: Arc<SyncGate>,
     small_budget: Arc<Semaphore>,
+    small_writers: Arc<Semaphore>,
     /// Consent prompts, one at a time; waiting for a turn holds no thread.
     prompts: tokio::sync::Mutex<()>,
     manifest_budget: Arc<Semaphore>,
@@ -271,6 +278,7 @@ impl Receiver {
             claims: Arc::default(),
             syncs: Arc::default(),
             small_budget: Arc::new(Semaphore::new(SMALL_BUDGET)),
+            small_writers: Arc::new(Semaphore::new(SMALL_WRITERS)),
             prompts: tokio::sync::Mutex::new(()),
             manifest_budget: Arc::new(Semaphore::new(MANIFEST_BUDGET)),
             window_budget: Arc::new(Semaphore::new(WINDOW_BUDGET >> 10)),
@@ -697,6 +705,7 @@ impl Receiver {
             claims: self.claims.clone(),
             syncs: self.syncs.clone(),
             small_budget: self.small_budget.clone(),
+            small_writers: self.small_writers.clone(),
             owner: owner_of(peer),
             budget: self.manifest_budget.clone(),
             cut: AtomicBool::new(false),

@@ -79,6 +79,8 @@ pub(super) struct StreamJob {
     pub(super) syncs: Arc<SyncGate>,
     /// See [`super::receive::SMALL_BUDGET`].
     pub(super) small_budget: Arc<Semaphore>,
+    /// See [`super::receive::SMALL_WRITERS`].
+    pub(super) small_writers: Arc<Semaphore>,
     /// Who writes this batch's partials.
     pub(super) owner: Owner,
     /// Bounds the memory of resumed files' trees (shared with manifests).
@@ -344,10 +346,12 @@ impl StreamJob {
         // then name: no file takes its name before its bytes are on disk.
         let files = Arc::new(files);
         let (dir, batch) = (self.partial_dir.clone(), files.clone());
+        let writing = self.small_writers.acquire().await.expect("never closed");
         let written = self
             .disk
             .run(move || store::write_small(&dir, &batch))
             .await;
+        drop(writing);
         let written = if written.iter().any(Result::is_ok) {
             match self.syncs.sync(&self.disk, &self.partial_dir).await {
                 Ok(()) => written,
