@@ -126,8 +126,9 @@ impl Plans {
 pub(super) struct Publishing(std::sync::Arc<Plans>);
 
 impl Publishing {
-    /// Make `plans` available to the streams (blocking-safe: a short lock).
-    pub(super) fn publish(&self, plans: impl IntoIterator<Item = Plan>) {
+    /// Make `plans` available to the streams. They are made before, not while the map is
+    /// locked: a stream looking for its plan never waits for the disk.
+    pub(super) fn publish(&self, plans: Vec<Plan>) {
         self.0
             .lock()
             .extend(plans.into_iter().map(|plan| (plan.offer.id, plan)));
@@ -175,7 +176,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiting.is_finished() && !stranger.is_finished());
-        publishing.publish([plan(1), plan(7)]);
+        publishing.publish(vec![plan(1), plan(7)]);
         assert_eq!(waiting.await.unwrap(), Some(7));
         assert!(!stranger.is_finished(), "99 may still be published");
         assert!(!plans.none_left());
@@ -191,7 +192,7 @@ mod tests {
     async fn drain_waits_for_the_last_publication() {
         let plans = Arc::new(Plans::default());
         let publishing = plans.reserving();
-        publishing.publish([plan(1)]);
+        publishing.publish(vec![plan(1)]);
         let draining = {
             let plans = plans.clone();
             tokio::spawn(async move { plans.drain().await.len() })
@@ -199,7 +200,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!draining.is_finished(), "more may come");
         std::thread::spawn(move || {
-            publishing.publish([plan(2), plan(3)]);
+            publishing.publish(vec![plan(2), plan(3)]);
         })
         .join()
         .unwrap();
@@ -213,7 +214,7 @@ mod tests {
         let plans = Arc::new(Plans::default());
         let publishing = plans.reserving();
         *plans.between_looks.lock().unwrap() = Some(Box::new(move || {
-            publishing.publish([plan(1)]);
+            publishing.publish(vec![plan(1)]);
             drop(publishing);
         }));
         assert_eq!(plans.take(1).await.map(|p| p.offer.id), Some(1));

@@ -637,37 +637,41 @@ impl Receiver {
                 // since is in the book).
                 let mut folders: HashMap<Vec<String>, Result<(PathBuf, bool), String>> =
                     HashMap::new();
-                let mut accepted = accepted.into_iter().peekable();
-                while accepted.peek().is_some() {
-                    let chunk =
-                        accepted
-                            .by_ref()
-                            .take(BUNDLE_FILES)
-                            .map(|Accepted { offer, resume }| {
-                                let nowhere = sink || offer.text;
-                                let wanted = if nowhere {
-                                    Vec::new()
-                                } else {
-                                    offer.dir.clone()
-                                };
-                                let folder = folders.entry(wanted).or_insert_with_key(|wanted| {
-                                    store::make_dirs(&dir, wanted).map_err(|e| e.to_string())
-                                });
-                                let reservation = match folder {
-                                    // Without a disk check the first free name in the book is
-                                    // taken; linking never replaces a file unless `overwrite`.
-                                    Ok((folder, new)) => batch
-                                        .reserve(folder, &offer.name, overwrite || *new)
-                                        .map_err(|e| e.to_string()),
-                                    Err(e) => Err(e.clone()),
-                                };
-                                Plan {
-                                    offer,
-                                    reservation,
-                                    resume,
-                                }
-                            });
-                    to.publish(chunk.collect::<Vec<_>>());
+                let mut plan = |Accepted { offer, resume }| {
+                    let nowhere = sink || offer.text;
+                    let wanted = if nowhere {
+                        Vec::new()
+                    } else {
+                        offer.dir.clone()
+                    };
+                    let folder = folders.entry(wanted).or_insert_with_key(|wanted| {
+                        store::make_dirs(&dir, wanted).map_err(|e| e.to_string())
+                    });
+                    let reservation = match folder {
+                        // Without a disk check the first free name in the book is taken;
+                        // linking never replaces a file unless `overwrite`.
+                        Ok((folder, new)) => batch
+                            .reserve(folder, &offer.name, overwrite || *new)
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.clone()),
+                    };
+                    Plan {
+                        offer,
+                        reservation,
+                        resume,
+                    }
+                };
+                let mut accepted = accepted.into_iter();
+                loop {
+                    let chunk: Vec<Plan> = accepted
+                        .by_ref()
+                        .take(BUNDLE_FILES)
+                        .map(&mut plan)
+                        .collect();
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    to.publish(chunk);
                 }
                 // Publishing ends (and the batch's names it let go of are free) only now.
                 drop(batch);

@@ -33,11 +33,11 @@ pub(crate) struct Reservation {
     /// The offered name in its folder: the key of its hint.
     name: PathBuf,
     /// The batch it was booked with, while that is still booking (see [`Batch`]).
-    batch: Option<Arc<Mutex<Option<Released>>>>,
+    batch: Option<Held>,
 }
 
-/// Releases a batch holds back: `(dest, name)`.
-type Released = Vec<(PathBuf, PathBuf)>;
+/// The releases a batch holds back, `(dest, name)`; `None` once it has let them go.
+type Held = Arc<Mutex<Option<Vec<(PathBuf, PathBuf)>>>>;
 
 /// A batch of reservations being booked. Until it is dropped, the names its reservations
 /// let go of stay booked: a batch whose names are booked while its first files are
@@ -47,7 +47,7 @@ type Released = Vec<(PathBuf, PathBuf)>;
 #[derive(Debug)]
 pub(crate) struct Batch {
     book: Arc<NameBook>,
-    held: Arc<Mutex<Option<Released>>>,
+    held: Held,
 }
 
 impl Drop for Batch {
@@ -86,8 +86,10 @@ impl Drop for Reservation {
         if let Some(batch) = &self.batch {
             let mut held = batch.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(held) = held.as_mut() {
-                let dest = std::mem::take(&mut self.dest);
-                held.push((dest, std::mem::take(&mut self.name)));
+                held.push((
+                    std::mem::take(&mut self.dest),
+                    std::mem::take(&mut self.name),
+                ));
                 return;
             }
         }

@@ -104,12 +104,14 @@ fn walk_top(
     selection: &mut Selection,
 ) -> Result<bool, TransferError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(WALKERS));
-    walk_with(path, dir, selection, threads, &AtomicUsize::new(0))
+    // The tally starts at what earlier arguments selected: one limit for the whole send.
+    let tally = AtomicUsize::new(selection.entries());
+    walk_with(path, dir, selection, threads, &tally)
 }
 
-/// [`walk_top`] on `threads` threads. `tally` counts the entries selected below `path`
-/// by every thread: the limit holds for the whole walk, not per subfolder (each thread
-/// stops once it is passed).
+/// [`walk_top`] on `threads` threads. `tally` counts the entries selected, by every
+/// thread (and the send's earlier arguments): the limit holds for the whole send, not
+/// per subfolder, and each thread stops once it is passed.
 fn walk_with(
     path: &Path,
     dir: &mut Vec<String>,
@@ -120,13 +122,10 @@ fn walk_with(
     let entries = listing(path, dir)?;
     let subfolders: Vec<(PathBuf, Vec<String>)> = entries
         .iter()
-        .filter_map(|entry| match classify(entry) {
-            Entry::Folder(name) => {
-                let mut components = dir.clone();
-                components.push(name);
-                Some((entry.path(), components))
-            }
-            _ => None,
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let folder = entry.file_type().ok()?.is_dir();
+            folder.then(|| (entry.path(), [dir, &[name][..]].concat()))
         })
         .collect();
     if threads < 2 || subfolders.len() < 2 {
@@ -170,7 +169,7 @@ fn walk_with(
         selection,
         tally,
         &mut |child, dir, selection| {
-            // Keyed by path: a folder seen as one by `classify` but not here (a file system
+            // Keyed by path: a folder seen as one above but not here (a file system
             // without entry types, changing under us) is walked now, or not at all.
             let Some(part) = parts.remove(child) else {
                 return walk(child, dir, selection, tally);
@@ -217,19 +216,6 @@ fn listing(path: &Path, dir: &[String]) -> Result<Vec<std::fs::DirEntry>, Transf
         .map_err(|e| file_error(path, e))?;
     entries.sort_by_key(|e| e.file_name());
     Ok(entries)
-}
-
-/// What an entry of a folder is, as far as the walk cares.
-enum Entry {
-    Folder(String),
-    Other,
-}
-
-fn classify(entry: &std::fs::DirEntry) -> Entry {
-    match (entry.file_name().to_str(), entry.file_type()) {
-        (Some(name), Ok(kind)) if kind.is_dir() => Entry::Folder(name.to_string()),
-        _ => Entry::Other,
-    }
 }
 
 /// Walks a subfolder (components pushed on the `Vec`) into the selection: whether
@@ -290,12 +276,12 @@ fn walk_entries(
                 .skipped
                 .push(format!("{}: not a regular file", child.display()));
         }
-        check_count(selection)?;
     }
     Ok(any)
 }
 
-/// One more entry selected in this walk: refused past [`MAX_FILES`].
+/// One more entry selected in this send (`tally` counts them all, across threads):
+/// refused past [`MAX_FILES`].
 fn count(tally: &AtomicUsize) -> Result<(), TransferError> {
     match tally.fetch_add(1, Ordering::Relaxed) {
         n if n >= MAX_FILES => Err(too_many()),
